@@ -1,0 +1,239 @@
+r"""Convergence bounds of the paper, computed from the step sequences for every K.
+
+Theorem 2 (decreasing gamma*beta):
+    min E||grad f||^2 <= c1 A_K + c2 sigma^2 B_K + c3 G^2 C_K,
+    A_K = 1/sum alpha_k,  B_K = sum(alpha_k^2/b_k)/sum alpha_k,  C_K = sum(gamma_k beta_k)/sum alpha_k,
+    c1 = 2(f(x0)-f*)/D, c2 = L/D, c3 = 2 alpha_max (1 + alpha_max L)/D, D = (1-gb)(2-alpha_max L),
+    gb = sup_k gamma_k beta_k, alpha_max < 2/L.
+Theorem 4 (increasing beta; needs beta_k (alpha_k/2 + 1) <= 1 for every k):
+    min E||grad f||^2 <= 2(f(x0)-f*) A_K + 4 sigma^2 B'_K + 5 L^2 G^2 C'_K + 2 L^2 G^2 D'_K,
+    B'_K = sum((1-beta_k)/b_k)/sum alpha_k, C'_K = sum alpha_k^2/sum alpha_k,
+    D'_K = sum(alpha_k^2/(1-beta_k))/sum alpha_k.
+
+Corollaries 3 and 5 give closed-form upper bounds of these terms. We derived each again from the
+schedules; where the printed form is not an upper bound of the term it bounds, we use the derived one
+(the tests check every closed form against the computed terms for many K):
+  * Corollary 3, C_K with cosine LR: the printed form lacks the factor 2 that A_K's cosine bound has
+    (sum alpha_k >= K (alpha_max + alpha_min)/2); with it the bound holds.
+  * Corollary 5, B'_K for sqrt-decay LR + constant beta + constant BS: the printed
+    K(1-beta_max)/(b(sqrt(K+1)-1)) lacks 1/(2 alpha_max) (from sum alpha_k >= 2 alpha_max (sqrt(K+1)-1)).
+  * Corollary 5, D'_K for sqrt-decay LR: the printed alpha_max/((1-beta_max)(sqrt(K+1)-1)) drops the
+    T_0 (1 + log(K+1))/2 that C'_K's sqrt bound carries; we use alpha_max T_0 (1+log(K+1)) /
+    (2 (1-beta_max)(sqrt(K+1)-1)).
+  * Corollary 5, D'_K for decay LR + increasing beta: sum_m (m+1)^(-5/4) reaches zeta(5/4) ~ 4.6, not 2;
+    we use 5 alpha_max T_0 / ((1-beta_min) log(K+1)).
+All arrays are numpy, vectorised over K: ~2M steps take a few tens of milliseconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .plan import EpochTable, Schedule, StepSequences, epoch_table, step_sequences
+
+__all__ = ["Theorem2", "Theorem4", "theorem2", "theorem4", "corollary3", "corollary5", "verdict",
+           "Constants", "summary"]
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Problem constants of the theorems; each optional (without them only the terms are reported)."""
+    L: Optional[float] = None          # smoothness
+    sigma2: Optional[float] = None     # variance bound sigma^2
+    G: Optional[float] = None          # gradient bound
+    f_gap: Optional[float] = None      # f(x_0) - f_star
+
+    def complete(self) -> bool:
+        return None not in (self.L, self.sigma2, self.G, self.f_gap)
+
+
+@dataclass
+class Theorem2:
+    A: np.ndarray
+    B: np.ndarray
+    C: np.ndarray
+    gamma_beta_sup: float
+    alpha_max: float
+    bound: Optional[np.ndarray] = None
+    note: str = ""
+
+
+@dataclass
+class Theorem4:
+    A: np.ndarray
+    B: np.ndarray          # B'_K
+    C: np.ndarray          # C'_K
+    D: np.ndarray          # D'_K
+    condition_holds: bool
+    first_violation: Optional[int] = None   # first k with beta_k (alpha_k/2 + 1) > 1
+    bound: Optional[np.ndarray] = None
+    note: str = field(default="")
+
+
+def _over_sum_alpha(numerators: np.ndarray, sum_alpha: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.cumsum(numerators) / sum_alpha
+
+
+def theorem2(seq: StepSequences, constants: Constants = Constants()) -> Theorem2:
+    sum_alpha = np.cumsum(seq.lr)
+    with np.errstate(divide="ignore"):
+        A = 1.0 / sum_alpha
+    B = _over_sum_alpha(seq.lr ** 2 / seq.batch, sum_alpha)
+    C = _over_sum_alpha(seq.gamma * seq.beta, sum_alpha)
+    gb, a_max = float(np.max(seq.gamma * seq.beta)), float(np.max(seq.lr))
+    out = Theorem2(A=A, B=B, C=C, gamma_beta_sup=gb, alpha_max=a_max)
+    if constants.complete():
+        L = constants.L
+        if not a_max * L < 2:
+            out.note = f"alpha_max={a_max} >= 2/L={2 / L}: Theorem 2 does not apply"
+        elif not gb < 1:
+            out.note = f"sup gamma*beta={gb} >= 1: Theorem 2 does not apply"
+        else:
+            D = (1 - gb) * (2 - a_max * L)
+            out.bound = (2 * constants.f_gap * A + L * constants.sigma2 * B
+                         + 2 * a_max * (1 + a_max * L) * constants.G ** 2 * C) / D
+    return out
+
+
+def theorem4(seq: StepSequences, constants: Constants = Constants()) -> Theorem4:
+    sum_alpha = np.cumsum(seq.lr)
+    with np.errstate(divide="ignore"):
+        A = 1.0 / sum_alpha
+    one_minus_beta = 1.0 - seq.beta
+    B = _over_sum_alpha(one_minus_beta / seq.batch, sum_alpha)
+    C = _over_sum_alpha(seq.lr ** 2, sum_alpha)
+    D = _over_sum_alpha(seq.lr ** 2 / one_minus_beta, sum_alpha)
+    bad = np.flatnonzero(seq.beta * (seq.lr / 2 + 1) > 1 + 1e-12)
+    out = Theorem4(A=A, B=B, C=C, D=D, condition_holds=bad.size == 0,
+                   first_violation=int(bad[0]) if bad.size else None)
+    if not out.condition_holds:
+        k = out.first_violation
+        out.note = (f"beta_k (alpha_k/2 + 1) <= 1 fails first at k={k} "
+                    f"(beta={seq.beta[k]:.6g}, alpha={seq.lr[k]:.6g}): Theorem 4 does not apply")
+    elif constants.complete():
+        LG = constants.L ** 2 * constants.G ** 2
+        out.bound = 2 * constants.f_gap * A + 4 * constants.sigma2 * B + 5 * LG * C + 2 * LG * D
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Closed forms (Corollaries 3 and 5), as arrays over K = 1..len(K).
+
+def _common(schedule: Schedule, table: EpochTable):
+    lr = schedule.lr
+    return lr.max, lr.min, lr.power, int(table.steps[0]), schedule.batch
+
+
+def corollary3(schedule: Schedule, table: EpochTable, K: np.ndarray) -> dict:
+    """Upper bounds of A_K, B_K, C_K (step-decay beta and gamma); keys absent where not covered."""
+    a, c, p, T0, bs = _common(schedule, table)
+    K = np.asarray(K, dtype=np.float64)
+    kind, out = schedule.lr.kind, {}
+    if schedule.lr.warmup:
+        return out
+    root = np.sqrt(K + 1) - 1
+    mean = {"constant": a * K, "sqrt_decay": 2 * a * root, "cosine": (a + c) * K / 2,
+            "polynomial": (a + p * c) * K / (p + 1)}.get(kind)
+    if mean is None:
+        return out
+    out["A"] = 1.0 / mean
+    if bs.kind == "constant":
+        b = bs.size
+        out["B"] = {"constant": np.full(K.shape, a / b),
+                    "sqrt_decay": a * T0 * (1 + np.log(K + 1)) / (2 * b * root),
+                    "cosine": (a + c) / b + T0 * (a - c) ** 2 / (2 * b * (a + c) * K),
+                    "polynomial": ((p + 1) * a * a + 2 * p * a * c + 2 * p * p * c * c)
+                    / (b * (2 * p + 1) * (a + p * c)) + (p + 1) * (a * a - c * c) * T0 / ((a + p * c) * K),
+                    }[kind]
+    else:
+        b0, delta, E = bs.size, bs.growth, bs.interval
+        out["B"] = a * a * T0 * E * delta / (b0 * (delta - 1)) / mean
+    beta, gamma = schedule.beta, schedule.gamma
+    if beta.kind == "step_decay" and gamma.kind == "step_decay" and beta.interval == gamma.interval:
+        E = beta.interval
+        out["C"] = gamma.max * beta.max * T0 * E / (1 - gamma.factor * beta.factor) / mean
+    return out
+
+
+def corollary5(schedule: Schedule, table: EpochTable, K: np.ndarray) -> dict:
+    """Upper bounds of A_K, B'_K, C'_K, D'_K for (sqrt-decay LR, constant beta) and
+    (decay LR, increasing beta); empty for other pairs."""
+    a, _, _, T0, bs = _common(schedule, table)
+    K = np.asarray(K, dtype=np.float64)
+    pair = (schedule.lr.kind, schedule.beta.kind)
+    if schedule.lr.warmup or pair not in (("sqrt_decay", "constant"), ("decay", "increasing")):
+        return {}
+    log = np.log(K + 1)
+    if pair == ("sqrt_decay", "constant"):
+        one_minus = 1 - schedule.beta.max
+        sum_alpha = 2 * a * (np.sqrt(K + 1) - 1)
+        C = a * T0 * (1 + log) / (2 * (np.sqrt(K + 1) - 1))
+        D = C / one_minus
+    else:
+        one_minus = 1 - schedule.beta.min
+        sum_alpha = a * log
+        C = 2 * a * T0 / log
+        D = 5 * a * T0 / (one_minus * log)
+    if bs.kind == "constant":
+        if pair == ("sqrt_decay", "constant"):
+            B = K * one_minus / bs.size / sum_alpha
+        else:
+            B = T0 * (1 + 4 * one_minus * (K + 1) ** 0.25) / (bs.size * sum_alpha)
+    else:
+        factor = one_minus if pair == ("sqrt_decay", "constant") else 1.0
+        B = factor * T0 * bs.interval * bs.growth / (bs.size * (bs.growth - 1)) / sum_alpha
+    return {"A": 1.0 / sum_alpha, "B": B, "C": C, "D": D}
+
+
+def verdict(schedule: Schedule) -> str:
+    """The asymptotic reading of Theorem 2(ii) / 4(ii) for this schedule family, in one line."""
+    bs, lr = schedule.batch.kind, schedule.lr.kind
+    beta, gamma = schedule.beta, schedule.gamma
+    exp = bs == "exponential"
+    if beta.kind == "increasing":
+        if lr == "decay":
+            return ("Theorem 4 (increasing beta, decaying LR): min E||grad f||^2 = O(1/log K); "
+                    "converges with " + ("exponential" if exp else "constant") + " BS")
+        return (f"Theorem 4 (increasing beta) with {lr} LR: sum alpha_k^2/(1-beta_k) diverges, "
+                "D'_K does not vanish; use decay LR")
+    gb_decays = beta.kind == "step_decay" or gamma.kind == "step_decay" or beta.max == 0 or gamma.max == 0
+    if not gb_decays:
+        if lr == "sqrt_decay":
+            return ("Theorem 4 (constant beta, sqrt-decay LR): " +
+                    ("O(log K/sqrt K) with exponential BS" if exp else
+                     "O(sqrt K) with constant BS: the bound grows"))
+        return ("constant gamma*beta > 0: C_K tends to gamma*beta/mean(alpha) > 0, Theorem 2 leaves a floor; "
+                "step-decay beta or gamma (or gamma = 0) removes it")
+    if lr in ("constant", "cosine", "polynomial"):
+        if exp:
+            return f"Theorem 2, exponential BS + {lr} LR: A_K, B_K, C_K = O(1/K): min E||grad f||^2 = O(1/K)"
+        return (f"Theorem 2, constant BS + {lr} LR: B_K -> alpha/b, a noise floor: "
+                "O(1/K + sigma^2/b), no asymptotic convergence")
+    if lr == "sqrt_decay":
+        return ("Theorem 2, sqrt-decay LR: " +
+                ("O(1/sqrt K) with exponential BS" if exp else "O(log K/sqrt K) with constant BS"))
+    return "Theorem 2, decay LR: A_K = O(1/log K): converges, slowly"
+
+
+def summary(schedule: Schedule, n: int, constants: Constants = Constants()) -> dict:
+    """The terms at the end of training, the closed forms there, and the verdict (for the CLI)."""
+    table = epoch_table(schedule, n)
+    seq = step_sequences(table)
+    K = len(seq.lr)
+    t2, t4 = theorem2(seq, constants), theorem4(seq, constants)
+    last = lambda x: None if x is None else float(x[-1])  # noqa: E731
+    cor3 = {k: float(v[-1]) for k, v in corollary3(schedule, table, np.array([K])).items()}
+    cor5 = {k: float(v[-1]) for k, v in corollary5(schedule, table, np.array([K])).items()}
+    return {
+        "n": int(n), "K": K, "total_samples": table.total_samples,
+        "theorem2": {"A_K": last(t2.A), "B_K": last(t2.B), "C_K": last(t2.C),
+                     "sup_gamma_beta": t2.gamma_beta_sup, "alpha_max": t2.alpha_max,
+                     "bound": last(t2.bound), "note": t2.note, "corollary3": cor3},
+        "theorem4": {"A_K": last(t4.A), "B'_K": last(t4.B), "C'_K": last(t4.C), "D'_K": last(t4.D),
+                     "condition_holds": t4.condition_holds, "first_violation": t4.first_violation,
+                     "bound": last(t4.bound), "note": t4.note, "corollary5": cor5},
+        "verdict": verdict(schedule),
+    }

@@ -1,0 +1,86 @@
+r"""The schedule expanded over training: per epoch, and per step, as the paper defines them.
+
+Epoch m runs T_m = ceil(n / b'_m) steps at (b'_m, alpha'_m, beta'_m, gamma'_m); the step-indexed
+sequences b_k, alpha_k, beta_k, gamma_k repeat each epoch's value T_m times, K = sum_m T_m.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .schedules import BatchSchedule, BetaSchedule, GammaSchedule, LRSchedule
+
+__all__ = ["Schedule", "EpochTable", "StepSequences", "epoch_table", "step_sequences",
+           "apply_hyperparams"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Batch, LR, beta and gamma schedules over ``epochs`` = M epochs."""
+    epochs: int
+    batch: BatchSchedule
+    lr: LRSchedule
+    beta: BetaSchedule
+    gamma: GammaSchedule
+
+    def __post_init__(self):
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise ValueError(f"epochs={self.epochs!r}: must be an integer >= 1")
+        if self.lr.epochs != self.epochs:
+            raise ValueError(f"lr.epochs={self.lr.epochs!r}: must equal epochs={self.epochs}")
+
+
+@dataclass(frozen=True)
+class EpochTable:
+    """One row per epoch m: batch b'_m, steps T_m, alpha'_m, beta'_m, gamma'_m (numpy arrays)."""
+    epoch: np.ndarray
+    batch: np.ndarray
+    steps: np.ndarray
+    lr: np.ndarray
+    beta: np.ndarray
+    gamma: np.ndarray
+    n: int
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.steps.sum())
+
+    @property
+    def total_samples(self) -> int:
+        """SFO calls: every epoch computes n per-sample gradients, whatever its batch size."""
+        return int(self.n) * len(self.epoch)
+
+    def row(self, m: int) -> dict:
+        return {"epoch": int(self.epoch[m]), "batch": int(self.batch[m]), "steps": int(self.steps[m]),
+                "lr": float(self.lr[m]), "beta": float(self.beta[m]), "gamma": float(self.gamma[m])}
+
+
+@dataclass(frozen=True)
+class StepSequences:
+    """alpha_k, beta_k, gamma_k, b_k for k in [0, K-1] (numpy arrays of length K)."""
+    lr: np.ndarray
+    beta: np.ndarray
+    gamma: np.ndarray
+    batch: np.ndarray
+
+
+def epoch_table(schedule: Schedule, n: int) -> EpochTable:
+    if not (isinstance(n, (int, np.integer)) and n >= 1):
+        raise ValueError(f"n={n!r}: the training-set size must be an integer >= 1")
+    m = np.arange(schedule.epochs)
+    batch = schedule.batch.values(m)
+    return EpochTable(epoch=m, batch=batch, steps=-(-int(n) // batch), lr=schedule.lr.values(m),
+                      beta=schedule.beta.values(m), gamma=schedule.gamma.values(m), n=int(n))
+
+
+def step_sequences(table: EpochTable) -> StepSequences:
+    rep = table.steps
+    return StepSequences(lr=np.repeat(table.lr, rep), beta=np.repeat(table.beta, rep),
+                         gamma=np.repeat(table.gamma, rep), batch=np.repeat(table.batch, rep))
+
+
+def apply_hyperparams(optimizer, lr: float, beta: float, gamma: float) -> None:
+    """Write one epoch's values into every param group (the one place schedules touch an optimizer)."""
+    for group in optimizer.param_groups:
+        group["lr"], group["beta"], group["gamma"] = float(lr), float(beta), float(gamma)
