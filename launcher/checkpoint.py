@@ -1,0 +1,206 @@
+"""Atomic, verified checkpoints: one manager gathers every stateful piece of a run.
+
+Layout of ``<run>/checkpoints/``::
+
+    step-000001234/            one checkpoint, named by its global optimizer step
+        state.pt               written by rank 0: everything replicated (model, optimizer, position...)
+        rank-00000.pt ...      one per rank: what differs per rank (RNG, running metric sums)
+        manifest.json          version, world size, position, recipe, W&B id, and size + CRC32 per file
+    latest                     the name of the newest complete checkpoint, written last
+
+A checkpoint is written into ``.tmp-step-...``, every file fsynced, the manifest last, then the folder is
+renamed into place and ``latest`` replaced atomically: a kill at any moment leaves the previous
+checkpoint intact. Loading checks every file's size and CRC; a corrupt or truncated checkpoint is
+reported in one line and the previous one is used. Files are read with ``weights_only=True``.
+Nothing the user has is deleted except checkpoints older than the ``keep`` newest valid ones; a corrupt
+one that would be overwritten is moved aside instead.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+VERSION = 1
+
+
+class _ChecksumWriter:
+    """A file wrapper that computes size and CRC32 while torch.save writes (no second pass)."""
+
+    def __init__(self, f):
+        self.f, self.crc, self.size = f, 0, 0
+
+    def write(self, data):
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def write_file(path: Path, obj) -> dict:
+    """torch.save with fsync; returns {"size", "crc32"} of what was written."""
+    with open(path, "wb") as f:
+        w = _ChecksumWriter(f)
+        torch.save(obj, w)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": w.size, "crc32": w.crc}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: Path, expect: dict):
+    data = path.read_bytes()
+    if len(data) != expect["size"]:
+        raise CorruptCheckpoint(f"{path.name} has {len(data)} bytes, expected {expect['size']}")
+    if zlib.crc32(data) != expect["crc32"]:
+        raise CorruptCheckpoint(f"{path.name} fails its CRC32 check")
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+class NoValidCheckpoint(Exception):
+    pass
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+@dataclass
+class Found:
+    path: Path
+    manifest: dict
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints of one run folder. Collective calls go through ``comm``.
+
+    ``comm`` offers ``barrier()`` and ``gather(obj) -> list | None`` (the list on rank 0); a single
+    process passes a trivial one. The manager never calls torch.distributed itself.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, world: int, keep: int, comm, log: Callable[[str], None] = print):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.rank, self.world, self.keep, self.comm, self.log = rank, world, keep, comm, log
+
+    # -------------------------------------------------------------------------- writing
+    def save(self, step: int, state: dict, rank_state: dict, manifest: dict,
+             write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+        """Write checkpoint ``step`` (collective). ``write_extra(folder)`` lets an engine that saves its
+        own files (DeepSpeed) write them into the temporary folder before it is sealed."""
+        final = self.dir / step_name(step)
+        tmp = self.dir / f".tmp-{step_name(step)}"
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".tmp-*"):           # left by a killed write
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        self.comm.barrier()
+        files = {f"rank-{self.rank:05d}.pt": write_file(tmp / f"rank-{self.rank:05d}.pt", rank_state)}
+        if self.rank == 0:
+            files["state.pt"] = write_file(tmp / "state.pt", state)
+        if write_extra is not None:
+            write_extra(tmp)
+        gathered = self.comm.gather(files)
+        if self.rank == 0:
+            for part in gathered:
+                files.update(part)
+            write_json(tmp / "manifest.json", {**manifest, "version": VERSION, "step": step,
+                                               "world_size": self.world, "files": files,
+                                               "written_at": time.time()})
+            pause = float(os.environ.get("QHM_TEST_PAUSE_BEFORE_SEAL", "0") or 0)
+            if pause:                                          # test hook: a kill lands mid-write
+                print(f"[test] checkpoint {step_name(step)} written, pausing {pause}s before sealing", flush=True)
+                time.sleep(pause)
+            if final.exists():
+                aside = self.dir / f"replaced-{step_name(step)}-{int(time.time())}"
+                os.replace(final, aside)
+                self.log(f"checkpoint {final.name} existed (from an interrupted run); moved aside to {aside.name}")
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            pointer = self.dir / "latest.tmp"
+            pointer.write_text(final.name + "\n")
+            with open(pointer) as f:
+                os.fsync(f.fileno())
+            os.replace(pointer, self.dir / "latest")
+            _fsync_dir(self.dir)
+            self._prune()
+        self.comm.barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.dir.glob("step-*") if p.is_dir())
+        for old in steps[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -------------------------------------------------------------------------- reading
+    def candidates(self) -> list[Path]:
+        return sorted((p for p in self.dir.glob("step-*") if p.is_dir()), reverse=True)
+
+    def find_latest_valid(self, verify_files: bool = True) -> Optional[Found]:
+        """The newest checkpoint whose manifest and files check out; None when there is none at all.
+
+        Raises NoValidCheckpoint when checkpoints exist but none is valid (nothing is deleted)."""
+        candidates = self.candidates()
+        problems = []
+        for path in candidates:
+            try:
+                manifest = json.loads((path / "manifest.json").read_text())
+                if manifest.get("version") != VERSION:
+                    raise CorruptCheckpoint(f"version {manifest.get('version')} (this launcher reads {VERSION})")
+                for name, expect in manifest["files"].items():
+                    f = path / name
+                    if not f.is_file():
+                        raise CorruptCheckpoint(f"{name} is missing")
+                    if f.stat().st_size != expect["size"]:
+                        raise CorruptCheckpoint(f"{name} has {f.stat().st_size} bytes, expected {expect['size']}")
+                    if verify_files and zlib.crc32(f.read_bytes()) != expect["crc32"]:
+                        raise CorruptCheckpoint(f"{name} fails its CRC32 check")
+            except (OSError, ValueError, KeyError, CorruptCheckpoint) as exc:
+                reason = exc if isinstance(exc, CorruptCheckpoint) else f"unreadable manifest ({exc})"
+                problems.append(f"{path.name}: {reason}")
+                self.log(f"checkpoint {path.name} is not valid ({reason}); trying the previous one")
+                continue
+            return Found(path, manifest)
+        if candidates:
+            raise NoValidCheckpoint(f"no valid checkpoint in {self.dir} ({'; '.join(problems)}); "
+                                    "nothing was deleted: move the folder aside to start afresh")
+        return None
+
+    def load(self, found: Found) -> tuple[dict, Optional[dict]]:
+        """(replicated state, this rank's state or None when the saved world had no such rank)."""
+        files = found.manifest["files"]
+        state = read_file(found.path / "state.pt", files["state.pt"])
+        name = f"rank-{self.rank:05d}.pt"
+        rank_state = read_file(found.path / name, files[name]) if name in files else None
+        return state, rank_state

@@ -1,0 +1,235 @@
+"""``qhm-launch``: run, plan, bounds (and the Slurm / analysis commands in their modules).
+
+Exit status: 0 done; 2 bad input (one line on stderr, ``--debug`` for the traceback); 75 preempted
+after saving a checkpoint (run the same command again to resume); anything else: a failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import recipe as recipe_mod
+from .recipe import RecipeError
+from .signals import BAD_INPUT, PREEMPTED
+
+PARENT_ENV = "QHM_LAUNCH_PARENT"        # set for workers that `qhm-launch run` started itself
+FORCE_ENV = "QHM_FORCE_RESUME"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qhm-launch", description="QHM with increasing batch size, data-parallel.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_args(sp):
+        sp.add_argument("recipe", help="YAML recipe")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. schedule.lr.max=0.05 (repeatable)")
+
+    r = sub.add_parser("run", help="train (or resume) a recipe; starts torchrun itself when needed")
+    recipe_args(r)
+    r.add_argument("--force-resume", action="store_true",
+                   help="resume even if trajectory-changing recipe fields differ from the checkpoint's")
+
+    pl = sub.add_parser("plan", help="the stage table: batch, steps, micro-batch x accumulation x world")
+    recipe_args(pl)
+    pl.add_argument("--nproc", type=int, help="processes per node (default: distributed.nproc_per_node)")
+    pl.add_argument("--nnodes", type=int, default=1)
+    pl.add_argument("--n", type=int, help="training-set size (default: the dataset's)")
+    pl.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bounds", help="Theorem 2 / Theorem 4 terms at the end of training, and the verdict")
+    recipe_args(b)
+    b.add_argument("--n", type=int, help="training-set size (default: the dataset's)")
+    b.add_argument("--L", type=float)
+    b.add_argument("--sigma2", type=float)
+    b.add_argument("--G", type=float)
+    b.add_argument("--f-gap", type=float, dest="f_gap")
+    b.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds}[args.command](args)
+    except RecipeError as exc:
+        if args.debug:
+            raise
+        print(f"qhm-launch: error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+
+
+def _training_set_size(recipe, override) -> int:
+    from . import data
+    if override is not None:
+        if override < 1:
+            raise RecipeError(f"--n: {override!r} is not valid; allowed: an integer >= 1")
+        return override
+    return data.sizes(recipe.data)[0]
+
+
+def cmd_plan(args) -> int:
+    from . import planning
+    recipe = recipe_mod.load(args.recipe, args.set)
+    nproc = args.nproc or recipe.distributed.nproc_per_node
+    if nproc < 1 or args.nnodes < 1:
+        raise RecipeError(f"--nproc/--nnodes: {nproc}/{args.nnodes} is not valid; allowed: integers >= 1")
+    n = _training_set_size(recipe, args.n)
+    epochs = planning.plan(recipe, n, nproc * args.nnodes)
+    print(json.dumps(planning.plan_json(epochs, n), indent=1) if args.json else planning.format_table(epochs, n))
+    return 0
+
+
+def cmd_bounds(args) -> int:
+    import qhm
+    recipe = recipe_mod.load(args.recipe, args.set)
+    n = _training_set_size(recipe, args.n)
+    out = qhm.summary(recipe.schedule_spec(), n, qhm.Constants(L=args.L, sigma2=args.sigma2, G=args.G,
+                                                               f_gap=args.f_gap))
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    t2, t4 = out["theorem2"], out["theorem4"]
+    g = lambda v: "-" if v is None else f"{v:.6g}"  # noqa: E731
+    b4, c4, d4 = t4["B'_K"], t4["C'_K"], t4["D'_K"]
+    lines = [f"K = {out['K']} steps over n = {n} samples; {out['verdict']}",
+             f"Theorem 2: A_K={g(t2['A_K'])} B_K={g(t2['B_K'])} C_K={g(t2['C_K'])} "
+             f"(sup gamma*beta={g(t2['sup_gamma_beta'])}) bound={g(t2['bound'])} {t2['note']}".rstrip(),
+             "  Corollary 3: " + (", ".join(f"{k}_K<={g(v)}" for k, v in t2["corollary3"].items()) or "not covered"),
+             f"Theorem 4: A_K={g(t4['A_K'])} B'_K={g(b4)} C'_K={g(c4)} D'_K={g(d4)} "
+             f"condition={'holds' if t4['condition_holds'] else 'fails'} bound={g(t4['bound'])} {t4['note']}".rstrip(),
+             "  Corollary 5: " + (", ".join(f"{k}_K<={g(v)}" for k, v in t4["corollary5"].items()) or "not covered")]
+    print("\n".join(lines))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# run
+
+def check_resume(recipe, force: bool, log=print) -> None:
+    """Refuse a checkpoint written under other trajectory-changing fields (one-line diff)."""
+    from .checkpoint import CheckpointManager, NoValidCheckpoint
+    manager = CheckpointManager(recipe.run_dir, 0, 1, recipe.checkpoint.keep, comm=None, log=log)
+    try:
+        found = manager.find_latest_valid(verify_files=False)
+    except NoValidCheckpoint:
+        return                      # the worker reports it, after the full check
+    if found is None:
+        return
+    diff = recipe_mod.trajectory_diff(found.manifest["recipe"], recipe.to_dict())
+    if not diff:
+        return
+    if force:
+        log("qhm-launch: WARNING: --force-resume: resuming " + str(found.path) + " although the recipe differs: "
+            + "; ".join(diff))
+        return
+    raise RecipeError(f"recipe differs from checkpoint {found.path}: {'; '.join(diff)} "
+                      "(use another name, or --force-resume)")
+
+
+def _write_resolved(recipe) -> Path:
+    """<run>/recipe.yaml: the recipe as resolved; a different earlier one is kept beside it."""
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path, text = run_dir / "recipe.yaml", recipe_mod.dump(recipe)
+    if path.exists() and path.read_text() != text:
+        i = 1
+        while (run_dir / f"recipe.prev-{i}.yaml").exists():
+            i += 1
+        os.replace(path, run_dir / f"recipe.prev-{i}.yaml")
+    tmp = path.with_name("recipe.yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def cmd_run(args) -> int:
+    recipe = recipe_mod.load(args.recipe, args.set)
+    from .comm import in_worker_env
+    if in_worker_env():
+        return run_worker(recipe, force=args.force_resume or os.environ.get(FORCE_ENV) == "1")
+    from . import data, planning
+    data.check_available(recipe.data)
+    nproc = recipe.distributed.nproc_per_node
+    planning.plan(recipe, data.sizes(recipe.data)[0], nproc)
+    check_resume(recipe, args.force_resume)
+    done = recipe.run_dir / "complete.json"
+    if done.exists() and json.loads(done.read_text()).get("recipe_hash") == \
+            recipe_mod.trajectory_hash(recipe.to_dict()):
+        print(f"qhm-launch: {recipe.run_dir} is already complete; nothing to do")
+        return 0
+    resolved = _write_resolved(recipe)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           f"--nproc_per_node={nproc}", "-m", "launcher", "run", str(resolved)]
+    env = dict(os.environ, **{PARENT_ENV: str(os.getpid()), FORCE_ENV: "1" if args.force_resume else "0"})
+    return supervise(cmd, env, recipe)
+
+
+def supervise(cmd: list[str], env: dict, recipe) -> int:
+    """Run torchrun and forward preemption signals to its workers (not to the agent, which dies on
+    USR1 and on TERM kills its workers before they can save); exit PREEMPTED if they saved."""
+    pending: list[int] = []
+    handled = [getattr(signal, name) for name in recipe.signals.preempt]
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in handled}
+    pid_dir = recipe.run_dir / ".pids"
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+        while proc.poll() is None:
+            pids = _local_worker_pids(pid_dir)
+            while pending and pids:
+                sig = pending.pop(0)
+                for pid in pids:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.1)
+        rc = proc.returncode
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    marker = recipe.run_dir / "preempted.json"
+    if marker.exists():
+        marker.unlink()
+        return PREEMPTED
+    return rc
+
+
+def _local_worker_pids(pid_dir: Path) -> list[int]:
+    host = socket.gethostname()
+    out = []
+    for f in pid_dir.glob(f"{host}-*.pid"):
+        try:
+            out.append(int(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def run_worker(recipe, force: bool) -> int:
+    from . import comm as comm_mod
+    from . import trainer
+    from .signals import PreemptionFlag
+    flag = PreemptionFlag(recipe.signals.preempt)       # first: a signal during start-up is not lost
+    pid_file = recipe.run_dir / ".pids" / f"{socket.gethostname()}-{os.environ.get('RANK', '0')}.pid"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(str(os.getpid()))
+    comm = comm_mod.init()
+    try:
+        if PARENT_ENV not in os.environ:          # nobody checked the recipe before us
+            check_resume(recipe, force, log=print if comm.is_main else (lambda *a: None))
+        rc = trainer.train(recipe, comm, preempt=flag)
+    finally:
+        pid_file.unlink(missing_ok=True)
+        comm.close()
+    if rc == PREEMPTED and PARENT_ENV in os.environ:
+        return 0                    # the parent turns the marker into the PREEMPTED status
+    return rc

@@ -1,0 +1,48 @@
+"""Engines: what the training loop needs from DDP (and, in its own module, DeepSpeed).
+
+The loop owns the accumulation boundary: it runs ``micro_step(last)`` contexts itself and calls
+``step()`` once per optimizer step, so a batch stage can change micro-batch and accumulation at any
+epoch without restarting processes, and every optimizer step spans exactly the planned micro-batches.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+class DDPEngine:
+    """torch DDP: ``no_sync`` on all but the last micro-step, so one gradient all-reduce per step."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm):
+        self.module, self.optimizer = module, optimizer
+        self.model = DDP(module, device_ids=[comm.device.index] if comm.device.type == "cuda" else None,
+                         gradient_as_bucket_view=True) if torch.distributed.is_initialized() else module
+
+    def set_stage(self, micro_batch: int, accum: int) -> None:
+        """DDP needs nothing: the loop decides where each step's micro-batches end."""
+
+    def micro_step(self, last: bool):
+        return nullcontext() if last or self.model is self.module else self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def build(recipe, module, optimizer, comm):
+    if recipe.distributed.engine == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine
+        return DeepSpeedEngine(recipe, module, optimizer, comm)
+    return DDPEngine(module, optimizer, comm)

@@ -1,0 +1,365 @@
+"""The recipe: typed dataclasses, loaded from YAML with ``yaml.safe_load``, validated once at the edge.
+
+Every problem is a :class:`RecipeError` whose message is one line naming the key path, the value and
+what is allowed; the CLI prints it and exits with status 2 before any worker starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+import qhm
+
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100")
+MODELS = ("small_cnn", "resnet18", "vit_tiny")
+PRECISIONS = ("fp32", "bf16", "fp64")
+OPTIMIZERS = tuple(qhm.PRESETS)            # qhm | sgd (gamma = 0) | nshb (gamma = 1)
+KERNELS = ("foreach", "fused", "loop")
+ENGINES = ("ddp", "deepspeed")
+WANDB_MODES = ("online", "offline", "disabled")
+GRAD_NORM_MODES = ("exact", "paper")
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+class RecipeError(ValueError):
+    """A bad recipe or override: the message is the one line the user sees."""
+
+
+@dataclass
+class Data:
+    dataset: str = "digits"
+    root: Optional[str] = None          # folder holding the torchvision CIFAR files
+    download: bool = False
+    augment: bool = True
+    size: Optional[int] = None          # synthetic only: training-set size (test set: a quarter)
+
+
+@dataclass
+class Optimizer:
+    name: str = "qhm"
+    weight_decay: float = 0.0
+    kernel: str = "foreach"             # foreach | fused (compiled, single pass) | loop
+
+
+@dataclass
+class Batch:
+    kind: str = "exponential"           # constant {size} | exponential {initial, growth}
+    size: Optional[int] = None
+    initial: Optional[int] = None
+    growth: float = 2.0
+
+
+@dataclass
+class LR:
+    kind: str = "constant"              # constant | sqrt_decay | decay | cosine | polynomial
+    max: float = 0.1
+    min: float = 0.0
+    power: float = 2.0
+    warmup: int = 0                     # linear warm-up epochs (0: the paper's schedules)
+
+
+@dataclass
+class Beta:
+    kind: str = "constant"              # constant {max} | step_decay {max, factor} | increasing {min}
+    max: float = 0.9
+    min: float = 0.5
+    factor: float = 0.5
+
+
+@dataclass
+class Gamma:
+    kind: str = "constant"              # constant {max} | step_decay {max, factor}
+    max: float = 0.7
+    factor: float = 0.5
+
+
+@dataclass
+class ScheduleConfig:
+    interval: int = 1                   # E, shared by the batch, beta and gamma step schedules
+    batch: Batch = field(default_factory=Batch)
+    lr: LR = field(default_factory=LR)
+    beta: Beta = field(default_factory=Beta)
+    gamma: Gamma = field(default_factory=Gamma)
+
+
+@dataclass
+class Distributed:
+    engine: str = "ddp"
+    nproc_per_node: int = 1
+    max_micro_batch: int = 64
+    zero_stage: int = 0                 # deepspeed only
+    deepspeed_config: dict = field(default_factory=dict)
+
+
+@dataclass
+class Eval:
+    every_epochs: int = 1
+    full_grad_norm: bool = True
+    grad_norm_mode: str = "exact"       # exact: un-augmented, eval mode | paper: as the paper's code
+    batch_size: int = 500
+
+
+@dataclass
+class Checkpoint:
+    every_steps: int = 0                # 0: only at epoch ends and on preemption
+    keep: int = 3
+
+
+@dataclass
+class Wandb:
+    mode: str = "offline"
+    project: str = "qhm-launch"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class Tracking:
+    wandb: Wandb = field(default_factory=Wandb)
+
+
+@dataclass
+class Signals:
+    preempt: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    output: str = "runs"
+    seed: int = 0
+    epochs: int = 1
+    data: Data = field(default_factory=Data)
+    model: str = "small_cnn"
+    precision: str = "fp32"
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: Distributed = field(default_factory=Distributed)
+    eval: Eval = field(default_factory=Eval)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    tracking: Tracking = field(default_factory=Tracking)
+    signals: Signals = field(default_factory=Signals)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def schedule_spec(self) -> qhm.Schedule:
+        """The qhm schedule this recipe describes (validated when the recipe is loaded)."""
+        s, E = self.schedule, self.schedule.interval
+        size = s.batch.size if s.batch.kind == "constant" else s.batch.initial
+        gamma = s.gamma
+        if self.optimizer.name != "qhm":          # sgd / nshb fix gamma, whatever the recipe says
+            gamma = Gamma(kind="constant", max=qhm.PRESETS[self.optimizer.name]["gamma"])
+        return qhm.Schedule(
+            epochs=self.epochs,
+            batch=qhm.BatchSchedule(s.batch.kind, size, growth=s.batch.growth, interval=E),
+            lr=qhm.LRSchedule(s.lr.kind, s.lr.max, s.lr.min, power=s.lr.power, epochs=self.epochs,
+                              warmup=s.lr.warmup),
+            beta=qhm.BetaSchedule(s.beta.kind, max=s.beta.max, min=s.beta.min, factor=s.beta.factor,
+                                  interval=E),
+            gamma=qhm.GammaSchedule(gamma.kind, max=gamma.max, factor=gamma.factor, interval=E))
+
+
+# Fields that change the trajectory: a checkpoint written under other values is refused on resume.
+# W&B, process count, micro-batch cap, eval, checkpoint cadence and paths may change freely.
+TRAJECTORY_FIELDS = ("seed", "epochs", "data.dataset", "data.augment", "data.size", "model", "precision",
+                     "optimizer", "schedule", "distributed.engine", "distributed.zero_stage")
+
+
+def trajectory(recipe_dict: dict) -> dict:
+    out = {}
+    for key in TRAJECTORY_FIELDS:
+        node = recipe_dict
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def trajectory_hash(recipe_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(trajectory(recipe_dict), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trajectory_diff(old: dict, new: dict) -> list[str]:
+    """Leaf-level differences ``key: old -> new`` between two recipes' trajectory fields."""
+    def leaves(d, prefix=""):
+        if isinstance(d, dict):
+            for k, v in d.items():
+                yield from leaves(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            yield prefix, d
+    a, b = dict(leaves(trajectory(old))), dict(leaves(trajectory(new)))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses with key paths in every error.
+
+def _describe(tp) -> str:
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is list:
+        return "a list"
+    if tp is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, path: str):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:                       # Optional[X]
+        inner = [t for t in typing.get_args(tp) if t is not type(None)][0]
+        return None if value is None else _coerce(value, inner, path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          list: lambda v: isinstance(v, list),
+          dict: lambda v: isinstance(v, dict)}[tp](value)
+    if not ok:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: {_describe(tp)}")
+    return float(value) if tp is float else value
+
+
+def _build(cls, data, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path or 'recipe'}: {data!r} is not valid; allowed: a mapping of "
+                          + ", ".join(f.name for f in dataclasses.fields(cls)))
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise RecipeError(f"{where}: unknown key; allowed keys here: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _one_of(path: str, value, allowed) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: {' | '.join(map(str, allowed))}")
+
+
+def _at_least(path: str, value, low) -> None:
+    if value < low:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: >= {low}")
+
+
+def validate(r: Recipe) -> Recipe:
+    _one_of("data.dataset", r.data.dataset, DATASETS)
+    _one_of("model", r.model, MODELS)
+    _one_of("precision", r.precision, PRECISIONS)
+    _one_of("optimizer.name", r.optimizer.name, OPTIMIZERS)
+    _one_of("optimizer.kernel", r.optimizer.kernel, KERNELS)
+    _one_of("distributed.engine", r.distributed.engine, ENGINES)
+    _one_of("distributed.zero_stage", r.distributed.zero_stage, (0, 1, 2))
+    _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
+    _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
+    for i, sig in enumerate(r.signals.preempt):
+        _one_of(f"signals.preempt[{i}]", sig, SIGNALS)
+    if not r.name or "/" in r.name or r.name in (".", ".."):
+        raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name without '/'")
+    for path, value, low in (("epochs", r.epochs, 1), ("schedule.interval", r.schedule.interval, 1),
+                             ("distributed.nproc_per_node", r.distributed.nproc_per_node, 1),
+                             ("distributed.max_micro_batch", r.distributed.max_micro_batch, 1),
+                             ("eval.every_epochs", r.eval.every_epochs, 1),
+                             ("eval.batch_size", r.eval.batch_size, 1),
+                             ("checkpoint.every_steps", r.checkpoint.every_steps, 0),
+                             ("checkpoint.keep", r.checkpoint.keep, 1),
+                             ("optimizer.weight_decay", r.optimizer.weight_decay, 0.0),
+                             ("schedule.lr.max", r.schedule.lr.max, 0.0),
+                             ("schedule.lr.min", r.schedule.lr.min, 0.0)):
+        _at_least(path, value, low)
+    if r.data.size is not None:
+        if r.data.dataset != "synthetic":
+            raise RecipeError(f"data.size: {r.data.size!r} is not valid; allowed: null unless "
+                              "data.dataset is synthetic")
+        _at_least("data.size", r.data.size, 4)
+    b = r.schedule.batch
+    _one_of("schedule.batch.kind", b.kind, qhm.schedules.BATCH_KINDS)
+    size_key = "size" if b.kind == "constant" else "initial"
+    if getattr(b, size_key) is None:
+        raise RecipeError(f"schedule.batch.{size_key}: missing; allowed: an integer >= 1 "
+                          f"(required for kind {b.kind})")
+    try:
+        r.schedule_spec()
+    except ValueError as exc:                       # qhm names the field; we add the recipe's path
+        msg = str(exc)
+        key, _, rest = msg.partition("=")
+        key = {"batch.size": f"batch.{size_key}"}.get(key, key)
+        value, _, allowed = rest.partition(": must be ")
+        path = key if key == "epochs" else f"schedule.{key}"
+        raise RecipeError(f"{path}: {value} is not valid; allowed: {allowed}") from None
+    return r
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {text!r}: not valid; allowed: KEY.PATH=VALUE, e.g. schedule.lr.max=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        path, value = _parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"{'.'.join(path[:i + 1])}: {child!r} is not a mapping; cannot set "
+                                  f"{'.'.join(path)}")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def from_dict(data: dict, overrides: Optional[list[str]] = None) -> Recipe:
+    data = apply_overrides(json.loads(json.dumps(data or {})), overrides or [])
+    return validate(_build(Recipe, data, ""))
+
+
+def load(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe: {str(path)!r} is not a file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"recipe: {str(path)!r} is not valid YAML{where}: "
+                          f"{getattr(exc, 'problem', exc)}") from None
+    return from_dict(data, overrides)
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
