@@ -1,0 +1,51 @@
+"""The stage table: micro x accum x world == global batch, micro grows to the cap, then accum grows."""
+import json
+
+import pytest
+
+from conftest import ROOT, base_recipe, write_recipe
+from launcher import planning
+from launcher import recipe as R
+from launcher.cli import main
+
+
+@pytest.mark.parametrize("batch,world,cap,expect", [
+    (8, 2, 64, (4, 1)), (256, 2, 64, (64, 2)), (4096, 8, 64, (64, 8)), (96, 1, 64, (48, 2)),
+    (32, 2, 4, (4, 4)), (8, 8, 64, (1, 1)),
+])
+def test_split_batch(batch, world, cap, expect):
+    micro, accum = planning.split_batch(batch, world, cap)
+    assert (micro, accum) == expect and micro * accum * world == batch and micro <= cap
+
+
+def test_plan_json_fields_and_totals(tmp_path, capsys):
+    path = write_recipe(tmp_path, base_recipe(epochs=4, **{"distributed.max_micro_batch": 16}))
+    assert main(["plan", str(path), "--nproc", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["epochs"]
+    assert [r["batch"] for r in rows] == [16, 32, 64, 128]
+    assert [r["steps"] for r in rows] == [13, 7, 4, 2]                    # ceil(200 / b)
+    for r in rows:
+        assert set(r) >= {"epoch", "batch", "steps", "micro_batch", "accum", "world_size", "lr", "beta", "gamma"}
+        assert r["micro_batch"] * r["accum"] * r["world_size"] == r["batch"] and r["micro_batch"] <= 16
+    assert rows[3]["micro_batch"] == 16 and rows[3]["accum"] == 4
+    assert out["total_steps"] == 26 and out["total_samples"] == 800
+    assert rows[1]["beta"] == pytest.approx(0.45)
+
+
+def test_unsplittable_stage_is_a_clear_error(tmp_path, capsys):
+    path = write_recipe(tmp_path, base_recipe(**{"schedule.batch.initial": 8}))
+    assert main(["plan", str(path), "--nproc", "8", "--nnodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "global batch 8" in err and "world size 16" in err and "1, 2, 4, 8" in err
+
+
+def test_every_shipped_recipe_plans_and_bounds(capsys):
+    paths = [p for p in sorted((ROOT / "recipes").rglob("*.yaml")) if "sweep" not in p.name]
+    assert paths
+    for path in paths:
+        assert main(["plan", str(path)]) == 0, path
+        capsys.readouterr()
+        assert main(["bounds", str(path), "--json"]) == 0, path
+        out = json.loads(capsys.readouterr().out)
+        assert out["verdict"] and out["K"] > 0, path
