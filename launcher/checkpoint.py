@@ -138,7 +138,7 @@ class CheckpointManager:
                                                "world_size": self.world, "files": files,
                                                "written_at": time.time()})
             pause = float(os.environ.get("QHM_TEST_PAUSE_BEFORE_SEAL", "0") or 0)
-            if pause:                                          # test hook: a kill lands mid-write
+            if pause and step >= int(os.environ.get("QHM_TEST_PAUSE_FROM_STEP", "0")):                                          # test hook: a kill lands mid-write
                 print(f"[test] checkpoint {step_name(step)} written, pausing {pause}s before sealing", flush=True)
                 time.sleep(pause)
             if final.exists():

@@ -117,11 +117,12 @@ def cmd_bounds(args) -> int:
 def check_resume(recipe, force: bool, log=print) -> None:
     """Refuse a checkpoint written under other trajectory-changing fields (one-line diff)."""
     from .checkpoint import CheckpointManager, NoValidCheckpoint
-    manager = CheckpointManager(recipe.run_dir, 0, 1, recipe.checkpoint.keep, comm=None, log=log)
+    # quiet: the worker reports an invalid newest checkpoint itself when it resumes
+    manager = CheckpointManager(recipe.run_dir, 0, 1, recipe.checkpoint.keep, comm=None, log=lambda *a: None)
     try:
-        found = manager.find_latest_valid(verify_files=False)
-    except NoValidCheckpoint:
-        return                      # the worker reports it, after the full check
+        found = manager.find_latest_valid()
+    except NoValidCheckpoint as exc:
+        raise RecipeError(str(exc)) from None
     if found is None:
         return
     diff = recipe_mod.trajectory_diff(found.manifest["recipe"], recipe.to_dict())
@@ -214,11 +215,27 @@ def _local_worker_pids(pid_dir: Path) -> list[int]:
     return out
 
 
+def _die_with_parent() -> None:
+    """torchrun starts workers in sessions of their own, so killing the launcher's process group
+    (kill -9, a node's job cleanup) would leave them training on. Ask Linux to kill this worker
+    when its parent, the torchrun agent, dies."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+        if os.getppid() != parent:             # the parent died before the call: follow it now
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass                                   # not Linux: workers may outlive a killed agent
+
+
 def run_worker(recipe, force: bool) -> int:
     from . import comm as comm_mod
     from . import trainer
     from .signals import PreemptionFlag
     flag = PreemptionFlag(recipe.signals.preempt)       # first: a signal during start-up is not lost
+    _die_with_parent()
     pid_file = recipe.run_dir / ".pids" / f"{socket.gethostname()}-{os.environ.get('RANK', '0')}.pid"
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(str(os.getpid()))

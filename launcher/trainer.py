@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -107,11 +108,15 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
 
     # ---- resume from the newest valid checkpoint, if any
     ckpt = CheckpointManager(run_dir, comm.rank, comm.world, recipe.checkpoint.keep, comm, log=log)
-    try:
-        found = comm.broadcast(ckpt.find_latest_valid() if comm.is_main else None)
-    except NoValidCheckpoint as exc:
-        comm.broadcast(None)
-        raise SystemExit(f"qhm-launch: {exc}")
+    found, problem = None, None
+    if comm.is_main:
+        try:
+            found = ckpt.find_latest_valid()
+        except NoValidCheckpoint as exc:
+            problem = str(exc)
+    found, problem = comm.broadcast((found, problem))
+    if problem:                                  # every rank stops the same way, before training
+        raise recipe_mod.RecipeError(problem)
     wandb_from_ckpt = None
     if found is not None:
         saved, mine = ckpt.load(found)
@@ -149,6 +154,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
 
     # ---- the loop
     every = recipe.checkpoint.every_steps
+    test_delay = float(os.environ.get("QHM_TEST_STEP_DELAY", "0") or 0)   # lets tests kill mid-run
     for epoch in range(state.epoch, recipe.epochs):
         p = plan[epoch]
         engine.set_stage(p.micro_batch, p.accum)
@@ -161,6 +167,8 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
             size = train_step(engine, dataset, sampler, p, epoch, step, running, comm, recipe.seed, autocast)
             state.step, state.global_step, state.samples = step + 1, state.global_step + 1, state.samples + size
             epoch_samples += size
+            if test_delay:
+                time.sleep(test_delay)
             bar.update(1)
             if comm.is_main and step % 20 == 0:
                 bar.set_postfix(batch=p.batch, lr=f"{p.lr:.3g}")

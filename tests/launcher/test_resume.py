@@ -1,0 +1,168 @@
+"""Exact resume: kill -9 at any point, signals, corrupt checkpoints, another world size."""
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
+                      metric_rows, start, wait_for, write_recipe)
+
+# 400 samples, batches 16 -> 32 -> 64 -> 128: 25 + 13 + 7 + 4 = 49 steps, a checkpoint every 3
+STAGE_ENDS = [25, 38, 45, 49]
+SLOW = {"QHM_TEST_STEP_DELAY": "0.04"}
+
+
+def recipe(name, **over):
+    return base_recipe(name=name, epochs=4, **{"data.size": 400, **over})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs to compare against: fp32 (bitwise resume) and fp64 (elastic resume)."""
+    folder = tmp_path_factory.mktemp("reference")
+    out = {}
+    for precision in ("fp32", "fp64"):
+        path = write_recipe(folder, recipe("ref", precision=precision), f"{precision}.yaml")
+        cli(["run", str(path), "--set", f"output=runs-{precision}"], cwd=folder, check=0)
+        run = folder / f"runs-{precision}" / "ref"
+        out[precision] = (final_params(run), metric_rows(run))
+    return out
+
+
+class Output:
+    """Collects a started process's output lines in the background."""
+
+    def __init__(self, proc):
+        self.lines = []
+        self.thread = threading.Thread(target=lambda: [self.lines.append(x) for x in proc.stdout], daemon=True)
+        self.thread.start()
+
+    def has(self, text):
+        return any(text in line for line in self.lines)
+
+
+def assert_same_as_reference(run_dir, reference, precision="fp32"):
+    params, rows = reference[precision]
+    assert_bitwise(final_params(run_dir), params)
+    assert metric_rows(run_dir) == rows
+
+
+@pytest.mark.parametrize("where", ["mid_epoch", "stage_switch", "checkpoint_write"])
+def test_kill_9_then_same_command_is_bitwise_the_uninterrupted_run(tmp_path, reference, where):
+    path = write_recipe(tmp_path, recipe("ref"))
+    run = tmp_path / "runs" / "ref"
+    env = dict(SLOW)
+    if where == "checkpoint_write":
+        env.update(QHM_TEST_PAUSE_BEFORE_SEAL="60", QHM_TEST_PAUSE_FROM_STEP="10")
+    proc = start(["run", str(path)], cwd=tmp_path, env=env)
+    out = Output(proc)
+    if where == "mid_epoch":
+        wait_for(lambda: any(7 <= s < 25 for s in checkpoint_steps(run)), proc=proc, what="a mid-epoch checkpoint")
+    elif where == "stage_switch":
+        wait_for(lambda: STAGE_ENDS[0] in checkpoint_steps(run), proc=proc, what="the stage-switch checkpoint")
+    else:
+        wait_for(lambda: out.has("pausing"), proc=proc, what="a paused checkpoint write")
+        assert list((run / "checkpoints").glob(".tmp-step-000000012")), "the write is in progress"
+    kill_group(proc)
+    assert not (run / "final_model.pt").exists()
+    proc = cli(["run", str(path)], cwd=tmp_path, check=0)
+    assert "resumed from" in proc.stdout
+    assert_same_as_reference(run, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_to_launcher_saves_the_same_step_on_all_ranks_and_exits_preempted(tmp_path, reference, sig):
+    path = write_recipe(tmp_path, recipe("ref", **{"tracking.wandb.mode": "offline"}))
+    run = tmp_path / "runs" / "ref"
+    proc = start(["run", str(path)], cwd=tmp_path, env={**SLOW, "WANDB_DIR": str(tmp_path)})
+    wait_for(lambda: len(checkpoint_steps(run)) >= 2, proc=proc, what="two checkpoints")
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 75
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    manifest = json.loads((latest / "manifest.json").read_text())
+    assert manifest["tag"] == "preempted" and manifest["world_size"] == 2
+    assert {"rank-00000.pt", "rank-00001.pt", "state.pt"} <= set(manifest["files"])
+    assert manifest["position"]["global_step"] < 49
+    wandb_id = (run / "wandb_id").read_text().strip()
+    assert manifest["wandb_id"] == wandb_id
+    cli(["run", str(path)], cwd=tmp_path, check=0, env={"WANDB_DIR": str(tmp_path)})
+    assert (run / "wandb_id").read_text().strip() == wandb_id
+    assert len(list(run.glob(f"wandb/offline-run-*-{wandb_id}"))) == 2      # the same run id both times
+    assert_same_as_reference(run, reference)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
+    path = write_recipe(tmp_path, recipe("ref"))
+    run = tmp_path / "runs" / "ref"
+    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
+    wait_for(lambda: len([s for s in checkpoint_steps(run) if s > 12]) >= 2, proc=proc, what="checkpoints")
+    kill_group(proc)
+    steps = checkpoint_steps(run)
+    newest = run / "checkpoints" / f"step-{steps[-1]:09d}"
+    data = (newest / "state.pt").read_bytes()
+    (newest / "state.pt").write_bytes(data[: len(data) // 2])               # truncated
+    second = run / "checkpoints" / f"step-{steps[-2]:09d}"
+    proc = cli(["run", str(path)], cwd=tmp_path, check=0)
+    assert f"checkpoint {newest.name} is not valid" in proc.stdout
+    assert f"resumed from runs/ref/checkpoints/{second.name}" in proc.stdout
+    assert_same_as_reference(run, reference)
+    assert list((run / "checkpoints").glob(f"replaced-{newest.name}-*")), "the corrupt one was kept aside"
+
+
+def test_flipped_byte_is_caught_and_no_valid_checkpoint_deletes_nothing(tmp_path):
+    path = write_recipe(tmp_path, recipe("ref"))
+    run = tmp_path / "runs" / "ref"
+    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
+    wait_for(lambda: len(checkpoint_steps(run)) >= 2, proc=proc, what="checkpoints")
+    kill_group(proc)
+    for folder in (run / "checkpoints").glob("step-*"):
+        f = folder / "state.pt"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF                                          # same size, wrong CRC
+        f.write_bytes(bytes(data))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    proc = cli(["run", str(path)], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "no valid checkpoint" in proc.stderr and "CRC32" in proc.stderr and "nothing was deleted" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(tmp_path, reference, first, second):
+    path = write_recipe(tmp_path, recipe("ref", precision="fp64", **{"distributed.nproc_per_node": first}))
+    run = tmp_path / "runs" / "ref"
+    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
+    wait_for(lambda: any(s > 25 for s in checkpoint_steps(run)), proc=proc, what="a second-stage checkpoint")
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75
+    out = cli(["run", str(path), "--set", f"distributed.nproc_per_node={second}"], cwd=tmp_path, check=0)
+    assert f"written by {first} processes" in out.stdout
+    params, rows = reference["fp64"]
+    got = final_params(run)
+    for k in params:
+        torch.testing.assert_close(got[k], params[k], rtol=1e-10, atol=1e-12)
+    got_rows = metric_rows(run)
+    assert [r["samples"] for r in got_rows] == [r["samples"] for r in rows]
+    for a, b in zip(got_rows, rows):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-9)
+
+
+def test_changed_recipe_is_refused_and_force_resume_proceeds(tmp_path):
+    path = write_recipe(tmp_path, recipe("ref"))
+    run = tmp_path / "runs" / "ref"
+    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
+    wait_for(lambda: len(checkpoint_steps(run)) >= 1, proc=proc, what="a checkpoint")
+    kill_group(proc)
+    refused = cli(["run", str(path), "--set", "schedule.lr.max=0.2", "--set", "tracking.wandb.project=x"],
+                  cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "schedule.lr.max: 0.05 -> 0.2" in refused.stderr and "wandb" not in refused.stderr
+    # W&B fields and the process count may change freely
+    forced = cli(["run", str(path), "--set", "schedule.lr.max=0.2", "--force-resume"], cwd=tmp_path, check=0)
+    assert "WARNING: --force-resume" in forced.stdout and "resumed from" in forced.stdout
+    assert (run / "recipe.prev-1.yaml").exists(), "the earlier resolved recipe is kept"
