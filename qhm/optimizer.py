@@ -129,8 +129,9 @@ def _single_tensor_qhm(params, grads, buffers, *, lr, beta, gamma, weight_decay,
             p.add_(g, alpha=-lr)
         elif gamma == 1.0:
             p.add_(d, alpha=-lr)
-        else:
-            p.add_(torch.lerp(g, d, gamma), alpha=-lr)  # m = (1 - gamma) g + gamma d
+        else:                                       # x -= lr ((1 - gamma) g + gamma d), m never stored
+            p.add_(g, alpha=-lr * (1.0 - gamma))
+            p.add_(d, alpha=-lr * gamma)
 
 
 def _multi_tensor_qhm(params, grads, buffers, *, lr, beta, gamma, weight_decay, maximize):
@@ -146,8 +147,8 @@ def _multi_tensor_qhm(params, grads, buffers, *, lr, beta, gamma, weight_decay, 
         elif gamma == 1.0:
             torch._foreach_add_(device_params, device_buffers, alpha=-lr)
         else:
-            step = torch._foreach_lerp(device_grads, device_buffers, gamma)
-            torch._foreach_add_(device_params, step, alpha=-lr)
+            torch._foreach_add_(device_params, device_grads, alpha=-lr * (1.0 - gamma))
+            torch._foreach_add_(device_params, device_buffers, alpha=-lr * gamma)
 
 
 # ---------------------------------------------------------------------------------------------
