@@ -94,6 +94,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
     preempt = preempt or PreemptionFlag(recipe.signals.preempt)
 
     if comm.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "preempted.json").unlink(missing_ok=True)
         data_mod.load(recipe.data, torch.device("cpu"), dtype, is_first=True) if recipe.data.download else None
     comm.barrier()
@@ -133,11 +134,12 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
     else:
         set_rng_state(None, recipe.seed, comm.rank, 0)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    tracker = None
+    tracker, wandb_id = None, None
     if comm.is_main:
         metrics.keep_before(state.epoch)
-        tracker = Tracker(recipe, run_dir, run_id(run_dir, wandb_from_ckpt))
-    wandb_id = comm.broadcast(run_id(run_dir, wandb_from_ckpt) if comm.is_main else None)
+        wandb_id = run_id(run_dir, wandb_from_ckpt)
+        tracker = Tracker(recipe, run_dir, wandb_id)
+    wandb_id = comm.broadcast(wandb_id)
 
     def save(tag: str) -> None:
         total = comm.all_reduce_sum(running.clone())
@@ -186,6 +188,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
             if every and state.global_step % every == 0:
                 save(f"every {every} steps")
         bar.close()
+        train_seconds = time.time() - epoch_start
 
         # ---- end of epoch: metrics, then the checkpoint (so a resume never loses a row)
         totals = comm.all_reduce_sum(running.clone())
@@ -201,10 +204,9 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
                 row["grad_norm"] = full_grad_norm(module, dataset, comm, recipe, epoch, autocast)
                 state.min_grad_norm = min(state.min_grad_norm, row["grad_norm"])
         row["min_grad_norm"] = None if state.min_grad_norm == float("inf") else state.min_grad_norm
-        elapsed = time.time() - epoch_start
         state.wall_time += time.time() - start
         start = time.time()
-        row.update(wall_time=round(state.wall_time, 3), samples_per_s=round(epoch_samples / max(elapsed, 1e-9), 1))
+        row.update(wall_time=round(state.wall_time, 3), samples_per_s=round(epoch_samples / max(train_seconds, 1e-9), 1))
         state.epoch, state.step = epoch + 1, 0
         running.zero_()
         if comm.is_main:
