@@ -17,13 +17,13 @@ one that would be overwritten is moved aside instead.
 """
 from __future__ import annotations
 
-import io
 import json
+import mmap
 import os
 import shutil
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,29 +32,24 @@ import torch
 VERSION = 1
 
 
-class _ChecksumWriter:
-    """A file wrapper that computes size and CRC32 while torch.save writes (no second pass)."""
-
-    def __init__(self, f):
-        self.f, self.crc, self.size = f, 0, 0
-
-    def write(self, data):
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self):
-        self.f.flush()
+def file_crc(path: Path) -> int:
+    """CRC32 of a file through a memory map: the page cache is read in place, never copied."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return zlib.crc32(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return zlib.crc32(mm)
 
 
 def write_file(path: Path, obj) -> dict:
-    """torch.save with fsync; returns {"size", "crc32"} of what was written."""
-    with open(path, "wb") as f:
-        w = _ChecksumWriter(f)
-        torch.save(obj, w)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"size": w.size, "crc32": w.crc}
+    """torch.save, fsync, then size and CRC32 (read back through the page cache, in place)."""
+    torch.save(obj, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"size": path.stat().st_size, "crc32": file_crc(path)}
 
 
 def write_json(path: Path, obj) -> None:
@@ -74,13 +69,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_file(path: Path, expect: dict):
-    data = path.read_bytes()
-    if len(data) != expect["size"]:
-        raise CorruptCheckpoint(f"{path.name} has {len(data)} bytes, expected {expect['size']}")
-    if zlib.crc32(data) != expect["crc32"]:
-        raise CorruptCheckpoint(f"{path.name} fails its CRC32 check")
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+def read_file(path: Path, expect: dict, verified: bool = False):
+    """Load a checkpoint file after checking its size and CRC32 (skipped when already ``verified``).
+
+    Loaded with mmap: tensors are views of the page cache until the caller copies them into place
+    (load_state_dict), so verifying costs one pass over memory and loading almost nothing."""
+    if not verified:
+        size = path.stat().st_size
+        if size != expect["size"]:
+            raise CorruptCheckpoint(f"{path.name} has {size} bytes, expected {expect['size']}")
+        if file_crc(path) != expect["crc32"]:
+            raise CorruptCheckpoint(f"{path.name} fails its CRC32 check")
+    return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
 
 
 class CorruptCheckpoint(Exception):
@@ -99,6 +99,7 @@ def step_name(step: int) -> str:
 class Found:
     path: Path
     manifest: dict
+    verified: set = field(default_factory=set)      # files whose CRC was checked by the finder
 
 
 class CheckpointManager:
@@ -174,6 +175,7 @@ class CheckpointManager:
         candidates = self.candidates()
         problems = []
         for path in candidates:
+            verified = set()
             try:
                 manifest = json.loads((path / "manifest.json").read_text())
                 if manifest.get("version") != VERSION:
@@ -184,14 +186,16 @@ class CheckpointManager:
                         raise CorruptCheckpoint(f"{name} is missing")
                     if f.stat().st_size != expect["size"]:
                         raise CorruptCheckpoint(f"{name} has {f.stat().st_size} bytes, expected {expect['size']}")
-                    if verify_files and zlib.crc32(f.read_bytes()) != expect["crc32"]:
-                        raise CorruptCheckpoint(f"{name} fails its CRC32 check")
+                    if verify_files:
+                        if file_crc(f) != expect["crc32"]:
+                            raise CorruptCheckpoint(f"{name} fails its CRC32 check")
+                        verified.add(name)
             except (OSError, ValueError, KeyError, CorruptCheckpoint) as exc:
                 reason = exc if isinstance(exc, CorruptCheckpoint) else f"unreadable manifest ({exc})"
                 problems.append(f"{path.name}: {reason}")
                 self.log(f"checkpoint {path.name} is not valid ({reason}); trying the previous one")
                 continue
-            return Found(path, manifest)
+            return Found(path, manifest, verified)
         if candidates:
             raise NoValidCheckpoint(f"no valid checkpoint in {self.dir} ({'; '.join(problems)}); "
                                     "nothing was deleted: move the folder aside to start afresh")
@@ -200,7 +204,7 @@ class CheckpointManager:
     def load(self, found: Found) -> tuple[dict, Optional[dict]]:
         """(replicated state, this rank's state or None when the saved world had no such rank)."""
         files = found.manifest["files"]
-        state = read_file(found.path / "state.pt", files["state.pt"])
+        state = read_file(found.path / "state.pt", files["state.pt"], "state.pt" in found.verified)
         name = f"rank-{self.rank:05d}.pt"
-        rank_state = read_file(found.path / name, files[name]) if name in files else None
+        rank_state = read_file(found.path / name, files[name], name in found.verified) if name in files else None
         return state, rank_state
