@@ -131,10 +131,15 @@ class CheckpointManager:
             files["state.pt"] = write_file(tmp / "state.pt", state)
         if write_extra is not None:
             write_extra(tmp)
+            self.comm.barrier()
         gathered = self.comm.gather(files)
         if self.rank == 0:
             for part in gathered:
                 files.update(part)
+            for extra in sorted(p for p in tmp.rglob("*") if p.is_file()):   # e.g. DeepSpeed's own files
+                name = str(extra.relative_to(tmp))
+                if name not in files:
+                    files[name] = {"size": extra.stat().st_size, "crc32": file_crc(extra)}
             write_json(tmp / "manifest.json", {**manifest, "version": VERSION, "step": step,
                                                "world_size": self.world, "files": files,
                                                "written_at": time.time()})

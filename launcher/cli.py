@@ -114,8 +114,9 @@ def cmd_bounds(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # run
 
-def check_resume(recipe, force: bool, log=print) -> None:
-    """Refuse a checkpoint written under other trajectory-changing fields (one-line diff)."""
+def check_resume(recipe, force: bool, world: int, log=print) -> None:
+    """Refuse a checkpoint written under other trajectory-changing fields (one-line diff), or one
+    that this engine cannot load on ``world`` processes."""
     from .checkpoint import CheckpointManager, NoValidCheckpoint
     # quiet: the worker reports an invalid newest checkpoint itself when it resumes
     manager = CheckpointManager(recipe.run_dir, 0, 1, recipe.checkpoint.keep, comm=None, log=lambda *a: None)
@@ -125,6 +126,12 @@ def check_resume(recipe, force: bool, log=print) -> None:
         raise RecipeError(str(exc)) from None
     if found is None:
         return
+    saved = found.manifest["recipe"]["distributed"]
+    if saved["engine"] == "deepspeed" and saved["zero_stage"] > 0 and found.manifest["world_size"] != world:
+        raise RecipeError(f"distributed.nproc_per_node: checkpoint {found.path} holds ZeRO stage "
+                          f"{saved['zero_stage']} optimizer state partitioned over {found.manifest['world_size']} "
+                          f"processes and cannot be loaded on {world}; allowed: resume on "
+                          f"{found.manifest['world_size']} processes (or convert it with DeepSpeed's ds_to_universal)")
     diff = recipe_mod.trajectory_diff(found.manifest["recipe"], recipe.to_dict())
     if not diff:
         return
@@ -161,7 +168,7 @@ def cmd_run(args) -> int:
     data.check_available(recipe.data)
     nproc = recipe.distributed.nproc_per_node
     planning.plan(recipe, data.sizes(recipe.data)[0], nproc)
-    check_resume(recipe, args.force_resume)
+    check_resume(recipe, args.force_resume, nproc)
     done = recipe.run_dir / "complete.json"
     if done.exists() and json.loads(done.read_text()).get("recipe_hash") == \
             recipe_mod.trajectory_hash(recipe.to_dict()):
@@ -242,7 +249,7 @@ def run_worker(recipe, force: bool) -> int:
     comm = comm_mod.init()
     try:
         if PARENT_ENV not in os.environ:          # nobody checked the recipe before us
-            check_resume(recipe, force, log=print if comm.is_main else (lambda *a: None))
+            check_resume(recipe, force, comm.world, log=print if comm.is_main else (lambda *a: None))
         rc = trainer.train(recipe, comm, preempt=flag)
     finally:
         pid_file.unlink(missing_ok=True)

@@ -36,13 +36,14 @@ class DDPEngine:
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load(self, state: dict, folder) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def build(recipe, module, optimizer, comm):
+def build(recipe, module, optimizer, comm, first_stage):
+    """The engine the recipe names; ``first_stage`` (an EpochPlan) sizes DeepSpeed's initial config."""
     if recipe.distributed.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
-        return DeepSpeedEngine(recipe, module, optimizer, comm)
+        return DeepSpeedEngine(recipe, module, optimizer, comm, first_stage.micro_batch, first_stage.accum)
     return DDPEngine(module, optimizer, comm)

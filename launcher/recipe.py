@@ -277,6 +277,12 @@ def validate(r: Recipe) -> Recipe:
     _one_of("distributed.zero_stage", r.distributed.zero_stage, (0, 1, 2))
     _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
     _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
+    if r.distributed.engine == "deepspeed":
+        from .deepspeed_engine import check_raw_config
+        check_raw_config(r.distributed.deepspeed_config)
+    elif r.distributed.deepspeed_config:
+        raise RecipeError("distributed.deepspeed_config: not valid with distributed.engine ddp; allowed: {} "
+                          "(or set distributed.engine: deepspeed)")
     for i, sig in enumerate(r.signals.preempt):
         _one_of(f"signals.preempt[{i}]", sig, SIGNALS)
     if not r.name or "/" in r.name or r.name in (".", ".."):

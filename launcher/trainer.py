@@ -102,7 +102,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
     n = len(dataset.train)
     plan = planning.plan(recipe, n, comm.world)
     module = models.build(recipe.model, dataset.shape, dataset.num_classes, recipe.seed, dtype).to(device)
-    engine = engines.build(recipe, module, build_optimizer(recipe, module), comm)
+    engine = engines.build(recipe, module, build_optimizer(recipe, module), comm, plan[0])
     sampler = data_mod.GlobalBatchSampler(n, recipe.seed)
     state = TrainState()
     running = torch.zeros(3, dtype=torch.float64, device=device)    # loss sum, correct, samples (this rank)
@@ -121,7 +121,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
     wandb_from_ckpt = None
     if found is not None:
         saved, mine = ckpt.load(found)
-        engine.load_state_dict(saved["engine"])
+        engine.load(saved["engine"], found.path)
         state.load_state_dict(saved["train"])
         wandb_from_ckpt = saved["wandb_id"]
         if mine is not None and found.manifest["world_size"] == comm.world:
@@ -185,7 +185,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
                 log(f"[qhm-launch] preempted: saved at global step {state.global_step}; "
                     f"run the same command to resume (exit {PREEMPTED})")
                 return PREEMPTED
-            if every and state.global_step % every == 0:
+            if every and state.global_step % every == 0 and step + 1 < p.steps:   # epoch end saves anyway
                 save(f"every {every} steps")
         bar.close()
         train_seconds = time.time() - epoch_start
