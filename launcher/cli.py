@@ -53,13 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--G", type=float)
     b.add_argument("--f-gap", type=float, dest="f_gap")
     b.add_argument("--json", action="store_true")
+    from . import slurm
+    slurm.add_arguments(sub)
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    from . import slurm
+    commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
+                "sweep": slurm.cmd_sweep}
     try:
-        return {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds}[args.command](args)
+        return commands[args.command](args)
     except RecipeError as exc:
         if args.debug:
             raise

@@ -285,8 +285,11 @@ def validate(r: Recipe) -> Recipe:
                           "(or set distributed.engine: deepspeed)")
     for i, sig in enumerate(r.signals.preempt):
         _one_of(f"signals.preempt[{i}]", sig, SIGNALS)
-    if not r.name or "/" in r.name or r.name in (".", ".."):
-        raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name without '/'")
+    if not r.name or "/" in r.name or r.name in (".", "..") or not r.name.isprintable():
+        raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name without '/' "
+                          "or control characters")
+    if not r.output or not r.output.isprintable():
+        raise RecipeError(f"output: {r.output!r} is not valid; allowed: a folder path without control characters")
     for path, value, low in (("epochs", r.epochs, 1), ("schedule.interval", r.schedule.interval, 1),
                              ("distributed.nproc_per_node", r.distributed.nproc_per_node, 1),
                              ("distributed.max_micro_batch", r.distributed.max_micro_batch, 1),

@@ -21,5 +21,10 @@ class PreemptionFlag:
     def _handler(self, signum, frame):
         self.received = signum
 
-    def agreed(self, comm) -> bool:
-        return comm.any(self.received is not None)
+    def agreed(self, comm, request_file=None) -> bool:
+        """True on every rank when any rank got a signal, or (rank 0) a request file exists: the batch
+        script of a multi-node Slurm job touches it, since signals reach only its own node."""
+        asked = self.received is not None
+        if not asked and comm.is_main and request_file is not None and request_file.exists():
+            asked, self.received = True, 0
+        return comm.any(asked)

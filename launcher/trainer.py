@@ -96,6 +96,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
     if comm.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "preempted.json").unlink(missing_ok=True)
+        (run_dir / "preempt.request").unlink(missing_ok=True)
         data_mod.load(recipe.data, torch.device("cpu"), dtype, is_first=True) if recipe.data.download else None
     comm.barrier()
     dataset = data_mod.load(recipe.data, device, dtype, is_first=False)
@@ -174,7 +175,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
             bar.update(1)
             if comm.is_main and step % 20 == 0:
                 bar.set_postfix(batch=p.batch, lr=f"{p.lr:.3g}")
-            if preempt.agreed(comm):
+            if preempt.agreed(comm, run_dir / "preempt.request"):
                 bar.close()
                 state.wall_time += time.time() - start
                 save("preempted")

@@ -1,0 +1,242 @@
+"""Slurm: `qhm-launch submit` (one run) and `qhm-launch sweep` (a grid as one job array).
+
+Scripts come from ``slurm/job.sbatch``; every value a user typed goes through ``shlex.quote``. One node:
+one ``srun`` of the launcher, which starts torchrun with G local processes. Several nodes: one task
+per node running torchrun with a c10d rendezvous on the allocation's first node, a per-job rendezvous id
+and port. Preemption: ``--signal=B:<SIG>@<s>``, ``--requeue``, ``--open-mode=append``; the batch shell
+asks the launcher to save, waits, and requeues on exit status 75 (array tasks as ARRAYJOB_TASK).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import recipe as recipe_mod
+from .recipe import RecipeError
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+SIGNALS = ("USR1", "USR2", "TERM")
+q = shlex.quote
+
+
+def add_arguments(sub) -> None:
+    def slurm_args(sp):
+        sp.add_argument("--nodes", type=int, default=1)
+        sp.add_argument("--gpus-per-node", type=int, default=0,
+                        help="GPUs (= processes) per node; 0: CPU, processes from distributed.nproc_per_node")
+        sp.add_argument("--time", default="01:00:00", help="HH:MM:SS (or D-HH:MM:SS)")
+        sp.add_argument("--partition")
+        sp.add_argument("--account")
+        sp.add_argument("--cpus-per-task", type=int)
+        sp.add_argument("--signal", default="USR2", choices=SIGNALS,
+                        help="preemption warning signal (default USR2: NCCL does not use it)")
+        sp.add_argument("--signal-seconds", type=int, default=120, help="how long before the time limit")
+        sp.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                        help="extra sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
+        sp.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+    s = sub.add_parser("submit", help="write an sbatch script into the run folder and submit it")
+    s.add_argument("recipe")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    slurm_args(s)
+    w = sub.add_parser("sweep", help="expand a grid into one recipe per point and one Slurm job array")
+    w.add_argument("sweep")
+    w.add_argument("--max-parallel", type=int, default=4, help="P in --array=0-N%%P")
+    slurm_args(w)
+
+
+def _check(args) -> None:
+    if args.nodes < 1 or args.gpus_per_node < 0:
+        raise RecipeError(f"--nodes/--gpus-per-node: {args.nodes}/{args.gpus_per_node} is not valid; "
+                          "allowed: nodes >= 1, gpus-per-node >= 0")
+    parts = args.time.replace("-", ":").split(":")
+    if not (2 <= len(parts) <= 4 and all(p.isdigit() for p in parts)):
+        raise RecipeError(f"--time: {args.time!r} is not valid; allowed: HH:MM:SS or D-HH:MM:SS")
+
+
+def _sbatch_lines(args, nproc: int, array: str | None) -> list[str]:
+    """#SBATCH lines: only numbers and fixed words. Options holding user text (job name, log path,
+    partition, account, extra arguments) go on sbatch's command line as separate argv items, where no
+    shell or directive parser can split or evaluate them."""
+    lines = [f"--nodes={args.nodes}", "--ntasks-per-node=1", f"--time={args.time}",
+             f"--signal=B:{args.signal}@{args.signal_seconds}", "--requeue", "--open-mode=append",
+             f"--cpus-per-task={args.cpus_per_task or max(1, nproc)}"]
+    if args.gpus_per_node:
+        lines.append(f"--gpus-per-node={args.gpus_per_node}")
+    if array:
+        lines.append(f"--array={array}")
+    return ["#SBATCH " + line for line in lines]
+
+
+def sbatch_command(args, name: str, log: Path, script: Path) -> list[str]:
+    safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64] or "qhm"
+    cmd = ["sbatch", "--parsable", f"--job-name={safe_name}", f"--output={log}"]
+    if args.partition:
+        cmd.append(f"--partition={args.partition}")
+    if args.account:
+        cmd.append(f"--account={args.account}")
+    return cmd + list(args.sbatch_arg) + [str(script)]
+
+
+def _launch(args, nproc: int) -> tuple[str, str]:
+    py = q(sys.executable)
+    if args.nodes == 1:
+        return "", f'srun --ntasks=1 --nodes=1 --kill-on-bad-exit=1 {py} -m launcher run "$RECIPE"'
+    prelude = ('HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
+               'RDZV_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))')
+    launch = (f'srun --ntasks-per-node=1 --kill-on-bad-exit=1 {py} -m torch.distributed.run '
+              f'--nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={nproc} --rdzv_backend=c10d '
+              f'--rdzv_endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv_id="qhm-$JOB_ID" -m launcher run "$RECIPE"')
+    return prelude, launch
+
+
+def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: str | None,
+           submit_cmd: list[str]) -> str:
+    prelude, launch = _launch(args, nproc)
+    if array:
+        select = (f"RECIPES=({' '.join(q(str(p)) for p in recipes)})\n"
+                  f"RUN_DIRS=({' '.join(q(str(p)) for p in run_dirs)})\n"
+                  'RECIPE="${RECIPES[$SLURM_ARRAY_TASK_ID]}"\nRUN_DIR="${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}"')
+    else:
+        select = f"RECIPE={q(str(recipes[0]))}\nRUN_DIR={q(str(run_dirs[0]))}"
+    text = TEMPLATE.read_text()
+    exports = "export PYTHONUNBUFFERED=1"
+    for key, value in {"{{sbatch_lines}}": "\n".join(_sbatch_lines(args, nproc, array)),
+                       "{{submit}}": shlex.join(submit_cmd),
+                       "{{workdir}}": q(str(Path.cwd())), "{{exports}}": exports,
+                       "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch,
+                       "{{signal}}": args.signal, "{{signal_seconds}}": str(args.signal_seconds)}.items():
+        text = text.replace(key, value)
+    return text
+
+
+def _prepare(recipe, args):
+    """The recipe as the job will run it: absolute output, processes from --gpus-per-node."""
+    from .cli import _write_resolved
+    from . import data, planning
+    data.check_available(recipe.data)
+    if args.gpus_per_node:
+        recipe.distributed.nproc_per_node = args.gpus_per_node
+    recipe.output = str(Path(recipe.output).resolve())
+    nproc = recipe.distributed.nproc_per_node
+    planning.plan(recipe, data.sizes(recipe.data)[0], nproc * args.nodes)
+    return recipe, nproc
+
+
+def _sbatch(cmd: list[str]) -> str:
+    if shutil.which("sbatch") is None:
+        raise RecipeError("sbatch: not found on PATH; allowed: a machine with the Slurm client (or --dry-run)")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        raise RecipeError(f"sbatch: {lines[-1] if lines else f'exit {out.returncode}'}")
+    return out.stdout.strip().split(";")[0]
+
+
+def cmd_submit(args) -> int:
+    _check(args)
+    recipe, nproc = _prepare(recipe_mod.load(args.recipe, args.set), args)
+    run_dir = recipe.run_dir
+    script = _next_free(run_dir / "slurm", "submit", ".sbatch")
+    cmd = sbatch_command(args, recipe.name, run_dir / "slurm" / "slurm-%j.out", script)
+    text = render(args, [run_dir / "recipe.yaml"], [run_dir], nproc, None, cmd)
+    if args.dry_run:
+        print(text)
+        return 0
+    from .cli import _write_resolved
+    _write_resolved(recipe)
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(text)
+    job = _sbatch(cmd)
+    print(f"qhm-launch: submitted job {job}: {script}\n  log: {run_dir / 'slurm' / f'slurm-{job}.out'}")
+    return 0
+
+
+def _next_free(folder: Path, stem: str, suffix: str) -> Path:
+    i = 1
+    while (folder / f"{stem}-{i}{suffix}").exists():
+        i += 1
+    return folder / f"{stem}-{i}{suffix}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps
+
+def load_sweep(path: Path) -> dict:
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except OSError:
+        raise RecipeError(f"sweep: {str(path)!r} is not a readable file") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"sweep: {str(path)!r} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(spec, dict):
+        raise RecipeError(f"sweep: {str(path)!r} must be a mapping with recipe, name, grid, seeds")
+    allowed = {"recipe", "name", "grid", "seeds", "set"}
+    for key in spec:
+        if key not in allowed:
+            raise RecipeError(f"sweep.{key}: unknown key; allowed keys here: {', '.join(sorted(allowed))}")
+    for key in ("recipe", "name"):
+        if not isinstance(spec.get(key), str):
+            raise RecipeError(f"sweep.{key}: {spec.get(key)!r} is not valid; allowed: a string")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise RecipeError(f"sweep.grid: {grid!r} is not valid; allowed: a mapping of KEY.PATH to non-empty lists")
+    seeds = spec.get("seeds", [None])
+    if not isinstance(seeds, list) or not seeds:
+        raise RecipeError(f"sweep.seeds: {seeds!r} is not valid; allowed: a non-empty list of integers")
+    spec["seeds"] = seeds
+    spec["recipe"] = str((Path(path).parent / spec["recipe"]).resolve())
+    return spec
+
+
+def expand(spec: dict) -> list[dict]:
+    """One entry per grid point and seed: its overrides, its run name and its W&B group."""
+    keys = list(spec["grid"])
+    points = []
+    for i, values in enumerate(itertools.product(*(spec["grid"][k] for k in keys))):
+        label = ",".join(f"{k}={v}" for k, v in zip(keys, values))
+        for seed in spec["seeds"]:
+            overrides = [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]
+            overrides += [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()]
+            name = f"{spec['name']}-p{i}"
+            if seed is not None:
+                overrides.append(f"seed={seed}")
+                name += f"-s{seed}"
+            overrides += [f"name={name}", f"tracking.wandb.group={spec['name']}-p{i}"]
+            points.append({"index": len(points), "point": i, "seed": seed, "label": label, "name": name,
+                           "overrides": overrides})
+    return points
+
+
+def cmd_sweep(args) -> int:
+    _check(args)
+    spec = load_sweep(Path(args.sweep))
+    points = expand(spec)
+    recipes = [_prepare(recipe_mod.load(spec["recipe"], p["overrides"]), args) for p in points]
+    if args.dry_run:
+        for p, (r, _) in zip(points, recipes):
+            seed = "" if p["seed"] is None else f"  seed={p['seed']}"
+            print(f"{p['index']:>3}  {r.run_dir}  {p['label']}{seed}")
+        print(f"{len(points)} runs as one job array --array=0-{len(points) - 1}%{args.max_parallel}")
+        return 0
+    from .cli import _write_resolved
+    sweep_dir = Path(recipes[0][0].output) / spec["name"]
+    (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    paths = [_write_resolved(r) for r, _ in recipes]
+    (sweep_dir / "points.json").write_text(json.dumps(
+        [{**p, "run_dir": str(r.run_dir)} for p, (r, _) in zip(points, recipes)], indent=1))
+    array = f"0-{len(points) - 1}%{args.max_parallel}"
+    script = _next_free(sweep_dir / "slurm", "sweep", ".sbatch")
+    cmd = sbatch_command(args, spec["name"], sweep_dir / "slurm" / "slurm-%A_%a.out", script)
+    script.write_text(render(args, paths, [r.run_dir for r, _ in recipes], recipes[0][1], array, cmd))
+    job = _sbatch(cmd)
+    print(f"qhm-launch: submitted array job {job} ({len(points)} runs): {script}\n  logs: {sweep_dir / 'slurm'}")
+    return 0
