@@ -214,3 +214,18 @@ def test_fused_matches_loop_within_tolerance():
 def test_fused_and_foreach_together_is_an_error():
     with pytest.raises(ValueError, match="fused"):
         QHM([torch.nn.Parameter(torch.ones(1))], fused=True, foreach=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kw", [{"foreach": True}, {"fused": True}])
+def test_cuda_kernels_match_the_cpu_loop(kw):
+    cpu = run(lambda p: QHM(p, lr=0.05, beta=0.9, gamma=0.7, foreach=False), steps=50, hyper=changing)
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(0)]
+    opt = QHM(params, lr=0.05, beta=0.9, gamma=0.7, **kw)
+    for k in range(50):
+        for group in opt.param_groups:
+            group.update(changing(k))
+        for p, g in zip(params, grads_for(k, [q.detach().cpu() for q in params])):
+            p.grad = g.cuda()
+        opt.step()
+    assert_close([p.detach().cpu() for p in params], cpu, rtol=1e-12, atol=1e-12)
