@@ -55,14 +55,35 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     from . import slurm
     slurm.add_arguments(sub)
+
+    pt = sub.add_parser("plot", help="curves of several runs: mean and min-max band over seeds")
+    pt.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pt.add_argument("--metric", default="test_acc")
+    pt.add_argument("--x", default="epoch")
+    pt.add_argument("--out", default="plot.png", help="FILE.png or FILE.pdf")
+    rp = sub.add_parser("report", help="a markdown table: one row per run")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     return p
+
+
+def cmd_plot(args) -> int:
+    from . import analysis
+    drawn = analysis.plot(args.runs, args.metric, args.x, args.out)
+    print(f"qhm-launch: {len(drawn)} curves from {len(args.runs)} runs -> {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import analysis
+    print(analysis.report(args.runs))
+    return 0
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from . import slurm
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
-                "sweep": slurm.cmd_sweep}
+                "sweep": slurm.cmd_sweep, "plot": cmd_plot, "report": cmd_report}
     try:
         return commands[args.command](args)
     except RecipeError as exc:

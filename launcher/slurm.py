@@ -50,6 +50,7 @@ def add_arguments(sub) -> None:
     w = sub.add_parser("sweep", help="expand a grid into one recipe per point and one Slurm job array")
     w.add_argument("sweep")
     w.add_argument("--max-parallel", type=int, default=4, help="P in --array=0-N%%P")
+    w.add_argument("--local", action="store_true", help="run the points one after another here, no Slurm")
     slurm_args(w)
 
 
@@ -122,7 +123,8 @@ def _prepare(recipe, args):
     """The recipe as the job will run it: absolute output, processes from --gpus-per-node."""
     from .cli import _write_resolved
     from . import data, planning
-    data.check_available(recipe.data)
+    if not args.dry_run:
+        data.check_available(recipe.data)
     if args.gpus_per_node:
         recipe.distributed.nproc_per_node = args.gpus_per_node
     recipe.output = str(Path(recipe.output).resolve())
@@ -228,6 +230,8 @@ def cmd_sweep(args) -> int:
         print(f"{len(points)} runs as one job array --array=0-{len(points) - 1}%{args.max_parallel}")
         return 0
     from .cli import _write_resolved
+    if args.local:
+        return _run_locally(points, recipes)
     sweep_dir = Path(recipes[0][0].output) / spec["name"]
     (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
     paths = [_write_resolved(r) for r, _ in recipes]
@@ -239,4 +243,20 @@ def cmd_sweep(args) -> int:
     script.write_text(render(args, paths, [r.run_dir for r, _ in recipes], recipes[0][1], array, cmd))
     job = _sbatch(cmd)
     print(f"qhm-launch: submitted array job {job} ({len(points)} runs): {script}\n  logs: {sweep_dir / 'slurm'}")
+    return 0
+
+
+def _run_locally(points, recipes) -> int:
+    """Each point through `qhm-launch run` (which resumes or skips completed runs), in order."""
+    from .cli import _write_resolved
+    failed = []
+    for p, (r, _) in zip(points, recipes):
+        print(f"[qhm-launch] sweep point {p['index'] + 1}/{len(points)}: {r.name} ({p['label']})", flush=True)
+        rc = subprocess.call([sys.executable, "-m", "launcher", "run", str(_write_resolved(r))])
+        if rc != 0:
+            failed.append(f"{r.name} (exit {rc})")
+    if failed:
+        print(f"qhm-launch: {len(failed)} of {len(points)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"qhm-launch: {len(points)} runs done")
     return 0

@@ -49,3 +49,13 @@ def test_every_shipped_recipe_plans_and_bounds(capsys):
         assert main(["bounds", str(path), "--json"]) == 0, path
         out = json.loads(capsys.readouterr().out)
         assert out["verdict"] and out["K"] > 0, path
+
+
+def test_every_shipped_sweep_expands(capsys):
+    expected = {"sweep-qhm-grid.yaml": 108, "sweep-nshb-grid.yaml": 36, "sweep-figure1.yaml": 45, "sweep.yaml": 18}
+    paths = sorted((ROOT / "recipes").rglob("sweep*.yaml"))
+    assert {p.name for p in paths} == set(expected)
+    for path in paths:
+        assert main(["sweep", str(path), "--dry-run"]) == 0, path
+        out = capsys.readouterr().out
+        assert f"{expected[path.name]} runs as one job array" in out, path

@@ -1,0 +1,72 @@
+"""A smoke-size study through `sweep --local`, then `plot` (mean and min-max over seeds, bound terms)
+and `report`, checked against the metrics files and the qhm formulas."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+import qhm
+from conftest import base_recipe, cli, write_recipe
+from launcher import analysis
+from launcher.cli import main
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    write_recipe(folder, base_recipe(epochs=2, **{"distributed.nproc_per_node": 1, "checkpoint.every_steps": 0}),
+                 "base.yaml")
+    (folder / "sweep.yaml").write_text(yaml.safe_dump({
+        "recipe": "base.yaml", "name": "st", "seeds": [0, 1],
+        "grid": {"schedule.batch": [{"kind": "constant", "size": 16},
+                                    {"kind": "exponential", "initial": 8, "growth": 2}]}}))
+    out = cli(["sweep", str(folder / "sweep.yaml"), "--local"], cwd=folder, check=0)
+    assert "4 runs done" in out.stdout
+    return folder, sorted((folder / "runs").glob("st-p*"))
+
+
+def rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_plot_draws_mean_and_band_over_seeds(study, tmp_path):
+    folder, runs = study
+    assert [r.name for r in runs] == ["st-p0-s0", "st-p0-s1", "st-p1-s0", "st-p1-s1"]
+    out = tmp_path / "acc.png"
+    drawn = analysis.plot(runs, "test_acc", "epoch", str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(drawn) == 2 and all(len(d["runs"]) == 2 for d in drawn)
+    assert "batch.kind=constant" in drawn[0]["label"] and "batch.kind=exponential" in drawn[1]["label"]
+    seeds = np.array([[r["test_acc"] for r in rows(run)] for run in runs[:2]])
+    np.testing.assert_allclose(drawn[0]["mean"], seeds.mean(0))
+    np.testing.assert_allclose(drawn[0]["min"], seeds.min(0))
+    np.testing.assert_allclose(drawn[0]["max"], seeds.max(0))
+    np.testing.assert_array_equal(drawn[0]["x"], [1, 2])
+
+
+def test_min_grad_norm_plot_carries_the_theorem2_terms(study, tmp_path):
+    folder, runs = study
+    drawn = analysis.plot(runs, "min_grad_norm", "samples", str(tmp_path / "g.pdf"))
+    assert (tmp_path / "g.pdf").read_bytes()[:4] == b"%PDF"
+    spec = qhm.Schedule(epochs=2, batch=qhm.BatchSchedule("exponential", 8, growth=2, interval=1),
+                        lr=qhm.LRSchedule("cosine", 0.05, 0.0, epochs=2),
+                        beta=qhm.BetaSchedule("step_decay", max=0.9, factor=0.5, interval=1),
+                        gamma=qhm.GammaSchedule("step_decay", max=0.7, factor=0.5, interval=1))
+    table = qhm.epoch_table(spec, 200)
+    steps = np.cumsum(table.steps)                                   # K at the end of each epoch
+    lrs = qhm.step_sequences(table).lr
+    np.testing.assert_allclose(drawn[1]["bounds"]["A_K"], [1 / lrs[:k].sum() for k in steps])
+    np.testing.assert_array_equal(drawn[1]["x"], [r["samples"] for r in rows(runs[2])])
+
+
+def test_report_and_cli(study, tmp_path, capsys):
+    folder, runs = study
+    assert main(["report", *map(str, runs)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| run | epochs | final test acc") and len(table) == 2 + 4
+    last = rows(runs[0])[-1]
+    assert f"| st-p0-s0 | 2 | {last['test_acc']:.4f} |" in table[2] and f"| {last['samples']} |" in table[2]
+    assert main(["plot", *map(str, runs), "--metric", "nope"]) == 2
+    assert "--metric: 'nope' is not valid" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path)]) == 2
