@@ -8,6 +8,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
 export MPLBACKEND           ?= Agg
 
 .PHONY: demo test study bench clean
+STUDY_RUNS = runs/study/study-p*
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,10 +21,18 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The CPU-sized study: 18 runs on digits (about 8 minutes on 2 cores), then the figures in docs/.
+study: $(VENV)/.installed
+	$(VENV)/bin/qhm-launch sweep recipes/study/sweep.yaml --local
+	$(VENV)/bin/qhm-launch plot $(STUDY_RUNS) --metric test_acc --out docs/study_test_acc.png
+	$(VENV)/bin/qhm-launch plot $(STUDY_RUNS) --metric min_grad_norm --out docs/study_min_grad_norm.png
+	$(VENV)/bin/qhm-launch report $(STUDY_RUNS) > docs/study_report.md
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/optimizer_step.py
 	$(PY) benchmarks/launcher_overhead.py
 	$(PY) benchmarks/checkpoint_io.py
+	$(PY) benchmarks/engines.py
 
 clean:
 	rm -rf runs .pytest_cache
