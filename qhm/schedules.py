@@ -36,6 +36,15 @@ def _stage(m, interval: int):
     return np.floor_divide(np.asarray(m), interval)
 
 
+def _check_interval(interval) -> None:
+    _require(isinstance(interval, int) and interval >= 1, "interval", interval, "an integer >= 1")
+
+
+def _step_decay(top: float, factor: float, m, interval: int):
+    """top * factor^floor(m/E): equations (9) and (12)."""
+    return top * np.power(factor, _stage(m, interval).astype(np.float64))
+
+
 class _Scalar:
     def __call__(self, m: int):
         return self.values(np.asarray(m)).item()
@@ -57,8 +66,7 @@ class BatchSchedule(_Scalar):
         _kind(self.kind, BATCH_KINDS, "batch.kind")
         _require(isinstance(self.size, int) and self.size >= 1, "batch.size", self.size, "an integer >= 1")
         _require(self.growth > 1, "batch.growth", self.growth, "> 1")
-        _require(isinstance(self.interval, int) and self.interval >= 1, "interval", self.interval,
-                 "an integer >= 1")
+        _check_interval(self.interval)
 
     def values(self, m):
         if self.kind == "constant":
@@ -125,15 +133,14 @@ class BetaSchedule(_Scalar):
         _require(0 <= self.max < 1, "beta.max", self.max, "in [0, 1)")
         _require(0 <= self.min < 1, "beta.min", self.min, "in [0, 1)")
         _require(0 < self.factor < 1, "beta.factor", self.factor, "in (0, 1)")
-        _require(isinstance(self.interval, int) and self.interval >= 1, "interval", self.interval,
-                 "an integer >= 1")
+        _check_interval(self.interval)
 
     def values(self, m):
         m = np.asarray(m)
         if self.kind == "constant":
             return np.full(m.shape, float(self.max))
         if self.kind == "step_decay":
-            return self.max * np.power(self.factor, _stage(m, self.interval).astype(np.float64))
+            return _step_decay(self.max, self.factor, m, self.interval)
         return 1 - (1 - self.min) / np.power(m + 1.0, 0.75)
 
 
@@ -149,11 +156,10 @@ class GammaSchedule(_Scalar):
         _kind(self.kind, GAMMA_KINDS, "gamma.kind")
         _require(0 <= self.max <= 1, "gamma.max", self.max, "in [0, 1]")
         _require(0 < self.factor < 1, "gamma.factor", self.factor, "in (0, 1)")
-        _require(isinstance(self.interval, int) and self.interval >= 1, "interval", self.interval,
-                 "an integer >= 1")
+        _check_interval(self.interval)
 
     def values(self, m):
         m = np.asarray(m)
         if self.kind == "constant":
             return np.full(m.shape, float(self.max))
-        return self.max * np.power(self.factor, _stage(m, self.interval).astype(np.float64))
+        return _step_decay(self.max, self.factor, m, self.interval)
