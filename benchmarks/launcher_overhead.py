@@ -63,7 +63,6 @@ def ours(comm, epochs, folder, counter):
 
 
 def worker():
-    import torch
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from launcher import comm as comm_mod, engines
     comm = comm_mod.init()

@@ -121,7 +121,6 @@ def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: s
 
 def _prepare(recipe, args):
     """The recipe as the job will run it: absolute output, processes from --gpus-per-node."""
-    from .cli import _write_resolved
     from . import data, planning
     if not args.dry_run:
         data.check_available(recipe.data)

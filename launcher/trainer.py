@@ -12,7 +12,6 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch

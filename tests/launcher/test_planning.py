@@ -5,7 +5,6 @@ import pytest
 
 from conftest import ROOT, base_recipe, write_recipe
 from launcher import planning
-from launcher import recipe as R
 from launcher.cli import main
 
 

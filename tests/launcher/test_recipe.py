@@ -1,9 +1,6 @@
 """Recipes: typed, validated once, one-line errors naming key, value and what is allowed."""
-import subprocess
-import sys
 
 import pytest
-import yaml
 
 from conftest import ROOT, base_recipe, cli, write_recipe
 from launcher import recipe as R

@@ -1,9 +1,7 @@
 """Exact resume: kill -9 at any point, signals, corrupt checkpoints, another world size."""
 import json
-import os
 import signal
 import threading
-import time
 
 import pytest
 import torch

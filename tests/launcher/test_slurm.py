@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, write_recipe
+from conftest import assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, write_recipe
 
 CONF = Path(os.environ.get("QHM_SLURM_CONF", "/tmp/qhm-slurm/slurm.conf"))
 
@@ -109,7 +109,7 @@ def test_sweep_runs_as_one_job_array(tmp_path, slurm_env):
     assert lrs == [0.01, 0.05, 0.1] and len(groups) == 3
     points = json.loads((tmp_path / "runs" / "grid" / "points.json").read_text())
     assert [p["name"] for p in points] == ["grid-p0", "grid-p1", "grid-p2"]
-    assert re.search(rf"#SBATCH --array=0-2%2", (tmp_path / "runs" / "grid" / "slurm" / "sweep-1.sbatch").read_text())
+    assert re.search(r"#SBATCH --array=0-2%2", (tmp_path / "runs" / "grid" / "slurm" / "sweep-1.sbatch").read_text())
     assert job
 
 

@@ -1,7 +1,6 @@
 """QHM against independent references: torch.optim.SGD, a plain-Python Algorithm 1, itself across kernels."""
 import copy
 import math
-import random
 
 import pytest
 import torch
