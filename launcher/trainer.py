@@ -172,8 +172,9 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
             if test_delay:
                 time.sleep(test_delay)
             bar.update(1)
-            if comm.is_main and step % 20 == 0:
-                bar.set_postfix(batch=p.batch, lr=f"{p.lr:.3g}")
+            if not bar.disable and step % 20 == 0:        # this rank's running loss: no extra sync
+                bar.set_postfix(loss=f"{float(running[0] / running[2].clamp(min=1)):.4f}", batch=p.batch,
+                                lr=f"{p.lr:.3g}")
             if preempt.agreed(comm, run_dir / "preempt.request"):
                 bar.close()
                 state.wall_time += time.time() - start
