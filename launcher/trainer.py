@@ -96,7 +96,8 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "preempted.json").unlink(missing_ok=True)
         (run_dir / "preempt.request").unlink(missing_ok=True)
-        data_mod.load(recipe.data, torch.device("cpu"), dtype, is_first=True) if recipe.data.download else None
+        if recipe.data.download:               # rank 0 downloads first; the others wait at the barrier
+            data_mod.load(recipe.data, torch.device("cpu"), dtype, is_first=True)
     comm.barrier()
     dataset = data_mod.load(recipe.data, device, dtype, is_first=False)
     n = len(dataset.train)
@@ -146,7 +147,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
         extra = getattr(engine, "write_checkpoint_files", None)
         path = ckpt.save(state.global_step,
                          state={"engine": engine.state_dict(), "train": state.state_dict(), "wandb_id": wandb_id,
-                                "running_total": total.cpu(), "recipe": json.dumps(recipe.to_dict())},
+                                "running_total": total.cpu()},
                          rank_state={"rng": rng_state(), "running": running.cpu()},
                          manifest={"position": state.state_dict(), "recipe": recipe.to_dict(),
                                    "recipe_hash": recipe_mod.trajectory_hash(recipe.to_dict()),
@@ -163,8 +164,8 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
         qhm.apply_hyperparams(engine.optimizer, p.lr, p.beta, p.gamma)
         module.train()
         epoch_start, epoch_samples = time.time(), 0
-        bar = tqdm(total=p.steps, initial=state.step, desc=f"epoch {epoch}", disable=not (comm.is_main and sys.stderr.isatty()),
-                   leave=False, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=p.steps, initial=state.step, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                   file=sys.stderr, disable=not (comm.is_main and sys.stderr.isatty()))
         for step in range(state.step, p.steps):
             size = train_step(engine, dataset, sampler, p, epoch, step, running, comm, recipe.seed, autocast)
             state.step, state.global_step, state.samples = step + 1, state.global_step + 1, state.samples + size
