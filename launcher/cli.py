@@ -26,6 +26,8 @@ FORCE_ENV = "QHM_FORCE_RESUME"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qhm-launch", description="QHM with increasing batch size, data-parallel.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    # the `deepspeed` launcher passes --local_rank=N before the command (it also sets LOCAL_RANK)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     def recipe_args(sp):
@@ -81,6 +83,8 @@ def cmd_report(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from . import slurm
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
                 "sweep": slurm.cmd_sweep, "plot": cmd_plot, "report": cmd_report}

@@ -87,3 +87,20 @@ def test_owned_deepspeed_keys_cannot_be_overridden():
     from launcher.deepspeed_engine import build_config
     cfg = build_config(ok, 8, 2, 2)
     assert cfg["zero_optimization"] == {"overlap_comm": False, "stage": 2} and cfg["train_batch_size"] == 32
+
+
+def test_the_deepspeed_launcher_runs_the_same_recipe(tmp_path, ddp_reference):
+    """`deepspeed --num_gpus 2 --module launcher run RECIPE` instead of torchrun (on CPU: 2 processes)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    launcher = Path(sys.executable).parent / "deepspeed"
+    path = write_recipe(tmp_path, ds_recipe("dsl", 1))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", "29613", "--module", "launcher", "run",
+                          str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got, (params, _) = final_params(tmp_path / "runs" / "dsl"), ddp_reference
+    for k in params:
+        torch.testing.assert_close(got[k], params[k], rtol=1e-5, atol=1e-6)
