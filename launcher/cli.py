@@ -24,7 +24,8 @@ FORCE_ENV = "QHM_FORCE_RESUME"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qhm-launch", description="QHM with increasing batch size, data-parallel.")
+    p = argparse.ArgumentParser(prog="qhm-launch", description="QHM with increasing batch size, data-parallel.",
+                                allow_abbrev=False)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     # the `deepspeed` launcher passes --local_rank=N before the command (it also sets LOCAL_RANK)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)

@@ -184,6 +184,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
                     (run_dir / "preempted.json").write_text(json.dumps(
                         {"signal": preempt.received, "global_step": state.global_step}) + "\n")
                     tracker.finish(exit_code=PREEMPTED)
+                ckpt.wait()
                 log(f"[qhm-launch] preempted: saved at global step {state.global_step}; "
                     f"run the same command to resume (exit {PREEMPTED})")
                 return PREEMPTED
@@ -219,6 +220,7 @@ def train(recipe, comm, preempt: PreemptionFlag | None = None, log=print) -> int
                 f"grad_norm {row['grad_norm'] if row['grad_norm'] is None else round(row['grad_norm'], 5)}")
         save("epoch end")
 
+    ckpt.wait()
     if comm.is_main:
         torch.save(module.state_dict(), run_dir / "final_model.pt")
         (run_dir / "complete.json").write_text(json.dumps(

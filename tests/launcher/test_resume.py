@@ -120,12 +120,12 @@ def test_flipped_byte_is_caught_and_no_valid_checkpoint_deletes_nothing(tmp_path
     for folder in (run / "checkpoints").glob("step-*"):
         f = folder / "state.pt"
         data = bytearray(f.read_bytes())
-        data[len(data) // 2] ^= 0xFF                                          # same size, wrong CRC
+        data[len(data) // 2] ^= 0xFF                                          # same size, wrong checksum
         f.write_bytes(bytes(data))
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     proc = cli(["run", str(path)], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "no valid checkpoint" in proc.stderr and "CRC32" in proc.stderr and "nothing was deleted" in proc.stderr
+    assert "no valid checkpoint" in proc.stderr and "checksum" in proc.stderr and "nothing was deleted" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
