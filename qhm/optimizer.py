@@ -72,18 +72,17 @@ class QHM(Optimizer):
             group.setdefault("fused", None)
 
     def _init_group(self, group, params, grads, buffers) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("QHM does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
+        # comprehensions rather than one loop of appends: this runs for every tensor at every step
+        params += [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError("QHM does not support sparse gradients")
+        grads += [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
             if "momentum_buffer" not in state:
                 # d_{-1} = 0: the first step then gives d_0 = (1 - beta) g_0, as Algorithm 1 says.
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buffers.append(state["momentum_buffer"])
+        buffers += [state["momentum_buffer"] for state in states]
 
     @torch.no_grad()
     def step(self, closure=None):

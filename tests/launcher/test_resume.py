@@ -43,6 +43,16 @@ class Output:
         return any(text in line for line in self.lines)
 
 
+def killed_run(tmp_path, enough, what, **over):
+    """Start the recipe, wait until ``enough(checkpoint steps)``, kill -9 the whole process tree."""
+    path = write_recipe(tmp_path, recipe("ref", **over))
+    run = tmp_path / "runs" / "ref"
+    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
+    wait_for(lambda: enough(checkpoint_steps(run)), proc=proc, what=what)
+    kill_group(proc)
+    return path, run
+
+
 def assert_same_as_reference(run_dir, reference, precision="fp32"):
     params, rows = reference[precision]
     assert_bitwise(final_params(run_dir), params)
@@ -94,11 +104,7 @@ def test_signal_to_launcher_saves_the_same_step_on_all_ranks_and_exits_preempted
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
-    path = write_recipe(tmp_path, recipe("ref"))
-    run = tmp_path / "runs" / "ref"
-    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
-    wait_for(lambda: len([s for s in checkpoint_steps(run) if s > 12]) >= 2, proc=proc, what="checkpoints")
-    kill_group(proc)
+    path, run = killed_run(tmp_path, lambda steps: len([s for s in steps if s > 12]) >= 2, "checkpoints")
     steps = checkpoint_steps(run)
     newest = run / "checkpoints" / f"step-{steps[-1]:09d}"
     data = (newest / "state.pt").read_bytes()
@@ -112,11 +118,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
 
 
 def test_flipped_byte_is_caught_and_no_valid_checkpoint_deletes_nothing(tmp_path):
-    path = write_recipe(tmp_path, recipe("ref"))
-    run = tmp_path / "runs" / "ref"
-    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
-    wait_for(lambda: len(checkpoint_steps(run)) >= 2, proc=proc, what="checkpoints")
-    kill_group(proc)
+    path, run = killed_run(tmp_path, lambda steps: len(steps) >= 2, "checkpoints")
     for folder in (run / "checkpoints").glob("step-*"):
         f = folder / "state.pt"
         data = bytearray(f.read_bytes())
@@ -151,11 +153,7 @@ def test_resume_on_another_world_size(tmp_path, reference, first, second):
 
 
 def test_changed_recipe_is_refused_and_force_resume_proceeds(tmp_path):
-    path = write_recipe(tmp_path, recipe("ref"))
-    run = tmp_path / "runs" / "ref"
-    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
-    wait_for(lambda: len(checkpoint_steps(run)) >= 1, proc=proc, what="a checkpoint")
-    kill_group(proc)
+    path, run = killed_run(tmp_path, lambda steps: len(steps) >= 1, "a checkpoint")
     refused = cli(["run", str(path), "--set", "schedule.lr.max=0.2", "--set", "tracking.wandb.project=x"],
                   cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1

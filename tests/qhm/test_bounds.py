@@ -64,6 +64,13 @@ def test_theorem4_terms_and_condition():
 LR_KINDS = ("constant", "sqrt_decay", "cosine", "polynomial")
 
 
+def assert_bounded(terms, closed: dict) -> None:
+    """Every computed term is at most its closed form, for every K."""
+    for name, bound in closed.items():
+        term = getattr(terms, name)
+        assert np.all(term <= bound * (1 + 1e-12)), (name, np.max(term / bound))
+
+
 @pytest.mark.parametrize("bs,lr,a_min,p", [
     (bs, lr, a_min, p) for bs, lr, a_min, p in itertools.product(
         ("constant", "exponential"), LR_KINDS, (0.0, 0.02), (0.5, 2.0))
@@ -76,9 +83,7 @@ def test_corollary3_closed_forms_bound_the_terms_for_every_K(bs, lr, a_min, p):
     K = np.arange(1, len(seq.lr) + 1)
     closed = corollary3(s, table, K)
     assert set(closed) == {"A", "B", "C"}
-    for name in "ABC":
-        term = getattr(t, name)
-        assert np.all(term <= closed[name] * (1 + 1e-12)), (name, np.max(term / closed[name]))
+    assert_bounded(t, closed)
 
 
 def test_corollary3_is_tight_for_constant_lr():
@@ -101,9 +106,8 @@ def test_corollary5_closed_forms_bound_the_terms_for_every_K(bs, pair, a_max):
     t = theorem4(step_sequences(table))
     K = np.arange(1, table.total_steps + 1)
     closed = corollary5(s, table, K)
-    for name in "ABCD":
-        term = getattr(t, name)
-        assert np.all(term <= closed[name] * (1 + 1e-12)), (name, np.max(term / closed[name]))
+    assert set(closed) == {"A", "B", "C", "D"}
+    assert_bounded(t, closed)
 
 
 def test_paper_printed_forms_that_we_corrected_are_indeed_violated():
