@@ -46,11 +46,7 @@ def file_hash(path: Path) -> str:
 def write_file(path: Path, obj) -> dict:
     """torch.save, fsync, then size and hash (read back through the page cache, in place)."""
     torch.save(obj, path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path)
     return {"size": path.stat().st_size, "xxh3_64": file_hash(path)}
 
 
@@ -63,7 +59,8 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,12 +74,19 @@ def read_file(path: Path, expect: dict, verified: bool = False):
     Loaded with mmap: tensors are views of the page cache until the caller copies them into place
     (load_state_dict), so verifying costs one pass over memory and loading almost nothing."""
     if not verified:
-        size = path.stat().st_size
-        if size != expect["size"]:
-            raise CorruptCheckpoint(f"{path.name} has {size} bytes, expected {expect['size']}")
-        if file_hash(path) != expect["xxh3_64"]:
-            raise CorruptCheckpoint(f"{path.name} fails its checksum (xxh3_64)")
+        verify_file(path, expect)
     return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+
+
+def verify_file(path: Path, expect: dict) -> None:
+    """Raise CorruptCheckpoint unless the file exists with the manifest's size and hash."""
+    if not path.is_file():
+        raise CorruptCheckpoint(f"{path.name} is missing")
+    size = path.stat().st_size
+    if size != expect["size"]:
+        raise CorruptCheckpoint(f"{path.name} has {size} bytes, expected {expect['size']}")
+    if file_hash(path) != expect["xxh3_64"]:
+        raise CorruptCheckpoint(f"{path.name} fails its checksum (xxh3_64)")
 
 
 class CorruptCheckpoint(Exception):
@@ -154,15 +158,15 @@ class CheckpointManager:
                 aside = self.dir / f"replaced-{step_name(step)}-{int(time.time())}"
                 os.replace(final, aside)
                 self.log(f"checkpoint {final.name} existed (from an interrupted run); moved aside to {aside.name}")
-            _fsync_dir(tmp)
+            _fsync(tmp)
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            _fsync(self.dir)
             pointer = self.dir / "latest.tmp"
             pointer.write_text(final.name + "\n")
             with open(pointer) as f:
                 os.fsync(f.fileno())
             os.replace(pointer, self.dir / "latest")
-            _fsync_dir(self.dir)
+            _fsync(self.dir)
             self._prune()
         self.comm.barrier()
         return final
@@ -187,34 +191,25 @@ class CheckpointManager:
     def candidates(self) -> list[Path]:
         return sorted((p for p in self.dir.glob("step-*") if p.is_dir()), reverse=True)
 
-    def find_latest_valid(self, verify_files: bool = True) -> Optional[Found]:
+    def find_latest_valid(self) -> Optional[Found]:
         """The newest checkpoint whose manifest and files check out; None when there is none at all.
 
         Raises NoValidCheckpoint when checkpoints exist but none is valid (nothing is deleted)."""
         candidates = self.candidates()
         problems = []
         for path in candidates:
-            verified = set()
             try:
                 manifest = json.loads((path / "manifest.json").read_text())
                 if manifest.get("version") != VERSION:
                     raise CorruptCheckpoint(f"version {manifest.get('version')} (this launcher reads {VERSION})")
                 for name, expect in manifest["files"].items():
-                    f = path / name
-                    if not f.is_file():
-                        raise CorruptCheckpoint(f"{name} is missing")
-                    if f.stat().st_size != expect["size"]:
-                        raise CorruptCheckpoint(f"{name} has {f.stat().st_size} bytes, expected {expect['size']}")
-                    if verify_files:
-                        if file_hash(f) != expect["xxh3_64"]:
-                            raise CorruptCheckpoint(f"{name} fails its checksum (xxh3_64)")
-                        verified.add(name)
+                    verify_file(path / name, expect)
             except (OSError, ValueError, KeyError, CorruptCheckpoint) as exc:
                 reason = exc if isinstance(exc, CorruptCheckpoint) else f"unreadable manifest ({exc})"
                 problems.append(f"{path.name}: {reason}")
                 self.log(f"checkpoint {path.name} is not valid ({reason}); trying the previous one")
                 continue
-            return Found(path, manifest, verified)
+            return Found(path, manifest, set(manifest["files"]))
         if candidates:
             raise NoValidCheckpoint(f"no valid checkpoint in {self.dir} ({'; '.join(problems)}); "
                                     "nothing was deleted: move the folder aside to start afresh")
