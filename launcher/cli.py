@@ -174,38 +174,21 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
                       "(use another name, or --force-resume)")
 
 
-def _write_resolved(recipe) -> Path:
-    """<run>/recipe.yaml: the recipe as resolved; a different earlier one is kept beside it."""
-    run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path, text = run_dir / "recipe.yaml", recipe_mod.dump(recipe)
-    if path.exists() and path.read_text() != text:
-        i = 1
-        while (run_dir / f"recipe.prev-{i}.yaml").exists():
-            i += 1
-        os.replace(path, run_dir / f"recipe.prev-{i}.yaml")
-    tmp = path.with_name("recipe.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def cmd_run(args) -> int:
     recipe = recipe_mod.load(args.recipe, args.set)
     from .comm import in_worker_env
     if in_worker_env():
         return run_worker(recipe, force=args.force_resume or os.environ.get(FORCE_ENV) == "1")
-    from . import data, planning
-    data.check_available(recipe.data)
+    from . import planning
     nproc = recipe.distributed.nproc_per_node
-    planning.plan(recipe, data.sizes(recipe.data)[0], nproc)
+    planning.preflight(recipe, nproc)
     check_resume(recipe, args.force_resume, nproc)
     done = recipe.run_dir / "complete.json"
     if done.exists() and json.loads(done.read_text()).get("recipe_hash") == \
             recipe_mod.trajectory_hash(recipe.to_dict()):
         print(f"qhm-launch: {recipe.run_dir} is already complete; nothing to do")
         return 0
-    resolved = _write_resolved(recipe)
+    resolved = recipe_mod.write_resolved(recipe)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
            f"--nproc_per_node={nproc}", "-m", "launcher", "run", str(resolved)]
     env = dict(os.environ, **{PARENT_ENV: str(os.getpid()), FORCE_ENV: "1" if args.force_resume else "0"})

@@ -62,6 +62,14 @@ def plan(recipe: Recipe, n: int, world_size: int) -> list[EpochPlan]:
     return out
 
 
+def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[EpochPlan]:
+    """What must hold before any worker starts: the data is there and every stage splits."""
+    from . import data
+    if check_data:
+        data.check_available(recipe.data)
+    return plan(recipe, data.sizes(recipe.data)[0], world_size)
+
+
 def plan_json(epochs: list[EpochPlan], n: int) -> dict:
     return {"epochs": [asdict(e) for e in epochs], "total_steps": sum(e.steps for e in epochs),
             "total_samples": n * len(epochs), "n": n}

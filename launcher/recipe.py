@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,3 +373,19 @@ def load(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
 
 def dump(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def write_resolved(recipe: Recipe) -> Path:
+    """<run>/recipe.yaml: the recipe as resolved; a different earlier one is kept beside it."""
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path, text = run_dir / "recipe.yaml", dump(recipe)
+    if path.exists() and path.read_text() != text:
+        i = 1
+        while (run_dir / f"recipe.prev-{i}.yaml").exists():
+            i += 1
+        os.replace(path, run_dir / f"recipe.prev-{i}.yaml")
+    tmp = path.with_name("recipe.yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -121,14 +121,12 @@ def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: s
 
 def _prepare(recipe, args):
     """The recipe as the job will run it: absolute output, processes from --gpus-per-node."""
-    from . import data, planning
-    if not args.dry_run:
-        data.check_available(recipe.data)
+    from . import planning
     if args.gpus_per_node:
         recipe.distributed.nproc_per_node = args.gpus_per_node
     recipe.output = str(Path(recipe.output).resolve())
     nproc = recipe.distributed.nproc_per_node
-    planning.plan(recipe, data.sizes(recipe.data)[0], nproc * args.nodes)
+    planning.preflight(recipe, nproc * args.nodes, check_data=not args.dry_run)
     return recipe, nproc
 
 
@@ -152,8 +150,7 @@ def cmd_submit(args) -> int:
     if args.dry_run:
         print(text)
         return 0
-    from .cli import _write_resolved
-    _write_resolved(recipe)
+    recipe_mod.write_resolved(recipe)
     script.parent.mkdir(exist_ok=True)
     script.write_text(text)
     job = _sbatch(cmd)
@@ -228,12 +225,11 @@ def cmd_sweep(args) -> int:
             print(f"{p['index']:>3}  {r.run_dir}  {p['label']}{seed}")
         print(f"{len(points)} runs as one job array --array=0-{len(points) - 1}%{args.max_parallel}")
         return 0
-    from .cli import _write_resolved
     if args.local:
         return _run_locally(points, recipes)
     sweep_dir = Path(recipes[0][0].output) / spec["name"]
     (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    paths = [_write_resolved(r) for r, _ in recipes]
+    paths = [recipe_mod.write_resolved(r) for r, _ in recipes]
     (sweep_dir / "points.json").write_text(json.dumps(
         [{**p, "run_dir": str(r.run_dir)} for p, (r, _) in zip(points, recipes)], indent=1))
     array = f"0-{len(points) - 1}%{args.max_parallel}"
@@ -247,11 +243,10 @@ def cmd_sweep(args) -> int:
 
 def _run_locally(points, recipes) -> int:
     """Each point through `qhm-launch run` (which resumes or skips completed runs), in order."""
-    from .cli import _write_resolved
     failed = []
     for p, (r, _) in zip(points, recipes):
         print(f"[qhm-launch] sweep point {p['index'] + 1}/{len(points)}: {r.name} ({p['label']})", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "launcher", "run", str(_write_resolved(r))])
+        rc = subprocess.call([sys.executable, "-m", "launcher", "run", str(recipe_mod.write_resolved(r))])
         if rc != 0:
             failed.append(f"{r.name} (exit {rc})")
     if failed:
