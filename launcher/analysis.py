@@ -15,8 +15,10 @@ import yaml
 import qhm
 
 from . import data as data_mod
+from . import keys
 from . import recipe as recipe_mod
-from .recipe import RecipeError
+from .runfolder import RunFolder
+from .errors import UserError
 
 METRICS = ("test_acc", "grad_norm", "min_grad_norm", "train_loss", "test_loss", "train_acc")
 XS = ("epoch", "step", "samples")
@@ -24,29 +26,17 @@ IGNORED = ("seed", "name", "output", "tracking", "checkpoint", "signals", "eval"
 
 
 def load_run(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").exists() or not (run_dir / "recipe.yaml").exists():
-        raise RecipeError(f"run: {str(run_dir)!r} has no metrics.jsonl and recipe.yaml; allowed: run folders")
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    complete = json.loads((run_dir / "complete.json").read_text()) if (run_dir / "complete.json").exists() else None
-    return {"dir": run_dir, "rows": rows, "recipe": recipe, "complete": complete}
-
-
-def _leaves(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_leaves(v, key))
-        else:
-            out[key] = v
-    return out
+    folder = RunFolder(run_dir)
+    if not folder.metrics.exists() or not folder.recipe.exists():
+        raise UserError(f"run: {str(run_dir)!r} has no metrics.jsonl and recipe.yaml; allowed: run folders")
+    recipe = yaml.safe_load(folder.recipe.read_text())
+    return {"dir": folder.path, "rows": folder.metric_rows(), "recipe": recipe,
+            "complete": folder.read_json(folder.complete)}
 
 
 def _identity(recipe: dict) -> dict:
     """The recipe without what does not define a curve (seed, names, tracking, process layout)."""
-    leaves = _leaves(recipe)
+    leaves = keys.flatten(recipe)
     return {k: v for k, v in leaves.items() if k.split(".")[0] not in IGNORED
             and k not in ("distributed.nproc_per_node", "distributed.max_micro_batch")}
 
@@ -91,11 +81,11 @@ def bound_terms(recipe_dict: dict, x: str) -> tuple[np.ndarray, dict]:
 def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = "plot.png") -> list[dict]:
     """Draw the figure (PNG or PDF, by the file name); returns what was drawn, per curve."""
     if metric not in METRICS:
-        raise RecipeError(f"--metric: {metric!r} is not valid; allowed: {' | '.join(METRICS)}")
+        raise UserError(f"--metric: {metric!r} is not valid; allowed: {' | '.join(METRICS)}")
     if x not in XS:
-        raise RecipeError(f"--x: {x!r} is not valid; allowed: {' | '.join(XS)}")
+        raise UserError(f"--x: {x!r} is not valid; allowed: {' | '.join(XS)}")
     if not str(out).endswith((".png", ".pdf")):
-        raise RecipeError(f"--out: {out!r} is not valid; allowed: a .png or .pdf file name")
+        raise UserError(f"--out: {out!r} is not valid; allowed: a .png or .pdf file name")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,41 +1,86 @@
-"""Atomic, verified checkpoints: one manager gathers every stateful piece of a run.
+"""Atomic, verified checkpoints: one manager gathers every stateful part of a run.
+
+Each part is registered once, with its scope:
+
+* ``replicated``: the same on every rank (model and optimizer under DDP, train state, data order);
+  rank 0 writes its ``state_dict()`` into ``state.pt``, every rank loads it;
+* ``per_rank``: differs per rank (RNG, the epoch's running sums); each rank writes ``rank-RRRRR.pt``.
+  Loading a checkpoint written by another number of ranks asks the part to ``reshard`` what was saved;
+* ``files``: a part that writes its own files, collectively (DeepSpeed's engine): ``save_files(folder)``
+  and ``load_files(folder)``.
 
 Layout of ``<run>/checkpoints/``::
 
     step-000001234/            one checkpoint, named by its global optimizer step
-        state.pt               written by rank 0: everything replicated (model, optimizer, position...)
-        rank-00000.pt ...      one per rank: what differs per rank (RNG, running metric sums)
-        manifest.json          version, world size, position, recipe, W&B id, and size + xxh3 hash per file
+        state.pt               replicated parts, by name
+        rank-00000.pt ...      per-rank parts, by name, one file per rank
+        deepspeed/...          a files part's own files
+        manifest.json          version, world size, position, recipe, W&B id, parts, size + xxh3 of every file
     latest                     the name of the newest complete checkpoint, written last
 
-A checkpoint is written into ``.tmp-step-...``, every file fsynced, the manifest last, then the folder is
-renamed into place and ``latest`` replaced atomically: a kill at any moment leaves the previous
-checkpoint intact. Loading checks every file's size and hash; a corrupt or truncated checkpoint is
-reported in one line and the previous one is used. Files are read with ``weights_only=True``.
-Nothing the user has is deleted except checkpoints older than the ``keep`` newest valid ones; a corrupt
-one that would be overwritten is moved aside instead.
+A checkpoint is written into ``.tmp-step-...``, every file fsynced, the manifest last, then the folder
+is renamed into place and ``latest`` replaced atomically: a kill at any moment leaves the previous
+checkpoint intact. Loading checks the manifest's schema and every file's size and hash, and reads with
+``torch.load(weights_only=True)``; a checkpoint that fails any check, or fails to load on any rank, is
+reported in one line and the previous one is used. Checkpoint folders are created 0700 and files 0600.
+Only checkpoints known to be valid (written by this process, resumed from, or older than that one with
+a sound manifest) are counted for ``keep`` and pruned; nothing else in the folder is ever deleted, and
+the newest valid checkpoint never is.
 """
 from __future__ import annotations
 
 import json
 import mmap
 import os
+import re
 import shutil
-import time
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, Protocol
 
 import torch
 import xxhash
 
-VERSION = 1
+from . import testhooks
+from .errors import UserError
+from .files import atomic_write, atomic_write_json, fsync_path
+from .runfolder import RunFolder
+
+VERSION = 2                   # 1: state.pt held engine/train/wandb_id/running_total (upgraded on load)
+KNOWN_VERSIONS = (1, 2)
+Scope = Literal["replicated", "per_rank", "files"]
+STEP_DIR = re.compile(r"^step-(\d{9,})$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+DIR_MODE, FILE_MODE = 0o700, 0o600
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class PerRankStateful(Stateful, Protocol):
+    def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
+        """This rank's state, from the states the ``len(saved)`` ranks of the checkpoint wrote."""
+
+
+class FileStateful(Protocol):
+    def save_files(self, folder: Path) -> None: ...
+    def load_files(self, folder: Path) -> None: ...
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:09d}"
 
 
 def file_hash(path: Path) -> str:
-    """xxh3-64 of a file through a memory map: the page cache is hashed in place, never copied
-    (xxh3 runs at memory speed, about 5x faster than zlib's CRC32 here)."""
+    """xxh3-64 of a file through a memory map: the page cache is hashed in place, never copied."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return xxhash.xxh3_64_hexdigest(b"")
@@ -43,39 +88,18 @@ def file_hash(path: Path) -> str:
             return xxhash.xxh3_64_hexdigest(mm)
 
 
-def write_file(path: Path, obj) -> dict:
-    """torch.save, fsync, then size and hash (read back through the page cache, in place)."""
-    torch.save(obj, path)
-    _fsync(path)
+def describe(path: Path) -> dict:
     return {"size": path.stat().st_size, "xxh3_64": file_hash(path)}
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+def write_file(path: Path, obj) -> dict:
+    """torch.save (owner-only), fsync, then size and hash (read back through the page cache, in place)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a folder by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_file(path: Path, expect: dict, verified: bool = False):
-    """Load a checkpoint file after checking its size and hash (skipped when already ``verified``).
-
-    Loaded with mmap: tensors are views of the page cache until the caller copies them into place
-    (load_state_dict), so verifying costs one pass over memory and loading almost nothing."""
-    if not verified:
-        verify_file(path, expect)
-    return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    return describe(path)
 
 
 def verify_file(path: Path, expect: dict) -> None:
@@ -89,16 +113,36 @@ def verify_file(path: Path, expect: dict) -> None:
         raise CorruptCheckpoint(f"{path.name} fails its checksum (xxh3_64)")
 
 
-class CorruptCheckpoint(Exception):
-    pass
+def read_file(path: Path):
+    """Load a verified checkpoint file: weights_only (no code runs), memory-mapped (tensors are views of
+    the page cache until load_state_dict copies them into place)."""
+    return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
 
 
-class NoValidCheckpoint(Exception):
-    pass
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:09d}"
+def check_manifest(manifest) -> dict:
+    """The manifest's schema; raise CorruptCheckpoint naming the first thing that is wrong."""
+    def need(ok, what):
+        if not ok:
+            raise CorruptCheckpoint(f"manifest: {what}")
+    need(isinstance(manifest, dict), "not a mapping")
+    version = manifest.get("version")
+    need(version in KNOWN_VERSIONS, f"version {version!r} (this launcher reads {', '.join(map(str, KNOWN_VERSIONS))})")
+    need(isinstance(manifest.get("step"), int) and manifest["step"] >= 0, "step is not an integer >= 0")
+    world = manifest.get("world_size")
+    need(isinstance(world, int) and world >= 1, "world_size is not an integer >= 1")
+    need(isinstance(manifest.get("position"), dict), "position is missing")
+    need(isinstance(manifest.get("recipe"), dict), "recipe is missing")
+    files = manifest.get("files")
+    need(isinstance(files, dict) and files, "files is missing")
+    for name, expect in files.items():
+        need(isinstance(name, str) and SAFE_NAME.match(name) and ".." not in name.split("/"),
+             f"file name {name!r} is not a plain relative path")
+        need(isinstance(expect, dict) and isinstance(expect.get("size"), int)
+             and isinstance(expect.get("xxh3_64"), str), f"files.{name} is not {{size, xxh3_64}}")
+    need("state.pt" in files, "files has no state.pt")
+    for r in range(world):
+        need(f"rank-{r:05d}.pt" in files, f"files has no rank-{r:05d}.pt")
+    return manifest
 
 
 @dataclass
@@ -107,118 +151,220 @@ class Found:
     manifest: dict
     verified: set = field(default_factory=set)      # files whose hash was checked by the finder
 
+    @property
+    def step(self) -> int:
+        return self.manifest["step"]
+
+
+@dataclass
+class _Part:
+    name: str
+    obj: object
+    scope: Scope
+
 
 class CheckpointManager:
-    """Saves and finds checkpoints of one run folder. Collective calls go through ``comm``.
+    """Saves and resumes the checkpoints of one run folder. Collective calls go through ``comm``
+    (``barrier``, ``gather``, ``broadcast``, ``any``); the manager never calls torch.distributed itself.
+    With ``comm=None`` it can only find checkpoints (the launcher's check before any worker starts)."""
 
-    ``comm`` offers ``barrier()`` and ``gather(obj) -> list | None`` (the list on rank 0); a single
-    process passes a trivial one. The manager never calls torch.distributed itself.
-    """
-
-    def __init__(self, run_dir: Path, rank: int, world: int, keep: int, comm, log: Callable[[str], None] = print):
-        self.dir = Path(run_dir) / "checkpoints"
-        self.rank, self.world, self.keep, self.comm, self.log = rank, world, keep, comm, log
+    def __init__(self, folder: RunFolder, comm=None, keep: int = 3, log: Callable[[str], None] = print):
+        self.folder, self.dir = folder, folder.checkpoints
+        self.comm, self.keep, self.log = comm, keep, log
+        self.rank = comm.rank if comm is not None else 0
+        self.world = comm.world if comm is not None else 1
+        self._parts: list[_Part] = []
+        self._upgrades: dict[int, Callable[[dict, list], tuple[dict, list]]] = {}
+        self._known: list[Path] = []               # valid checkpoints, oldest first: what pruning may touch
         self._pruner: Optional[threading.Thread] = None
 
+    def register(self, name: str, part, scope: Scope) -> None:
+        if any(p.name == name for p in self._parts):
+            raise ValueError(f"checkpoint part {name!r} registered twice")
+        needs = ("save_files", "load_files") if scope == "files" else ("state_dict", "load_state_dict")
+        if scope == "per_rank":
+            needs += ("reshard",)
+        missing = [m for m in needs if not callable(getattr(type(part), m, None))]
+        if missing:
+            raise TypeError(f"checkpoint part {name!r} ({type(part).__name__}) lacks {', '.join(missing)}")
+        self._parts.append(_Part(name, part, scope))
+
+    def register_upgrade(self, version: int, upgrade: Callable[[dict, list], tuple[dict, list]]) -> None:
+        """``upgrade(replicated, per_rank) -> (replicated, per_rank)`` turns the loaded files of a
+        checkpoint of ``version`` into those of ``version + 1`` (per_rank: the rank files read here)."""
+        self._upgrades[version] = upgrade
+
+    def _of(self, scope: Scope) -> list[_Part]:
+        return [p for p in self._parts if p.scope == scope]
+
     # -------------------------------------------------------------------------- writing
-    def save(self, step: int, state: dict, rank_state: dict, manifest: dict,
-             write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-        """Write checkpoint ``step`` (collective). ``write_extra(folder)`` lets an engine that saves its
-        own files (DeepSpeed) write them into the temporary folder before it is sealed."""
-        final = self.dir / step_name(step)
-        tmp = self.dir / f".tmp-{step_name(step)}"
+    def save(self, step: int, manifest: dict) -> Path:
+        """Write checkpoint ``step`` of every registered part (collective); ``manifest`` adds fields
+        (position, recipe, W&B id, tag...) to the manifest."""
+        final, tmp = self.dir / step_name(step), self.dir / f".tmp-{step_name(step)}"
         if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
             for stale in self.dir.glob(".tmp-*"):           # left by a killed write
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
+            tmp.mkdir(mode=DIR_MODE)
         self.comm.barrier()
-        files = {f"rank-{self.rank:05d}.pt": write_file(tmp / f"rank-{self.rank:05d}.pt", rank_state)}
+        name = f"rank-{self.rank:05d}.pt"
+        files = {name: write_file(tmp / name, {p.name: p.obj.state_dict() for p in self._of("per_rank")})}
         if self.rank == 0:
-            files["state.pt"] = write_file(tmp / "state.pt", state)
-        if write_extra is not None:
-            write_extra(tmp)
+            files["state.pt"] = write_file(tmp / "state.pt", {p.name: p.obj.state_dict() for p in self._of("replicated")})
+        if self._of("files"):
+            for part in self._of("files"):
+                part.obj.save_files(tmp)
             self.comm.barrier()
         gathered = self.comm.gather(files)
         if self.rank == 0:
-            for part in gathered:
-                files.update(part)
-            for extra in sorted(p for p in tmp.rglob("*") if p.is_file()):   # e.g. DeepSpeed's own files
-                name = str(extra.relative_to(tmp))
-                if name not in files:
-                    files[name] = {"size": extra.stat().st_size, "xxh3_64": file_hash(extra)}
-            write_json(tmp / "manifest.json", {**manifest, "version": VERSION, "step": step,
-                                               "world_size": self.world, "files": files,
-                                               "written_at": time.time()})
-            pause = float(os.environ.get("QHM_TEST_PAUSE_BEFORE_SEAL", "0") or 0)
-            if pause and step >= int(os.environ.get("QHM_TEST_PAUSE_FROM_STEP", "0")):                                          # test hook: a kill lands mid-write
+            for part_files in gathered:
+                files.update(part_files)
+            for extra in sorted(p for p in tmp.rglob("*") if p.is_file()):   # a files part's own files
+                rel = str(extra.relative_to(tmp))
+                if rel not in files:
+                    os.chmod(extra, FILE_MODE)
+                    files[rel] = describe(extra)
+            atomic_write_json(tmp / "manifest.json", {
+                **manifest, "version": VERSION, "step": step, "world_size": self.world, "files": files,
+                "parts": {p.name: p.scope for p in self._parts}, "written_at": time.time()})
+            pause = testhooks.pause_before_seal(step)
+            if pause:
                 print(f"[test] checkpoint {step_name(step)} written, pausing {pause}s before sealing", flush=True)
                 time.sleep(pause)
-            if final.exists():
-                aside = self.dir / f"replaced-{step_name(step)}-{int(time.time())}"
-                os.replace(final, aside)
-                self.log(f"checkpoint {final.name} existed (from an interrupted run); moved aside to {aside.name}")
-            _fsync(tmp)
-            os.replace(tmp, final)
-            _fsync(self.dir)
-            pointer = self.dir / "latest.tmp"
-            pointer.write_text(final.name + "\n")
-            with open(pointer) as f:
-                os.fsync(f.fileno())
-            os.replace(pointer, self.dir / "latest")
-            _fsync(self.dir)
-            self._prune()
+            self._seal(tmp, final)
+            self._prune(final)
         self.comm.barrier()
         return final
 
-    def _prune(self) -> None:
-        """Remove checkpoints beyond the ``keep`` newest, in the background: training need not wait for
-        the file system. A removal cut short by a kill leaves an incomplete old folder, which loading
-        skips (it is never the newest) and the next prune removes."""
+    def _seal(self, tmp: Path, final: Path) -> None:
+        if final.exists():
+            aside = self.dir / f"replaced-{final.name}-{int(time.time())}"
+            os.replace(final, aside)
+            self.log(f"checkpoint {final.name} existed (from an interrupted run); moved aside to {aside.name}")
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(self.dir)
+        atomic_write(self.dir / "latest", final.name + "\n")
+
+    def _prune(self, newest: Path) -> None:
+        """Remove the known-valid checkpoints beyond the ``keep`` newest, in a background thread:
+        training need not wait for the file system. Anything not known to be valid is left alone."""
         self.wait()
-        old = sorted(p for p in self.dir.glob("step-*") if p.is_dir())[:-self.keep]
+        self._known = [p for p in self._known if p != newest] + [newest]
+        old, self._known = self._known[:-self.keep], self._known[-self.keep:]
         if old:
             self._pruner = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in old])
             self._pruner.start()
 
     def wait(self) -> None:
-        """Let a background removal finish (called before the next prune and at the end of training)."""
+        """Let a background removal finish (before the next prune, and at the end of training)."""
         if self._pruner is not None:
             self._pruner.join()
             self._pruner = None
 
-    # -------------------------------------------------------------------------- reading
+    # -------------------------------------------------------------------------- finding
     def candidates(self) -> list[Path]:
-        return sorted((p for p in self.dir.glob("step-*") if p.is_dir()), reverse=True)
+        """step-N folders, newest first (by step number, not by name)."""
+        found = [p for p in self.dir.glob("step-*") if STEP_DIR.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
-    def find_latest_valid(self) -> Optional[Found]:
+    def find_latest_valid(self, skip: Optional[dict] = None) -> Optional[Found]:
         """The newest checkpoint whose manifest and files check out; None when there is none at all.
-
-        Raises NoValidCheckpoint when checkpoints exist but none is valid (nothing is deleted)."""
+        ``skip``: {name: reason} of checkpoints already found not to load. Raises UserError when
+        checkpoints exist but none is valid (nothing is deleted)."""
+        skip = skip or {}
         candidates = self.candidates()
         problems = []
         for path in candidates:
             try:
-                manifest = json.loads((path / "manifest.json").read_text())
-                if manifest.get("version") != VERSION:
-                    raise CorruptCheckpoint(f"version {manifest.get('version')} (this launcher reads {VERSION})")
+                if path.name in skip:
+                    raise CorruptCheckpoint(skip[path.name])
+                manifest = check_manifest(json.loads((path / "manifest.json").read_text()))
                 for name, expect in manifest["files"].items():
                     verify_file(path / name, expect)
-            except (OSError, ValueError, KeyError, CorruptCheckpoint) as exc:
-                reason = exc if isinstance(exc, CorruptCheckpoint) else f"unreadable manifest ({exc})"
+            except (OSError, ValueError, CorruptCheckpoint) as exc:
+                reason = exc if isinstance(exc, CorruptCheckpoint) else f"unreadable manifest ({type(exc).__name__})"
                 problems.append(f"{path.name}: {reason}")
-                self.log(f"checkpoint {path.name} is not valid ({reason}); trying the previous one")
+                if path.name not in skip:
+                    self.log(f"checkpoint {path.name} is not valid ({reason}); trying the previous one")
                 continue
             return Found(path, manifest, set(manifest["files"]))
         if candidates:
-            raise NoValidCheckpoint(f"no valid checkpoint in {self.dir} ({'; '.join(problems)}); "
-                                    "nothing was deleted: move the folder aside to start afresh")
+            raise UserError(f"no valid checkpoint in {self.dir} ({'; '.join(problems)}); "
+                            "nothing was deleted: move the folder aside to start afresh")
         return None
 
-    def load(self, found: Found) -> tuple[dict, Optional[dict]]:
-        """(replicated state, this rank's state or None when the saved world had no such rank)."""
-        files = found.manifest["files"]
-        state = read_file(found.path / "state.pt", files["state.pt"], "state.pt" in found.verified)
-        name = f"rank-{self.rank:05d}.pt"
-        rank_state = read_file(found.path / name, files[name], name in found.verified) if name in files else None
-        return state, rank_state
+    def _older_sound(self, found: Found) -> list[Path]:
+        """Checkpoints older than ``found`` whose manifest is sound and file sizes match: ours, from
+        earlier processes of this run (counted for ``keep``; their hashes are not re-read)."""
+        out = []
+        for path in self.candidates():
+            if int(path.name[5:]) >= found.step:
+                continue
+            try:
+                manifest = check_manifest(json.loads((path / "manifest.json").read_text()))
+                if all((path / n).stat().st_size == e["size"] for n, e in manifest["files"].items()):
+                    out.append(path)
+            except (OSError, ValueError, CorruptCheckpoint):
+                continue
+        return sorted(out, key=lambda p: int(p.name[5:]))
+
+    # -------------------------------------------------------------------------- resuming
+    def resume(self) -> Optional[dict]:
+        """Load every registered part from the newest valid checkpoint (collective). Returns its
+        manifest, or None when there is no checkpoint. A checkpoint that any rank fails to load is
+        skipped in favour of the previous one; a UserError from a part (an incompatible resume) stops."""
+        skip: dict[str, str] = {}
+        while True:
+            found, problem = None, None
+            if self.rank == 0:
+                try:
+                    found = self.find_latest_valid(skip)
+                except UserError as exc:
+                    problem = str(exc)
+            found, problem = self.comm.broadcast((found, problem))
+            if problem:
+                raise UserError(problem)
+            if found is None:
+                return None
+            error = None
+            try:
+                self._load(found)
+            except UserError as exc:
+                error = ("user", str(exc))
+            except Exception as exc:  # noqa: BLE001 - any failure to load means "not valid"
+                error = ("corrupt", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            errors = self.comm.gather(error)
+            errors = self.comm.broadcast([e for e in errors if e] if errors else [])
+            users = [msg for kind, msg in errors if kind == "user"]
+            if users:
+                raise UserError(users[0])
+            if errors:
+                reason = f"fails to load ({errors[0][1]})"
+                self.log(f"checkpoint {found.path.name} is not valid ({reason}); trying the previous one")
+                skip[found.path.name] = reason
+                continue
+            if self.rank == 0:
+                self._known = self._older_sound(found) + [found.path]
+            return found.manifest
+
+    def _load(self, found: Found) -> None:
+        files, path = found.manifest["files"], found.path
+        replicated = read_file(path / "state.pt")
+        saved_world = found.manifest["world_size"]
+        same_world = saved_world == self.world
+        mine_name = f"rank-{self.rank:05d}.pt"
+        per_rank_names = [mine_name] if same_world else [f"rank-{r:05d}.pt" for r in range(saved_world)]
+        per_rank = [read_file(path / n) for n in per_rank_names if n in files]
+        for version in range(found.manifest["version"], VERSION):
+            replicated, per_rank = self._upgrades[version](replicated, per_rank)
+        for part in self._of("replicated"):
+            part.obj.load_state_dict(replicated[part.name])
+        for part in self._of("per_rank"):
+            saved = [s[part.name] for s in per_rank]
+            part.obj.load_state_dict(saved[0] if same_world else
+                                     part.obj.reshard(saved, self.rank, self.world, found.step))
+        for part in self._of("files"):
+            part.obj.load_files(path)
+

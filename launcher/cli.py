@@ -8,19 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 from . import recipe as recipe_mod
-from .recipe import RecipeError
-from .signals import BAD_INPUT, PREEMPTED
+from .errors import BAD_INPUT, PREEMPTED, UserError
 
 PARENT_ENV = "QHM_LAUNCH_PARENT"        # set for workers that `qhm-launch run` started itself
 FORCE_ENV = "QHM_FORCE_RESUME"
+LOCK_ENV = "QHM_FOLDER_LOCKED_BY"       # the launcher holds the run folder's lock for its workers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +86,7 @@ def main(argv=None) -> int:
                 "sweep": slurm.cmd_sweep, "plot": cmd_plot, "report": cmd_report}
     try:
         return commands[args.command](args)
-    except RecipeError as exc:
+    except UserError as exc:
         if args.debug:
             raise
         print(f"qhm-launch: error: {exc}", file=sys.stderr)
@@ -102,7 +97,7 @@ def _training_set_size(recipe, override) -> int:
     from . import data
     if override is not None:
         if override < 1:
-            raise RecipeError(f"--n: {override!r} is not valid; allowed: an integer >= 1")
+            raise UserError(f"--n: {override!r} is not valid; allowed: an integer >= 1")
         return override
     return data.sizes(recipe.data)[0]
 
@@ -112,7 +107,7 @@ def cmd_plan(args) -> int:
     recipe = recipe_mod.load(args.recipe, args.set)
     nproc = args.nproc or recipe.distributed.nproc_per_node
     if nproc < 1 or args.nnodes < 1:
-        raise RecipeError(f"--nproc/--nnodes: {nproc}/{args.nnodes} is not valid; allowed: integers >= 1")
+        raise UserError(f"--nproc/--nnodes: {nproc}/{args.nnodes} is not valid; allowed: integers >= 1")
     n = _training_set_size(recipe, args.n)
     epochs = planning.plan(recipe, n, nproc * args.nnodes)
     print(json.dumps(planning.plan_json(epochs, n), indent=1) if args.json else planning.format_table(epochs, n))
@@ -148,21 +143,17 @@ def cmd_bounds(args) -> int:
 def check_resume(recipe, force: bool, world: int, log=print) -> None:
     """Refuse a checkpoint written under other trajectory-changing fields (one-line diff), or one
     that this engine cannot load on ``world`` processes."""
-    from .checkpoint import CheckpointManager, NoValidCheckpoint
+    from .checkpoint import CheckpointManager
     # quiet: the worker reports an invalid newest checkpoint itself when it resumes
-    manager = CheckpointManager(recipe.run_dir, 0, 1, recipe.checkpoint.keep, comm=None, log=lambda *a: None)
-    try:
-        found = manager.find_latest_valid()
-    except NoValidCheckpoint as exc:
-        raise RecipeError(str(exc)) from None
+    found = CheckpointManager(recipe.folder, log=lambda *a: None).find_latest_valid()
     if found is None:
         return
-    saved = found.manifest["recipe"]["distributed"]
-    if saved["engine"] == "deepspeed" and saved["zero_stage"] > 0 and found.manifest["world_size"] != world:
-        raise RecipeError(f"distributed.nproc_per_node: checkpoint {found.path} holds ZeRO stage "
-                          f"{saved['zero_stage']} optimizer state partitioned over {found.manifest['world_size']} "
-                          f"processes and cannot be loaded on {world}; allowed: resume on "
-                          f"{found.manifest['world_size']} processes (or convert it with DeepSpeed's ds_to_universal)")
+    saved = found.manifest["recipe"].get("distributed", {})
+    if saved.get("engine") == "deepspeed" and saved.get("zero_stage", 0) > 0 and found.manifest["world_size"] != world:
+        raise UserError(f"distributed.nproc_per_node: checkpoint {found.path} holds ZeRO stage "
+                        f"{saved['zero_stage']} optimizer state partitioned over {found.manifest['world_size']} "
+                        f"processes and cannot be loaded on {world}; allowed: resume on "
+                        f"{found.manifest['world_size']} processes (or convert it with DeepSpeed's ds_to_universal)")
     diff = recipe_mod.trajectory_diff(found.manifest["recipe"], recipe.to_dict())
     if not diff:
         return
@@ -170,8 +161,8 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
         log("qhm-launch: WARNING: --force-resume: resuming " + str(found.path) + " although the recipe differs: "
             + "; ".join(diff))
         return
-    raise RecipeError(f"recipe differs from checkpoint {found.path}: {'; '.join(diff)} "
-                      "(use another name, or --force-resume)")
+    raise UserError(f"recipe differs from checkpoint {found.path}: {'; '.join(diff)} "
+                    "(use another name, or --force-resume)")
 
 
 def cmd_run(args) -> int:
@@ -180,94 +171,67 @@ def cmd_run(args) -> int:
     if in_worker_env():
         return run_worker(recipe, force=args.force_resume or os.environ.get(FORCE_ENV) == "1")
     from . import planning
+    from .supervise import supervise
+    folder = recipe.folder
     nproc = recipe.distributed.nproc_per_node
     planning.preflight(recipe, nproc)
+    lock = folder.acquire_lock()             # one run per folder, for as long as this process lives
     check_resume(recipe, args.force_resume, nproc)
-    done = recipe.run_dir / "complete.json"
-    if done.exists() and json.loads(done.read_text()).get("recipe_hash") == \
-            recipe_mod.trajectory_hash(recipe.to_dict()):
-        print(f"qhm-launch: {recipe.run_dir} is already complete; nothing to do")
+    done = folder.read_json(folder.complete)
+    if done and done.get("recipe_hash") == recipe_mod.trajectory_hash(recipe.to_dict()):
+        print(f"qhm-launch: {folder.path} is already complete; nothing to do")
         return 0
     resolved = recipe_mod.write_resolved(recipe)
+    folder.preempted.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
            f"--nproc_per_node={nproc}", "-m", "launcher", "run", str(resolved)]
-    env = dict(os.environ, **{PARENT_ENV: str(os.getpid()), FORCE_ENV: "1" if args.force_resume else "0"})
-    return supervise(cmd, env, recipe)
-
-
-def supervise(cmd: list[str], env: dict, recipe) -> int:
-    """Run torchrun and forward preemption signals to its workers (not to the agent, which dies on
-    USR1 and on TERM kills its workers before they can save); exit PREEMPTED if they saved."""
-    pending: list[int] = []
-    handled = [getattr(signal, name) for name in recipe.signals.preempt]
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in handled}
-    pid_dir = recipe.run_dir / ".pids"
-    try:
-        proc = subprocess.Popen(cmd, env=env)
-        while proc.poll() is None:
-            pids = _local_worker_pids(pid_dir)
-            while pending and pids:
-                sig = pending.pop(0)
-                for pid in pids:
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
-            time.sleep(0.1)
-        rc = proc.returncode
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    marker = recipe.run_dir / "preempted.json"
-    if marker.exists():
-        marker.unlink()
+    env = dict(os.environ, **{PARENT_ENV: str(os.getpid()), FORCE_ENV: "1" if args.force_resume else "0",
+                              LOCK_ENV: str(os.getpid())})
+    rc = supervise(cmd, env, recipe.signals.preempt)
+    lock.release()
+    if folder.preempted.exists():
         return PREEMPTED
     return rc
 
 
-def _local_worker_pids(pid_dir: Path) -> list[int]:
-    host = socket.gethostname()
-    out = []
-    for f in pid_dir.glob(f"{host}-*.pid"):
-        try:
-            out.append(int(f.read_text()))
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-def _die_with_parent() -> None:
-    """torchrun starts workers in sessions of their own, so killing the launcher's process group
-    (kill -9, a node's job cleanup) would leave them training on. Ask Linux to kill this worker
-    when its parent, the torchrun agent, dies."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        parent = os.getppid()
-        libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
-        if os.getppid() != parent:             # the parent died before the call: follow it now
-            os._exit(1)
-    except (OSError, AttributeError):
-        pass                                   # not Linux: workers may outlive a killed agent
-
-
 def run_worker(recipe, force: bool) -> int:
     from . import comm as comm_mod
-    from . import trainer
+    from . import supervise
     from .signals import PreemptionFlag
-    flag = PreemptionFlag(recipe.signals.preempt)       # first: a signal during start-up is not lost
-    _die_with_parent()
-    pid_file = recipe.run_dir / ".pids" / f"{socket.gethostname()}-{os.environ.get('RANK', '0')}.pid"
-    pid_file.parent.mkdir(parents=True, exist_ok=True)
-    pid_file.write_text(str(os.getpid()))
+    from .trainer import Trainer
+    flag = PreemptionFlag(preemption_signals(recipe))
+    flag.adopt(supervise.early_signal(preemption_signals(recipe)))
     comm = comm_mod.init()
+    lock = None
     try:
+        if os.environ.get(LOCK_ENV) is None:      # nobody holds the folder for us: rank 0 does
+            lock = _take_lock(recipe, comm)
         if PARENT_ENV not in os.environ:          # nobody checked the recipe before us
             check_resume(recipe, force, comm.world, log=print if comm.is_main else (lambda *a: None))
-        rc = trainer.train(recipe, comm, preempt=flag)
+        rc = Trainer(recipe, comm, flag).train()
     finally:
-        pid_file.unlink(missing_ok=True)
         comm.close()
+        if lock is not None:
+            lock.release()
     if rc == PREEMPTED and PARENT_ENV in os.environ:
         return 0                    # the parent turns the marker into the PREEMPTED status
     return rc
+
+
+def preemption_signals(recipe) -> list[str]:
+    """The recipe's preemption signals, and SIGINT (Ctrl-C saves and stops, like a preemption)."""
+    return list(dict.fromkeys(list(recipe.signals.preempt) + ["SIGINT"]))
+
+
+def _take_lock(recipe, comm):
+    """Rank 0 takes the run folder's lock; every rank stops with its one-line error if it cannot."""
+    lock, problem = None, None
+    if comm.is_main:
+        try:
+            lock = recipe.folder.acquire_lock()
+        except UserError as exc:
+            problem = str(exc)
+    problem = comm.broadcast(problem)
+    if problem:
+        raise UserError(problem)
+    return lock

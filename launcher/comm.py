@@ -20,6 +20,7 @@ class Comm:
     world: int
     local_rank: int
     device: torch.device
+    control: object = None          # a gloo group for small CPU messages that must never touch the device
 
     @property
     def is_main(self) -> bool:
@@ -50,13 +51,9 @@ class Comm:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is True on any rank (the agreement a preemption needs)."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+    def all_reduce_max_async(self, cpu_tensor: torch.Tensor):
+        """Start an all-reduce (max) of a CPU tensor on the control group; returns the work to wait on."""
+        return dist.all_reduce(cpu_tensor, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -72,7 +69,10 @@ def init() -> Comm:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    control = None
     if in_worker_env() and not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=device if backend == "nccl" else None)
-    return Comm(rank=rank, world=world, local_rank=local_rank, device=device)
+    if world > 1:
+        control = dist.new_group(backend="gloo")
+    return Comm(rank=rank, world=world, local_rank=local_rank, device=device, control=control)

@@ -9,32 +9,24 @@ settings still follow the plan (``set_stage``), so its counters and logs agree w
 
 Mixed precision is torch.autocast over fp32 weights, as with DDP (DeepSpeed's bf16 mode is left off),
 so both engines compute the same updates.
+
+Checkpoints: DeepSpeed writes its own (partitioned) files into our atomic folder. It reads them back
+with ``torch.load(weights_only=False)``, which runs whatever code a crafted file carries; we replace
+its checkpoint engine with one that loads ``weights_only=True``, allowing only the few DeepSpeed and
+Python types its own files hold.
 """
 from __future__ import annotations
 
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
-from .recipe import RecipeError
+import torch
+
+from . import testhooks
+from .errors import UserError
 
 TAG = "deepspeed"
-# Keys the launcher derives from the recipe; a raw deepspeed_config may not set them.
-OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-         "zero_optimization.stage", "zero_allow_untested_optimizer", "optimizer", "scheduler", "bf16",
-         "fp16", "gradient_clipping")
-
-
-def check_raw_config(raw: dict) -> None:
-    for key in OWNED:
-        node, parts = raw, key.split(".")
-        for part in parts[:-1]:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and parts[-1] in node:
-            raise RecipeError(f"distributed.deepspeed_config.{key}: {node[parts[-1]]!r} is not allowed; "
-                              f"the launcher sets it from the recipe (schedule, precision, "
-                              f"distributed.zero_stage)")
 
 
 def build_config(recipe, micro: int, accum: int, world: int) -> dict:
@@ -49,15 +41,41 @@ def build_config(recipe, micro: int, accum: int, world: int) -> dict:
     return cfg
 
 
+def _safe_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, loading with weights_only=True."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
+
+
+def _deepspeed_safe_globals() -> list:
+    """Types DeepSpeed's own checkpoint files hold besides tensors and containers (found by loading
+    its ZeRO 0/1/2 files): data, never code."""
+    import argparse
+    from collections import OrderedDict
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [OrderedDict, argparse.Namespace, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 class DeepSpeedEngine:
+    checkpoint_scope = "files"
+
     def __init__(self, recipe, module, optimizer, comm, micro: int, accum: int):
         import deepspeed
         self.module, self.world = module, comm.world
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=build_config(recipe, micro, accum, comm.world),
             dist_init_required=False)
+        self.model.checkpoint_engine = _safe_checkpoint_engine()
         self._backwards = 0
-        self._step_log = os.environ.get("QHM_TEST_STEP_LOG") if comm.is_main else None
+        self._step_log = testhooks.step_log() if comm.is_main else None
 
     def set_stage(self, micro_batch: int, accum: int) -> None:
         self.model.set_train_micro_batch_size(micro_batch)
@@ -80,15 +98,16 @@ class DeepSpeedEngine:
                                     "micro": self.model.train_micro_batch_size_per_gpu()}) + "\n")
         self._backwards = 0
 
-    # checkpoints: DeepSpeed writes model and (partitioned) optimizer state itself, into our folder
-    def state_dict(self) -> dict:
-        return {"deepspeed_tag": TAG}
+    def discard_gradients(self) -> None:
+        self.model.zero_grad()
+        self._backwards = 0
 
-    def write_checkpoint_files(self, folder: Path) -> None:
+    # checkpoints: DeepSpeed writes model and (partitioned) optimizer state itself, into our folder
+    def save_files(self, folder: Path) -> None:
         self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
-    def load(self, state: dict, folder: Path) -> None:
-        path, _ = self.model.load_checkpoint(str(folder), tag=state["deepspeed_tag"], load_optimizer_states=True,
+    def load_files(self, folder: Path) -> None:
+        path, _ = self.model.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
         if path is None:
-            raise RecipeError(f"checkpoint {folder}: DeepSpeed could not load tag {state['deepspeed_tag']!r}")
+            raise UserError(f"checkpoint {folder}: DeepSpeed could not load tag {TAG!r}")

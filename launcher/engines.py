@@ -1,19 +1,36 @@
-"""Engines: what the training loop needs from DDP (and, in its own module, DeepSpeed).
+"""Engines: what the training loop needs from DDP and (in its own module) DeepSpeed.
 
 The loop owns the accumulation boundary: it runs ``micro_step(last)`` contexts itself and calls
 ``step()`` once per optimizer step, so a batch stage can change micro-batch and accumulation at any
 epoch without restarting processes, and every optimizer step spans exactly the planned micro-batches.
+An engine is also a checkpoint part: DDP's state is a replicated ``state_dict``; DeepSpeed writes
+its own (partitioned) files, so its scope is ``files``.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import ContextManager, Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
+class Engine(Protocol):
+    module: torch.nn.Module              # the bare model (what is saved and evaluated)
+    model: torch.nn.Module               # what the loop calls forward on (DDP / DeepSpeed wrapper)
+    optimizer: torch.optim.Optimizer     # whose param_groups the schedules write
+    checkpoint_scope: str                # "replicated" (state_dict) or "files" (save_files / load_files)
+
+    def set_stage(self, micro_batch: int, accum: int) -> None: ...
+    def micro_step(self, last: bool) -> ContextManager: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def discard_gradients(self) -> None: ...
+
+
 class DDPEngine:
     """torch DDP: ``no_sync`` on all but the last micro-step, so one gradient all-reduce per step."""
+    checkpoint_scope = "replicated"
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm):
         self.module, self.optimizer = module, optimizer
@@ -33,15 +50,19 @@ class DDPEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def discard_gradients(self) -> None:
+        """Forget a step's partial gradients (a step that is redone from its first micro-batch)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load(self, state: dict, folder) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def build(recipe, module, optimizer, comm, first_stage):
+def build(recipe, module, optimizer, comm, first_stage) -> Engine:
     """The engine the recipe names; ``first_stage`` (an EpochPlan) sizes DeepSpeed's initial config."""
     if recipe.distributed.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 
 import qhm
 
-from .recipe import Recipe, RecipeError
+from .errors import RecipeError
+from .recipe import Recipe
 
 
 @dataclass(frozen=True)

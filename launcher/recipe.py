@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,19 +17,24 @@ import yaml
 
 import qhm
 
+from . import keys
+from .errors import RecipeError  # noqa: F401  (raised by every check below; importable from here)
+from .files import atomic_write
+from .runfolder import RunFolder
+
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100")
 MODELS = ("small_cnn", "resnet18", "vit_tiny")
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = tuple(qhm.PRESETS)            # qhm | sgd (gamma = 0) | nshb (gamma = 1)
-KERNELS = ("foreach", "fused", "loop")
+KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name of compiled
 ENGINES = ("ddp", "deepspeed")
 WANDB_MODES = ("online", "offline", "disabled")
 GRAD_NORM_MODES = ("exact", "paper")
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
-
-
-class RecipeError(ValueError):
-    """A bad recipe or override: the message is the one line the user sees."""
+# Keys of a raw DeepSpeed config that the launcher derives from the recipe: a recipe may not set them.
+DEEPSPEED_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                   "zero_optimization.stage", "zero_allow_untested_optimizer", "optimizer", "scheduler", "bf16",
+                   "fp16", "gradient_clipping")
 
 
 @dataclass
@@ -40,13 +44,15 @@ class Data:
     download: bool = False
     augment: bool = True
     size: Optional[int] = None          # synthetic only: training-set size (test set: a quarter)
+    rotation: float = 0.0               # random rotation in [-r, r] degrees (the paper's CIFAR-100: 15)
+    validation: float = 0.0             # fraction of the training set held out for validation
 
 
 @dataclass
 class Optimizer:
     name: str = "qhm"
     weight_decay: float = 0.0
-    kernel: str = "foreach"             # foreach | fused (compiled, single pass) | loop
+    kernel: str = "foreach"             # foreach | compiled (torch.compile'd single pass, CPU) | loop
 
 
 @dataclass
@@ -120,6 +126,7 @@ class Wandb:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list = field(default_factory=list)
+    system_stats: bool = True           # W&B's CPU/GPU/memory monitor (a helper process of W&B's service)
 
 
 @dataclass
@@ -153,6 +160,10 @@ class Recipe:
     def run_dir(self) -> Path:
         return Path(self.output) / self.name
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -180,13 +191,7 @@ TRAJECTORY_FIELDS = ("seed", "epochs", "data.dataset", "data.augment", "data.siz
 
 
 def trajectory(recipe_dict: dict) -> dict:
-    out = {}
-    for key in TRAJECTORY_FIELDS:
-        node = recipe_dict
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        out[key] = node
-    return out
+    return {key: keys.get(recipe_dict, key) for key in TRAJECTORY_FIELDS}
 
 
 def trajectory_hash(recipe_dict: dict) -> str:
@@ -195,13 +200,7 @@ def trajectory_hash(recipe_dict: dict) -> str:
 
 def trajectory_diff(old: dict, new: dict) -> list[str]:
     """Leaf-level differences ``key: old -> new`` between two recipes' trajectory fields."""
-    def leaves(d, prefix=""):
-        if isinstance(d, dict):
-            for k, v in d.items():
-                yield from leaves(v, f"{prefix}.{k}" if prefix else k)
-        else:
-            yield prefix, d
-    a, b = dict(leaves(trajectory(old))), dict(leaves(trajectory(new)))
+    a, b = keys.flatten(trajectory(old)), keys.flatten(trajectory(new))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -279,8 +278,7 @@ def validate(r: Recipe) -> Recipe:
     _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
     _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
     if r.distributed.engine == "deepspeed":
-        from .deepspeed_engine import check_raw_config
-        check_raw_config(r.distributed.deepspeed_config)
+        check_raw_deepspeed_config(r.distributed.deepspeed_config)
     elif r.distributed.deepspeed_config:
         raise RecipeError("distributed.deepspeed_config: not valid with distributed.engine ddp; allowed: {} "
                           "(or set distributed.engine: deepspeed)")
@@ -307,6 +305,10 @@ def validate(r: Recipe) -> Recipe:
             raise RecipeError(f"data.size: {r.data.size!r} is not valid; allowed: null unless "
                               "data.dataset is synthetic")
         _at_least("data.size", r.data.size, 4)
+    if not 0.0 <= r.data.rotation <= 180.0:
+        raise RecipeError(f"data.rotation: {r.data.rotation!r} is not valid; allowed: degrees in [0, 180]")
+    if not 0.0 <= r.data.validation < 1.0:
+        raise RecipeError(f"data.validation: {r.data.validation!r} is not valid; allowed: a fraction in [0, 1)")
     b = r.schedule.batch
     _one_of("schedule.batch.kind", b.kind, qhm.schedules.BATCH_KINDS)
     size_key = "size" if b.kind == "constant" else "initial"
@@ -325,6 +327,14 @@ def validate(r: Recipe) -> Recipe:
     return r
 
 
+def check_raw_deepspeed_config(raw: dict) -> None:
+    for key in DEEPSPEED_OWNED:
+        if keys.has(raw, key):
+            raise RecipeError(f"distributed.deepspeed_config.{key}: {keys.get(raw, key)!r} is not allowed; "
+                              f"the launcher sets it from the recipe (schedule, precision, "
+                              f"distributed.zero_stage)")
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -339,16 +349,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides or []:
         path, value = _parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"{'.'.join(path[:i + 1])}: {child!r} is not a mapping; cannot set "
-                                  f"{'.'.join(path)}")
-            node = child
-        node[path[-1]] = value
+
+        def conflict(prefix, node, path=".".join(path)):
+            raise RecipeError(f"{prefix}: {node!r} is not a mapping; cannot set {path}")
+        keys.set_(data, ".".join(path), value, on_conflict=conflict)
     return data
 
 
@@ -377,15 +381,10 @@ def dump(recipe: Recipe) -> str:
 
 def write_resolved(recipe: Recipe) -> Path:
     """<run>/recipe.yaml: the recipe as resolved; a different earlier one is kept beside it."""
-    run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path, text = run_dir / "recipe.yaml", dump(recipe)
-    if path.exists() and path.read_text() != text:
-        i = 1
-        while (run_dir / f"recipe.prev-{i}.yaml").exists():
-            i += 1
-        os.replace(path, run_dir / f"recipe.prev-{i}.yaml")
-    tmp = path.with_name("recipe.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    folder = recipe.folder
+    folder.path.mkdir(parents=True, exist_ok=True)
+    text = dump(recipe)
+    if folder.recipe.exists() and folder.recipe.read_text() != text:
+        folder.recipe.rename(folder.next_previous_recipe())
+    atomic_write(folder.recipe, text, durable=False)
+    return folder.recipe

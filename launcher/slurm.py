@@ -1,6 +1,6 @@
 """Slurm: `qhm-launch submit` (one run) and `qhm-launch sweep` (a grid as one job array).
 
-Scripts come from ``slurm/job.sbatch``; every value a user typed goes through ``shlex.quote``. One node:
+Scripts come from ``launcher/templates/job.sbatch`` (package data, so an installed wheel has it); every value a user typed goes through ``shlex.quote``. One node:
 one ``srun`` of the launcher, which starts torchrun with G local processes. Several nodes: one task
 per node running torchrun with a c10d rendezvous on the allocation's first node, a per-job rendezvous id
 and port. Preemption: ``--signal=B:<SIG>@<s>``, ``--requeue``, ``--open-mode=append``; the batch shell
@@ -20,9 +20,11 @@ from pathlib import Path
 import yaml
 
 from . import recipe as recipe_mod
-from .recipe import RecipeError
+from .errors import UserError
+from .files import next_free
+from .runfolder import RunFolder
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "job.sbatch"
 SIGNALS = ("USR1", "USR2", "TERM")
 q = shlex.quote
 
@@ -56,11 +58,11 @@ def add_arguments(sub) -> None:
 
 def _check(args) -> None:
     if args.nodes < 1 or args.gpus_per_node < 0:
-        raise RecipeError(f"--nodes/--gpus-per-node: {args.nodes}/{args.gpus_per_node} is not valid; "
+        raise UserError(f"--nodes/--gpus-per-node: {args.nodes}/{args.gpus_per_node} is not valid; "
                           "allowed: nodes >= 1, gpus-per-node >= 0")
     parts = args.time.replace("-", ":").split(":")
     if not (2 <= len(parts) <= 4 and all(p.isdigit() for p in parts)):
-        raise RecipeError(f"--time: {args.time!r} is not valid; allowed: HH:MM:SS or D-HH:MM:SS")
+        raise UserError(f"--time: {args.time!r} is not valid; allowed: HH:MM:SS or D-HH:MM:SS")
 
 
 def _sbatch_lines(args, nproc: int, array: str | None) -> list[str]:
@@ -110,7 +112,10 @@ def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: s
         select = f"RECIPE={q(str(recipes[0]))}\nRUN_DIR={q(str(run_dirs[0]))}"
     text = TEMPLATE.read_text()
     exports = "export PYTHONUNBUFFERED=1"
-    for key, value in {"{{sbatch_lines}}": "\n".join(_sbatch_lines(args, nproc, array)),
+    names = RunFolder(Path("."))                 # the run folder's file names, relative to $RUN_DIR
+    for key, value in {"{{request_file}}": q(names.preempt_request.name),
+                       "{{preempted_file}}": q(names.preempted.name),
+                       "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, nproc, array)),
                        "{{submit}}": shlex.join(submit_cmd),
                        "{{workdir}}": q(str(Path.cwd())), "{{exports}}": exports,
                        "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch,
@@ -132,21 +137,21 @@ def _prepare(recipe, args):
 
 def _sbatch(cmd: list[str]) -> str:
     if shutil.which("sbatch") is None:
-        raise RecipeError("sbatch: not found on PATH; allowed: a machine with the Slurm client (or --dry-run)")
+        raise UserError("sbatch: not found on PATH; allowed: a machine with the Slurm client (or --dry-run)")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines()
-        raise RecipeError(f"sbatch: {lines[-1] if lines else f'exit {out.returncode}'}")
+        raise UserError(f"sbatch: {lines[-1] if lines else f'exit {out.returncode}'}")
     return out.stdout.strip().split(";")[0]
 
 
 def cmd_submit(args) -> int:
     _check(args)
     recipe, nproc = _prepare(recipe_mod.load(args.recipe, args.set), args)
-    run_dir = recipe.run_dir
-    script = _next_free(run_dir / "slurm", "submit", ".sbatch")
-    cmd = sbatch_command(args, recipe.name, run_dir / "slurm" / "slurm-%j.out", script)
-    text = render(args, [run_dir / "recipe.yaml"], [run_dir], nproc, None, cmd)
+    folder = recipe.folder
+    script = next_free(folder.slurm, "submit", ".sbatch")
+    cmd = sbatch_command(args, recipe.name, folder.slurm / "slurm-%j.out", script)
+    text = render(args, [folder.recipe], [folder.path], nproc, None, cmd)
     if args.dry_run:
         print(text)
         return 0
@@ -154,15 +159,8 @@ def cmd_submit(args) -> int:
     script.parent.mkdir(exist_ok=True)
     script.write_text(text)
     job = _sbatch(cmd)
-    print(f"qhm-launch: submitted job {job}: {script}\n  log: {run_dir / 'slurm' / f'slurm-{job}.out'}")
+    print(f"qhm-launch: submitted job {job}: {script}\n  log: {folder.slurm / f'slurm-{job}.out'}")
     return 0
-
-
-def _next_free(folder: Path, stem: str, suffix: str) -> Path:
-    i = 1
-    while (folder / f"{stem}-{i}{suffix}").exists():
-        i += 1
-    return folder / f"{stem}-{i}{suffix}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,24 +170,24 @@ def load_sweep(path: Path) -> dict:
     try:
         spec = yaml.safe_load(Path(path).read_text())
     except OSError:
-        raise RecipeError(f"sweep: {str(path)!r} is not a readable file") from None
+        raise UserError(f"sweep: {str(path)!r} is not a readable file") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"sweep: {str(path)!r} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise UserError(f"sweep: {str(path)!r} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(spec, dict):
-        raise RecipeError(f"sweep: {str(path)!r} must be a mapping with recipe, name, grid, seeds")
+        raise UserError(f"sweep: {str(path)!r} must be a mapping with recipe, name, grid, seeds")
     allowed = {"recipe", "name", "grid", "seeds", "set"}
     for key in spec:
         if key not in allowed:
-            raise RecipeError(f"sweep.{key}: unknown key; allowed keys here: {', '.join(sorted(allowed))}")
+            raise UserError(f"sweep.{key}: unknown key; allowed keys here: {', '.join(sorted(allowed))}")
     for key in ("recipe", "name"):
         if not isinstance(spec.get(key), str):
-            raise RecipeError(f"sweep.{key}: {spec.get(key)!r} is not valid; allowed: a string")
+            raise UserError(f"sweep.{key}: {spec.get(key)!r} is not valid; allowed: a string")
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise RecipeError(f"sweep.grid: {grid!r} is not valid; allowed: a mapping of KEY.PATH to non-empty lists")
+        raise UserError(f"sweep.grid: {grid!r} is not valid; allowed: a mapping of KEY.PATH to non-empty lists")
     seeds = spec.get("seeds", [None])
     if not isinstance(seeds, list) or not seeds:
-        raise RecipeError(f"sweep.seeds: {seeds!r} is not valid; allowed: a non-empty list of integers")
+        raise UserError(f"sweep.seeds: {seeds!r} is not valid; allowed: a non-empty list of integers")
     spec["seeds"] = seeds
     spec["recipe"] = str((Path(path).parent / spec["recipe"]).resolve())
     return spec
@@ -227,17 +225,17 @@ def cmd_sweep(args) -> int:
         return 0
     if args.local:
         return _run_locally(points, recipes)
-    sweep_dir = Path(recipes[0][0].output) / spec["name"]
-    (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    sweep = RunFolder(Path(recipes[0][0].output) / spec["name"])
+    sweep.slurm.mkdir(parents=True, exist_ok=True)
     paths = [recipe_mod.write_resolved(r) for r, _ in recipes]
-    (sweep_dir / "points.json").write_text(json.dumps(
+    (sweep.path / "points.json").write_text(json.dumps(
         [{**p, "run_dir": str(r.run_dir)} for p, (r, _) in zip(points, recipes)], indent=1))
     array = f"0-{len(points) - 1}%{args.max_parallel}"
-    script = _next_free(sweep_dir / "slurm", "sweep", ".sbatch")
-    cmd = sbatch_command(args, spec["name"], sweep_dir / "slurm" / "slurm-%A_%a.out", script)
+    script = next_free(sweep.slurm, "sweep", ".sbatch")
+    cmd = sbatch_command(args, spec["name"], sweep.slurm / "slurm-%A_%a.out", script)
     script.write_text(render(args, paths, [r.run_dir for r, _ in recipes], recipes[0][1], array, cmd))
     job = _sbatch(cmd)
-    print(f"qhm-launch: submitted array job {job} ({len(points)} runs): {script}\n  logs: {sweep_dir / 'slurm'}")
+    print(f"qhm-launch: submitted array job {job} ({len(points)} runs): {script}\n  logs: {sweep.slurm}")
     return 0
 
 

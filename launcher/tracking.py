@@ -1,85 +1,133 @@
-"""Metrics: one JSON object per epoch in ``<run>/metrics.jsonl`` (rank 0), mirrored to W&B.
+"""Metrics: one JSON row per epoch in ``metrics.jsonl`` and one every ``tracking.log_every_steps``
+optimizer steps in ``steps.jsonl`` (rank 0), mirrored to W&B.
 
-On resume the rows at or after the checkpoint's epoch are dropped and written again, so a resumed
-run's file equals the uninterrupted one's (wall-time fields aside). W&B logs against the monotone
-``samples`` step; a restarted job reuses the run id stored in the checkpoint and the run folder.
+On resume the rows after the checkpoint's position are dropped and written again, so a resumed run's
+files equal the uninterrupted one's (wall-time fields aside). Every W&B ``log`` carries the global
+optimizer step as its explicit step, so one run id holds one history across any number of restarts,
+online or offline: a restarted job reuses the id stored in the checkpoint and the run folder.
+
+Tracking is never in the way: if W&B fails at any point (its service killed by the same signal that
+preempts the job, no network), the run says so in one line and trains, saves and requeues on; the
+JSON-lines files stay complete.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
-WALL_FIELDS = ("wall_time", "samples_per_s")
+from .errors import one_line
+from .files import append_line, atomic_write, read_jsonl
+
+WALL_FIELDS = ("wall_time", "samples_per_s", "steps_per_s")
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    """A JSON-lines file of rows keyed by ``key`` (``epoch`` or ``step``)."""
+
+    def __init__(self, path: Path, key: str = "epoch"):
+        self.path, self.key = Path(path), key
 
     def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path)
 
-    def keep_before(self, epoch: int) -> None:
-        """Drop rows of epochs >= ``epoch`` (they will be computed again), atomically."""
+    def keep_before(self, value: int) -> None:
+        """Drop rows whose key is >= ``value`` (they will be computed again), atomically."""
         rows = self.rows()
-        kept = [r for r in rows if r["epoch"] < epoch]
-        if len(kept) == len(rows):
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        kept = [r for r in rows if r[self.key] < value]
+        if len(kept) != len(rows) or (self.path.exists() and not self.path.read_text().endswith("\n")
+                                      and self.path.stat().st_size):
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept), durable=False)
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(row))
 
 
-def run_id(run_dir: Path, from_checkpoint: str | None) -> str:
+def run_id(id_file: Path, from_checkpoint: str | None) -> str:
     """The W&B run id: created once, kept in the run folder and in every checkpoint."""
-    path = Path(run_dir) / "wandb_id"
+    id_file = Path(id_file)
     if from_checkpoint:
         rid = from_checkpoint
-    elif path.exists():
-        rid = path.read_text().strip()
+    elif id_file.exists() and id_file.read_text().strip():
+        rid = id_file.read_text().strip()
     else:
         rid = uuid.uuid4().hex[:12]
-    if not path.exists() or path.read_text().strip() != rid:
-        path.write_text(rid + "\n")
+    if not id_file.exists() or id_file.read_text().strip() != rid:
+        atomic_write(id_file, rid + "\n", durable=False)
     return rid
 
 
-class Tracker:
-    """W&B on rank 0 (mode online / offline / disabled). The API key is never written anywhere."""
+def _let_go_of_wandb() -> None:
+    """Drop W&B's connection to its (dead) service now, so its exit hook has nothing left to report."""
+    try:
+        import wandb
+        wandb.teardown()
+    except BaseException:  # noqa: BLE001 - it is already broken; all we want is silence
+        pass
 
-    def __init__(self, recipe, run_dir: Path, rid: str):
+
+class Tracker:
+    """W&B on rank 0 (mode online / offline / disabled). The API key is never written anywhere.
+
+    Every call is guarded: the first failure prints one line and turns W&B off for the rest of the
+    process; nothing else changes.
+    """
+
+    def __init__(self, recipe, wandb_dir: Path, rid: str, log=print):
         cfg = recipe.tracking.wandb
-        self.run, self.last_epoch = None, -1
+        self.run, self.log, self.last_step = None, log, -1
         if cfg.mode == "disabled":
             return
         import wandb
         os.environ.setdefault("WANDB_SILENT", "true")
+        Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(x_disable_stats=not cfg.system_stats)
+        self._guard("init", lambda: self._init(wandb, cfg, recipe, wandb_dir, rid, settings))
+
+    def _init(self, wandb, cfg, recipe, wandb_dir, rid, settings):
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
-                              name=recipe.name, mode=cfg.mode, dir=str(run_dir), id=rid, resume="allow",
-                              config=recipe.to_dict())
-        self.run.define_metric("samples")
-        self.run.define_metric("*", step_metric="samples")
-        # an online resume knows what it already has: do not log those epochs twice
-        self.last_epoch = int(self.run.summary.get("epoch", -1)) if self.run.resumed else -1
+                              name=recipe.name, mode=cfg.mode, dir=str(Path(wandb_dir).parent), id=rid,
+                              resume="allow", config=recipe.to_dict(), settings=settings)
+        for axis in ("samples", "epoch"):             # usable as x-axes beside the step
+            self.run.define_metric(axis)
+        # an online resume knows what it already has: do not log those steps again
+        self.last_step = int(self.run.step) - 1 if self.run.resumed else -1
+
+    def _guard(self, what: str, call):
+        if what != "init" and self.run is None:
+            return None
+        try:
+            return call()
+        except BaseException as exc:  # noqa: BLE001 - W&B must never stop training
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            print(f"[qhm-launch] W&B failed ({what}: {type(exc).__name__}: {one_line(exc)[:160]}); "
+                  "training continues, metrics.jsonl and steps.jsonl stay complete", file=sys.stderr, flush=True)
+            self.run = None
+            _let_go_of_wandb()
+            return None
 
     @property
     def files(self) -> str | None:
         return None if self.run is None else str(Path(self.run.dir).parent)
 
-    def log(self, row: dict) -> None:
-        if self.run is not None and row["epoch"] > self.last_epoch:
-            self.run.log({k: v for k, v in row.items() if v is not None})
+    def log_row(self, row: dict, step: int) -> None:
+        """Log ``row`` at global optimizer step ``step`` (steps already in an online run are skipped)."""
+        if self.run is not None and step > self.last_step:
+            self._guard("log", lambda: self.run.log({k: v for k, v in row.items() if v is not None}, step=step))
 
-    def finish(self, exit_code: int = 0) -> None:
+    def summarise(self, values: dict) -> None:
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
+            self._guard("summary", lambda: self.run.summary.update(values))
+
+    def finish(self, preempted: bool = False) -> None:
+        """End this process's part of the run. A preempted segment is marked preempting, not failed:
+        the next segment continues the same run id."""
+        if self.run is None:
+            return
+        if preempted:
+            self._guard("mark_preempting", self.run.mark_preempting)
+        self._guard("finish", lambda: self.run.finish(exit_code=0))
+        self.run = None

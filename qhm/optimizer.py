@@ -11,8 +11,9 @@ gamma = 0 is SGD, gamma = 1 is normalised heavy ball (NSHB), gamma = beta is sto
 
 Structure follows ``torch.optim.SGD``: :class:`QHM` collects tensors, the functional :func:`qhm`
 dispatches to a per-tensor loop, a multi-tensor (``torch._foreach_*``) kernel grouped by device and
-dtype, or a fused single-pass kernel compiled once per process (``fused=True``; on CPU tensors,
-where it was measured to win: CUDA tensors use the foreach kernel, faster there).
+dtype, or a single-pass kernel compiled once per process by torch.compile (``compiled=True``; on CPU
+tensors, where it was measured to win. CUDA tensors use the foreach kernel, faster there, and the
+optimizer says so once). ``fused=True`` is the earlier name of ``compiled=True``.
 """
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ class QHM(Optimizer):
         weight_decay: coupled L2 penalty added to the gradient (>= 0).
         maximize: ascend instead of descend.
         foreach: multi-tensor kernel; default: on where every tensor is on a native device.
-        fused: single-pass compiled kernel (p and d written once each) for CPU tensors; CUDA tensors
-            use the foreach kernel; falls back to foreach with a warning where compilation is unavailable.
+        compiled: single-pass kernel compiled by torch.compile (p and d written once each) for CPU
+            tensors; CUDA tensors use the foreach kernel (with a one-line warning, once); falls back to
+            foreach with a warning where compilation is unavailable.
+        fused: the earlier name of ``compiled`` (not a fused CUDA kernel as in torch.optim).
 
     ``lr``, ``beta``, ``gamma`` and ``weight_decay`` live in ``param_groups`` so schedules may change them
     between steps; a change applies from the next ``step()``.
@@ -57,12 +60,14 @@ class QHM(Optimizer):
 
     def __init__(self, params, lr: float = 1e-2, beta: float = 0.9, gamma: float = 0.7,
                  weight_decay: float = 0.0, *, maximize: bool = False,
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None):
+                 foreach: Optional[bool] = None, compiled: Optional[bool] = None,
+                 fused: Optional[bool] = None):
         _check_hyperparams(lr, beta, gamma, weight_decay)
-        if fused and foreach:
-            raise ValueError("Invalid fused/foreach: fused=True and foreach=True cannot both be set")
+        compiled = compiled or fused
+        if compiled and foreach:
+            raise ValueError("Invalid compiled (fused)/foreach: compiled=True and foreach=True cannot both be set")
         defaults = dict(lr=lr, beta=beta, gamma=gamma, weight_decay=weight_decay,
-                        maximize=maximize, foreach=foreach, fused=fused)
+                        maximize=maximize, foreach=foreach, compiled=compiled)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -70,7 +75,7 @@ class QHM(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
-            group.setdefault("fused", None)
+            group.setdefault("compiled", group.pop("fused", None))
 
     def _init_group(self, group, params, grads, buffers) -> None:
         # comprehensions rather than one loop of appends: this runs for every tensor at every step
@@ -99,16 +104,16 @@ class QHM(Optimizer):
                 continue
             qhm(params, grads, buffers, lr=group["lr"], beta=group["beta"], gamma=group["gamma"],
                 weight_decay=group["weight_decay"], maximize=group["maximize"],
-                foreach=group["foreach"], fused=group["fused"])
+                foreach=group["foreach"], compiled=group.get("compiled", group.get("fused")))
         return loss
 
 
 def qhm(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *,
         lr: float, beta: float, gamma: float, weight_decay: float = 0.0, maximize: bool = False,
-        foreach: Optional[bool] = None, fused: Optional[bool] = None) -> None:
+        foreach: Optional[bool] = None, compiled: Optional[bool] = None, fused: Optional[bool] = None) -> None:
     """Functional QHM: updates ``params`` and ``momentum_buffers`` in place (see :class:`QHM`)."""
-    if fused:
-        kernel = _fused_qhm
+    if compiled or fused:
+        kernel = _compiled_qhm
     elif foreach is None:
         native = all(p.device.type in ("cpu", "cuda") for p in params)
         kernel = _multi_tensor_qhm if native and not torch.jit.is_scripting() else _single_tensor_qhm
@@ -152,7 +157,7 @@ def _multi_tensor_qhm(params, grads, buffers, *, lr, beta, gamma, weight_decay, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused path: one pass over (p, g, d), reading 3 and writing 2 values per element (the floor that
+# Compiled path: one pass over (p, g, d), reading 3 and writing 2 values per element (the floor that
 # torch's fused SGD also runs at). The update is written once, over lists, as plain elementwise
 # math; torch.compile (inductor) turns it into fused loops that write p and d in place. The
 # hyper-parameters are 0-d tensors so changing them every epoch does not recompile; the graph
@@ -186,15 +191,23 @@ def _fall_back(exc: Exception) -> None:
     global _compile_failed
     _compile_failed = True
     first_line = str(exc).splitlines()[0] if str(exc) else ""
-    warnings.warn(f"QHM fused=True: compilation unavailable ({type(exc).__name__}: {first_line}); "
+    warnings.warn(f"QHM compiled=True: compilation unavailable ({type(exc).__name__}: {first_line}); "
                   "using the foreach kernel", stacklevel=4)
 
 
-def _fused_qhm(params, grads, buffers, *, lr, beta, gamma, weight_decay, maximize):
+_told_cuda = False
+
+
+def _compiled_qhm(params, grads, buffers, *, lr, beta, gamma, weight_decay, maximize):
     # Measured on an H200 (benchmarks/results_gpu_h200.txt): the compiled list kernel launches one
     # kernel per tensor and took 1.68 ms per ResNet-18 step, the foreach kernel 0.28 ms (faster than
     # torch's fused SGD there). So the compiled path serves CPU tensors, and CUDA ones go to foreach.
+    global _told_cuda
     if params and params[0].device.type != "cpu":
+        if not _told_cuda:
+            _told_cuda = True
+            warnings.warn("QHM compiled=True: CUDA tensors use the foreach kernel (measured faster there)",
+                          stacklevel=4)
         return _multi_tensor_qhm(params, grads, buffers, lr=lr, beta=beta, gamma=gamma,
                                  weight_decay=weight_decay, maximize=maximize)
     kernel = _fused_kernel()

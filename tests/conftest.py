@@ -1,5 +1,4 @@
 """Shared helpers: write recipes into tmp folders and run the real CLI (torchrun, gloo) on them."""
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from launcher import keys
+from launcher.files import read_jsonl
+from launcher.tracking import WALL_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,11 +34,7 @@ def base_recipe(**over) -> dict:
         "tracking": {"wandb": {"mode": "disabled"}},
     }
     for key, value in over.items():
-        node = r
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        keys.set_(r, key, value)
     return r
 
 
@@ -92,9 +91,8 @@ def final_params(run_dir: Path) -> dict:
     return torch.load(run_dir / "final_model.pt", weights_only=True)
 
 
-def metric_rows(run_dir: Path, drop=("wall_time", "samples_per_s")) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+def metric_rows(run_dir: Path, drop=WALL_FIELDS) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
 
 
 def assert_bitwise(a: dict, b: dict):

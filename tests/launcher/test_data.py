@@ -1,17 +1,21 @@
-"""Data order: a function of (seed, epoch, batch size) only; rank slices partition each batch."""
+"""Data order: a function of (seed, epoch, batch size) only; rank slices partition each batch;
+augmentation a function of (seed, epoch, sample index), the same per sample and per batch."""
+
 import torch
+import torch.nn.functional as F
 
 from launcher import data as D
+from launcher import order as O
 
 
 def test_global_batches_partition_the_epoch_and_depend_on_seed_and_epoch():
-    s = D.GlobalBatchSampler(50, seed=1)
+    s = O.GlobalBatchSampler(50, seed=1)
     batches = [s.global_batch(0, k, 16) for k in range(4)]
     assert [len(b) for b in batches] == [16, 16, 16, 2]
     assert sorted(torch.cat(batches).tolist()) == list(range(50))
     assert not torch.equal(s.global_batch(1, 0, 16), batches[0])
-    assert torch.equal(D.GlobalBatchSampler(50, seed=1).global_batch(0, 2, 16), batches[2])
-    assert not torch.equal(D.GlobalBatchSampler(50, seed=2).global_batch(0, 0, 16), batches[0])
+    assert torch.equal(O.GlobalBatchSampler(50, seed=1).global_batch(0, 2, 16), batches[2])
+    assert not torch.equal(O.GlobalBatchSampler(50, seed=2).global_batch(0, 0, 16), batches[0])
 
 
 def test_rank_slices_cover_the_batch_for_any_world_size():
@@ -19,23 +23,56 @@ def test_rank_slices_cover_the_batch_for_any_world_size():
         for world in (1, 2, 3, 8):
             got = []
             for r in range(world):
-                lo, hi = D.rank_bounds(size, r, world)
-                chunks = D.micro_batches(lo, hi, 3)
+                lo, hi = O.rank_bounds(size, r, world)
+                assert hi - lo in (size // world, -(-size // world))   # floor or ceil of size / world
+                chunks = O.micro_batches(lo, hi, 3)
                 assert chunks, "every rank takes part, even with no samples"
                 got += [i for a, b in chunks for i in range(a, b)]
             assert got == list(range(size))
 
 
-def test_augmentation_is_keyed_and_sliceable():
-    aug = D.Augment(pad=1, flip=True)
-    o1, f1 = D.augment_params(0, 2, 5, 10, aug)
-    o2, f2 = D.augment_params(0, 2, 5, 10, aug)
-    assert torch.equal(o1, o2) and torch.equal(f1, f2)
+def test_augmentation_is_keyed_per_sample_and_sliceable():
+    aug = O.Augment(pad=1, flip=True, rotate=15.0)
+    p1 = O.augment_params(0, 2, [5, 9, 3], aug)
+    assert torch.equal(p1, O.augment_params(0, 2, [5, 9, 3], aug))
+    assert torch.equal(p1[1], O.augment_params(0, 2, [9], aug)[0])       # per sample, whatever the batch
+    assert not torch.equal(p1, O.augment_params(0, 3, [5, 9, 3], aug))   # another epoch
+    assert not torch.equal(p1, O.augment_params(1, 2, [5, 9, 3], aug))   # another seed
+    many = O.augment_params(0, 0, range(20000), aug)
+    assert set(many[:, 0].tolist()) == {0.0, 1.0, 2.0} and set(many[:, 2].tolist()) == {0.0, 1.0}
+    assert many[:, 3].abs().max() <= 15.0 and abs(float(many[:, 3].mean())) < 0.2
+    assert abs(float(many[:, 2].mean()) - 0.5) < 0.02                    # a fair coin
+
+
+def test_crop_and_flip_are_torchvision_s_pad_slice_and_flip():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
-    out = D.apply_augment(x, torch.tensor([[1, 0], [1, 2]]), torch.tensor([False, True]), pad=1)
+    params = torch.tensor([[1, 1, 0, 0.0], [0, 2, 1, 0.0]], dtype=torch.float64)
+    out = O.apply_augment(x, params, O.Augment(pad=1, flip=True, fill=(-7.0,)))
     assert torch.equal(out[0], x[0])                                  # offset (1, 1) = no shift
-    expect = torch.nn.functional.pad(x[1], (1, 1, 1, 1))[:, 0:4, 2:6].flip(-1)
+    expect = F.pad(x[1], (1, 1, 1, 1), value=-7.0)[:, 0:4, 2:6].flip(-1)
     assert torch.equal(out[1], expect)
+
+
+def test_rotation_turns_the_image_about_its_centre_and_fills_the_corners():
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 6:] = 1.0                                              # a bar from the centre to the right
+    params = torch.tensor([[0, 0, 0, 90.0]], dtype=torch.float64)
+    out = O.apply_augment(x, params, O.Augment(pad=0, flip=False, rotate=90.0, fill=(0.0,)))
+    turned = out[0, 0]
+    assert torch.equal(turned, torch.rot90(x[0, 0], 1)) or torch.equal(turned, torch.rot90(x[0, 0], -1))
+    filled = O.apply_augment(torch.ones(1, 1, 8, 8), torch.tensor([[0, 0, 0, 45.0]], dtype=torch.float64),
+                             O.Augment(pad=0, flip=False, rotate=45.0, fill=(-3.0,)))
+    assert filled[0, 0, 0, 0] == -3.0 and filled[0, 0, 4, 4] == 1.0      # a corner uncovered, the centre kept
+
+
+def test_a_batch_and_its_samples_one_by_one_get_the_same_pixels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+    aug = O.Augment(pad=2, flip=True, rotate=15.0, fill=(0.1, 0.2, 0.3))
+    params = O.augment_params(4, 1, range(6), aug)
+    whole = O.apply_augment(x, params, aug)
+    for i in range(6):
+        assert torch.equal(whole[i:i + 1], O.apply_augment(x[i:i + 1], params[i:i + 1], aug))
 
 
 def test_digits_ships_with_the_package_and_has_a_fixed_split():

@@ -1,0 +1,63 @@
+"""The in-memory path: a dataset held whole as tensors on the device (the fast path for CIFAR on a GPU).
+
+A global batch's samples are gathered by index on the device and augmented there with the keyed
+parameters, which are computed once per epoch for every sample (no host work per step).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import order
+
+
+class TensorSplit:
+    """Images and labels as tensors; ``batch(a, b)`` is a contiguous slice, ``gather(idx)`` any samples."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, a: int, b: int):
+        return self.images[a:b], self.labels[a:b]
+
+    def gather(self, idx: torch.Tensor):
+        return self.images[idx], self.labels[idx]
+
+    def subset(self, idx: torch.Tensor) -> "TensorSplit":
+        return TensorSplit(self.images[idx], self.labels[idx])
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self.images.shape[1:])
+
+
+class InMemoryBatches:
+    """This rank's micro-batches of each global batch, gathered from a :class:`TensorSplit`."""
+
+    def __init__(self, split: TensorSplit, sampler: order.GlobalBatchSampler, augment, seed: int, comm):
+        self.split, self.sampler, self.augment, self.seed = split, sampler, augment, seed
+        self.rank, self.world = comm.rank, comm.world
+        self._epoch, self._params = None, None
+
+    def start_epoch(self, epoch: int, first_step: int, stage) -> None:
+        """Epoch ``epoch`` starts (or resumes) at ``first_step``: its augmentation table, once."""
+        if self.augment is not None and self._epoch != epoch:
+            params = order.augment_params(self.seed, epoch, range(len(self.split)), self.augment)
+            self._params = params.to(self.split.images.device, self.split.images.dtype)
+        self._epoch = epoch
+
+    def step(self, epoch: int, step: int, stage) -> tuple[int, list]:
+        """(global batch size, [(x, y) per micro-batch of this rank]); one empty micro-batch when this
+        rank has no sample of the batch (it still joins the gradient reduce)."""
+        idx = self.sampler.global_batch(epoch, step, stage.batch)
+        size = len(idx)
+        lo, hi = order.rank_bounds(size, self.rank, self.world)
+        out = []
+        for a, b in order.micro_batches(lo, hi, stage.micro_batch):
+            x, y = self.split.gather(idx[a:b])
+            if self.augment is not None:
+                x = order.apply_augment(x, self._params[idx[a:b]], self.augment)
+            out.append((x, y))
+        return size, out

@@ -1,0 +1,24 @@
+"""The errors a user sees, and the exit statuses they map to. Every module may import this one.
+
+:class:`UserError` is bad input of any kind (a recipe key, a command-line option, missing data, a
+checkpoint that cannot be used): its message is the one line the user reads, and the CLI exits with
+:data:`BAD_INPUT`. :data:`PREEMPTED` is the status of a run that stopped on a preemption request
+after saving a checkpoint: running the same command again resumes it.
+"""
+from __future__ import annotations
+
+BAD_INPUT = 2           # one line on stderr, nothing started (or nothing changed)
+PREEMPTED = 75          # EX_TEMPFAIL: "preempted, resume me" (run the same command again)
+
+
+class UserError(ValueError):
+    """Bad input: the message is one line naming what is wrong, the value and what is allowed."""
+
+
+class RecipeError(UserError):
+    """A bad recipe key or override (a :class:`UserError` about the recipe itself)."""
+
+
+def one_line(text: object) -> str:
+    """``text`` folded onto one line (a user's own exception message may span several)."""
+    return " ".join(str(text).split())

@@ -1,0 +1,67 @@
+"""Evaluation: test (and validation) loss and accuracy, and the exact full-gradient norm.
+
+Both are one pass over a split, each rank a contiguous shard of it in batches of ``eval.batch_size``,
+the sums all-reduced; :func:`_shard_batches` is that pass.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import order
+
+
+def _shard_batches(split, comm, batch_size: int):
+    """(lo, hi, x, y) for this rank's shard of ``split``, ``batch_size`` samples at a time."""
+    lo, hi = order.rank_bounds(len(split), comm.rank, comm.world)
+    for a in range(lo, hi, batch_size):
+        b = min(a + batch_size, hi)
+        x, y = split.batch(a, b)
+        yield a, b, x, y
+
+
+@torch.no_grad()
+def evaluate(module, split, comm, batch_size: int, autocast, loss_fn) -> tuple[float, float | None]:
+    """Mean loss and accuracy over ``split`` (accuracy None when the outputs are not class logits)."""
+    module.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=comm.device)     # loss sum, correct, samples
+    has_accuracy = True
+    for a, b, x, y in _shard_batches(split, comm, batch_size):
+        with autocast:
+            out = module(x)
+        sums[0] += loss_fn(out, y).double()
+        correct = loss_fn.correct(out, y)
+        if correct is None:
+            has_accuracy = False
+        else:
+            sums[1] += correct
+        sums[2] += b - a
+    comm.all_reduce_sum(sums)
+    module.train()
+    n = float(sums[2])
+    return float(sums[0]) / n, (float(sums[1]) / n if has_accuracy else None)
+
+
+def full_grad_norm(module, dataset, comm, recipe, epoch: int, autocast, loss_fn) -> float:
+    """||grad f(x)|| of the empirical training loss f = (1/n) sum_i l_i: the exact mean gradient.
+
+    Model in eval mode; mode "exact" uses the un-augmented training set, mode "paper" augments it as
+    the paper's code does. Each rank does 1/W of a pass over its shard; the sums are all-reduced.
+    Gradients go to fresh tensors (autograd.grad), never into .grad, so training state is untouched.
+    """
+    module.eval()
+    params = [p for p in module.parameters() if p.requires_grad]
+    split = dataset.train_eval
+    paper = recipe.eval.grad_norm_mode == "paper" and dataset.augment is not None
+    total = [torch.zeros_like(p) for p in params]
+    for a, b, x, y in _shard_batches(split, comm, recipe.eval.batch_size):
+        if paper:
+            params_ab = order.augment_params(recipe.seed, epoch, range(a, b), dataset.augment, "gradnorm")
+            x = order.apply_augment(x, params_ab, dataset.augment)
+        with autocast:
+            out = module(x)
+        loss = loss_fn(out, y)
+        for t, g in zip(total, torch.autograd.grad(loss, params)):
+            t += g
+    flat = comm.all_reduce_sum(torch.cat([t.reshape(-1) for t in total]).double())
+    module.train()
+    return float(flat.div_(len(split)).norm())

@@ -1,0 +1,66 @@
+"""Small file-system helpers that make writes durable and never clobber what a user already has."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (a folder's fsync makes a rename inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: str | bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers see the old content
+    or the new one, never a part. ``durable`` fsyncs the file before and the folder after the rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_path(path.parent)
+
+
+def atomic_write_json(path: Path, obj, durable: bool = True) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", durable)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line and fsync it: a row a kill cannot half-write past the next append."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file ([] when it does not exist). A torn last line (a kill
+    in the middle of an append) is skipped; every complete row is kept."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def next_free(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem-K.suffix`` for the smallest K >= 1 not taken: never overwrite an earlier one."""
+    k = 1
+    while (Path(folder) / f"{stem}-{k}{suffix}").exists():
+        k += 1
+    return Path(folder) / f"{stem}-{k}{suffix}"

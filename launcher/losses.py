@@ -1,0 +1,36 @@
+"""The training loss: a per-sample loss, summed by the launcher (which divides by the global batch).
+
+Summing per-sample losses and normalising by the number of samples in the *global* batch keeps every
+split exact: micro-batches, accumulation, ranks with uneven (or no) samples, a partial last batch.
+Accuracy is counted when the outputs are class logits (batch x classes) and the targets class indices;
+otherwise it is left out (None), never reported as 0.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, target, reduction="none")
+
+
+class Loss:
+    def __init__(self, per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+                 name: str = "cross_entropy"):
+        self.per_sample, self.name = per_sample, name
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The summed loss of the batch, in float32 at least (bf16 outputs are upcast first)."""
+        if out.dtype in (torch.bfloat16, torch.float16):
+            out = out.float()
+        return self.per_sample(out, target).sum()
+
+    @staticmethod
+    def correct(out: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+        """Correct predictions in the batch, or None when accuracy has no meaning for these outputs."""
+        if out.dim() == 2 and target.dim() == 1 and not target.is_floating_point() and not target.is_complex():
+            return (out.argmax(1) == target).sum()
+        return None

@@ -1,0 +1,156 @@
+"""The run folder ``<output>/<name>/``: every file the launcher, the CLI, analysis and Slurm read or
+write there is named here, and nowhere else.
+
+    recipe.yaml             the resolved recipe (an earlier, different one is kept as recipe.prev-K.yaml)
+    metrics.jsonl           one row per epoch (rank 0)
+    steps.jsonl             one row every ``tracking.log_every_steps`` optimizer steps (rank 0)
+    checkpoints/            step-NNNNNNNNN/ folders and ``latest`` (see checkpoint.py)
+    final_model.pt          the model's state_dict at the end
+    complete.json           written when training finished (a rerun then does nothing)
+    preempted.json          written when a run stopped on a preemption request after saving
+    failed.json             the last error line of a run that failed (for ``qhm-launch status``)
+    preempt.request         created by a Slurm batch script: "checkpoint and stop" (all nodes see it)
+    .lock                   held (flock) by the one process that runs this folder, for its whole life
+    wandb_id                the W&B run id, created once
+    wandb/                  W&B's own files
+    slurm/                  generated sbatch scripts and job logs
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .files import atomic_write_json, next_free, read_jsonl
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    # ---- every name in the folder
+    @property
+    def recipe(self) -> Path:
+        return self.path / "recipe.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def steps(self) -> Path:
+        return self.path / "steps.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final_model(self) -> Path:
+        return self.path / "final_model.pt"
+
+    @property
+    def complete(self) -> Path:
+        return self.path / "complete.json"
+
+    @property
+    def preempted(self) -> Path:
+        return self.path / "preempted.json"
+
+    @property
+    def failed(self) -> Path:
+        return self.path / "failed.json"
+
+    @property
+    def preempt_request(self) -> Path:
+        return self.path / "preempt.request"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / ".lock"
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.path / "wandb_id"
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / "wandb"
+
+    @property
+    def slurm(self) -> Path:
+        return self.path / "slurm"
+
+    def next_previous_recipe(self) -> Path:
+        """Where an earlier, different recipe.yaml is kept: recipe.prev-K.yaml, K the first free."""
+        return next_free(self.path, "recipe.prev", ".yaml")
+
+    # ---- small readers and writers of those files
+    def read_json(self, path: Path) -> dict | None:
+        """A marker file's content, or None when it is absent or unreadable."""
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def write_marker(self, path: Path, content: dict) -> None:
+        atomic_write_json(path, content)
+
+    def metric_rows(self) -> list[dict]:
+        return read_jsonl(self.metrics)
+
+    def step_rows(self) -> list[dict]:
+        return read_jsonl(self.steps)
+
+    def clear_stale(self) -> None:
+        """Remove what an earlier, killed process of this run may have left: its markers of a state that
+        no longer holds, and the per-process PID files older versions wrote (never trusted again)."""
+        for path in (self.preempted, self.preempt_request, self.failed):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.path / ".pids", ignore_errors=True)
+
+    # ---- one run per folder
+    def acquire_lock(self) -> "RunLock":
+        """Hold the folder's advisory lock for this process's life (the kernel releases it on death).
+        A second run of the same folder gets a one-line error."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise UserError(f"run folder {str(self.path)!r} is in use by another run{holder}; allowed: one run "
+                                "per folder (wait for it, or use another name)") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {os.uname().nodename}\n".encode())
+        return RunLock(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+    except OSError:
+        return ""
+    return f" (pid {text[0]} on {text[1]})" if len(text) >= 2 else ""
+
+
+class RunLock:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)          # closing the descriptor releases the flock
+            self.fd = None

@@ -1,0 +1,111 @@
+"""The stateful parts of a run that are neither the engine nor the data order.
+
+Each is a ``state_dict`` / ``load_state_dict`` pair registered with the checkpoint manager: the
+train state is replicated (rank 0 writes it); the RNG and the epoch's running sums are per rank, and
+know how to rebuild themselves when a checkpoint written by another number of ranks is loaded.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from . import order
+
+
+@dataclass
+class TrainState:
+    """Where training stands, and what it has found so far; saved in every checkpoint."""
+    epoch: int = 0                      # the epoch in progress
+    step: int = 0                       # optimizer steps done in that epoch
+    global_step: int = 0
+    samples: int = 0                    # SFO: per-sample gradients computed so far
+    min_grad_norm: float = float("inf")
+    best_test_acc: float = 0.0
+    best_val_acc: float = 0.0
+    wall_time: float = 0.0              # seconds trained so far, over all restarts
+    wandb_id: str = ""                  # the W&B run this trajectory belongs to
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            if f.name in state:         # fields added later keep their defaults on older checkpoints
+                setattr(self, f.name, state[f.name])
+
+
+class RankRNG:
+    """This rank's python, numpy, torch (and CUDA) RNG. A rank the checkpoint did not have derives its
+    state from (seed, rank, global step), so an elastic resume is still a function of the checkpoint."""
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank = seed, rank
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        out = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+        if torch.cuda.is_available():
+            out["cuda"] = torch.cuda.get_rng_state_all()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if "derive_from_step" in state:
+            self.seed_from(state["derive_from_step"])
+            return
+        random.setstate(state["python"])
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
+        return saved[rank] if rank < len(saved) else {"derive_from_step": step}
+
+    def seed_from(self, step: int) -> None:
+        g = order.keyed_generator(self.seed, "rank_rng", self.rank, step)
+        s = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g))
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+
+
+class EpochSums:
+    """This rank's sums over the epoch so far: loss, correct predictions (on the device, so adding to
+    them never waits for the device) and samples (a host integer: the loop knows it without asking)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.values = torch.zeros(2, dtype=torch.float64, device=device)      # loss sum, correct
+        self.samples = 0
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor | None, samples: int) -> None:
+        self.values[0] += loss_sum.detach()
+        if correct is not None:
+            self.values[1] += correct
+        self.samples += samples
+
+    def zero(self) -> None:
+        self.values.zero_()
+        self.samples = 0
+
+    def as_tensor(self) -> torch.Tensor:
+        """(loss sum, correct, samples) as one float64 tensor on the device, ready to all-reduce."""
+        return torch.cat([self.values, torch.tensor([float(self.samples)], dtype=torch.float64).to(self.device)])
+
+    def state_dict(self) -> dict:
+        return {"values": self.values.cpu(), "samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values.copy_(state["values"])
+        self.samples = int(state["samples"])
+
+    def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
+        """Another world size: rank 0 carries the epoch's totals, the others start at zero."""
+        if rank == 0:
+            return {"values": sum(s["values"] for s in saved), "samples": sum(int(s["samples"]) for s in saved)}
+        return {"values": torch.zeros(2, dtype=torch.float64), "samples": 0}

@@ -1,0 +1,55 @@
+"""The run folder: one place names every file; one run per folder (a lock the kernel releases on death)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launcher.errors import UserError
+from launcher.runfolder import RunFolder
+
+
+def test_every_file_is_named_by_the_run_folder(tmp_path):
+    f = RunFolder(tmp_path / "r")
+    names = {f.recipe: "recipe.yaml", f.metrics: "metrics.jsonl", f.steps: "steps.jsonl", f.checkpoints: "checkpoints",
+             f.final_model: "final_model.pt", f.complete: "complete.json", f.preempted: "preempted.json",
+             f.failed: "failed.json", f.preempt_request: "preempt.request", f.lock: ".lock",
+             f.wandb_id: "wandb_id", f.wandb: "wandb", f.slurm: "slurm"}
+    for path, name in names.items():
+        assert path == tmp_path / "r" / name
+    (tmp_path / "r").mkdir()
+    assert f.next_previous_recipe().name == "recipe.prev-1.yaml"
+    (tmp_path / "r" / "recipe.prev-1.yaml").write_text("x")
+    assert f.next_previous_recipe().name == "recipe.prev-2.yaml"
+
+
+def test_clear_stale_removes_markers_and_old_pid_files(tmp_path):
+    f = RunFolder(tmp_path)
+    for p in (f.preempted, f.preempt_request, f.failed):
+        p.write_text("{}")
+    (tmp_path / ".pids").mkdir()
+    (tmp_path / ".pids" / "host-0.pid").write_text("1")
+    f.write_marker(f.complete, {"a": 1})
+    f.clear_stale()
+    assert not any(p.exists() for p in (f.preempted, f.preempt_request, f.failed, tmp_path / ".pids"))
+    assert f.read_json(f.complete) == {"a": 1}
+
+
+def test_one_run_per_folder_and_the_lock_dies_with_its_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from launcher.runfolder import RunFolder; "
+        f"RunFolder({str(tmp_path)!r}).acquire_lock(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError) as info:
+            RunFolder(tmp_path).acquire_lock()
+        assert f"in use by another run (pid {holder.pid} on " in str(info.value) and "\n" not in str(info.value)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    lock = RunFolder(tmp_path).acquire_lock()          # the kernel released it with the dead holder
+    lock.release()
