@@ -1,9 +1,12 @@
 import os
 import sys
 
-if "RANK" in os.environ and "WORLD_SIZE" in os.environ:      # a worker: arm before any heavy import
-    from launcher.supervise import arm_worker
-    arm_worker()
+from launcher import supervise  # stdlib only: nothing heavy is imported before the signals are caught
+
+if "RANK" in os.environ and "WORLD_SIZE" in os.environ:      # a worker: also arm its death signal
+    supervise.arm_worker()
+else:
+    supervise.record_early_signals()
 
 from launcher.cli import main  # noqa: E402
 

@@ -176,6 +176,7 @@ class CheckpointManager:
         self._parts: list[_Part] = []
         self._upgrades: dict[int, Callable[[dict, list], tuple[dict, list]]] = {}
         self._known: list[Path] = []               # valid checkpoints, oldest first: what pruning may touch
+        self.last_step: Optional[int] = None       # the newest checkpoint written or resumed from
         self._pruner: Optional[threading.Thread] = None
 
     def register(self, name: str, part, scope: Scope) -> None:
@@ -235,6 +236,7 @@ class CheckpointManager:
             self._seal(tmp, final)
             self._prune(final)
         self.comm.barrier()
+        self.last_step = step
         return final
 
     def _seal(self, tmp: Path, final: Path) -> None:
@@ -347,6 +349,7 @@ class CheckpointManager:
                 continue
             if self.rank == 0:
                 self._known = self._older_sound(found) + [found.path]
+            self.last_step = found.step
             return found.manifest
 
     def _load(self, found: Found) -> None:

@@ -11,7 +11,8 @@ import os
 import sys
 
 from . import recipe as recipe_mod
-from .errors import BAD_INPUT, PREEMPTED, UserError
+from .cliargs import Parser, add_debug, nonnegative_float, positive_float, positive_int
+from .errors import BAD_INPUT, FAILED, PREEMPTED, RunFailed, UserError, exit_status, one_line
 
 PARENT_ENV = "QHM_LAUNCH_PARENT"        # set for workers that `qhm-launch run` started itself
 FORCE_ENV = "QHM_FORCE_RESUME"
@@ -19,49 +20,64 @@ LOCK_ENV = "QHM_FOLDER_LOCKED_BY"       # the launcher holds the run folder's lo
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qhm-launch", description="QHM with increasing batch size, data-parallel.",
-                                allow_abbrev=False)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = Parser(prog="qhm-launch", description="QHM with increasing batch size, data-parallel: torchrun, "
+               "DeepSpeed, Slurm, W&B.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    p.add_argument("--version", action="version", version=f"qhm-launch {version()}")
     # the `deepspeed` launcher passes --local_rank=N before the command (it also sets LOCAL_RANK)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def command(name, help):
+        sp = sub.add_parser(name, help=help, description=help)
+        add_debug(sp)
+        return sp
 
     def recipe_args(sp):
         sp.add_argument("recipe", help="YAML recipe")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. schedule.lr.max=0.05 (repeatable)")
 
-    r = sub.add_parser("run", help="train (or resume) a recipe; starts torchrun itself when needed")
+    r = command("run", "train (or resume) a recipe; starts torchrun itself when needed")
     recipe_args(r)
     r.add_argument("--force-resume", action="store_true",
                    help="resume even if trajectory-changing recipe fields differ from the checkpoint's")
 
-    pl = sub.add_parser("plan", help="the stage table: batch, steps, micro-batch x accumulation x world")
+    pl = command("plan", "the stage table: batch, steps, micro-batch x accumulation x world")
     recipe_args(pl)
-    pl.add_argument("--nproc", type=int, help="processes per node (default: distributed.nproc_per_node)")
-    pl.add_argument("--nnodes", type=int, default=1)
-    pl.add_argument("--n", type=int, help="training-set size (default: the dataset's)")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--nproc", type=positive_int, help="processes per node (default: distributed.nproc_per_node)")
+    pl.add_argument("--nnodes", type=positive_int, default=1, help="nodes (default 1)")
+    pl.add_argument("--n", type=positive_int, help="training-set size (default: the dataset's)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    b = sub.add_parser("bounds", help="Theorem 2 / Theorem 4 terms at the end of training, and the verdict")
+    b = command("bounds", "Theorem 2 / Theorem 4 terms at the end of training, and the verdict")
     recipe_args(b)
-    b.add_argument("--n", type=int, help="training-set size (default: the dataset's)")
-    b.add_argument("--L", type=float)
-    b.add_argument("--sigma2", type=float)
-    b.add_argument("--G", type=float)
-    b.add_argument("--f-gap", type=float, dest="f_gap")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--n", type=positive_int, help="training-set size (default: the dataset's)")
+    b.add_argument("--L", type=positive_float, help="smoothness constant L of f (with all four: the bound itself)")
+    b.add_argument("--sigma2", type=nonnegative_float, help="variance bound sigma^2 of the stochastic gradient")
+    b.add_argument("--G", type=nonnegative_float, help="bound G on every per-sample gradient norm")
+    b.add_argument("--f-gap", type=nonnegative_float, dest="f_gap", help="f(x_0) - f_star")
+    b.add_argument("--json", action="store_true", help="print the terms as JSON")
     from . import slurm
-    slurm.add_arguments(sub)
+    slurm.add_arguments(command)
 
-    pt = sub.add_parser("plot", help="curves of several runs: mean and min-max band over seeds")
-    pt.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    pt.add_argument("--metric", default="test_acc")
-    pt.add_argument("--x", default="epoch")
-    pt.add_argument("--out", default="plot.png", help="FILE.png or FILE.pdf")
-    rp = sub.add_parser("report", help="a markdown table: one row per run")
-    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    from .analysis import METRICS, XS
+    pt = command("plot", "curves of several runs: mean and min-max band over seeds")
+    pt.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (those without metrics are listed)")
+    pt.add_argument("--metric", default="test_acc", help=f"what to draw: {' | '.join(METRICS)} (default test_acc)")
+    pt.add_argument("--x", default="epoch", help=f"x axis: {' | '.join(XS)} (default epoch)")
+    pt.add_argument("--out", default="plot.png", help="FILE.png or FILE.pdf (default plot.png)")
+    rp = command("report", "a markdown table: one row per run")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (those without metrics are listed)")
     return p
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as installed
+        return installed("qhm-launch")
+    except Exception:  # noqa: BLE001 - running from a source tree that was never installed
+        return "unknown"
 
 
 def cmd_plot(args) -> int:
@@ -82,6 +98,9 @@ def main(argv=None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from . import slurm
+    from .supervise import early_signals
+    if args.command != "run":               # only a run treats signals as a request to checkpoint
+        early_signals([])
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
                 "sweep": slurm.cmd_sweep, "plot": cmd_plot, "report": cmd_report}
     try:
@@ -89,25 +108,19 @@ def main(argv=None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"qhm-launch: error: {exc}", file=sys.stderr)
+        print(f"qhm-launch: error: {one_line(exc)}", file=sys.stderr)
         return BAD_INPUT
 
 
 def _training_set_size(recipe, override) -> int:
     from . import data
-    if override is not None:
-        if override < 1:
-            raise UserError(f"--n: {override!r} is not valid; allowed: an integer >= 1")
-        return override
-    return data.sizes(recipe.data)[0]
+    return override if override is not None else data.sizes(recipe.data)[0]
 
 
 def cmd_plan(args) -> int:
     from . import planning
     recipe = recipe_mod.load(args.recipe, args.set)
-    nproc = args.nproc or recipe.distributed.nproc_per_node
-    if nproc < 1 or args.nnodes < 1:
-        raise UserError(f"--nproc/--nnodes: {nproc}/{args.nnodes} is not valid; allowed: integers >= 1")
+    nproc = args.nproc if args.nproc is not None else recipe.distributed.nproc_per_node
     n = _training_set_size(recipe, args.n)
     epochs = planning.plan(recipe, n, nproc * args.nnodes)
     print(json.dumps(planning.plan_json(epochs, n), indent=1) if args.json else planning.format_table(epochs, n))
@@ -171,7 +184,7 @@ def cmd_run(args) -> int:
     if in_worker_env():
         return run_worker(recipe, force=args.force_resume or os.environ.get(FORCE_ENV) == "1")
     from . import planning
-    from .supervise import supervise
+    from .supervise import AGENT_SIGNALS, supervise
     folder = recipe.folder
     nproc = recipe.distributed.nproc_per_node
     planning.preflight(recipe, nproc)
@@ -184,11 +197,17 @@ def cmd_run(args) -> int:
     resolved = recipe_mod.write_resolved(recipe)
     folder.preempted.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-           f"--nproc_per_node={nproc}", "-m", "launcher", "run", str(resolved)]
+           f"--nproc_per_node={nproc}", AGENT_SIGNALS, "-m", "launcher", "run", str(resolved)]
     env = dict(os.environ, **{PARENT_ENV: str(os.getpid()), FORCE_ENV: "1" if args.force_resume else "0",
-                              LOCK_ENV: str(os.getpid())})
-    rc = supervise(cmd, env, recipe.signals.preempt)
+                              LOCK_ENV: str(os.getpid()), "QHM_DEBUG": "1" if args.debug else "0"})
+    # torchrun sets 1 thread per worker and prints a banner saying so; we choose the share of cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    rc = supervise(cmd, env, preemption_signals(recipe))
     lock.release()
+    failed = folder.read_json(folder.failed)
+    if failed:                                # a worker stopped on a failure it could name
+        print(f"qhm-launch: error: {failed.get('error')}", file=sys.stderr)
+        return int(failed.get("exit", FAILED))
     if folder.preempted.exists():
         return PREEMPTED
     return rc
@@ -200,7 +219,8 @@ def run_worker(recipe, force: bool) -> int:
     from .signals import PreemptionFlag
     from .trainer import Trainer
     flag = PreemptionFlag(preemption_signals(recipe))
-    flag.adopt(supervise.early_signal(preemption_signals(recipe)))
+    for signum in supervise.early_signals(preemption_signals(recipe))[:1]:
+        flag.adopt(signum)
     comm = comm_mod.init()
     lock = None
     try:
@@ -209,6 +229,10 @@ def run_worker(recipe, force: bool) -> int:
         if PARENT_ENV not in os.environ:          # nobody checked the recipe before us
             check_resume(recipe, force, comm.world, log=print if comm.is_main else (lambda *a: None))
         rc = Trainer(recipe, comm, flag).train()
+    except (UserError, RunFailed) as exc:
+        if os.environ.get("QHM_DEBUG") == "1":
+            raise
+        rc = report_failure(recipe, comm, exc)
     finally:
         comm.close()
         if lock is not None:
@@ -216,6 +240,19 @@ def run_worker(recipe, force: bool) -> int:
     if rc == PREEMPTED and PARENT_ENV in os.environ:
         return 0                    # the parent turns the marker into the PREEMPTED status
     return rc
+
+
+def report_failure(recipe, comm, exc: BaseException) -> int:
+    """A worker's one-line failure: into failed.json (rank 0), for the launcher to print and exit with;
+    without a launcher, printed here. Either way torchrun sees a clean exit and prints no traceback."""
+    status = exit_status(exc)
+    if comm.is_main:
+        recipe.folder.write_marker(recipe.folder.failed, {"error": one_line(exc), "exit": status})
+    if PARENT_ENV in os.environ:
+        return 0
+    if comm.is_main:
+        print(f"qhm-launch: error: {one_line(exc)}", file=sys.stderr)
+    return status
 
 
 def preemption_signals(recipe) -> list[str]:

@@ -51,6 +51,11 @@ class Comm:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
     def all_reduce_max_async(self, cpu_tensor: torch.Tensor):
         """Start an all-reduce (max) of a CPU tensor on the control group; returns the work to wait on."""
         return dist.all_reduce(cpu_tensor, op=dist.ReduceOp.MAX, group=self.control, async_op=True)

@@ -54,14 +54,12 @@ def _safe_checkpoint_engine():
 
 
 def _deepspeed_safe_globals() -> list:
-    """Types DeepSpeed's own checkpoint files hold besides tensors and containers (found by loading
-    its ZeRO 0/1/2 files): data, never code."""
-    import argparse
-    from collections import OrderedDict
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    """The types DeepSpeed's own ZeRO 0/1/2 files hold besides tensors and containers (each one found
+    necessary by loading them): plain data classes, no code runs when they are rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
-    return [OrderedDict, argparse.Namespace, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 class DeepSpeedEngine:

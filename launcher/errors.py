@@ -7,6 +7,7 @@ after saving a checkpoint: running the same command again resumes it.
 """
 from __future__ import annotations
 
+FAILED = 1              # the run stopped on a failure it could name (one line), e.g. a non-finite loss
 BAD_INPUT = 2           # one line on stderr, nothing started (or nothing changed)
 PREEMPTED = 75          # EX_TEMPFAIL: "preempted, resume me" (run the same command again)
 
@@ -17,6 +18,15 @@ class UserError(ValueError):
 
 class RecipeError(UserError):
     """A bad recipe key or override (a :class:`UserError` about the recipe itself)."""
+
+
+class RunFailed(Exception):
+    """Training stopped on a failure it can state in one line (exit :data:`FAILED`); nothing after the
+    last good checkpoint was saved."""
+
+
+def exit_status(exc: BaseException) -> int:
+    return BAD_INPUT if isinstance(exc, UserError) else FAILED
 
 
 def one_line(text: object) -> str:

@@ -5,11 +5,13 @@ up to ``max_micro_batch``; past it the accumulation steps grow instead.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import qhm
 
-from .errors import RecipeError
+from .errors import RecipeError, UserError
 from .recipe import Recipe
 
 
@@ -64,11 +66,27 @@ def plan(recipe: Recipe, n: int, world_size: int) -> list[EpochPlan]:
 
 
 def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[EpochPlan]:
-    """What must hold before any worker starts: the data is there and every stage splits."""
+    """What must hold before any worker starts: the output folder can be written, the data is there
+    and every stage splits."""
     from . import data
+    check_output(recipe)
     if check_data:
         data.check_available(recipe.data)
     return plan(recipe, data.sizes(recipe.data)[0], world_size)
+
+
+def check_output(recipe: Recipe) -> None:
+    """The run folder can be created and written: ``output`` (and the run folder) are folders, or do
+    not exist yet under a writable one."""
+    for path, key in ((recipe.run_dir, "name"), (Path(recipe.output), "output")):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{key}: {str(path)!r} is a file; allowed: a folder (or a path that does not exist yet)")
+    probe = recipe.run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"output: {recipe.output!r} cannot be written ({str(probe)!r} is not writable); "
+                        "allowed: a folder you can write to")
 
 
 def plan_json(epochs: list[EpochPlan], n: int) -> dict:

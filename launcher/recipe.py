@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 
 import qhm
 
-from . import keys
+from . import keys, yamlfile
 from .errors import RecipeError  # noqa: F401  (raised by every check below; importable from here)
 from .files import atomic_write
 from .runfolder import RunFolder
@@ -31,6 +32,11 @@ ENGINES = ("ddp", "deepspeed")
 WANDB_MODES = ("online", "offline", "disabled")
 GRAD_NORM_MODES = ("exact", "paper")
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
+MAX_INT = 2 ** 63 - 1              # every integer key fits an int64 (seeds, sizes, steps)
+MAX_EPOCHS = 100_000               # the paper runs 300; the per-epoch plan is computed for every epoch
+MAX_NAME = 128                     # a run name is a folder name (and a W&B name)
+MAX_TAG = 64                       # W&B refuses longer tags
+SYNTHETIC_MAX = 10_000_000         # synthetic samples are generated in memory
 # Keys of a raw DeepSpeed config that the launcher derives from the recipe: a recipe may not set them.
 DEEPSPEED_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                    "zero_optimization.stage", "zero_allow_untested_optimizer", "optimizer", "scheduler", "bf16",
@@ -126,7 +132,7 @@ class Wandb:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list = field(default_factory=list)
-    system_stats: bool = True           # W&B's CPU/GPU/memory monitor (a helper process of W&B's service)
+    system_stats: bool = False          # W&B's CPU/GPU monitor: a helper process that outlives a killed run by seconds
 
 
 @dataclass
@@ -230,6 +236,8 @@ def _coerce(value, tp, path: str):
         return None if value is None else _coerce(value, inner, path)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
+    if tp is float and isinstance(value, str):
+        value = _number(value)                       # PyYAML reads 1e-3 (no dot) as a string
     ok = {bool: lambda v: isinstance(v, bool),
           int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -238,7 +246,21 @@ def _coerce(value, tp, path: str):
           dict: lambda v: isinstance(v, dict)}[tp](value)
     if not ok:
         raise RecipeError(f"{path}: {value!r} is not valid; allowed: {_describe(tp)}")
+    if tp is float and not math.isfinite(value):
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: a finite number")
+    if tp is int and abs(value) > MAX_INT:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: an integer of at most {MAX_INT}")
+    if tp is str and not value.isprintable():
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: text without control characters")
     return float(value) if tp is float else value
+
+
+def _number(text: str):
+    """A number written the way a person types one ("1e-3", "2.5E2"); the text itself otherwise."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        return text
 
 
 def _build(cls, data, path: str):
@@ -267,6 +289,11 @@ def _at_least(path: str, value, low) -> None:
         raise RecipeError(f"{path}: {value!r} is not valid; allowed: >= {low}")
 
 
+def _at_most(path: str, value, high) -> None:
+    if value > high:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: <= {high}")
+
+
 def validate(r: Recipe) -> Recipe:
     _one_of("data.dataset", r.data.dataset, DATASETS)
     _one_of("model", r.model, MODELS)
@@ -284,12 +311,17 @@ def validate(r: Recipe) -> Recipe:
                           "(or set distributed.engine: deepspeed)")
     for i, sig in enumerate(r.signals.preempt):
         _one_of(f"signals.preempt[{i}]", sig, SIGNALS)
-    if not r.name or "/" in r.name or r.name in (".", "..") or not r.name.isprintable():
-        raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name without '/' "
-                          "or control characters")
+    if not r.name or "/" in r.name or r.name in (".", "..") or not r.name.isprintable() or len(r.name) > MAX_NAME:
+        raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name of at most {MAX_NAME} "
+                          "characters, without '/' or control characters")
+    for i, tag in enumerate(r.tracking.wandb.tags):
+        if not isinstance(tag, str) or not tag or len(tag) > MAX_TAG or not tag.isprintable():
+            raise RecipeError(f"tracking.wandb.tags[{i}]: {tag!r} is not valid; allowed: text of 1 to {MAX_TAG} "
+                              "characters (W&B's limit)")
     if not r.output or not r.output.isprintable():
         raise RecipeError(f"output: {r.output!r} is not valid; allowed: a folder path without control characters")
-    for path, value, low in (("epochs", r.epochs, 1), ("schedule.interval", r.schedule.interval, 1),
+    _at_most("epochs", r.epochs, MAX_EPOCHS)
+    for path, value, low in (("seed", r.seed, 0), ("epochs", r.epochs, 1), ("schedule.interval", r.schedule.interval, 1),
                              ("distributed.nproc_per_node", r.distributed.nproc_per_node, 1),
                              ("distributed.max_micro_batch", r.distributed.max_micro_batch, 1),
                              ("eval.every_epochs", r.eval.every_epochs, 1),
@@ -305,6 +337,7 @@ def validate(r: Recipe) -> Recipe:
             raise RecipeError(f"data.size: {r.data.size!r} is not valid; allowed: null unless "
                               "data.dataset is synthetic")
         _at_least("data.size", r.data.size, 4)
+        _at_most("data.size", r.data.size, SYNTHETIC_MAX)
     if not 0.0 <= r.data.rotation <= 180.0:
         raise RecipeError(f"data.rotation: {r.data.rotation!r} is not valid; allowed: degrees in [0, 180]")
     if not 0.0 <= r.data.validation < 1.0:
@@ -340,8 +373,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise RecipeError(f"--set {text!r}: not valid; allowed: KEY.PATH=VALUE, e.g. schedule.lr.max=0.05")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = yamlfile.parse(raw, f"--set {key}") if raw.strip() else None
+    except yamlfile.NotYAML:
         value = raw
     return key.strip().split("."), value
 
@@ -357,22 +390,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def from_dict(data: dict, overrides: Optional[list[str]] = None) -> Recipe:
-    data = apply_overrides(json.loads(json.dumps(data or {})), overrides or [])
+    data = apply_overrides(json.loads(json.dumps(data or {}, default=str)), overrides or [])
     return validate(_build(Recipe, data, ""))
 
 
 def load(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe: {str(path)!r} is not a file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"recipe: {str(path)!r} is not valid YAML{where}: "
-                          f"{getattr(exc, 'problem', exc)}") from None
-    return from_dict(data, overrides)
+    return from_dict(yamlfile.load(path, "recipe"), overrides)
 
 
 def dump(recipe: Recipe) -> str:

@@ -17,9 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 from . import recipe as recipe_mod
+from . import yamlfile
+from .cliargs import nonnegative_int, positive_int, text
 from .errors import UserError
 from .files import next_free
 from .runfolder import RunFolder
@@ -29,29 +30,32 @@ SIGNALS = ("USR1", "USR2", "TERM")
 q = shlex.quote
 
 
-def add_arguments(sub) -> None:
+def add_arguments(command) -> None:
+    """The ``submit`` and ``sweep`` subcommands (``command(name, help)`` makes a subparser)."""
     def slurm_args(sp):
-        sp.add_argument("--nodes", type=int, default=1)
-        sp.add_argument("--gpus-per-node", type=int, default=0,
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. schedule.lr.max=0.05 (repeatable)")
+        sp.add_argument("--nodes", type=positive_int, default=1, help="nodes per job (default 1)")
+        sp.add_argument("--gpus-per-node", type=nonnegative_int, default=0,
                         help="GPUs (= processes) per node; 0: CPU, processes from distributed.nproc_per_node")
-        sp.add_argument("--time", default="01:00:00", help="HH:MM:SS (or D-HH:MM:SS)")
-        sp.add_argument("--partition")
-        sp.add_argument("--account")
-        sp.add_argument("--cpus-per-task", type=int)
+        sp.add_argument("--time", type=text, default="01:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS")
+        sp.add_argument("--partition", type=text, help="Slurm partition")
+        sp.add_argument("--account", type=text, help="Slurm account")
+        sp.add_argument("--cpus-per-task", type=positive_int, help="CPUs per node's task (default: processes)")
         sp.add_argument("--signal", default="USR2", choices=SIGNALS,
                         help="preemption warning signal (default USR2: NCCL does not use it)")
-        sp.add_argument("--signal-seconds", type=int, default=120, help="how long before the time limit")
-        sp.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+        sp.add_argument("--signal-seconds", type=positive_int, default=120,
+                        help="how long before the time limit the warning comes (default 120)")
+        sp.add_argument("--sbatch-arg", type=text, action="append", default=[], metavar="ARG",
                         help="extra sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
         sp.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
-    s = sub.add_parser("submit", help="write an sbatch script into the run folder and submit it")
-    s.add_argument("recipe")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s = command("submit", "write an sbatch script into the run folder and submit it")
+    s.add_argument("recipe", help="YAML recipe")
     slurm_args(s)
-    w = sub.add_parser("sweep", help="expand a grid into one recipe per point and one Slurm job array")
-    w.add_argument("sweep")
-    w.add_argument("--max-parallel", type=int, default=4, help="P in --array=0-N%%P")
+    w = command("sweep", "expand a grid into one recipe per point and one Slurm job array")
+    w.add_argument("sweep", help="YAML sweep: recipe, name, grid, seeds, set")
+    w.add_argument("--max-parallel", type=positive_int, default=4, help="P in --array=0-N%%P (default 4)")
     w.add_argument("--local", action="store_true", help="run the points one after another here, no Slurm")
     slurm_args(w)
 
@@ -167,12 +171,7 @@ def cmd_submit(args) -> int:
 # Sweeps
 
 def load_sweep(path: Path) -> dict:
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except OSError:
-        raise UserError(f"sweep: {str(path)!r} is not a readable file") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"sweep: {str(path)!r} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    spec = yamlfile.load(path, "sweep")
     if not isinstance(spec, dict):
         raise UserError(f"sweep: {str(path)!r} must be a mapping with recipe, name, grid, seeds")
     allowed = {"recipe", "name", "grid", "seeds", "set"}
@@ -180,8 +179,10 @@ def load_sweep(path: Path) -> dict:
         if key not in allowed:
             raise UserError(f"sweep.{key}: unknown key; allowed keys here: {', '.join(sorted(allowed))}")
     for key in ("recipe", "name"):
-        if not isinstance(spec.get(key), str):
-            raise UserError(f"sweep.{key}: {spec.get(key)!r} is not valid; allowed: a string")
+        value = spec.get(key)
+        if not isinstance(value, str) or not value or not value.isprintable() or (key == "name" and "/" in value):
+            raise UserError(f"sweep.{key}: {value!r} is not valid; allowed: "
+                            + ("a file path" if key == "recipe" else "a folder name without '/' or control characters"))
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise UserError(f"sweep.grid: {grid!r} is not valid; allowed: a mapping of KEY.PATH to non-empty lists")

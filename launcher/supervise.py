@@ -43,6 +43,13 @@ def _record(signum, frame) -> None:
     _early.append(signum)
 
 
+def record_early_signals() -> None:
+    """Record (rather than die of) the signals a run may treat as preemption, from the first line of
+    the process on: importing torch takes seconds, and a preemption that lands meanwhile must count."""
+    for name in EARLY_SIGNALS:
+        signal.signal(getattr(signal, name), _record)
+
+
 def arm_worker() -> None:
     """The first lines of a worker process, before any heavy import."""
     parent = os.getppid()
@@ -50,22 +57,21 @@ def arm_worker() -> None:
     if parent == 1 or (launcher and not _alive(int(launcher))):
         os._exit(1)                              # started by a launcher that is already gone
     die_with_parent(parent)
-    for name in EARLY_SIGNALS:
-        signal.signal(getattr(signal, name), _record)
+    record_early_signals()
 
 
-def early_signal(wanted: list[str]) -> Optional[int]:
-    """The first signal received before the flag existed, if it is one of ``wanted``. A signal that
-    arrived early and is not wanted gets its default action now (as if no handler had been there)."""
+def early_signals(wanted: list[str]) -> list[int]:
+    """The signals received before their real handler existed that are among ``wanted``, in order.
+    The other early signals get their default action now (as if no recorder had been there), and
+    signals not wanted get their default disposition back."""
     numbers = {getattr(signal, n) for n in wanted}
-    for signum in _early:
-        if signum not in numbers:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
     for name in EARLY_SIGNALS:
         if getattr(signal, name) not in numbers:
             signal.signal(getattr(signal, name), signal.SIG_DFL)
-    return next((s for s in _early if s in numbers), None)
+    for signum in _early:
+        if signum not in numbers:
+            os.kill(os.getpid(), signum)
+    return [s for s in _early if s in numbers]
 
 
 def _alive(pid: int) -> bool:
@@ -94,62 +100,87 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def signal_children(parent: int, sig: int) -> int:
-    """Send ``sig`` to every current child of ``parent``; returns how many got it. Each child is opened
-    as a pidfd and checked to still be ``parent``'s child before the signal goes through that pidfd."""
-    sent = 0
-    for pid in children(parent):
+def catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (/proc/PID/status, SigCgt)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def signal_children(parent: int, sig: int, only_if_caught: bool = True) -> tuple[int, int]:
+    """Send ``sig`` to the current children of ``parent``: (sent, children). Each child is opened as a
+    pidfd and checked to still be ``parent``'s child (and, with ``only_if_caught``, to have its handler
+    for ``sig`` installed: a worker still starting up would otherwise die of it) before the signal goes
+    through that pidfd, so a PID reused meanwhile is never hit."""
+    sent, kids = 0, children(parent)
+    for pid in kids:
         try:
             fd = os.pidfd_open(pid)
-        except (ProcessLookupError, OSError):
+        except OSError:
             continue
         try:
-            if pid in children(parent):
+            if pid in children(parent) and (not only_if_caught or catches(pid, sig)):
                 signal.pidfd_send_signal(fd, sig)
                 sent += 1
-        except (ProcessLookupError, OSError):
+        except OSError:
             pass
         finally:
             os.close(fd)
-    return sent
+    return sent, len(kids)
 
 
-def _agent_preexec() -> None:
-    """In torchrun's agent, before exec: die with the launcher; leave SIGINT/SIGTERM to the launcher."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+# torchrun's agent forwards only these itself (and dies of them, with a traceback); SIGINT and SIGTERM
+# it ignores, and the launcher forwards them to the workers instead.
+AGENT_SIGNALS = "--signals-to-handle=SIGHUP,SIGQUIT"
+
+
+def _agent_preexec(launcher: int):
+    def preexec() -> None:
+        """In torchrun's agent, before exec: die with the launcher (now, if it is already gone); leave
+        SIGINT and SIGTERM to the launcher, which forwards them to the workers."""
+        die_with_parent(launcher)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return preexec
 
 
 def supervise(cmd: list[str], env: dict, forward: list[str], log=print) -> int:
-    """Run torchrun and forward the ``forward`` signals (and SIGINT) to its workers. Returns torchrun's
-    exit status; 130 after a second SIGINT, which kills the agent and the workers at once."""
+    """Run torchrun and forward the ``forward`` signals (SIGINT among them) to its workers, including
+    those that arrived while the launcher started. Returns torchrun's exit status; 130 after a second
+    SIGINT, which kills the agent and the workers at once."""
+    handled = sorted({getattr(signal, n) for n in forward})
     pending: list[int] = []
-    handled = sorted({getattr(signal, n) for n in forward} | {signal.SIGINT})
-    interrupts = []
+    interrupts: list[float] = []
 
     def on_signal(signum, frame):
         pending.append(signum)
         if signum == signal.SIGINT:
             interrupts.append(time.time())
     previous = {s: signal.signal(s, on_signal) for s in handled}
-    env = dict(env, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGHUP,SIGQUIT")
+    for signum in early_signals(forward)[:1]:      # after the handlers are in place: none is lost
+        on_signal(signum, None)
     try:
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_agent_preexec)
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_agent_preexec(os.getpid()))
         told = False
         while proc.poll() is None:
             if len(interrupts) >= 2:
-                signal_children(proc.pid, signal.SIGKILL)
+                signal_children(proc.pid, signal.SIGKILL, only_if_caught=False)
                 proc.kill()
                 proc.wait()
                 log("[qhm-launch] second interrupt: stopped at once, nothing saved since the last checkpoint")
                 return 130
-            if pending and signal_children(proc.pid, pending[0]):
-                sig = pending.pop(0)
-                if not told:
-                    log(f"[qhm-launch] {signal.Signals(sig).name}: checkpointing at the next step, then stopping"
-                        + (" (Ctrl-C again to stop at once)" if sig == signal.SIGINT else ""))
-                    told = True
+            if pending:
+                sent, kids = signal_children(proc.pid, pending[0])
+                if kids and sent == kids:           # every worker has it (else: again, once they can take it)
+                    sig = pending.pop(0)
+                    if not told:
+                        log(f"[qhm-launch] {signal.Signals(sig).name}: checkpointing at the next step, then "
+                            "stopping" + (" (Ctrl-C again to stop at once)" if sig == signal.SIGINT else ""))
+                        told = True
             time.sleep(0.05)
         return proc.returncode
     finally:

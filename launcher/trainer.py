@@ -21,7 +21,7 @@ from . import data as data_mod
 from . import engines, models, order, planning, testhooks
 from . import recipe as recipe_mod
 from .checkpoint import CheckpointManager
-from .errors import PREEMPTED
+from .errors import PREEMPTED, RunFailed
 from .evaluation import evaluate, full_grad_norm
 from .files import atomic_write
 from .losses import Loss
@@ -29,6 +29,7 @@ from .signals import Agreement, PreemptionFlag
 from .state import EpochSums, RankRNG, TrainState
 from .tracking import MetricsLog, Tracker, run_id
 
+NEVER = 2 ** 62                     # "no such step yet"
 DTYPES = {"fp32": torch.float32,
           # bf16 is torch.autocast over fp32 weights and data: parameters, optimizer state, inputs and
           # the loss stay fp32, only the matmuls and convolutions run in bf16 (both engines alike).
@@ -83,6 +84,10 @@ class Trainer:
             self.checkpoints.register(name, part, scope)
         self.checkpoints.register_upgrade(1, upgrade_v1)
         self.metrics, self.tracker, self.bar = MetricsLog(self.folder.metrics), None, None
+        # on the device, so watching for a non-finite loss never waits for it: the global step, and the
+        # first step whose loss was not finite (NEVER until then)
+        self.device_step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.first_bad_step = torch.full((), NEVER, dtype=torch.int64, device=self.device)
         self._clock, self._epoch_clock = time.time(), time.time()
 
     # the Trainer is the "train" part of every checkpoint
@@ -128,6 +133,9 @@ class Trainer:
                 model.train()
             self.sums.add(loss, self.loss.correct(out, y), len(y))
         self.engine.step()
+        self.device_step += 1              # a non-finite loss stays in the epoch's sum: remember when it came
+        self.first_bad_step = torch.where(torch.isfinite(self.sums.values[0]), self.first_bad_step,
+                                          torch.minimum(self.first_bad_step, self.device_step))
         self.state.step, self.state.global_step = step + 1, self.state.global_step + 1
         self.state.samples += size
         if testhooks.step_delay():
@@ -162,6 +170,7 @@ class Trainer:
             self.state.wandb_id = run_id(self.folder.wandb_id, self.state.wandb_id or None)
             self.tracker = Tracker(self.recipe, self.folder.wandb, self.state.wandb_id, self.log)
         self.state.wandb_id = self.comm.broadcast(self.state.wandb_id)
+        self.device_step.fill_(self.state.global_step)
         self._clock = time.time()
 
     def start_epoch(self, epoch: int) -> planning.EpochPlan:
@@ -182,6 +191,7 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
         train_seconds = time.time() - self._epoch_clock
+        self.check_finite()
         totals = self.comm.all_reduce_sum(self.sums.as_tensor())
         row = {"epoch": stage.epoch, "step": self.state.global_step, "samples": self.state.samples,
                "batch": stage.batch, "micro_batch": stage.micro_batch, "accum": stage.accum,
@@ -220,7 +230,17 @@ class Trainer:
         self.state.wall_time += now - self._clock
         self._clock = now
 
+    def check_finite(self) -> None:
+        """Stop (on every rank) if any rank's loss was not finite since the last check: before anything
+        is saved or logged, so no checkpoint ever holds what came of it."""
+        first = int(self.comm.all_reduce_min(self.first_bad_step.clone()))
+        if first != NEVER:
+            raise RunFailed(f"the training loss is not finite at global step {first}; stopped, nothing was saved "
+                            f"after global step {self.checkpoints.last_step}; lower schedule.lr.max (or check the "
+                            "data) and rerun to resume from there")
+
     def save(self, tag: str) -> None:
+        self.check_finite()
         self._account_time()
         recipe = self.recipe.to_dict()
         path = self.checkpoints.save(self.state.global_step, {

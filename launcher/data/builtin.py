@@ -11,7 +11,6 @@ from ..order import Augment
 
 SIZES = {"digits": (1500, 297), "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
 SYNTHETIC_DEFAULT = 600
-SYNTHETIC_MAX = 10_000_000
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}

@@ -3,7 +3,6 @@ schema, fallback on anything that fails to load, pruning that never loses the ne
 and the v1 -> v2 upgrade. Two-rank cases run in real processes (gloo)."""
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def test_corrupt_but_parseable_checkpoints_fall_back(tmp_path, damage):
         class Evil:
             def __reduce__(self):
                 return (os.system, (f"touch {tmp_path / 'PWNED'}",))
-        (newest / "state.pt").write_bytes(pickle.dumps({"a": Evil()}))
+        torch.save({"a": Evil()}, newest / "state.pt")          # a real torch file, but with code in it
         from launcher.checkpoint import describe
         manifest["files"]["state.pt"] = describe(newest / "state.pt")
     (newest / "manifest.json").write_text(json.dumps(manifest))
@@ -215,3 +214,40 @@ def test_a_v1_checkpoint_is_upgraded(tmp_path):
     assert torch.equal(engine.loaded["model"]["w"], torch.ones(2))
     assert (state.epoch, state.step, state.global_step, state.samples, state.wandb_id) == (1, 2, 5, 40, "abc")
     assert sums.values.tolist() == [4.0, 3.0] and sums.samples == 8
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _save_twice(comm, root):
+    a, b = Box(1), PerRank(comm.rank)
+    m = manager(Path(root), comm, parts={"a": (a, "replicated"), "b": (b, "per_rank")})
+    m.save(1, {"position": {}, "recipe": {}})
+    a.n = 2
+    m.save(2, {"position": {}, "recipe": {}})
+
+
+def _resume_and_report(comm, root):
+    a, b = Box(), PerRank()
+    logs = []
+    m = manager(Path(root), comm, parts={"a": (a, "replicated"), "b": (b, "per_rank")}, logs=logs)
+    return m.resume()["step"], a.n, logs
+
+
+def test_a_planted_pickle_on_one_rank_s_file_makes_every_rank_fall_back(tmp_path):
+    from launcher.checkpoint import describe
+    run_ranks(_save_twice, 2, str(tmp_path))
+    newest = tmp_path / "run" / "checkpoints" / "step-000000002"
+    torch.save({"b": _Evil(str(tmp_path / "PWNED"))}, newest / "rank-00001.pt")     # a real torch file
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["files"]["rank-00001.pt"] = describe(newest / "rank-00001.pt")      # the hash vouches for it
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    out = run_ranks(_resume_and_report, 2, str(tmp_path))
+    assert [(step, n) for step, n, _ in out] == [(1, 1), (1, 1)]                  # both ranks, the same one
+    assert "step-000000002 is not valid (fails to load (UnpicklingError" in out[0][2][0]
+    assert not (tmp_path / "PWNED").exists()

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO 0/1/2 on CPU (gloo): the same updates as DDP, exact step grouping, exact resume."""
 import json
+import pickle
 
 import pytest
 import torch
@@ -9,6 +10,18 @@ pytest.importorskip("deepspeed")
 from conftest import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
                       metric_rows, start, wait_for, write_recipe)
 from launcher import recipe as R
+from launcher.checkpoint import describe
+
+
+class Evil:
+    """A pickle that runs a command when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
 
 # 200 samples, batches 16 -> 32 -> 64 at micro 8 on 2 ranks: accumulation 1 -> 2 -> 4, partial last batches
 def ds_recipe(name, stage=None, **over):
@@ -60,12 +73,21 @@ def test_kill_9_and_resume_under_zero2_is_bitwise(tmp_path):
     path = write_recipe(tmp_path, ds_recipe("z2", 2))
     run = tmp_path / "runs" / "z2"
     proc = start(["run", str(path)], cwd=tmp_path, env={"QHM_TEST_STEP_DELAY": "0.1"})
-    wait_for(lambda: any(s >= 15 for s in checkpoint_steps(run)), proc=proc, what="a second-stage checkpoint")
+    wait_for(lambda: len([s for s in checkpoint_steps(run) if s >= 15]) >= 2, proc=proc,
+             what="two second-stage checkpoints")
     kill_group(proc)
-    manifest = json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-                           / "manifest.json").read_text())
+    newest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    manifest = json.loads((newest / "manifest.json").read_text())
     assert any(name.startswith("deepspeed/") for name in manifest["files"]), "DeepSpeed's files are checksummed"
+    # a planted DeepSpeed file whose manifest entry vouches for it: loading must not run its code
+    planted = "deepspeed/mp_rank_00_model_states.pt"
+    assert planted in manifest["files"]
+    (newest / planted).write_bytes(pickle.dumps(Evil(str(tmp_path / "PWNED"))))
+    manifest["files"][planted] = describe(newest / planted)
+    (newest / "manifest.json").write_text(json.dumps(manifest))
     out = cli(["run", str(path)], cwd=tmp_path, check=0)
+    assert not (tmp_path / "PWNED").exists(), "DeepSpeed's files are loaded weights_only"
+    assert f"checkpoint {newest.name} is not valid (fails to load" in out.stdout
     assert "resumed from" in out.stdout
     assert_bitwise(final_params(run), reference[0])
     assert metric_rows(run) == reference[1]

@@ -1,0 +1,49 @@
+"""Command-line plumbing shared by every subcommand: one-line argument errors, typed values that
+name what is allowed, and ``--debug`` accepted before or after the subcommand."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from .errors import BAD_INPUT, one_line
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) and exit with BAD_INPUT, and which
+    never takes an abbreviation of an option (``--forc`` is not ``--force-resume``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"qhm-launch: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(BAD_INPUT)
+
+
+def _typed(name: str, convert, ok, allowed: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid; allowed: {allowed}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid; allowed: {allowed}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _typed("positive_int", int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _typed("nonnegative_int", int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _typed("positive_float", float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+nonnegative_float = _typed("nonnegative_float", float, lambda v: math.isfinite(v) and v >= 0,
+                           "a finite number >= 0")
+text = _typed("text", str, lambda v: v.isprintable() and v != "", "text without control characters")
+
+
+def add_debug(parser) -> None:
+    """``--debug`` on a subcommand too; SUPPRESS keeps the value given before the subcommand."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line")
