@@ -22,7 +22,9 @@ from .errors import UserError
 
 METRICS = ("test_acc", "grad_norm", "min_grad_norm", "train_loss", "test_loss", "train_acc")
 XS = ("epoch", "step", "samples")
-IGNORED = ("seed", "name", "output", "tracking", "checkpoint", "signals", "eval")
+# what never changes a plotted metric: a curve's runs may differ in these (and only these, and the seed)
+IGNORED = ("seed", "name", "output", "tracking", "checkpoint", "signals")
+IGNORED_KEYS = ("eval.batch_size", "distributed.nproc_per_node", "distributed.max_micro_batch")
 
 
 def load_run(run_dir: Path) -> dict:
@@ -35,10 +37,11 @@ def load_run(run_dir: Path) -> dict:
 
 
 def _identity(recipe: dict) -> dict:
-    """The recipe without what does not define a curve (seed, names, tracking, process layout)."""
+    """The recipe without what does not change a plotted metric (seed, names, tracking, checkpoints,
+    process layout, evaluation batch size). Evaluation settings that do (grad_norm_mode, every_epochs,
+    full_grad_norm) keep runs in separate curves."""
     leaves = keys.flatten(recipe)
-    return {k: v for k, v in leaves.items() if k.split(".")[0] not in IGNORED
-            and k not in ("distributed.nproc_per_node", "distributed.max_micro_batch")}
+    return {k: v for k, v in leaves.items() if k.split(".")[0] not in IGNORED and k not in IGNORED_KEYS}
 
 
 def group(runs: list[dict]) -> list[dict]:

@@ -146,6 +146,14 @@ def cmd_bounds(args) -> int:
              f"Theorem 4: A_K={g(t4['A_K'])} B'_K={g(b4)} C'_K={g(c4)} D'_K={g(d4)} "
              f"condition={'holds' if t4['condition_holds'] else 'fails'} bound={g(t4['bound'])} {t4['note']}".rstrip(),
              "  Corollary 5: " + (", ".join(f"{k}_K<={g(v)}" for k, v in t4["corollary5"].items()) or "not covered")]
+    pb = out["partial_batches"]
+    if pb["excess"] > 0:
+        lines.append(f"note: the last batch of an epoch is partial where n is not a multiple of the batch, while "
+                     f"B_K and B'_K take b_k = b'_m: the run's sum of 1/b_k is {100 * pb['excess']:.3g}% above "
+                     f"theirs (worst epoch {pb['worst_epoch']}: {100 * pb['worst_excess']:.3g}% at batch "
+                     f"{pb['worst_batch']})")
+    lines.append("note: grad_norm is the norm of the unregularised training loss's gradient (weight decay "
+                 "is not in f)")
     print("\n".join(lines))
     return 0
 
@@ -188,6 +196,11 @@ def cmd_run(args) -> int:
     folder = recipe.folder
     nproc = recipe.distributed.nproc_per_node
     planning.preflight(recipe, nproc)
+    if recipe.distributed.batch_norm == "sync" and nproc > 1:
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("distributed.batch_norm: 'sync' is not valid here; allowed: local (torch's "
+                            "SyncBatchNorm needs CUDA devices, and this machine has none)")
     lock = folder.acquire_lock()             # one run per folder, for as long as this process lives
     check_resume(recipe, args.force_resume, nproc)
     done = folder.read_json(folder.complete)

@@ -1,7 +1,9 @@
-"""Planning: each epoch's global batch split into micro-batch x accumulation x world size.
+"""Planning: each epoch's global batch split into micro-batch x accumulation over the world.
 
-The split is exact (micro * accum * world == global batch). The micro-batch grows with the global batch
-up to ``max_micro_batch``; past it the accumulation steps grow instead.
+Any world size runs any schedule: a batch that divides over the world splits exactly (micro * accum *
+world == global batch); one that does not gives ranks ceil or floor of batch/world samples, and a batch
+smaller than the world leaves the last ranks without data (they join the gradient reduce with zeros).
+The micro-batch grows with the global batch up to ``max_micro_batch``; past it accumulation grows.
 """
 from __future__ import annotations
 
@@ -23,45 +25,51 @@ class EpochPlan:
     micro_batch: int
     accum: int
     world_size: int
+    data_ranks: int          # ranks that carry samples of a full batch (all, unless batch < world size)
     lr: float
     beta: float
     gamma: float
 
 
 def split_batch(batch: int, world: int, max_micro: int) -> tuple[int, int]:
-    """(micro_batch, accum) with micro * accum * world == batch and micro <= max_micro, micro largest."""
-    if batch % world:
-        raise ValueError(f"global batch {batch} is not divisible by world size {world}")
-    per_rank = batch // world
-    micro = max(d for d in range(1, min(per_rank, max_micro) + 1) if per_rank % d == 0)
-    return micro, per_rank // micro
+    """(micro_batch, accum): this rank's share of a global batch cut into ``accum`` micro-batches of at
+    most ``micro_batch`` <= ``max_micro`` samples.
+
+    A batch that divides over the world splits exactly (micro * accum * world == batch, micro the
+    largest divisor of batch/world within the cap: every micro-batch the same shape). Otherwise ranks
+    carry ceil(batch/world) or floor(batch/world) samples (some none at all when the batch is smaller
+    than the world): micro and accum cover the largest share, and a rank with less runs fewer or
+    smaller micro-batches; the loss is normalised by the global batch either way, so the update is the
+    same."""
+    share = -(-batch // world)
+    if batch % world == 0:
+        micro = max(d for d in range(1, min(share, max_micro) + 1) if share % d == 0)
+        return micro, share // micro
+    micro = min(share, max_micro)
+    return micro, -(-share // micro)
 
 
-def _divisors(b: int) -> list[int]:
-    return [d for d in range(1, b + 1) if b % d == 0]
-
-
-def plan(recipe: Recipe, n: int, world_size: int) -> list[EpochPlan]:
+def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None) -> list[EpochPlan]:
+    """Every epoch's batch, steps, split over ``world_size`` ranks and hyper-parameters. A batch larger
+    than the training set is refused (its epochs would not be the schedule's: one step over fewer
+    samples), in one line naming the epoch."""
     table = qhm.epoch_table(recipe.schedule_spec(), n)
-    max_micro = recipe.distributed.max_micro_batch
+    too_big = [int(m) for m in table.epoch[table.batch > n]]
+    if too_big:
+        m = too_big[0]
+        raise RecipeError(f"schedule.batch: the batch reaches {int(table.batch[m])} at epoch {m}, more than the "
+                          f"{n} training samples; allowed: a schedule whose batch stays within the data (fewer "
+                          "epochs, a smaller growth or a longer interval)")
+    max_micro = max_micro or recipe.distributed.max_micro_batch
     out, splits = [], {}
     for m in range(len(table.epoch)):
         b = int(table.batch[m])
         if b not in splits:
-            try:
-                splits[b] = split_batch(b, world_size, max_micro)
-            except ValueError:
-                stage_epochs = [int(e) for e in table.epoch[table.batch == b]]
-                works = [d for d in _divisors(b) if d <= 1024]
-                raise RecipeError(
-                    f"schedule.batch: stage at epochs {stage_epochs[0]}-{stage_epochs[-1]} has global batch "
-                    f"{b}, which cannot be split over world size {world_size}; allowed: a world size "
-                    f"dividing every stage's batch (here {', '.join(map(str, works))}), or a larger "
-                    f"initial batch") from None
+            splits[b] = split_batch(b, world_size, max_micro)
         micro, accum = splits[b]
         out.append(EpochPlan(epoch=m, batch=b, steps=int(table.steps[m]), micro_batch=micro, accum=accum,
-                             world_size=world_size, lr=float(table.lr[m]), beta=float(table.beta[m]),
-                             gamma=float(table.gamma[m])))
+                             world_size=world_size, data_ranks=min(world_size, b), lr=float(table.lr[m]),
+                             beta=float(table.beta[m]), gamma=float(table.gamma[m])))
     return out
 
 
@@ -104,18 +112,26 @@ def stages(epochs: list[EpochPlan]) -> list[dict]:
             continue
         rows.append({"first": e.epoch, "last": e.epoch, "batch": e.batch, "steps": e.steps,
                      "steps_total": e.steps, "micro_batch": e.micro_batch, "accum": e.accum,
-                     "world_size": e.world_size})
+                     "world_size": e.world_size, "data_ranks": e.data_ranks})
     return rows
+
+
+def idle_warnings(epochs: list[EpochPlan]) -> list[str]:
+    """One line per stage that leaves most ranks without data."""
+    return [f"warning: epochs {s['first']}-{s['last']}: batch {s['batch']} gives data to {s['data_ranks']} of "
+            f"{s['world_size']} ranks; the others idle (a larger initial batch, or fewer ranks for this stage: "
+            "submit --elastic)"
+            for s in stages(epochs) if s["data_ranks"] * 2 < s["world_size"]]
 
 
 def format_table(epochs: list[EpochPlan], n: int) -> str:
     lines = [f"n = {n} training samples, {len(epochs)} epochs, {sum(e.steps for e in epochs)} optimizer steps, "
              f"{n * len(epochs)} samples (SFO)",
-             f"{'epochs':>11} {'batch':>7} {'steps/ep':>8} {'micro':>6} {'accum':>6} {'world':>6} "
+             f"{'epochs':>11} {'batch':>7} {'steps/ep':>8} {'micro':>6} {'accum':>6} {'world':>6} {'w/data':>6} "
              f"{'lr (first..last)':>22} {'beta':>13} {'gamma':>13}"]
     for s in stages(epochs):
         first, last = epochs[s["first"]], epochs[s["last"]]
         lines.append(f"{s['first']:>5}-{s['last']:<5} {s['batch']:>7} {s['steps']:>8} {s['micro_batch']:>6} "
-                     f"{s['accum']:>6} {s['world_size']:>6} {first.lr:>10.4g}..{last.lr:<10.4g} "
+                     f"{s['accum']:>6} {s['world_size']:>6} {s['data_ranks']:>6} {first.lr:>10.4g}..{last.lr:<10.4g} "
                      f"{first.beta:>6.4g}..{last.beta:<5.4g} {first.gamma:>6.4g}..{last.gamma:<5.4g}")
-    return "\n".join(lines)
+    return "\n".join(lines + idle_warnings(epochs))

@@ -31,6 +31,7 @@ KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name o
 ENGINES = ("ddp", "deepspeed")
 WANDB_MODES = ("online", "offline", "disabled")
 GRAD_NORM_MODES = ("exact", "paper")
+BATCH_NORMS = ("local", "sync")
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
 MAX_INT = 2 ** 63 - 1              # every integer key fits an int64 (seeds, sizes, steps)
 MAX_EPOCHS = 100_000               # the paper runs 300; the per-epoch plan is computed for every epoch
@@ -84,6 +85,7 @@ class Beta:
     max: float = 0.9
     min: float = 0.5
     factor: float = 0.5
+    staged: bool = False                # increasing in stages of E epochs, as the paper's code (not eq. 10)
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Distributed:
     max_micro_batch: int = 64
     zero_stage: int = 0                 # deepspeed only
     deepspeed_config: dict = field(default_factory=dict)
+    batch_norm: str = "local"           # local: statistics per micro-batch | sync: over all ranks (CUDA)
 
 
 @dataclass
@@ -186,18 +189,29 @@ class Recipe:
             lr=qhm.LRSchedule(s.lr.kind, s.lr.max, s.lr.min, power=s.lr.power, epochs=self.epochs,
                               warmup=s.lr.warmup),
             beta=qhm.BetaSchedule(s.beta.kind, max=s.beta.max, min=s.beta.min, factor=s.beta.factor,
-                                  interval=E),
+                                  interval=E, staged=s.beta.staged),
             gamma=qhm.GammaSchedule(gamma.kind, max=gamma.max, factor=gamma.factor, interval=E))
 
 
 # Fields that change the trajectory: a checkpoint written under other values is refused on resume.
 # W&B, process count, micro-batch cap, eval, checkpoint cadence and paths may change freely.
-TRAJECTORY_FIELDS = ("seed", "epochs", "data.dataset", "data.augment", "data.size", "model", "precision",
-                     "optimizer", "schedule", "distributed.engine", "distributed.zero_stage")
+TRAJECTORY_FIELDS = ("seed", "epochs", "data.dataset", "data.augment", "data.size", "data.rotation",
+                     "data.validation", "model", "precision", "optimizer", "schedule", "distributed.engine",
+                     "distributed.zero_stage", "distributed.batch_norm")
 
 
 def trajectory(recipe_dict: dict) -> dict:
-    return {key: keys.get(recipe_dict, key) for key in TRAJECTORY_FIELDS}
+    """The trajectory fields of a recipe; keys a recipe written by an earlier version lacks take their
+    defaults (which are what that version did), so adding a key never refuses an old checkpoint."""
+    full = _merged(dataclasses.asdict(Recipe()), recipe_dict)
+    return {key: keys.get(full, key) for key in TRAJECTORY_FIELDS}
+
+
+def _merged(defaults: dict, given: dict) -> dict:
+    out = dict(defaults)
+    for k, v in given.items():
+        out[k] = _merged(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return out
 
 
 def trajectory_hash(recipe_dict: dict) -> str:
@@ -304,6 +318,7 @@ def validate(r: Recipe) -> Recipe:
     _one_of("distributed.zero_stage", r.distributed.zero_stage, (0, 1, 2))
     _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
     _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
+    _one_of("distributed.batch_norm", r.distributed.batch_norm, BATCH_NORMS)
     if r.distributed.engine == "deepspeed":
         check_raw_deepspeed_config(r.distributed.deepspeed_config)
     elif r.distributed.deepspeed_config:

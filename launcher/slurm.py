@@ -69,6 +69,11 @@ def _check(args) -> None:
         raise UserError(f"--time: {args.time!r} is not valid; allowed: HH:MM:SS or D-HH:MM:SS")
 
 
+def single_line(text: str) -> str:
+    """Text for a comment line of the script: anything that could end the line is escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _sbatch_lines(args, nproc: int, array: str | None) -> list[str]:
     """#SBATCH lines: only numbers and fixed words. Options holding user text (job name, log path,
     partition, account, extra arguments) go on sbatch's command line as separate argv items, where no
@@ -120,7 +125,7 @@ def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: s
     for key, value in {"{{request_file}}": q(names.preempt_request.name),
                        "{{preempted_file}}": q(names.preempted.name),
                        "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, nproc, array)),
-                       "{{submit}}": shlex.join(submit_cmd),
+                       "{{submit}}": single_line(shlex.join(submit_cmd)),
                        "{{workdir}}": q(str(Path.cwd())), "{{exports}}": exports,
                        "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch,
                        "{{signal}}": args.signal, "{{signal_seconds}}": str(args.signal_seconds)}.items():

@@ -21,7 +21,7 @@ from . import data as data_mod
 from . import engines, models, order, planning, testhooks
 from . import recipe as recipe_mod
 from .checkpoint import CheckpointManager
-from .errors import PREEMPTED, RunFailed
+from .errors import PREEMPTED, RunFailed, UserError
 from .evaluation import evaluate, full_grad_norm
 from .files import atomic_write
 from .losses import Loss
@@ -71,6 +71,12 @@ class Trainer:
         self.plan = planning.plan(recipe, n, comm.world)
         self.module = models.build(recipe.model, self.dataset.shape, self.dataset.num_classes, recipe.seed,
                                    dtype).to(self.device)
+        self.sync_bn = recipe.distributed.batch_norm == "sync" and comm.world > 1
+        if self.sync_bn:
+            if self.device.type != "cuda":
+                raise UserError("distributed.batch_norm: 'sync' needs CUDA devices (torch's SyncBatchNorm); "
+                                "allowed: local on CPU")
+            self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.engine = engines.build(recipe, self.module, build_optimizer(recipe, self.module), comm, self.plan[0])
         self.loss = Loss()
         self.sampler = order.GlobalBatchSampler(n, recipe.seed, self.device)
@@ -121,15 +127,18 @@ class Trainer:
         """
         size, micro_batches = self.batches.step(stage.epoch, step, stage)
         model = self.engine.model
+        if self.sync_bn:              # every rank must join every batch-norm all-gather: as many micro-steps
+            needed = -(-(-(-size // self.comm.world)) // stage.micro_batch)
+            micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
         for i, (x, y) in enumerate(micro_batches):
             empty = len(y) == 0
-            if empty:                 # no samples here: join the reduce with zero gradients,
-                model.eval()          # without touching batch-norm statistics
+            if empty and not self.sync_bn:     # no samples here: join the gradient reduce with zeros,
+                model.eval()                   # without touching batch-norm statistics
             with self.engine.micro_step(last=i == len(micro_batches) - 1), self.autocast:
                 out = model(x)
                 loss = self.loss(out, y)
                 self.engine.backward(loss * (self.comm.world / size))
-            if empty:
+            if empty and not self.sync_bn:
                 model.train()
             self.sums.add(loss, self.loss.correct(out, y), len(y))
         self.engine.step()

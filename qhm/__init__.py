@@ -5,11 +5,11 @@ Pure PyTorch and numpy: no I/O, no torch.distributed.
 from .bounds import Constants, corollary3, corollary5, summary, theorem2, theorem4, verdict
 from .optimizer import PRESETS, QHM, from_torch_sgd, qhm, to_torch_sgd
 from .plan import (EpochTable, Schedule, StepSequences, apply_hyperparams, epoch_table,
-                   step_sequences)
+                   inverse_batch_sums, step_sequences)
 from .schedules import BatchSchedule, BetaSchedule, GammaSchedule, LRSchedule
 
 __all__ = ["QHM", "qhm", "PRESETS", "from_torch_sgd", "to_torch_sgd",
            "BatchSchedule", "LRSchedule", "BetaSchedule", "GammaSchedule",
            "Schedule", "EpochTable", "StepSequences", "epoch_table", "step_sequences",
-           "apply_hyperparams", "Constants", "theorem2", "theorem4", "corollary3", "corollary5",
+           "apply_hyperparams", "inverse_batch_sums", "Constants", "theorem2", "theorem4", "corollary3", "corollary5",
            "verdict", "summary"]

@@ -11,8 +11,11 @@ Theorem 4 (increasing beta; needs beta_k (alpha_k/2 + 1) <= 1 for every k):
     D'_K = sum(alpha_k^2/(1-beta_k))/sum alpha_k.
 
 Corollaries 3 and 5 give closed-form upper bounds of these terms. We derived each again from the
-schedules; where the printed form is not an upper bound of the term it bounds, we use the derived one
-(the tests check every closed form against the computed terms for many K):
+schedules; where the printed form is not an upper bound of the term it bounds, we use the derived one.
+Every form bounds its term at every K it is evaluated at, with one restriction: Corollary 3's B_K for
+polynomial LR with a constant batch holds at the end of training only (K = sum_m T_m; see END_ONLY),
+and is NaN before. The tests check every form against the computed terms for every K of wide grids
+of schedules, including the audit's cases. The corrections:
   * Corollary 3, C_K with cosine LR: the printed form lacks the factor 2 that A_K's cosine bound has
     (sum alpha_k >= K (alpha_max + alpha_min)/2); with it the bound holds.
   * Corollary 5, B'_K for sqrt-decay LR + constant beta + constant BS: the printed
@@ -27,14 +30,15 @@ All arrays are numpy, vectorised over K: ~2M steps take a few tens of millisecon
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Optional
 
 import numpy as np
 
-from .plan import EpochTable, Schedule, StepSequences, epoch_table, step_sequences
+from .plan import EpochTable, Schedule, StepSequences, epoch_table, inverse_batch_sums, step_sequences
 
 __all__ = ["Theorem2", "Theorem4", "theorem2", "theorem4", "corollary3", "corollary5", "verdict",
-           "Constants", "summary"]
+           "Constants", "summary", "Order", "term_orders", "theorem4_condition"]
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,16 @@ def corollary3(schedule: Schedule, table: EpochTable, K: np.ndarray) -> dict:
     if beta.kind == "step_decay" and gamma.kind == "step_decay" and beta.interval == gamma.interval:
         E = beta.interval
         out["C"] = gamma.max * beta.max * T0 * E / (1 - gamma.factor * beta.factor) / mean
+    for name in END_ONLY.get((kind, bs.kind), ()):       # no claim before the end of training
+        out[name] = np.where(K >= table.total_steps, out[name], np.nan)
     return out
+
+
+# Closed forms that bound their term at K = sum_m T_m (the end of training) but not at every K before:
+# polynomial LR with a constant batch. B_K is a running average of alpha_k weighted by alpha_k, so early
+# in training it is near alpha_max/b, above the form's full-schedule average (n = 1000, b = 1, M = 300,
+# alpha_max = 0.05, alpha_min = 0.005, p = 4: 1.42x the form at K = 35,000). Their values are NaN before.
+END_ONLY = {("polynomial", "constant"): ("B",)}
 
 
 def corollary5(schedule: Schedule, table: EpochTable, K: np.ndarray) -> dict:
@@ -188,34 +201,95 @@ def corollary5(schedule: Schedule, table: EpochTable, K: np.ndarray) -> dict:
     return {"A": 1.0 / sum_alpha, "B": B, "C": C, "D": D}
 
 
-def verdict(schedule: Schedule) -> str:
-    """The asymptotic reading of Theorem 2(ii) / 4(ii) for this schedule family, in one line."""
-    bs, lr = schedule.batch.kind, schedule.lr.kind
+# --------------------------------------------------------------------------------------------
+# Verdicts: how each term behaves as the run gets longer, derived from the schedule kinds, and the
+# reading of Theorem 2 / Theorem 4 that follows. Cosine and polynomial LR are read as the paper's
+# corollaries read them: bounded below on average (like a constant LR), their horizon growing with K.
+
+@dataclass(frozen=True, order=True)
+class Order:
+    """A term's order as K grows: K^power (log K)^log_power. (0, 0) is a floor > 0; above it, growth."""
+    power: Fraction
+    log_power: int = 0
+
+    @property
+    def vanishes(self) -> bool:
+        return (self.power, self.log_power) < (0, 0)
+
+    def __str__(self) -> str:
+        def k(p):
+            return {Fraction(1): "K", Fraction(1, 2): "sqrt K"}.get(p, f"K^({p})")
+        log = "" if self.log_power == 0 else ("log K" if abs(self.log_power) == 1 else f"(log K)^{abs(self.log_power)}")
+        if (self.power, self.log_power) == (0, 0):
+            return "tends to a floor > 0"
+        if self.vanishes:
+            num = log if self.log_power > 0 else "1"
+            den = " ".join(x for x in (k(-self.power) if self.power else "", log if self.log_power < 0 else "") if x)
+            return f"O({num}/{den})"
+        tail = {1: f" {log}", -1: f"/{log}", 0: ""}[(self.log_power > 0) - (self.log_power < 0)]
+        return f"grows like {k(self.power) if self.power else '1'}{tail}"
+
+
+def _o(power, log_power=0) -> Order:
+    return Order(Fraction(power), log_power)
+
+
+FLOOR = _o(0)
+
+
+def term_orders(schedule: Schedule) -> dict:
+    """{"theorem2": {A, B, C}, "theorem4": {A, B', C', D'}}: each term's Order, from the schedule kinds.
+
+    With K steps: sum alpha_k is K (constant, cosine, polynomial LR), sqrt K (sqrt decay) or log K
+    (decay); sum gamma_k beta_k is finite when beta or gamma decays in steps (or is 0), else ~K; an
+    exponential batch makes sum 1/b_k finite; increasing beta has 1 - beta_k ~ k^(-3/4).
+    """
+    lr = {"constant": "flat", "cosine": "flat", "polynomial": "flat"}.get(schedule.lr.kind, schedule.lr.kind)
     beta, gamma = schedule.beta, schedule.gamma
-    exp = bs == "exponential"
-    if beta.kind == "increasing":
-        if lr == "decay":
-            return ("Theorem 4 (increasing beta, decaying LR): min E||grad f||^2 = O(1/log K); "
-                    "converges with " + ("exponential" if exp else "constant") + " BS")
-        return (f"Theorem 4 (increasing beta) with {lr} LR: sum alpha_k^2/(1-beta_k) diverges, "
-                "D'_K does not vanish; use decay LR")
-    gb_decays = beta.kind == "step_decay" or gamma.kind == "step_decay" or beta.max == 0 or gamma.max == 0
-    if not gb_decays:
-        if lr == "sqrt_decay":
-            return ("Theorem 4 (constant beta, sqrt-decay LR): " +
-                    ("O(log K/sqrt K) with exponential BS" if exp else
-                     "O(sqrt K) with constant BS: the bound grows"))
-        return ("constant gamma*beta > 0: C_K tends to gamma*beta/mean(alpha) > 0, Theorem 2 leaves a floor; "
-                "step-decay beta or gamma (or gamma = 0) removes it")
-    if lr in ("constant", "cosine", "polynomial"):
-        if exp:
-            return f"Theorem 2, exponential BS + {lr} LR: A_K, B_K, C_K = O(1/K): min E||grad f||^2 = O(1/K)"
-        return (f"Theorem 2, constant BS + {lr} LR: B_K -> alpha/b, a noise floor: "
-                "O(1/K + sigma^2/b), no asymptotic convergence")
-    if lr == "sqrt_decay":
-        return ("Theorem 2, sqrt-decay LR: " +
-                ("O(1/sqrt K) with exponential BS" if exp else "O(log K/sqrt K) with constant BS"))
-    return "Theorem 2, decay LR: A_K = O(1/log K): converges, slowly"
+    exp_bs = schedule.batch.kind == "exponential"
+    increasing = beta.kind == "increasing"
+    A = {"flat": _o(-1), "sqrt_decay": _o(Fraction(-1, 2)), "decay": _o(0, -1)}[lr]
+    gb_summable = (beta.kind == "step_decay" or gamma.kind == "step_decay" or gamma.max == 0
+                   or (not increasing and beta.max == 0))
+    over_sum = {"flat": FLOOR, "sqrt_decay": _o(Fraction(1, 2)), "decay": _o(1, -1)}[lr]   # ~K / sum alpha
+    sq_over_sum = {"flat": FLOOR, "sqrt_decay": _o(Fraction(-1, 2), 1), "decay": A}[lr]    # sum alpha^2 / sum alpha
+    t2 = {"A": A, "B": A if exp_bs else sq_over_sum, "C": A if gb_summable else over_sum}
+    if increasing:                                       # sum (1 - beta_k) ~ K^(1/4)
+        b4 = {"flat": _o(Fraction(-3, 4)), "sqrt_decay": _o(Fraction(-1, 4)), "decay": _o(Fraction(1, 4), -1)}[lr]
+        d4 = {"flat": _o(Fraction(3, 4)), "sqrt_decay": _o(Fraction(1, 4)), "decay": A}[lr]
+    else:                                                # 1 - beta_k bounded away from 0
+        b4, d4 = over_sum, sq_over_sum
+    t4 = {"A": A, "B'": A if exp_bs else b4, "C'": sq_over_sum, "D'": d4}
+    return {"theorem2": t2, "theorem4": t4}
+
+
+def theorem4_condition(schedule: Schedule) -> bool:
+    """beta_k (alpha_k/2 + 1) <= 1 at every epoch of the run (Theorem 4's hypothesis)."""
+    m = np.arange(schedule.epochs)
+    return bool(np.all(schedule.beta.values(m) * (schedule.lr.values(m) / 2 + 1) <= 1 + 1e-12))
+
+
+def verdict(schedule: Schedule) -> str:
+    """The reading of Theorem 2 and Theorem 4 for this schedule family, in one line, from
+    :func:`term_orders` and Theorem 4's condition."""
+    orders = term_orders(schedule)
+    parts, best = [], None
+    for theorem, terms in (("Theorem 2", orders["theorem2"]), ("Theorem 4", orders["theorem4"])):
+        if theorem == "Theorem 4" and not theorem4_condition(schedule):
+            parts.append("Theorem 4 does not apply (beta_k (alpha_k/2 + 1) <= 1 fails)")
+            continue
+        worst = max(terms.values())
+        if worst.vanishes:
+            parts.append(f"{theorem}: " + ", ".join(f"{k}_K {v}" for k, v in terms.items())
+                         + f", so min E||grad f||^2 = {worst}")
+            best = worst if best is None or worst < best else best
+        else:
+            culprits = ", ".join(f"{k}_K {v}" for k, v in terms.items() if not v.vanishes)
+            why = " (the noise term sigma^2 B_K)" if theorem == "Theorem 2" and not terms["B"].vanishes else ""
+            parts.append(f"{theorem}: {culprits}{why}: its bound does not vanish")
+    head = (f"converges, min E||grad f||^2 = {best}" if best is not None
+            else "no convergence guarantee from Theorem 2 or 4 (a noise or momentum floor, or a growing term)")
+    return head + "; " + "; ".join(parts)
 
 
 def summary(schedule: Schedule, n: int, constants: Constants = Constants()) -> dict:
@@ -227,8 +301,13 @@ def summary(schedule: Schedule, n: int, constants: Constants = Constants()) -> d
     last = lambda x: None if x is None else float(x[-1])  # noqa: E731
     cor3 = {k: float(v[-1]) for k, v in corollary3(schedule, table, np.array([K])).items()}
     cor5 = {k: float(v[-1]) for k, v in corollary5(schedule, table, np.array([K])).items()}
+    nominal, actual = inverse_batch_sums(table)
+    worst = int(np.argmax(actual / nominal))
     return {
         "n": int(n), "K": K, "total_samples": table.total_samples,
+        "partial_batches": {"excess": float(actual.sum() / nominal.sum() - 1),
+                            "worst_epoch": worst, "worst_batch": int(table.batch[worst]),
+                            "worst_excess": float(actual[worst] / nominal[worst] - 1)},
         "theorem2": {"A_K": last(t2.A), "B_K": last(t2.B), "C_K": last(t2.C),
                      "sup_gamma_beta": t2.gamma_beta_sup, "alpha_max": t2.alpha_max,
                      "bound": last(t2.bound), "note": t2.note, "corollary3": cor3},

@@ -12,7 +12,7 @@ import numpy as np
 from .schedules import BatchSchedule, BetaSchedule, GammaSchedule, LRSchedule
 
 __all__ = ["Schedule", "EpochTable", "StepSequences", "epoch_table", "step_sequences",
-           "apply_hyperparams"]
+           "apply_hyperparams", "inverse_batch_sums"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Schedule:
             raise ValueError(f"epochs={self.epochs!r}: must be an integer >= 1")
         if self.lr.epochs != self.epochs:
             raise ValueError(f"lr.epochs={self.lr.epochs!r}: must equal epochs={self.epochs}")
+        self.batch.values(np.arange(self.epochs))       # raises if the batch outgrows an int64
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,15 @@ def step_sequences(table: EpochTable) -> StepSequences:
     rep = table.steps
     return StepSequences(lr=np.repeat(table.lr, rep), beta=np.repeat(table.beta, rep),
                          gamma=np.repeat(table.gamma, rep), batch=np.repeat(table.batch, rep))
+
+
+def inverse_batch_sums(table: EpochTable) -> tuple[np.ndarray, np.ndarray]:
+    """Per epoch: (sum over its steps of 1/b_k as the bounds take it, b_k = b'_m for all T_m steps;
+    the same sum over the batches actually drawn, the last one partial: n - (T_m - 1) b'_m samples).
+    The bounds' B_K and B'_K assume the first; the second is larger when n is not a multiple of b'_m."""
+    b = table.batch.astype(np.float64)
+    last = table.n - (table.steps - 1) * table.batch
+    return table.steps / b, (table.steps - 1) / b + 1.0 / last
 
 
 def apply_hyperparams(optimizer, lr: float, beta: float, gamma: float) -> None:

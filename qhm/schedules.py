@@ -18,6 +18,7 @@ __all__ = ["BatchSchedule", "LRSchedule", "BetaSchedule", "GammaSchedule",
            "BATCH_KINDS", "LR_KINDS", "BETA_KINDS", "GAMMA_KINDS"]
 
 BATCH_KINDS = ("constant", "exponential")
+MAX_BATCH = 2 ** 62
 LR_KINDS = ("constant", "sqrt_decay", "decay", "cosine", "polynomial")
 BETA_KINDS = ("constant", "step_decay", "increasing")
 GAMMA_KINDS = ("constant", "step_decay")
@@ -54,8 +55,10 @@ class _Scalar:
 class BatchSchedule(_Scalar):
     """Batch size b'_m: constant b (eq. 1) or exponential b_0 * delta^floor(m/E) (eq. 2).
 
-    ``size`` is b (constant) or b_0 (exponential); non-integer products are rounded to the nearest
-    integer, since a batch holds whole samples.
+    ``size`` is b (constant) or b_0 (exponential). A non-integer product is rounded *up*: a batch holds
+    whole samples, and b'_m >= b_0 delta^floor(m/E) keeps every bound stated for eq. (2) true (rounding to
+    the nearest, 3 * 1.5 = 4.5 -> 4, puts the batch below it and the exponential-batch forms fail).
+    A batch beyond MAX_BATCH (2^62) is refused rather than wrapped around to a negative number.
     """
     kind: str = "constant"
     size: int = 128
@@ -71,7 +74,15 @@ class BatchSchedule(_Scalar):
     def values(self, m):
         if self.kind == "constant":
             return np.full(np.shape(m), self.size, dtype=np.int64)
-        return np.rint(self.size * np.power(float(self.growth), _stage(m, self.interval))).astype(np.int64)
+        with np.errstate(over="ignore"):
+            exact = self.size * np.power(float(self.growth), _stage(m, self.interval))
+        batch = np.ceil(exact * (1.0 - 1e-15))           # 8 * 2**k is exact; 3 * 1.5 = 4.5 -> 5
+        if np.any(~(batch <= MAX_BATCH)):
+            first = int(np.flatnonzero(np.ravel(~(batch <= MAX_BATCH)))[0])
+            epoch = int(np.ravel(np.asarray(m))[first])
+            raise ValueError(f"batch.growth={self.growth!r}: must be small enough that b_0 delta^floor(m/E) "
+                             f"stays below 2^62 over the run (it passes it at epoch {epoch})")
+        return batch.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -121,12 +132,17 @@ class LRSchedule(_Scalar):
 @dataclass(frozen=True)
 class BetaSchedule(_Scalar):
     """beta'_m: constant beta_max (eq. 8), step decay beta_max zeta^floor(m/E) (eq. 9), or
-    increasing 1 - (1 - beta_min)/(m+1)^(3/4) (eq. 10)."""
+    increasing 1 - (1 - beta_min)/(m+1)^(3/4) (eq. 10, per epoch as the text writes it).
+
+    ``staged=True`` makes the increasing schedule move in stages of E epochs, as the paper's code does:
+    1 - (1 - beta_min)/(floor(m/E)+1)^(3/4) (without that code's off-by-one first stage).
+    """
     kind: str = "constant"
     max: float = 0.9
     min: float = 0.5
     factor: float = 0.5      # zeta
     interval: int = 1        # E
+    staged: bool = False
 
     def __post_init__(self):
         _kind(self.kind, BETA_KINDS, "beta.kind")
@@ -141,7 +157,8 @@ class BetaSchedule(_Scalar):
             return np.full(m.shape, float(self.max))
         if self.kind == "step_decay":
             return _step_decay(self.max, self.factor, m, self.interval)
-        return 1 - (1 - self.min) / np.power(m + 1.0, 0.75)
+        index = _stage(m, self.interval) if self.staged else m
+        return 1 - (1 - self.min) / np.power(index + 1.0, 0.75)
 
 
 @dataclass(frozen=True)

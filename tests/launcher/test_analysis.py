@@ -70,3 +70,13 @@ def test_report_and_cli(study, tmp_path, capsys):
     assert main(["plot", *map(str, runs), "--metric", "nope"]) == 2
     assert "--metric: 'nope' is not valid" in capsys.readouterr().err
     assert main(["plot", str(tmp_path)]) == 2
+
+
+def test_runs_that_measure_the_gradient_norm_differently_are_separate_curves():
+    from launcher import recipe as R
+    def run(seed, mode, eval_batch):
+        rec = R.from_dict(base_recipe(seed=seed, **{"eval.grad_norm_mode": mode, "eval.batch_size": eval_batch}))
+        return {"dir": f"{mode}-{seed}", "rows": [], "recipe": rec.to_dict()}
+    curves = analysis.group([run(0, "exact", 64), run(1, "exact", 500), run(0, "paper", 64), run(1, "paper", 64)])
+    assert len(curves) == 2 and [len(c["runs"]) for c in curves] == [2, 2]
+    assert "eval.grad_norm_mode=exact" in curves[0]["label"] and "eval.grad_norm_mode=paper" in curves[1]["label"]

@@ -141,3 +141,11 @@ def test_sweep_files_are_read_as_safely(tmp_path, capsys):
     one_clean_line(*run_main(["sweep", str(tmp_path / "sweep.yaml"), "--dry-run"], capsys), "appears twice")
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"recipe": "base.yaml", "name": "s\nx", "grid": {"seed": [1]}}))
     one_clean_line(*run_main(["sweep", str(tmp_path / "sweep.yaml"), "--dry-run"], capsys), "sweep.name")
+
+
+def test_synchronised_batch_norm_needs_cuda(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: sync batch norm is allowed")
+    one_clean_line(*run_main(["run", SMOKE, "--set", "distributed.batch_norm=sync"], capsys),
+                   "distributed.batch_norm: 'sync' is not valid here")

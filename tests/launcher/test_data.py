@@ -53,6 +53,23 @@ def test_crop_and_flip_are_torchvision_s_pad_slice_and_flip():
     assert torch.equal(out[1], expect)
 
 
+def test_rotation_is_torchvision_s_pixel_for_pixel():
+    """The reference: torchvision's rotate (RandomRotation's kernel), nearest pixel, fill 0."""
+    import torchvision.transforms.v2.functional as TF
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for angle in (15.0, -7.3, 90.0, 3.0):
+        params = torch.tensor([[0, 0, 0, angle]] * 2, dtype=torch.float64)
+        ours = O.apply_augment(x, params, O.Augment(pad=0, flip=False, rotate=15.0, fill=(0.0, 0.0, 0.0)))
+        assert torch.equal(ours, TF.rotate(x, angle, interpolation=TF.InterpolationMode.NEAREST, fill=0.0))
+
+
+def test_the_paper_s_cifar100_recipes_rotate_by_15_degrees():
+    import yaml
+    from conftest import ROOT
+    recipes = [yaml.safe_load(p.read_text()) for p in (ROOT / "recipes" / "paper").glob("*-increasing.yaml")]
+    assert recipes and all(r["data"]["dataset"] == "cifar100" and r["data"]["rotation"] == 15.0 for r in recipes)
+
+
 def test_rotation_turns_the_image_about_its_centre_and_fills_the_corners():
     x = torch.zeros(1, 1, 9, 9)
     x[0, 0, 4, 6:] = 1.0                                              # a bar from the centre to the right

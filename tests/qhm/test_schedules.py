@@ -101,3 +101,11 @@ def test_vectorised_values_equal_scalar_calls():
     m = np.arange(40)
     for sched in (s.batch, s.lr, s.beta, s.gamma):
         assert np.allclose(sched.values(m), [sched(int(i)) for i in m], rtol=0, atol=0)
+
+
+def test_increasing_beta_per_epoch_or_in_stages_as_the_paper_s_code():
+    per_epoch = BetaSchedule("increasing", min=0.5, interval=3)
+    staged = BetaSchedule("increasing", min=0.5, interval=3, staged=True)
+    for m in range(10):
+        assert per_epoch(m) == pytest.approx(1 - 0.5 / (m + 1) ** 0.75, rel=1e-15)       # eq. (10)
+        assert staged(m) == pytest.approx(1 - 0.5 / (m // 3 + 1) ** 0.75, rel=1e-15)    # the code's stages
