@@ -1,8 +1,10 @@
 """Launcher overhead: our trainer vs a bare hand-written DDP loop, same model, data and global batch.
 
-2 processes on CPU (gloo), global batch 256 = micro 32 x accumulation 4 x 2 ranks. Rounds alternate
-between the two; each reports training samples/s per epoch (evaluation excluded); medians and the
-ratio. A DDP comm hook counts gradient all-reduces per optimizer step in our trainer.
+2 processes on CPU (gloo), two configurations: global batch 8 = micro 4 x accumulation 1 x 2 ranks (the
+paper's first stage, where per-step overhead is what one waits for) and global batch 256 = micro 32 x
+accumulation 4 x 2. Rounds alternate between the two loops; each reports training samples/s per epoch
+(evaluation excluded, the first epoch of each round dropped as warm-up); medians and the ratio. A DDP
+comm hook counts gradient all-reduces per optimizer step in our trainer.
 
     .venv/bin/python benchmarks/launcher_overhead.py      # starts torchrun itself
 """
@@ -14,28 +16,32 @@ import tempfile
 import time
 from pathlib import Path
 
-ROUNDS, EPOCHS, N, BATCH, MICRO = 3, 3, 4096, 256, 32
+ROUNDS, EPOCHS = 3, 3
+CONFIGS = [  # (global batch, micro-batch, training samples)
+    (8, 4, 2048),
+    (256, 32, 4096),
+]
 
 
-def bare_loop(comm, epochs):
-    """The baseline: DDP, no_sync on all but the last micro-batch, plain SGD-style loop with QHM."""
+def bare_loop(comm, epochs, batch, micro, n):
+    """The baseline: DDP, no_sync on all but the last micro-batch, a plain loop with QHM."""
     import torch
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
     import qhm
     from launcher import data as D, models
-    ds = D.load(D.Data(dataset="synthetic", size=N, augment=False), comm.device, torch.float32)
+    ds = D.load(D.Data(dataset="synthetic", size=n, augment=False), comm.device, torch.float32)
     model = DDP(models.build("small_cnn", ds.shape, 10, 0, torch.float32))
     opt = qhm.QHM(model.parameters(), lr=0.05, beta=0.9, gamma=0.7)
-    per_rank = BATCH // comm.world
+    per_rank = batch // comm.world
     rates = []
     for epoch in range(epochs):
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         t0, seen = time.time(), 0
-        for start in range(0, N, BATCH):
-            idx = perm[start:start + BATCH]
+        for start in range(0, n, batch):
+            idx = perm[start:start + batch]
             mine = idx[comm.rank * per_rank:(comm.rank + 1) * per_rank]
-            chunks = mine.split(MICRO)
+            chunks = mine.split(micro)
             for i, c in enumerate(chunks):
                 ctx = model.no_sync() if i < len(chunks) - 1 else torch.enable_grad()
                 with ctx:
@@ -48,17 +54,20 @@ def bare_loop(comm, epochs):
     return rates[1:]
 
 
-def ours(comm, epochs, folder, counter):
-    import json
-    from launcher import recipe as R, trainer
+def ours(comm, epochs, folder, batch, micro, n):
+    from launcher import recipe as R
+    from launcher.files import read_jsonl
+    from launcher.signals import PreemptionFlag
+    from launcher.trainer import Trainer
     r = R.from_dict({"name": "bench", "output": str(folder), "epochs": epochs, "seed": 0,
-                     "data": {"dataset": "synthetic", "size": N, "augment": False},
-                     "schedule": {"batch": {"kind": "constant", "size": BATCH}, "lr": {"max": 0.05}},
-                     "distributed": {"nproc_per_node": comm.world, "max_micro_batch": MICRO},
+                     "data": {"dataset": "synthetic", "size": n, "augment": False},
+                     "schedule": {"batch": {"kind": "constant", "size": batch}, "lr": {"max": 0.05}},
+                     "distributed": {"nproc_per_node": comm.world, "max_micro_batch": micro},
                      "eval": {"every_epochs": 1000, "full_grad_norm": False},
+                     "checkpoint": {"every_steps": 0, "keep": 1},
                      "tracking": {"wandb": {"mode": "disabled"}}})
-    trainer.train(r, comm, log=lambda *a, **k: None)
-    rows = [json.loads(x) for x in (Path(folder) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    Trainer(r, comm, PreemptionFlag([]), log=lambda *a, **k: None).train()
+    rows = read_jsonl(Path(folder) / "bench" / "metrics.jsonl")
     return [row["samples_per_s"] for row in rows][1:], rows[-1]["step"]
 
 
@@ -79,21 +88,25 @@ def worker():
         self.model.register_comm_hook(None, counting_hook)
     engines.DDPEngine.__init__ = patched
 
-    bare, mine, steps_total = [], [], 0
-    for r in range(ROUNDS):
-        bare += bare_loop(comm, EPOCHS)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = comm.broadcast(tmp if comm.is_main else None)
-            rates, steps = ours(comm, EPOCHS, folder, calls)
-            mine += rates
-            steps_total += steps
-            comm.barrier()
-    if comm.is_main:
+    lines = []
+    for batch, micro, n in CONFIGS:
+        bare, mine, steps_total, calls["n"] = [], [], 0, 0
+        for _ in range(ROUNDS):
+            bare += bare_loop(comm, EPOCHS, batch, micro, n)
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = comm.broadcast(tmp if comm.is_main else None)
+                rates, steps = ours(comm, EPOCHS, folder, batch, micro, n)
+                mine += rates
+                steps_total += steps
+                comm.barrier()
         b, m = statistics.median(bare), statistics.median(mine)
-        print(f"| bare DDP loop | {b:,.0f} samples/s |")
-        print(f"| qhm-launch trainer | {m:,.0f} samples/s |")
-        print(f"| ratio (ours / bare) | {m / b:.3f} |")
-        print(f"| gradient all-reduces per optimizer step (accum 4) | {calls['n'] / steps_total:.2f} |")
+        split = f"{micro} x {batch // micro // comm.world} x {comm.world}"
+        lines.append(f"| {batch} = {split} | {b:,.0f} | {m:,.0f} | {m / b:.3f} | {calls['n'] / steps_total:.2f} |")
+    if comm.is_main:
+        print("| global batch (micro x accum x ranks) | bare DDP loop (samples/s) | qhm-launch trainer (samples/s) "
+              "| ratio | gradient all-reduces per step |")
+        print("|---|---|---|---|---|")
+        print("\n".join(lines))
     comm.close()
 
 

@@ -68,6 +68,8 @@ class PerRankStateful(Stateful, Protocol):
 
 class FileStateful(Protocol):
     def save_files(self, folder: Path) -> None: ...
+    def check_files(self, folder: Path) -> None:
+        """Read what load_files will read, without collectives: raise if any of it cannot be loaded."""
     def load_files(self, folder: Path) -> None: ...
 
 
@@ -182,7 +184,7 @@ class CheckpointManager:
     def register(self, name: str, part, scope: Scope) -> None:
         if any(p.name == name for p in self._parts):
             raise ValueError(f"checkpoint part {name!r} registered twice")
-        needs = ("save_files", "load_files") if scope == "files" else ("state_dict", "load_state_dict")
+        needs = ("save_files", "check_files", "load_files") if scope == "files" else ("state_dict", "load_state_dict")
         if scope == "per_rank":
             needs += ("reshard",)
         missing = [m for m in needs if not callable(getattr(type(part), m, None))]
@@ -330,9 +332,9 @@ class CheckpointManager:
                 raise UserError(problem)
             if found is None:
                 return None
-            error = None
+            error, staged = None, None
             try:
-                self._load(found)
+                staged = self._read(found)     # every file this rank needs, read and checked: no collectives
             except UserError as exc:
                 error = ("user", str(exc))
             except Exception as exc:  # noqa: BLE001 - any failure to load means "not valid"
@@ -347,12 +349,15 @@ class CheckpointManager:
                 self.log(f"checkpoint {found.path.name} is not valid ({reason}); trying the previous one")
                 skip[found.path.name] = reason
                 continue
+            self._apply(found, *staged)        # all ranks read it: now the parts take it (collectively)
             if self.rank == 0:
                 self._known = self._older_sound(found) + [found.path]
             self.last_step = found.step
             return found.manifest
 
-    def _load(self, found: Found) -> None:
+    def _read(self, found: Found) -> tuple[dict, list]:
+        """(replicated states, per-rank states this rank needs), upgraded to the current layout; the
+        files parts check what they will read. Raises on anything that does not load."""
         files, path = found.manifest["files"], found.path
         replicated = read_file(path / "state.pt")
         saved_world = found.manifest["world_size"]
@@ -362,6 +367,12 @@ class CheckpointManager:
         per_rank = [read_file(path / n) for n in per_rank_names if n in files]
         for version in range(found.manifest["version"], VERSION):
             replicated, per_rank = self._upgrades[version](replicated, per_rank)
+        for part in self._of("files"):
+            part.obj.check_files(path)
+        return replicated, per_rank
+
+    def _apply(self, found: Found, replicated: dict, per_rank: list) -> None:
+        path, same_world = found.path, found.manifest["world_size"] == self.world
         for part in self._of("replicated"):
             part.obj.load_state_dict(replicated[part.name])
         for part in self._of("per_rank"):

@@ -104,6 +104,14 @@ class DeepSpeedEngine:
     def save_files(self, folder: Path) -> None:
         self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
+    def check_files(self, folder: Path) -> None:
+        """Load every DeepSpeed file of the checkpoint the safe way, here, before DeepSpeed's own load
+        (which has collectives inside: a file that fails there on one rank would leave the others
+        waiting); whatever fails here makes the checkpoint "not valid" on every rank."""
+        for path in sorted((Path(folder) / TAG).glob("*.pt")):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                torch.load(path, map_location="cpu", weights_only=True)
+
     def load_files(self, folder: Path) -> None:
         path, _ = self.model.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)

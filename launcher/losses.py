@@ -18,7 +18,10 @@ def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class Loss:
-    def __init__(self, per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+    """``per_sample(out, target)`` -> one loss per sample; the default is cross-entropy on class logits
+    (computed summed in one kernel)."""
+
+    def __init__(self, per_sample: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                  name: str = "cross_entropy"):
         self.per_sample, self.name = per_sample, name
 
@@ -26,6 +29,8 @@ class Loss:
         """The summed loss of the batch, in float32 at least (bf16 outputs are upcast first)."""
         if out.dtype in (torch.bfloat16, torch.float16):
             out = out.float()
+        if self.per_sample is None:
+            return F.cross_entropy(out, target, reduction="sum")
         return self.per_sample(out, target).sum()
 
     @staticmethod

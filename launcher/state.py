@@ -75,33 +75,40 @@ class RankRNG:
 
 
 class EpochSums:
-    """This rank's sums over the epoch so far: loss, correct predictions (on the device, so adding to
-    them never waits for the device) and samples (a host integer: the loop knows it without asking)."""
+    """This rank's sums over the epoch so far: loss and correct predictions (0-d tensors on the device,
+    so adding to them never waits for it: one small kernel each) and samples (a host integer: the loop
+    knows it without asking). ``has_accuracy`` turns False when the outputs are not class logits."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.values = torch.zeros(2, dtype=torch.float64, device=device)      # loss sum, correct
-        self.samples = 0
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples, self.has_accuracy = 0, True
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor | None, samples: int) -> None:
-        self.values[0] += loss_sum.detach()
-        if correct is not None:
-            self.values[1] += correct
+        self.loss += loss_sum.detach()
+        if correct is None:
+            self.has_accuracy = False
+        else:
+            self.correct += correct
         self.samples += samples
 
     def zero(self) -> None:
-        self.values.zero_()
+        self.loss.zero_()
+        self.correct.zero_()
         self.samples = 0
 
     def as_tensor(self) -> torch.Tensor:
         """(loss sum, correct, samples) as one float64 tensor on the device, ready to all-reduce."""
-        return torch.cat([self.values, torch.tensor([float(self.samples)], dtype=torch.float64).to(self.device)])
+        return torch.stack([self.loss, self.correct, torch.tensor(float(self.samples), dtype=torch.float64,
+                                                                  device=self.device)])
 
     def state_dict(self) -> dict:
-        return {"values": self.values.cpu(), "samples": self.samples}
+        return {"values": torch.stack([self.loss, self.correct]).cpu(), "samples": self.samples}
 
     def load_state_dict(self, state: dict) -> None:
-        self.values.copy_(state["values"])
+        self.loss.copy_(state["values"][0])
+        self.correct.copy_(state["values"][1])
         self.samples = int(state["samples"])
 
     def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:

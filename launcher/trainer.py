@@ -29,7 +29,6 @@ from .signals import Agreement, PreemptionFlag
 from .state import EpochSums, RankRNG, TrainState
 from .tracking import MetricsLog, Tracker, run_id
 
-NEVER = 2 ** 62                     # "no such step yet"
 DTYPES = {"fp32": torch.float32,
           # bf16 is torch.autocast over fp32 weights and data: parameters, optimizer state, inputs and
           # the loss stay fp32, only the matmuls and convolutions run in bf16 (both engines alike).
@@ -90,10 +89,10 @@ class Trainer:
             self.checkpoints.register(name, part, scope)
         self.checkpoints.register_upgrade(1, upgrade_v1)
         self.metrics, self.tracker, self.bar = MetricsLog(self.folder.metrics), None, None
-        # on the device, so watching for a non-finite loss never waits for it: the global step, and the
-        # first step whose loss was not finite (NEVER until then)
-        self.device_step = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.first_bad_step = torch.full((), NEVER, dtype=torch.int64, device=self.device)
+        # on the device, so watching for a non-finite loss never waits for it: the steps of this epoch whose
+        # running loss sum was still finite (a non-finite loss stays in the sum, so the count stops there)
+        self.finite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.step_delay = testhooks.step_delay()
         self._clock, self._epoch_clock = time.time(), time.time()
 
     # the Trainer is the "train" part of every checkpoint
@@ -142,13 +141,11 @@ class Trainer:
                 model.train()
             self.sums.add(loss, self.loss.correct(out, y), len(y))
         self.engine.step()
-        self.device_step += 1              # a non-finite loss stays in the epoch's sum: remember when it came
-        self.first_bad_step = torch.where(torch.isfinite(self.sums.values[0]), self.first_bad_step,
-                                          torch.minimum(self.first_bad_step, self.device_step))
+        self.finite_steps += torch.isfinite(self.sums.loss)
         self.state.step, self.state.global_step = step + 1, self.state.global_step + 1
         self.state.samples += size
-        if testhooks.step_delay():
-            time.sleep(testhooks.step_delay())
+        if self.step_delay:
+            time.sleep(self.step_delay)
         if self.bar is not None:
             self.bar.update(1)
 
@@ -179,7 +176,6 @@ class Trainer:
             self.state.wandb_id = run_id(self.folder.wandb_id, self.state.wandb_id or None)
             self.tracker = Tracker(self.recipe, self.folder.wandb, self.state.wandb_id, self.log)
         self.state.wandb_id = self.comm.broadcast(self.state.wandb_id)
-        self.device_step.fill_(self.state.global_step)
         self._clock = time.time()
 
     def start_epoch(self, epoch: int) -> planning.EpochPlan:
@@ -188,6 +184,8 @@ class Trainer:
         self.engine.set_stage(stage.micro_batch, stage.accum)
         qhm.apply_hyperparams(self.engine.optimizer, stage.lr, stage.beta, stage.gamma)
         self.batches.start_epoch(epoch, self.state.step, stage)
+        self.finite_steps.fill_(self.state.step)         # a checkpoint holds only finite steps
+        self.stop.every = stop_check_interval(stage)
         self.module.train()
         self._epoch_clock, self._epoch_samples = time.time(), self.state.samples
         show = self.comm.is_main and sys.stderr.isatty()
@@ -205,7 +203,8 @@ class Trainer:
         row = {"epoch": stage.epoch, "step": self.state.global_step, "samples": self.state.samples,
                "batch": stage.batch, "micro_batch": stage.micro_batch, "accum": stage.accum,
                "world_size": self.comm.world, "lr": stage.lr, "beta": stage.beta, "gamma": stage.gamma,
-               "train_loss": float(totals[0] / totals[2]), "train_acc": float(totals[1] / totals[2]),
+               "train_loss": float(totals[0] / totals[2]),
+               "train_acc": float(totals[1] / totals[2]) if self.sums.has_accuracy else None,
                "test_loss": None, "test_acc": None, "grad_norm": None, "min_grad_norm": None}
         if (stage.epoch + 1) % self.recipe.eval.every_epochs == 0 or stage.epoch == self.recipe.epochs - 1:
             self.evaluate_into(row, stage.epoch)
@@ -242,8 +241,9 @@ class Trainer:
     def check_finite(self) -> None:
         """Stop (on every rank) if any rank's loss was not finite since the last check: before anything
         is saved or logged, so no checkpoint ever holds what came of it."""
-        first = int(self.comm.all_reduce_min(self.first_bad_step.clone()))
-        if first != NEVER:
+        finite = int(self.comm.all_reduce_min(self.finite_steps.clone()))
+        if finite < self.state.step:
+            first = self.state.global_step - self.state.step + finite + 1
             raise RunFailed(f"the training loss is not finite at global step {first}; stopped, nothing was saved "
                             f"after global step {self.checkpoints.last_step}; lower schedule.lr.max (or check the "
                             "data) and rerun to resume from there")
@@ -285,6 +285,12 @@ class Trainer:
             self.tracker.summarise(summary_values(self.state, self.metrics.rows()))
             self.tracker.finish()
         return 0
+
+
+def stop_check_interval(stage: planning.EpochPlan) -> int:
+    """Optimizer steps between two preemption checks: every step from batch 256 up; in the smallest
+    stages, whose steps take a millisecond, fewer (at most 32 steps apart), so the check costs nothing."""
+    return max(1, min(32, 256 // stage.batch))
 
 
 def summary_values(state: TrainState, rows: list[dict]) -> dict:

@@ -52,6 +52,9 @@ class Files:
         (folder / "own").mkdir()
         (folder / "own" / "data.txt").write_text(self.text)
 
+    def check_files(self, folder: Path):
+        (folder / "own" / "data.txt").read_text()
+
     def load_files(self, folder: Path):
         self.text = (folder / "own" / "data.txt").read_text()
 
@@ -88,7 +91,7 @@ def test_registered_parts_round_trip_with_their_scopes(tmp_path):
 def test_a_part_lacking_its_methods_is_refused_at_registration(tmp_path):
     with pytest.raises(TypeError, match="lacks reshard"):
         manager(tmp_path).register("x", Box(), "per_rank")
-    with pytest.raises(TypeError, match="lacks save_files, load_files"):
+    with pytest.raises(TypeError, match="lacks save_files, check_files, load_files"):
         manager(tmp_path).register("x", Box(), "files")
 
 
@@ -213,7 +216,7 @@ def test_a_v1_checkpoint_is_upgraded(tmp_path):
     assert m.resume()["step"] == 5
     assert torch.equal(engine.loaded["model"]["w"], torch.ones(2))
     assert (state.epoch, state.step, state.global_step, state.samples, state.wandb_id) == (1, 2, 5, 40, "abc")
-    assert sums.values.tolist() == [4.0, 3.0] and sums.samples == 8
+    assert (float(sums.loss), float(sums.correct), sums.samples) == (4.0, 3.0, 8)
 
 
 class _Evil:
