@@ -7,6 +7,7 @@ panel shows the Theorem 2 terms of each curve's schedule at the same epochs, bes
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +21,42 @@ from . import recipe as recipe_mod
 from .runfolder import RunFolder
 from .errors import UserError
 
-METRICS = ("test_acc", "grad_norm", "min_grad_norm", "train_loss", "test_loss", "train_acc")
+METRICS = ("test_acc", "grad_norm", "min_grad_norm", "train_loss", "test_loss", "train_acc", "val_acc", "val_loss",
+           "lr", "beta", "gamma", "batch", "samples_per_s")
 XS = ("epoch", "step", "samples")
+ROWS = ("epochs", "steps")
 # what never changes a plotted metric: a curve's runs may differ in these (and only these, and the seed)
 IGNORED = ("seed", "name", "output", "tracking", "checkpoint", "signals")
 IGNORED_KEYS = ("eval.batch_size", "distributed.nproc_per_node", "distributed.max_micro_batch")
 
 
+def load_runs(run_dirs: list) -> list[dict]:
+    """The runs (sweep folders expanded) that have metrics; the others are listed in one line on
+    stderr, since a sweep in progress leaves some without any yet."""
+    from .status import expand
+    loaded, left_out = [], []
+    for d in expand(run_dirs):
+        folder = RunFolder(d)
+        if folder.recipe.exists() and folder.metric_rows():
+            loaded.append(load_run(d))
+        else:
+            left_out.append(str(d))
+    if left_out:
+        print(f"qhm-launch: left out {len(left_out)} run(s) without metrics yet: {', '.join(left_out)}",
+              file=sys.stderr)
+    if not loaded:
+        raise UserError(f"runs: none of {', '.join(map(str, run_dirs))} has metrics yet; allowed: run folders "
+                        "(see qhm-launch status)")
+    return loaded
+
+
 def load_run(run_dir: Path) -> dict:
     folder = RunFolder(run_dir)
-    if not folder.metrics.exists() or not folder.recipe.exists():
-        raise UserError(f"run: {str(run_dir)!r} has no metrics.jsonl and recipe.yaml; allowed: run folders")
+    missing = [p.name for p in (folder.metrics, folder.recipe) if not p.exists()]
+    if missing:
+        raise UserError(f"run: {str(run_dir)!r} has no {' and no '.join(missing)}; allowed: run folders")
     recipe = yaml.safe_load(folder.recipe.read_text())
-    return {"dir": folder.path, "rows": folder.metric_rows(), "recipe": recipe,
+    return {"dir": folder.path, "rows": folder.metric_rows(), "step_rows": folder.step_rows(), "recipe": recipe,
             "complete": folder.read_json(folder.complete)}
 
 
@@ -60,13 +84,17 @@ def group(runs: list[dict]) -> list[dict]:
     return curves
 
 
-def series(curve: dict, metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x, mean, min, max) over the curve's seeds, on the epochs every seed has a value for."""
-    per_run = [{r["epoch"]: r for r in run["rows"] if r.get(metric) is not None} for run in curve["runs"]]
-    epochs = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
-    values = np.array([[p[e][metric] for e in epochs] for p in per_run], dtype=float).reshape(len(per_run), -1)
+def series(curve: dict, metric: str, x: str, rows: str = "epochs") -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                           np.ndarray]:
+    """(x, mean, min, max) over the curve's seeds, at the epochs (or logged steps) every seed has a
+    value for. ``rows``: "epochs" (metrics.jsonl) or "steps" (steps.jsonl)."""
+    key, table = ("epoch", "rows") if rows == "epochs" else ("step", "step_rows")
+    per_run = [{r[key]: r for r in run[table] if r.get(metric) is not None} for run in curve["runs"]]
+    points = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    values = np.array([[p[e][metric] for e in points] for p in per_run], dtype=float).reshape(len(per_run), -1)
     first = per_run[0]
-    xs = np.array([first[e][x] + (1 if x == "epoch" else 0) for e in epochs], dtype=float)
+    shift = 1 if (x == "epoch" and rows == "epochs") else 0          # epoch rows are drawn at their end
+    xs = np.array([first[e][x] + shift for e in points], dtype=float)
     return xs, values.mean(axis=0), values.min(axis=0), values.max(axis=0)
 
 
@@ -81,8 +109,12 @@ def bound_terms(recipe_dict: dict, x: str) -> tuple[np.ndarray, dict]:
     return np.asarray(xs, dtype=float), {"A_K": t2.A[ends], "B_K": t2.B[ends], "C_K": t2.C[ends]}
 
 
-def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = "plot.png") -> list[dict]:
-    """Draw the figure (PNG or PDF, by the file name); returns what was drawn, per curve."""
+def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = "plot.png",
+         rows: str = "epochs") -> list[dict]:
+    """Draw the figure (PNG or PDF, by the file name); returns what was drawn, per curve. ``rows``:
+    "epochs" (metrics.jsonl) or "steps" (steps.jsonl, per-step metrics)."""
+    if rows not in ROWS:
+        raise UserError(f"--rows: {rows!r} is not valid; allowed: {' | '.join(ROWS)}")
     if metric not in METRICS:
         raise UserError(f"--metric: {metric!r} is not valid; allowed: {' | '.join(METRICS)}")
     if x not in XS:
@@ -93,17 +125,20 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = group([load_run(d) for d in run_dirs])
-    with_bounds = metric == "min_grad_norm"
+    curves = group(load_runs(run_dirs))
+    with_bounds = metric == "min_grad_norm" and rows == "epochs"
     fig, axes = plt.subplots(1, 2 if with_bounds else 1, figsize=(12 if with_bounds else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     drawn = []
     for i, c in enumerate(curves):
-        xs, mean, lo, hi = series(c, metric, x)
+        xs, mean, lo, hi = series(c, metric, x, rows)
         colour = f"C{i % 10}"
-        ax.plot(xs, mean, color=colour, label=f"{c['label']} ({len(c['runs'])} seeds)")
+        seeds = len({r["recipe"].get("seed") for r in c["runs"]})           # distinct seeds, not runs
+        legend = f"{c['label']} ({seeds} seed{'s' if seeds != 1 else ''})"
+        ax.plot(xs, mean, color=colour, label=legend)
         ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, linewidth=0)
-        drawn.append({"label": c["label"], "runs": [str(r["dir"]) for r in c["runs"]], "x": xs, "mean": mean,
+        drawn.append({"label": c["label"], "legend": legend, "runs": [str(r["dir"]) for r in c["runs"]], "x": xs,
+                      "mean": mean,
                       "min": lo, "max": hi})
         if with_bounds:
             bx, terms = bound_terms(c["runs"][0]["recipe"], x)
@@ -131,18 +166,32 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
     return drawn
 
 
-def report(run_dirs: list) -> str:
-    """One markdown row per run: final/best test accuracy, final min grad norm, steps, SFO, wall time."""
-    lines = ["| run | epochs | final test acc | best test acc | final min grad norm | total steps | "
-             "total SFO | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+RANKS = ("best_val_acc", "best_test_acc", "final_test_acc", "final_min_grad_norm")
+
+
+def report(run_dirs: list, rank: str | None = None) -> str:
+    """One markdown row per run: final/best test (and validation) accuracy, final min grad norm, steps,
+    SFO, wall time; ``rank`` sorts the rows by a column, best first (a grid search ranks by
+    best_val_acc, so it never picks hyper-parameters on the test set)."""
+    if rank is not None and rank not in RANKS:
+        raise UserError(f"--rank: {rank!r} is not valid; allowed: {' | '.join(RANKS)}")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for d in run_dirs:
-        run = load_run(d)
-        rows = run["rows"]
-        last = rows[-1] if rows else {}
-        accs = [r["test_acc"] for r in rows if r.get("test_acc") is not None]
-        done = "" if run["complete"] else " (incomplete)"
-        lines.append(f"| {run['recipe']['name']}{done} | {len(rows)} | {fmt(last.get('test_acc'), '.4f')} | "
-                     f"{fmt(max(accs) if accs else None, '.4f')} | {fmt(last.get('min_grad_norm'), '.4g')} | "
-                     f"{last.get('step', '-')} | {last.get('samples', '-')} | {fmt(last.get('wall_time'), '.1f')} |")
+    best = lambda rows, k: max((r[k] for r in rows if r.get(k) is not None), default=None)  # noqa: E731
+    entries = []
+    for run in load_runs(run_dirs):
+        rows, last = run["rows"], run["rows"][-1]
+        entries.append({"name": run["recipe"]["name"] + ("" if run["complete"] else " (incomplete)"),
+                        "epochs": len(rows), "final_test_acc": last.get("test_acc"),
+                        "best_test_acc": best(rows, "test_acc"), "best_val_acc": best(rows, "val_acc"),
+                        "final_min_grad_norm": last.get("min_grad_norm"), "step": last.get("step", "-"),
+                        "samples": last.get("samples", "-"), "wall": last.get("wall_time")})
+    if rank is not None:
+        lower_is_better = rank == "final_min_grad_norm"
+        entries.sort(key=lambda e: (e[rank] is None, e[rank] if lower_is_better else -(e[rank] or 0)))
+    lines = ["| run | epochs | final test acc | best test acc | best val acc | final min grad norm | total steps | "
+             "total SFO | wall time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e['name']} | {e['epochs']} | {fmt(e['final_test_acc'], '.4f')} | "
+                     f"{fmt(e['best_test_acc'], '.4f')} | {fmt(e['best_val_acc'], '.4f')} | "
+                     f"{fmt(e['final_min_grad_norm'], '.4g')} | {e['step']} | {e['samples']} | {fmt(e['wall'], '.1f')} |")
     return "\n".join(lines)

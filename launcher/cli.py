@@ -61,14 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     from . import slurm
     slurm.add_arguments(command)
 
-    from .analysis import METRICS, XS
+    from .analysis import METRICS, RANKS, XS
     pt = command("plot", "curves of several runs: mean and min-max band over seeds")
     pt.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (those without metrics are listed)")
     pt.add_argument("--metric", default="test_acc", help=f"what to draw: {' | '.join(METRICS)} (default test_acc)")
     pt.add_argument("--x", default="epoch", help=f"x axis: {' | '.join(XS)} (default epoch)")
     pt.add_argument("--out", default="plot.png", help="FILE.png or FILE.pdf (default plot.png)")
+    pt.add_argument("--rows", default="epochs", help="epochs (metrics.jsonl) | steps (steps.jsonl) (default epochs)")
     rp = command("report", "a markdown table: one row per run")
-    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (those without metrics are listed)")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run or sweep folders (those without metrics are listed)")
+    rp.add_argument("--rank", help=f"sort by: {' | '.join(RANKS)} (best first)")
+    st = command("status", "one row per run: done / running / preempted / failed / interrupted / not started")
+    st.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or sweep folders (their points)")
     return p
 
 
@@ -82,14 +86,20 @@ def version() -> str:
 
 def cmd_plot(args) -> int:
     from . import analysis
-    drawn = analysis.plot(args.runs, args.metric, args.x, args.out)
+    drawn = analysis.plot(args.runs, args.metric, args.x, args.out, args.rows)
     print(f"qhm-launch: {len(drawn)} curves from {len(args.runs)} runs -> {args.out}")
     return 0
 
 
 def cmd_report(args) -> int:
     from . import analysis
-    print(analysis.report(args.runs))
+    print(analysis.report(args.runs, args.rank))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from . import status
+    print(status.table(args.runs))
     return 0
 
 
@@ -102,7 +112,7 @@ def main(argv=None) -> int:
     if args.command != "run":               # only a run treats signals as a request to checkpoint
         early_signals([])
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
-                "sweep": slurm.cmd_sweep, "plot": cmd_plot, "report": cmd_report}
+                "sweep": slurm.cmd_sweep, "plot": cmd_plot, "report": cmd_report, "status": cmd_status}
     try:
         return commands[args.command](args)
     except UserError as exc:

@@ -96,6 +96,10 @@ class DeepSpeedEngine:
                                     "micro": self.model.train_micro_batch_size_per_gpu()}) + "\n")
         self._backwards = 0
 
+    def gradient_norm(self):
+        """Not offered: ZeRO partitions the gradient (steps.jsonl leaves grad_norm out)."""
+        return None
+
     def discard_gradients(self) -> None:
         self.model.zero_grad()
         self._backwards = 0

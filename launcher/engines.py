@@ -26,6 +26,7 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> None: ...
     def discard_gradients(self) -> None: ...
+    def gradient_norm(self) -> torch.Tensor | None: ...
 
 
 class DDPEngine:
@@ -53,6 +54,11 @@ class DDPEngine:
     def discard_gradients(self) -> None:
         """Forget a step's partial gradients (a step that is redone from its first micro-batch)."""
         self.optimizer.zero_grad(set_to_none=True)
+
+    def gradient_norm(self) -> torch.Tensor | None:
+        """||g|| of this step's reduced gradient (before the update), on the device: no sync here."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -141,6 +141,8 @@ class Wandb:
 @dataclass
 class Tracking:
     wandb: Wandb = field(default_factory=Wandb)
+    log_every_steps: Optional[int] = None   # steps.jsonl rows; None: about 2,000 over the run; 0: none
+    step_grad_norm: bool = False            # the norm of each logged step's averaged gradient (DDP)
 
 
 @dataclass
@@ -342,6 +344,7 @@ def validate(r: Recipe) -> Recipe:
                              ("eval.every_epochs", r.eval.every_epochs, 1),
                              ("eval.batch_size", r.eval.batch_size, 1),
                              ("checkpoint.every_steps", r.checkpoint.every_steps, 0),
+                             ("tracking.log_every_steps", r.tracking.log_every_steps or 0, 0),
                              ("checkpoint.keep", r.checkpoint.keep, 1),
                              ("optimizer.weight_decay", r.optimizer.weight_decay, 0.0),
                              ("schedule.lr.max", r.schedule.lr.max, 0.0),

@@ -105,6 +105,13 @@ class RunFolder:
     def write_marker(self, path: Path, content: dict) -> None:
         atomic_write_json(path, content)
 
+    def touch_heartbeat(self) -> None:
+        """Mark the run alive (the lock file's time): ``status`` reads it for runs on other hosts."""
+        try:
+            os.utime(self.lock)
+        except OSError:
+            pass
+
     def metric_rows(self) -> list[dict]:
         return read_jsonl(self.metrics)
 

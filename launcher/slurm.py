@@ -8,6 +8,7 @@ asks the launcher to save, waits, and requeues on exit status 75 (array tasks as
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -199,20 +200,46 @@ def load_sweep(path: Path) -> dict:
     return spec
 
 
-def expand(spec: dict) -> list[dict]:
-    """One entry per grid point and seed: its overrides, its run name and its W&B group."""
+def point_name(sweep: str, keys: list[str], values: tuple) -> str:
+    """A grid point's run name: the sweep's name and every grid key's value, short and filesystem-safe,
+    e.g. ``qhm-grid_lr.max=0.05_beta.max=0.3``. It depends on the point's values alone, so adding values
+    or keys to the grid never renames a point that was already there (a key's name stays in the name
+    even while it has one value). Too long a name is cut and completed by a hash of the whole."""
+    def short(key):
+        return ".".join(key.split(".")[-2:])
+
+    def fmt(value):
+        if isinstance(value, dict):            # canonical whatever the file's key order: kind first
+            rest = [f"{k}{fmt(v)}" for k, v in sorted(value.items()) if k != "kind"]
+            return "-".join(([fmt(value["kind"])] if "kind" in value else []) + rest)
+        if isinstance(value, list):
+            return "-".join(fmt(v) for v in value)
+        return str(value)
+    label = "_".join(f"{short(k)}={fmt(v)}" for k, v in zip(keys, values))
+    name = re.sub(r"[^A-Za-z0-9.=+_-]", "-", f"{sweep}_{label}" if label else sweep)
+    if len(name) > 100:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{name[:91]}~{digest}"
+    return name
+
+
+def expand(spec: dict, extra: list[str] = ()) -> list[dict]:
+    """One entry per grid point and seed: its overrides (the sweep's ``set``, then ``extra``, e.g. from
+    --set), its run name and its W&B group (the point's name: its seeds share it)."""
     keys = list(spec["grid"])
     points = []
     for i, values in enumerate(itertools.product(*(spec["grid"][k] for k in keys))):
         label = ",".join(f"{k}={v}" for k, v in zip(keys, values))
+        group = point_name(spec["name"], keys, values)
         for seed in spec["seeds"]:
             overrides = [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]
             overrides += [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()]
-            name = f"{spec['name']}-p{i}"
+            overrides += list(extra)
+            name = group
             if seed is not None:
                 overrides.append(f"seed={seed}")
-                name += f"-s{seed}"
-            overrides += [f"name={name}", f"tracking.wandb.group={spec['name']}-p{i}"]
+                name += f"_s{seed}"
+            overrides += [f"name={name}", f"tracking.wandb.group={group}"]
             points.append({"index": len(points), "point": i, "seed": seed, "label": label, "name": name,
                            "overrides": overrides})
     return points
@@ -221,25 +248,33 @@ def expand(spec: dict) -> list[dict]:
 def cmd_sweep(args) -> int:
     _check(args)
     spec = load_sweep(Path(args.sweep))
-    points = expand(spec)
+    points = expand(spec, args.set)
     recipes = [_prepare(recipe_mod.load(spec["recipe"], p["overrides"]), args) for p in points]
+    names = [r.name for r, _ in recipes]
+    if len(set(names)) != len(names):
+        raise UserError(f"sweep.grid: two points get the same run name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
+                        "allowed: grid values that differ once made filesystem-safe")
+    sweep = RunFolder(Path(recipes[0][0].output) / spec["name"])
+    array = f"0-{len(points) - 1}%{args.max_parallel}"
+    script = next_free(sweep.slurm, "sweep", ".sbatch")
+    cmd = sbatch_command(args, spec["name"], sweep.slurm / "slurm-%A_%a.out", script)
+    text = render(args, [r.folder.recipe for r, _ in recipes], [r.run_dir for r, _ in recipes], recipes[0][1],
+                  array, cmd)
     if args.dry_run:
         for p, (r, _) in zip(points, recipes):
             seed = "" if p["seed"] is None else f"  seed={p['seed']}"
             print(f"{p['index']:>3}  {r.run_dir}  {p['label']}{seed}")
-        print(f"{len(points)} runs as one job array --array=0-{len(points) - 1}%{args.max_parallel}")
+        print(f"{len(points)} runs as one job array --array={array}\n")
+        print(text)
         return 0
     if args.local:
         return _run_locally(points, recipes)
-    sweep = RunFolder(Path(recipes[0][0].output) / spec["name"])
     sweep.slurm.mkdir(parents=True, exist_ok=True)
-    paths = [recipe_mod.write_resolved(r) for r, _ in recipes]
+    for r, _ in recipes:
+        recipe_mod.write_resolved(r)
     (sweep.path / "points.json").write_text(json.dumps(
         [{**p, "run_dir": str(r.run_dir)} for p, (r, _) in zip(points, recipes)], indent=1))
-    array = f"0-{len(points) - 1}%{args.max_parallel}"
-    script = next_free(sweep.slurm, "sweep", ".sbatch")
-    cmd = sbatch_command(args, spec["name"], sweep.slurm / "slurm-%A_%a.out", script)
-    script.write_text(render(args, paths, [r.run_dir for r, _ in recipes], recipes[0][1], array, cmd))
+    script.write_text(text)
     job = _sbatch(cmd)
     print(f"qhm-launch: submitted array job {job} ({len(points)} runs): {script}\n  logs: {sweep.slurm}")
     return 0

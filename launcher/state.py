@@ -77,12 +77,17 @@ class RankRNG:
 class EpochSums:
     """This rank's sums over the epoch so far: loss and correct predictions (0-d tensors on the device,
     so adding to them never waits for it: one small kernel each) and samples (a host integer: the loop
-    knows it without asking). ``has_accuracy`` turns False when the outputs are not class logits."""
+    knows it without asking). ``has_accuracy`` turns False when the outputs are not class logits.
+
+    The sums since the last per-step log point (the *window*, which may span an epoch's end) are the
+    current sums plus ``offset``: a log point sets it to minus the current sums, an epoch's end adds the
+    epoch's sums to it before they are zeroed. All on the device, read only at log points."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.float64, device=device)
+        self.offset = torch.zeros(3, dtype=torch.float64, device=device)
         self.samples, self.has_accuracy = 0, True
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor | None, samples: int) -> None:
@@ -94,9 +99,18 @@ class EpochSums:
         self.samples += samples
 
     def zero(self) -> None:
+        """The epoch ended: its sums restart at zero; the window keeps what was not logged yet."""
+        self.offset += self.as_tensor()
         self.loss.zero_()
         self.correct.zero_()
         self.samples = 0
+
+    def window(self) -> torch.Tensor:
+        """(loss sum, correct, samples) since the last log point, on the device."""
+        return self.as_tensor() + self.offset
+
+    def start_window(self) -> None:
+        self.offset = -self.as_tensor()
 
     def as_tensor(self) -> torch.Tensor:
         """(loss sum, correct, samples) as one float64 tensor on the device, ready to all-reduce."""
@@ -104,15 +118,22 @@ class EpochSums:
                                                                   device=self.device)])
 
     def state_dict(self) -> dict:
-        return {"values": torch.stack([self.loss, self.correct]).cpu(), "samples": self.samples}
+        return {"values": torch.stack([self.loss, self.correct]).cpu(), "samples": self.samples,
+                "offset": self.offset.cpu(), "has_accuracy": self.has_accuracy}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss.copy_(state["values"][0])
         self.correct.copy_(state["values"][1])
         self.samples = int(state["samples"])
+        self.offset.copy_(state.get("offset", torch.zeros(3, dtype=torch.float64)))
+        self.has_accuracy = bool(state.get("has_accuracy", True))
 
     def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
-        """Another world size: rank 0 carries the epoch's totals, the others start at zero."""
+        """Another world size: rank 0 carries the epoch's (and the window's) totals, the others start at 0."""
+        zero = torch.zeros(3, dtype=torch.float64)
         if rank == 0:
-            return {"values": sum(s["values"] for s in saved), "samples": sum(int(s["samples"]) for s in saved)}
-        return {"values": torch.zeros(2, dtype=torch.float64), "samples": 0}
+            return {"values": sum(s["values"] for s in saved), "samples": sum(int(s["samples"]) for s in saved),
+                    "offset": sum(s.get("offset", zero) for s in saved),
+                    "has_accuracy": all(s.get("has_accuracy", True) for s in saved)}
+        return {"values": torch.zeros(2, dtype=torch.float64), "samples": 0, "offset": zero,
+                "has_accuracy": all(s.get("has_accuracy", True) for s in saved)}

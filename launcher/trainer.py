@@ -89,6 +89,8 @@ class Trainer:
             self.checkpoints.register(name, part, scope)
         self.checkpoints.register_upgrade(1, upgrade_v1)
         self.metrics, self.tracker, self.bar = MetricsLog(self.folder.metrics), None, None
+        self.steps_log, self.log_every = MetricsLog(self.folder.steps, key="step"), log_interval(recipe, self.plan)
+        self.step_grad_norm = None
         # on the device, so watching for a non-finite loss never waits for it: the steps of this epoch whose
         # running loss sum was still finite (a non-finite loss stays in the sum, so the count stops there)
         self.finite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -110,6 +112,8 @@ class Trainer:
             stage = self.start_epoch(epoch)
             for step in range(self.state.step, stage.steps):
                 self.train_step(stage, step)
+                if self.log_every and self.state.global_step % self.log_every == 0:
+                    self.log_steps(stage)
                 if self.stop.poll():
                     return self.stop_preempted()
                 if self.checkpoint_due(stage, step):
@@ -140,6 +144,8 @@ class Trainer:
             if empty and not self.sync_bn:
                 model.train()
             self.sums.add(loss, self.loss.correct(out, y), len(y))
+        if self.recipe.tracking.step_grad_norm and self.log_every and (self.state.global_step + 1) % self.log_every == 0:
+            self.step_grad_norm = self.engine.gradient_norm()      # read at the log point, not here
         self.engine.step()
         self.finite_steps += torch.isfinite(self.sums.loss)
         self.state.step, self.state.global_step = step + 1, self.state.global_step + 1
@@ -173,10 +179,12 @@ class Trainer:
                      f"written by {manifest['world_size']} processes)")
         if self.comm.is_main:
             self.metrics.keep_before(self.state.epoch)
+            self.steps_log.keep_before(self.state.global_step + 1)
             self.state.wandb_id = run_id(self.folder.wandb_id, self.state.wandb_id or None)
             self.tracker = Tracker(self.recipe, self.folder.wandb, self.state.wandb_id, self.log)
         self.state.wandb_id = self.comm.broadcast(self.state.wandb_id)
-        self._clock = time.time()
+        self._clock = self._log_clock = time.time()
+        self._log_samples = self.state.samples
 
     def start_epoch(self, epoch: int) -> planning.EpochPlan:
         """Set the stage of epoch ``epoch``: batch split, hyper-parameters, data, progress bar."""
@@ -206,6 +214,8 @@ class Trainer:
                "train_loss": float(totals[0] / totals[2]),
                "train_acc": float(totals[1] / totals[2]) if self.sums.has_accuracy else None,
                "test_loss": None, "test_acc": None, "grad_norm": None, "min_grad_norm": None}
+        if self.dataset.validation is not None:
+            row.update(val_loss=None, val_acc=None)
         if (stage.epoch + 1) % self.recipe.eval.every_epochs == 0 or stage.epoch == self.recipe.epochs - 1:
             self.evaluate_into(row, stage.epoch)
         row["min_grad_norm"] = None if self.state.min_grad_norm == float("inf") else self.state.min_grad_norm
@@ -222,13 +232,43 @@ class Trainer:
                      f"x{self.comm.world}) loss {row['train_loss']:.4f} test_acc {fmt(row['test_acc'], 4)} "
                      f"grad_norm {fmt(row['grad_norm'], 5)}")
 
+    def log_steps(self, stage: planning.EpochPlan) -> None:
+        """A steps.jsonl row for the window since the last one (and W&B, at this global step): the only
+        place the per-step sums are read back from the device."""
+        self.check_finite()
+        window = self.comm.all_reduce_sum(self.sums.window())
+        self.sums.start_window()
+        now, samples = time.time(), self.state.samples
+        loss, correct, count = (float(v) for v in window)
+        row = {"step": self.state.global_step, "epoch": stage.epoch, "samples": samples, "batch": stage.batch,
+               "micro_batch": stage.micro_batch, "accum": stage.accum, "world_size": self.comm.world,
+               "lr": stage.lr, "beta": stage.beta, "gamma": stage.gamma, "train_loss": loss / max(count, 1),
+               "train_acc": correct / max(count, 1) if self.sums.has_accuracy else None,
+               "samples_per_s": round((samples - self._log_samples) / max(now - self._log_clock, 1e-9), 1)}
+        if self.step_grad_norm is not None:
+            row["grad_norm"] = float(self.step_grad_norm)
+            self.step_grad_norm = None
+        self._log_clock, self._log_samples = now, samples
+        if self.comm.is_main:
+            self.steps_log.append(row)
+            self.tracker.log_row({("step/" + k if k not in ("epoch", "samples", "step") else k): v
+                                  for k, v in row.items() if k != "step"}, step=row["step"])
+            self.folder.touch_heartbeat()
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{stage.lr:.3g}", refresh=False)
+
     def evaluate_into(self, row: dict, epoch: int) -> None:
-        """Test loss and accuracy, and the full-gradient norm, into the epoch's row."""
+        """Test (and validation) loss and accuracy, and the full-gradient norm, into the epoch's row."""
         ds, r = self.dataset, self.recipe
         row["test_loss"], row["test_acc"] = evaluate(self.module, ds.test, self.comm, r.eval.batch_size,
                                                      self.autocast, self.loss)
         if row["test_acc"] is not None:
             self.state.best_test_acc = max(self.state.best_test_acc, row["test_acc"])
+        if ds.validation is not None:
+            row["val_loss"], row["val_acc"] = evaluate(self.module, ds.validation, self.comm, r.eval.batch_size,
+                                                       self.autocast, self.loss)
+            if row["val_acc"] is not None:
+                self.state.best_val_acc = max(self.state.best_val_acc, row["val_acc"])
         if r.eval.full_grad_norm:
             row["grad_norm"] = full_grad_norm(self.module, ds, self.comm, r, epoch, self.autocast, self.loss)
             self.state.min_grad_norm = min(self.state.min_grad_norm, row["grad_norm"])
@@ -287,6 +327,12 @@ class Trainer:
         return 0
 
 
+def log_interval(recipe, plan: list) -> int:
+    """Optimizer steps between two steps.jsonl rows: the recipe's, or about 2,000 rows over the run."""
+    every = recipe.tracking.log_every_steps
+    return max(1, sum(e.steps for e in plan) // 2000) if every is None else every
+
+
 def stop_check_interval(stage: planning.EpochPlan) -> int:
     """Optimizer steps between two preemption checks: every step from batch 256 up; in the smallest
     stages, whose steps take a millisecond, fewer (at most 32 steps apart), so the check costs nothing."""
@@ -296,7 +342,7 @@ def stop_check_interval(stage: planning.EpochPlan) -> int:
 def summary_values(state: TrainState, rows: list[dict]) -> dict:
     last = rows[-1] if rows else {}
     out = {f"final_{k}": last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "grad_norm")}
-    out.update(best_test_acc=state.best_test_acc,
+    out.update(best_test_acc=state.best_test_acc, best_val_acc=state.best_val_acc or None,
                min_grad_norm=None if state.min_grad_norm == float("inf") else state.min_grad_norm,
                total_steps=state.global_step, total_sfo=state.samples)
     return {k: v for k, v in out.items() if v is not None}

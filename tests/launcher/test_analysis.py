@@ -23,7 +23,7 @@ def study(tmp_path_factory):
                                     {"kind": "exponential", "initial": 8, "growth": 2}]}}))
     out = cli(["sweep", str(folder / "sweep.yaml"), "--local"], cwd=folder, check=0)
     assert "4 runs done" in out.stdout
-    return folder, sorted((folder / "runs").glob("st-p*"))
+    return folder, sorted((folder / "runs").glob("st_*"))
 
 
 def rows(run):
@@ -32,7 +32,9 @@ def rows(run):
 
 def test_plot_draws_mean_and_band_over_seeds(study, tmp_path):
     folder, runs = study
-    assert [r.name for r in runs] == ["st-p0-s0", "st-p0-s1", "st-p1-s0", "st-p1-s1"]
+    assert [r.name for r in runs] == ["st_schedule.batch=constant-size16_s0", "st_schedule.batch=constant-size16_s1",
+                                      "st_schedule.batch=exponential-growth2-initial8_s0",
+                                      "st_schedule.batch=exponential-growth2-initial8_s1"]
     out = tmp_path / "acc.png"
     drawn = analysis.plot(runs, "test_acc", "epoch", str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -66,7 +68,8 @@ def test_report_and_cli(study, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| run | epochs | final test acc") and len(table) == 2 + 4
     last = rows(runs[0])[-1]
-    assert f"| st-p0-s0 | 2 | {last['test_acc']:.4f} |" in table[2] and f"| {last['samples']} |" in table[2]
+    assert f"| st_schedule.batch=constant-size16_s0 | 2 | {last['test_acc']:.4f} |" in table[2]
+    assert f"| {last['samples']} |" in table[2]
     assert main(["plot", *map(str, runs), "--metric", "nope"]) == 2
     assert "--metric: 'nope' is not valid" in capsys.readouterr().err
     assert main(["plot", str(tmp_path)]) == 2

@@ -32,11 +32,24 @@ def test_plan_json_fields_and_totals(tmp_path, capsys):
     assert rows[1]["beta"] == pytest.approx(0.45)
 
 
-def test_unsplittable_stage_is_a_clear_error(tmp_path, capsys):
-    path = write_recipe(tmp_path, base_recipe(**{"schedule.batch.initial": 8}))
-    assert main(["plan", str(path), "--nproc", "8", "--nnodes", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "global batch 8" in err and "world size 16" in err and "1, 2, 4, 8" in err
+def test_any_world_size_runs_any_schedule_and_idle_ranks_are_warned_about(tmp_path, capsys):
+    """Batch 8 on 16 ranks used to be refused; now 8 ranks carry one sample each and the plan says so."""
+    path = write_recipe(tmp_path, base_recipe(**{"schedule.batch.initial": 8, "epochs": 3}))
+    assert main(["plan", str(path), "--nproc", "8", "--nnodes", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["epochs"]
+    assert [(r["batch"], r["micro_batch"], r["accum"], r["data_ranks"]) for r in rows] == \
+        [(8, 1, 1, 8), (16, 1, 1, 16), (32, 2, 1, 16)]
+    assert main(["plan", str(path), "--nproc", "8", "--nnodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: epochs 0-0: batch 8 gives data to 8 of 16 ranks" not in out       # half is not "most"
+    assert main(["plan", str(path), "--nproc", "8", "--nnodes", "4"]) == 0
+    assert "warning: epochs 0-0: batch 8 gives data to 8 of 32 ranks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("batch,world,expect", [(10, 4, (2, 2)), (2, 4, (1, 1)), (7, 3, (3, 1)), (7, 2, (4, 1))])
+def test_uneven_splits_cover_the_largest_share(batch, world, expect):
+    micro, accum = planning.split_batch(batch, world, 2 if batch == 10 else 64)
+    assert (micro, accum) == expect and micro * accum >= -(-batch // world)
 
 
 def test_every_shipped_recipe_plans_and_bounds(capsys):

@@ -100,7 +100,7 @@ def test_sweep_runs_as_one_job_array(tmp_path, slurm_env):
     out = cli(["sweep", str(tmp_path / "sweep.yaml"), "--max-parallel", "2"], cwd=tmp_path, env=slurm_env, check=0)
     job = re.search(r"submitted array job (\d+)", out.stdout).group(1)
     t0 = time.time()
-    runs = [tmp_path / "runs" / f"grid-p{i}" for i in range(3)]
+    runs = [tmp_path / "runs" / f"grid_lr.max={lr}" for lr in (0.01, 0.05, 0.1)]
     while not all((r / "complete.json").exists() for r in runs) and time.time() - t0 < 300:
         time.sleep(1)
     assert all((r / "complete.json").exists() for r in runs), list((tmp_path / "runs" / "grid" / "slurm").iterdir())
@@ -108,7 +108,7 @@ def test_sweep_runs_as_one_job_array(tmp_path, slurm_env):
     groups = {yaml.safe_load((r / "recipe.yaml").read_text())["tracking"]["wandb"]["group"] for r in runs}
     assert lrs == [0.01, 0.05, 0.1] and len(groups) == 3
     points = json.loads((tmp_path / "runs" / "grid" / "points.json").read_text())
-    assert [p["name"] for p in points] == ["grid-p0", "grid-p1", "grid-p2"]
+    assert [p["name"] for p in points] == ["grid_lr.max=0.01", "grid_lr.max=0.05", "grid_lr.max=0.1"]
     assert re.search(r"#SBATCH --array=0-2%2", (tmp_path / "runs" / "grid" / "slurm" / "sweep-1.sbatch").read_text())
     assert job
 

@@ -1,0 +1,100 @@
+"""``qhm-launch status RUNS...``: where each run stands, from its folder alone.
+
+done (complete.json) / running (its folder's lock is held here, or was touched by a run on another
+host in the last ten minutes) / preempted (waiting for requeue: preempted.json) / failed (failed.json,
+with its one line) / interrupted (checkpoints but no marker: killed; the same command resumes) /
+not started. The epoch and global step reached come from the newest checkpoint's manifest, else from
+metrics.jsonl. A sweep's folder (with points.json) stands for all of its points.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from .runfolder import RunFolder
+
+HEARTBEAT = 600           # seconds: a run on another host that logged this recently is running
+
+
+def expand(paths: list) -> list[Path]:
+    """Run folders: each path itself, or the points of a sweep folder (points.json)."""
+    out = []
+    for path in map(Path, paths):
+        points = path / "points.json"
+        if points.is_file():
+            out += [Path(p["run_dir"]) for p in json.loads(points.read_text())]
+        else:
+            out.append(path)
+    return out
+
+
+def _lock_holder(folder: RunFolder) -> str | None:
+    """'pid on host' of a live run holding the folder, or None."""
+    if not folder.lock.exists():
+        return None
+    try:
+        fd = os.open(folder.lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            held = False
+        except OSError:
+            held = True
+    finally:
+        os.close(fd)
+    host = text[1] if len(text) >= 2 else "?"
+    if held:
+        return f"pid {text[0]} on {host}" if text else "a live process"
+    remote = host not in ("?", socket.gethostname())
+    if remote and time.time() - folder.lock.stat().st_mtime < HEARTBEAT:
+        return f"pid {text[0]} on {host}"
+    return None
+
+
+def _position(folder: RunFolder) -> tuple:
+    """(epoch, global step) reached: the newest checkpoint's, else the last metrics row's."""
+    latest = folder.checkpoints / "latest"
+    try:
+        manifest = json.loads((folder.checkpoints / latest.read_text().strip() / "manifest.json").read_text())
+        position = manifest["position"]
+        return position["epoch"], position["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        rows = folder.metric_rows()
+        return (rows[-1]["epoch"] + 1, rows[-1]["step"]) if rows else (None, None)
+
+
+def run_status(path: Path) -> dict:
+    folder = RunFolder(path)
+    epoch, step = _position(folder)
+    out = {"run": str(path), "state": "not started", "epoch": epoch, "step": step, "detail": ""}
+    holder = _lock_holder(folder)
+    complete, failed, preempted = (folder.read_json(p) for p in (folder.complete, folder.failed, folder.preempted))
+    if holder:
+        out.update(state="running", detail=holder)
+    elif complete:
+        out.update(state="done", epoch=complete.get("epochs"), step=complete.get("global_step"))
+    elif failed:
+        out.update(state="failed", detail=failed.get("error", ""))
+    elif preempted:
+        out.update(state="preempted", detail="waiting for requeue (or run the same command)")
+    elif step is not None:
+        out.update(state="interrupted", detail="stopped without a marker (killed?); the same command resumes")
+    return out
+
+
+def table(paths: list) -> str:
+    rows = [run_status(p) for p in expand(paths)]
+    fmt = lambda v: "-" if v is None else str(v)  # noqa: E731
+    lines = ["| run | state | epoch | step | detail |", "|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['state']} | {fmt(r['epoch'])} | {fmt(r['step'])} | {r['detail']} |" for r in rows]
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    return "\n".join(lines + ["", ", ".join(f"{n} {state}" for state, n in counts.items())])
