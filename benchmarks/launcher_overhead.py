@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROUNDS, EPOCHS = 3, 3
+ROUNDS, EPOCHS = 6, 3
 CONFIGS = [  # (global batch, micro-batch, training samples)
     (8, 4, 2048),
     (256, 32, 4096),
@@ -91,14 +91,17 @@ def worker():
     lines = []
     for batch, micro, n in CONFIGS:
         bare, mine, steps_total, calls["n"] = [], [], 0, 0
-        for _ in range(ROUNDS):
-            bare += bare_loop(comm, EPOCHS, batch, micro, n)
+        for r in range(ROUNDS):           # alternate which loop goes first: no order bias
+            if r % 2 == 0:
+                bare += bare_loop(comm, EPOCHS, batch, micro, n)
             with tempfile.TemporaryDirectory() as tmp:
                 folder = comm.broadcast(tmp if comm.is_main else None)
                 rates, steps = ours(comm, EPOCHS, folder, batch, micro, n)
                 mine += rates
                 steps_total += steps
                 comm.barrier()
+            if r % 2 == 1:
+                bare += bare_loop(comm, EPOCHS, batch, micro, n)
         b, m = statistics.median(bare), statistics.median(mine)
         split = f"{micro} x {batch // micro // comm.world} x {comm.world}"
         lines.append(f"| {batch} = {split} | {b:,.0f} | {m:,.0f} | {m / b:.3f} | {calls['n'] / steps_total:.2f} |")

@@ -34,12 +34,13 @@ def atomic_write_json(path: Path, obj, durable: bool = True) -> None:
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", durable)
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append one line and fsync it: a row a kill cannot half-write past the next append."""
+def append_line(path: Path, line: str, durable: bool = True) -> None:
+    """Append one line (and fsync it when ``durable``)."""
     with open(path, "a") as f:
         f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -25,10 +25,12 @@ WALL_FIELDS = ("wall_time", "samples_per_s", "steps_per_s")
 
 
 class MetricsLog:
-    """A JSON-lines file of rows keyed by ``key`` (``epoch`` or ``step``)."""
+    """A JSON-lines file of rows keyed by ``key`` (``epoch`` or ``step``). ``durable`` fsyncs each row
+    (epoch rows: few and precious); per-step rows are not, since a resume rewrites those after its
+    checkpoint anyway."""
 
-    def __init__(self, path: Path, key: str = "epoch"):
-        self.path, self.key = Path(path), key
+    def __init__(self, path: Path, key: str = "epoch", durable: bool = True):
+        self.path, self.key, self.durable = Path(path), key, durable
 
     def rows(self) -> list[dict]:
         return read_jsonl(self.path)
@@ -42,7 +44,7 @@ class MetricsLog:
             atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept), durable=False)
 
     def append(self, row: dict) -> None:
-        append_line(self.path, json.dumps(row))
+        append_line(self.path, json.dumps(row), durable=self.durable)
 
 
 def run_id(id_file: Path, from_checkpoint: str | None) -> str:

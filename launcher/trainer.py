@@ -89,7 +89,8 @@ class Trainer:
             self.checkpoints.register(name, part, scope)
         self.checkpoints.register_upgrade(1, upgrade_v1)
         self.metrics, self.tracker, self.bar = MetricsLog(self.folder.metrics), None, None
-        self.steps_log, self.log_every = MetricsLog(self.folder.steps, key="step"), log_interval(recipe, self.plan)
+        self.steps_log = MetricsLog(self.folder.steps, key="step", durable=False)
+        self.log_every = log_interval(recipe, self.plan)
         self.step_grad_norm = None
         # on the device, so watching for a non-finite loss never waits for it: the steps of this epoch whose
         # running loss sum was still finite (a non-finite loss stays in the sum, so the count stops there)
@@ -169,6 +170,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the newest valid checkpoint (if any); open the metrics files and W&B where it left off."""
         if self.comm.is_main:
+            self.folder.path.mkdir(parents=True, exist_ok=True)
             self.folder.clear_stale()
         manifest = self.checkpoints.resume()
         if manifest is None:
@@ -234,12 +236,15 @@ class Trainer:
 
     def log_steps(self, stage: planning.EpochPlan) -> None:
         """A steps.jsonl row for the window since the last one (and W&B, at this global step): the only
-        place the per-step sums are read back from the device."""
-        self.check_finite()
-        window = self.comm.all_reduce_sum(self.sums.window())
+        place the per-step sums are read back from the device, in one all-reduce (with the count of
+        ranks that saw a non-finite loss, which stops the run before anything is logged)."""
+        unfinished = (self.finite_steps < self.state.step).to(torch.float64).reshape(1)
+        window = self.comm.all_reduce_sum(torch.cat([self.sums.window(), unfinished]))
+        if float(window[3]):
+            self.check_finite()                   # names the step and raises
         self.sums.start_window()
         now, samples = time.time(), self.state.samples
-        loss, correct, count = (float(v) for v in window)
+        loss, correct, count = (float(v) for v in window[:3])
         row = {"step": self.state.global_step, "epoch": stage.epoch, "samples": samples, "batch": stage.batch,
                "micro_batch": stage.micro_batch, "accum": stage.accum, "world_size": self.comm.world,
                "lr": stage.lr, "beta": stage.beta, "gamma": stage.gamma, "train_loss": loss / max(count, 1),
@@ -328,9 +333,10 @@ class Trainer:
 
 
 def log_interval(recipe, plan: list) -> int:
-    """Optimizer steps between two steps.jsonl rows: the recipe's, or about 2,000 rows over the run."""
+    """Optimizer steps between two steps.jsonl rows: the recipe's, or about 2,000 rows over the run
+    (at least 25 steps apart: each row reads the sums back from the device, across ranks)."""
     every = recipe.tracking.log_every_steps
-    return max(1, sum(e.steps for e in plan) // 2000) if every is None else every
+    return max(25, sum(e.steps for e in plan) // 2000) if every is None else every
 
 
 def stop_check_interval(stage: planning.EpochPlan) -> int:
