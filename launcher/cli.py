@@ -134,6 +134,10 @@ def cmd_plan(args) -> int:
     n = _training_set_size(recipe, args.n)
     epochs = planning.plan(recipe, n, nproc * args.nnodes)
     print(json.dumps(planning.plan_json(epochs, n), indent=1) if args.json else planning.format_table(epochs, n))
+    if recipe.distributed.max_micro_batch == "auto" and not args.json:
+        print(f"note: max_micro_batch auto: each stage's micro x accum is chosen when it starts, by probing device "
+              f"memory (the log and metrics rows say what); shown with the CPU cap, "
+              f"cpu_micro_batch = {recipe.distributed.cpu_micro_batch}")
     return 0
 
 
@@ -206,11 +210,7 @@ def cmd_run(args) -> int:
     folder = recipe.folder
     nproc = recipe.distributed.nproc_per_node
     planning.preflight(recipe, nproc)
-    if recipe.distributed.batch_norm == "sync" and nproc > 1:
-        import torch
-        if not torch.cuda.is_available():
-            raise UserError("distributed.batch_norm: 'sync' is not valid here; allowed: local (torch's "
-                            "SyncBatchNorm needs CUDA devices, and this machine has none)")
+    check_devices(recipe, nproc)
     lock = folder.acquire_lock()             # one run per folder, for as long as this process lives
     check_resume(recipe, args.force_resume, nproc)
     done = folder.read_json(folder.complete)
@@ -234,6 +234,19 @@ def cmd_run(args) -> int:
     if folder.preempted.exists():
         return PREEMPTED
     return rc
+
+
+def check_devices(recipe, nproc: int) -> None:
+    """What needs CUDA where this machine has none: one line, before any worker starts."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    if recipe.distributed.batch_norm == "sync" and nproc > 1:
+        raise UserError("distributed.batch_norm: 'sync' is not valid here; allowed: local (torch's "
+                        "SyncBatchNorm needs CUDA devices, and this machine has none)")
+    if recipe.performance.cuda_graphs:
+        raise UserError("performance.cuda_graphs: true is not valid here; allowed: false (CUDA graphs need CUDA "
+                        "devices, and this machine has none)")
 
 
 def run_worker(recipe, force: bool) -> int:

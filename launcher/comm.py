@@ -56,6 +56,14 @@ class Comm:
             dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return tensor
 
+    def agree(self, ok: bool) -> bool:
+        """True on every rank when ``ok`` is True on every rank (a blocking all-reduce on the CPU group)."""
+        if self.world == 1:
+            return ok
+        box = torch.tensor([1.0 if ok else 0.0])
+        dist.all_reduce(box, op=dist.ReduceOp.MIN, group=self.control)
+        return bool(box[0] > 0)
+
     def all_reduce_max_async(self, cpu_tensor: torch.Tensor):
         """Start an all-reduce (max) of a CPU tensor on the control group; returns the work to wait on."""
         return dist.all_reduce(cpu_tensor, op=dist.ReduceOp.MAX, group=self.control, async_op=True)

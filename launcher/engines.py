@@ -30,26 +30,48 @@ class Engine(Protocol):
 
 
 class DDPEngine:
-    """torch DDP: ``no_sync`` on all but the last micro-step, so one gradient all-reduce per step."""
+    """torch DDP: ``no_sync`` on all but the last micro-step, so one gradient all-reduce per step.
+
+    With ``explicit_reduce`` every micro-step is ``no_sync`` and the gradient is all-reduced in
+    :meth:`step` (one flat all-reduce, without DDP's overlap with the backward): a step that may be
+    abandoned half-way (a CUDA out-of-memory error on one rank) then never leaves the other ranks
+    waiting inside a collective. ``max_micro_batch: auto`` uses it."""
     checkpoint_scope = "replicated"
 
-    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm):
-        self.module, self.optimizer = module, optimizer
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm,
+                 explicit_reduce: bool = False):
+        self.module, self.optimizer, self.comm = module, optimizer, comm
         self.model = DDP(module, device_ids=[comm.device.index] if comm.device.type == "cuda" else None,
                          gradient_as_bucket_view=True) if torch.distributed.is_initialized() else module
+        self.explicit_reduce = explicit_reduce and self.model is not module
+        self._reduced = False
 
     def set_stage(self, micro_batch: int, accum: int) -> None:
         """DDP needs nothing: the loop decides where each step's micro-batches end."""
 
     def micro_step(self, last: bool):
-        return nullcontext() if last or self.model is self.module else self.model.no_sync()
+        synced = last and not self.explicit_reduce
+        return nullcontext() if synced or self.model is self.module else self.model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def step(self) -> None:
+        if self.explicit_reduce and not self._reduced:
+            self._reduce()
+        self._reduced = False
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _reduce(self) -> None:
+        """The mean gradient over ranks, as DDP's reduce gives it (a rank without data adds zeros)."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.comm.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        flat.div_(self.comm.world)
+        for p, chunk in zip(params, torch.split(flat, [g.numel() for g in grads])):
+            p.grad = chunk.view_as(p).clone()
+        self._reduced = True
 
     def discard_gradients(self) -> None:
         """Forget a step's partial gradients (a step that is redone from its first micro-batch)."""
@@ -57,6 +79,8 @@ class DDPEngine:
 
     def gradient_norm(self) -> torch.Tensor | None:
         """||g|| of this step's reduced gradient (before the update), on the device: no sync here."""
+        if self.explicit_reduce and not self._reduced:
+            self._reduce()
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
 
@@ -73,4 +97,4 @@ def build(recipe, module, optimizer, comm, first_stage) -> Engine:
     if recipe.distributed.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
         return DeepSpeedEngine(recipe, module, optimizer, comm, first_stage.micro_batch, first_stage.accum)
-    return DDPEngine(module, optimizer, comm)
+    return DDPEngine(module, optimizer, comm, explicit_reduce=recipe.distributed.max_micro_batch == "auto")

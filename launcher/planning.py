@@ -60,7 +60,7 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None) 
         raise RecipeError(f"schedule.batch: the batch reaches {int(table.batch[m])} at epoch {m}, more than the "
                           f"{n} training samples; allowed: a schedule whose batch stays within the data (fewer "
                           "epochs, a smaller growth or a longer interval)")
-    max_micro = max_micro or recipe.distributed.max_micro_batch
+    max_micro = max_micro or micro_cap(recipe)
     out, splits = [], {}
     for m in range(len(table.epoch)):
         b = int(table.batch[m])
@@ -71,6 +71,12 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None) 
                              world_size=world_size, data_ranks=min(world_size, b), lr=float(table.lr[m]),
                              beta=float(table.beta[m]), gamma=float(table.gamma[m])))
     return out
+
+
+def micro_cap(recipe: Recipe) -> int:
+    """The recipe's micro-batch cap; with "auto", the CPU cap (a run on GPUs probes each stage)."""
+    cap = recipe.distributed.max_micro_batch
+    return recipe.distributed.cpu_micro_batch if cap == "auto" else cap
 
 
 def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[EpochPlan]:

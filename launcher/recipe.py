@@ -12,7 +12,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -32,6 +32,7 @@ ENGINES = ("ddp", "deepspeed")
 WANDB_MODES = ("online", "offline", "disabled")
 GRAD_NORM_MODES = ("exact", "paper")
 BATCH_NORMS = ("local", "sync")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
 MAX_INT = 2 ** 63 - 1              # every integer key fits an int64 (seeds, sizes, steps)
 MAX_EPOCHS = 100_000               # the paper runs 300; the per-epoch plan is computed for every epoch
@@ -51,6 +52,8 @@ class Data:
     download: bool = False
     augment: bool = True
     size: Optional[int] = None          # synthetic only: training-set size (test set: a quarter)
+    shape: Optional[list] = None        # synthetic only: one sample's shape, [C, H, W] (default [1, 8, 8])
+    classes: Optional[int] = None       # synthetic only: classes (default 10)
     rotation: float = 0.0               # random rotation in [-r, r] degrees (the paper's CIFAR-100: 15)
     validation: float = 0.0             # fraction of the training set held out for validation
 
@@ -108,7 +111,8 @@ class ScheduleConfig:
 class Distributed:
     engine: str = "ddp"
     nproc_per_node: int = 1
-    max_micro_batch: int = 64
+    max_micro_batch: Union[int, str] = 64   # or "auto": the largest that fits in device memory, per stage
+    cpu_micro_batch: int = 64               # what "auto" means on CPU (no device memory to probe)
     zero_stage: int = 0                 # deepspeed only
     deepspeed_config: dict = field(default_factory=dict)
     batch_norm: str = "local"           # local: statistics per micro-batch | sync: over all ranks (CUDA)
@@ -151,6 +155,13 @@ class Signals:
 
 
 @dataclass
+class Performance:
+    channels_last: bool = False         # NHWC activations for convolutional models (fast on GPUs; numerics move)
+    compile: str = "off"                # off | default | reduce-overhead | max-autotune: torch.compile of the model
+    cuda_graphs: bool = False           # CUDA graphs for the fixed-shape micro-step, captured once per stage
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     output: str = "runs"
@@ -166,6 +177,7 @@ class Recipe:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     tracking: Tracking = field(default_factory=Tracking)
     signals: Signals = field(default_factory=Signals)
+    performance: Performance = field(default_factory=Performance)
 
     @property
     def run_dir(self) -> Path:
@@ -247,9 +259,17 @@ def _describe(tp) -> str:
 
 def _coerce(value, tp, path: str):
     origin = typing.get_origin(tp)
-    if origin is typing.Union:                       # Optional[X]
-        inner = [t for t in typing.get_args(tp) if t is not type(None)][0]
-        return None if value is None else _coerce(value, inner, path)
+    if origin is typing.Union:                       # Optional[X], or X | Y: the first type that takes it
+        inner = [t for t in typing.get_args(tp) if t is not type(None)]
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for i, t in enumerate(inner):
+            try:
+                return _coerce(value, t, path)
+            except RecipeError:
+                if i == len(inner) - 1:
+                    raise RecipeError(f"{path}: {value!r} is not valid; allowed: "
+                                      + " or ".join(_describe(t) for t in inner)) from None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if tp is float and isinstance(value, str):
@@ -321,6 +341,17 @@ def validate(r: Recipe) -> Recipe:
     _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
     _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
     _one_of("distributed.batch_norm", r.distributed.batch_norm, BATCH_NORMS)
+    if isinstance(r.distributed.max_micro_batch, str):
+        _one_of("distributed.max_micro_batch", r.distributed.max_micro_batch, ("auto",))
+    else:
+        _at_least("distributed.max_micro_batch", r.distributed.max_micro_batch, 1)
+    _one_of("performance.compile", r.performance.compile, COMPILE_MODES)
+    if r.distributed.engine == "deepspeed" and (r.performance.compile != "off" or r.performance.cuda_graphs):
+        raise RecipeError(f"performance.compile: {r.performance.compile!r} is not valid with distributed.engine "
+                          "deepspeed; allowed: off (compile and CUDA graphs are for the ddp engine)")
+    if r.distributed.engine == "deepspeed" and r.distributed.max_micro_batch == "auto":
+        raise RecipeError("distributed.max_micro_batch: 'auto' is not valid with distributed.engine deepspeed; "
+                          "allowed: an integer >= 1")
     if r.distributed.engine == "deepspeed":
         check_raw_deepspeed_config(r.distributed.deepspeed_config)
     elif r.distributed.deepspeed_config:
@@ -340,7 +371,7 @@ def validate(r: Recipe) -> Recipe:
     _at_most("epochs", r.epochs, MAX_EPOCHS)
     for path, value, low in (("seed", r.seed, 0), ("epochs", r.epochs, 1), ("schedule.interval", r.schedule.interval, 1),
                              ("distributed.nproc_per_node", r.distributed.nproc_per_node, 1),
-                             ("distributed.max_micro_batch", r.distributed.max_micro_batch, 1),
+                             ("distributed.cpu_micro_batch", r.distributed.cpu_micro_batch, 1),
                              ("eval.every_epochs", r.eval.every_epochs, 1),
                              ("eval.batch_size", r.eval.batch_size, 1),
                              ("checkpoint.every_steps", r.checkpoint.every_steps, 0),
@@ -356,6 +387,16 @@ def validate(r: Recipe) -> Recipe:
                               "data.dataset is synthetic")
         _at_least("data.size", r.data.size, 4)
         _at_most("data.size", r.data.size, SYNTHETIC_MAX)
+    for key in ("shape", "classes"):
+        if getattr(r.data, key) is not None and r.data.dataset != "synthetic":
+            raise RecipeError(f"data.{key}: {getattr(r.data, key)!r} is not valid; allowed: null unless "
+                              "data.dataset is synthetic")
+    if r.data.shape is not None and not (len(r.data.shape) == 3 and all(isinstance(v, int) and 1 <= v <= 4096
+                                                                           for v in r.data.shape)):
+        raise RecipeError(f"data.shape: {r.data.shape!r} is not valid; allowed: [channels, height, width], "
+                          "integers in [1, 4096]")
+    if r.data.classes is not None and not 2 <= r.data.classes <= 100_000:
+        raise RecipeError(f"data.classes: {r.data.classes!r} is not valid; allowed: an integer in [2, 100000]")
     if not 0.0 <= r.data.rotation <= 180.0:
         raise RecipeError(f"data.rotation: {r.data.rotation!r} is not valid; allowed: degrees in [0, 180]")
     if not 0.0 <= r.data.validation < 1.0:

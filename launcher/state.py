@@ -117,6 +117,16 @@ class EpochSums:
         return torch.stack([self.loss, self.correct, torch.tensor(float(self.samples), dtype=torch.float64,
                                                                   device=self.device)])
 
+    def snapshot(self) -> tuple:
+        """The sums as they are, on the device (no copy to the host): for a step that may be redone."""
+        return self.loss.clone(), self.correct.clone(), self.offset.clone(), self.samples, self.has_accuracy
+
+    def restore(self, snap: tuple) -> None:
+        loss, correct, offset, self.samples, self.has_accuracy = snap
+        self.loss.copy_(loss)
+        self.correct.copy_(correct)
+        self.offset.copy_(offset)
+
     def state_dict(self) -> dict:
         return {"values": torch.stack([self.loss, self.correct]).cpu(), "samples": self.samples,
                 "offset": self.offset.cpu(), "has_accuracy": self.has_accuracy}

@@ -8,6 +8,7 @@ saves and loads them all symmetrically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import sys
 import time
@@ -18,7 +19,7 @@ from tqdm import tqdm
 import qhm
 
 from . import data as data_mod
-from . import engines, models, order, planning, testhooks
+from . import engines, microbatch, models, order, planning, testhooks
 from . import recipe as recipe_mod
 from .checkpoint import CheckpointManager
 from .errors import PREEMPTED, RunFailed, UserError
@@ -70,6 +71,17 @@ class Trainer:
         self.plan = planning.plan(recipe, n, comm.world)
         self.module = models.build(recipe.model, self.dataset.shape, self.dataset.num_classes, recipe.seed,
                                    dtype).to(self.device)
+        perf = recipe.performance
+        self.channels_last = perf.channels_last
+        if self.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.compile_mode = perf.compile if perf.compile != "off" else ("reduce-overhead" if perf.cuda_graphs else None)
+        if perf.cuda_graphs and self.device.type != "cuda":
+            raise UserError("performance.cuda_graphs: true is not valid here; allowed: false (CUDA graphs need a "
+                            "CUDA device)")
+        self.compiled, self.compiled_micro = False, None
+        self.auto_micro = recipe.distributed.max_micro_batch == "auto"
+        self.probed: dict[int, int] = {}
         self.sync_bn = recipe.distributed.batch_norm == "sync" and comm.world > 1
         if self.sync_bn:
             if self.device.type != "cuda":
@@ -124,27 +136,8 @@ class Trainer:
         return self.finish()
 
     def train_step(self, stage: planning.EpochPlan, step: int) -> None:
-        """One optimizer step on global batch (epoch, step): this rank's micro-batches, one update.
-
-        The summed loss is scaled by world/size: DDP averages over ranks, so the update is the mean
-        gradient over the whole global batch, whatever its size (a partial last batch included) and split.
-        """
-        size, micro_batches = self.batches.step(stage.epoch, step, stage)
-        model = self.engine.model
-        if self.sync_bn:              # every rank must join every batch-norm all-gather: as many micro-steps
-            needed = -(-(-(-size // self.comm.world)) // stage.micro_batch)
-            micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
-        for i, (x, y) in enumerate(micro_batches):
-            empty = len(y) == 0
-            if empty and not self.sync_bn:     # no samples here: join the gradient reduce with zeros,
-                model.eval()                   # without touching batch-norm statistics
-            with self.engine.micro_step(last=i == len(micro_batches) - 1), self.autocast:
-                out = model(x)
-                loss = self.loss(out, y)
-                self.engine.backward(loss * (self.comm.world / size))
-            if empty and not self.sync_bn:
-                model.train()
-            self.sums.add(loss, self.loss.correct(out, y), len(y))
+        """One optimizer step on global batch (epoch, step): this rank's micro-batches, one update."""
+        size = self.forward_backward_retrying(stage, step) if self.auto_micro else self.forward_backward(stage, step)
         if self.recipe.tracking.step_grad_norm and self.log_every and (self.state.global_step + 1) % self.log_every == 0:
             self.step_grad_norm = self.engine.gradient_norm()      # read at the log point, not here
         self.engine.step()
@@ -155,6 +148,109 @@ class Trainer:
             time.sleep(self.step_delay)
         if self.bar is not None:
             self.bar.update(1)
+
+    def forward_backward(self, stage: planning.EpochPlan, step: int) -> int:
+        """This rank's micro-batches of global batch (epoch, step), forward and backward; its size.
+
+        The summed loss is scaled by world/size: DDP averages over ranks, so the update is the mean
+        gradient over the whole global batch, whatever its size (a partial last batch included) and split.
+        """
+        stage = self.plan[stage.epoch]               # the current split (a CUDA out-of-memory error halves it)
+        size, micro_batches = self.batches.step(stage.epoch, step, stage)
+        if self.sync_bn:              # every rank must join every batch-norm all-gather: as many micro-steps
+            needed = -(-(-(-size // self.comm.world)) // stage.micro_batch)
+            micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
+        for i, (x, y) in enumerate(micro_batches):
+            if testhooks.oom_at() and self._inject_oom(stage.epoch, step, i):
+                raise microbatch.injected_oom(f"epoch {stage.epoch} step {step}")
+            empty, model = len(y) == 0, self.engine.model
+            eager = (torch.compiler.set_stance("force_eager") if self.compiled and len(y) != stage.micro_batch
+                     else contextlib.nullcontext())      # a partial micro-batch: no compile for its shape
+            if empty and not self.sync_bn:     # no samples here: join the gradient reduce with zeros,
+                model.eval()                   # without touching batch-norm statistics
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.engine.micro_step(last=i == len(micro_batches) - 1), self.autocast, eager:
+                out = model(x)
+                loss = self.loss(out, y)
+                self.engine.backward(loss * (self.comm.world / size))
+            if empty and not self.sync_bn:
+                model.train()
+            self.sums.add(loss, self.loss.correct(out, y), len(y))
+        return size
+
+    def forward_backward_retrying(self, stage: planning.EpochPlan, step: int) -> int:
+        """forward_backward, agreed by every rank: after a CUDA out-of-memory error on any of them, all
+        halve the micro-batch for the rest of the stage and redo the step from its first micro-batch,
+        with buffers, RNG and sums as before it (see microbatch.py)."""
+        snapshot = microbatch.StepSnapshot(self.module, self.sums, self.device)
+        while True:
+            try:
+                size, ok = self.forward_backward(stage, step), True
+            except torch.OutOfMemoryError:
+                size, ok = 0, False
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if self.comm.agree(ok):
+                return size
+            snapshot.restore()
+            self.engine.discard_gradients()
+            self.resplit(self.plan[stage.epoch], max(1, self.plan[stage.epoch].micro_batch // 2),
+                         f"CUDA out of memory at epoch {stage.epoch} step {step}: the micro-batch is halved for the "
+                         "rest of the stage and the step redone from its first micro-batch", step=step)
+
+    def _inject_oom(self, epoch: int, step: int, micro: int) -> bool:
+        """Test hook: an out-of-memory error once at (epoch, step[, rank]), first micro-batch."""
+        where = testhooks.oom_at()
+        fired = getattr(self, "_oom_fired", False)
+        hit = (where[:2] == (epoch, step) and micro == 0 and not fired
+               and (len(where) < 3 or where[2] == self.comm.rank))
+        if hit:
+            self._oom_fired = True
+        return hit
+
+    def resplit(self, stage: planning.EpochPlan, micro: int, why: str, step: int | None = None) -> None:
+        """Cut this stage's batch (from this epoch to the stage's end) into micro-batches of at most ``micro``."""
+        if micro == stage.micro_batch and step is not None:
+            raise RunFailed(f"CUDA out of memory at epoch {stage.epoch} step {step} with a micro-batch of "
+                            f"{micro}; allowed: a smaller model or input, or more memory")
+        m, accum = planning.split_batch(stage.batch, self.comm.world, micro)
+        for e in range(stage.epoch, len(self.plan)):
+            if self.plan[e].batch != stage.batch:
+                break
+            self.plan[e] = dataclasses.replace(self.plan[e], micro_batch=m, accum=accum)
+        self.engine.set_stage(m, accum)
+        self.log(f"[qhm-launch] {why}: batch {stage.batch} = {m} x {accum} x {self.comm.world}")
+
+    def size_micro_batch(self, stage: planning.EpochPlan) -> planning.EpochPlan:
+        """max_micro_batch auto: probe device memory once per batch stage (CPU: the recipe's cap)."""
+        if stage.batch in self.probed or not (self.device.type == "cuda" or testhooks.oom_above() is not None):
+            return stage
+        share = -(-stage.batch // self.comm.world)
+        found, use = microbatch.probe(self.module, self.batches.probe_batch, self.loss, self.autocast, share,
+                                      self.device)
+        agreed = int(self.comm.all_reduce_min(torch.tensor(use, device=self.device)))
+        if agreed < 1:
+            raise RunFailed(f"max_micro_batch auto: not even one sample fits in device memory at epoch {stage.epoch}")
+        self.probed[stage.batch] = agreed
+        self.resplit(stage, agreed, f"max_micro_batch auto: up to {found} samples fit here (of a share of {share}), "
+                                    f"{agreed} over all ranks with a 10% margin")
+        return self.plan[stage.epoch]
+
+    def compile_for(self, stage: planning.EpochPlan) -> None:
+        """performance.compile: the model is compiled in place (torch.compile, static shapes, inside DDP),
+        and recompiles once for each stage's micro-batch shape; partial micro-batches run eagerly, so no
+        other shape ever compiles."""
+        if self.compile_mode is None or self.compiled_micro == stage.micro_batch:
+            return
+        if not self.compiled:
+            import torch._dynamo.config as dynamo_config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len({e.micro_batch for e in self.plan}) + 8)
+            self.module.compile(mode=None if self.compile_mode == "default" else self.compile_mode, dynamic=False)
+            self.compiled = True
+        self.compiled_micro = stage.micro_batch
+        self.log(f"[qhm-launch] compile ({self.compile_mode}): batch stage {stage.batch}: the micro-step of "
+                 f"{stage.micro_batch} samples compiles at its first step")
 
     def checkpoint_due(self, stage, step: int) -> bool:
         every = self.recipe.checkpoint.every_steps      # the epoch's end saves anyway
@@ -191,6 +287,9 @@ class Trainer:
     def start_epoch(self, epoch: int) -> planning.EpochPlan:
         """Set the stage of epoch ``epoch``: batch split, hyper-parameters, data, progress bar."""
         stage = self.plan[epoch]
+        if self.auto_micro:
+            stage = self.size_micro_batch(stage)
+        self.compile_for(stage)
         self.engine.set_stage(stage.micro_batch, stage.accum)
         qhm.apply_hyperparams(self.engine.optimizer, stage.lr, stage.beta, stage.gamma)
         self.batches.start_epoch(epoch, self.state.step, stage)
@@ -205,6 +304,7 @@ class Trainer:
 
     def end_epoch(self, stage: planning.EpochPlan) -> None:
         """The epoch's row: training sums over all ranks, evaluation, then the next position."""
+        stage = self.plan[stage.epoch]                 # as split at the end (auto: maybe halved meanwhile)
         if self.bar is not None:
             self.bar.close()
         train_seconds = time.time() - self._epoch_clock
@@ -219,7 +319,8 @@ class Trainer:
         if self.dataset.validation is not None:
             row.update(val_loss=None, val_acc=None)
         if (stage.epoch + 1) % self.recipe.eval.every_epochs == 0 or stage.epoch == self.recipe.epochs - 1:
-            self.evaluate_into(row, stage.epoch)
+            with torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext():
+                self.evaluate_into(row, stage.epoch)      # evaluation shapes vary: never compiled
         row["min_grad_norm"] = None if self.state.min_grad_norm == float("inf") else self.state.min_grad_norm
         self._account_time()
         row.update(wall_time=round(self.state.wall_time, 3),
@@ -326,6 +427,9 @@ class Trainer:
             self.folder.write_marker(self.folder.complete, {
                 "global_step": self.state.global_step, "samples": self.state.samples, "epochs": self.recipe.epochs,
                 "recipe_hash": recipe_mod.trajectory_hash(self.recipe.to_dict())})
+            if self.compiled:
+                from torch._dynamo.utils import counters
+                self.log(f"[qhm-launch] compile: {counters['stats']['unique_graphs']} graphs compiled over the run")
             print_summary(self.recipe, self.state, self.metrics.rows(), self.tracker)
             self.tracker.summarise(summary_values(self.state, self.metrics.rows()))
             self.tracker.finish()

@@ -61,14 +61,16 @@ def digits():
     return (xtr, y[tr]), (xte, y[te]), 10, dict(pad=1, flip=False, fill=black)
 
 
-def synthetic(n: int):
-    """A learnable 10-class problem: class prototypes plus noise, 1x8x8; fixed whatever the seed."""
+def synthetic(n: int, shape=(1, 8, 8), classes: int = 10):
+    """A learnable problem: class prototypes plus noise (default 10 classes of 1x8x8); fixed whatever
+    the seed. With ``shape`` [3, 32, 32] and 100 classes it stands in for CIFAR-100 in benchmarks."""
     g = torch.Generator().manual_seed(1234)
-    protos = torch.randn(10, 1, 8, 8, generator=g)
+    protos = torch.randn(classes, *shape, generator=g)
     total = n + max(1, n // 4)
-    y = torch.randint(0, 10, (total,), generator=g)
-    x = protos[y] + 0.8 * torch.randn(total, 1, 8, 8, generator=g)
-    return (x[:n], y[:n]), (x[n:], y[n:]), 10, dict(pad=1, flip=False, fill=(0.0,))
+    y = torch.randint(0, classes, (total,), generator=g)
+    x = protos[y] + 0.8 * torch.randn(total, *shape, generator=g)
+    pad = max(1, shape[-1] // 8)
+    return (x[:n], y[:n]), (x[n:], y[n:]), classes, dict(pad=pad, flip=shape[-1] > 8, fill=(0.0,) * shape[0])
 
 
 def cifar(cfg, is_first: bool):
@@ -91,7 +93,7 @@ def load(cfg, is_first: bool):
     if cfg.dataset == "digits":
         out = digits()
     elif cfg.dataset == "synthetic":
-        out = synthetic(cfg.size or SYNTHETIC_DEFAULT)
+        out = synthetic(cfg.size or SYNTHETIC_DEFAULT, tuple(cfg.shape or (1, 8, 8)), cfg.classes or 10)
     else:
         out = cifar(cfg, is_first)
     train, test, classes, aug = out

@@ -48,6 +48,12 @@ class InMemoryBatches:
             self._params = params.to(self.split.images.device, self.split.images.dtype)
         self._epoch = epoch
 
+    def probe_batch(self, m: int):
+        """``m`` training samples (repeated when the set is smaller), un-augmented: a batch of the right
+        shape for probing device memory."""
+        idx = torch.arange(m, device=self.split.images.device) % len(self.split)
+        return self.split.gather(idx)
+
     def step(self, epoch: int, step: int, stage) -> tuple[int, list]:
         """(global batch size, [(x, y) per micro-batch of this rank]); one empty micro-batch when this
         rank has no sample of the batch (it still joins the gradient reduce)."""

@@ -143,9 +143,18 @@ def test_sweep_files_are_read_as_safely(tmp_path, capsys):
     one_clean_line(*run_main(["sweep", str(tmp_path / "sweep.yaml"), "--dry-run"], capsys), "sweep.name")
 
 
-def test_synchronised_batch_norm_needs_cuda(capsys):
+def test_what_needs_cuda_is_refused_without_it(capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: sync batch norm is allowed")
     one_clean_line(*run_main(["run", SMOKE, "--set", "distributed.batch_norm=sync"], capsys),
                    "distributed.batch_norm: 'sync' is not valid here")
+    one_clean_line(*run_main(["run", SMOKE, "--set", "performance.cuda_graphs=true"], capsys),
+                   "performance.cuda_graphs: true is not valid here")
+
+
+def test_options_the_deepspeed_engine_does_not_take(capsys):
+    for key, value, expect in (("performance.compile", "default", "performance.compile: 'default' is not valid with"),
+                               ("distributed.max_micro_batch", "auto", "distributed.max_micro_batch: 'auto' is not valid")):
+        one_clean_line(*run_main(["plan", SMOKE, "--set", "distributed.engine=deepspeed", "--set", f"{key}={value}"],
+                                 capsys), expect)

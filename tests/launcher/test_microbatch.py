@@ -1,0 +1,56 @@
+"""max_micro_batch: auto, on CPU through the test hooks: the memory probe (doubling, bisection, margin,
+minimum over ranks) and the back-off after an out-of-memory error in the middle of a step, which must
+leave the update what it would have been."""
+import re
+
+import torch
+
+from conftest import base_recipe, cli, final_params, metric_rows, write_recipe
+from launcher.microbatch import largest_fitting
+
+
+def test_largest_fitting_against_every_limit():
+    for limit in range(1, 70):
+        for capacity in range(0, 80):
+            calls = []
+
+            def fits(m):
+                calls.append(m)
+                return m <= capacity
+            assert largest_fitting(fits, limit) == min(capacity, limit)
+            assert len(calls) <= 2 * limit.bit_length() + 2
+
+
+def recipe(name, **over):
+    return base_recipe(**{"name": name, "precision": "fp64", "epochs": 3, "data.size": 200,
+                          "checkpoint.every_steps": 0, **over})
+
+
+def close(a, b):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
+
+
+def test_the_probe_picks_the_largest_fitting_micro_batch_less_a_margin(tmp_path):
+    ref = write_recipe(tmp_path, recipe("ref", **{"distributed.max_micro_batch": 2}), "ref.yaml")
+    auto = write_recipe(tmp_path, recipe("auto", **{"distributed.max_micro_batch": "auto"}), "auto.yaml")
+    cli(["run", str(ref)], cwd=tmp_path, check=0)
+    out = cli(["run", str(auto)], cwd=tmp_path, check=0, env={"QHM_TEST_OOM_ABOVE": "3"})
+    # shares of 8, 16, 32 per rank; 3 fit; 10% margin -> 2; every stage cut into micro-batches of 2
+    assert [(r["micro_batch"], r["accum"]) for r in metric_rows(tmp_path / "runs" / "auto")] == [(2, 4), (2, 8), (2, 16)]
+    assert len(re.findall(r"max_micro_batch auto: up to 3 samples fit here", out.stdout)) == 3
+    close(final_params(tmp_path / "runs" / "auto"), final_params(tmp_path / "runs" / "ref"))
+
+
+def test_an_out_of_memory_error_halves_the_micro_batch_and_redoes_the_step(tmp_path):
+    ref = write_recipe(tmp_path, recipe("ref"), "ref.yaml")
+    auto = write_recipe(tmp_path, recipe("oom", **{"distributed.max_micro_batch": "auto",
+                                                    "distributed.cpu_micro_batch": 8}), "oom.yaml")
+    cli(["run", str(ref)], cwd=tmp_path, check=0)
+    out = cli(["run", str(auto)], cwd=tmp_path, check=0, env={"QHM_TEST_OOM_AT": "1:2:1"})   # rank 1 only
+    assert "CUDA out of memory at epoch 1 step 2: the micro-batch is halved" in out.stdout
+    rows = metric_rows(tmp_path / "runs" / "oom")
+    assert [(r["micro_batch"], r["accum"]) for r in rows] == [(8, 1), (4, 4), (8, 4)]
+    close(final_params(tmp_path / "runs" / "oom"), final_params(tmp_path / "runs" / "ref"))
+    for a, b in zip(rows, metric_rows(tmp_path / "runs" / "ref")):
+        assert a["samples"] == b["samples"] and abs(a["train_loss"] - b["train_loss"]) < 1e-10
