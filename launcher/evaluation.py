@@ -11,12 +11,9 @@ from . import order
 
 
 def _shard_batches(split, comm, batch_size: int):
-    """(lo, hi, x, y) for this rank's shard of ``split``, ``batch_size`` samples at a time."""
+    """(a, b, x, y) for this rank's shard of ``split``, ``batch_size`` samples at a time."""
     lo, hi = order.rank_bounds(len(split), comm.rank, comm.world)
-    for a in range(lo, hi, batch_size):
-        b = min(a + batch_size, hi)
-        x, y = split.batch(a, b)
-        yield a, b, x, y
+    return split.shard(lo, hi, batch_size)
 
 
 @torch.no_grad()

@@ -31,7 +31,13 @@ class Loss:
             out = out.float()
         if self.per_sample is None:
             return F.cross_entropy(out, target, reduction="sum")
-        return self.per_sample(out, target).sum()
+        losses = self.per_sample(out, target)
+        if not (isinstance(losses, torch.Tensor) and losses.shape == (len(target),)):
+            from .errors import UserError
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise UserError(f"loss.factory: {self.name!r} gave {shape} for a batch of {len(target)}; allowed: one "
+                            f"loss per sample, shape ({len(target)},) (the launcher sums them)")
+        return losses.sum()
 
     @staticmethod
     def correct(out: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
@@ -39,3 +45,16 @@ class Loss:
         if out.dim() == 2 and target.dim() == 1 and not target.is_floating_point() and not target.is_complex():
             return (out.argmax(1) == target).sum()
         return None
+
+
+def from_recipe(spec) -> Loss:
+    """The recipe's loss: cross-entropy, or a ``loss.factory`` returning fn(output, target) -> per-sample losses."""
+    if spec.factory is None:
+        return Loss()
+    from .errors import UserError
+    from .factories import call
+    fn = call("loss.factory", spec.factory, spec.kwargs)
+    if not callable(fn):
+        raise UserError(f"loss.factory: {spec.factory!r} returned {type(fn).__name__}; allowed: a callable "
+                        "(output, target) -> per-sample losses")
+    return Loss(fn, spec.factory)

@@ -41,9 +41,22 @@ def vit_tiny(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
 BUILDERS = {"small_cnn": small_cnn, "resnet18": resnet18, "vit_tiny": vit_tiny}
 
 
-def build(name: str, shape: tuple, num_classes: int, seed: int, dtype: torch.dtype) -> nn.Module:
-    """The same initial weights on every rank: the init draws from a generator seeded by ``seed``."""
+def build(spec, shape: tuple, num_classes: int, seed: int, dtype: torch.dtype) -> nn.Module:
+    """The recipe's model: a built-in name, or a ModelSpec whose factory (with its kwargs) returns an
+    nn.Module. The same initial weights on every rank: the init draws from the RNG seeded by ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BUILDERS[name](shape[0], num_classes, shape[-1])
+        if isinstance(spec, str):
+            model = BUILDERS[spec](shape[0], num_classes, shape[-1])
+        else:
+            model = user_model(spec)
     return model.to(dtype)
+
+
+def user_model(spec) -> nn.Module:
+    from .errors import UserError
+    from .factories import call
+    model = call("model.factory", spec.factory, spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.factory: {spec.factory!r} returned {type(model).__name__}; allowed: a torch.nn.Module")
+    return model

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 # Purposes map to fixed numbers: str hashes are salted per process.
-PURPOSES = {"order": 1, "augment": 2, "gradnorm": 3, "rank_rng": 4, "validation": 5}
+PURPOSES = {"order": 1, "augment": 2, "gradnorm": 3, "rank_rng": 4, "validation": 5, "sample": 6}
 VERSION = 2        # 1: augmentation keyed on (seed, epoch, step, position in batch); 2: on (seed, epoch, index)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -43,17 +43,27 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def keyed_uniform(seed: int, purpose: str, epoch: int, indices, lanes: int) -> np.ndarray:
-    """Uniform floats in [0, 1), shape (len(indices), lanes): a pure function of
-    (seed, purpose, epoch, index, lane), vectorised over indices."""
+def keyed_bits(seed: int, purpose: str, epoch: int, indices, lanes: int) -> np.ndarray:
+    """uint64 words, shape (len(indices), lanes): a pure function of (seed, purpose, epoch, index, lane)."""
     with np.errstate(over="ignore"):
         base = np.uint64(0)
         for word in (seed, PURPOSES[purpose], epoch):
             base = _mix(np.asarray(base + np.uint64(word % 2 ** 64) * _GOLDEN + _GOLDEN, dtype=np.uint64))
         idx = np.asarray(indices, dtype=np.uint64).reshape(-1, 1)
         counter = idx * np.uint64(lanes) + np.arange(lanes, dtype=np.uint64) + np.uint64(1)
-        bits = _mix(base + counter * _GOLDEN)
+        return _mix(base + counter * _GOLDEN)
+
+
+def keyed_uniform(seed: int, purpose: str, epoch: int, indices, lanes: int) -> np.ndarray:
+    """Uniform floats in [0, 1), shape (len(indices), lanes): a pure function of
+    (seed, purpose, epoch, index, lane), vectorised over indices."""
+    bits = keyed_bits(seed, purpose, epoch, indices, lanes)
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s random transforms in epoch ``epoch`` (streamed data)."""
+    return int(keyed_bits(seed, "sample", epoch, [index], 1)[0, 0] >> np.uint64(1))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -80,13 +80,18 @@ def micro_cap(recipe: Recipe) -> int:
 
 
 def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[EpochPlan]:
-    """What must hold before any worker starts: the output folder can be written, the data is there
-    and every stage splits."""
-    from . import data
+    """What must hold before any worker starts: the output folder can be written, the data is there,
+    the user's factories resolve and return what they must, and every stage splits."""
+    from . import data, losses, models
     check_output(recipe)
-    if check_data:
-        data.check_available(recipe.data)
-    return plan(recipe, data.sizes(recipe.data)[0], world_size)
+    if not check_data:                      # submit --dry-run on a login node: no data, no factories
+        return [] if recipe.data.factory else plan(recipe, data.sizes(recipe.data)[0], world_size)
+    data.check_available(recipe.data)
+    n = data.sizes(recipe.data)[0]          # calls a data factory: its errors are one line here
+    if not isinstance(recipe.model, str):
+        models.user_model(recipe.model)
+    losses.from_recipe(recipe.loss)
+    return plan(recipe, n, world_size)
 
 
 def check_output(recipe: Recipe) -> None:

@@ -23,7 +23,7 @@ from .errors import RecipeError  # noqa: F401  (raised by every check below; imp
 from .files import atomic_write
 from .runfolder import RunFolder
 
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
 MODELS = ("small_cnn", "resnet18", "vit_tiny")
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = tuple(qhm.PRESETS)            # qhm | sgd (gamma = 0) | nshb (gamma = 1)
@@ -47,8 +47,8 @@ DEEPSPEED_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradie
 
 @dataclass
 class Data:
-    dataset: str = "digits"
-    root: Optional[str] = None          # folder holding the torchvision CIFAR files
+    dataset: Optional[str] = None       # digits (the default) | synthetic | cifar10 | cifar100 | imagefolder
+    root: Optional[str] = None          # CIFAR: the torchvision root; imagefolder: root/train, root/val
     download: bool = False
     augment: bool = True
     size: Optional[int] = None          # synthetic only: training-set size (test set: a quarter)
@@ -56,6 +56,23 @@ class Data:
     classes: Optional[int] = None       # synthetic only: classes (default 10)
     rotation: float = 0.0               # random rotation in [-r, r] degrees (the paper's CIFAR-100: 15)
     validation: float = 0.0             # fraction of the training set held out for validation
+    factory: Optional[str] = None       # "package.module:callable" returning train and test datasets (streamed)
+    kwargs: dict = field(default_factory=dict)
+    workers: int = 4                    # DataLoader worker processes per rank (the streamed path)
+    stream: bool = False                # read a built-in dataset through DataLoader workers too
+    image_size: Optional[int] = None    # imagefolder: resize and centre-crop to this (default 224)
+
+
+@dataclass
+class ModelSpec:
+    factory: str = ""                   # "package.module:callable" returning an nn.Module
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossSpec:
+    factory: Optional[str] = None       # "package.module:callable" returning fn(output, target) -> per-sample loss
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -168,7 +185,8 @@ class Recipe:
     seed: int = 0
     epochs: int = 1
     data: Data = field(default_factory=Data)
-    model: str = "small_cnn"
+    model: Union[str, ModelSpec] = "small_cnn"
+    loss: LossSpec = field(default_factory=LossSpec)
     precision: str = "fp32"
     optimizer: Optimizer = field(default_factory=Optimizer)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -209,8 +227,9 @@ class Recipe:
 
 # Fields that change the trajectory: a checkpoint written under other values is refused on resume.
 # W&B, process count, micro-batch cap, eval, checkpoint cadence and paths may change freely.
-TRAJECTORY_FIELDS = ("seed", "epochs", "data.dataset", "data.augment", "data.size", "data.rotation",
-                     "data.validation", "model", "precision", "optimizer", "schedule", "distributed.engine",
+TRAJECTORY_FIELDS = ("seed", "epochs", "data.dataset", "data.factory", "data.kwargs", "data.augment", "data.size",
+                     "data.shape", "data.classes", "data.image_size", "data.rotation", "data.validation", "model",
+                     "loss", "precision", "optimizer", "schedule", "distributed.engine",
                      "distributed.zero_stage", "distributed.batch_norm")
 
 
@@ -331,8 +350,19 @@ def _at_most(path: str, value, high) -> None:
 
 
 def validate(r: Recipe) -> Recipe:
-    _one_of("data.dataset", r.data.dataset, DATASETS)
-    _one_of("model", r.model, MODELS)
+    if r.data.factory is not None and r.data.dataset is not None:
+        raise RecipeError(f"data.dataset: {r.data.dataset!r} is not valid with data.factory; allowed: one of the two")
+    if r.data.factory is None:
+        r.data.dataset = r.data.dataset or "digits"
+        _one_of("data.dataset", r.data.dataset, DATASETS)
+    if isinstance(r.model, str):
+        _one_of("model", r.model, MODELS)
+    elif not r.model.factory:
+        raise RecipeError("model.factory: missing; allowed: 'package.module:callable' (or a built-in model name: "
+                          + " | ".join(MODELS) + ")")
+    _at_least("data.workers", r.data.workers, 0)
+    if r.data.image_size is not None and not 8 <= r.data.image_size <= 4096:
+        raise RecipeError(f"data.image_size: {r.data.image_size!r} is not valid; allowed: an integer in [8, 4096]")
     _one_of("precision", r.precision, PRECISIONS)
     _one_of("optimizer.name", r.optimizer.name, OPTIMIZERS)
     _one_of("optimizer.kernel", r.optimizer.kernel, KERNELS)

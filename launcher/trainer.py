@@ -25,7 +25,7 @@ from .checkpoint import CheckpointManager
 from .errors import PREEMPTED, RunFailed, UserError
 from .evaluation import evaluate, full_grad_norm
 from .files import atomic_write
-from .losses import Loss
+from . import losses
 from .signals import Agreement, PreemptionFlag
 from .state import EpochSums, RankRNG, TrainState
 from .tracking import MetricsLog, Tracker, run_id
@@ -89,7 +89,7 @@ class Trainer:
                                 "allowed: local on CPU")
             self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.engine = engines.build(recipe, self.module, build_optimizer(recipe, self.module), comm, self.plan[0])
-        self.loss = Loss()
+        self.loss = losses.from_recipe(recipe.loss)
         self.sampler = order.GlobalBatchSampler(n, recipe.seed, self.device)
         self.batches = self.dataset.batches(self.sampler, recipe.seed, comm)
         self.state, self.sums, self.rng = TrainState(), EpochSums(self.device), RankRNG(recipe.seed, comm.rank)

@@ -1,42 +1,57 @@
-"""Datasets: what a run trains and evaluates on, loaded onto the device.
+"""Datasets: what a run trains and evaluates on.
 
 ``load`` returns a :class:`Dataset`: the training split (drawn from in the keyed order, augmented at
-step time), the un-augmented training split for the full-gradient norm, an optional validation split
-held out of the training set by a keyed draw, and the test split.
+step time), the training split without augmentation (for the full-gradient norm), an optional
+validation split held out of the training set by a keyed draw, and the test split. Two paths share the
+order module and the loop:
+
+* in memory (the built-in datasets): the whole set as tensors on the device, the fast path on a GPU;
+* streamed (imagefolder, a ``data.factory``, or any built-in set with ``data.stream: true``): map-style
+  Datasets read through DataLoader workers (see streamed.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from .. import order
+from ..errors import UserError
 from ..order import Augment  # noqa: F401  (re-exported: the augmentation settings of a dataset)
 from ..recipe import Data  # noqa: F401  (re-exported for callers that build a data config by hand)
-from .builtin import SIZES, check_available  # noqa: F401
-from .builtin import sizes as _builtin_sizes
+from . import builtin, imagefolder
+from .builtin import SIZES  # noqa: F401
 from .memory import InMemoryBatches, TensorSplit
+from .streamed import StreamedBatches, StreamedSplit
 
 
 @dataclass
 class Dataset:
-    train: TensorSplit                 # the training samples (after the validation split is held out)
-    test: TensorSplit
+    train: Any                         # TensorSplit (in memory) or StreamedSplit
+    test: Any
     num_classes: Optional[int]
     augment: Optional[Augment]
-    validation: Optional[TensorSplit] = None
+    validation: Any = None
+    eval_train: Any = None             # the training set without augmentation, when it differs (a factory's)
 
     @property
-    def train_eval(self) -> TensorSplit:
-        """The training set without augmentation (in memory, augmentation happens at step time)."""
-        return self.train
+    def streamed(self) -> bool:
+        return isinstance(self.train, StreamedSplit)
+
+    @property
+    def train_eval(self):
+        """The training set without augmentation (for the in-memory and imagefolder paths the launcher
+        augments at step time, so it is the training split itself)."""
+        return self.eval_train if self.eval_train is not None else self.train
 
     @property
     def shape(self):
         return self.train.sample_shape
 
-    def batches(self, sampler, seed: int, comm) -> InMemoryBatches:
+    def batches(self, sampler, seed: int, comm):
+        if self.streamed:
+            return StreamedBatches(self.train, seed, self.augment, comm)
         return InMemoryBatches(self.train, sampler, self.augment, seed, comm)
 
 
@@ -48,22 +63,77 @@ def validation_indices(n: int, fraction: float) -> tuple[torch.Tensor, torch.Ten
     return perm[held:].sort().values, perm[:held].sort().values
 
 
+def check_available(cfg) -> None:
+    """Fail before any worker starts if the data is not where the recipe says."""
+    if cfg.factory:
+        return                                   # resolved (and called) by the launcher before workers
+    if cfg.dataset == "imagefolder":
+        imagefolder.check_available(cfg)
+    else:
+        builtin.check_available(cfg)
+
+
 def sizes(cfg) -> tuple[int, int]:
     """(training samples, test samples) as the run will see them (validation held out)."""
-    n, test = _builtin_sizes(cfg)
+    if cfg.factory:
+        obj = user_data(cfg)
+        n, test = len(obj["train"]), len(obj["test"])
+    elif cfg.dataset == "imagefolder":
+        n, test = imagefolder.sizes(cfg)
+    else:
+        n, test = builtin.sizes(cfg)
     return n - int(cfg.validation * n), test
 
 
-def load(cfg, device: torch.device, dtype: torch.dtype, is_first: bool = True) -> Dataset:
-    """Load the whole dataset onto ``device`` (CIFAR is 600 MB as float32: fine on any GPU).
+def user_data(cfg) -> dict:
+    """A data factory's splits, checked: train and test map-style datasets, optional train_eval and
+    num_classes (the contract; see the README)."""
+    from ..factories import call, field
+    obj = call("data.factory", cfg.factory, cfg.kwargs)
+    out = {k: field(obj, k) for k in ("train", "test", "train_eval", "num_classes")}
+    for key in ("train", "test", "train_eval"):
+        ds = out[key]
+        if ds is None and key == "train_eval":
+            continue
+        if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")) or len(ds) == 0:
+            raise UserError(f"data.factory: {cfg.factory!r} returned {key}={type(ds).__name__}; allowed: an object "
+                            "with train and test map-style datasets (len() > 0, [i] -> (input, target)), optional "
+                            "train_eval and num_classes")
+    return out
 
-    With ``download``, call it on one process first (``is_first``), then on the others after a barrier.
-    """
-    from . import builtin
+
+def load(cfg, device: torch.device, dtype: torch.dtype, is_first: bool = True) -> Dataset:
+    """The recipe's data, on ``device``: in memory for the built-in sets (CIFAR is 600 MB as float32:
+    fine on any GPU), streamed otherwise. With ``download``, call it on one process first
+    (``is_first``), then on the others after a barrier."""
+    if cfg.factory or cfg.dataset == "imagefolder":
+        return _streamed(cfg, device, dtype)
     (xtr, ytr), (xte, yte), classes, augment = builtin.load(cfg, is_first)
+    if cfg.stream:
+        base = torch.utils.data.TensorDataset
+        return _streamed(cfg, device, dtype, (base(xtr.to(dtype), ytr), base(xte.to(dtype), yte), None, classes, augment))
     move = lambda x, y: TensorSplit(x.to(device=device, dtype=dtype), y.to(device))  # noqa: E731
     train, validation = move(xtr, ytr), None
     if cfg.validation:
         keep, held = validation_indices(len(ytr), cfg.validation)
         train, validation = move(xtr[keep], ytr[keep]), move(xtr[held], ytr[held])
     return Dataset(train, move(xte, yte), classes, augment, validation)
+
+
+def _streamed(cfg, device, dtype, parts=None) -> Dataset:
+    if parts is None and cfg.factory:
+        d = user_data(cfg)
+        parts = (d["train"], d["test"], d["train_eval"], d["num_classes"], None)
+    elif parts is None:
+        train, test, classes, augment = imagefolder.load(cfg)
+        parts = (train, test, None, classes, augment)
+    train, test, train_eval, classes, augment = parts
+    split = lambda ds: None if ds is None else StreamedSplit(ds, device, dtype, cfg.workers)  # noqa: E731
+    validation = None
+    if cfg.validation:
+        keep, held = validation_indices(len(train), cfg.validation)
+        subset = torch.utils.data.Subset
+        validation = subset(train_eval or train, held.tolist())
+        train_eval = subset(train_eval, keep.tolist()) if train_eval is not None else None
+        train = subset(train, keep.tolist())
+    return Dataset(split(train), split(test), classes, augment, split(validation), split(train_eval))

@@ -22,6 +22,12 @@ class TensorSplit:
     def batch(self, a: int, b: int):
         return self.images[a:b], self.labels[a:b]
 
+    def shard(self, lo: int, hi: int, batch_size: int):
+        """(a, b, x, y) over [lo, hi), ``batch_size`` samples at a time."""
+        for a in range(lo, hi, batch_size):
+            b = min(a + batch_size, hi)
+            yield a, b, self.images[a:b], self.labels[a:b]
+
     def gather(self, idx: torch.Tensor):
         return self.images[idx], self.labels[idx]
 

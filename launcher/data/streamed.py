@@ -1,0 +1,145 @@
+"""The streamed path: any map-style Dataset, read through DataLoader worker processes.
+
+The batch sampler hands the loader this rank's micro-batches of the same keyed global order the
+in-memory path uses (global batch k of epoch m = positions [k b, (k+1) b) of the permutation keyed on
+(seed, m)), as lists of keys (index, epoch), starting at any step: a resume starts at its saved
+(epoch, step) directly, without replaying the loader. Each sample is read with the global RNGs seeded
+from (seed, epoch, index), so random transforms of the user's own dataset are a pure function of the
+key too (and of nothing else: not the worker it lands on, not the world size); the launcher's own
+keyed augmentation (crop, flip, rotation) is applied per sample in the worker.
+
+The workers persist across epochs and batch stages: a new epoch or stage only re-iterates the same
+loader with the sampler set to the new stage (the prefetched micro-batches of an abandoned iteration
+are dropped).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, default_collate, get_worker_info
+
+from .. import order
+
+
+@contextlib.contextmanager
+def keyed_rngs(seed: int):
+    """The global torch, python and numpy RNGs seeded for one sample. In the main process (workers = 0)
+    their states are put back afterwards, so reading data never moves the training RNG."""
+    in_worker = get_worker_info() is not None
+    saved = None if in_worker else (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+class KeyedDataset(torch.utils.data.Dataset):
+    """``base[index]`` read for the key (index, epoch), then the keyed augmentation (if any)."""
+
+    def __init__(self, base, seed: int, augment=None):
+        self.base, self.seed, self.augment = base, seed, augment
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        with keyed_rngs(order.sample_seed(self.seed, epoch, index)):
+            x, y = self.base[index]
+        if self.augment is not None:
+            params = order.augment_params(self.seed, epoch, [index], self.augment)
+            x = order.apply_augment(torch.as_tensor(x).unsqueeze(0), params, self.augment)[0]
+        return x, y
+
+
+class KeyedBatchSampler:
+    """This rank's non-empty micro-batches, in order, for steps [first_step, T_m) of an epoch."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int):
+        self.order, self.n, self.rank, self.world = order.GlobalBatchSampler(n, seed), n, rank, world
+        self.epoch, self.first_step, self.stage = 0, 0, None
+
+    def set(self, epoch: int, first_step: int, stage) -> None:
+        self.epoch, self.first_step, self.stage = epoch, first_step, stage
+
+    def __iter__(self):
+        b, micro = self.stage.batch, self.stage.micro_batch
+        perm = self.order.permutation(self.epoch)
+        for step in range(self.first_step, self.stage.steps):
+            idx = perm[step * b:(step + 1) * b]
+            lo, hi = order.rank_bounds(len(idx), self.rank, self.world)
+            for a, c in order.micro_batches(lo, hi, micro):
+                if c > a:
+                    yield [(int(i), self.epoch) for i in idx[a:c]]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class StreamedSplit:
+    """A map-style dataset as a split: its length, and contiguous shards read through a loader."""
+
+    def __init__(self, base, device: torch.device, dtype: torch.dtype, workers: int):
+        self.base, self.device, self.dtype, self.workers = base, device, dtype, workers
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def to_device(self, x, y):
+        x = x.to(self.device, non_blocking=True)
+        return (x.to(self.dtype) if x.is_floating_point() else x), y.to(self.device, non_blocking=True)
+
+    def shard(self, lo: int, hi: int, batch_size: int):
+        """(a, b, x, y) over [lo, hi), ``batch_size`` samples at a time, in order."""
+        loader = DataLoader(torch.utils.data.Subset(self.base, range(lo, hi)), batch_size=batch_size,
+                            num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        a = lo
+        for x, y in loader:
+            yield a, a + len(y), *self.to_device(x, y)
+            a += len(y)
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(torch.as_tensor(self.base[0][0]).shape)
+
+
+class StreamedBatches:
+    """The streamed counterpart of InMemoryBatches (same calls)."""
+
+    def __init__(self, split: StreamedSplit, seed: int, augment, comm, prefetch: int = 4):
+        self.split = split
+        self.sampler = KeyedBatchSampler(len(split), seed, comm.rank, comm.world)
+        self.rank, self.world = comm.rank, comm.world
+        workers = split.workers
+        self.loader = DataLoader(KeyedDataset(split.base, seed, augment), batch_sampler=self.sampler,
+                                 num_workers=workers, pin_memory=split.device.type == "cuda",
+                                 persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None)
+        x0, y0 = default_collate([split.base[0]])
+        self.empty = split.to_device(x0[:0], y0[:0])
+        self._it = None
+
+    def start_epoch(self, epoch: int, first_step: int, stage) -> None:
+        """The loader from (epoch, first_step) on, split as ``stage`` says (workers are kept)."""
+        self.sampler.set(epoch, first_step, stage)
+        self._it = iter(self.loader)
+
+    def step(self, epoch: int, step: int, stage) -> tuple[int, list]:
+        size = min(stage.batch, len(self.split) - step * stage.batch)
+        lo, hi = order.rank_bounds(size, self.rank, self.world)
+        out = []
+        for a, c in order.micro_batches(lo, hi, stage.micro_batch):
+            out.append(self.split.to_device(*next(self._it)) if c > a else self.empty)
+        return size, out
+
+    def probe_batch(self, m: int):
+        x, y = default_collate([self.split.base[i % len(self.split)] for i in range(m)])
+        return self.split.to_device(x, y)

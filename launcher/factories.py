@@ -1,0 +1,66 @@
+"""The user's own model, data and loss, named by import path ("package.module:callable").
+
+Each is resolved -- imported and called -- in the launcher process before any worker starts, so every
+way it can fail is one line naming the key (model.factory, data.factory, loss.factory) and the value:
+the module is not found, the attribute is missing or not callable, the call raises (the user's own
+error, in one line; --debug for the traceback), or it returns the wrong kind of object. Workers import
+the same path: the launcher puts the working directory on PYTHONPATH for them (torchrun, DeepSpeed's
+launcher and the generated Slurm script alike).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any, Callable
+
+from .errors import UserError, one_line
+
+
+def importable_from_cwd() -> None:
+    """A console script does not put the working directory on sys.path; ``python -m`` does. Make both
+    see the user's own packages, here and in every process started from here."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd] + parts)
+
+
+def resolve(key: str, path: str) -> Callable:
+    """The callable at ``path`` ("module.sub:attribute"), or a one-line UserError naming ``key``."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise UserError(f"{key}: {path!r} is not valid; allowed: 'package.module:callable'")
+    importable_from_cwd()
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"{key}: {path!r} is not valid; allowed: an importable module ({one_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: say so in one line
+        raise UserError(f"{key}: importing {module_name!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise UserError(f"{key}: {path!r} is not valid; module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UserError(f"{key}: {path!r} is not valid; {attribute!r} is a {type(target).__name__}, not callable")
+    return target
+
+
+def call(key: str, path: str, kwargs: dict, *args):
+    """Resolve and call; the user's own error becomes one line (the traceback stays with --debug)."""
+    factory = resolve(key, path)
+    try:
+        return factory(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported in one line, chained for --debug
+        raise UserError(f"{key}: {path!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
+
+
+def field(obj, name: str, default=None):
+    """``obj.name`` or ``obj[name]``: a data factory may return an object, a namespace or a dict."""
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)

@@ -1,0 +1,220 @@
+"""Your own model, data and loss, and the streamed path: a user package from a temp folder, an
+ImageFolder of generated PNGs, the streamed order proved to be the keyed order (against the in-memory
+path, and across world sizes), bitwise resume after kill -9, and every bad factory in one line."""
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import (ROOT, assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
+                      metric_rows, start, wait_for, write_recipe)
+
+EXAMPLE = ROOT / "recipes" / "examples" / "own_model_and_data.py"
+
+
+def user_package(folder):
+    """The repository's example, as a package of the user's own in ``folder``."""
+    pkg = folder / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    shutil.copy(EXAMPLE, pkg / "parts.py")
+    return folder
+
+
+def test_a_user_package_trains_on_two_processes_over_three_stages(tmp_path):
+    user_package(tmp_path)
+    recipe = base_recipe(name="own", epochs=3, **{"data": {"factory": "mypkg.parts:build_data",
+                                                            "kwargs": {"n": 300, "classes": 3}, "workers": 1},
+                                                   "model": {"factory": "mypkg.parts:build_model", "kwargs": {"classes": 3}},
+                                                   "loss": {"factory": "mypkg.parts:smoothed_cross_entropy"}})
+    out = cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, check=0)
+    rows = metric_rows(tmp_path / "runs" / "own")
+    assert [r["batch"] for r in rows] == [16, 32, 64] and rows[-1]["samples"] == 3 * 300
+    assert all(0 <= r["train_acc"] <= 1 and r["grad_norm"] > 0 for r in rows)     # logits and classes: accuracy
+    assert "run own complete" in out.stdout
+
+
+def test_the_repository_example_runs_as_documented(tmp_path):
+    out = cli(["run", "own.yaml", "--set", f"output={tmp_path}", "--set", "epochs=2"],
+              cwd=ROOT / "recipes" / "examples", check=0)
+    assert len(metric_rows(tmp_path / "own")) == 2 and "run own complete" in out.stdout
+
+
+def test_a_loss_that_is_not_per_sample_is_refused_in_one_line():
+    from launcher.errors import UserError
+    from launcher.losses import Loss
+    mean = Loss(lambda out, y: torch.nn.functional.cross_entropy(out, y), "mypkg.other:mean_loss")
+    with pytest.raises(UserError, match=r"loss.factory: 'mypkg.other:mean_loss' gave \(\) for a batch of 4; allowed: "
+                                        r"one loss per sample, shape \(4,\)"):
+        mean(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+
+
+def test_accuracy_is_left_out_when_outputs_are_not_class_logits(tmp_path):
+    user_package(tmp_path)
+    (tmp_path / "mypkg" / "other.py").write_text(
+        "import torch\n"
+        "from mypkg.parts import MLP\n"
+        "class Score(MLP):\n    def forward(self, x):\n        return super().forward(x)[:, 0]\n"
+        "def score():\n    return Score(classes=1)\n"
+        "def squared():\n    return lambda out, y: (out - y.float()) ** 2\n")
+    recipe = base_recipe(name="r", epochs=1, **{"distributed.nproc_per_node": 1,
+                                                "data": {"factory": "mypkg.parts:build_data", "kwargs": {"n": 120}, "workers": 0},
+                                                "model": {"factory": "mypkg.other:score"}, "loss": {"factory": "mypkg.other:squared"}})
+    cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, check=0)
+    row = metric_rows(tmp_path / "runs" / "r")[0]
+    assert row["train_acc"] is None and row["test_acc"] is None and math.isfinite(row["train_loss"])
+
+
+BAD = [
+    ({"model": {"factory": "nope.mod:build"}}, "model.factory: 'nope.mod:build' is not valid; allowed: an importable module"),
+    ({"model": {"factory": "mypkg.parts:missing"}}, "module 'mypkg.parts' has no attribute 'missing'"),
+    ({"model": {"factory": "mypkg.parts:math"}}, "'math' is a module, not callable"),
+    ({"model": {"factory": "mypkg.parts:build_data"}}, "model.factory: 'mypkg.parts:build_data' returned dict; allowed: a torch.nn.Module"),
+    ({"model": {"factory": "mypkg.parts"}}, "model.factory: 'mypkg.parts' is not valid; allowed: 'package.module:callable'"),
+    ({"model": {"factory": "mypkg.parts:build_model", "kwargs": {"colours": 3}}},
+     "model.factory: 'mypkg.parts:build_model' raised TypeError: build_model() got an unexpected keyword argument 'colours'"),
+    ({"data": {"factory": "mypkg.parts:build_model"}}, "data.factory: 'mypkg.parts:build_model' returned train=method"),
+    ({"data": {"factory": "mypkg.parts:build_data", "kwargs": {"n": -5}}}, "data.factory: 'mypkg.parts:build_data' raised"),
+    ({"loss": {"factory": "mypkg.parts:build_data"}}, "loss.factory: 'mypkg.parts:build_data' returned dict; allowed: a callable"),
+    ({"data": {"factory": "mypkg.parts:build_data", "dataset": "digits"}}, "data.dataset: 'digits' is not valid with data.factory"),
+]
+
+
+@pytest.mark.parametrize("over,expect", BAD, ids=[b[1][:40] for b in BAD])
+def test_every_bad_factory_is_one_line_before_any_worker(tmp_path, over, expect):
+    from launcher.cli import main
+    user_package(tmp_path)
+    recipe = base_recipe(name="bad", **{"data": {"factory": "mypkg.parts:build_data"}, "model": {"factory": "mypkg.parts:build_model"}})
+    recipe.update(over)
+    path = write_recipe(tmp_path, recipe)
+    import os
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        import sys
+        import io
+        err = io.StringIO()
+        saved, sys.stderr = sys.stderr, err
+        try:
+            code = main(["run", str(path)])
+        finally:
+            sys.stderr = saved
+    finally:
+        os.chdir(here)
+        for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+            del sys.modules[name]
+    lines = [x for x in err.getvalue().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and expect in lines[0], err.getvalue()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_raising_factory_shows_the_user_s_traceback_with_debug(tmp_path):
+    user_package(tmp_path)
+    recipe = base_recipe(name="bad", **{"model": {"factory": "mypkg.parts:build_model", "kwargs": {"colours": 3}}})
+    path = write_recipe(tmp_path, recipe)
+    plain = cli(["run", str(path)], cwd=tmp_path)
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
+    debug = cli(["run", str(path), "--debug"], cwd=tmp_path)
+    assert "Traceback" in debug.stderr and "build_model" in debug.stderr
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+def write_images(root, classes=3, per_class=(40, 12), size=32):
+    """A folder of generated PNGs in ImageFolder's layout: class c is a bright square at its own place."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, count in zip(("train", "val"), per_class):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                img = (torch.rand(size, size, 3, generator=g) * 80).to(torch.uint8)
+                x0 = 4 + 8 * c
+                img[x0:x0 + 8, x0:x0 + 8] = 230
+                Image.fromarray(img.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_trains_evaluates_on_val_and_measures_the_gradient_on_unaugmented_images(tmp_path):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    from launcher import models
+    from launcher.data.imagefolder import MEAN, STD
+    root = write_images(tmp_path / "images")
+    recipe = base_recipe(name="img", epochs=2, precision="fp64", **{
+        "data": {"dataset": "imagefolder", "root": str(root), "image_size": 32, "workers": 1, "augment": True},
+        "eval": {"full_grad_norm": True, "batch_size": 50}, "schedule.batch.initial": 8})
+    cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, check=0)
+    rows = metric_rows(tmp_path / "runs" / "img")
+    assert len(rows) == 2 and rows[0]["samples"] == 120 and rows[-1]["test_acc"] is not None
+    # the last row's gradient norm, recomputed here over the un-augmented training images
+    t = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(MEAN, STD)])
+    train = ImageFolder(str(root / "train"), transform=t)
+    x = torch.stack([train[i][0] for i in range(len(train))]).double()
+    y = torch.tensor([train[i][1] for i in range(len(train))])
+    model = models.build("small_cnn", (3, 32, 32), 3, 0, torch.float64)
+    model.load_state_dict(final_params(tmp_path / "runs" / "img"))
+    model.eval()
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    assert rows[-1]["grad_norm"] == pytest.approx(float(torch.cat([g.reshape(-1) for g in grads]).norm()), rel=1e-9)
+    # and the test rows are over val/ (36 images)
+    assert rows[-1]["test_acc"] * 36 == pytest.approx(round(rows[-1]["test_acc"] * 36))
+
+
+# ---------------------------------------------------------------------------------------------- streamed order
+
+def streamed(**over):
+    return base_recipe(**{"precision": "fp64", "epochs": 3, "data.size": 201, "data.augment": True,
+                          "checkpoint.every_steps": 0, **over})
+
+
+def close(a, b):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
+
+
+def test_the_streamed_order_is_the_keyed_order(tmp_path):
+    """The same data in memory and streamed (augmentation on): the same parameters; and the streamed
+    path on 1 process x micro 32 and 2 processes x micro 4 x accumulation 4."""
+    one = {"distributed.nproc_per_node": 1, "distributed.max_micro_batch": 32, "schedule.batch.initial": 32}
+    runs = {"mem": streamed(name="mem", **one),
+            "one": streamed(name="one", **one, **{"data.stream": True, "data.workers": 2}),
+            "two": streamed(name="two", **{"data.stream": True, "data.workers": 1, "distributed.max_micro_batch": 4,
+                                           "schedule.batch.initial": 32})}
+    for name, r in runs.items():
+        cli(["run", str(write_recipe(tmp_path, r, f"{name}.yaml"))], cwd=tmp_path, check=0)
+    run = lambda name: tmp_path / "runs" / name  # noqa: E731
+    close(final_params(run("one")), final_params(run("mem")))          # streamed = in memory
+    for a, b in zip(metric_rows(run("one")), metric_rows(run("mem"))):
+        assert a["samples"] == b["samples"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-9)
+    close(final_params(run("one")), final_params(run("two")))          # streamed on 1 x 32 = on 2 x 4 x 4
+    assert [(r["micro_batch"], r["accum"]) for r in metric_rows(run("two"))] == [(4, 4), (4, 8), (4, 16)]
+
+
+STREAMED_KILL = streamed(name="s", **{"data.stream": True, "data.workers": 1, "data.size": 400, "epochs": 4,
+                                      "precision": "fp32", "checkpoint.every_steps": 3})
+
+
+@pytest.fixture(scope="module")
+def streamed_reference(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("streamed_ref")
+    cli(["run", str(write_recipe(ref, STREAMED_KILL))], cwd=ref, check=0)
+    return ref / "runs" / "s"
+
+
+@pytest.mark.parametrize("where", ["mid_epoch", "stage_switch"])
+def test_streamed_kill_9_and_resume_is_bitwise(tmp_path, where, streamed_reference):
+    path = write_recipe(tmp_path, STREAMED_KILL)
+    run = tmp_path / "runs" / "s"
+    proc = start(["run", str(path)], cwd=tmp_path, env={"QHM_TEST_STEP_DELAY": "0.04"})
+    if where == "mid_epoch":
+        wait_for(lambda: any(7 <= s < 25 for s in checkpoint_steps(run)), proc=proc, what="a mid-epoch checkpoint")
+    else:
+        wait_for(lambda: 25 in checkpoint_steps(run), proc=proc, what="the stage-switch checkpoint")
+    kill_group(proc)
+    out = cli(["run", str(path)], cwd=tmp_path, check=0)
+    assert "resumed from" in out.stdout
+    assert_bitwise(final_params(run), final_params(streamed_reference))
+    assert metric_rows(run) == metric_rows(streamed_reference)
