@@ -62,8 +62,20 @@ def keyed_uniform(seed: int, purpose: str, epoch: int, indices, lanes: int) -> n
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of sample ``index``'s random transforms in epoch ``epoch`` (streamed data)."""
-    return int(keyed_bits(seed, "sample", epoch, [index], 1)[0, 0] >> np.uint64(1))
+    """The seed of sample ``index``'s random transforms in epoch ``epoch`` (streamed data): the same
+    hash as :func:`keyed_bits`, in plain integers (one sample at a time, in a DataLoader worker)."""
+    mask = 2 ** 64 - 1
+
+    def mix(x):
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & mask
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+    golden, base = int(_GOLDEN), 0
+    for word in (seed, PURPOSES["sample"], epoch):
+        base = mix((base + (word % 2 ** 64) * golden + golden) & mask)
+    return mix((base + (index + 1) * golden) & mask) >> 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,6 +188,22 @@ def apply_augment(x: torch.Tensor, params: torch.Tensor, aug: Augment) -> torch.
     out = torch.where(params[:, 2].bool()[:, None, None, None], out.flip(-1), out)
     if aug.rotate:
         out = _rotate(out, params[:, 3])
+    return out + fill
+
+
+def apply_augment_one(x: torch.Tensor, params: torch.Tensor, aug: Augment) -> torch.Tensor:
+    """:func:`apply_augment` for one sample (C, H, W), by slicing instead of gathering: the same
+    pixels, at a fraction of the cost (what a DataLoader worker does per sample)."""
+    C, H, W = x.shape
+    fill = torch.as_tensor(aug.fill or [0.0] * C, dtype=x.dtype).view(C, 1, 1)
+    p = aug.pad
+    padded = F.pad((x - fill).unsqueeze(0), (p, p, p, p))[0]
+    top, left = int(params[0]), int(params[1])
+    out = padded[:, top:top + H, left:left + W]
+    if params[2]:
+        out = out.flip(-1)
+    if aug.rotate:
+        out = _rotate(out.unsqueeze(0), params[3:4])[0]
     return out + fill
 
 

@@ -34,6 +34,7 @@ class Dataset:
     augment: Optional[Augment]
     validation: Any = None
     eval_train: Any = None             # the training set without augmentation, when it differs (a factory's)
+    user: bool = False                 # a data factory's datasets: their transforms may draw from the RNGs
 
     @property
     def streamed(self) -> bool:
@@ -51,7 +52,7 @@ class Dataset:
 
     def batches(self, sampler, seed: int, comm):
         if self.streamed:
-            return StreamedBatches(self.train, seed, self.augment, comm)
+            return StreamedBatches(self.train, seed, self.augment, comm, seeded=self.user)
         return InMemoryBatches(self.train, sampler, self.augment, seed, comm)
 
 
@@ -136,4 +137,5 @@ def _streamed(cfg, device, dtype, parts=None) -> Dataset:
         validation = subset(train_eval or train, held.tolist())
         train_eval = subset(train_eval, keep.tolist()) if train_eval is not None else None
         train = subset(train, keep.tolist())
-    return Dataset(split(train), split(test), classes, augment, split(validation), split(train_eval))
+    return Dataset(split(train), split(test), classes, augment, split(validation), split(train_eval),
+                   user=bool(cfg.factory))

@@ -43,21 +43,30 @@ def keyed_rngs(seed: int):
 
 
 class KeyedDataset(torch.utils.data.Dataset):
-    """``base[index]`` read for the key (index, epoch), then the keyed augmentation (if any)."""
+    """``base[index]`` read for the key (index, epoch), then the keyed augmentation (if any). With
+    ``seeded`` (a user's dataset, whose own transforms may be random) the read sees RNGs seeded from the
+    key; the launcher's datasets transform deterministically and skip that. Each worker computes an
+    epoch's augmentation parameters for all samples once (vectorised) and looks them up per sample."""
 
-    def __init__(self, base, seed: int, augment=None):
-        self.base, self.seed, self.augment = base, seed, augment
+    def __init__(self, base, seed: int, augment=None, seeded: bool = True):
+        self.base, self.seed, self.augment, self.seeded = base, seed, augment, seeded
+        self._epoch, self._params = None, None
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key):
         index, epoch = key
-        with keyed_rngs(order.sample_seed(self.seed, epoch, index)):
+        if self.seeded:
+            with keyed_rngs(order.sample_seed(self.seed, epoch, index)):
+                x, y = self.base[index]
+        else:
             x, y = self.base[index]
         if self.augment is not None:
-            params = order.augment_params(self.seed, epoch, [index], self.augment)
-            x = order.apply_augment(torch.as_tensor(x).unsqueeze(0), params, self.augment)[0]
+            if self._epoch != epoch:
+                self._params = order.augment_params(self.seed, epoch, range(len(self.base)), self.augment)
+                self._epoch = epoch
+            x = order.apply_augment_one(torch.as_tensor(x), self._params[index], self.augment)
         return x, y
 
 
@@ -115,12 +124,12 @@ class StreamedSplit:
 class StreamedBatches:
     """The streamed counterpart of InMemoryBatches (same calls)."""
 
-    def __init__(self, split: StreamedSplit, seed: int, augment, comm, prefetch: int = 4):
+    def __init__(self, split: StreamedSplit, seed: int, augment, comm, seeded: bool = True, prefetch: int = 4):
         self.split = split
         self.sampler = KeyedBatchSampler(len(split), seed, comm.rank, comm.world)
         self.rank, self.world = comm.rank, comm.world
         workers = split.workers
-        self.loader = DataLoader(KeyedDataset(split.base, seed, augment), batch_sampler=self.sampler,
+        self.loader = DataLoader(KeyedDataset(split.base, seed, augment, seeded), batch_sampler=self.sampler,
                                  num_workers=workers, pin_memory=split.device.type == "cuda",
                                  persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None)
         x0, y0 = default_collate([split.base[0]])

@@ -90,6 +90,13 @@ def test_a_batch_and_its_samples_one_by_one_get_the_same_pixels():
     whole = O.apply_augment(x, params, aug)
     for i in range(6):
         assert torch.equal(whole[i:i + 1], O.apply_augment(x[i:i + 1], params[i:i + 1], aug))
+        assert torch.equal(whole[i], O.apply_augment_one(x[i], params[i], aug))     # a worker's per-sample path
+
+
+def test_a_sample_s_seed_is_the_keyed_hash():
+    import numpy as np
+    for seed, epoch, index in ((0, 0, 0), (3, 5, 123456), (2 ** 40, 7, 9)):
+        assert O.sample_seed(seed, epoch, index) == int(O.keyed_bits(seed, "sample", epoch, [index], 1)[0, 0] >> np.uint64(1))
 
 
 def test_digits_ships_with_the_package_and_has_a_fixed_split():
