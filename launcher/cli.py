@@ -8,15 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 
 from . import recipe as recipe_mod
-from .cliargs import Parser, add_debug, nonnegative_float, positive_float, positive_int
+from .cliargs import Parser, add_debug, nonnegative_float, positive_float, positive_int, text
 from .errors import BAD_INPUT, FAILED, PREEMPTED, RunFailed, UserError, exit_status, one_line
 
 PARENT_ENV = "QHM_LAUNCH_PARENT"        # set for workers that `qhm-launch run` started itself
 FORCE_ENV = "QHM_FORCE_RESUME"
 LOCK_ENV = "QHM_FOLDER_LOCKED_BY"       # the launcher holds the run folder's lock for its workers
+UNTIL_ENV = "QHM_UNTIL_EPOCH"           # run --until-epoch, for the workers
+BATCH_ENV = "QHM_BATCH_JOB"             # set by the generated Slurm script
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(r)
     r.add_argument("--force-resume", action="store_true",
                    help="resume even if trajectory-changing recipe fields differ from the checkpoint's")
+    r.add_argument("--nnodes", type=positive_int, default=1,
+                   help="nodes of a multi-node run: run this command once on each (a Slurm script does)")
+    r.add_argument("--rdzv-endpoint", type=text, help="HOST:PORT of the rendezvous (multi-node; the first node)")
+    r.add_argument("--rdzv-id", type=text, help="the rendezvous id, the same on every node (multi-node)")
+    r.add_argument("--until-epoch", type=positive_int,
+                   help="stop after this many epochs with a checkpoint (a segment of an elastic chain)")
 
     pl = command("plan", "the stage table: batch, steps, micro-batch x accumulation x world")
     recipe_args(pl)
@@ -49,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--nnodes", type=positive_int, default=1, help="nodes (default 1)")
     pl.add_argument("--n", type=positive_int, help="training-set size (default: the dataset's)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--elastic", action="store_true",
+                    help="the segments of an elastic chain on up to --nnodes nodes of --nproc GPUs, and its GPU-hours "
+                         "next to a fixed allocation")
+    pl.add_argument("--rate", type=positive_float, default=2000.0,
+                    help="samples/s one GPU trains, for the GPU-hour estimate (default 2000)")
 
     b = command("bounds", "Theorem 2 / Theorem 4 terms at the end of training, and the verdict")
     recipe_args(b)
@@ -133,12 +147,37 @@ def cmd_plan(args) -> int:
     nproc = args.nproc if args.nproc is not None else recipe.distributed.nproc_per_node
     n = _training_set_size(recipe, args.n)
     epochs = planning.plan(recipe, n, nproc * args.nnodes)
+    if args.elastic:
+        print(elastic_report(recipe, n, nproc, args.nnodes, args.rate))
+        return 0
     print(json.dumps(planning.plan_json(epochs, n), indent=1) if args.json else planning.format_table(epochs, n))
     if recipe.distributed.max_micro_batch == "auto" and not args.json:
         print(f"note: max_micro_batch auto: each stage's micro x accum is chosen when it starts, by probing device "
               f"memory (the log and metrics rows say what); shown with the CPU cap, "
               f"cpu_micro_batch = {recipe.distributed.cpu_micro_batch}")
     return 0
+
+
+def elastic_report(recipe, n: int, per_node: int, max_nodes: int, rate: float) -> str:
+    """The segments of an elastic chain, each one's plan, and the GPU-hours next to a fixed allocation."""
+    from . import planning
+    segments = planning.elastic_segments(recipe, n, per_node, max_nodes)
+    nodes_of = {m: s.nodes for s in segments for m in range(s.first, s.last + 1)}
+    epochs = [e for s in segments for e in planning.plan(recipe, n, s.nodes * per_node)[s.first:s.last + 1]]
+    floor = recipe.distributed.min_rank_batch
+    elastic = planning.gpu_hours(epochs, lambda m: nodes_of[m] * per_node, rate, floor)
+    fixed = planning.gpu_hours(planning.plan(recipe, n, max_nodes * per_node), lambda m: max_nodes * per_node,
+                               rate, floor)
+    lines = [f"elastic chain of {len(segments)} jobs (distributed.min_rank_batch = {floor} samples per rank):"]
+    for k, s in enumerate(segments):
+        first = epochs[s.first]
+        lines.append(f"  job {k + 1}: epochs {s.first}-{s.last} on {s.nodes} node(s) x {per_node} = {s.nodes * per_node} "
+                     f"ranks, batch {first.batch}..{epochs[s.last].batch}"
+                     + (f", then --until-epoch {s.last + 1}" if k < len(segments) - 1 else ""))
+    lines.append(f"estimate at {rate:g} samples/s per GPU (a rank with fewer than {floor} samples is no faster): "
+                 f"elastic {elastic[0]:.1f} GPU-hours ({elastic[1]:.1f} h), fixed {max_nodes} node(s) "
+                 f"{fixed[0]:.1f} GPU-hours ({fixed[1]:.1f} h): {elastic[0] / fixed[0]:.2f}x the GPU-hours")
+    return "\n".join(lines)
 
 
 def cmd_bounds(args) -> int:
@@ -204,34 +243,53 @@ def cmd_run(args) -> int:
     recipe = recipe_mod.load(args.recipe, args.set)
     from .comm import in_worker_env
     if in_worker_env():
-        return run_worker(recipe, force=args.force_resume or os.environ.get(FORCE_ENV) == "1")
-    from . import planning
+        until = int(os.environ[UNTIL_ENV]) if os.environ.get(UNTIL_ENV) else args.until_epoch
+        return run_worker(recipe, force=args.force_resume or os.environ.get(FORCE_ENV) == "1", until_epoch=until)
+    from . import factories, planning
     from .supervise import AGENT_SIGNALS, supervise
     folder = recipe.folder
-    nproc = recipe.distributed.nproc_per_node
-    planning.preflight(recipe, nproc)
+    nproc, nnodes = recipe.distributed.nproc_per_node, args.nnodes
+    if nnodes > 1 and not (args.rdzv_endpoint and args.rdzv_id):
+        raise UserError(f"--nnodes: {nnodes} needs --rdzv-endpoint HOST:PORT and --rdzv-id ID (the same on every "
+                        "node); allowed: 1 without them")
+    factories.importable_from_cwd()          # the user's packages, here and in the workers
+    planning.preflight(recipe, nproc * nnodes)
     check_devices(recipe, nproc)
-    lock = folder.acquire_lock()             # one run per folder, for as long as this process lives
-    check_resume(recipe, args.force_resume, nproc)
+    # one run per folder: a single node holds the lock here; on several nodes, the first worker does
+    lock = folder.acquire_lock() if nnodes == 1 else None
+    check_resume(recipe, args.force_resume, nproc * nnodes)
     done = folder.read_json(folder.complete)
     if done and done.get("recipe_hash") == recipe_mod.trajectory_hash(recipe.to_dict()):
         print(f"qhm-launch: {folder.path} is already complete; nothing to do")
         return 0
     resolved = recipe_mod.write_resolved(recipe)
     folder.preempted.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-           f"--nproc_per_node={nproc}", AGENT_SIGNALS, "-m", "launcher", "run", str(resolved)]
+    topology = (["--standalone", "--nnodes=1"] if nnodes == 1 else
+                [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}",
+                 f"--rdzv_id={args.rdzv_id}"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", *topology, f"--nproc_per_node={nproc}", AGENT_SIGNALS,
+           "-m", "launcher", "run", str(resolved)]
     env = dict(os.environ, **{PARENT_ENV: str(os.getpid()), FORCE_ENV: "1" if args.force_resume else "0",
-                              LOCK_ENV: str(os.getpid()), "QHM_DEBUG": "1" if args.debug else "0"})
+                              "QHM_DEBUG": "1" if args.debug else "0", UNTIL_ENV: str(args.until_epoch or "")})
+    if lock is not None:
+        env[LOCK_ENV] = str(os.getpid())
     # torchrun sets 1 thread per worker and prints a banner saying so; we choose the share of cores
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     rc = supervise(cmd, env, preemption_signals(recipe))
-    lock.release()
+    if lock is not None:
+        lock.release()
     failed = folder.read_json(folder.failed)
     if failed:                                # a worker stopped on a failure it could name
         print(f"qhm-launch: error: {failed.get('error')}", file=sys.stderr)
         return int(failed.get("exit", FAILED))
-    if folder.preempted.exists():
+    preempted = folder.read_json(folder.preempted)
+    if preempted is not None:
+        if os.environ.get(BATCH_ENV) == "1":  # in a Slurm job: the script requeues on the marker; srun sees 0
+            print(f"[qhm-launch] {socket.gethostname()}: preempted, checkpoint at global step "
+                  f"{preempted.get('global_step')}; the job requeues", flush=True)
+            return 0
+        print(f"qhm-launch: preempted at global step {preempted.get('global_step')}; run the same command to "
+              f"resume (exit {PREEMPTED})", flush=True)
         return PREEMPTED
     return rc
 
@@ -249,7 +307,7 @@ def check_devices(recipe, nproc: int) -> None:
                         "devices, and this machine has none)")
 
 
-def run_worker(recipe, force: bool) -> int:
+def run_worker(recipe, force: bool, until_epoch: int | None = None) -> int:
     from . import comm as comm_mod
     from . import supervise
     from .signals import PreemptionFlag
@@ -264,7 +322,7 @@ def run_worker(recipe, force: bool) -> int:
             lock = _take_lock(recipe, comm)
         if PARENT_ENV not in os.environ:          # nobody checked the recipe before us
             check_resume(recipe, force, comm.world, log=print if comm.is_main else (lambda *a: None))
-        rc = Trainer(recipe, comm, flag).train()
+        rc = Trainer(recipe, comm, flag, until_epoch=until_epoch).train()
     except (UserError, RunFailed) as exc:
         if os.environ.get("QHM_DEBUG") == "1":
             raise

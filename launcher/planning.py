@@ -108,6 +108,43 @@ def check_output(recipe: Recipe) -> None:
                         "allowed: a folder you can write to")
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Epochs [first, last] of an elastic chain, on ``nodes`` nodes: one Slurm job."""
+    first: int
+    last: int
+    nodes: int
+
+
+def elastic_segments(recipe: Recipe, n: int, per_node: int, max_nodes: int) -> list[Segment]:
+    """Cut the schedule where the nodes a stage can use well change: a stage of batch b gets the most
+    nodes (up to ``max_nodes``) that still give every rank at least ``distributed.min_rank_batch``
+    samples, and at least one."""
+    table = qhm.epoch_table(recipe.schedule_spec(), n)
+    floor = recipe.distributed.min_rank_batch
+    segments: list[Segment] = []
+    for m, b in enumerate(int(x) for x in table.batch):
+        nodes = max(1, min(max_nodes, b // (floor * per_node)))
+        if segments and segments[-1].nodes == nodes:
+            segments[-1] = Segment(segments[-1].first, m, nodes)
+        else:
+            segments.append(Segment(m, m, nodes))
+    return segments
+
+
+def gpu_hours(epochs: list[EpochPlan], world_of, rate: float, floor: int) -> tuple[float, float]:
+    """(GPU-hours, wall hours) of training ``epochs``, epoch m on ``world_of(m)`` GPUs, if a GPU processes
+    ``rate`` samples/s and a rank with fewer than ``floor`` samples of a batch is no faster (an estimate:
+    evaluation and communication left out)."""
+    gpu = wall = 0.0
+    for e in epochs:
+        world = world_of(e.epoch)
+        seconds = e.steps * max(-(-e.batch // world), floor) / rate
+        wall += seconds
+        gpu += world * seconds
+    return gpu / 3600, wall / 3600
+
+
 def plan_json(epochs: list[EpochPlan], n: int) -> dict:
     return {"epochs": [asdict(e) for e in epochs], "total_steps": sum(e.steps for e in epochs),
             "total_samples": n * len(epochs), "n": n}

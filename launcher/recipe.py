@@ -133,6 +133,7 @@ class Distributed:
     zero_stage: int = 0                 # deepspeed only
     deepspeed_config: dict = field(default_factory=dict)
     batch_norm: str = "local"           # local: statistics per micro-batch | sync: over all ranks (CUDA)
+    min_rank_batch: int = 32            # the smallest per-rank share worth a rank (elastic chains, plan's estimate)
 
 
 @dataclass
@@ -172,6 +173,11 @@ class Signals:
 
 
 @dataclass
+class Slurm:
+    setup: list = field(default_factory=list)   # lines a job runs before training ("module load cuda/12.4")
+
+
+@dataclass
 class Performance:
     channels_last: bool = False         # NHWC activations for convolutional models (fast on GPUs; numerics move)
     compile: str = "off"                # off | default | reduce-overhead | max-autotune: torch.compile of the model
@@ -196,6 +202,7 @@ class Recipe:
     tracking: Tracking = field(default_factory=Tracking)
     signals: Signals = field(default_factory=Signals)
     performance: Performance = field(default_factory=Performance)
+    slurm: Slurm = field(default_factory=Slurm)
 
     @property
     def run_dir(self) -> Path:
@@ -392,6 +399,10 @@ def validate(r: Recipe) -> Recipe:
     if not r.name or "/" in r.name or r.name in (".", "..") or not r.name.isprintable() or len(r.name) > MAX_NAME:
         raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name of at most {MAX_NAME} "
                           "characters, without '/' or control characters")
+    for i, line in enumerate(r.slurm.setup):
+        if not isinstance(line, str) or not line.strip() or not line.isprintable():
+            raise RecipeError(f"slurm.setup[{i}]: {line!r} is not valid; allowed: one line of shell, e.g. "
+                              "'module load cuda/12.4'")
     for i, tag in enumerate(r.tracking.wandb.tags):
         if not isinstance(tag, str) or not tag or len(tag) > MAX_TAG or not tag.isprintable():
             raise RecipeError(f"tracking.wandb.tags[{i}]: {tag!r} is not valid; allowed: text of 1 to {MAX_TAG} "
@@ -402,6 +413,7 @@ def validate(r: Recipe) -> Recipe:
     for path, value, low in (("seed", r.seed, 0), ("epochs", r.epochs, 1), ("schedule.interval", r.schedule.interval, 1),
                              ("distributed.nproc_per_node", r.distributed.nproc_per_node, 1),
                              ("distributed.cpu_micro_batch", r.distributed.cpu_micro_batch, 1),
+                             ("distributed.min_rank_batch", r.distributed.min_rank_batch, 1),
                              ("eval.every_epochs", r.eval.every_epochs, 1),
                              ("eval.batch_size", r.eval.batch_size, 1),
                              ("checkpoint.every_steps", r.checkpoint.every_steps, 0),

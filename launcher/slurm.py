@@ -49,6 +49,14 @@ def add_arguments(command) -> None:
                         help="how long before the time limit the warning comes (default 120)")
         sp.add_argument("--sbatch-arg", type=text, action="append", default=[], metavar="ARG",
                         help="extra sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
+        sp.add_argument("--setup", type=text, action="append", default=None, metavar="LINE",
+                        help="a line the job runs before training, e.g. --setup 'module load cuda/12.4' "
+                             "(repeatable; default: the recipe's slurm.setup)")
+        sp.add_argument("--python", type=text, help="the Python the job runs (default: this one, "
+                                                    f"{sys.executable})")
+        sp.add_argument("--elastic", action="store_true",
+                        help="grow the allocation with the batch: one job per segment of stages, each on the "
+                             "nodes its batch can use (distributed.min_rank_batch per rank), chained afterok")
         sp.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
     s = command("submit", "write an sbatch script into the run folder and submit it")
@@ -75,11 +83,11 @@ def single_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _sbatch_lines(args, nproc: int, array: str | None) -> list[str]:
+def _sbatch_lines(args, nproc: int, array: str | None, nodes: int) -> list[str]:
     """#SBATCH lines: only numbers and fixed words. Options holding user text (job name, log path,
     partition, account, extra arguments) go on sbatch's command line as separate argv items, where no
     shell or directive parser can split or evaluate them."""
-    lines = [f"--nodes={args.nodes}", "--ntasks-per-node=1", f"--time={args.time}",
+    lines = [f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={args.time}",
              f"--signal=B:{args.signal}@{args.signal_seconds}", "--requeue", "--open-mode=append",
              f"--cpus-per-task={args.cpus_per_task or max(1, nproc)}"]
     if args.gpus_per_node:
@@ -89,9 +97,11 @@ def _sbatch_lines(args, nproc: int, array: str | None) -> list[str]:
     return ["#SBATCH " + line for line in lines]
 
 
-def sbatch_command(args, name: str, log: Path, script: Path) -> list[str]:
+def sbatch_command(args, name: str, log: Path, script: Path, dependency: str | None = None) -> list[str]:
     safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64] or "qhm"
     cmd = ["sbatch", "--parsable", f"--job-name={safe_name}", f"--output={log}"]
+    if dependency:
+        cmd.append(f"--dependency={dependency}")
     if args.partition:
         cmd.append(f"--partition={args.partition}")
     if args.account:
@@ -99,21 +109,26 @@ def sbatch_command(args, name: str, log: Path, script: Path) -> list[str]:
     return cmd + list(args.sbatch_arg) + [str(script)]
 
 
-def _launch(args, nproc: int) -> tuple[str, str]:
-    py = q(sys.executable)
-    if args.nodes == 1:
-        return "", f'srun --ntasks=1 --nodes=1 --kill-on-bad-exit=1 {py} -m launcher run "$RECIPE"'
+def _launch(args, nodes: int, until_epoch: int | None) -> tuple[str, str]:
+    """One ``qhm-launch run`` per node: it starts torchrun there (c10d rendezvous on the first node, an id
+    and port from the job) and forwards the job's signals to its workers. On one node it runs right in
+    the batch step, without srun: srun turns a SIGTERM it receives into a SIGKILL of its tasks, so a
+    SIGTERM to every process of the job (preemption, scancel --full) would leave nothing time to save."""
+    py = q(args.python or sys.executable)
+    until = f" --until-epoch {until_epoch}" if until_epoch else ""
+    if nodes == 1:
+        return "", f'{py} -m launcher run "$RECIPE"{until}'
     prelude = ('HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
                'RDZV_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))')
-    launch = (f'srun --ntasks-per-node=1 --kill-on-bad-exit=1 {py} -m torch.distributed.run '
-              f'--nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={nproc} --rdzv_backend=c10d '
-              f'--rdzv_endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv_id="qhm-$JOB_ID" -m launcher run "$RECIPE"')
+    launch = (f'srun --ntasks-per-node=1 --kill-on-bad-exit=1 {py} -m launcher run "$RECIPE" '
+              f'--nnodes="$SLURM_JOB_NUM_NODES" --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="qhm-$JOB_ID"{until}')
     return prelude, launch
 
 
 def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: str | None,
-           submit_cmd: list[str]) -> str:
-    prelude, launch = _launch(args, nproc)
+           submit_cmd: list[str], nodes: int | None = None, until_epoch: int | None = None) -> str:
+    nodes = nodes or args.nodes
+    prelude, launch = _launch(args, nodes, until_epoch)
     if array:
         select = (f"RECIPES=({' '.join(q(str(p)) for p in recipes)})\n"
                   f"RUN_DIRS=({' '.join(q(str(p)) for p in run_dirs)})\n"
@@ -121,13 +136,17 @@ def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: s
     else:
         select = f"RECIPE={q(str(recipes[0]))}\nRUN_DIR={q(str(run_dirs[0]))}"
     text = TEMPLATE.read_text()
-    exports = "export PYTHONUNBUFFERED=1"
+    workdir = q(str(Path.cwd()))
+    exports = (f"export PYTHONUNBUFFERED=1 QHM_BATCH_JOB=1\n"
+               f"export PYTHONPATH={workdir}${{PYTHONPATH:+:$PYTHONPATH}}   # the user's packages, on every node")
+    setup = "\n".join(args.setup) if args.setup else "# (no setup lines: --setup 'module load ...' or slurm.setup)"
     names = RunFolder(Path("."))                 # the run folder's file names, relative to $RUN_DIR
     for key, value in {"{{request_file}}": q(names.preempt_request.name),
                        "{{preempted_file}}": q(names.preempted.name),
-                       "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, nproc, array)),
-                       "{{submit}}": single_line(shlex.join(submit_cmd)),
-                       "{{workdir}}": q(str(Path.cwd())), "{{exports}}": exports,
+                       "{{complete_file}}": q(names.complete.name),
+                       "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, nproc, array, nodes)),
+                       "{{submit}}": single_line(shlex.join(submit_cmd)), "{{setup}}": setup,
+                       "{{workdir}}": workdir, "{{exports}}": exports,
                        "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch,
                        "{{signal}}": args.signal, "{{signal_seconds}}": str(args.signal_seconds)}.items():
         text = text.replace(key, value)
@@ -135,13 +154,19 @@ def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: s
 
 
 def _prepare(recipe, args):
-    """The recipe as the job will run it: absolute output, processes from --gpus-per-node."""
+    """The recipe as the job will run it: absolute output, processes from --gpus-per-node; its setup
+    lines unless --setup gave some."""
     from . import planning
     if args.gpus_per_node:
         recipe.distributed.nproc_per_node = args.gpus_per_node
     recipe.output = str(Path(recipe.output).resolve())
+    if args.setup is None:
+        args.setup = list(recipe.slurm.setup)
     nproc = recipe.distributed.nproc_per_node
     planning.preflight(recipe, nproc * args.nodes, check_data=not args.dry_run)
+    if args.elastic and recipe.distributed.engine == "deepspeed" and recipe.distributed.zero_stage > 0:
+        raise UserError(f"--elastic: not valid with DeepSpeed ZeRO stage {recipe.distributed.zero_stage} (its optimizer "
+                        "state cannot move to another world size here); allowed: ddp, or ZeRO 0")
     return recipe, nproc
 
 
@@ -155,21 +180,37 @@ def _sbatch(cmd: list[str]) -> str:
     return out.stdout.strip().split(";")[0]
 
 
+def _segments(recipe, nproc: int, args) -> list:
+    """The jobs to submit: one on --nodes, or (--elastic) one per segment of stages."""
+    from . import data, planning
+    if not args.elastic:
+        return [planning.Segment(0, recipe.epochs - 1, args.nodes)]
+    return planning.elastic_segments(recipe, data.sizes(recipe.data)[0], nproc, args.nodes)
+
+
 def cmd_submit(args) -> int:
     _check(args)
     recipe, nproc = _prepare(recipe_mod.load(args.recipe, args.set), args)
     folder = recipe.folder
-    script = next_free(folder.slurm, "submit", ".sbatch")
-    cmd = sbatch_command(args, recipe.name, folder.slurm / "slurm-%j.out", script)
-    text = render(args, [folder.recipe], [folder.path], nproc, None, cmd)
+    segments, scripts, after = _segments(recipe, nproc, args), [], None
+    for k, seg in enumerate(segments):
+        script = next_free(folder.slurm, "submit", ".sbatch") if not scripts else \
+            folder.slurm / f"{scripts[-1][0].stem}-{k + 1}.sbatch"
+        cmd = sbatch_command(args, recipe.name, folder.slurm / "slurm-%j.out", script, after)
+        until = seg.last + 1 if seg.last + 1 < recipe.epochs else None
+        scripts.append((script, cmd, render(args, [folder.recipe], [folder.path], nproc, None, cmd, seg.nodes, until)))
+        after = "afterok:{previous}"
     if args.dry_run:
-        print(text)
+        print("\n\n".join(text for _, _, text in scripts))
         return 0
     recipe_mod.write_resolved(recipe)
-    script.parent.mkdir(exist_ok=True)
-    script.write_text(text)
-    job = _sbatch(cmd)
-    print(f"qhm-launch: submitted job {job}: {script}\n  log: {folder.slurm / f'slurm-{job}.out'}")
+    folder.slurm.mkdir(exist_ok=True)
+    previous = None
+    for (script, cmd, text), seg in zip(scripts, segments):
+        script.write_text(text)
+        previous = _sbatch([c.replace("{previous}", previous or "") for c in cmd])
+        what = f" (epochs {seg.first}-{seg.last} on {seg.nodes} node(s))" if args.elastic else ""
+        print(f"qhm-launch: submitted job {previous}{what}: {script}\n  log: {folder.slurm / f'slurm-{previous}.out'}")
     return 0
 
 
@@ -256,16 +297,26 @@ def cmd_sweep(args) -> int:
                         "allowed: grid values that differ once made filesystem-safe")
     sweep = RunFolder(Path(recipes[0][0].output) / spec["name"])
     array = f"0-{len(points) - 1}%{args.max_parallel}"
-    script = next_free(sweep.slurm, "sweep", ".sbatch")
-    cmd = sbatch_command(args, spec["name"], sweep.slurm / "slurm-%A_%a.out", script)
-    text = render(args, [r.folder.recipe for r, _ in recipes], [r.run_dir for r, _ in recipes], recipes[0][1],
-                  array, cmd)
+    segments = {tuple(_segments(r, nproc, args)) for r, nproc in recipes}
+    if len(segments) > 1:
+        raise UserError("--elastic: the sweep's points cut into different segments (their batch schedules differ); "
+                        "allowed: points with one batch schedule, or submit them without --elastic")
+    segments, jobs, after = list(segments.pop()), [], None
+    for k, seg in enumerate(segments):
+        script = next_free(sweep.slurm, "sweep", ".sbatch") if not jobs else \
+            sweep.slurm / f"{jobs[-1][0].stem}-{k + 1}.sbatch"
+        cmd = sbatch_command(args, spec["name"], sweep.slurm / "slurm-%A_%a.out", script, after)
+        until = seg.last + 1 if seg.last + 1 < recipes[0][0].epochs else None
+        jobs.append((script, cmd, render(args, [r.folder.recipe for r, _ in recipes], [r.run_dir for r, _ in recipes],
+                                         recipes[0][1], array, cmd, seg.nodes, until)))
+        after = "aftercorr:{previous}"               # task i of this array after task i of the previous one
     if args.dry_run:
         for p, (r, _) in zip(points, recipes):
             seed = "" if p["seed"] is None else f"  seed={p['seed']}"
             print(f"{p['index']:>3}  {r.run_dir}  {p['label']}{seed}")
-        print(f"{len(points)} runs as one job array --array={array}\n")
-        print(text)
+        print(f"{len(points)} runs as one job array --array={array}" +
+              (f", in {len(jobs)} chained arrays (--elastic)" if len(jobs) > 1 else "") + "\n")
+        print("\n\n".join(text for _, _, text in jobs))
         return 0
     if args.local:
         return _run_locally(points, recipes)
@@ -274,9 +325,11 @@ def cmd_sweep(args) -> int:
         recipe_mod.write_resolved(r)
     (sweep.path / "points.json").write_text(json.dumps(
         [{**p, "run_dir": str(r.run_dir)} for p, (r, _) in zip(points, recipes)], indent=1))
-    script.write_text(text)
-    job = _sbatch(cmd)
-    print(f"qhm-launch: submitted array job {job} ({len(points)} runs): {script}\n  logs: {sweep.slurm}")
+    previous = None
+    for script, cmd, text in jobs:
+        script.write_text(text)
+        previous = _sbatch([c.replace("{previous}", previous or "") for c in cmd])
+        print(f"qhm-launch: submitted array job {previous} ({len(points)} runs): {script}\n  logs: {sweep.slurm}")
     return 0
 
 

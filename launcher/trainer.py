@@ -59,8 +59,9 @@ def upgrade_v1(replicated: dict, per_rank: list) -> tuple[dict, list]:
 class Trainer:
     """One worker's run of a recipe."""
 
-    def __init__(self, recipe, comm, preempt: PreemptionFlag, log=print):
+    def __init__(self, recipe, comm, preempt: PreemptionFlag, log=print, until_epoch: int | None = None):
         self.recipe, self.comm = recipe, comm
+        self.until_epoch = min(until_epoch or recipe.epochs, recipe.epochs)   # a segment of an elastic chain
         self.log = log if comm.is_main else (lambda *a, **k: None)
         self.folder = recipe.folder
         self.device, dtype = comm.device, DTYPES[recipe.precision]
@@ -121,7 +122,7 @@ class Trainer:
     def train(self) -> int:
         """Train (or resume) to the end. Returns 0, or PREEMPTED after a saved preemption."""
         self.resume()
-        for epoch in range(self.state.epoch, self.recipe.epochs):
+        for epoch in range(self.state.epoch, self.until_epoch):
             stage = self.start_epoch(epoch)
             for step in range(self.state.step, stage.steps):
                 self.train_step(stage, step)
@@ -131,9 +132,11 @@ class Trainer:
                     return self.stop_preempted()
                 if self.checkpoint_due(stage, step):
                     self.save(f"every {self.recipe.checkpoint.every_steps} steps")
+            if self.stop.now():                  # before the epoch's evaluation, which may take long
+                return self.stop_preempted()
             self.end_epoch(stage)
             self.save("epoch end")
-        return self.finish()
+        return self.finish() if self.until_epoch == self.recipe.epochs else self.end_segment()
 
     def train_step(self, stage: planning.EpochPlan, step: int) -> None:
         """One optimizer step on global batch (epoch, step): this rank's micro-batches, one update."""
@@ -413,9 +416,19 @@ class Trainer:
             self.tracker.finish(preempted=True)
         self.checkpoints.wait()
         self.stop.close()
-        self.log(f"[qhm-launch] preempted: saved at global step {self.state.global_step}; "
-                 f"run the same command to resume (exit {PREEMPTED})")
+        self.log(f"[qhm-launch] preempted: checkpoint at global step {self.state.global_step}")
         return PREEMPTED
+
+    def end_segment(self) -> int:
+        """An elastic chain's segment ends here, after its last epoch's checkpoint: the next segment's job
+        resumes from it (on another number of ranks). W&B sees a preempting, not a finished, run."""
+        self.checkpoints.wait()
+        self.stop.close()
+        if self.comm.is_main:
+            self.tracker.finish(preempted=True)
+        self.log(f"[qhm-launch] segment done: epochs up to {self.until_epoch} saved; the next segment resumes "
+                 f"from global step {self.state.global_step}")
+        return 0
 
     def finish(self) -> int:
         self.checkpoints.wait()

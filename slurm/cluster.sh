@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# A real one-node Slurm for the tests (Debian's slurmctld/slurmd/munge), all state under one folder.
-#   bash slurm/cluster.sh start [DIR]   installs the packages if missing, starts munged, slurmctld, slurmd,
-#                                       waits until the node is idle; prints the SLURM_CONF to export
+# A real Slurm for the tests (Debian's slurmctld/slurmd/munge), all state under one folder.
+#   bash slurm/cluster.sh start [DIR]   installs the packages if missing, starts munged, slurmctld and one
+#                                       slurmd per node, waits until the nodes are idle; prints the
+#                                       SLURM_CONF to export
 #   bash slurm/cluster.sh stop [DIR]
 # DIR defaults to /tmp/qhm-slurm. Tests find the cluster through $DIR/slurm.conf.
+# QHM_SLURM_NODES=2 (the default) makes two nodes, n1 and n2, on this one machine: two slurmd daemons
+# with their own Port=, spool, pid and log files (%n), and "127.0.0.1 n1 n2" in /etc/hosts (written when
+# missing, which needs root) so a multi-node job's rendezvous on its first node resolves.
+# QHM_SLURM_NODES=1 makes the one node this host.
 set -euo pipefail
 cmd=${1:-start}
 DIR=${2:-${QHM_SLURM_DIR:-/tmp/qhm-slurm}}
+NODES=${QHM_SLURM_NODES:-2}
 HOST=$(hostname)
 
 stop() {
-    for d in slurmd slurmctld munged; do
-        if [ -f "$DIR/$d.pid" ]; then kill "$(cat "$DIR/$d.pid")" 2>/dev/null || true; fi
+    for pidfile in "$DIR"/slurmd*.pid "$DIR/slurmctld.pid" "$DIR/munged.pid"; do
+        if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; fi
     done
     sleep 1
 }
@@ -35,7 +41,19 @@ munged -S "$DIR/munge.socket" --key-file "$DIR/munge.key" --pid-file "$DIR/munge
        --log-file "$DIR/log/munged.log" --seed-file "$DIR/munge.seed"
 
 CPUS=$(nproc)
-MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
+MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 / NODES ))
+if [ "$NODES" = 1 ]; then
+    NAMES="$HOST"
+    NODE_LINES="NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM} State=UNKNOWN"
+else
+    NAMES=$(seq -s, -f "n%g" 1 "$NODES")
+    NODE_LINES=$(for i in $(seq 1 "$NODES"); do
+        echo "NodeName=n$i NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=$((17000 + i)) CPUs=${CPUS} RealMemory=${MEM} State=UNKNOWN"
+    done)
+    if ! getent hosts n1 >/dev/null 2>&1; then
+        echo "127.0.0.1 $(seq -s' ' -f 'n%g' 1 "$NODES")" >> /etc/hosts
+    fi
+fi
 cat > "$DIR/slurm.conf" <<CONF
 ClusterName=qhm
 SlurmctldHost=${HOST}(127.0.0.1)
@@ -45,11 +63,11 @@ AuthInfo=socket=$DIR/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -61,14 +79,17 @@ MailProg=/bin/true
 ReturnToService=2
 SchedulerParameters=bf_interval=2,sched_interval=2,sched_min_interval=0
 MpiDefault=none
-NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM} State=UNKNOWN
-PartitionName=debug Nodes=${HOST} Default=YES MaxTime=INFINITE State=UP
+${NODE_LINES}
+PartitionName=debug Nodes=${NAMES} Default=YES MaxTime=INFINITE State=UP
 CONF
 export SLURM_CONF="$DIR/slurm.conf"
 slurmctld -i -f "$SLURM_CONF"
-slurmd -N "$HOST" -f "$SLURM_CONF"
+for name in ${NAMES//,/ }; do
+    mkdir -p "$DIR/spool/$name"
+    slurmd -N "$name" -f "$SLURM_CONF"
+done
 for _ in $(seq 1 60); do
-    if sinfo -h -o %t 2>/dev/null | grep -q idle; then
+    if [ "$(sinfo -h -N -o %t 2>/dev/null | grep -c idle)" = "$NODES" ]; then
         echo "export SLURM_CONF=$SLURM_CONF"
         exit 0
     fi

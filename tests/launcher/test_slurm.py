@@ -126,10 +126,12 @@ def test_dry_run_scripts_pass_sbatch_test_only_and_multi_node_commands(tmp_path,
                 env=slurm_env, check=0).stdout
     assert "#SBATCH --nodes=2" in multi and "#SBATCH --gpus-per-node=4" in multi
     assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in multi
-    assert "srun --ntasks-per-node=1" in multi and "-m torch.distributed.run" in multi
-    assert "--nproc_per_node=4" in multi and "--rdzv_backend=c10d" in multi
-    assert '--rdzv_endpoint="$HEAD_NODE:$RDZV_PORT"' in multi and '--rdzv_id="qhm-$JOB_ID"' in multi
+    # One launcher per node (it runs torchrun's agent itself, so it sees the preemption signal and
+    # reports it); rendezvous on the first node; the single-node script runs the launcher with no srun.
+    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1" in multi and "-m launcher run" in multi
+    assert '--rdzv-endpoint="$HEAD_NODE:$RDZV_PORT"' in multi and '--rdzv-id="qhm-$JOB_ID"' in multi
     assert '--nnodes="$SLURM_JOB_NUM_NODES"' in multi
+    assert "\nsrun " not in script and "-m launcher run" in script
     test = subprocess.run(["bash", "-n"], input=multi, text=True, capture_output=True)
     assert test.returncode == 0, test.stderr
 
