@@ -1,5 +1,7 @@
-"""Against a real one-node Slurm (slurm/cluster.sh, started by .ci/run): submit, preempt + requeue +
-resume, a sweep as a job array, dry-run scripts, and quoting of hostile names."""
+"""Against a real two-node Slurm (slurm/cluster.sh: two slurmd daemons on this machine, started by .ci/run):
+submit, preempt + requeue + resume on one node and on two (the warning signal and SIGTERM to every step),
+4 ranks on 2 nodes from batch 2, an elastic chain from 1 node to 2, a sweep as a job array, dry-run
+scripts, and quoting of hostile names."""
 import json
 import os
 import re
@@ -8,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, write_recipe
@@ -145,3 +148,108 @@ def test_hostile_run_name_is_quoted_and_executes_nothing(tmp_path, slurm_env):
     assert state["JobState"] == "COMPLETED", list(tmp_path.rglob("slurm-*.out"))
     assert (run / "complete.json").exists()
     assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
+
+
+def wait_for(condition, what: str, timeout=180):
+    t0 = time.time()
+    while not condition():
+        assert time.time() - t0 < timeout, f"{what} after {timeout}s"
+        time.sleep(0.5)
+
+
+def scancel(job: str, env: dict, *args):
+    subprocess.run(["scancel", *args, job], env=dict(os.environ, **env), check=True)
+
+
+def assert_clean_log(log: str):
+    """What a user reads in the job's log: no Python traceback, no torchrun failure report."""
+    assert "Traceback" not in log and "FAILED" not in log and "ChildFailedError" not in log, log[-4000:]
+
+
+# torchrun gives each of several local workers one intra-op thread; a node with one worker keeps them all.
+# The thread count orders a convolution's float sums, so bitwise comparisons hold it equal.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def test_two_nodes_preempted_by_warning_signal_then_sigterm_resume_bitwise(tmp_path, slurm_env):
+    """2 nodes x 1 process. First the warning signal to the batch shell, then SIGTERM to every step (what
+    preemption and `scancel --signal=TERM` do): each ends in a checkpoint at one step on every rank, one
+    line per node, a requeue, and the finished run equals an uninterrupted run on 2 ranks bit for bit."""
+    over = {"epochs": 3, "data.size": 320, "checkpoint.every_steps": 3}
+    recipe = base_recipe(name="two", **over, **{"distributed.nproc_per_node": 1})
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    cli(["run", str(write_recipe(ref, base_recipe(name="two", **over)))], cwd=ref, check=0)   # the same 2 ranks
+
+    run = tmp_path / "runs" / "two"
+    job = submit([str(write_recipe(tmp_path, recipe)), "--nodes", "2"], tmp_path,
+                 {**slurm_env, "QHM_TEST_STEP_DELAY": "0.3", **ONE_THREAD})
+    steps = lambda: max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
+    log = lambda: (run / "slurm" / f"slurm-{job}.out").read_text()
+    wait_for(lambda: steps() >= 3, "the 2-node job never trained")
+    scancel(job, slurm_env, "--signal=USR2", "--batch")
+    wait_for(lambda: int(job_state(job, slurm_env).get("Restarts", 0)) >= 1, "no requeue after USR2")
+    wait_for(lambda: "resumed from" in log(), "the requeued job never resumed")
+    resumed_at = steps()
+    wait_for(lambda: steps() >= resumed_at + 3, "the resumed job never trained")
+    scancel(job, slurm_env, "--signal=TERM")              # every step of the job, on both nodes
+    wait_for(lambda: int(job_state(job, slurm_env).get("Restarts", 0)) >= 2, "no requeue after SIGTERM")
+    state = wait_done(job, slurm_env, timeout=300)
+    log = log()
+    assert state["JobState"] == "COMPLETED", log[-4000:]
+    assert_clean_log(log)
+    saved = re.findall(r"\[qhm-launch\] \S+: preempted, checkpoint at global step (\d+); the job requeues", log)
+    assert len(saved) == 4 and saved[0] == saved[1] and saved[2] == saved[3], log[-4000:]   # one line per node
+    assert log.count("requeueing") == 2 and log.count("resumed from") == 2
+    assert_bitwise(final_params(run), final_params(ref / "runs" / "two"))
+    assert metric_rows(run) == metric_rows(ref / "runs" / "two")
+
+
+def test_four_ranks_on_two_nodes_from_batch_2_equal_one_process(tmp_path, slurm_env):
+    """2 nodes x 2 processes on a schedule starting at batch 2 (half the ranks idle in the first stage, a
+    partial last batch): the same parameters as one process, float64, to 1e-10."""
+    over = {"precision": "fp64", "epochs": 3, "data.size": 70, "schedule.batch.initial": 2,
+            "schedule.batch.growth": 3, "checkpoint.every_steps": 0, "eval.every_epochs": 3}
+    one = tmp_path / "one"
+    one.mkdir()
+    cli(["run", str(write_recipe(one, base_recipe(name="b2", **over, **{"distributed.nproc_per_node": 1})))],
+        cwd=one, check=0)
+    job = submit([str(write_recipe(tmp_path, base_recipe(name="b2", **over))), "--nodes", "2"], tmp_path, slurm_env)
+    state = wait_done(job, slurm_env, timeout=300)
+    run = tmp_path / "runs" / "b2"
+    log = (run / "slurm" / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and (run / "complete.json").exists(), log[-4000:]
+    assert_clean_log(log)
+    pa, pb = final_params(run), final_params(one / "runs" / "b2")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
+    assert [(r["batch"], r["world_size"]) for r in metric_rows(run)] == [(2, 4), (6, 4), (18, 4)]
+
+
+def test_elastic_chain_one_node_then_two_matches_a_fixed_run(tmp_path, slurm_env):
+    """--elastic: epoch 0 (batch 16) on 1 node, epochs 1-2 (batch 32, 64) on 2, the second job resuming
+    the first's checkpoint on twice the ranks. A world-size change reorders float sums, so the chain
+    equals a fixed 2-rank run to float64 rounding (1e-10), not bit for bit."""
+    over = {"precision": "fp64", "epochs": 3, "data.size": 192, "distributed.nproc_per_node": 1,
+            "distributed.min_rank_batch": 16, "checkpoint.every_steps": 0}
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    cli(["run", str(write_recipe(fixed, base_recipe(name="el", **{**over, "distributed.nproc_per_node": 2})))],
+        cwd=fixed, check=0)
+    path = write_recipe(tmp_path, base_recipe(name="el", **over))
+    plan = cli(["plan", str(path), "--elastic", "--nnodes", "2", "--rate", "1"], cwd=tmp_path, check=0).stdout
+    assert "GPU-hours" in plan, plan
+    out = cli(["submit", str(path), "--nodes", "2", "--elastic"], cwd=tmp_path, env=slurm_env, check=0).stdout
+    jobs = re.findall(r"submitted job (\d+) \(epochs (\d+)-(\d+) on (\d) node", out)
+    assert [j[1:] for j in jobs] == [("0", "0", "1"), ("1", "2", "2")], out
+    for job, *_ in jobs:
+        assert wait_done(job, slurm_env, timeout=300)["JobState"] == "COMPLETED"
+    run = tmp_path / "runs" / "el"
+    logs = [(run / "slurm" / f"slurm-{job}.out").read_text() for job, *_ in jobs]
+    for log in logs:
+        assert_clean_log(log)
+    assert "segment done" in logs[0] and "resumed from" in logs[1]
+    pa, pb = final_params(run), final_params(fixed / "runs" / "el")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
+    assert [(r["batch"], r["world_size"]) for r in metric_rows(run)] == [(16, 1), (32, 2), (64, 2)]
