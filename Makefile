@@ -10,9 +10,9 @@ export MPLBACKEND           ?= Agg
 .PHONY: demo test study bench clean
 STUDY_RUNS = runs/study/study-p*
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 demo: $(VENV)/.installed
