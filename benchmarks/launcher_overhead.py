@@ -8,10 +8,7 @@ comm hook counts gradient all-reduces per optimizer step in our trainer.
 
     .venv/bin/python benchmarks/launcher_overhead.py      # starts torchrun itself
 """
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -114,8 +111,5 @@ def worker():
 
 
 if __name__ == "__main__":
-    if "RANK" in os.environ:
-        worker()
-    else:
-        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  "--nproc_per_node=2", __file__], cwd=Path(__file__).resolve().parents[1]))
+    from torchrun_self import main
+    main(__file__, worker)

@@ -11,10 +11,7 @@ rounds; the ratio. A tiny convolutional net keeps the model's share small: this 
 
     .venv/bin/python benchmarks/streamed_data.py
 """
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -116,10 +113,5 @@ def worker():
 
 
 if __name__ == "__main__":
-    if "RANK" in os.environ:
-        worker()
-    else:
-        here = Path(__file__).resolve().parent
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
-        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                  __file__], cwd=here.parent, env=env))
+    from torchrun_self import main
+    main(__file__, worker)

@@ -69,14 +69,6 @@ class Agreement:
         self._work = self.comm.all_reduce_max_async(self._box)
         return stop
 
-    def now(self) -> bool:
-        """A blocking agreement, at a point where the ranks wait for each other anyway (an epoch's end):
-        True on every rank when any was asked to stop, including since the last poll."""
-        self.close()
-        if self.comm.world == 1:
-            return self._asked()
-        return not self.comm.agree(not self._asked())
-
     def close(self) -> None:
         """Wait for the outstanding all-reduce (every rank has one in flight): before the group goes."""
         if self._work is not None:

@@ -132,8 +132,8 @@ class Trainer:
                     return self.stop_preempted()
                 if self.checkpoint_due(stage, step):
                     self.save(f"every {self.recipe.checkpoint.every_steps} steps")
-            if self.stop.now():                  # before the epoch's evaluation, which may take long
-                return self.stop_preempted()
+            # no stop between the last step and the evaluation: the epoch row would then go to W&B in the
+            # next segment, at a step the run already has, and be dropped
             self.end_epoch(stage)
             self.save("epoch end")
         return self.finish() if self.until_epoch == self.recipe.epochs else self.end_segment()

@@ -1,5 +1,5 @@
 """Against a real two-node Slurm (slurm/cluster.sh: two slurmd daemons on this machine, started by .ci/run):
-submit, preempt + requeue + resume on one node and on two (the warning signal and SIGTERM to every step),
+submit (a hostile name, quoted), preempt + requeue + resume on one node and on two (the warning signal and SIGTERM to every step),
 4 ranks on 2 nodes from batch 2, an elastic chain from 1 node to 2, a sweep as a job array, dry-run
 scripts, and quoting of hostile names."""
 import json
@@ -62,16 +62,6 @@ def submit(args, cwd, env) -> str:
     return re.search(r"submitted job (\d+)", out.stdout).group(1)
 
 
-def test_submit_runs_the_recipe_to_completion(tmp_path, slurm_env):
-    path = write_recipe(tmp_path, base_recipe(name="sub", epochs=2))
-    job = submit([str(path)], tmp_path, slurm_env)
-    state = wait_done(job, slurm_env)
-    run = tmp_path / "runs" / "sub"
-    assert state["JobState"] == "COMPLETED", (run / "slurm" / f"slurm-{job}.out").read_text()[-3000:]
-    assert (run / "complete.json").exists() and len(metric_rows(run)) == 2
-    assert (run / "slurm" / "submit-1.sbatch").exists() and (run / "slurm" / f"slurm-{job}.out").exists()
-
-
 def test_preemption_signal_requeues_resumes_and_matches_the_uninterrupted_run(tmp_path, slurm_env):
     recipe = base_recipe(name="pre", epochs=4, **{"data.size": 400})
     ref = tmp_path / "ref"
@@ -97,22 +87,22 @@ def test_preemption_signal_requeues_resumes_and_matches_the_uninterrupted_run(tm
 def test_sweep_runs_as_one_job_array(tmp_path, slurm_env):
     write_recipe(tmp_path, base_recipe(epochs=1, **{"distributed.nproc_per_node": 1}), "base.yaml")
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(
-        {"recipe": "base.yaml", "name": "grid", "grid": {"schedule.lr.max": [0.01, 0.05, 0.1]}}))
+        {"recipe": "base.yaml", "name": "grid", "grid": {"schedule.lr.max": [0.01, 0.05]}}))
     dry = cli(["sweep", str(tmp_path / "sweep.yaml"), "--dry-run"], cwd=tmp_path, env=slurm_env, check=0)
-    assert "3 runs as one job array --array=0-2%4" in dry.stdout and "schedule.lr.max=0.05" in dry.stdout
+    assert "2 runs as one job array --array=0-1%4" in dry.stdout and "schedule.lr.max=0.05" in dry.stdout
     out = cli(["sweep", str(tmp_path / "sweep.yaml"), "--max-parallel", "2"], cwd=tmp_path, env=slurm_env, check=0)
     job = re.search(r"submitted array job (\d+)", out.stdout).group(1)
     t0 = time.time()
-    runs = [tmp_path / "runs" / f"grid_lr.max={lr}" for lr in (0.01, 0.05, 0.1)]
+    runs = [tmp_path / "runs" / f"grid_lr.max={lr}" for lr in (0.01, 0.05)]
     while not all((r / "complete.json").exists() for r in runs) and time.time() - t0 < 300:
         time.sleep(1)
     assert all((r / "complete.json").exists() for r in runs), list((tmp_path / "runs" / "grid" / "slurm").iterdir())
     lrs = [yaml.safe_load((r / "recipe.yaml").read_text())["schedule"]["lr"]["max"] for r in runs]
     groups = {yaml.safe_load((r / "recipe.yaml").read_text())["tracking"]["wandb"]["group"] for r in runs}
-    assert lrs == [0.01, 0.05, 0.1] and len(groups) == 3
+    assert lrs == [0.01, 0.05] and len(groups) == 2
     points = json.loads((tmp_path / "runs" / "grid" / "points.json").read_text())
-    assert [p["name"] for p in points] == ["grid_lr.max=0.01", "grid_lr.max=0.05", "grid_lr.max=0.1"]
-    assert re.search(r"#SBATCH --array=0-2%2", (tmp_path / "runs" / "grid" / "slurm" / "sweep-1.sbatch").read_text())
+    assert [p["name"] for p in points] == ["grid_lr.max=0.01", "grid_lr.max=0.05"]
+    assert re.search(r"#SBATCH --array=0-1%2", (tmp_path / "runs" / "grid" / "slurm" / "sweep-1.sbatch").read_text())
     assert job
 
 
@@ -146,7 +136,8 @@ def test_hostile_run_name_is_quoted_and_executes_nothing(tmp_path, slurm_env):
     state = wait_done(job, slurm_env)
     run = tmp_path / "runs" / name
     assert state["JobState"] == "COMPLETED", list(tmp_path.rglob("slurm-*.out"))
-    assert (run / "complete.json").exists()
+    assert (run / "complete.json").exists() and len(metric_rows(run)) == 1     # the job ran the recipe
+    assert (run / "slurm" / "submit-1.sbatch").exists() and (run / "slurm" / f"slurm-{job}.out").exists()
     assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
 
 
@@ -166,8 +157,9 @@ def assert_clean_log(log: str):
     assert "Traceback" not in log and "FAILED" not in log and "ChildFailedError" not in log, log[-4000:]
 
 
-# torchrun gives each of several local workers one intra-op thread; a node with one worker keeps them all.
-# The thread count orders a convolution's float sums, so bitwise comparisons hold it equal.
+# The launcher gives each local worker its share of the cores (OMP_NUM_THREADS): one each for 2 local
+# workers here, both for 1 worker per node. The thread count orders a convolution's float sums, so a
+# bitwise comparison holds it equal.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
