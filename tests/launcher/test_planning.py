@@ -78,3 +78,52 @@ def test_every_shipped_sweep_expands(capsys):
         assert main(["sweep", str(path), "--dry-run"]) == 0, path
         out = capsys.readouterr().out
         assert f"{expected[path.name]} runs as one job array" in out, path
+
+
+PAPER = str(ROOT / "recipes" / "paper" / "resnet18-qhm-cosine-increasing.yaml")
+
+
+def test_elastic_segments_give_each_stage_the_nodes_its_batch_can_use():
+    """The paper's schedule (8 * 2^(m // 30), 300 epochs) on up to 4 nodes of 8, at least 64 samples per
+    rank: a stage of batch b gets clamp(b // (64 * 8), 1, 4) nodes; consecutive equal counts join."""
+    from launcher import recipe as R
+    recipe = R.load(PAPER, ["distributed.min_rank_batch=64"])
+    by_hand = [min(4, max(1, 8 * 2 ** (m // 30) // 512)) for m in range(300)]
+    runs = [(0, 0, by_hand[0])]
+    for m, nodes in enumerate(by_hand[1:], 1):
+        runs[-1:] = [(runs[-1][0], m, nodes)] if nodes == runs[-1][2] else [runs[-1], (m, m, nodes)]
+    segments = planning.elastic_segments(recipe, 50_000, 8, 4)
+    assert [(s.first, s.last, s.nodes) for s in segments] == runs == [(0, 209, 1), (210, 239, 2), (240, 299, 4)]
+
+
+def test_gpu_hours_by_hand():
+    from launcher import recipe as R
+    recipe = R.from_dict(base_recipe(epochs=2, **{"schedule.interval": 1}))        # batch 16, then 32
+    epochs = planning.plan(recipe, 320, 4)                                           # 20 and 10 steps
+    # 4 GPUs, 10 samples/s each, a rank with fewer than 8 samples no faster: epoch 0 ceil(16/4)=4 -> 8,
+    # epoch 1 ceil(32/4)=8: 20*8/10 + 10*8/10 = 24 s of wall time, 96 GPU-seconds
+    gpu, wall = planning.gpu_hours(epochs, lambda m: 4, 10.0, 8)
+    assert (gpu * 3600, wall * 3600) == pytest.approx((96.0, 24.0))
+
+
+def test_elastic_submit_and_sweep_chain_one_job_per_segment(tmp_path, capsys):
+    path = write_recipe(tmp_path, base_recipe(name="el", **{"distributed.nproc_per_node": 1,
+                                                            "distributed.min_rank_batch": 16}))
+    assert main(["submit", str(path), "--nodes", "2", "--elastic", "--dry-run"]) == 0
+    scripts = capsys.readouterr().out.split("#!/bin/bash")[1:]
+    assert len(scripts) == 2 and "#SBATCH --nodes=1" in scripts[0] and "#SBATCH --nodes=2" in scripts[1]
+    assert "--until-epoch 1" in scripts[0] and "--until-epoch" not in scripts[1]
+    (tmp_path / "sweep.yaml").write_text(json.dumps({"recipe": "recipe.yaml", "name": "g",
+                                                     "grid": {"schedule.lr.max": [0.01, 0.05]}}))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--nodes", "2", "--elastic", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs as one job array --array=0-1%4, in 2 chained arrays (--elastic)" in out
+    # points with different batch schedules cut differently: one line, nothing submitted
+    (tmp_path / "sweep.yaml").write_text(json.dumps({"recipe": "recipe.yaml", "name": "g",
+                                                     "grid": {"schedule.batch.initial": [16, 32]}}))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--nodes", "2", "--elastic", "--dry-run"]) == 2
+    assert "--elastic: the sweep's points cut into different segments" in capsys.readouterr().err
+    zero = write_recipe(tmp_path, base_recipe(name="z", **{"distributed.engine": "deepspeed",
+                                                           "distributed.zero_stage": 2}), "z.yaml")
+    assert main(["submit", str(zero), "--nodes", "2", "--elastic", "--dry-run"]) == 2
+    assert "--elastic: not valid with DeepSpeed ZeRO stage 2" in capsys.readouterr().err
