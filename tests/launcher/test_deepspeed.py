@@ -1,6 +1,10 @@
 """DeepSpeed ZeRO 0/1/2 on CPU (gloo): the same updates as DDP, exact step grouping, exact resume."""
 import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,12 +40,31 @@ def ddp_reference(tmp_path_factory):
     return final_params(folder / "runs" / "ddp"), metric_rows(folder / "runs" / "ddp")
 
 
+def run_deepspeed(folder, stage, launcher="torchrun"):
+    """One DeepSpeed run of the recipe at ``stage``, logging how each optimizer step was grouped."""
+    path, log = write_recipe(folder, ds_recipe("ds", stage)), folder / "steps.jsonl"
+    if launcher == "torchrun":
+        cli(["run", str(path)], cwd=folder, check=0, env={"QHM_TEST_STEP_LOG": str(log)})
+    else:            # DeepSpeed's own launcher instead: `deepspeed --num_gpus 2 --module launcher run RECIPE`
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        out = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                              "29613", "--module", "launcher", "run", str(path)], cwd=folder, capture_output=True,
+                             text=True, timeout=600, env={**env, "QHM_TEST_STEP_LOG": str(log)})
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return folder / "runs" / "ds", path, log
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    """Uninterrupted ZeRO 2: one of the engine comparisons and the kill -9 test's reference."""
+    return run_deepspeed(tmp_path_factory.mktemp("zero2"), 2)
+
+
+# stage 1 runs under DeepSpeed's launcher (on CPU: 2 processes), 0 and 2 under torchrun
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_deepspeed_matches_ddp_and_every_step_spans_the_planned_micro_batches(tmp_path, ddp_reference, stage):
-    path = write_recipe(tmp_path, ds_recipe("ds", stage))
-    log = tmp_path / "steps.jsonl"
-    cli(["run", str(path)], cwd=tmp_path, check=0, env={"QHM_TEST_STEP_LOG": str(log)})
-    run = tmp_path / "runs" / "ds"
+def test_deepspeed_matches_ddp_and_every_step_spans_the_planned_micro_batches(tmp_path, ddp_reference, zero2_run,
+                                                                              stage):
+    run, path, log = zero2_run if stage == 2 else run_deepspeed(tmp_path, stage, "deepspeed" if stage == 1 else "torchrun")
     params, rows = ddp_reference
     got = final_params(run)
     for k in params:                                  # float32: summation order differs, 1e-5 relative
@@ -64,14 +87,10 @@ def test_deepspeed_matches_ddp_and_every_step_spans_the_planned_micro_batches(tm
     assert [s["global_steps"] for s in steps] == list(range(1, len(expected) + 1))
 
 
-def test_kill_9_and_resume_under_zero2_is_bitwise(tmp_path):
-    ref_dir = tmp_path / "ref"
-    ref_dir.mkdir()
-    cli(["run", str(write_recipe(ref_dir, ds_recipe("z2", 2)))], cwd=ref_dir, check=0)
-    reference = final_params(ref_dir / "runs" / "z2"), metric_rows(ref_dir / "runs" / "z2")
-
-    path = write_recipe(tmp_path, ds_recipe("z2", 2))
-    run = tmp_path / "runs" / "z2"
+def test_kill_9_and_resume_under_zero2_is_bitwise(tmp_path, zero2_run):
+    reference = final_params(zero2_run[0]), metric_rows(zero2_run[0])
+    path = write_recipe(tmp_path, ds_recipe("ds", 2))
+    run = tmp_path / "runs" / "ds"
     proc = start(["run", str(path)], cwd=tmp_path, env={"QHM_TEST_STEP_DELAY": "0.1"})
     wait_for(lambda: len([s for s in checkpoint_steps(run) if s >= 15]) >= 2, proc=proc,
              what="two second-stage checkpoints")
@@ -109,20 +128,3 @@ def test_owned_deepspeed_keys_cannot_be_overridden():
     from launcher.deepspeed_engine import build_config
     cfg = build_config(ok, 8, 2, 2)
     assert cfg["zero_optimization"] == {"overlap_comm": False, "stage": 2} and cfg["train_batch_size"] == 32
-
-
-def test_the_deepspeed_launcher_runs_the_same_recipe(tmp_path, ddp_reference):
-    """`deepspeed --num_gpus 2 --module launcher run RECIPE` instead of torchrun (on CPU: 2 processes)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    launcher = Path(sys.executable).parent / "deepspeed"
-    path = write_recipe(tmp_path, ds_recipe("dsl", 1))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", "29613", "--module", "launcher", "run",
-                          str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    got, (params, _) = final_params(tmp_path / "runs" / "dsl"), ddp_reference
-    for k in params:
-        torch.testing.assert_close(got[k], params[k], rtol=1e-5, atol=1e-6)
