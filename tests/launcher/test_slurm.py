@@ -167,8 +167,8 @@ def test_two_nodes_preempted_by_warning_signal_then_sigterm_resume_bitwise(tmp_p
     """2 nodes x 1 process. First the warning signal to the batch shell, then SIGTERM to every step (what
     preemption and `scancel --signal=TERM` do): each ends in a checkpoint at one step on every rank, one
     line per node, a requeue, and the finished run equals an uninterrupted run on 2 ranks bit for bit."""
-    # 40 + 20 + 10 steps: a stop is agreed within 16 steps at batch 16 (the check runs every
-    # 256 // batch steps and is read one check later), so each signal still lands well before the end
+    # 40 + 20 + 10 steps: a stop is agreed within 2 * (256 // batch) steps (the check runs every
+    # 256 // batch steps and is read one check later), so each signal still lands before the end
     over = {"epochs": 3, "data.size": 640, "checkpoint.every_steps": 3}
     recipe = base_recipe(name="two", **over, **{"distributed.nproc_per_node": 1})
     ref = tmp_path / "ref"
