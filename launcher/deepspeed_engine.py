@@ -47,10 +47,15 @@ def _safe_checkpoint_engine():
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return load_deepspeed_file(path, map_location)
 
     return WeightsOnlyCheckpointEngine()
+
+
+def load_deepspeed_file(path, map_location="cpu"):
+    """One of DeepSpeed's checkpoint files, weights_only: tensors, containers and its few plain types."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _deepspeed_safe_globals() -> list:
@@ -113,8 +118,7 @@ class DeepSpeedEngine:
         (which has collectives inside: a file that fails there on one rank would leave the others
         waiting); whatever fails here makes the checkpoint "not valid" on every rank."""
         for path in sorted((Path(folder) / TAG).glob("*.pt")):
-            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                torch.load(path, map_location="cpu", weights_only=True)
+            load_deepspeed_file(path)
 
     def load_files(self, folder: Path) -> None:
         path, _ = self.model.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,

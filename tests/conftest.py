@@ -72,14 +72,14 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def wait_for(predicate, timeout=300, proc=None, what="condition"):
+def wait_for(predicate, timeout=300, proc=None, what="condition", interval=0.05):
     t0 = time.time()
     while time.time() - t0 < timeout:
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"process ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
-        time.sleep(0.05)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -1,7 +1,7 @@
 """Against a real two-node Slurm (slurm/cluster.sh: two slurmd daemons on this machine, started by .ci/run):
-submit (a hostile name, quoted), preempt + requeue + resume on one node and on two (the warning signal and SIGTERM to every step),
-4 ranks on 2 nodes from batch 2, an elastic chain from 1 node to 2, a sweep as a job array, dry-run
-scripts, and quoting of hostile names."""
+submit (a hostile name, quoted), preempt + requeue + resume on one node and on two (the warning signal
+and SIGTERM to every step), 4 ranks on 2 nodes from batch 2, an elastic chain from 1 node to 2, a sweep
+as a job array, and dry-run scripts."""
 import json
 import os
 import re
@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, write_recipe
+from conftest import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, wait_for,
+                      write_recipe)
 
 CONF = Path(os.environ.get("QHM_SLURM_CONF", "/tmp/qhm-slurm/slurm.conf"))
 
@@ -141,13 +142,6 @@ def test_hostile_run_name_is_quoted_and_executes_nothing(tmp_path, slurm_env):
     assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
 
 
-def wait_for(condition, what: str, timeout=180):
-    t0 = time.time()
-    while not condition():
-        assert time.time() - t0 < timeout, f"{what} after {timeout}s"
-        time.sleep(0.5)
-
-
 def scancel(job: str, env: dict, *args):
     subprocess.run(["scancel", *args, job], env=dict(os.environ, **env), check=True)
 
@@ -180,14 +174,15 @@ def test_two_nodes_preempted_by_warning_signal_then_sigterm_resume_bitwise(tmp_p
                  {**slurm_env, "QHM_TEST_STEP_DELAY": "0.2", **ONE_THREAD})
     steps = lambda: max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
     log = lambda: (run / "slurm" / f"slurm-{job}.out").read_text()
-    wait_for(lambda: steps() >= 3, "the 2-node job never trained")
+    wait_for(lambda: steps() >= 3, timeout=180, interval=0.5, what="the 2-node job to train")
     scancel(job, slurm_env, "--signal=USR2", "--batch")
-    wait_for(lambda: int(job_state(job, slurm_env).get("Restarts", 0)) >= 1, "no requeue after USR2")
-    wait_for(lambda: "resumed from" in log(), "the requeued job never resumed")
+    restarts = lambda: int(job_state(job, slurm_env).get("Restarts", 0))
+    wait_for(lambda: restarts() >= 1, timeout=180, interval=0.5, what="a requeue after USR2")
+    wait_for(lambda: "resumed from" in log(), timeout=180, interval=0.5, what="the requeued job to resume")
     resumed_at = steps()
-    wait_for(lambda: steps() > resumed_at, "the resumed job never trained")
+    wait_for(lambda: steps() > resumed_at, timeout=180, interval=0.5, what="the resumed job to train")
     scancel(job, slurm_env, "--signal=TERM")              # every step of the job, on both nodes
-    wait_for(lambda: int(job_state(job, slurm_env).get("Restarts", 0)) >= 2, "no requeue after SIGTERM")
+    wait_for(lambda: restarts() >= 2, timeout=180, interval=0.5, what="a requeue after SIGTERM")
     state = wait_done(job, slurm_env, timeout=300)
     log = log()
     assert state["JobState"] == "COMPLETED", log[-4000:]
