@@ -109,6 +109,7 @@ class Trainer:
         # running loss sum was still finite (a non-finite loss stays in the sum, so the count stops there)
         self.finite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.step_delay = testhooks.step_delay()
+        self.oom_at, self._oom_fired = testhooks.oom_at(), False    # read once, not per micro-batch
         self._clock, self._epoch_clock = time.time(), time.time()
 
     # the Trainer is the "train" part of every checkpoint
@@ -164,7 +165,7 @@ class Trainer:
             needed = -(-(-(-size // self.comm.world)) // stage.micro_batch)
             micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
         for i, (x, y) in enumerate(micro_batches):
-            if testhooks.oom_at() and self._inject_oom(stage.epoch, step, i):
+            if self.oom_at and self._inject_oom(stage.epoch, step, i):
                 raise microbatch.injected_oom(f"epoch {stage.epoch} step {step}")
             empty, model = len(y) == 0, self.engine.model
             eager = (torch.compiler.set_stance("force_eager") if self.compiled and len(y) != stage.micro_batch
@@ -204,9 +205,8 @@ class Trainer:
 
     def _inject_oom(self, epoch: int, step: int, micro: int) -> bool:
         """Test hook: an out-of-memory error once at (epoch, step[, rank]), first micro-batch."""
-        where = testhooks.oom_at()
-        fired = getattr(self, "_oom_fired", False)
-        hit = (where[:2] == (epoch, step) and micro == 0 and not fired
+        where = self.oom_at
+        hit = (where[:2] == (epoch, step) and micro == 0 and not self._oom_fired
                and (len(where) < 3 or where[2] == self.comm.rank))
         if hit:
             self._oom_fired = True
