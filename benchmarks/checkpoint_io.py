@@ -14,9 +14,10 @@ import torch
 import torchvision
 
 import qhm
-from launcher import recipe as R, trainer
-from launcher.checkpoint import CheckpointManager
-from launcher.comm import Comm
+from launcher.config import recipe as R
+from launcher.train import trainer
+from launcher.run.checkpoint import CheckpointManager
+from launcher.train.comm import Comm
 
 SOLO = Comm(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 

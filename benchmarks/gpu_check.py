@@ -42,7 +42,7 @@ def sync():
 
 
 def resnet18():
-    from launcher import models
+    from launcher.train import models
     return models.build("resnet18", (3, 32, 32), 100, 0, torch.float32).to(DEVICE)
 
 
@@ -61,7 +61,7 @@ def correctness():
 
 # --------------------------------------------------------------------------------------- 2
 def qhm_launch_recipe(folder, batch, n, epochs=2, compile_mode="default", schedule=None):
-    from launcher import recipe as R
+    from launcher.config import recipe as R
     return R.from_dict({
         "name": f"b{batch}", "output": str(folder), "epochs": epochs, "seed": 0, "precision": "bf16",
         "model": "resnet18",
@@ -76,8 +76,9 @@ def qhm_launch_recipe(folder, batch, n, epochs=2, compile_mode="default", schedu
 
 def host_syncs():
     """qhm-launch's steady state under set_sync_debug_mode("warn"): count the synchronising calls."""
-    from launcher import comm as comm_mod, trainer as T
-    from launcher.signals import PreemptionFlag
+    from launcher.train import comm as comm_mod
+    from launcher.train import trainer as T
+    from launcher.train.signals import PreemptionFlag
     steps, warm = (320, 20) if not SMOKE else (6, 2)
     with tempfile.TemporaryDirectory() as tmp:
         recipe = qhm_launch_recipe(tmp, 128, 128 * steps, epochs=1, compile_mode="off")
@@ -189,9 +190,10 @@ def bare_loop(batch, steps):
 
 
 def ours(batch, steps, compile_mode="default"):
-    from launcher import comm as comm_mod, trainer as T
-    from launcher.files import read_jsonl
-    from launcher.signals import PreemptionFlag
+    from launcher.train import comm as comm_mod
+    from launcher.train import trainer as T
+    from launcher.run.files import read_jsonl
+    from launcher.train.signals import PreemptionFlag
     with tempfile.TemporaryDirectory() as tmp:
         recipe = qhm_launch_recipe(tmp, batch, batch * steps, compile_mode=compile_mode)
         T.Trainer(recipe, comm_mod.init(), PreemptionFlag([]), log=lambda *a, **k: None).train()
@@ -201,9 +203,10 @@ def ours(batch, steps, compile_mode="default"):
 
 def stage_rates_ours():
     """One qhm-launch run through every stage of the paper's schedule (channels_last, no compile)."""
-    from launcher import comm as comm_mod, trainer as T
-    from launcher.files import read_jsonl
-    from launcher.signals import PreemptionFlag
+    from launcher.train import comm as comm_mod
+    from launcher.train import trainer as T
+    from launcher.run.files import read_jsonl
+    from launcher.train.signals import PreemptionFlag
     n = 40_960 if not SMOKE else 64
     stages = STAGES if not SMOKE else [8, 16, 32]
     with tempfile.TemporaryDirectory() as tmp:

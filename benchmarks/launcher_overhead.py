@@ -26,7 +26,8 @@ def bare_loop(comm, epochs, batch, micro, n):
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
     import qhm
-    from launcher import data as D, models
+    from launcher import data as D
+    from launcher.train import models
     ds = D.load(D.Data(dataset="synthetic", size=n, augment=False), comm.device, torch.float32)
     model = DDP(models.build("small_cnn", ds.shape, 10, 0, torch.float32))
     opt = qhm.QHM(model.parameters(), lr=0.05, beta=0.9, gamma=0.7)
@@ -52,10 +53,10 @@ def bare_loop(comm, epochs, batch, micro, n):
 
 
 def ours(comm, epochs, folder, batch, micro, n):
-    from launcher import recipe as R
-    from launcher.files import read_jsonl
-    from launcher.signals import PreemptionFlag
-    from launcher.trainer import Trainer
+    from launcher.config import recipe as R
+    from launcher.run.files import read_jsonl
+    from launcher.train.signals import PreemptionFlag
+    from launcher.train.trainer import Trainer
     r = R.from_dict({"name": "bench", "output": str(folder), "epochs": epochs, "seed": 0,
                      "data": {"dataset": "synthetic", "size": n, "augment": False},
                      "schedule": {"batch": {"kind": "constant", "size": batch}, "lr": {"max": 0.05}},
@@ -70,7 +71,8 @@ def ours(comm, epochs, folder, batch, micro, n):
 
 def worker():
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from launcher import comm as comm_mod, engines
+    from launcher.train import comm as comm_mod
+    from launcher.engines import ddp as engines
     comm = comm_mod.init()
     calls = {"n": 0}
 

@@ -69,10 +69,10 @@ def baseline(comm, root: Path, size: int):
 
 
 def ours(comm, root: Path, size: int, folder: str):
-    from launcher import recipe as R
-    from launcher.files import read_jsonl
-    from launcher.signals import PreemptionFlag
-    from launcher.trainer import Trainer
+    from launcher.config import recipe as R
+    from launcher.run.files import read_jsonl
+    from launcher.train.signals import PreemptionFlag
+    from launcher.train.trainer import Trainer
     r = R.from_dict({"name": "bench", "output": folder, "epochs": EPOCHS, "seed": 0,
                      "data": {"dataset": "imagefolder", "root": str(root), "image_size": size, "workers": WORKERS},
                      "model": {"factory": "streamed_data:tiny"},
@@ -86,7 +86,7 @@ def ours(comm, root: Path, size: int, folder: str):
 
 
 def worker():
-    from launcher import comm as comm_mod
+    from launcher.train import comm as comm_mod
     comm = comm_mod.init()
     lines = []
     for size in (32, 224):

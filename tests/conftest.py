@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from launcher import keys
-from launcher.files import read_jsonl
-from launcher.tracking import WALL_FIELDS
+from launcher.config import keys
+from launcher.run.files import read_jsonl
+from launcher.run.tracking import WALL_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ def _entry(rank, world, store_dir, fn, args, out_dir):
     import datetime
     import torch
     import torch.distributed as dist
-    from launcher.comm import Comm
+    from launcher.train.comm import Comm
     try:
         store = dist.FileStore(os.path.join(store_dir, "store"), world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,

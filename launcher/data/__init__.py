@@ -16,14 +16,14 @@ from typing import Any, Optional
 
 import torch
 
-from .. import order
-from ..errors import UserError
-from ..order import Augment  # noqa: F401  (re-exported: the augmentation settings of a dataset)
-from ..recipe import Data  # noqa: F401  (re-exported for callers that build a data config by hand)
-from . import builtin, imagefolder
-from .builtin import SIZES  # noqa: F401
-from .memory import InMemoryBatches, TensorSplit
-from .streamed import StreamedBatches, StreamedSplit
+from launcher.data import order
+from launcher.errors import UserError
+from launcher.data.order import Augment  # noqa: F401  (re-exported: the augmentation settings of a dataset)
+from launcher.config.recipe import Data  # noqa: F401  (re-exported for callers that build a data config by hand)
+from launcher.data import builtin, imagefolder
+from launcher.data.builtin import SIZES  # noqa: F401
+from launcher.data.memory import InMemoryBatches, TensorSplit
+from launcher.data.streamed import StreamedBatches, StreamedSplit
 
 
 @dataclass
@@ -89,7 +89,7 @@ def sizes(cfg) -> tuple[int, int]:
 def user_data(cfg) -> dict:
     """A data factory's splits, checked: train and test map-style datasets, optional train_eval and
     num_classes (the contract; see the README)."""
-    from ..factories import call, field
+    from launcher.config.factories import call, field
     obj = call("data.factory", cfg.factory, cfg.kwargs)
     out = {k: field(obj, k) for k in ("train", "test", "train_eval", "num_classes")}
     for key in ("train", "test", "train_eval"):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..order import Augment
+from launcher.errors import UserError
+from launcher.data.order import Augment
 
 SIZES = {"digits": (1500, 297), "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
 SYNTHETIC_DEFAULT = 600

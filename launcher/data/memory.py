@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import order
+from launcher.data import order
 
 
 class TensorSplit:

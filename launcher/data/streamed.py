@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
-from .. import order
+from launcher.data import order
 
 
 @contextlib.contextmanager

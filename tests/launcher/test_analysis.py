@@ -8,8 +8,8 @@ import yaml
 
 import qhm
 from conftest import base_recipe, cli, write_recipe
-from launcher import analysis
-from launcher.cli import main
+from launcher.cli import analysis
+from launcher.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_report_and_cli(study, tmp_path, capsys):
 
 
 def test_runs_that_measure_the_gradient_norm_differently_are_separate_curves():
-    from launcher import recipe as R
+    from launcher.config import recipe as R
     def run(seed, mode, eval_batch):
         rec = R.from_dict(base_recipe(seed=seed, **{"eval.grad_norm_mode": mode, "eval.batch_size": eval_batch}))
         return {"dir": f"{mode}-{seed}", "rows": [], "recipe": rec.to_dict()}

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, base_recipe, cli, write_recipe
-from launcher.cli import main
+from launcher.cli.main import main
 
 SMOKE = str(ROOT / "recipes" / "smoke.yaml")
 

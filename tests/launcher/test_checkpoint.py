@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from launcher.checkpoint import VERSION, CheckpointManager
-from launcher.comm import Comm
+from launcher.run.checkpoint import VERSION, CheckpointManager
+from launcher.train.comm import Comm
 from launcher.errors import UserError
-from launcher.runfolder import RunFolder
+from launcher.run.folder import RunFolder
 
 
 def solo() -> Comm:
@@ -133,7 +133,7 @@ def test_corrupt_but_parseable_checkpoints_fall_back(tmp_path, damage):
             def __reduce__(self):
                 return (os.system, (f"touch {tmp_path / 'PWNED'}",))
         torch.save({"a": Evil()}, newest / "state.pt")          # a real torch file, but with code in it
-        from launcher.checkpoint import describe
+        from launcher.run.checkpoint import describe
         manifest["files"]["state.pt"] = describe(newest / "state.pt")
     (newest / "manifest.json").write_text(json.dumps(manifest))
     a, logs = Box(), []
@@ -188,10 +188,10 @@ def test_per_rank_parts_are_per_rank_and_reshard_on_another_world_size(tmp_path)
 def test_a_v1_checkpoint_is_upgraded(tmp_path):
     """A checkpoint in the first layout (state.pt: engine/train/wandb_id/running_total; rank files:
     rng/running) loads into the current parts."""
-    from launcher.checkpoint import describe
-    from launcher.state import EpochSums, RankRNG, TrainState
-    from launcher.trainer import upgrade_v1
-    from launcher.order import GlobalBatchSampler
+    from launcher.run.checkpoint import describe
+    from launcher.train.state import EpochSums, RankRNG, TrainState
+    from launcher.train.trainer import upgrade_v1
+    from launcher.data.order import GlobalBatchSampler
     path = tmp_path / "run" / "checkpoints" / "step-000000005"
     path.mkdir(parents=True)
     rng = RankRNG(0, 0).state_dict()
@@ -243,7 +243,7 @@ def _resume_and_report(comm, root):
 
 
 def test_a_planted_pickle_on_one_rank_s_file_makes_every_rank_fall_back(tmp_path):
-    from launcher.checkpoint import describe
+    from launcher.run.checkpoint import describe
     run_ranks(_save_twice, 2, str(tmp_path))
     newest = tmp_path / "run" / "checkpoints" / "step-000000002"
     torch.save({"b": _Evil(str(tmp_path / "PWNED"))}, newest / "rank-00001.pt")     # a real torch file

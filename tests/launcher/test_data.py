@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher import data as D
-from launcher import order as O
+from launcher.data import order as O
 
 
 def test_global_batches_partition_the_epoch_and_depend_on_seed_and_epoch():

@@ -13,8 +13,8 @@ pytest.importorskip("deepspeed")
 
 from conftest import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
                       metric_rows, start, wait_for, write_recipe)
-from launcher import recipe as R
-from launcher.checkpoint import describe
+from launcher.config import recipe as R
+from launcher.run.checkpoint import describe
 
 
 class Evil:
@@ -125,6 +125,6 @@ def test_owned_deepspeed_keys_cannot_be_overridden():
         R.from_dict(ds_recipe("x", 1, **{"distributed.deepspeed_config": {"zero_optimization": {"stage": 3}}}))
     ok = R.from_dict(ds_recipe("x", 2, **{"distributed.deepspeed_config": {"zero_optimization":
                                                                           {"overlap_comm": False}}}))
-    from launcher.deepspeed_engine import build_config
+    from launcher.engines.deepspeed import build_config
     cfg = build_config(ok, 8, 2, 2)
     assert cfg["zero_optimization"] == {"overlap_comm": False, "stage": 2} and cfg["train_batch_size"] == 32

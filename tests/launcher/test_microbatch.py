@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import base_recipe, cli, final_params, metric_rows, write_recipe
-from launcher.microbatch import largest_fitting
+from launcher.train.microbatch import largest_fitting
 
 
 def test_largest_fitting_against_every_limit():

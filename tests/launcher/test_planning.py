@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from conftest import ROOT, base_recipe, write_recipe
-from launcher import planning
-from launcher.cli import main
+from launcher.train import splits as planning
+from launcher.cli.main import main
 
 
 @pytest.mark.parametrize("batch,world,cap,expect", [
@@ -86,7 +86,7 @@ PAPER = str(ROOT / "recipes" / "paper" / "resnet18-qhm-cosine-increasing.yaml")
 def test_elastic_segments_give_each_stage_the_nodes_its_batch_can_use():
     """The paper's schedule (8 * 2^(m // 30), 300 epochs) on up to 4 nodes of 8, at least 64 samples per
     rank: a stage of batch b gets clamp(b // (64 * 8), 1, 4) nodes; consecutive equal counts join."""
-    from launcher import recipe as R
+    from launcher.config import recipe as R
     recipe = R.load(PAPER, ["distributed.min_rank_batch=64"])
     by_hand = [min(4, max(1, 8 * 2 ** (m // 30) // 512)) for m in range(300)]
     runs = [(0, 0, by_hand[0])]
@@ -97,7 +97,7 @@ def test_elastic_segments_give_each_stage_the_nodes_its_batch_can_use():
 
 
 def test_gpu_hours_by_hand():
-    from launcher import recipe as R
+    from launcher.config import recipe as R
     recipe = R.from_dict(base_recipe(epochs=2, **{"schedule.interval": 1}))        # batch 16, then 32
     epochs = planning.plan(recipe, 320, 4)                                           # 20 and 10 steps
     # 4 GPUs, 10 samples/s each, a rank with fewer than 8 samples no faster: epoch 0 ceil(16/4)=4 -> 8,

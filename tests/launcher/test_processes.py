@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from conftest import base_recipe, checkpoint_steps, cli, start, wait_for, write_recipe
-from launcher.supervise import children
+from launcher.cluster.supervise import children
 
 SLOW = {"QHM_TEST_STEP_DELAY": "0.04"}
 
@@ -164,7 +164,7 @@ def test_a_non_finite_loss_stops_the_run_in_one_line_and_saves_nothing_after_it(
     saved = checkpoint_steps(run)
     assert saved and max(saved) < bad and f"nothing was saved after global step {max(saved)}" in lines[0]
     import torch
-    from launcher.checkpoint import read_file
+    from launcher.run.checkpoint import read_file
     newest = run / "checkpoints" / f"step-{max(saved):09d}"
     assert all(torch.isfinite(t).all() for t in read_file(newest / "state.pt")["engine"]["model"].values())
     assert not (run / "final_model.pt").exists() and (run / "failed.json").exists()

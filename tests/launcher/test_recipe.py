@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import ROOT, base_recipe, cli, write_recipe
-from launcher import recipe as R
-from launcher.cli import main
+from launcher.config import recipe as R
+from launcher.cli.main import main
 
 
 def test_smoke_recipe_loads_with_the_issue_schema():

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from launcher.errors import UserError
-from launcher.runfolder import RunFolder
+from launcher.run.folder import RunFolder
 
 
 def test_every_file_is_named_by_the_run_folder(tmp_path):
@@ -39,7 +39,7 @@ def test_clear_stale_removes_markers_and_old_pid_files(tmp_path):
 
 def test_one_run_per_folder_and_the_lock_dies_with_its_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from launcher.runfolder import RunFolder; "
+        "import sys, time; from launcher.run.folder import RunFolder; "
         f"RunFolder({str(tmp_path)!r}).acquire_lock(); print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:

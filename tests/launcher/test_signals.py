@@ -5,7 +5,7 @@ import signal
 from pathlib import Path
 
 from distributed import run_ranks
-from launcher.signals import Agreement, PreemptionFlag
+from launcher.train.signals import Agreement, PreemptionFlag
 
 
 def _steps_until_stop(comm, signal_rank, signal_step, request_file):
@@ -35,7 +35,7 @@ def test_the_request_file_is_seen_by_rank_0_and_agreed_by_all(tmp_path):
 
 
 def test_one_process_needs_no_agreement(tmp_path):
-    from launcher.comm import Comm
+    from launcher.train.comm import Comm
     import torch
     comm = Comm(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     assert _steps_until_stop(comm, 0, 4, None) == (4, signal.SIGUSR1)

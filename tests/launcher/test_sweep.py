@@ -1,5 +1,5 @@
 """Sweep points: names that say what a point is and stay put when the grid is edited; seeds counted."""
-from launcher.slurm import expand, point_name
+from launcher.cluster.slurm import expand, point_name
 
 
 def spec(grid, seeds=(0,)):

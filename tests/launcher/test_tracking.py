@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launcher.tracking import MetricsLog, run_id
+from launcher.run.tracking import MetricsLog, run_id
 
 
 def test_metrics_rows_after_the_resume_point_are_dropped_and_a_torn_line_is_survived(tmp_path):
@@ -36,9 +36,9 @@ def test_the_run_id_is_created_once_and_the_checkpoint_wins(tmp_path):
 
 KILLED_SERVICE = """
 import os, signal, sys, time
-from launcher import recipe as R
-from launcher.supervise import children
-from launcher.tracking import Tracker
+from launcher.config import recipe as R
+from launcher.cluster.supervise import children
+from launcher.run.tracking import Tracker
 recipe = R.from_dict({"name": "t", "output": sys.argv[1], "tracking": {"wandb": {"mode": "offline"}},
                       "schedule": {"batch": {"kind": "constant", "size": 8}}})
 before = set(children(os.getpid()))

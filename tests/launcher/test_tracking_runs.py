@@ -7,8 +7,8 @@ import signal
 import pytest
 
 from conftest import checkpoint_steps, cli, metric_rows, start, wait_for, write_recipe, base_recipe
-from launcher.files import read_jsonl
-from launcher.tracking import WALL_FIELDS
+from launcher.run.files import read_jsonl
+from launcher.run.tracking import WALL_FIELDS
 from wandb_records import history, of_kind, records
 
 SLOW = {"QHM_TEST_STEP_DELAY": "0.05"}
@@ -82,8 +82,8 @@ def test_a_run_preempted_twice_keeps_one_wandb_history_and_every_row_once(tmp_pa
 
 
 def test_status_report_and_plot_over_runs_in_every_state(tmp_path, capsys):
-    from launcher import analysis
-    from launcher.status import run_status
+    from launcher.cli import analysis
+    from launcher.cli.status import run_status
     runs = tmp_path / "runs"
     path = write_recipe(tmp_path, recipe(**{"tracking.step_grad_norm": False}))
     run = runs / "w"

@@ -40,7 +40,8 @@ def test_one_process_micro32_equals_two_processes_micro4_accum4(tmp_path):
 
 def test_full_grad_norm_is_the_exact_mean_gradient(tmp_path):
     """Recompute ||grad f|| at the final parameters in one plain process and compare with the log."""
-    from launcher import data as D, models
+    from launcher import data as D
+    from launcher.train import models
     path = write_recipe(tmp_path, equivalence_recipe(name="g", epochs=1))
     cli(["run", str(path)], cwd=tmp_path, check=0)
     run = tmp_path / "runs" / "g"

@@ -43,7 +43,7 @@ def test_the_repository_example_runs_as_documented(tmp_path):
 
 def test_a_loss_that_is_not_per_sample_is_refused_in_one_line():
     from launcher.errors import UserError
-    from launcher.losses import Loss
+    from launcher.train.losses import Loss
     mean = Loss(lambda out, y: torch.nn.functional.cross_entropy(out, y), "mypkg.other:mean_loss")
     with pytest.raises(UserError, match=r"loss.factory: 'mypkg.other:mean_loss' gave \(\) for a batch of 4; allowed: "
                                         r"one loss per sample, shape \(4,\)"):
@@ -83,7 +83,7 @@ BAD = [
 
 @pytest.mark.parametrize("over,expect", BAD, ids=[b[1][:40] for b in BAD])
 def test_every_bad_factory_is_one_line_before_any_worker(tmp_path, over, expect):
-    from launcher.cli import main
+    from launcher.cli.main import main
     user_package(tmp_path)
     recipe = base_recipe(name="bad", **{"data": {"factory": "mypkg.parts:build_data"}, "model": {"factory": "mypkg.parts:build_model"}})
     recipe.update(over)
@@ -140,7 +140,7 @@ def write_images(root, classes=3, per_class=(40, 12), size=32):
 def test_imagefolder_trains_evaluates_on_val_and_measures_the_gradient_on_unaugmented_images(tmp_path):
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
-    from launcher import models
+    from launcher.train import models
     from launcher.data.imagefolder import MEAN, STD
     root = write_images(tmp_path / "images")
     recipe = base_recipe(name="img", epochs=2, precision="fp64", **{

@@ -25,8 +25,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .files import atomic_write_json, next_free, read_jsonl
+from launcher.errors import UserError
+from launcher.run.files import atomic_write_json, next_free, read_jsonl
 
 
 @dataclass(frozen=True)

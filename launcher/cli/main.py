@@ -11,9 +11,9 @@ import os
 import socket
 import sys
 
-from . import recipe as recipe_mod
-from .cliargs import Parser, add_debug, nonnegative_float, positive_float, positive_int, text
-from .errors import BAD_INPUT, FAILED, PREEMPTED, RunFailed, UserError, exit_status, one_line
+from launcher.config import recipe as recipe_mod
+from launcher.cli.args import Parser, add_debug, nonnegative_float, positive_float, positive_int, text
+from launcher.errors import BAD_INPUT, FAILED, PREEMPTED, RunFailed, UserError, exit_status, one_line
 
 PARENT_ENV = "QHM_LAUNCH_PARENT"        # set for workers that `qhm-launch run` started itself
 FORCE_ENV = "QHM_FORCE_RESUME"
@@ -72,10 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--G", type=nonnegative_float, help="bound G on every per-sample gradient norm")
     b.add_argument("--f-gap", type=nonnegative_float, dest="f_gap", help="f(x_0) - f_star")
     b.add_argument("--json", action="store_true", help="print the terms as JSON")
-    from . import slurm
+    from launcher.cluster import slurm
     slurm.add_arguments(command)
 
-    from .analysis import METRICS, RANKS, XS
+    from launcher.cli.analysis import METRICS, RANKS, XS
     pt = command("plot", "curves of several runs: mean and min-max band over seeds")
     pt.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (those without metrics are listed)")
     pt.add_argument("--metric", default="test_acc", help=f"what to draw: {' | '.join(METRICS)} (default test_acc)")
@@ -99,20 +99,20 @@ def version() -> str:
 
 
 def cmd_plot(args) -> int:
-    from . import analysis
+    from launcher.cli import analysis
     drawn = analysis.plot(args.runs, args.metric, args.x, args.out, args.rows)
     print(f"qhm-launch: {len(drawn)} curves from {len(args.runs)} runs -> {args.out}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from . import analysis
+    from launcher.cli import analysis
     print(analysis.report(args.runs, args.rank))
     return 0
 
 
 def cmd_status(args) -> int:
-    from . import status
+    from launcher.cli import status
     print(status.table(args.runs))
     return 0
 
@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from . import slurm
-    from .supervise import early_signals
+    from launcher.cluster import slurm
+    from launcher.cluster.supervise import early_signals
     if args.command != "run":               # only a run treats signals as a request to checkpoint
         early_signals([])
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
@@ -137,12 +137,12 @@ def main(argv=None) -> int:
 
 
 def _training_set_size(recipe, override) -> int:
-    from . import data
+    from launcher import data
     return override if override is not None else data.sizes(recipe.data)[0]
 
 
 def cmd_plan(args) -> int:
-    from . import planning
+    from launcher.train import splits as planning
     recipe = recipe_mod.load(args.recipe, args.set)
     nproc = args.nproc if args.nproc is not None else recipe.distributed.nproc_per_node
     n = _training_set_size(recipe, args.n)
@@ -160,7 +160,7 @@ def cmd_plan(args) -> int:
 
 def elastic_report(recipe, n: int, per_node: int, max_nodes: int, rate: float) -> str:
     """The segments of an elastic chain, each one's plan, and the GPU-hours next to a fixed allocation."""
-    from . import planning
+    from launcher.train import splits as planning
     segments = planning.elastic_segments(recipe, n, per_node, max_nodes)
     nodes_of = {m: s.nodes for s in segments for m in range(s.first, s.last + 1)}
     epochs = [e for s in segments for e in planning.plan(recipe, n, s.nodes * per_node)[s.first:s.last + 1]]
@@ -217,7 +217,7 @@ def cmd_bounds(args) -> int:
 def check_resume(recipe, force: bool, world: int, log=print) -> None:
     """Refuse a checkpoint written under other trajectory-changing fields (one-line diff), or one
     that this engine cannot load on ``world`` processes."""
-    from .checkpoint import CheckpointManager
+    from launcher.run.checkpoint import CheckpointManager
     # quiet: the worker reports an invalid newest checkpoint itself when it resumes
     found = CheckpointManager(recipe.folder, log=lambda *a: None).find_latest_valid()
     if found is None:
@@ -241,12 +241,13 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
 
 def cmd_run(args) -> int:
     recipe = recipe_mod.load(args.recipe, args.set)
-    from .comm import in_worker_env
+    from launcher.train.comm import in_worker_env
     if in_worker_env():
         until = int(os.environ[UNTIL_ENV]) if os.environ.get(UNTIL_ENV) else args.until_epoch
         return run_worker(recipe, force=args.force_resume or os.environ.get(FORCE_ENV) == "1", until_epoch=until)
-    from . import factories, planning
-    from .supervise import AGENT_SIGNALS, supervise
+    from launcher.config import factories
+    from launcher.train import splits as planning
+    from launcher.cluster.supervise import AGENT_SIGNALS, supervise
     folder = recipe.folder
     nproc, nnodes = recipe.distributed.nproc_per_node, args.nnodes
     if nnodes > 1 and not (args.rdzv_endpoint and args.rdzv_id):
@@ -308,10 +309,10 @@ def check_devices(recipe, nproc: int) -> None:
 
 
 def run_worker(recipe, force: bool, until_epoch: int | None = None) -> int:
-    from . import comm as comm_mod
-    from . import supervise
-    from .signals import PreemptionFlag
-    from .trainer import Trainer
+    from launcher.train import comm as comm_mod
+    from launcher.cluster import supervise
+    from launcher.train.signals import PreemptionFlag
+    from launcher.train.trainer import Trainer
     flag = PreemptionFlag(preemption_signals(recipe))
     for signum in supervise.early_signals(preemption_signals(recipe))[:1]:
         flag.adopt(signum)

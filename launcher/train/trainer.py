@@ -18,17 +18,22 @@ from tqdm import tqdm
 
 import qhm
 
-from . import data as data_mod
-from . import engines, microbatch, models, order, planning, testhooks
-from . import recipe as recipe_mod
-from .checkpoint import CheckpointManager
-from .errors import PREEMPTED, RunFailed, UserError
-from .evaluation import evaluate, full_grad_norm
-from .files import atomic_write
-from . import losses
-from .signals import Agreement, PreemptionFlag
-from .state import EpochSums, RankRNG, TrainState
-from .tracking import MetricsLog, Tracker, run_id
+from launcher import data as data_mod
+from launcher.engines import ddp as engines
+from launcher.train import microbatch
+from launcher.train import models
+from launcher.data import order
+from launcher.train import splits as planning
+from launcher import env as testhooks
+from launcher.config import recipe as recipe_mod
+from launcher.run.checkpoint import CheckpointManager
+from launcher.errors import PREEMPTED, RunFailed, UserError
+from launcher.train.evaluation import evaluate, full_grad_norm
+from launcher.run.files import atomic_write
+from launcher.train import losses
+from launcher.train.signals import Agreement, PreemptionFlag
+from launcher.train.state import EpochSums, RankRNG, TrainState
+from launcher.run.tracking import MetricsLog, Tracker, run_id
 
 DTYPES = {"fp32": torch.float32,
           # bf16 is torch.autocast over fp32 weights and data: parameters, optimizer state, inputs and

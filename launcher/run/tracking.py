@@ -18,8 +18,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from .errors import one_line
-from .files import append_line, atomic_write, read_jsonl
+from launcher.errors import one_line
+from launcher.run.files import append_line, atomic_write, read_jsonl
 
 WALL_FIELDS = ("wall_time", "samples_per_s", "steps_per_s")
 

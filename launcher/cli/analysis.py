@@ -15,11 +15,11 @@ import yaml
 
 import qhm
 
-from . import data as data_mod
-from . import keys
-from . import recipe as recipe_mod
-from .runfolder import RunFolder
-from .errors import UserError
+from launcher import data as data_mod
+from launcher.config import keys
+from launcher.config import recipe as recipe_mod
+from launcher.run.folder import RunFolder
+from launcher.errors import UserError
 
 METRICS = ("test_acc", "grad_norm", "min_grad_norm", "train_loss", "test_loss", "train_acc", "val_acc", "val_loss",
            "lr", "beta", "gamma", "batch", "samples_per_s")
@@ -33,7 +33,7 @@ IGNORED_KEYS = ("eval.batch_size", "distributed.nproc_per_node", "distributed.ma
 def load_runs(run_dirs: list) -> list[dict]:
     """The runs (sweep folders expanded) that have metrics; the others are listed in one line on
     stderr, since a sweep in progress leaves some without any yet."""
-    from .status import expand
+    from launcher.cli.status import expand
     loaded, left_out = [], []
     for d in expand(run_dirs):
         folder = RunFolder(d)

@@ -54,8 +54,8 @@ def build(spec, shape: tuple, num_classes: int, seed: int, dtype: torch.dtype) -
 
 
 def user_model(spec) -> nn.Module:
-    from .errors import UserError
-    from .factories import call
+    from launcher.errors import UserError
+    from launcher.config.factories import call
     model = call("model.factory", spec.factory, spec.kwargs)
     if not isinstance(model, nn.Module):
         raise UserError(f"model.factory: {spec.factory!r} returned {type(model).__name__}; allowed: a torch.nn.Module")

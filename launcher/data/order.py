@@ -108,7 +108,7 @@ class GlobalBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         """Refuse a checkpoint of other data. One written before the order was recorded (layout 1)
         is accepted; from it on, augmentation is keyed per sample (see VERSION)."""
-        from .errors import UserError
+        from launcher.errors import UserError
         if state["n"] is None:
             return
         if state["n"] != self.n:

@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from .runfolder import RunFolder
+from launcher.run.folder import RunFolder
 
 HEARTBEAT = 600           # seconds: a run on another host that logged this recently is running
 

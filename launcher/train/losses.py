@@ -33,7 +33,7 @@ class Loss:
             return F.cross_entropy(out, target, reduction="sum")
         losses = self.per_sample(out, target)
         if not (isinstance(losses, torch.Tensor) and losses.shape == (len(target),)):
-            from .errors import UserError
+            from launcher.errors import UserError
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise UserError(f"loss.factory: {self.name!r} gave {shape} for a batch of {len(target)}; allowed: one "
                             f"loss per sample, shape ({len(target)},) (the launcher sums them)")
@@ -51,8 +51,8 @@ def from_recipe(spec) -> Loss:
     """The recipe's loss: cross-entropy, or a ``loss.factory`` returning fn(output, target) -> per-sample losses."""
     if spec.factory is None:
         return Loss()
-    from .errors import UserError
-    from .factories import call
+    from launcher.errors import UserError
+    from launcher.config.factories import call
     fn = call("loss.factory", spec.factory, spec.kwargs)
     if not callable(fn):
         raise UserError(f"loss.factory: {spec.factory!r} returned {type(fn).__name__}; allowed: a callable "

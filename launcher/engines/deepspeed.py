@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import testhooks
-from .errors import UserError
+from launcher import env as testhooks
+from launcher.errors import UserError
 
 TAG = "deepspeed"
 

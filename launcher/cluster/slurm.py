@@ -19,12 +19,12 @@ import sys
 from pathlib import Path
 
 
-from . import recipe as recipe_mod
-from . import yamlfile
-from .cliargs import nonnegative_int, positive_int, text
-from .errors import UserError
-from .files import next_free
-from .runfolder import RunFolder
+from launcher.config import recipe as recipe_mod
+from launcher.config import yamlfile
+from launcher.cli.args import nonnegative_int, positive_int, text
+from launcher.errors import UserError
+from launcher.run.files import next_free
+from launcher.run.folder import RunFolder
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "job.sbatch"
 SIGNALS = ("USR1", "USR2", "TERM")
@@ -156,7 +156,7 @@ def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: s
 def _prepare(recipe, args):
     """The recipe as the job will run it: absolute output, processes from --gpus-per-node; its setup
     lines unless --setup gave some."""
-    from . import planning
+    from launcher.train import splits as planning
     if args.gpus_per_node:
         recipe.distributed.nproc_per_node = args.gpus_per_node
     recipe.output = str(Path(recipe.output).resolve())
@@ -182,7 +182,8 @@ def _sbatch(cmd: list[str]) -> str:
 
 def _segments(recipe, nproc: int, args) -> list:
     """The jobs to submit: one on --nodes, or (--elastic) one per segment of stages."""
-    from . import data, planning
+    from launcher import data
+    from launcher.train import splits as planning
     if not args.elastic:
         return [planning.Segment(0, recipe.epochs - 1, args.nodes)]
     return planning.elastic_segments(recipe, data.sizes(recipe.data)[0], nproc, args.nodes)

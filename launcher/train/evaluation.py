@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import order
+from launcher.data import order
 
 
 def _shard_batches(split, comm, batch_size: int):

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from .errors import UserError, one_line
+from launcher.errors import UserError, one_line
 
 
 def importable_from_cwd() -> None:

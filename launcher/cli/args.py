@@ -6,7 +6,7 @@ import argparse
 import math
 import sys
 
-from .errors import BAD_INPUT, one_line
+from launcher.errors import BAD_INPUT, one_line
 
 
 class Parser(argparse.ArgumentParser):

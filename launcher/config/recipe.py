@@ -18,10 +18,11 @@ import yaml
 
 import qhm
 
-from . import keys, yamlfile
-from .errors import RecipeError  # noqa: F401  (raised by every check below; importable from here)
-from .files import atomic_write
-from .runfolder import RunFolder
+from launcher.config import keys
+from launcher.config import yamlfile
+from launcher.errors import RecipeError  # noqa: F401  (raised by every check below; importable from here)
+from launcher.run.files import atomic_write
+from launcher.run.folder import RunFolder
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
 MODELS = ("small_cnn", "resnet18", "vit_tiny")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from . import order
+from launcher.data import order
 
 
 @dataclass

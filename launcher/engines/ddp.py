@@ -95,6 +95,6 @@ class DDPEngine:
 def build(recipe, module, optimizer, comm, first_stage) -> Engine:
     """The engine the recipe names; ``first_stage`` (an EpochPlan) sizes DeepSpeed's initial config."""
     if recipe.distributed.engine == "deepspeed":
-        from .deepspeed_engine import DeepSpeedEngine
+        from launcher.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(recipe, module, optimizer, comm, first_stage.micro_batch, first_stage.accum)
     return DDPEngine(module, optimizer, comm, explicit_reduce=recipe.distributed.max_micro_batch == "auto")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import qhm
 
-from .errors import RecipeError, UserError
-from .recipe import Recipe
+from launcher.errors import RecipeError, UserError
+from launcher.config.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,9 @@ def micro_cap(recipe: Recipe) -> int:
 def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[EpochPlan]:
     """What must hold before any worker starts: the output folder can be written, the data is there,
     the user's factories resolve and return what they must, and every stage splits."""
-    from . import data, losses, models
+    from launcher import data
+    from launcher.train import losses
+    from launcher.train import models
     check_output(recipe)
     if not check_data:                      # submit --dry-run on a login node: no data, no factories
         return [] if recipe.data.factory else plan(recipe, data.sizes(recipe.data)[0], world_size)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError, one_line
+from launcher.errors import UserError, one_line
 
 MAX_BYTES = 1 << 20               # a recipe or sweep is a few kilobytes; one of a megabyte is a mistake
 MAX_NODES = 100_000               # values after expanding aliases

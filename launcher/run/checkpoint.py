@@ -43,10 +43,10 @@ from typing import Callable, Literal, Optional, Protocol
 import torch
 import xxhash
 
-from . import testhooks
-from .errors import UserError
-from .files import atomic_write, atomic_write_json, fsync_path
-from .runfolder import RunFolder
+from launcher import env as testhooks
+from launcher.errors import UserError
+from launcher.run.files import atomic_write, atomic_write_json, fsync_path
+from launcher.run.folder import RunFolder
 
 VERSION = 2                   # 1: state.pt held engine/train/wandb_id/running_total (upgraded on load)
 KNOWN_VERSIONS = (1, 2)
