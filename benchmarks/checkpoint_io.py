@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import qhm
-from launcher.config import recipe as R
+from launcher import config as R
 from launcher.train import trainer
 from launcher.run.checkpoint import CheckpointManager
 from launcher.train.comm import Comm

@@ -18,7 +18,7 @@ CONFIGS = [("ddp", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2)]
 
 def worker(engine, stage, folder):
     from launcher.train import comm as comm_mod
-    from launcher.config import recipe as R
+    from launcher import config as R
     from launcher.train import trainer
     comm = comm_mod.init()
     r = R.from_dict({"name": "b", "output": folder, "epochs": 4, "model": "resnet18",

@@ -14,8 +14,6 @@ code paths on CPU with tiny sizes, to check the script itself before spending de
 
     python3 benchmarks/gpu_check.py [--smoke]
 """
-import contextlib
-import json
 import math
 import statistics
 import sys
@@ -61,7 +59,7 @@ def correctness():
 
 # --------------------------------------------------------------------------------------- 2
 def qhm_launch_recipe(folder, batch, n, epochs=2, compile_mode="default", schedule=None):
-    from launcher.config import recipe as R
+    from launcher import config as R
     return R.from_dict({
         "name": f"b{batch}", "output": str(folder), "epochs": epochs, "seed": 0, "precision": "bf16",
         "model": "resnet18",

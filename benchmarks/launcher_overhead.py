@@ -53,7 +53,7 @@ def bare_loop(comm, epochs, batch, micro, n):
 
 
 def ours(comm, epochs, folder, batch, micro, n):
-    from launcher.config import recipe as R
+    from launcher import config as R
     from launcher.run.files import read_jsonl
     from launcher.train.signals import PreemptionFlag
     from launcher.train.trainer import Trainer

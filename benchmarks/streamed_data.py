@@ -69,7 +69,7 @@ def baseline(comm, root: Path, size: int):
 
 
 def ours(comm, root: Path, size: int, folder: str):
-    from launcher.config import recipe as R
+    from launcher import config as R
     from launcher.run.files import read_jsonl
     from launcher.train.signals import PreemptionFlag
     from launcher.train.trainer import Trainer

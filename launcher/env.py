@@ -1,6 +1,9 @@
-"""Test hooks: environment variables that only the test-suite sets, read here and nowhere else.
+"""Names the whole process tree shares: every ``QHM_*`` environment variable the launcher reads (named
+here and nowhere else) and the signal names a run may take as preemption. Stdlib only: the first lines
+of a worker import it before torch.
 
-They let a test land a kill at a chosen moment (a slow step, a checkpoint write paused before it is
+The process tree's own: what ``qhm-launch run`` tells the workers it starts, and what a generated
+Slurm script tells the launcher. Then the test hooks, which only the test-suite sets: they let a test land a kill at a chosen moment (a slow step, a checkpoint write paused before it is
 sealed), see what each DeepSpeed optimizer step spanned, or inject a CUDA out-of-memory error. A user
 never needs them; each does nothing unless set.
 """
@@ -8,12 +11,29 @@ from __future__ import annotations
 
 import os
 
+# the signals a run may take as a request to checkpoint and stop (recipe key signals.preempt); a worker
+# records them from its first line on, before the real handlers exist
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
+
+# set by `qhm-launch run` for the torchrun workers it starts
+PARENT = "QHM_LAUNCH_PARENT"                      # the launcher's PID: workers die with it, report through it
+FORCE_RESUME = "QHM_FORCE_RESUME"                 # "1": --force-resume
+LOCKED_BY = "QHM_FOLDER_LOCKED_BY"                # the launcher holds the run folder's lock for its workers
+UNTIL_EPOCH = "QHM_UNTIL_EPOCH"                   # run --until-epoch (a segment of an elastic chain)
+DEBUG = "QHM_DEBUG"                               # "1": --debug (tracebacks instead of one line)
+BATCH_JOB = "QHM_BATCH_JOB"                       # "1": inside a generated Slurm script
+
+# test hooks
 STEP_DELAY = "QHM_TEST_STEP_DELAY"                # seconds to sleep after every optimizer step
 PAUSE_BEFORE_SEAL = "QHM_TEST_PAUSE_BEFORE_SEAL"  # seconds to pause before a checkpoint is sealed...
 PAUSE_FROM_STEP = "QHM_TEST_PAUSE_FROM_STEP"      # ...for checkpoints at or after this global step
 STEP_LOG = "QHM_TEST_STEP_LOG"                    # file: one JSON line per DeepSpeed optimizer step
 OOM_AT = "QHM_TEST_OOM_AT"                        # "epoch:step[:micro]": raise an out-of-memory error there once
 OOM_ABOVE = "QHM_TEST_OOM_ABOVE"                  # micro-batch size above which the memory probe "fails"
+
+
+def flag(name: str) -> bool:
+    return os.environ.get(name) == "1"
 
 
 def _float(name: str) -> float:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schedules import BatchSchedule, BetaSchedule, GammaSchedule, LRSchedule
+from .schedules import BatchSchedule, BetaSchedule, GammaSchedule, LRSchedule, ScheduleError
 
 __all__ = ["Schedule", "EpochTable", "StepSequences", "epoch_table", "step_sequences",
            "apply_hyperparams", "inverse_batch_sums"]
@@ -26,9 +26,9 @@ class Schedule:
 
     def __post_init__(self):
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise ValueError(f"epochs={self.epochs!r}: must be an integer >= 1")
+            raise ScheduleError("epochs", self.epochs, "an integer >= 1")
         if self.lr.epochs != self.epochs:
-            raise ValueError(f"lr.epochs={self.lr.epochs!r}: must equal epochs={self.epochs}")
+            raise ScheduleError("lr.epochs", self.lr.epochs, f"equal to epochs={self.epochs}")
         self.batch.values(np.arange(self.epochs))       # raises if the batch outgrows an int64
 
 

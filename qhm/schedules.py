@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BatchSchedule", "LRSchedule", "BetaSchedule", "GammaSchedule",
+__all__ = ["BatchSchedule", "LRSchedule", "BetaSchedule", "GammaSchedule", "ScheduleError",
            "BATCH_KINDS", "LR_KINDS", "BETA_KINDS", "GAMMA_KINDS"]
 
 BATCH_KINDS = ("constant", "exponential")
@@ -24,9 +24,18 @@ BETA_KINDS = ("constant", "step_decay", "increasing")
 GAMMA_KINDS = ("constant", "step_decay")
 
 
+class ScheduleError(ValueError):
+    """A schedule parameter out of range: ``field`` (e.g. ``batch.growth``), the ``value`` given and what
+    is ``allowed``, so a caller can name its own key for the field without reading the message."""
+
+    def __init__(self, field: str, value, allowed: str):
+        super().__init__(f"{field}={value!r}: must be {allowed}")
+        self.field, self.value, self.allowed = field, value, allowed
+
+
 def _require(ok: bool, field: str, value, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{field}={value!r}: must be {allowed}")
+        raise ScheduleError(field, value, allowed)
 
 
 def _kind(kind: str, kinds: tuple, field: str) -> None:
@@ -80,8 +89,8 @@ class BatchSchedule(_Scalar):
         if np.any(~(batch <= MAX_BATCH)):
             first = int(np.flatnonzero(np.ravel(~(batch <= MAX_BATCH)))[0])
             epoch = int(np.ravel(np.asarray(m))[first])
-            raise ValueError(f"batch.growth={self.growth!r}: must be small enough that b_0 delta^floor(m/E) "
-                             f"stays below 2^62 over the run (it passes it at epoch {epoch})")
+            raise ScheduleError("batch.growth", self.growth, "small enough that b_0 delta^floor(m/E) stays below "
+                                f"2^62 over the run (it passes it at epoch {epoch})")
         return batch.astype(np.int64)
 
 

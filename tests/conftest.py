@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -100,7 +99,3 @@ def assert_bitwise(a: dict, b: dict):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs (max {float((a[k] - b[k]).abs().max())})"
 
-
-@pytest.fixture
-def workdir(tmp_path):
-    return tmp_path

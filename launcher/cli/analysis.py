@@ -17,7 +17,7 @@ import qhm
 
 from launcher import data as data_mod
 from launcher.config import keys
-from launcher.config import recipe as recipe_mod
+from launcher import config as recipe_mod
 from launcher.run.folder import RunFolder
 from launcher.errors import UserError
 
@@ -33,9 +33,9 @@ IGNORED_KEYS = ("eval.batch_size", "distributed.nproc_per_node", "distributed.ma
 def load_runs(run_dirs: list) -> list[dict]:
     """The runs (sweep folders expanded) that have metrics; the others are listed in one line on
     stderr, since a sweep in progress leaves some without any yet."""
-    from launcher.cli.status import expand
+    from launcher.cli.status import run_folders
     loaded, left_out = [], []
-    for d in expand(run_dirs):
+    for d in run_folders(run_dirs):
         folder = RunFolder(d)
         if folder.recipe.exists() and folder.metric_rows():
             loaded.append(load_run(d))

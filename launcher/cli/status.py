@@ -20,7 +20,7 @@ from launcher.run.folder import RunFolder
 HEARTBEAT = 600           # seconds: a run on another host that logged this recently is running
 
 
-def expand(paths: list) -> list[Path]:
+def run_folders(paths: list) -> list[Path]:
     """Run folders: each path itself, or the points of a sweep folder (points.json)."""
     out = []
     for path in map(Path, paths):
@@ -90,7 +90,7 @@ def run_status(path: Path) -> dict:
 
 
 def table(paths: list) -> str:
-    rows = [run_status(p) for p in expand(paths)]
+    rows = [run_status(p) for p in run_folders(paths)]
     fmt = lambda v: "-" if v is None else str(v)  # noqa: E731
     lines = ["| run | state | epoch | step | detail |", "|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['state']} | {fmt(r['epoch'])} | {fmt(r['step'])} | {r['detail']} |" for r in rows]

@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+from launcher import env
+
 PR_SET_PDEATHSIG = 1
-EARLY_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
 _early: list[int] = []
 
 
@@ -46,14 +46,14 @@ def _record(signum, frame) -> None:
 def record_early_signals() -> None:
     """Record (rather than die of) the signals a run may treat as preemption, from the first line of
     the process on: importing torch takes seconds, and a preemption that lands meanwhile must count."""
-    for name in EARLY_SIGNALS:
+    for name in env.PREEMPTION_SIGNALS:
         signal.signal(getattr(signal, name), _record)
 
 
 def arm_worker() -> None:
     """The first lines of a worker process, before any heavy import."""
     parent = os.getppid()
-    launcher = os.environ.get("QHM_LAUNCH_PARENT")
+    launcher = os.environ.get(env.PARENT)
     if parent == 1 or (launcher and not _alive(int(launcher))):
         os._exit(1)                              # started by a launcher that is already gone
     die_with_parent(parent)
@@ -65,7 +65,7 @@ def early_signals(wanted: list[str]) -> list[int]:
     The other early signals get their default action now (as if no recorder had been there), and
     signals not wanted get their default disposition back."""
     numbers = {getattr(signal, n) for n in wanted}
-    for name in EARLY_SIGNALS:
+    for name in env.PREEMPTION_SIGNALS:
         if getattr(signal, name) not in numbers:
             signal.signal(getattr(signal, name), signal.SIG_DFL)
     for signum in _early:

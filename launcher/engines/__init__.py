@@ -1,0 +1,36 @@
+"""Engines: what the training loop needs from DDP and (in its own module) DeepSpeed.
+
+The loop owns the accumulation boundary: it runs ``micro_step(last)`` contexts itself and calls
+``step()`` once per optimizer step, so a batch stage can change micro-batch and accumulation at any
+epoch without restarting processes, and every optimizer step spans exactly the planned micro-batches.
+An engine is also a checkpoint part: DDP's state is a replicated ``state_dict``; DeepSpeed writes
+its own (partitioned) files, so its scope is ``files``.
+"""
+from __future__ import annotations
+
+from typing import ContextManager, Protocol
+
+import torch
+
+
+class Engine(Protocol):
+    module: torch.nn.Module              # the bare model (what is saved and evaluated)
+    model: torch.nn.Module               # what the loop calls forward on (DDP / DeepSpeed wrapper)
+    optimizer: torch.optim.Optimizer     # whose param_groups the schedules write
+    checkpoint_scope: str                # "replicated" (state_dict) or "files" (save_files / load_files)
+
+    def set_stage(self, micro_batch: int, accum: int) -> None: ...
+    def micro_step(self, last: bool) -> ContextManager: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def discard_gradients(self) -> None: ...
+    def gradient_norm(self) -> torch.Tensor | None: ...
+
+
+def build(recipe, module, optimizer, comm, first_stage) -> Engine:
+    """The engine the recipe names; ``first_stage`` (an EpochSplit) sizes DeepSpeed's initial config."""
+    if recipe.distributed.engine == "deepspeed":
+        from launcher.engines.deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(recipe, module, optimizer, comm, first_stage.micro_batch, first_stage.accum)
+    from launcher.engines.ddp import DDPEngine
+    return DDPEngine(module, optimizer, comm, explicit_reduce=recipe.distributed.max_micro_batch == "auto")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from launcher import env as testhooks
+from launcher import env
 from launcher.errors import UserError
 
 TAG = "deepspeed"
@@ -78,7 +78,7 @@ class DeepSpeedEngine:
             dist_init_required=False)
         self.model.checkpoint_engine = _safe_checkpoint_engine()
         self._backwards = 0
-        self._step_log = testhooks.step_log() if comm.is_main else None
+        self._step_log = env.step_log() if comm.is_main else None
 
     def set_stage(self, micro_batch: int, accum: int) -> None:
         self.model.set_train_micro_batch_size(micro_batch)

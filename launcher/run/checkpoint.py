@@ -43,7 +43,7 @@ from typing import Callable, Literal, Optional, Protocol
 import torch
 import xxhash
 
-from launcher import env as testhooks
+from launcher import env
 from launcher.errors import UserError
 from launcher.run.files import atomic_write, atomic_write_json, fsync_path
 from launcher.run.folder import RunFolder
@@ -231,7 +231,7 @@ class CheckpointManager:
             atomic_write_json(tmp / "manifest.json", {
                 **manifest, "version": VERSION, "step": step, "world_size": self.world, "files": files,
                 "parts": {p.name: p.scope for p in self._parts}, "written_at": time.time()})
-            pause = testhooks.pause_before_seal(step)
+            pause = env.pause_before_seal(step)
             if pause:
                 print(f"[test] checkpoint {step_name(step)} written, pausing {pause}s before sealing", flush=True)
                 time.sleep(pause)

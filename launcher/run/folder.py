@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.run.files import atomic_write_json, next_free, read_jsonl
+from launcher.run.files import atomic_write, atomic_write_json, next_free, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,14 @@ class RunFolder:
         return next_free(self.path, "recipe.prev", ".yaml")
 
     # ---- small readers and writers of those files
+    def write_recipe(self, text: str) -> Path:
+        """recipe.yaml: the recipe as resolved (``text``); a different earlier one is kept beside it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.recipe.exists() and self.recipe.read_text() != text:
+            self.recipe.rename(self.next_previous_recipe())
+        atomic_write(self.recipe, text, durable=False)
+        return self.recipe
+
     def read_json(self, path: Path) -> dict | None:
         """A marker file's content, or None when it is absent or unreadable."""
         try:

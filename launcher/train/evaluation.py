@@ -62,3 +62,23 @@ def full_grad_norm(module, dataset, comm, recipe, epoch: int, autocast, loss_fn)
     flat = comm.all_reduce_sum(torch.cat([t.reshape(-1) for t in total]).double())
     module.train()
     return float(flat.div_(len(split)).norm())
+
+
+def evaluate_epoch(parts, epoch: int) -> dict:
+    """The epoch row's evaluation: test (and validation) loss and accuracy, the full-gradient norm; the
+    best accuracies and the running minimum of the norm are kept in the train state."""
+    p, state, r = parts, parts.state, parts.recipe
+    row = {}
+    row["test_loss"], row["test_acc"] = evaluate(p.module, p.dataset.test, p.comm, r.eval.batch_size, p.autocast,
+                                                 p.loss)
+    if row["test_acc"] is not None:
+        state.best_test_acc = max(state.best_test_acc, row["test_acc"])
+    if p.dataset.validation is not None:
+        row["val_loss"], row["val_acc"] = evaluate(p.module, p.dataset.validation, p.comm, r.eval.batch_size,
+                                                   p.autocast, p.loss)
+        if row["val_acc"] is not None:
+            state.best_val_acc = max(state.best_val_acc, row["val_acc"])
+    if r.eval.full_grad_norm:
+        row["grad_norm"] = full_grad_norm(p.module, p.dataset, p.comm, r, epoch, p.autocast, p.loss)
+        state.min_grad_norm = min(state.min_grad_norm, row["grad_norm"])
+    return row

@@ -13,10 +13,6 @@ import torch
 import torch.nn.functional as F
 
 
-def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, target, reduction="none")
-
-
 class Loss:
     """``per_sample(out, target)`` -> one loss per sample; the default is cross-entropy on class logits
     (computed summed in one kernel)."""

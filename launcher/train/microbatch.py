@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from launcher import env as testhooks
+from launcher import env
 
 MARGIN = 0.9
 
@@ -42,7 +42,7 @@ def probe(module: torch.nn.Module, sample: Callable[[int], tuple], loss, autocas
     buffers (batch-norm statistics), the RNG and the gradients are as before when it returns."""
     buffers = [b.detach().clone() for b in module.buffers()]
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    above = testhooks.oom_above()
+    above = env.oom_above()
 
     def fits(m: int) -> bool:
         try:

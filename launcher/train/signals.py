@@ -17,8 +17,6 @@ from typing import Optional
 import torch
 
 
-CANDIDATES = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
-
 
 class PreemptionFlag:
     """Set by any of the given signals (by name); ``received`` is the first signal number, or 0 for a

@@ -1,4 +1,4 @@
-"""Planning: each epoch's global batch split into micro-batch x accumulation over the world.
+"""Each epoch's global batch split into micro-batch x accumulation over the world (the stage table).
 
 Any world size runs any schedule: a batch that divides over the world splits exactly (micro * accum *
 world == global batch); one that does not gives ranks ceil or floor of batch/world samples, and a batch
@@ -7,18 +7,16 @@ The micro-batch grows with the global batch up to ``max_micro_batch``; past it a
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import qhm
 
-from launcher.errors import RecipeError, UserError
-from launcher.config.recipe import Recipe
+from launcher.errors import RecipeError
+from launcher.config import Recipe
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class EpochSplit:
     epoch: int
     batch: int
     steps: int
@@ -31,6 +29,11 @@ class EpochPlan:
     gamma: float
 
 
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for integers, exactly (no float)."""
+    return -(-a // b)
+
+
 def split_batch(batch: int, world: int, max_micro: int) -> tuple[int, int]:
     """(micro_batch, accum): this rank's share of a global batch cut into ``accum`` micro-batches of at
     most ``micro_batch`` <= ``max_micro`` samples.
@@ -41,15 +44,15 @@ def split_batch(batch: int, world: int, max_micro: int) -> tuple[int, int]:
     than the world): micro and accum cover the largest share, and a rank with less runs fewer or
     smaller micro-batches; the loss is normalised by the global batch either way, so the update is the
     same."""
-    share = -(-batch // world)
+    share = ceil_div(batch, world)
     if batch % world == 0:
         micro = max(d for d in range(1, min(share, max_micro) + 1) if share % d == 0)
         return micro, share // micro
     micro = min(share, max_micro)
-    return micro, -(-share // micro)
+    return micro, ceil_div(share, micro)
 
 
-def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None) -> list[EpochPlan]:
+def split_epochs(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None) -> list[EpochSplit]:
     """Every epoch's batch, steps, split over ``world_size`` ranks and hyper-parameters. A batch larger
     than the training set is refused (its epochs would not be the schedule's: one step over fewer
     samples), in one line naming the epoch."""
@@ -67,7 +70,7 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None) 
         if b not in splits:
             splits[b] = split_batch(b, world_size, max_micro)
         micro, accum = splits[b]
-        out.append(EpochPlan(epoch=m, batch=b, steps=int(table.steps[m]), micro_batch=micro, accum=accum,
+        out.append(EpochSplit(epoch=m, batch=b, steps=int(table.steps[m]), micro_batch=micro, accum=accum,
                              world_size=world_size, data_ranks=min(world_size, b), lr=float(table.lr[m]),
                              beta=float(table.beta[m]), gamma=float(table.gamma[m])))
     return out
@@ -77,37 +80,6 @@ def micro_cap(recipe: Recipe) -> int:
     """The recipe's micro-batch cap; with "auto", the CPU cap (a run on GPUs probes each stage)."""
     cap = recipe.distributed.max_micro_batch
     return recipe.distributed.cpu_micro_batch if cap == "auto" else cap
-
-
-def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[EpochPlan]:
-    """What must hold before any worker starts: the output folder can be written, the data is there,
-    the user's factories resolve and return what they must, and every stage splits."""
-    from launcher import data
-    from launcher.train import losses
-    from launcher.train import models
-    check_output(recipe)
-    if not check_data:                      # submit --dry-run on a login node: no data, no factories
-        return [] if recipe.data.factory else plan(recipe, data.sizes(recipe.data)[0], world_size)
-    data.check_available(recipe.data)
-    n = data.sizes(recipe.data)[0]          # calls a data factory: its errors are one line here
-    if not isinstance(recipe.model, str):
-        models.user_model(recipe.model)
-    losses.from_recipe(recipe.loss)
-    return plan(recipe, n, world_size)
-
-
-def check_output(recipe: Recipe) -> None:
-    """The run folder can be created and written: ``output`` (and the run folder) are folders, or do
-    not exist yet under a writable one."""
-    for path, key in ((recipe.run_dir, "name"), (Path(recipe.output), "output")):
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{key}: {str(path)!r} is a file; allowed: a folder (or a path that does not exist yet)")
-    probe = recipe.run_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"output: {recipe.output!r} cannot be written ({str(probe)!r} is not writable); "
-                        "allowed: a folder you can write to")
 
 
 @dataclass(frozen=True)
@@ -134,25 +106,25 @@ def elastic_segments(recipe: Recipe, n: int, per_node: int, max_nodes: int) -> l
     return segments
 
 
-def gpu_hours(epochs: list[EpochPlan], world_of, rate: float, floor: int) -> tuple[float, float]:
+def gpu_hours(epochs: list[EpochSplit], world_of, rate: float, floor: int) -> tuple[float, float]:
     """(GPU-hours, wall hours) of training ``epochs``, epoch m on ``world_of(m)`` GPUs, if a GPU processes
     ``rate`` samples/s and a rank with fewer than ``floor`` samples of a batch is no faster (an estimate:
     evaluation and communication left out)."""
     gpu = wall = 0.0
     for e in epochs:
         world = world_of(e.epoch)
-        seconds = e.steps * max(-(-e.batch // world), floor) / rate
+        seconds = e.steps * max(ceil_div(e.batch, world), floor) / rate
         wall += seconds
         gpu += world * seconds
     return gpu / 3600, wall / 3600
 
 
-def plan_json(epochs: list[EpochPlan], n: int) -> dict:
+def plan_json(epochs: list[EpochSplit], n: int) -> dict:
     return {"epochs": [asdict(e) for e in epochs], "total_steps": sum(e.steps for e in epochs),
             "total_samples": n * len(epochs), "n": n}
 
 
-def stages(epochs: list[EpochPlan]) -> list[dict]:
+def stage_rows(epochs: list[EpochSplit]) -> list[dict]:
     """Consecutive epochs with the same batch split, for the human-readable table."""
     rows: list[dict] = []
     for e in epochs:
@@ -166,20 +138,20 @@ def stages(epochs: list[EpochPlan]) -> list[dict]:
     return rows
 
 
-def idle_warnings(epochs: list[EpochPlan]) -> list[str]:
+def idle_warnings(epochs: list[EpochSplit]) -> list[str]:
     """One line per stage that leaves most ranks without data."""
     return [f"warning: epochs {s['first']}-{s['last']}: batch {s['batch']} gives data to {s['data_ranks']} of "
             f"{s['world_size']} ranks; the others idle (a larger initial batch, or fewer ranks for this stage: "
             "submit --elastic)"
-            for s in stages(epochs) if s["data_ranks"] * 2 < s["world_size"]]
+            for s in stage_rows(epochs) if s["data_ranks"] * 2 < s["world_size"]]
 
 
-def format_table(epochs: list[EpochPlan], n: int) -> str:
+def format_table(epochs: list[EpochSplit], n: int) -> str:
     lines = [f"n = {n} training samples, {len(epochs)} epochs, {sum(e.steps for e in epochs)} optimizer steps, "
              f"{n * len(epochs)} samples (SFO)",
              f"{'epochs':>11} {'batch':>7} {'steps/ep':>8} {'micro':>6} {'accum':>6} {'world':>6} {'w/data':>6} "
              f"{'lr (first..last)':>22} {'beta':>13} {'gamma':>13}"]
-    for s in stages(epochs):
+    for s in stage_rows(epochs):
         first, last = epochs[s["first"]], epochs[s["last"]]
         lines.append(f"{s['first']:>5}-{s['last']:<5} {s['batch']:>7} {s['steps']:>8} {s['micro_batch']:>6} "
                      f"{s['accum']:>6} {s['world_size']:>6} {s['data_ranks']:>6} {first.lr:>10.4g}..{last.lr:<10.4g} "

@@ -76,7 +76,7 @@ def test_report_and_cli(study, tmp_path, capsys):
 
 
 def test_runs_that_measure_the_gradient_norm_differently_are_separate_curves():
-    from launcher.config import recipe as R
+    from launcher import config as R
     def run(seed, mode, eval_batch):
         rec = R.from_dict(base_recipe(seed=seed, **{"eval.grad_norm_mode": mode, "eval.batch_size": eval_batch}))
         return {"dir": f"{mode}-{seed}", "rows": [], "recipe": rec.to_dict()}

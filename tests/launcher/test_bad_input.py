@@ -2,7 +2,6 @@
 allowed, before any worker starts, and no traceback. Most cases run ``main`` in this process; a few go
 through the real entry point."""
 import os
-import sys
 
 import pytest
 import yaml

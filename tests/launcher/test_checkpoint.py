@@ -190,7 +190,7 @@ def test_a_v1_checkpoint_is_upgraded(tmp_path):
     rng/running) loads into the current parts."""
     from launcher.run.checkpoint import describe
     from launcher.train.state import EpochSums, RankRNG, TrainState
-    from launcher.train.trainer import upgrade_v1
+    from launcher.train.build import upgrade_v1
     from launcher.data.order import GlobalBatchSampler
     path = tmp_path / "run" / "checkpoints" / "step-000000005"
     path.mkdir(parents=True)

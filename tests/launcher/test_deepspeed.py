@@ -13,7 +13,7 @@ pytest.importorskip("deepspeed")
 
 from conftest import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
                       metric_rows, start, wait_for, write_recipe)
-from launcher.config import recipe as R
+from launcher import config as R
 from launcher.run.checkpoint import describe
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import ROOT, base_recipe, cli, write_recipe
-from launcher.config import recipe as R
+from launcher import config as R
 from launcher.cli.main import main
 
 

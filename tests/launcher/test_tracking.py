@@ -36,7 +36,7 @@ def test_the_run_id_is_created_once_and_the_checkpoint_wins(tmp_path):
 
 KILLED_SERVICE = """
 import os, signal, sys, time
-from launcher.config import recipe as R
+from launcher import config as R
 from launcher.cluster.supervise import children
 from launcher.run.tracking import Tracker
 recipe = R.from_dict({"name": "t", "output": sys.argv[1], "tracking": {"wandb": {"mode": "offline"}},

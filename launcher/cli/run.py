@@ -1,0 +1,192 @@
+"""``qhm-launch run``: the launcher side (checks before any worker starts, the run folder's lock,
+torchrun under supervision, the markers turned into an exit status) and a worker's lifecycle (join the
+group, train, report a failure in one line).
+
+Exit status: 0 done; 2 bad input (one line on stderr, ``--debug`` for the traceback); 75 preempted
+after saving a checkpoint (run the same command again to resume); anything else: a failure.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from launcher import config as recipe_mod
+from launcher import env
+from launcher.errors import FAILED, PREEMPTED, RunFailed, UserError, exit_status, one_line
+
+
+def check_resume(recipe, force: bool, world: int, log=print) -> None:
+    """Refuse a checkpoint written under other trajectory-changing fields (one-line diff), or one
+    that this engine cannot load on ``world`` processes."""
+    from launcher.run.checkpoint import CheckpointManager
+    # quiet: the worker reports an invalid newest checkpoint itself when it resumes
+    found = CheckpointManager(recipe.folder, log=lambda *a: None).find_latest_valid()
+    if found is None:
+        return
+    saved = found.manifest["recipe"].get("distributed", {})
+    if saved.get("engine") == "deepspeed" and saved.get("zero_stage", 0) > 0 and found.manifest["world_size"] != world:
+        raise UserError(f"distributed.nproc_per_node: checkpoint {found.path} holds ZeRO stage "
+                        f"{saved['zero_stage']} optimizer state partitioned over {found.manifest['world_size']} "
+                        f"processes and cannot be loaded on {world}; allowed: resume on "
+                        f"{found.manifest['world_size']} processes (or convert it with DeepSpeed's ds_to_universal)")
+    diff = recipe_mod.trajectory_diff(found.manifest["recipe"], recipe.to_dict())
+    if not diff:
+        return
+    if force:
+        log("qhm-launch: WARNING: --force-resume: resuming " + str(found.path) + " although the recipe differs: "
+            + "; ".join(diff))
+        return
+    raise UserError(f"recipe differs from checkpoint {found.path}: {'; '.join(diff)} "
+                    "(use another name, or --force-resume)")
+
+
+def cmd_run(args) -> int:
+    recipe = recipe_mod.load(args.recipe, args.set)
+    from launcher.train.comm import in_worker_env
+    if in_worker_env():
+        until = int(os.environ[env.UNTIL_EPOCH]) if os.environ.get(env.UNTIL_EPOCH) else args.until_epoch
+        return run_worker(recipe, force=args.force_resume or os.environ.get(env.FORCE_RESUME) == "1", until_epoch=until)
+    from launcher.config import factories
+    from launcher.train import preflight
+    from launcher.cluster.supervise import AGENT_SIGNALS, supervise
+    folder = recipe.folder
+    nproc, nnodes = recipe.distributed.nproc_per_node, args.nnodes
+    if nnodes > 1 and not (args.rdzv_endpoint and args.rdzv_id):
+        raise UserError(f"--nnodes: {nnodes} needs --rdzv-endpoint HOST:PORT and --rdzv-id ID (the same on every "
+                        "node); allowed: 1 without them")
+    factories.importable_from_cwd()          # the user's packages, here and in the workers
+    preflight.preflight(recipe, nproc * nnodes)
+    import torch
+    preflight.check_devices(recipe, nproc * nnodes, torch.cuda.is_available())
+    # one run per folder: a single node holds the lock here; on several nodes, the first worker does
+    lock = folder.acquire_lock() if nnodes == 1 else None
+    check_resume(recipe, args.force_resume, nproc * nnodes)
+    done = folder.read_json(folder.complete)
+    if done and done.get("recipe_hash") == recipe_mod.trajectory_hash(recipe.to_dict()):
+        print(f"qhm-launch: {folder.path} is already complete; nothing to do")
+        return 0
+    resolved = recipe.folder.write_recipe(recipe_mod.dump(recipe))
+    folder.preempted.unlink(missing_ok=True)
+    topology = (["--standalone", "--nnodes=1"] if nnodes == 1 else
+                [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}",
+                 f"--rdzv_id={args.rdzv_id}"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", *topology, f"--nproc_per_node={nproc}", AGENT_SIGNALS,
+           "-m", "launcher", "run", str(resolved)]
+    worker_env = dict(os.environ, **{env.PARENT: str(os.getpid()), env.FORCE_RESUME: "1" if args.force_resume else "0",
+                              env.DEBUG: "1" if args.debug else "0", env.UNTIL_EPOCH: str(args.until_epoch or "")})
+    if lock is not None:
+        worker_env[env.LOCKED_BY] = str(os.getpid())
+    # torchrun sets 1 thread per worker and prints a banner saying so; we choose the share of cores
+    worker_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    rc = supervise(cmd, worker_env, preemption_signals(recipe))
+    if lock is not None:
+        lock.release()
+    failed = folder.read_json(folder.failed)
+    if failed:                                # a worker stopped on a failure it could name
+        print(f"qhm-launch: error: {failed.get('error')}", file=sys.stderr)
+        return int(failed.get("exit", FAILED))
+    preempted = folder.read_json(folder.preempted)
+    if preempted is not None:
+        if os.environ.get(env.BATCH_JOB) == "1":  # in a Slurm job: the script requeues on the marker; srun sees 0
+            print(f"[qhm-launch] {socket.gethostname()}: preempted, checkpoint at global step "
+                  f"{preempted.get('global_step')}; the job requeues", flush=True)
+            return 0
+        print(f"qhm-launch: preempted at global step {preempted.get('global_step')}; run the same command to "
+              f"resume (exit {PREEMPTED})", flush=True)
+        return PREEMPTED
+    return rc
+
+
+def run_worker(recipe, force: bool, until_epoch: int | None = None) -> int:
+    """One worker's whole life: join the group, hold the folder (unless the launcher does), train, say
+    how it ended (markers, final model) or why it failed (one line), leave the group."""
+    from launcher.cluster import supervise
+    from launcher.train import build, comm as comm_mod
+    from launcher.train.signals import PreemptionFlag
+    from launcher.train.trainer import Trainer
+    flag = PreemptionFlag(preemption_signals(recipe))
+    for signum in supervise.early_signals(preemption_signals(recipe))[:1]:
+        flag.adopt(signum)
+    comm = comm_mod.init()
+    lock = None
+    try:
+        if os.environ.get(env.LOCKED_BY) is None:      # nobody holds the folder for us: rank 0 does
+            lock = _take_lock(recipe, comm)
+        if env.PARENT not in os.environ:          # nobody checked the recipe before us
+            check_resume(recipe, force, comm.world, log=print if comm.is_main else (lambda *a: None))
+        trainer = Trainer(build.build(recipe, comm), flag, until_epoch=until_epoch)
+        rc = conclude(trainer, trainer.train())
+    except (UserError, RunFailed) as exc:
+        if os.environ.get(env.DEBUG) == "1":
+            raise
+        rc = report_failure(recipe, comm, exc)
+    finally:
+        comm.close()
+        if lock is not None:
+            lock.release()
+    if rc == PREEMPTED and env.PARENT in os.environ:
+        return 0                    # the parent turns the marker into the PREEMPTED status
+    return rc
+
+
+def conclude(trainer, outcome) -> int:
+    """How a worker's run ended, in the run folder (rank 0): the preempted marker, or the final model and
+    the complete marker; then the exit status (PREEMPTED, or 0)."""
+    from launcher.run.files import atomic_write
+    from launcher.train.trainer import Outcome
+    folder, state, log = trainer.folder, trainer.state, trainer.log
+    if trainer.comm.is_main and outcome is Outcome.PREEMPTED:
+        folder.write_marker(folder.preempted, {"signal": trainer.stop.flag.received, "global_step": state.global_step})
+    if trainer.comm.is_main and outcome is Outcome.FINISHED:
+        import io
+        import torch
+        buffer = io.BytesIO()
+        torch.save(trainer.parts.module.state_dict(), buffer)
+        atomic_write(folder.final_model, buffer.getvalue())
+        folder.write_marker(folder.complete, {
+            "global_step": state.global_step, "samples": state.samples, "epochs": trainer.recipe.epochs,
+            "recipe_hash": recipe_mod.trajectory_hash(trainer.recipe.to_dict())})
+        graphs = trainer.stages.graphs_compiled()
+        if graphs is not None:
+            log(f"[qhm-launch] compile: {graphs} graphs compiled over the run")
+    trainer.close(outcome)
+    if outcome is Outcome.PREEMPTED:
+        log(f"[qhm-launch] preempted: checkpoint at global step {state.global_step}")
+        return PREEMPTED
+    if outcome is Outcome.SEGMENT_DONE:
+        log(f"[qhm-launch] segment done: epochs up to {trainer.until_epoch} saved; the next segment resumes "
+            f"from global step {state.global_step}")
+    return 0
+
+
+def report_failure(recipe, comm, exc: BaseException) -> int:
+    """A worker's one-line failure: into failed.json (rank 0), for the launcher to print and exit with;
+    without a launcher, printed here. Either way torchrun sees a clean exit and prints no traceback."""
+    status = exit_status(exc)
+    if comm.is_main:
+        recipe.folder.write_marker(recipe.folder.failed, {"error": one_line(exc), "exit": status})
+    if env.PARENT in os.environ:
+        return 0
+    if comm.is_main:
+        print(f"qhm-launch: error: {one_line(exc)}", file=sys.stderr)
+    return status
+
+
+def preemption_signals(recipe) -> list[str]:
+    """The recipe's preemption signals, and SIGINT (Ctrl-C saves and stops, like a preemption)."""
+    return list(dict.fromkeys(list(recipe.signals.preempt) + ["SIGINT"]))
+
+
+def _take_lock(recipe, comm):
+    """Rank 0 takes the run folder's lock; every rank stops with its one-line error if it cannot."""
+    lock, problem = None, None
+    if comm.is_main:
+        try:
+            lock = recipe.folder.acquire_lock()
+        except UserError as exc:
+            problem = str(exc)
+    problem = comm.broadcast(problem)
+    if problem:
+        raise UserError(problem)
+    return lock

@@ -1,0 +1,100 @@
+"""Sweeps: a grid of recipe overrides times seeds, each point a run with a name made of its values
+(``sweep.yaml``: recipe, name, grid, seeds, set). Submitted as one Slurm job array
+(:mod:`launcher.cluster.slurm`) or run here one after another (``--local``)."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher import config as recipe_mod
+from launcher.config import yamlfile
+from launcher.errors import UserError
+
+
+def load_spec(path: Path) -> dict:
+    spec = yamlfile.load(path, "sweep")
+    if not isinstance(spec, dict):
+        raise UserError(f"sweep: {str(path)!r} must be a mapping with recipe, name, grid, seeds")
+    allowed = {"recipe", "name", "grid", "seeds", "set"}
+    for key in spec:
+        if key not in allowed:
+            raise UserError(f"sweep.{key}: unknown key; allowed keys here: {', '.join(sorted(allowed))}")
+    for key in ("recipe", "name"):
+        value = spec.get(key)
+        if not isinstance(value, str) or not value or not value.isprintable() or (key == "name" and "/" in value):
+            raise UserError(f"sweep.{key}: {value!r} is not valid; allowed: "
+                            + ("a file path" if key == "recipe" else "a folder name without '/' or control characters"))
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UserError(f"sweep.grid: {grid!r} is not valid; allowed: a mapping of KEY.PATH to non-empty lists")
+    seeds = spec.get("seeds", [None])
+    if not isinstance(seeds, list) or not seeds:
+        raise UserError(f"sweep.seeds: {seeds!r} is not valid; allowed: a non-empty list of integers")
+    spec["seeds"] = seeds
+    spec["recipe"] = str((Path(path).parent / spec["recipe"]).resolve())
+    return spec
+
+
+def point_name(sweep: str, keys: list[str], values: tuple) -> str:
+    """A grid point's run name: the sweep's name and every grid key's value, short and filesystem-safe,
+    e.g. ``qhm-grid_lr.max=0.05_beta.max=0.3``. It depends on the point's values alone, so adding values
+    or keys to the grid never renames a point that was already there (a key's name stays in the name
+    even while it has one value). Too long a name is cut and completed by a hash of the whole."""
+    def short(key):
+        return ".".join(key.split(".")[-2:])
+
+    def fmt(value):
+        if isinstance(value, dict):            # canonical whatever the file's key order: kind first
+            rest = [f"{k}{fmt(v)}" for k, v in sorted(value.items()) if k != "kind"]
+            return "-".join(([fmt(value["kind"])] if "kind" in value else []) + rest)
+        if isinstance(value, list):
+            return "-".join(fmt(v) for v in value)
+        return str(value)
+    label = "_".join(f"{short(k)}={fmt(v)}" for k, v in zip(keys, values))
+    name = re.sub(r"[^A-Za-z0-9.=+_-]", "-", f"{sweep}_{label}" if label else sweep)
+    if len(name) > 100:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{name[:91]}~{digest}"
+    return name
+
+
+def grid_points(spec: dict, extra: list[str] = ()) -> list[dict]:
+    """One entry per grid point and seed: its overrides (the sweep's ``set``, then ``extra``, e.g. from
+    --set), its run name and its W&B group (the point's name: its seeds share it)."""
+    keys = list(spec["grid"])
+    points = []
+    for i, values in enumerate(itertools.product(*(spec["grid"][k] for k in keys))):
+        label = ",".join(f"{k}={v}" for k, v in zip(keys, values))
+        group = point_name(spec["name"], keys, values)
+        for seed in spec["seeds"]:
+            overrides = [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]
+            overrides += [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()]
+            overrides += list(extra)
+            name = group
+            if seed is not None:
+                overrides.append(f"seed={seed}")
+                name += f"_s{seed}"
+            overrides += [f"name={name}", f"tracking.wandb.group={group}"]
+            points.append({"index": len(points), "point": i, "seed": seed, "label": label, "name": name,
+                           "overrides": overrides})
+    return points
+
+
+def run_locally(points: list[dict], recipes: list) -> int:
+    """Each point through `qhm-launch run` (which resumes or skips completed runs), in order."""
+    failed = []
+    for p, r in zip(points, recipes):
+        print(f"[qhm-launch] sweep point {p['index'] + 1}/{len(points)}: {r.name} ({p['label']})", flush=True)
+        rc = subprocess.call([sys.executable, "-m", "launcher", "run", str(r.folder.write_recipe(recipe_mod.dump(r)))])
+        if rc != 0:
+            failed.append(f"{r.name} (exit {rc})")
+    if failed:
+        print(f"qhm-launch: {len(failed)} of {len(points)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"qhm-launch: {len(points)} runs done")
+    return 0

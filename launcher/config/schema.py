@@ -1,0 +1,223 @@
+"""The recipe's schema: typed dataclasses with their defaults, and the names each key allows.
+
+A :class:`Recipe` is built from YAML by :mod:`launcher.config.load` and checked once by
+:mod:`launcher.config.validate`; everything after that may trust it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import qhm
+
+from launcher.env import PREEMPTION_SIGNALS as SIGNALS  # noqa: F401  (signals.preempt allows these)
+from launcher.run.folder import RunFolder
+
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+MODELS = ("small_cnn", "resnet18", "vit_tiny")
+PRECISIONS = ("fp32", "bf16", "fp64")
+OPTIMIZERS = tuple(qhm.PRESETS)            # qhm | sgd (gamma = 0) | nshb (gamma = 1)
+KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name of compiled
+ENGINES = ("ddp", "deepspeed")
+WANDB_MODES = ("online", "offline", "disabled")
+GRAD_NORM_MODES = ("exact", "paper")
+BATCH_NORMS = ("local", "sync")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+MAX_INT = 2 ** 63 - 1              # every integer key fits an int64 (seeds, sizes, steps)
+MAX_EPOCHS = 100_000               # the paper runs 300; the per-epoch plan is computed for every epoch
+MAX_NAME = 128                     # a run name is a folder name (and a W&B name)
+MAX_TAG = 64                       # W&B refuses longer tags
+SYNTHETIC_MAX = 10_000_000         # synthetic samples are generated in memory
+# Keys of a raw DeepSpeed config that the launcher derives from the recipe: a recipe may not set them.
+DEEPSPEED_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                   "zero_optimization.stage", "zero_allow_untested_optimizer", "optimizer", "scheduler", "bf16",
+                   "fp16", "gradient_clipping")
+
+
+@dataclass
+class Data:
+    dataset: Optional[str] = None       # digits (the default) | synthetic | cifar10 | cifar100 | imagefolder
+    root: Optional[str] = None          # CIFAR: the torchvision root; imagefolder: root/train, root/val
+    download: bool = False
+    augment: bool = True
+    size: Optional[int] = None          # synthetic only: training-set size (test set: a quarter)
+    shape: Optional[list] = None        # synthetic only: one sample's shape, [C, H, W] (default [1, 8, 8])
+    classes: Optional[int] = None       # synthetic only: classes (default 10)
+    rotation: float = 0.0               # random rotation in [-r, r] degrees (the paper's CIFAR-100: 15)
+    validation: float = 0.0             # fraction of the training set held out for validation
+    factory: Optional[str] = None       # "package.module:callable" returning train and test datasets (streamed)
+    kwargs: dict = field(default_factory=dict)
+    workers: int = 4                    # DataLoader worker processes per rank (the streamed path)
+    stream: bool = False                # read a built-in dataset through DataLoader workers too
+    image_size: Optional[int] = None    # imagefolder: resize and centre-crop to this (default 224)
+
+
+@dataclass
+class ModelSpec:
+    factory: str = ""                   # "package.module:callable" returning an nn.Module
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossSpec:
+    factory: Optional[str] = None       # "package.module:callable" returning fn(output, target) -> per-sample loss
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Optimizer:
+    name: str = "qhm"
+    weight_decay: float = 0.0
+    kernel: str = "foreach"             # foreach | compiled (torch.compile'd single pass, CPU) | loop
+
+
+@dataclass
+class Batch:
+    kind: str = "exponential"           # constant {size} | exponential {initial, growth}
+    size: Optional[int] = None
+    initial: Optional[int] = None
+    growth: float = 2.0
+
+
+@dataclass
+class LR:
+    kind: str = "constant"              # constant | sqrt_decay | decay | cosine | polynomial
+    max: float = 0.1
+    min: float = 0.0
+    power: float = 2.0
+    warmup: int = 0                     # linear warm-up epochs (0: the paper's schedules)
+
+
+@dataclass
+class Beta:
+    kind: str = "constant"              # constant {max} | step_decay {max, factor} | increasing {min}
+    max: float = 0.9
+    min: float = 0.5
+    factor: float = 0.5
+    staged: bool = False                # increasing in stages of E epochs, as the paper's code (not eq. 10)
+
+
+@dataclass
+class Gamma:
+    kind: str = "constant"              # constant {max} | step_decay {max, factor}
+    max: float = 0.7
+    factor: float = 0.5
+
+
+@dataclass
+class ScheduleConfig:
+    interval: int = 1                   # E, shared by the batch, beta and gamma step schedules
+    batch: Batch = field(default_factory=Batch)
+    lr: LR = field(default_factory=LR)
+    beta: Beta = field(default_factory=Beta)
+    gamma: Gamma = field(default_factory=Gamma)
+
+
+@dataclass
+class Distributed:
+    engine: str = "ddp"
+    nproc_per_node: int = 1
+    max_micro_batch: Union[int, str] = 64   # or "auto": the largest that fits in device memory, per stage
+    cpu_micro_batch: int = 64               # what "auto" means on CPU (no device memory to probe)
+    zero_stage: int = 0                 # deepspeed only
+    deepspeed_config: dict = field(default_factory=dict)
+    batch_norm: str = "local"           # local: statistics per micro-batch | sync: over all ranks (CUDA)
+    min_rank_batch: int = 32            # the smallest per-rank share worth a rank (elastic chains, plan's estimate)
+
+
+@dataclass
+class Eval:
+    every_epochs: int = 1
+    full_grad_norm: bool = True
+    grad_norm_mode: str = "exact"       # exact: un-augmented, eval mode | paper: as the paper's code
+    batch_size: int = 500
+
+
+@dataclass
+class Checkpoint:
+    every_steps: int = 0                # 0: only at epoch ends and on preemption
+    keep: int = 3
+
+
+@dataclass
+class Wandb:
+    mode: str = "offline"
+    project: str = "qhm-launch"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+    system_stats: bool = False          # W&B's CPU/GPU monitor: a helper process that outlives a killed run by seconds
+
+
+@dataclass
+class Tracking:
+    wandb: Wandb = field(default_factory=Wandb)
+    log_every_steps: Optional[int] = None   # steps.jsonl rows; None: about 2,000 over the run; 0: none
+    step_grad_norm: bool = False            # the norm of each logged step's averaged gradient (DDP)
+
+
+@dataclass
+class Signals:
+    preempt: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+
+
+@dataclass
+class Slurm:
+    setup: list = field(default_factory=list)   # lines a job runs before training ("module load cuda/12.4")
+
+
+@dataclass
+class Performance:
+    channels_last: bool = False         # NHWC activations for convolutional models (fast on GPUs; numerics move)
+    compile: str = "off"                # off | default | reduce-overhead | max-autotune: torch.compile of the model
+    cuda_graphs: bool = False           # CUDA graphs for the fixed-shape micro-step, captured once per stage
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    output: str = "runs"
+    seed: int = 0
+    epochs: int = 1
+    data: Data = field(default_factory=Data)
+    model: Union[str, ModelSpec] = "small_cnn"
+    loss: LossSpec = field(default_factory=LossSpec)
+    precision: str = "fp32"
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: Distributed = field(default_factory=Distributed)
+    eval: Eval = field(default_factory=Eval)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    tracking: Tracking = field(default_factory=Tracking)
+    signals: Signals = field(default_factory=Signals)
+    performance: Performance = field(default_factory=Performance)
+    slurm: Slurm = field(default_factory=Slurm)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.name
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def schedule_spec(self) -> qhm.Schedule:
+        """The qhm schedule this recipe describes (validated when the recipe is loaded)."""
+        s, E = self.schedule, self.schedule.interval
+        size = s.batch.size if s.batch.kind == "constant" else s.batch.initial
+        gamma = s.gamma
+        if self.optimizer.name != "qhm":          # sgd / nshb fix gamma, whatever the recipe says
+            gamma = Gamma(kind="constant", max=qhm.PRESETS[self.optimizer.name]["gamma"])
+        return qhm.Schedule(
+            epochs=self.epochs,
+            batch=qhm.BatchSchedule(s.batch.kind, size, growth=s.batch.growth, interval=E),
+            lr=qhm.LRSchedule(s.lr.kind, s.lr.max, s.lr.min, power=s.lr.power, epochs=self.epochs,
+                              warmup=s.lr.warmup),
+            beta=qhm.BetaSchedule(s.beta.kind, max=s.beta.max, min=s.beta.min, factor=s.beta.factor,
+                                  interval=E, staged=s.beta.staged),
+            gamma=qhm.GammaSchedule(gamma.kind, max=gamma.max, factor=gamma.factor, interval=E))

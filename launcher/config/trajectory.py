@@ -1,0 +1,41 @@
+"""What a checkpoint's trajectory depends on: the recipe fields a resume must not change, their hash
+(in the manifest and complete.json) and a one-line diff for the refusal."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from launcher.config import keys
+from launcher.config.schema import Recipe
+
+# Fields that change the trajectory: a checkpoint written under other values is refused on resume.
+# W&B, process count, micro-batch cap, eval, checkpoint cadence and paths may change freely.
+TRAJECTORY_FIELDS = ("seed", "epochs", "data.dataset", "data.factory", "data.kwargs", "data.augment", "data.size",
+                     "data.shape", "data.classes", "data.image_size", "data.rotation", "data.validation", "model",
+                     "loss", "precision", "optimizer", "schedule", "distributed.engine",
+                     "distributed.zero_stage", "distributed.batch_norm")
+
+
+def trajectory(recipe_dict: dict) -> dict:
+    """The trajectory fields of a recipe; keys a recipe written by an earlier version lacks take their
+    defaults (which are what that version did), so adding a key never refuses an old checkpoint."""
+    full = _merged(dataclasses.asdict(Recipe()), recipe_dict)
+    return {key: keys.get(full, key) for key in TRAJECTORY_FIELDS}
+
+
+def _merged(defaults: dict, given: dict) -> dict:
+    out = dict(defaults)
+    for k, v in given.items():
+        out[k] = _merged(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return out
+
+
+def trajectory_hash(recipe_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(trajectory(recipe_dict), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trajectory_diff(old: dict, new: dict) -> list[str]:
+    """Leaf-level differences ``key: old -> new`` between two recipes' trajectory fields."""
+    a, b = keys.flatten(trajectory(old)), keys.flatten(trajectory(new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

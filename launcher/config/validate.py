@@ -1,0 +1,136 @@
+"""Validation, once, at the edge: every rule that a recipe's values must obey together, each broken one
+a :class:`RecipeError` naming the key path, the value and what is allowed. Defaults that depend on other
+keys (the dataset) are filled in here too."""
+from __future__ import annotations
+
+import qhm
+
+from launcher.config import keys
+from launcher.config.schema import (BATCH_NORMS, COMPILE_MODES, DATASETS, DEEPSPEED_OWNED, ENGINES, GRAD_NORM_MODES,
+                                    KERNELS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS, PRECISIONS, SIGNALS,
+                                    SYNTHETIC_MAX, WANDB_MODES, Recipe)
+from launcher.errors import RecipeError
+
+def _one_of(path: str, value, allowed) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: {' | '.join(map(str, allowed))}")
+
+
+def _at_least(path: str, value, low) -> None:
+    if value < low:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: >= {low}")
+
+
+def _at_most(path: str, value, high) -> None:
+    if value > high:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: <= {high}")
+
+
+def validate(r: Recipe) -> Recipe:
+    if r.data.factory is not None and r.data.dataset is not None:
+        raise RecipeError(f"data.dataset: {r.data.dataset!r} is not valid with data.factory; allowed: one of the two")
+    if r.data.factory is None:
+        r.data.dataset = r.data.dataset or "digits"
+        _one_of("data.dataset", r.data.dataset, DATASETS)
+    if isinstance(r.model, str):
+        _one_of("model", r.model, MODELS)
+    elif not r.model.factory:
+        raise RecipeError("model.factory: missing; allowed: 'package.module:callable' (or a built-in model name: "
+                          + " | ".join(MODELS) + ")")
+    _at_least("data.workers", r.data.workers, 0)
+    if r.data.image_size is not None and not 8 <= r.data.image_size <= 4096:
+        raise RecipeError(f"data.image_size: {r.data.image_size!r} is not valid; allowed: an integer in [8, 4096]")
+    _one_of("precision", r.precision, PRECISIONS)
+    _one_of("optimizer.name", r.optimizer.name, OPTIMIZERS)
+    _one_of("optimizer.kernel", r.optimizer.kernel, KERNELS)
+    _one_of("distributed.engine", r.distributed.engine, ENGINES)
+    _one_of("distributed.zero_stage", r.distributed.zero_stage, (0, 1, 2))
+    _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
+    _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
+    _one_of("distributed.batch_norm", r.distributed.batch_norm, BATCH_NORMS)
+    if isinstance(r.distributed.max_micro_batch, str):
+        _one_of("distributed.max_micro_batch", r.distributed.max_micro_batch, ("auto",))
+    else:
+        _at_least("distributed.max_micro_batch", r.distributed.max_micro_batch, 1)
+    _one_of("performance.compile", r.performance.compile, COMPILE_MODES)
+    if r.distributed.engine == "deepspeed" and (r.performance.compile != "off" or r.performance.cuda_graphs):
+        raise RecipeError(f"performance.compile: {r.performance.compile!r} is not valid with distributed.engine "
+                          "deepspeed; allowed: off (compile and CUDA graphs are for the ddp engine)")
+    if r.distributed.engine == "deepspeed" and r.distributed.max_micro_batch == "auto":
+        raise RecipeError("distributed.max_micro_batch: 'auto' is not valid with distributed.engine deepspeed; "
+                          "allowed: an integer >= 1")
+    if r.distributed.engine == "deepspeed":
+        check_raw_deepspeed_config(r.distributed.deepspeed_config)
+    elif r.distributed.deepspeed_config:
+        raise RecipeError("distributed.deepspeed_config: not valid with distributed.engine ddp; allowed: {} "
+                          "(or set distributed.engine: deepspeed)")
+    for i, sig in enumerate(r.signals.preempt):
+        _one_of(f"signals.preempt[{i}]", sig, SIGNALS)
+    if not r.name or "/" in r.name or r.name in (".", "..") or not r.name.isprintable() or len(r.name) > MAX_NAME:
+        raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name of at most {MAX_NAME} "
+                          "characters, without '/' or control characters")
+    for i, line in enumerate(r.slurm.setup):
+        if not isinstance(line, str) or not line.strip() or not line.isprintable():
+            raise RecipeError(f"slurm.setup[{i}]: {line!r} is not valid; allowed: one line of shell, e.g. "
+                              "'module load cuda/12.4'")
+    for i, tag in enumerate(r.tracking.wandb.tags):
+        if not isinstance(tag, str) or not tag or len(tag) > MAX_TAG or not tag.isprintable():
+            raise RecipeError(f"tracking.wandb.tags[{i}]: {tag!r} is not valid; allowed: text of 1 to {MAX_TAG} "
+                              "characters (W&B's limit)")
+    if not r.output or not r.output.isprintable():
+        raise RecipeError(f"output: {r.output!r} is not valid; allowed: a folder path without control characters")
+    _at_most("epochs", r.epochs, MAX_EPOCHS)
+    for path, value, low in (("seed", r.seed, 0), ("epochs", r.epochs, 1), ("schedule.interval", r.schedule.interval, 1),
+                             ("distributed.nproc_per_node", r.distributed.nproc_per_node, 1),
+                             ("distributed.cpu_micro_batch", r.distributed.cpu_micro_batch, 1),
+                             ("distributed.min_rank_batch", r.distributed.min_rank_batch, 1),
+                             ("eval.every_epochs", r.eval.every_epochs, 1),
+                             ("eval.batch_size", r.eval.batch_size, 1),
+                             ("checkpoint.every_steps", r.checkpoint.every_steps, 0),
+                             ("tracking.log_every_steps", r.tracking.log_every_steps or 0, 0),
+                             ("checkpoint.keep", r.checkpoint.keep, 1),
+                             ("optimizer.weight_decay", r.optimizer.weight_decay, 0.0),
+                             ("schedule.lr.max", r.schedule.lr.max, 0.0),
+                             ("schedule.lr.min", r.schedule.lr.min, 0.0)):
+        _at_least(path, value, low)
+    if r.data.size is not None:
+        if r.data.dataset != "synthetic":
+            raise RecipeError(f"data.size: {r.data.size!r} is not valid; allowed: null unless "
+                              "data.dataset is synthetic")
+        _at_least("data.size", r.data.size, 4)
+        _at_most("data.size", r.data.size, SYNTHETIC_MAX)
+    for key in ("shape", "classes"):
+        if getattr(r.data, key) is not None and r.data.dataset != "synthetic":
+            raise RecipeError(f"data.{key}: {getattr(r.data, key)!r} is not valid; allowed: null unless "
+                              "data.dataset is synthetic")
+    if r.data.shape is not None and not (len(r.data.shape) == 3 and all(isinstance(v, int) and 1 <= v <= 4096
+                                                                           for v in r.data.shape)):
+        raise RecipeError(f"data.shape: {r.data.shape!r} is not valid; allowed: [channels, height, width], "
+                          "integers in [1, 4096]")
+    if r.data.classes is not None and not 2 <= r.data.classes <= 100_000:
+        raise RecipeError(f"data.classes: {r.data.classes!r} is not valid; allowed: an integer in [2, 100000]")
+    if not 0.0 <= r.data.rotation <= 180.0:
+        raise RecipeError(f"data.rotation: {r.data.rotation!r} is not valid; allowed: degrees in [0, 180]")
+    if not 0.0 <= r.data.validation < 1.0:
+        raise RecipeError(f"data.validation: {r.data.validation!r} is not valid; allowed: a fraction in [0, 1)")
+    b = r.schedule.batch
+    _one_of("schedule.batch.kind", b.kind, qhm.schedules.BATCH_KINDS)
+    size_key = "size" if b.kind == "constant" else "initial"
+    if getattr(b, size_key) is None:
+        raise RecipeError(f"schedule.batch.{size_key}: missing; allowed: an integer >= 1 "
+                          f"(required for kind {b.kind})")
+    try:
+        r.schedule_spec()
+    except qhm.ScheduleError as exc:                # qhm names its field; the recipe's path is ours
+        key = {"batch.size": f"batch.{size_key}"}.get(exc.field, exc.field)
+        path = key if key == "epochs" else f"schedule.{key}"
+        raise RecipeError(f"{path}: {exc.value!r} is not valid; allowed: {exc.allowed}") from None
+    return r
+
+
+def check_raw_deepspeed_config(raw: dict) -> None:
+    for key in DEEPSPEED_OWNED:
+        if keys.has(raw, key):
+            raise RecipeError(f"distributed.deepspeed_config.{key}: {keys.get(raw, key)!r} is not allowed; "
+                              f"the launcher sets it from the recipe (schedule, precision, "
+                              f"distributed.zero_stage)")

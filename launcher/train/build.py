@@ -1,0 +1,116 @@
+"""One worker's parts, built from a recipe in one place: the dataset, the module (dtype, channels_last,
+SyncBN), the optimizer, the engine, the loss, the data order and batches, the state, and the checkpoint
+manager with every stateful part registered once. The :class:`~launcher.train.trainer.Trainer` only
+loops over what this returns, so a test can build the parts of a real rank in-process."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+import qhm
+from launcher import data as data_mod
+from launcher import engines
+from launcher.data import order
+from launcher.run.checkpoint import CheckpointManager
+from launcher.run.folder import RunFolder
+from launcher.train import losses, models, preflight, splits
+from launcher.train.comm import Comm
+from launcher.train.state import EpochSums, RankRNG, TrainState
+
+DTYPES = {"fp32": torch.float32,
+          # bf16 is torch.autocast over fp32 weights and data: parameters, optimizer state, inputs and
+          # the loss stay fp32, only the matmuls and convolutions run in bf16 (both engines alike).
+          "bf16": torch.float32,
+          "fp64": torch.float64}
+
+
+@dataclass
+class Parts:
+    recipe: Any
+    comm: Comm
+    folder: RunFolder
+    dataset: data_mod.Dataset
+    splits: list[splits.EpochSplit]       # every epoch's split as planned (Stages may re-split a stage)
+    module: torch.nn.Module               # the bare model (saved, evaluated)
+    engine: engines.Engine
+    loss: losses.Loss
+    sampler: order.GlobalBatchSampler
+    batches: Any                          # InMemoryBatches or StreamedBatches
+    autocast: contextlib.AbstractContextManager
+    state: TrainState
+    sums: EpochSums
+    rng: RankRNG
+    checkpoints: CheckpointManager
+    log: Callable[..., None]
+
+
+def build_optimizer(recipe, module) -> qhm.QHM:
+    s, kernel = recipe.schedule_spec(), recipe.optimizer.kernel
+    return qhm.QHM(module.parameters(), lr=s.lr(0), beta=s.beta(0), gamma=s.gamma(0),
+                   weight_decay=recipe.optimizer.weight_decay, foreach=kernel == "foreach",
+                   compiled=kernel in ("compiled", "fused") or None)
+
+
+def autocast_for(recipe, device: torch.device):
+    """bf16: torch.autocast around forward and loss; otherwise nothing."""
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if recipe.precision == "bf16"
+            else contextlib.nullcontext())
+
+
+def load_data(recipe, comm: Comm, dtype: torch.dtype) -> data_mod.Dataset:
+    """The recipe's data on this rank's device; with ``download``, rank 0 downloads first, the others wait."""
+    if comm.is_main and recipe.data.download:
+        data_mod.load(recipe.data, torch.device("cpu"), dtype, is_first=True)
+    comm.barrier()
+    return data_mod.load(recipe.data, comm.device, dtype, is_first=False)
+
+
+def build_module(recipe, dataset: data_mod.Dataset, comm: Comm, dtype: torch.dtype) -> torch.nn.Module:
+    """The model with the same initial weights on every rank, in the recipe's dtype and memory format;
+    batch norm synchronised over ranks when asked (CUDA only)."""
+    module = models.build(recipe.model, dataset.shape, dataset.num_classes, recipe.seed, dtype).to(comm.device)
+    if recipe.performance.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if recipe.distributed.batch_norm == "sync" and comm.world > 1:
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
+
+
+def upgrade_v1(replicated: dict, per_rank: list) -> tuple[dict, list]:
+    """Checkpoint layout 1 -> 2: the W&B id moves into the train state, the running sums get their own
+    part (per rank: loss, correct; samples as an integer), the data order is recorded (v1 had none)."""
+    train = dict(replicated["train"], wandb_id=replicated.get("wandb_id") or "")
+    new = {"engine": replicated["engine"], "train": train, "order": {"n": None, "seed": None, "version": 1}}
+    if "deepspeed_tag" in replicated["engine"]:
+        new["engine"] = None
+    ranks = [{"rng": r["rng"], "epoch_sums": {"values": r["running"][:2].clone(), "samples": int(r["running"][2])}}
+             for r in per_rank]
+    return new, ranks
+
+
+def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
+    """Every part of one rank's run of ``recipe`` (collective: every rank calls it)."""
+    log = log if comm.is_main else (lambda *a, **k: None)
+    preflight.check_devices(recipe, comm.world, comm.device.type == "cuda")
+    dtype, folder = DTYPES[recipe.precision], recipe.folder
+    dataset = load_data(recipe, comm, dtype)
+    n = len(dataset.train)
+    planned = splits.split_epochs(recipe, n, comm.world)
+    module = build_module(recipe, dataset, comm, dtype)
+    engine = engines.build(recipe, module, build_optimizer(recipe, module), comm, planned[0])
+    loss = losses.from_recipe(recipe.loss)
+    sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device)
+    state, sums, rng = TrainState(), EpochSums(comm.device), RankRNG(recipe.seed, comm.rank)
+    checkpoints = CheckpointManager(folder, comm, recipe.checkpoint.keep, log)
+    for name, part, scope in (("engine", engine, engine.checkpoint_scope), ("train", state, "replicated"),
+                              ("order", sampler, "replicated"), ("rng", rng, "per_rank"),
+                              ("epoch_sums", sums, "per_rank")):
+        checkpoints.register(name, part, scope)
+    checkpoints.register_upgrade(1, upgrade_v1)
+    return Parts(recipe=recipe, comm=comm, folder=folder, dataset=dataset, splits=planned, module=module,
+                 engine=engine, loss=loss, sampler=sampler,
+                 batches=dataset.batches(sampler, recipe.seed, comm), autocast=autocast_for(recipe, comm.device),
+                 state=state, sums=sums, rng=rng, checkpoints=checkpoints, log=log)

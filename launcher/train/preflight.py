@@ -1,0 +1,55 @@
+"""What must hold before any worker starts (``run``, ``submit``, ``sweep``): the output folder can be
+written, the data is there, the user's factories resolve and return what they must, and every stage
+splits over the world. Each problem is one line (a :class:`UserError`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from launcher.config import Recipe
+from launcher.errors import UserError
+from launcher.train.splits import EpochSplit, split_epochs
+
+
+def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[EpochSplit]:
+    """What must hold before any worker starts: the output folder can be written, the data is there,
+    the user's factories resolve and return what they must, and every stage splits."""
+    from launcher import data
+    from launcher.train import losses
+    from launcher.train import models
+    check_output(recipe)
+    if not check_data:                      # submit --dry-run on a login node: no data, no factories
+        return [] if recipe.data.factory else split_epochs(recipe, data.sizes(recipe.data)[0], world_size)
+    data.check_available(recipe.data)
+    n = data.sizes(recipe.data)[0]          # calls a data factory: its errors are one line here
+    if not isinstance(recipe.model, str):
+        models.user_model(recipe.model)
+    losses.from_recipe(recipe.loss)
+    return split_epochs(recipe, n, world_size)
+
+
+def check_output(recipe: Recipe) -> None:
+    """The run folder can be created and written: ``output`` (and the run folder) are folders, or do
+    not exist yet under a writable one."""
+    for path, key in ((recipe.run_dir, "name"), (Path(recipe.output), "output")):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{key}: {str(path)!r} is a file; allowed: a folder (or a path that does not exist yet)")
+    probe = recipe.run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"output: {recipe.output!r} cannot be written ({str(probe)!r} is not writable); "
+                        "allowed: a folder you can write to")
+
+
+def check_devices(recipe: Recipe, world: int, has_cuda: bool) -> None:
+    """What needs CUDA where there is none: one line, before any worker starts (and again in each worker,
+    for a run started without the launcher)."""
+    if has_cuda:
+        return
+    if recipe.distributed.batch_norm == "sync" and world > 1:
+        raise UserError("distributed.batch_norm: 'sync' is not valid here; allowed: local (torch's "
+                        "SyncBatchNorm needs CUDA devices, and this machine has none)")
+    if recipe.performance.cuda_graphs:
+        raise UserError("performance.cuda_graphs: true is not valid here; allowed: false (CUDA graphs need CUDA "
+                        "devices, and this machine has none)")

@@ -1,0 +1,148 @@
+"""What a run reports: one row per epoch (metrics.jsonl) and one per log point (steps.jsonl), both of one
+schema and mirrored to W&B at the global step; the progress bar; the clocks (wall time over restarts,
+samples/s); the summary at the end. Rank 0 writes; every rank keeps the clocks."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from launcher.run.tracking import MetricsLog, Tracker, run_id
+from launcher.train.splits import EpochSplit
+from launcher.train.state import TrainState
+
+
+def log_interval(recipe, splits: list[EpochSplit]) -> int:
+    """Optimizer steps between two steps.jsonl rows: the recipe's, or about 2,000 rows over the run
+    (at least 25 steps apart: each row reads the sums back from the device, across ranks)."""
+    every = recipe.tracking.log_every_steps
+    return max(25, sum(e.steps for e in splits) // 2000) if every is None else every
+
+
+class Reporter:
+    def __init__(self, recipe, comm, folder, log):
+        self.recipe, self.comm, self.folder, self.log = recipe, comm, folder, log
+        self.metrics = MetricsLog(folder.metrics)
+        self.steps = MetricsLog(folder.steps, key="step", durable=False)
+        self.tracker, self.bar = None, None
+        self._clock = self._epoch_clock = self._log_clock = time.time()
+        self._epoch_samples = self._log_samples = 0
+
+    def open(self, state: TrainState) -> None:
+        """After a resume: drop the rows past the checkpoint (they are computed again), open W&B under
+        the run's one id, start the clocks."""
+        if self.comm.is_main:
+            self.metrics.keep_before(state.epoch)
+            self.steps.keep_before(state.global_step + 1)
+            state.wandb_id = run_id(self.folder.wandb_id, state.wandb_id or None)
+            self.tracker = Tracker(self.recipe, self.folder.wandb, state.wandb_id, self.log)
+        state.wandb_id = self.comm.broadcast(state.wandb_id)
+        self._clock = self._log_clock = time.time()
+        self._log_samples = state.samples
+
+    def start_epoch(self, split: EpochSplit, state: TrainState) -> None:
+        self._epoch_clock, self._epoch_samples = time.time(), state.samples
+        show = self.comm.is_main and sys.stderr.isatty()
+        self.bar = tqdm(total=split.steps, initial=state.step, desc=f"epoch {split.epoch} (batch {split.batch})",
+                        leave=False, dynamic_ncols=True, file=sys.stderr) if show else None
+
+    def step_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def account_time(self, state: TrainState) -> None:
+        now = time.time()
+        state.wall_time += now - self._clock
+        self._clock = now
+
+    def row(self, split: EpochSplit, state: TrainState, sums: torch.Tensor, has_accuracy: bool) -> dict:
+        """The fields both logs share: position, split, hyper-parameters, and the training loss and
+        accuracy over ``sums`` = (loss sum, correct, samples)."""
+        loss, correct, count = (float(v) for v in sums[:3])
+        return {"epoch": split.epoch, "step": state.global_step, "samples": state.samples, "batch": split.batch,
+                "micro_batch": split.micro_batch, "accum": split.accum, "world_size": self.comm.world,
+                "lr": split.lr, "beta": split.beta, "gamma": split.gamma, "train_loss": loss / max(count, 1),
+                "train_acc": correct / max(count, 1) if has_accuracy else None}
+
+    def epoch_row(self, split: EpochSplit, state: TrainState, totals: torch.Tensor, has_accuracy: bool,
+                  evaluated: dict, with_validation: bool) -> None:
+        """The epoch's row: its training sums over all ranks and what evaluation measured."""
+        train_seconds = time.time() - self._epoch_clock
+        self.close_bar()
+        row = self.row(split, state, totals, has_accuracy)
+        row.update(test_loss=None, test_acc=None, grad_norm=None)
+        if with_validation:
+            row.update(val_loss=None, val_acc=None)
+        row.update(evaluated)
+        row["min_grad_norm"] = None if state.min_grad_norm == float("inf") else state.min_grad_norm
+        self.account_time(state)
+        row.update(wall_time=round(state.wall_time, 3),
+                   samples_per_s=round((state.samples - self._epoch_samples) / max(train_seconds, 1e-9), 1))
+        if self.comm.is_main:
+            self.metrics.append(row)
+            self.tracker.log_row(row, step=state.global_step)
+            fmt = lambda v, d: None if v is None else round(v, d)  # noqa: E731
+            self.log(f"[qhm-launch] epoch {split.epoch}: batch {split.batch} ({split.micro_batch}x{split.accum}"
+                     f"x{self.comm.world}) loss {row['train_loss']:.4f} test_acc {fmt(row['test_acc'], 4)} "
+                     f"grad_norm {fmt(row['grad_norm'], 5)}")
+
+    def step_row(self, split: EpochSplit, state: TrainState, window: torch.Tensor, has_accuracy: bool,
+                 grad_norm) -> None:
+        """A steps.jsonl row for the window since the last one (and W&B, under step/, at this global step)."""
+        now = time.time()
+        row = self.row(split, state, window, has_accuracy)
+        row["samples_per_s"] = round((state.samples - self._log_samples) / max(now - self._log_clock, 1e-9), 1)
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        self._log_clock, self._log_samples = now, state.samples
+        if self.comm.is_main:
+            self.steps.append(row)
+            self.tracker.log_row({("step/" + k if k not in ("epoch", "samples", "step") else k): v
+                                  for k, v in row.items() if k != "step"}, step=row["step"])
+            self.folder.touch_heartbeat()
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{split.lr:.3g}", refresh=False)
+
+    def finish(self, state: TrainState, finished: bool) -> None:
+        """W&B: a finished run gets its summary; a preempted one (or an elastic chain's segment) is marked
+        preempting, so the next segment continues the same run id."""
+        self.close_bar()
+        if not self.comm.is_main:
+            return
+        if finished:
+            print_summary(self.recipe, state, self.metrics.rows(), self.tracker)
+            self.tracker.summarise(summary_values(state, self.metrics.rows()))
+        self.tracker.finish(preempted=not finished)
+
+
+def summary_values(state: TrainState, rows: list[dict]) -> dict:
+    last = rows[-1] if rows else {}
+    out = {f"final_{k}": last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "grad_norm")}
+    out.update(best_test_acc=state.best_test_acc, best_val_acc=state.best_val_acc or None,
+               min_grad_norm=None if state.min_grad_norm == float("inf") else state.min_grad_norm,
+               total_steps=state.global_step, total_sfo=state.samples)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def print_summary(recipe, state: TrainState, rows: list[dict], tracker) -> None:
+    last = rows[-1] if rows else {}
+    fmt = lambda v: "-" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v))  # noqa: E731
+    folder = recipe.folder
+    items = [("epochs", recipe.epochs), ("optimizer steps", state.global_step), ("samples (SFO)", state.samples),
+             ("final train loss", last.get("train_loss")), ("final test acc", last.get("test_acc")),
+             ("best test acc", state.best_test_acc),
+             ("min grad norm", None if state.min_grad_norm == float("inf") else state.min_grad_norm),
+             ("wall time (s)", round(state.wall_time, 1))]
+    width = max(len(k) for k, _ in items)
+    print("\n".join(["", f"run {recipe.name} complete"] + [f"  {k:<{width}}  {fmt(v)}" for k, v in items] + [
+        f"  {'metrics':<{width}}  {folder.metrics}",
+        f"  {'checkpoints':<{width}}  {folder.checkpoints}",
+        f"  {'final model':<{width}}  {folder.final_model}",
+        f"  {'W&B files':<{width}}  {tracker.files if tracker and tracker.files else 'disabled'}"]), flush=True)

@@ -1,0 +1,83 @@
+"""One global batch's forward and backward on this rank: its micro-batches under the engine's
+accumulation contexts, SyncBN's padding to the same number of micro-steps on every rank, and (with
+``max_micro_batch: auto``) the out-of-memory retry agreed by every rank."""
+from __future__ import annotations
+
+import torch
+
+from launcher import env
+from launcher.train import microbatch
+from launcher.train.build import Parts
+from launcher.train.splits import ceil_div
+from launcher.train.stages import Stages
+
+
+class StepRunner:
+    def __init__(self, parts: Parts, stages: Stages):
+        p = parts
+        self.stages, self.engine, self.batches, self.loss, self.sums = stages, p.engine, p.batches, p.loss, p.sums
+        self.comm, self.module, self.autocast = p.comm, p.module, p.autocast
+        self.channels_last = p.recipe.performance.channels_last
+        self.sync_bn = p.recipe.distributed.batch_norm == "sync" and p.comm.world > 1
+        self.oom_at, self._oom_fired = env.oom_at(), False     # a test hook, read once
+
+    def run(self, epoch: int, step: int) -> int:
+        """Forward and backward of global batch (epoch, step) on this rank; returns the batch's size."""
+        return self._retrying(epoch, step) if self.stages.auto else self._forward_backward(epoch, step)
+
+    def _forward_backward(self, epoch: int, step: int) -> int:
+        """This rank's micro-batches of global batch (epoch, step), forward and backward.
+
+        The summed loss is scaled by world/size: DDP averages over ranks, so the update is the mean
+        gradient over the whole global batch, whatever its size (a partial last batch included) and split.
+        """
+        split = self.stages[epoch]                     # as split now (an out-of-memory error halves it)
+        size, micro_batches = self.batches.step(epoch, step, split)
+        if self.sync_bn:              # every rank must join every batch-norm all-gather: as many micro-steps
+            needed = ceil_div(ceil_div(size, self.comm.world), split.micro_batch)
+            micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
+        for i, (x, y) in enumerate(micro_batches):
+            if self.oom_at and self._inject_oom(epoch, step, i):
+                raise microbatch.injected_oom(f"epoch {epoch} step {step}")
+            empty, model = len(y) == 0, self.engine.model
+            if empty and not self.sync_bn:     # no samples here: join the gradient reduce with zeros,
+                model.eval()                   # without touching batch-norm statistics
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # a partial micro-batch is another shape: it runs eagerly, never compiled
+            with self.engine.micro_step(last=i == len(micro_batches) - 1), self.autocast, \
+                    self.stages.eager(len(y) != split.micro_batch):
+                out = model(x)
+                loss = self.loss(out, y)
+                self.engine.backward(loss * (self.comm.world / size))
+            if empty and not self.sync_bn:
+                model.train()
+            self.sums.add(loss, self.loss.correct(out, y), len(y))
+        return size
+
+    def _retrying(self, epoch: int, step: int) -> int:
+        """_forward_backward, agreed by every rank: after a CUDA out-of-memory error on any of them, all
+        halve the micro-batch for the rest of the stage and redo the step from its first micro-batch,
+        with buffers, RNG and sums as before it (see microbatch.py)."""
+        snapshot = microbatch.StepSnapshot(self.module, self.sums, self.comm.device)
+        while True:
+            try:
+                size, ok = self._forward_backward(epoch, step), True
+            except torch.OutOfMemoryError:
+                size, ok = 0, False
+                if self.comm.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if self.comm.agree(ok):
+                return size
+            snapshot.restore()
+            self.engine.discard_gradients()
+            self.stages.halve(epoch, step)
+
+    def _inject_oom(self, epoch: int, step: int, micro: int) -> bool:
+        """Test hook: an out-of-memory error once at (epoch, step[, rank]), first micro-batch."""
+        where = self.oom_at
+        hit = (where[:2] == (epoch, step) and micro == 0 and not self._oom_fired
+               and (len(where) < 3 or where[2] == self.comm.rank))
+        if hit:
+            self._oom_fired = True
+        return hit
