@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
 export MPLBACKEND           ?= Agg
 
-.PHONY: demo test study bench clean
+.PHONY: demo test test-fast study bench clean
 STUDY_RUNS = runs/study/study-p*
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: $(VENV)/.installed
 	$(VENV)/bin/qhm-launch run recipes/smoke.yaml
 
+# everything: unit tests, in-process gloo ranks, and the real process tree (torchrun, DeepSpeed, Slurm)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# the edit-test loop (under 2 minutes): everything but the tests marked e2e
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not e2e"
 
 # The CPU-sized study: 18 runs on digits (about 8 minutes on 2 cores), then the figures in docs/.
 study: $(VENV)/.installed

@@ -17,6 +17,8 @@ import qhm
 from launcher import config as R
 from launcher.train import trainer
 from launcher.run.checkpoint import CheckpointManager
+from launcher.run.folder import RunFolder
+from launcher.train.state import RankRNG
 from launcher.train.comm import Comm
 
 SOLO = Comm(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
@@ -31,19 +33,34 @@ def resnet_state():
     return {"engine": {"model": model.state_dict(), "optimizer": opt.state_dict()}}
 
 
+class Held:
+    """A replicated checkpoint part holding a fixed state (the engine's, here)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
 def save_load(rounds=15):
     state = resnet_state()
     ours_save, ours_load, plain_save, plain_load = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        manager = CheckpointManager(tmp / "run", 0, 1, keep=2, comm=SOLO, log=lambda *a: None)
+        manager = CheckpointManager(RunFolder(tmp / "run"), SOLO, keep=2, log=lambda *a: None)
+        manager.register("engine", Held(state["engine"]), "replicated")
+        manager.register("rng", RankRNG(0, 0), "per_rank")
         for i in range(rounds):
             t0 = time.perf_counter()
-            manager.save(i + 1, state, {"rng": trainer.rng_state()}, {"position": {}})
+            manager.save(i + 1, {"position": {}, "recipe": {}})
             ours_save.append(time.perf_counter() - t0)
             manager.wait()            # the old checkpoint's removal runs in the background; not timed
             t0 = time.perf_counter()
-            manager.load(manager.find_latest_valid())
+            manager.resume()          # find the newest, verify every file, load every part
             ours_load.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             torch.save(state, tmp / "plain.pt")
@@ -68,7 +85,7 @@ def throughput(every_steps):
                          "eval": {"every_epochs": 100, "full_grad_norm": False},
                          "checkpoint": {"every_steps": every_steps, "keep": 3},
                          "tracking": {"wandb": {"mode": "disabled"}}})
-        trainer.train(r, SOLO, log=lambda *a, **k: None)
+        trainer.run(r, SOLO, log=lambda *a, **k: None)
         rows = [json.loads(x) for x in (Path(tmp) / "b" / "metrics.jsonl").read_text().splitlines()]
         return statistics.median(row["samples_per_s"] for row in rows)
 

@@ -28,7 +28,7 @@ def worker(engine, stage, folder):
                                      "max_micro_batch": 32},
                      "eval": {"every_epochs": 100, "full_grad_norm": False},
                      "tracking": {"wandb": {"mode": "disabled"}}})
-    trainer.train(r, comm, log=lambda *a, **k: None)
+    trainer.run(r, comm, log=lambda *a, **k: None)
     peaks = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if comm.is_main:
         rows = [json.loads(x) for x in (Path(folder) / "b" / "metrics.jsonl").read_text().splitlines()]

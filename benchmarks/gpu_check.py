@@ -80,17 +80,18 @@ def host_syncs():
     steps, warm = (320, 20) if not SMOKE else (6, 2)
     with tempfile.TemporaryDirectory() as tmp:
         recipe = qhm_launch_recipe(tmp, 128, 128 * steps, epochs=1, compile_mode="off")
-        trainer = T.Trainer(recipe, comm_mod.init(), PreemptionFlag([]), log=lambda *a, **k: None)
+        from launcher.train.build import build
+        trainer = T.Trainer(build(recipe, comm_mod.init(), log=lambda *a, **k: None), PreemptionFlag([]))
         original, counted = trainer.train_step, {"steps": 0, "syncs": 0}
 
-        def watched(stage, step):
+        def watched(epoch, step):
             if step < warm or DEVICE.type != "cuda":
-                return original(stage, step)
+                return original(epoch, step)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    original(stage, step)
+                    original(epoch, step)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             counted["steps"] += 1
@@ -191,10 +192,9 @@ def ours(batch, steps, compile_mode="default"):
     from launcher.train import comm as comm_mod
     from launcher.train import trainer as T
     from launcher.run.files import read_jsonl
-    from launcher.train.signals import PreemptionFlag
     with tempfile.TemporaryDirectory() as tmp:
         recipe = qhm_launch_recipe(tmp, batch, batch * steps, compile_mode=compile_mode)
-        T.Trainer(recipe, comm_mod.init(), PreemptionFlag([]), log=lambda *a, **k: None).train()
+        T.run(recipe, comm_mod.init(), log=lambda *a, **k: None)
         rows = read_jsonl(Path(tmp) / f"b{batch}" / "metrics.jsonl")
     return rows[-1]["samples_per_s"] / batch                 # the second epoch: compiled, warm
 
@@ -204,13 +204,12 @@ def stage_rates_ours():
     from launcher.train import comm as comm_mod
     from launcher.train import trainer as T
     from launcher.run.files import read_jsonl
-    from launcher.train.signals import PreemptionFlag
     n = 40_960 if not SMOKE else 64
     stages = STAGES if not SMOKE else [8, 16, 32]
     with tempfile.TemporaryDirectory() as tmp:
         recipe = qhm_launch_recipe(tmp, 0, n, epochs=len(stages), compile_mode="off", schedule={
             "interval": 1, "batch": {"kind": "exponential", "initial": 8, "growth": 2}, "lr": {"max": 0.05}})
-        T.Trainer(recipe, comm_mod.init(), PreemptionFlag([]), log=lambda *a, **k: None).train()
+        T.run(recipe, comm_mod.init(), log=lambda *a, **k: None)
         rows = read_jsonl(Path(tmp) / "b0" / "metrics.jsonl")
     return {r["batch"]: r["samples_per_s"] / r["batch"] for r in rows}
 

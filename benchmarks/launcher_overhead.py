@@ -55,8 +55,7 @@ def bare_loop(comm, epochs, batch, micro, n):
 def ours(comm, epochs, folder, batch, micro, n):
     from launcher import config as R
     from launcher.run.files import read_jsonl
-    from launcher.train.signals import PreemptionFlag
-    from launcher.train.trainer import Trainer
+    from launcher.train.trainer import run
     r = R.from_dict({"name": "bench", "output": str(folder), "epochs": epochs, "seed": 0,
                      "data": {"dataset": "synthetic", "size": n, "augment": False},
                      "schedule": {"batch": {"kind": "constant", "size": batch}, "lr": {"max": 0.05}},
@@ -64,7 +63,7 @@ def ours(comm, epochs, folder, batch, micro, n):
                      "eval": {"every_epochs": 1000, "full_grad_norm": False},
                      "checkpoint": {"every_steps": 0, "keep": 1},
                      "tracking": {"wandb": {"mode": "disabled"}}})
-    Trainer(r, comm, PreemptionFlag([]), log=lambda *a, **k: None).train()
+    run(r, comm, log=lambda *a, **k: None)
     rows = read_jsonl(Path(folder) / "bench" / "metrics.jsonl")
     return [row["samples_per_s"] for row in rows][1:], rows[-1]["step"]
 

@@ -71,8 +71,7 @@ def baseline(comm, root: Path, size: int):
 def ours(comm, root: Path, size: int, folder: str):
     from launcher import config as R
     from launcher.run.files import read_jsonl
-    from launcher.train.signals import PreemptionFlag
-    from launcher.train.trainer import Trainer
+    from launcher.train.trainer import run
     r = R.from_dict({"name": "bench", "output": folder, "epochs": EPOCHS, "seed": 0,
                      "data": {"dataset": "imagefolder", "root": str(root), "image_size": size, "workers": WORKERS},
                      "model": {"factory": "streamed_data:tiny"},
@@ -81,7 +80,7 @@ def ours(comm, root: Path, size: int, folder: str):
                      "eval": {"every_epochs": 1000, "full_grad_norm": False},
                      "checkpoint": {"every_steps": 0, "keep": 1},
                      "tracking": {"wandb": {"mode": "disabled"}, "log_every_steps": 0}})
-    Trainer(r, comm, PreemptionFlag([]), log=lambda *a, **k: None).train()
+    run(r, comm, log=lambda *a, **k: None)
     return [row["samples_per_s"] for row in read_jsonl(Path(folder) / "bench" / "metrics.jsonl")][1:]
 
 

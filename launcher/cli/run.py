@@ -98,9 +98,10 @@ def cmd_run(args) -> int:
     return rc
 
 
-def run_worker(recipe, force: bool, until_epoch: int | None = None) -> int:
-    """One worker's whole life: join the group, hold the folder (unless the launcher does), train, say
-    how it ended (markers, final model) or why it failed (one line), leave the group."""
+def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -> int:
+    """One worker's whole life: join the group (unless ``comm`` is one already joined), hold the folder
+    (unless the launcher does), train, say how it ended (markers, final model) or why it failed (one
+    line), leave the group it joined."""
     from launcher.cluster import supervise
     from launcher.train import build, comm as comm_mod
     from launcher.train.signals import PreemptionFlag
@@ -108,7 +109,8 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None) -> int:
     flag = PreemptionFlag(preemption_signals(recipe))
     for signum in supervise.early_signals(preemption_signals(recipe))[:1]:
         flag.adopt(signum)
-    comm = comm_mod.init()
+    joined = comm is None
+    comm = comm_mod.init() if joined else comm
     lock = None
     try:
         if os.environ.get(env.LOCKED_BY) is None:      # nobody holds the folder for us: rank 0 does
@@ -122,7 +124,8 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None) -> int:
             raise
         rc = report_failure(recipe, comm, exc)
     finally:
-        comm.close()
+        if joined:
+            comm.close()
         if lock is not None:
             lock.release()
     if rc == PREEMPTED and env.PARENT in os.environ:

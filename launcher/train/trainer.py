@@ -166,3 +166,13 @@ def stop_check_interval(split: EpochSplit) -> int:
     """Optimizer steps between two preemption checks: every step from batch 256 up; in the smallest
     stages, whose steps take a millisecond, fewer (at most 32 steps apart), so the check costs nothing."""
     return max(1, min(32, 256 // split.batch))
+
+
+def run(recipe, comm, preempt: PreemptionFlag | None = None, log=print, until_epoch: int | None = None) -> Outcome:
+    """Build the parts of this rank and train them, in this process (no markers, no final model: those
+    are the CLI's). What benchmarks and in-process tests drive."""
+    from launcher.train.build import build
+    trainer = Trainer(build(recipe, comm, log), preempt or PreemptionFlag([]), until_epoch=until_epoch)
+    outcome = trainer.train()
+    trainer.close(outcome)
+    return outcome

@@ -1,5 +1,6 @@
-"""A smoke-size study through `sweep --local`, then `plot` (mean and min-max over seeds, bound terms)
-and `report`, checked against the metrics files and the qhm formulas."""
+"""A smoke-size study (a sweep's grid points trained on real gloo ranks), then `plot` (mean and min-max
+over seeds, bound terms) and `report`, checked against the metrics files and the qhm formulas; and
+`sweep --local` end to end."""
 import json
 
 import numpy as np
@@ -7,23 +8,39 @@ import pytest
 import yaml
 
 import qhm
-from conftest import base_recipe, cli, write_recipe
+from helpers import base_recipe, cli, train_ranks, write_recipe
+from launcher import config
+from launcher.cluster import sweep
 from launcher.cli import analysis
 from launcher.cli.main import main
 
 
+STUDY = {"recipe": "base.yaml", "name": "st", "seeds": [0, 1],
+         "grid": {"schedule.batch": [{"kind": "constant", "size": 16},
+                                     {"kind": "exponential", "initial": 8, "growth": 2}]}}
+
+
+def study_base():
+    return base_recipe(epochs=2, **{"distributed.nproc_per_node": 1, "checkpoint.every_steps": 0})
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+    """The sweep's points, each trained as `sweep --local` would run it (its overrides, its name)."""
     folder = tmp_path_factory.mktemp("study")
-    write_recipe(folder, base_recipe(epochs=2, **{"distributed.nproc_per_node": 1, "checkpoint.every_steps": 0}),
-                 "base.yaml")
-    (folder / "sweep.yaml").write_text(yaml.safe_dump({
-        "recipe": "base.yaml", "name": "st", "seeds": [0, 1],
-        "grid": {"schedule.batch": [{"kind": "constant", "size": 16},
-                                    {"kind": "exponential", "initial": 8, "growth": 2}]}}))
-    out = cli(["sweep", str(folder / "sweep.yaml"), "--local"], cwd=folder, check=0)
-    assert "4 runs done" in out.stdout
+    for point in sweep.grid_points(STUDY):
+        train_ranks(config.apply_overrides(study_base(), point["overrides"]), folder)
     return folder, sorted((folder / "runs").glob("st_*"))
+
+
+@pytest.mark.e2e
+def test_sweep_local_runs_every_point_through_the_cli(tmp_path):
+    write_recipe(tmp_path, base_recipe(epochs=1, **{"distributed.nproc_per_node": 1, "data.size": 64}), "base.yaml")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({**STUDY, "seeds": [0]}))
+    out = cli(["sweep", str(tmp_path / "sweep.yaml"), "--local"], cwd=tmp_path, check=0)
+    assert "2 runs done" in out.stdout
+    assert sorted(p.parent.name for p in (tmp_path / "runs").glob("st_*/complete.json")) == [
+        "st_schedule.batch=constant-size16_s0", "st_schedule.batch=exponential-growth2-initial8_s0"]
 
 
 def rows(run):

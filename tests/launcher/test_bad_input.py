@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from conftest import ROOT, base_recipe, cli, write_recipe
+from helpers import ROOT, base_recipe, cli, write_recipe
 from launcher.cli.main import main
 
 SMOKE = str(ROOT / "recipes" / "smoke.yaml")
@@ -123,6 +123,7 @@ def test_output_that_is_a_file(tmp_path, capsys):
     one_clean_line(*run_main(["run", str(path)], capsys), "output:", "is a file; allowed: a folder")
 
 
+@pytest.mark.e2e
 def test_through_the_real_entry_point_nothing_starts(tmp_path):
     """The same one line when the launcher is a fresh process, and no run folder appears."""
     path = write_recipe(tmp_path, base_recipe(seed=-1))

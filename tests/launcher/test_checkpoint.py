@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import run_ranks
+from helpers import run_ranks
 from launcher.run.checkpoint import VERSION, CheckpointManager
 from launcher.train.comm import Comm
 from launcher.errors import UserError

@@ -65,7 +65,7 @@ def test_rotation_is_torchvision_s_pixel_for_pixel():
 
 def test_the_paper_s_cifar100_recipes_rotate_by_15_degrees():
     import yaml
-    from conftest import ROOT
+    from helpers import ROOT
     recipes = [yaml.safe_load(p.read_text()) for p in (ROOT / "recipes" / "paper").glob("*-increasing.yaml")]
     assert recipes and all(r["data"]["dataset"] == "cifar100" and r["data"]["rotation"] == 15.0 for r in recipes)
 

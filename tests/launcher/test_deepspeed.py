@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from conftest import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
-                      metric_rows, start, wait_for, write_recipe)
+from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
+                      metric_rows, start, train_ranks, wait_for, write_recipe)
 from launcher import config as R
 from launcher.run.checkpoint import describe
 
@@ -35,9 +35,8 @@ def ds_recipe(name, stage=None, **over):
 
 @pytest.fixture(scope="module")
 def ddp_reference(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ddp")
-    cli(["run", str(write_recipe(folder, ds_recipe("ddp")))], cwd=folder, check=0)
-    return final_params(folder / "runs" / "ddp"), metric_rows(folder / "runs" / "ddp")
+    run = train_ranks(ds_recipe("ddp"), tmp_path_factory.mktemp("ddp"))
+    return final_params(run), metric_rows(run)
 
 
 def run_deepspeed(folder, stage, launcher="torchrun"):
@@ -61,6 +60,7 @@ def zero2_run(tmp_path_factory):
 
 
 # stage 1 runs under DeepSpeed's launcher (on CPU: 2 processes), 0 and 2 under torchrun
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deepspeed_matches_ddp_and_every_step_spans_the_planned_micro_batches(tmp_path, ddp_reference, zero2_run,
                                                                               stage):
@@ -87,6 +87,7 @@ def test_deepspeed_matches_ddp_and_every_step_spans_the_planned_micro_batches(tm
     assert [s["global_steps"] for s in steps] == list(range(1, len(expected) + 1))
 
 
+@pytest.mark.e2e
 def test_kill_9_and_resume_under_zero2_is_bitwise(tmp_path, zero2_run):
     reference = final_params(zero2_run[0]), metric_rows(zero2_run[0])
     path = write_recipe(tmp_path, ds_recipe("ds", 2))

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import base_recipe, cli, final_params, metric_rows, write_recipe
+from helpers import base_recipe, final_params, metric_rows, train_ranks
 from launcher.train.microbatch import largest_fitting
 
 
@@ -35,25 +35,22 @@ def close(a, b):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The plain run both tests compare against: in float64 the split of a batch changes nothing."""
-    folder = tmp_path_factory.mktemp("ref")
-    cli(["run", str(write_recipe(folder, recipe("ref")))], cwd=folder, check=0)
-    return folder / "runs" / "ref"
+    return train_ranks(recipe("ref"), tmp_path_factory.mktemp("ref"))
 
 
 def test_the_probe_picks_the_largest_fitting_micro_batch_less_a_margin(tmp_path, reference):
-    auto = write_recipe(tmp_path, recipe("auto", **{"distributed.max_micro_batch": "auto"}), "auto.yaml")
-    out = cli(["run", str(auto)], cwd=tmp_path, check=0, env={"QHM_TEST_OOM_ABOVE": "3"})
+    out = train_ranks(recipe("auto", **{"distributed.max_micro_batch": "auto"}), tmp_path,
+                      env={"QHM_TEST_OOM_ABOVE": "3"})
     # shares of 8, 16, 32 per rank; 3 fit; 10% margin -> 2; every stage cut into micro-batches of 2
     assert [(r["micro_batch"], r["accum"]) for r in metric_rows(tmp_path / "runs" / "auto")] == [(2, 4), (2, 8), (2, 16)]
-    assert len(re.findall(r"max_micro_batch auto: up to 3 samples fit here", out.stdout)) == 3
+    assert len(re.findall(r"max_micro_batch auto: up to 3 samples fit here", out.output)) == 3
     close(final_params(tmp_path / "runs" / "auto"), final_params(reference))
 
 
 def test_an_out_of_memory_error_halves_the_micro_batch_and_redoes_the_step(tmp_path, reference):
-    auto = write_recipe(tmp_path, recipe("oom", **{"distributed.max_micro_batch": "auto",
-                                                    "distributed.cpu_micro_batch": 8}), "oom.yaml")
-    out = cli(["run", str(auto)], cwd=tmp_path, check=0, env={"QHM_TEST_OOM_AT": "1:2:1"})   # rank 1 only
-    assert "CUDA out of memory at epoch 1 step 2: the micro-batch is halved" in out.stdout
+    out = train_ranks(recipe("oom", **{"distributed.max_micro_batch": "auto", "distributed.cpu_micro_batch": 8}),
+                      tmp_path, env={"QHM_TEST_OOM_AT": "1:2:1"})   # rank 1 only
+    assert "CUDA out of memory at epoch 1 step 2: the micro-batch is halved" in out.output
     rows = metric_rows(tmp_path / "runs" / "oom")
     assert [(r["micro_batch"], r["accum"]) for r in rows] == [(8, 1), (4, 4), (8, 4)]
     close(final_params(tmp_path / "runs" / "oom"), final_params(reference))

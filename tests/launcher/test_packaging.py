@@ -1,12 +1,15 @@
 """The package as a site installs it: a wheel (not this checkout), run from a folder that is not the
 checkout, finds everything it reads at run time (the sbatch template) and renders a job."""
+import pytest
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
 
-from conftest import ROOT, base_recipe, write_recipe
+from helpers import ROOT, base_recipe, write_recipe
+
+pytestmark = pytest.mark.e2e      # builds the wheel and installs it into a fresh folder
 
 
 def test_wheel_installed_elsewhere_renders_a_job_from_an_unrelated_folder(tmp_path):

@@ -10,8 +10,10 @@ import uuid
 
 import pytest
 
-from conftest import base_recipe, checkpoint_steps, cli, start, wait_for, write_recipe
+from helpers import base_recipe, checkpoint_steps, cli, start, wait_for, write_recipe
 from launcher.cluster.supervise import children
+
+pytestmark = pytest.mark.e2e      # the real process tree: signals, kills, start-up
 
 SLOW = {"QHM_TEST_STEP_DELAY": "0.04"}
 

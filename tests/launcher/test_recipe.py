@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import ROOT, base_recipe, cli, write_recipe
+from helpers import ROOT, base_recipe, cli, write_recipe
 from launcher import config as R
 from launcher.cli.main import main
 
@@ -58,6 +58,7 @@ def test_trajectory_diff_names_fields_and_ignores_wandb_and_nproc():
     assert R.trajectory_diff(a, c) == ["schedule.lr.max: 0.05 -> 0.2"]
 
 
+@pytest.mark.e2e
 def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, capsys):
     path = write_recipe(tmp_path, base_recipe(**{"schedule.gamma.factor": 2}))
     assert main(["plan", str(path)]) == 2
@@ -69,6 +70,7 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e
 def test_debug_shows_the_traceback(tmp_path):
     path = write_recipe(tmp_path, base_recipe(epochs=0))
     proc = cli(["--debug", "plan", str(path)], cwd=tmp_path)

@@ -6,12 +6,13 @@ import threading
 import pytest
 import torch
 
-from conftest import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
+from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
                       metric_rows, start, wait_for, write_recipe)
 
 # 400 samples, batches 16 -> 32 -> 64 -> 128: 25 + 13 + 7 + 4 = 49 steps, a checkpoint every 3
 STAGE_ENDS = [25, 38, 45, 49]
 SLOW = {"QHM_TEST_STEP_DELAY": "0.04"}
+pytestmark = pytest.mark.e2e      # the real process tree, killed and signalled; the references train in-process
 
 
 def recipe(name, **over):
@@ -19,14 +20,11 @@ def recipe(name, **over):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(reference_runs):
     """Uninterrupted runs to compare against: fp32 (bitwise resume) and fp64 (elastic resume)."""
-    folder = tmp_path_factory.mktemp("reference")
     out = {}
     for precision in ("fp32", "fp64"):
-        path = write_recipe(folder, recipe("ref", precision=precision), f"{precision}.yaml")
-        cli(["run", str(path), "--set", f"output=runs-{precision}"], cwd=folder, check=0)
-        run = folder / f"runs-{precision}" / "ref"
+        run = reference_runs(recipe("ref", precision=precision))
         out[precision] = (final_params(run), metric_rows(run))
     return out
 

@@ -4,7 +4,7 @@ import os
 import signal
 from pathlib import Path
 
-from distributed import run_ranks
+from helpers import run_ranks
 from launcher.train.signals import Agreement, PreemptionFlag
 
 

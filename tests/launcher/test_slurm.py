@@ -13,8 +13,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, wait_for,
-                      write_recipe)
+from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, train_ranks,
+                      wait_for, write_recipe)
+
+pytestmark = pytest.mark.e2e      # a real Slurm (two slurmd on this machine)
 
 CONF = Path(os.environ.get("QHM_SLURM_CONF", "/tmp/qhm-slurm/slurm.conf"))
 
@@ -63,11 +65,9 @@ def submit(args, cwd, env) -> str:
     return re.search(r"submitted job (\d+)", out.stdout).group(1)
 
 
-def test_preemption_signal_requeues_resumes_and_matches_the_uninterrupted_run(tmp_path, slurm_env):
+def test_preemption_signal_requeues_resumes_and_matches_the_uninterrupted_run(tmp_path, slurm_env, reference_runs):
     recipe = base_recipe(name="pre", epochs=4, **{"data.size": 400})
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    cli(["run", str(write_recipe(ref, recipe))], cwd=ref, check=0)
+    reference = reference_runs(recipe)            # the same trajectory as test_resume's fp32 reference
 
     path = write_recipe(tmp_path, recipe)
     run = tmp_path / "runs" / "pre"
@@ -81,8 +81,8 @@ def test_preemption_signal_requeues_resumes_and_matches_the_uninterrupted_run(tm
     log = (run / "slurm" / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
     assert int(state["Restarts"]) >= 1 and "requeueing" in log and "resumed from" in log
-    assert_bitwise(final_params(run), final_params(ref / "runs" / "pre"))
-    assert metric_rows(run) == metric_rows(ref / "runs" / "pre")
+    assert_bitwise(final_params(run), final_params(reference))
+    assert metric_rows(run) == metric_rows(reference)
 
 
 def test_sweep_runs_as_one_job_array(tmp_path, slurm_env):
@@ -167,7 +167,7 @@ def test_two_nodes_preempted_by_warning_signal_then_sigterm_resume_bitwise(tmp_p
     recipe = base_recipe(name="two", **over, **{"distributed.nproc_per_node": 1})
     ref = tmp_path / "ref"
     ref.mkdir()
-    cli(["run", str(write_recipe(ref, base_recipe(name="two", **over)))], cwd=ref, check=0)   # the same 2 ranks
+    train_ranks(base_recipe(name="two", **over), ref)                 # the same 2 ranks
 
     run = tmp_path / "runs" / "two"
     job = submit([str(write_recipe(tmp_path, recipe)), "--nodes", "2"], tmp_path,
@@ -201,8 +201,7 @@ def test_four_ranks_on_two_nodes_from_batch_2_equal_one_process(tmp_path, slurm_
             "schedule.batch.growth": 3, "checkpoint.every_steps": 0, "eval.every_epochs": 3}
     one = tmp_path / "one"
     one.mkdir()
-    cli(["run", str(write_recipe(one, base_recipe(name="b2", **over, **{"distributed.nproc_per_node": 1})))],
-        cwd=one, check=0)
+    train_ranks(base_recipe(name="b2", **over, **{"distributed.nproc_per_node": 1}), one)
     job = submit([str(write_recipe(tmp_path, base_recipe(name="b2", **over))), "--nodes", "2"], tmp_path, slurm_env)
     state = wait_done(job, slurm_env, timeout=300)
     run = tmp_path / "runs" / "b2"
@@ -223,8 +222,7 @@ def test_elastic_chain_one_node_then_two_matches_a_fixed_run(tmp_path, slurm_env
             "distributed.min_rank_batch": 16, "checkpoint.every_steps": 0}
     fixed = tmp_path / "fixed"
     fixed.mkdir()
-    cli(["run", str(write_recipe(fixed, base_recipe(name="el", **{**over, "distributed.nproc_per_node": 2})))],
-        cwd=fixed, check=0)
+    train_ranks(base_recipe(name="el", **{**over, "distributed.nproc_per_node": 2}), fixed)
     path = write_recipe(tmp_path, base_recipe(name="el", **over))
     plan = cli(["plan", str(path), "--elastic", "--nnodes", "2", "--rate", "1"], cwd=tmp_path, check=0).stdout
     assert "GPU-hours" in plan, plan

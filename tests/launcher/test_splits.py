@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, base_recipe, write_recipe
+from helpers import ROOT, base_recipe, write_recipe
 from launcher.train import splits
 from launcher.cli.main import main
 

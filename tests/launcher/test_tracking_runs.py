@@ -6,12 +6,13 @@ import signal
 
 import pytest
 
-from conftest import checkpoint_steps, cli, metric_rows, start, wait_for, write_recipe, base_recipe
+from helpers import base_recipe, checkpoint_steps, cli, metric_rows, start, train_ranks, wait_for, write_recipe
 from launcher.run.files import read_jsonl
 from launcher.run.tracking import WALL_FIELDS
 from wandb_records import history, of_kind, records
 
 SLOW = {"QHM_TEST_STEP_DELAY": "0.05"}
+pytestmark = pytest.mark.e2e      # runs preempted and resumed through the real process tree
 
 
 def recipe(**over):
@@ -33,8 +34,7 @@ def test_a_run_preempted_twice_keeps_one_wandb_history_and_every_row_once(tmp_pa
     pytest.importorskip("wandb")
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    cli(["run", str(write_recipe(ref_dir, recipe()))], cwd=ref_dir, check=0)
-    reference = ref_dir / "runs" / "w"
+    reference = train_ranks(recipe(), ref_dir)
 
     path = write_recipe(tmp_path, recipe(**{"tracking.wandb.mode": "offline"}))
     run = tmp_path / "runs" / "w"

@@ -1,10 +1,12 @@
-"""End to end under real torchrun (gloo): the same updates whatever the world size and split."""
+"""The same updates whatever the world size and split (real gloo ranks); the smoke recipe end to end."""
 import json
 import math
 
 import torch
 
-from conftest import ROOT, base_recipe, cli, final_params, metric_rows, write_recipe
+import pytest
+
+from helpers import ROOT, base_recipe, cli, final_params, metric_rows, train_ranks
 
 FIELDS = {"epoch", "step", "samples", "batch", "micro_batch", "accum", "lr", "beta", "gamma", "train_loss",
           "train_acc", "test_loss", "test_acc", "grad_norm", "min_grad_norm", "wall_time", "samples_per_s"}
@@ -18,13 +20,10 @@ def equivalence_recipe(**over):
 
 
 def test_one_process_micro32_equals_two_processes_micro4_accum4(tmp_path):
-    a = write_recipe(tmp_path, equivalence_recipe(name="one", **{"distributed.nproc_per_node": 1,
-                                                                  "distributed.max_micro_batch": 32}), "a.yaml")
-    b = write_recipe(tmp_path, equivalence_recipe(name="two", **{"distributed.nproc_per_node": 2,
-                                                                  "distributed.max_micro_batch": 4}), "b.yaml")
-    cli(["run", str(a)], cwd=tmp_path, check=0)
-    cli(["run", str(b)], cwd=tmp_path, check=0)
-    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    one = train_ranks(equivalence_recipe(name="one", **{"distributed.nproc_per_node": 1,
+                                                        "distributed.max_micro_batch": 32}), tmp_path)
+    two = train_ranks(equivalence_recipe(name="two", **{"distributed.nproc_per_node": 2,
+                                                        "distributed.max_micro_batch": 4}), tmp_path)
     pa, pb = final_params(one), final_params(two)
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
@@ -42,9 +41,7 @@ def test_full_grad_norm_is_the_exact_mean_gradient(tmp_path):
     """Recompute ||grad f|| at the final parameters in one plain process and compare with the log."""
     from launcher import data as D
     from launcher.train import models
-    path = write_recipe(tmp_path, equivalence_recipe(name="g", epochs=1))
-    cli(["run", str(path)], cwd=tmp_path, check=0)
-    run = tmp_path / "runs" / "g"
+    run = train_ranks(equivalence_recipe(name="g", epochs=1), tmp_path)
     ds = D.load(D.Data(dataset="synthetic", size=577), torch.device("cpu"), torch.float64)
     model = models.build("small_cnn", ds.shape, 10, 0, torch.float64)
     model.load_state_dict(final_params(run))
@@ -55,6 +52,7 @@ def test_full_grad_norm_is_the_exact_mean_gradient(tmp_path):
     assert math.isclose(metric_rows(run)[-1]["grad_norm"], expect, rel_tol=1e-9)
 
 
+@pytest.mark.e2e
 def test_smoke_recipe_runs_with_wandb_offline_and_writes_the_run_folder(tmp_path):
     proc = cli(["run", str(ROOT / "recipes" / "smoke.yaml"), "--set", "epochs=2", "--set", "schedule.interval=1",
                 "--set", "output=" + str(tmp_path / "runs")], cwd=tmp_path, check=0,

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import (ROOT, assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
-                      metric_rows, start, wait_for, write_recipe)
+from helpers import (ROOT, assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
+                      metric_rows, start, train_ranks, wait_for, write_recipe)
 
 EXAMPLE = ROOT / "recipes" / "examples" / "own_model_and_data.py"
 
@@ -22,6 +22,7 @@ def user_package(folder):
     return folder
 
 
+@pytest.mark.e2e
 def test_a_user_package_trains_on_two_processes_over_three_stages(tmp_path):
     user_package(tmp_path)
     recipe = base_recipe(name="own", epochs=3, **{"data": {"factory": "mypkg.parts:build_data",
@@ -35,6 +36,7 @@ def test_a_user_package_trains_on_two_processes_over_three_stages(tmp_path):
     assert "run own complete" in out.stdout
 
 
+@pytest.mark.e2e
 def test_the_repository_example_runs_as_documented(tmp_path):
     out = cli(["run", "own.yaml", "--set", f"output={tmp_path}", "--set", "epochs=2"],
               cwd=ROOT / "recipes" / "examples", check=0)
@@ -61,8 +63,7 @@ def test_accuracy_is_left_out_when_outputs_are_not_class_logits(tmp_path):
     recipe = base_recipe(name="r", epochs=1, **{"distributed.nproc_per_node": 1,
                                                 "data": {"factory": "mypkg.parts:build_data", "kwargs": {"n": 120}, "workers": 0},
                                                 "model": {"factory": "mypkg.other:score"}, "loss": {"factory": "mypkg.other:squared"}})
-    cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, check=0)
-    row = metric_rows(tmp_path / "runs" / "r")[0]
+    row = metric_rows(train_ranks(recipe, tmp_path))[0]
     assert row["train_acc"] is None and row["test_acc"] is None and math.isfinite(row["train_loss"])
 
 
@@ -109,6 +110,7 @@ def test_every_bad_factory_is_one_line_before_any_worker(tmp_path, over, expect)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e
 def test_a_raising_factory_shows_the_user_s_traceback_with_debug(tmp_path):
     user_package(tmp_path)
     recipe = base_recipe(name="bad", **{"model": {"factory": "mypkg.parts:build_model", "kwargs": {"colours": 3}}})
@@ -146,8 +148,7 @@ def test_imagefolder_trains_evaluates_on_val_and_measures_the_gradient_on_unaugm
     recipe = base_recipe(name="img", epochs=2, precision="fp64", **{
         "data": {"dataset": "imagefolder", "root": str(root), "image_size": 32, "workers": 1, "augment": True},
         "eval": {"full_grad_norm": True, "batch_size": 50}, "schedule.batch.initial": 8})
-    cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, check=0)
-    rows = metric_rows(tmp_path / "runs" / "img")
+    rows = metric_rows(train_ranks(recipe, tmp_path))
     assert len(rows) == 2 and rows[0]["samples"] == 120 and rows[-1]["test_acc"] is not None
     # the last row's gradient norm, recomputed here over the un-augmented training images
     t = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -183,8 +184,8 @@ def test_the_streamed_order_is_the_keyed_order(tmp_path):
             "one": streamed(name="one", **one, **{"data.stream": True, "data.workers": 2}),
             "two": streamed(name="two", **{"data.stream": True, "data.workers": 1, "distributed.max_micro_batch": 4,
                                            "schedule.batch.initial": 32})}
-    for name, r in runs.items():
-        cli(["run", str(write_recipe(tmp_path, r, f"{name}.yaml"))], cwd=tmp_path, check=0)
+    for r in runs.values():
+        train_ranks(r, tmp_path)
     run = lambda name: tmp_path / "runs" / name  # noqa: E731
     close(final_params(run("one")), final_params(run("mem")))          # streamed = in memory
     for a, b in zip(metric_rows(run("one")), metric_rows(run("mem"))):
@@ -199,11 +200,10 @@ STREAMED_KILL = streamed(name="s", **{"data.stream": True, "data.workers": 1, "d
 
 @pytest.fixture(scope="module")
 def streamed_reference(tmp_path_factory):
-    ref = tmp_path_factory.mktemp("streamed_ref")
-    cli(["run", str(write_recipe(ref, STREAMED_KILL))], cwd=ref, check=0)
-    return ref / "runs" / "s"
+    return train_ranks(STREAMED_KILL, tmp_path_factory.mktemp("streamed_ref"))
 
 
+@pytest.mark.e2e
 def test_streamed_kill_9_and_resume_is_bitwise(tmp_path, streamed_reference):
     """Killed in the middle of the second stage: the run went through a stage switch (new micro-batch
     shape for the workers) and resumes mid-epoch (the sampler starts at the saved step)."""

@@ -1,0 +1,52 @@
+"""The launcher's layers, lowest first: a module imports only from its own layer or lower ones, so the
+folders show the architecture and no import cycle can form between layers."""
+import ast
+from pathlib import Path
+
+import launcher
+
+LAYERS = ["errors", "env", "run", "config", "data", "engines", "train", "cluster", "cli"]
+ROOT = Path(launcher.__file__).parent
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "launcher" or len(parts) < 2:
+        return None
+    return LAYERS.index(parts[1]) if parts[1] in LAYERS else None
+
+
+def launcher_imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            base = node.module
+            yield from (((f"{base}.{a.name}" if base == "launcher" else base), node.lineno) for a in node.names)
+        elif isinstance(node, ast.Import):
+            yield from ((a.name, node.lineno) for a in node.names)
+
+
+def test_every_module_belongs_to_a_layer():
+    stray = [p.name for p in ROOT.iterdir() if p.suffix == ".py" and p.stem not in LAYERS + ["__init__", "__main__"]]
+    stray += [p.name for p in ROOT.iterdir() if p.is_dir() and p.name not in LAYERS + ["__pycache__"]]
+    assert stray == [], f"modules outside the layers: {stray}"
+
+
+def test_no_module_imports_from_a_higher_layer():
+    upward = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT.parent).with_suffix("")
+        own = layer_of(".".join(rel.parts))
+        if own is None:
+            continue                           # launcher/__init__, __main__: the entry points
+        for module, line in launcher_imports(path):
+            other = layer_of(module)
+            if other is not None and other > own:
+                upward.append(f"{rel}:{line} imports {module}")
+    assert upward == []
+
+
+def test_the_relative_import_form_is_not_used():
+    """Absolute imports only: a layer's name is in every import line, which is what the test above reads."""
+    relative = [f"{p.relative_to(ROOT.parent)}:{n.lineno}" for p in ROOT.rglob("*.py")
+                for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom) and n.level > 0]
+    assert relative == []
