@@ -176,7 +176,7 @@ _compiled_kernel = None
 _compile_failed = False
 
 
-def _fused_kernel():
+def _get_compiled_kernel():
     """The compiled update, built once per process; None where compilation is unavailable."""
     global _compiled_kernel, _compile_failed
     if _compiled_kernel is None and not _compile_failed:
@@ -210,7 +210,7 @@ def _compiled_qhm(params, grads, buffers, *, lr, beta, gamma, weight_decay, maxi
                           stacklevel=4)
         return _multi_tensor_qhm(params, grads, buffers, lr=lr, beta=beta, gamma=gamma,
                                  weight_decay=weight_decay, maximize=maximize)
-    kernel = _fused_kernel()
+    kernel = _get_compiled_kernel()
     if kernel is not None:
         try:
             grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, buffers])

@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from launcher.run.folder import RunFolder
+from launcher.run.folder import RunFolder, lock_owner
 
 HEARTBEAT = 600           # seconds: a run on another host that logged this recently is running
 
@@ -41,7 +41,7 @@ def _lock_holder(folder: RunFolder) -> str | None:
     except OSError:
         return None
     try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+        owner = lock_owner(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             held = False
@@ -49,12 +49,11 @@ def _lock_holder(folder: RunFolder) -> str | None:
             held = True
     finally:
         os.close(fd)
-    host = text[1] if len(text) >= 2 else "?"
     if held:
-        return f"pid {text[0]} on {host}" if text else "a live process"
-    remote = host not in ("?", socket.gethostname())
+        return f"pid {owner[0]} on {owner[1]}" if owner else "a live process"
+    remote = owner is not None and owner[1] != socket.gethostname()
     if remote and time.time() - folder.lock.stat().st_mtime < HEARTBEAT:
-        return f"pid {text[0]} on {host}"
+        return f"pid {owner[0]} on {owner[1]}"
     return None
 
 

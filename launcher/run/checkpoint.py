@@ -81,6 +81,11 @@ def step_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
+def rank_file(rank: int) -> str:
+    """The name of rank ``rank``'s file of per-rank parts in a checkpoint folder."""
+    return f"rank-{rank:05d}.pt"
+
+
 def file_hash(path: Path) -> str:
     """xxh3-64 of a file through a memory map: the page cache is hashed in place, never copied."""
     with open(path, "rb") as f:
@@ -143,7 +148,7 @@ def check_manifest(manifest) -> dict:
              and isinstance(expect.get("xxh3_64"), str), f"files.{name} is not {{size, xxh3_64}}")
     need("state.pt" in files, "files has no state.pt")
     for r in range(world):
-        need(f"rank-{r:05d}.pt" in files, f"files has no rank-{r:05d}.pt")
+        need(rank_file(r) in files, f"files has no {rank_file(r)}")
     return manifest
 
 
@@ -211,7 +216,7 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(mode=DIR_MODE)
         self.comm.barrier()
-        name = f"rank-{self.rank:05d}.pt"
+        name = rank_file(self.rank)
         files = {name: write_file(tmp / name, {p.name: p.obj.state_dict() for p in self._of("per_rank")})}
         if self.rank == 0:
             files["state.pt"] = write_file(tmp / "state.pt", {p.name: p.obj.state_dict() for p in self._of("replicated")})
@@ -362,8 +367,7 @@ class CheckpointManager:
         replicated = read_file(path / "state.pt")
         saved_world = found.manifest["world_size"]
         same_world = saved_world == self.world
-        mine_name = f"rank-{self.rank:05d}.pt"
-        per_rank_names = [mine_name] if same_world else [f"rank-{r:05d}.pt" for r in range(saved_world)]
+        per_rank_names = [rank_file(self.rank)] if same_world else [rank_file(r) for r in range(saved_world)]
         per_rank = [read_file(path / n) for n in per_rank_names if n in files]
         for version in range(found.manifest["version"], VERSION):
             replicated, per_rank = self._upgrades[version](replicated, per_rank)

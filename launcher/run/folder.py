@@ -142,7 +142,8 @@ class RunFolder:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = _read_holder(fd)
+            owner = lock_owner(fd)
+            holder = f" (pid {owner[0]} on {owner[1]})" if owner else ""
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 raise UserError(f"run folder {str(self.path)!r} is in use by another run{holder}; allowed: one run "
@@ -153,12 +154,13 @@ class RunFolder:
         return RunLock(fd)
 
 
-def _read_holder(fd: int) -> str:
+def lock_owner(fd: int) -> tuple[str, str] | None:
+    """(pid, host) that the run holding a lock file wrote into it; None when it cannot be read."""
     try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+        words = os.pread(fd, 200, 0).decode(errors="replace").split()
     except OSError:
-        return ""
-    return f" (pid {text[0]} on {text[1]})" if len(text) >= 2 else ""
+        return None
+    return (words[0], words[1]) if len(words) >= 2 else None
 
 
 class RunLock:

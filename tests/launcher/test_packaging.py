@@ -21,7 +21,7 @@ def test_wheel_installed_elsewhere_renders_a_job_from_an_unrelated_folder(tmp_pa
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(wheels), str(src)], check=True, capture_output=True, cwd=tmp_path)
     wheel, = wheels.glob("qhm_launch-*.whl")
-    assert "launcher/templates/job.sbatch" in zipfile.ZipFile(wheel).namelist()
+    assert "launcher/cluster/templates/job.sbatch" in zipfile.ZipFile(wheel).namelist()
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, cwd=tmp_path)
 

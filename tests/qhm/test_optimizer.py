@@ -194,8 +194,8 @@ def test_invalid_value_written_by_a_schedule_raises_at_step():
         opt.step()
 
 
-def test_fused_matches_loop_within_tolerance():
-    """fused=True (compiled): float64 within 1e-12 relative of the loop; float32 within 1e-5."""
+def test_compiled_matches_loop_within_tolerance():
+    """compiled=True: float64 within 1e-12 relative of the loop; float32 within 1e-5."""
     for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         def go(**kw):
             params = [torch.nn.Parameter(p.detach().to(dtype)) for p in make_params(0)]
@@ -207,16 +207,16 @@ def test_fused_matches_loop_within_tolerance():
                     p.grad = g.to(dtype)
                 opt.step()
             return [p.detach() for p in params]
-        assert_close(go(fused=True), go(foreach=False), rtol=rtol, atol=rtol)
+        assert_close(go(compiled=True), go(foreach=False), rtol=rtol, atol=rtol)
 
 
-def test_fused_and_foreach_together_is_an_error():
+def test_compiled_and_foreach_together_is_an_error():
     with pytest.raises(ValueError, match="fused"):
         QHM([torch.nn.Parameter(torch.ones(1))], fused=True, foreach=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kw", [{"foreach": True}, {"fused": True}])
+@pytest.mark.parametrize("kw", [{"foreach": True}, {"compiled": True}])
 def test_cuda_kernels_match_the_cpu_loop(kw):
     cpu = run(lambda p: QHM(p, lr=0.05, beta=0.9, gamma=0.7, foreach=False), steps=50, hyper=changing)
     params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(0)]
