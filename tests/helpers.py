@@ -159,8 +159,10 @@ def _serve(conn, paths: list) -> None:
 
 
 def _forget_modules_under(folder: str) -> None:
-    """A job's own packages (a test's ``mypkg`` in its temp folder) must not be what the next job imports."""
-    if folder == os.path.dirname(os.path.abspath(__file__)) or not folder.startswith(tempfile.gettempdir()):
+    """A job's own packages (a test's ``mypkg`` in its temp folder) must not be what the next job imports.
+    Nothing of the project itself is ever forgotten, wherever its checkout is (a clone under /tmp too)."""
+    root = str(ROOT)
+    if folder == root or folder.startswith(root + os.sep) or root.startswith(folder + os.sep):
         return
     for name, module in list(sys.modules.items()):
         if (getattr(module, "__file__", None) or "").startswith(folder + os.sep):
