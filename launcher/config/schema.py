@@ -173,6 +173,8 @@ class Performance:
     channels_last: bool = False         # NHWC activations for convolutional models (fast on GPUs; numerics move)
     compile: str = "off"                # off | default | reduce-overhead | max-autotune: torch.compile of the model
     cuda_graphs: bool = False           # CUDA graphs for the fixed-shape micro-step, captured once per stage
+    tf32: Optional[bool] = None         # null: torch's defaults (fp32 matmuls, TF32 cuDNN convolutions); true: TF32
+                                        # for both (Ampere and later: faster, ~1e-3 relative); false: full fp32 for both
 
 
 @dataclass

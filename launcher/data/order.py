@@ -13,6 +13,7 @@ DataLoader workers), and resuming at (epoch, step) needs no saved sampler or RNG
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -168,6 +169,13 @@ def augment_params(seed: int, epoch: int, indices, aug: Augment, purpose: str = 
     return torch.from_numpy(out)
 
 
+@functools.lru_cache(maxsize=32)
+def fill_tensor(fill: tuple, channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The per-channel fill value on ``device``, made once: building it from a list at every micro-batch
+    is a host-to-device copy, which synchronises the host with the GPU."""
+    return torch.as_tensor(fill or [0.0] * channels, dtype=dtype, device=device)
+
+
 def apply_augment(x: torch.Tensor, params: torch.Tensor, aug: Augment) -> torch.Tensor:
     """Crop, flip and rotate a batch (B, C, H, W) by per-sample ``params`` from :func:`augment_params`.
 
@@ -178,7 +186,7 @@ def apply_augment(x: torch.Tensor, params: torch.Tensor, aug: Augment) -> torch.
         return x
     B, C, H, W = x.shape
     params = params.to(x.device)
-    fill = torch.as_tensor(aug.fill or [0.0] * C, dtype=x.dtype, device=x.device).view(1, C, 1, 1)
+    fill = fill_tensor(tuple(aug.fill), C, x.dtype, x.device).view(1, C, 1, 1)
     p = aug.pad
     shifted = F.pad(x - fill, (p, p, p, p))                      # pad with the fill value, in effect
     rows = (params[:, 0].long()[:, None] + torch.arange(H, device=x.device))[:, None, :, None]

@@ -60,6 +60,14 @@ def autocast_for(recipe, device: torch.device):
             else contextlib.nullcontext())
 
 
+def apply_tf32(setting: bool | None) -> None:
+    """performance.tf32: None leaves torch's defaults (fp32 matmuls, TF32 cuDNN convolutions: what the
+    paper's code ran); True or False sets both. Flags only: nothing changes on a CPU."""
+    if setting is not None:
+        torch.backends.cuda.matmul.allow_tf32 = setting
+        torch.backends.cudnn.allow_tf32 = setting
+
+
 def load_data(recipe, comm: Comm, dtype: torch.dtype) -> data_mod.Dataset:
     """The recipe's data on this rank's device; with ``download``, rank 0 downloads first, the others wait."""
     if comm.is_main and recipe.data.download:
@@ -95,6 +103,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     """Every part of one rank's run of ``recipe`` (collective: every rank calls it)."""
     log = log if comm.is_main else (lambda *a, **k: None)
     preflight.check_devices(recipe, comm.world, comm.device.type == "cuda")
+    apply_tf32(recipe.performance.tf32)
     dtype, folder = DTYPES[recipe.precision], recipe.folder
     dataset = load_data(recipe, comm, dtype)
     n = len(dataset.train)
@@ -103,7 +112,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     engine = engines.build(recipe, module, build_optimizer(recipe, module), comm, planned[0])
     loss = losses.from_recipe(recipe.loss)
     sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device)
-    state, sums, rng = TrainState(), EpochSums(comm.device), RankRNG(recipe.seed, comm.rank)
+    state, sums, rng = TrainState(), EpochSums(comm.device), RankRNG(recipe.seed, comm.rank, comm.device)
     checkpoints = CheckpointManager(folder, comm, recipe.checkpoint.keep, log)
     for name, part, scope in (("engine", engine, engine.checkpoint_scope), ("train", state, "replicated"),
                               ("order", sampler, "replicated"), ("rng", rng, "per_rank"),

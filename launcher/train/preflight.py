@@ -25,7 +25,35 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
     if not isinstance(recipe.model, str):
         models.user_model(recipe.model)
     losses.from_recipe(recipe.loss)
-    return split_epochs(recipe, n, world_size)
+    splits = split_epochs(recipe, n, world_size)
+    check_graphs(recipe, splits)
+    return splits
+
+
+GRAPH_MODES = ("reduce-overhead", "max-autotune")     # torch.compile modes that capture CUDA graphs
+
+
+def check_graphs(recipe: Recipe, splits: list[EpochSplit]) -> None:
+    """CUDA graphs (performance.cuda_graphs, or compile modes that capture them) with gradient
+    accumulation: a captured micro-step leaves its gradients in graph memory that the next micro-step
+    overwrites, so a step over several micro-batches would be wrong. Refused in one line, naming the
+    first stage that accumulates."""
+    perf = recipe.performance
+    graphs = perf.cuda_graphs or perf.compile in GRAPH_MODES
+    if not graphs:
+        return
+    key, value = ("performance.cuda_graphs", True) if perf.cuda_graphs else ("performance.compile", perf.compile)
+    if recipe.distributed.max_micro_batch == "auto":
+        raise UserError(f"{key}: {value!r} is not valid with distributed.max_micro_batch: auto (it may choose "
+                        "gradient accumulation, whose micro-steps CUDA graphs would overwrite); allowed: an integer "
+                        "max_micro_batch that gives accumulation 1 in every stage, or compile off/default")
+    accumulating = [s for s in splits if s.accum > 1]
+    if accumulating:
+        s = accumulating[0]
+        raise UserError(f"{key}: {value!r} is not valid with gradient accumulation (epoch {s.epoch}: batch {s.batch} "
+                        f"= {s.micro_batch} x {s.accum} x {s.world_size}; CUDA graphs would overwrite one micro-step's "
+                        "gradients with the next's); allowed: a larger distributed.max_micro_batch (accumulation 1 "
+                        "in every stage), more ranks, or compile off/default")
 
 
 def check_output(recipe: Recipe) -> None:

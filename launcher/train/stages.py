@@ -82,8 +82,7 @@ class Stages:
             return
         if not self.compiled:
             import torch._dynamo.config as dynamo_config
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit,
-                                                len({e.micro_batch for e in self.splits}) + 8)
+            raise_recompile_limit(dynamo_config, len({e.micro_batch for e in self.splits}) + 8)
             self.module.compile(mode=None if self.compile_mode == "default" else self.compile_mode, dynamic=False)
             self.compiled = True
         self.compiled_micro = split.micro_batch
@@ -99,3 +98,10 @@ class Stages:
             return None
         from torch._dynamo.utils import counters
         return counters["stats"]["unique_graphs"]
+
+
+def raise_recompile_limit(dynamo_config, at_least: int) -> None:
+    """Let dynamo compile one graph per stage shape: its limit is ``recompile_limit`` from torch 2.7 and
+    ``cache_size_limit`` before (pyproject allows 2.6)."""
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), at_least))

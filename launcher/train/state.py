@@ -37,19 +37,30 @@ class TrainState:
                 setattr(self, f.name, state[f.name])
 
 
-class RankRNG:
-    """This rank's python, numpy, torch (and CUDA) RNG. A rank the checkpoint did not have derives its
-    state from (seed, rank, global step), so an elastic resume is still a function of the checkpoint."""
+def own_device_state(saved, index: int):
+    """This rank's CUDA RNG state from a checkpoint: saved as its own device's state, or (layout before)
+    a list of every visible device's, of which it takes its device's (None if that device was not seen)."""
+    if isinstance(saved, (list, tuple)):
+        return saved[index] if index < len(saved) else None
+    return saved
 
-    def __init__(self, seed: int, rank: int):
+
+class RankRNG:
+    """This rank's python, numpy, torch (and its own CUDA device's) RNG. A rank the checkpoint did not
+    have derives its state from (seed, rank, global step), so an elastic resume is still a function of
+    the checkpoint. Only the rank's own device is saved: a resume where other GPUs are visible (fewer
+    per node, another CUDA_VISIBLE_DEVICES) restores the same state."""
+
+    def __init__(self, seed: int, rank: int, device: torch.device | None = None):
         self.seed, self.rank = seed, rank
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def state_dict(self) -> dict:
         np_state = np.random.get_state()
         out = {"python": random.getstate(), "torch": torch.get_rng_state(),
                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-        if torch.cuda.is_available():
-            out["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            out["cuda"] = torch.cuda.get_rng_state(self.device)
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -60,8 +71,10 @@ class RankRNG:
         name, keys, *rest = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda" in state and self.device.type == "cuda":
+            cuda = own_device_state(state["cuda"], self.device.index or 0)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
 
     def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
         return saved[rank] if rank < len(saved) else {"derive_from_step": step}
