@@ -227,7 +227,7 @@ def run_ranks(fn, world: int, *args) -> list:
     return [value for value, _ in POOL.run(fn, world, *args)]
 
 
-def _train_rank(comm, recipe: dict, cwd: str, env: dict, until_epoch):
+def _train_rank(comm, recipe: dict, cwd: str, env: dict):
     from launcher import config
     from launcher.cli.run import run_worker
     from launcher.config import factories
@@ -239,7 +239,7 @@ def _train_rank(comm, recipe: dict, cwd: str, env: dict, until_epoch):
     if comm.is_main:                                 # what the launcher writes before its workers start
         resolved.folder.write_recipe(config.dump(resolved))
     comm.barrier()
-    return run_worker(resolved, force=False, until_epoch=until_epoch, comm=comm)
+    return run_worker(resolved, force=False, comm=comm)
 
 
 class Trained(type(Path())):
@@ -247,14 +247,13 @@ class Trained(type(Path())):
     output: str = ""
 
 
-def train_ranks(recipe: dict, cwd, env: dict | None = None, world: int | None = None,
-                until_epoch: int | None = None, expect: int = 0) -> Trained:
+def train_ranks(recipe: dict, cwd, env: dict | None = None) -> Trained:
     """Train ``recipe`` on ``distributed.nproc_per_node`` real gloo ranks of the pool, through the worker's
     own lifecycle (lock, resume, markers, final model), in folder ``cwd``; returns the run folder."""
-    world = world or recipe["distributed"]["nproc_per_node"]
-    results = POOL.run(_train_rank, world, recipe, str(cwd), dict(env or {}), until_epoch)
+    world = recipe["distributed"]["nproc_per_node"]
+    results = POOL.run(_train_rank, world, recipe, str(cwd), dict(env or {}))
     codes = [code for code, _ in results]
-    assert codes == [expect] * world, f"exit statuses {codes}\n{results[0][1][-4000:]}"
+    assert codes == [0] * world, f"exit statuses {codes}\n{results[0][1][-4000:]}"
     run = Trained(Path(cwd) / recipe.get("output", "runs") / recipe["name"])
     run.output = results[0][1]
     return run

@@ -46,7 +46,7 @@ def cmd_run(args) -> int:
     from launcher.train.comm import in_worker_env
     if in_worker_env():
         until = int(os.environ[env.UNTIL_EPOCH]) if os.environ.get(env.UNTIL_EPOCH) else args.until_epoch
-        return run_worker(recipe, force=args.force_resume or os.environ.get(env.FORCE_RESUME) == "1", until_epoch=until)
+        return run_worker(recipe, force=args.force_resume or env.flag(env.FORCE_RESUME), until_epoch=until)
     from launcher.config import factories
     from launcher.train import preflight
     from launcher.cluster.supervise import AGENT_SIGNALS, supervise
@@ -66,7 +66,7 @@ def cmd_run(args) -> int:
     if done and done.get("recipe_hash") == recipe_mod.trajectory_hash(recipe.to_dict()):
         print(f"qhm-launch: {folder.path} is already complete; nothing to do")
         return 0
-    resolved = recipe.folder.write_recipe(recipe_mod.dump(recipe))
+    resolved = folder.write_recipe(recipe_mod.dump(recipe))
     folder.preempted.unlink(missing_ok=True)
     topology = (["--standalone", "--nnodes=1"] if nnodes == 1 else
                 [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}",
@@ -88,7 +88,7 @@ def cmd_run(args) -> int:
         return int(failed.get("exit", FAILED))
     preempted = folder.read_json(folder.preempted)
     if preempted is not None:
-        if os.environ.get(env.BATCH_JOB) == "1":  # in a Slurm job: the script requeues on the marker; srun sees 0
+        if env.flag(env.BATCH_JOB):  # in a Slurm job: the script requeues on the marker; srun sees 0
             print(f"[qhm-launch] {socket.gethostname()}: preempted, checkpoint at global step "
                   f"{preempted.get('global_step')}; the job requeues", flush=True)
             return 0
@@ -120,7 +120,7 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -
         trainer = Trainer(build.build(recipe, comm), flag, until_epoch=until_epoch)
         rc = conclude(trainer, trainer.train())
     except (UserError, RunFailed) as exc:
-        if os.environ.get(env.DEBUG) == "1":
+        if env.flag(env.DEBUG):
             raise
         rc = report_failure(recipe, comm, exc)
     finally:

@@ -1,8 +1,8 @@
 """Slurm: `qhm-launch submit` (one run) and `qhm-launch sweep` (a grid as one job array; the grid itself
 is :mod:`launcher.cluster.sweep`).
 
-Scripts come from ``launcher/templates/job.sbatch`` (package data, so an installed wheel has it); every value a user typed goes through ``shlex.quote``. One node:
-one ``srun`` of the launcher, which starts torchrun with G local processes. Several nodes: one task
+Scripts come from ``launcher/cluster/templates/job.sbatch`` (package data, so an installed wheel has
+it); every value a user typed goes through ``shlex.quote``. One node: one ``srun`` of the launcher, which starts torchrun with G local processes. Several nodes: one task
 per node running torchrun with a c10d rendezvous on the allocation's first node, a per-job rendezvous id
 and port. Preemption: ``--signal=B:<SIG>@<s>``, ``--requeue``, ``--open-mode=append``; the batch shell
 asks the launcher to save, waits, and requeues on exit status 75 (array tasks as ARRAYJOB_TASK).
@@ -17,13 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from launcher import config as recipe_mod
 from launcher import env
+from launcher.cluster import sweep
 from launcher.errors import UserError
 from launcher.run.files import next_free
 from launcher.run.folder import RunFolder
-from launcher.cluster import sweep
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "job.sbatch"
 SIGNALS = ("USR1", "USR2", "TERM")

@@ -19,13 +19,14 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
     from launcher.train import models
     check_output(recipe)
     if not check_data:                      # submit --dry-run on a login node: no data, no factories
-        return [] if recipe.data.factory else split_epochs(recipe, data.sizes(recipe.data)[0], world_size)
-    data.check_available(recipe.data)
-    n = data.sizes(recipe.data)[0]          # calls a data factory: its errors are one line here
-    if not isinstance(recipe.model, str):
-        models.user_model(recipe.model)
-    losses.from_recipe(recipe.loss)
-    splits = split_epochs(recipe, n, world_size)
+        splits = [] if recipe.data.factory else split_epochs(recipe, data.sizes(recipe.data)[0], world_size)
+    else:
+        data.check_available(recipe.data)
+        n = data.sizes(recipe.data)[0]      # calls a data factory: its errors are one line here
+        if not isinstance(recipe.model, str):
+            models.user_model(recipe.model)
+        losses.from_recipe(recipe.loss)
+        splits = split_epochs(recipe, n, world_size)
     check_graphs(recipe, splits)
     return splits
 

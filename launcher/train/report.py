@@ -117,8 +117,9 @@ class Reporter:
         if not self.comm.is_main:
             return
         if finished:
-            print_summary(self.recipe, state, self.metrics.rows(), self.tracker)
-            self.tracker.summarise(summary_values(state, self.metrics.rows()))
+            rows = self.metrics.rows()
+            print_summary(self.recipe, state, rows, self.tracker)
+            self.tracker.summarise(summary_values(state, rows))
         self.tracker.finish(preempted=not finished)
 
 

@@ -37,7 +37,7 @@ class Trainer:
         self.engine, self.checkpoints, self.folder = parts.engine, parts.checkpoints, parts.folder
         self.until_epoch = min(until_epoch or r.epochs, r.epochs)      # a segment of an elastic chain
         self.stages = Stages(parts)
-        self.steps = StepRunner(parts, self.stages)
+        self.step_runner = StepRunner(parts, self.stages)
         self.reporter = Reporter(r, self.comm, self.folder, self.log)
         self.stop = Agreement(self.comm, preempt, self.folder.preempt_request)
         self.log_every = log_interval(r, parts.splits)
@@ -95,7 +95,7 @@ class Trainer:
 
     def train_step(self, epoch: int, step: int) -> None:
         """One optimizer step on global batch (epoch, step): this rank's micro-batches, one update."""
-        size = self.steps.run(epoch, step)
+        size = self.step_runner.run(epoch, step)
         if self.recipe.tracking.step_grad_norm and self.log_every and (self.state.global_step + 1) % self.log_every == 0:
             self.step_grad_norm = self.engine.gradient_norm()      # read at the log point, not here
         self.engine.step()

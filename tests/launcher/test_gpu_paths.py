@@ -66,6 +66,16 @@ def test_cuda_graphs_with_gradient_accumulation_are_refused_before_anything_star
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
 
 
+def test_submit_dry_run_refuses_cuda_graphs_with_accumulation_too(tmp_path, capsys, monkeypatch):
+    """A login node checks without the data's factories, and still refuses what cannot run."""
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tmp_path, base_recipe(**{"performance.compile": "reduce-overhead",
+                                                 "distributed.max_micro_batch": 8}))
+    assert main(["submit", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "performance.compile: 'reduce-overhead' is not valid with gradient accumulation" in err
+
+
 def test_the_augmentation_fill_is_made_once_per_device_and_dtype():
     a = order.fill_tensor((0.5, 0.25, 0.0), 3, torch.float32, torch.device("cpu"))
     assert order.fill_tensor((0.5, 0.25, 0.0), 3, torch.float32, torch.device("cpu")) is a
