@@ -1,21 +1,24 @@
-"""One prepared GPU check (run once on a CUDA machine; prints SKIP elsewhere). ``--smoke`` runs the same
-code paths on CPU with tiny sizes, to check the script itself before spending device time.
+"""The GPU check: one script to run whenever a CUDA device is lent (under 5 minutes on one GPU), and in
+``--smoke`` mode on any CPU (under 2 minutes; CI runs it, so the script cannot rot).
 
 1. QHM's CUDA kernels (foreach, compiled) against the CPU loop (float64).
-2. Host syncs in qhm-launch's steady-state step: 300 steps under torch.cuda.set_sync_debug_mode("warn"),
-   each synchronising call counted (target: 0).
-3. Steps/s side by side, ResNet-18 (CIFAR stem) on CIFAR-shaped random data (3x32x32, 100 classes), bf16:
-   the paper-style loop (per-parameter Python QHM with two buffers; DataLoader with 2 workers over uint8
-   images, RandomCrop/Flip/Rotation(15) transforms, rebuilt every epoch), a bare torch loop (data on the
-   GPU, channels_last, torch.compile, QHM foreach), and qhm-launch (channels_last, compile) at batch 8,
-   128, 1024. Then every stage batch of the paper's schedule (8..4096) for the paper-style loop and
-   qhm-launch (channels_last, no compile: one run through all stages), projected to one 300-epoch
-   increasing-batch run (50,000 samples, 30 epochs per stage) on one GPU.
+2. Host syncs in qhm-launch's steady-state step, under torch.cuda.set_sync_debug_mode("warn"): every
+   "called a synchronizing CUDA operation" warning counted (target 0; the mode's own notice is not).
+3. Steps/s side by side at batch 8 and 1,024, ResNet-18 (CIFAR stem) on CIFAR-shaped random data (3x32x32,
+   100 classes), bf16, channels_last, eager: the paper-style loop (per-parameter Python QHM with two
+   buffers; a DataLoader with 2 workers over uint8 images and torchvision's RandomCrop/Flip/Rotation),
+   a bare torch loop (data on the GPU, QHM foreach) and qhm-launch; then one compiled qhm-launch run.
+4. A bitwise resume with ``performance.deterministic: true``: a run stopped after its first epoch and
+   resumed from the checkpoint ends on the same bits as one that was not.
+5. Two processes asked on one GPU: refused in one line before anything starts.
+
+Smoke mode: the same code on CPU, fp32, 3x16x16 images, a few steps, the compile backend ``eager``
+(dynamo traces, nothing is built) and no DataLoader worker processes.
 
     python3 benchmarks/gpu_check.py [--smoke]
 """
-import math
-import statistics
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,10 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SMOKE = "--smoke" in sys.argv
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
-N_CIFAR, EPOCHS_PER_STAGE = 50_000, 30
-STAGES = [8 * 2 ** s for s in range(10)]                   # the paper's 8 -> 4096
-MEASURED = [8, 128, 1024] if not SMOKE else [8, 16]
-AMP = dict(device_type=DEVICE.type, dtype=torch.bfloat16)
+SIDE = 16 if SMOKE else 32
+MEASURED = [8, 16] if SMOKE else [8, 1024]
+PRECISION = "fp32" if SMOKE else "bf16"    # bf16 autocast on a CPU without native bf16 is ~7x slower
+WORKERS = 0 if SMOKE else 2
+if SMOKE:
+    os.environ.setdefault("QHM_COMPILE_BACKEND", "eager")
 
 
 def sync():
@@ -39,50 +44,87 @@ def sync():
         torch.cuda.synchronize()
 
 
+def autocast():
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=PRECISION == "bf16")
+
+
 def resnet18():
     from launcher.train import models
-    return models.build("resnet18", (3, 32, 32), 100, 0, torch.float32).to(DEVICE)
+    return models.build("resnet18", (3, SIDE, SIDE), 100, 0, torch.float32).to(DEVICE)
 
 
-def steps_for(batch):
-    return max(10, min(300, 20_000 // batch)) if not SMOKE else 3
+def steps_for(batch: int) -> int:
+    return 3 if SMOKE else max(20, min(200, 16_000 // batch))
+
+
+def section(title: str):
+    print(f"\n## {title}", flush=True)
+    return time.time()
+
+
+def done(t0: float):
+    print(f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def recipe(folder, batch: int, n: int, epochs: int = 2, compile_mode: str = "off", **over):
+    from launcher import config as R
+    r = {"name": f"b{batch}", "output": str(folder), "epochs": epochs, "seed": 0, "precision": PRECISION,
+         "model": "resnet18",
+         "data": {"dataset": "synthetic", "size": n, "shape": [3, SIDE, SIDE], "classes": 100, "augment": True},
+         "schedule": {"batch": {"kind": "constant", "size": batch}, "lr": {"max": 0.05}},
+         "distributed": {"nproc_per_node": 1, "max_micro_batch": 4096},
+         "performance": {"channels_last": True, "compile": compile_mode},
+         "eval": {"every_epochs": 1000, "full_grad_norm": False, "batch_size": 1000},
+         "checkpoint": {"every_steps": 0, "keep": 2},
+         "tracking": {"wandb": {"mode": "disabled"}, "log_every_steps": 0}}
+    for key, value in over.items():
+        from launcher.config import keys
+        keys.set_(r, key, value)
+    return R.from_dict(r)
+
+
+def trained(r, until_epoch=None):
+    """Train recipe ``r`` in this process (resuming from its checkpoint if there is one); the model."""
+    from launcher.train import comm as comm_mod
+    from launcher.train.build import build
+    from launcher.train.signals import PreemptionFlag
+    from launcher.train.trainer import Trainer
+    parts = build(r, comm_mod.init(), log=lambda *a, **k: None)
+    trainer = Trainer(parts, PreemptionFlag([]), until_epoch=until_epoch)
+    trainer.close(trainer.train())
+    return parts, trainer
 
 
 # --------------------------------------------------------------------------------------- 1
 def correctness():
+    t0 = section("1. QHM's CUDA kernels against the CPU loop")
+    if DEVICE.type != "cuda":
+        print("skipped on CPU")
+        return done(t0)
     sys.path.insert(0, str(ROOT / "tests" / "qhm"))
     import test_optimizer as t
     for kw in ({"foreach": True}, {"compiled": True}):
         t.test_cuda_kernels_match_the_cpu_loop(kw)
         print(f"QHM {kw} on CUDA matches the CPU loop (float64, 50 steps, 1e-12): ok")
+    done(t0)
 
 
 # --------------------------------------------------------------------------------------- 2
-def qhm_launch_recipe(folder, batch, n, epochs=2, compile_mode="default", schedule=None):
-    from launcher import config as R
-    return R.from_dict({
-        "name": f"b{batch}", "output": str(folder), "epochs": epochs, "seed": 0, "precision": "bf16",
-        "model": "resnet18",
-        "data": {"dataset": "synthetic", "size": n, "shape": [3, 32, 32], "classes": 100, "augment": True},
-        "schedule": schedule or {"batch": {"kind": "constant", "size": batch}, "lr": {"max": 0.05}},
-        "distributed": {"nproc_per_node": 1, "max_micro_batch": 4096},
-        "performance": {"channels_last": True, "compile": compile_mode},
-        "eval": {"every_epochs": 1000, "full_grad_norm": False, "batch_size": 1000},
-        "checkpoint": {"every_steps": 0, "keep": 1},
-        "tracking": {"wandb": {"mode": "disabled"}, "log_every_steps": 0}})
+SYNC_WARNING = "called a synchronizing cuda operation"      # the text of each counted event
 
 
 def host_syncs():
-    """qhm-launch's steady state under set_sync_debug_mode("warn"): count the synchronising calls."""
-    from launcher.train import comm as comm_mod
-    from launcher.train import trainer as T
-    from launcher.train.signals import PreemptionFlag
-    steps, warm = (320, 20) if not SMOKE else (6, 2)
+    t0 = section("2. Host syncs per steady-state step of qhm-launch")
+    steps, warm = (6, 2) if SMOKE else (120, 20)
+    counted = {"steps": 0, "syncs": 0, "first": None}
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = qhm_launch_recipe(tmp, 128, 128 * steps, epochs=1, compile_mode="off")
+        from launcher.train import comm as comm_mod
         from launcher.train.build import build
-        trainer = T.Trainer(build(recipe, comm_mod.init(), log=lambda *a, **k: None), PreemptionFlag([]))
-        original, counted = trainer.train_step, {"steps": 0, "syncs": 0}
+        from launcher.train.signals import PreemptionFlag
+        from launcher.train.trainer import Trainer
+        trainer = Trainer(build(recipe(tmp, 128, 128 * steps, epochs=1), comm_mod.init(), log=lambda *a, **k: None),
+                          PreemptionFlag([]))
+        original = trainer.train_step
 
         def watched(epoch, step):
             if step < warm or DEVICE.type != "cuda":
@@ -94,18 +136,23 @@ def host_syncs():
                     original(epoch, step)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
+            syncs = [w for w in caught if SYNC_WARNING in str(w.message).lower()]
             counted["steps"] += 1
-            counted["syncs"] += sum("synchroniz" in str(w.message).lower() for w in caught)
+            counted["syncs"] += len(syncs)
+            if syncs and counted["first"] is None:
+                counted["first"] = f"{syncs[0].filename}:{syncs[0].lineno}"
         trainer.train_step = watched
-        trainer.train()
-    print(f"host syncs in {counted['steps']} steady-state steps of qhm-launch (batch 128, bf16): {counted['syncs']}")
+        trainer.close(trainer.train())
+    where = f" (first at {counted['first']})" if counted["first"] else ""
+    print(f"host syncs in {counted['steps']} steady-state steps (batch 128, {PRECISION}): {counted['syncs']}{where}"
+          + (" [CPU: not counted]" if DEVICE.type != "cuda" else ""))
+    done(t0)
 
 
 # --------------------------------------------------------------------------------------- 3
-def paper_style(batch, steps):
-    """The paper's code, as REFERENCE.md describes it: per-parameter QHM with two buffers, DataLoader
-    with 2 workers over uint8 images, torchvision transforms, rebuilt every epoch. Returns (steps/s,
-    seconds to rebuild the loader and get its first batch)."""
+def paper_style(batch: int, steps: int) -> float:
+    """The paper's code, as REFERENCE.md describes it: per-parameter QHM with two buffers, a DataLoader
+    over uint8 images with torchvision transforms."""
     import numpy as np
     import torchvision.transforms as T
     from torch.utils.data import DataLoader, Dataset
@@ -113,8 +160,8 @@ def paper_style(batch, steps):
     class Images(Dataset):
         def __init__(self, n):
             g = np.random.default_rng(0)
-            self.x, self.y = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), g.integers(0, 100, n)
-            self.t = T.Compose([T.ToPILImage(), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+            self.x, self.y = g.integers(0, 256, (n, SIDE, SIDE, 3), dtype=np.uint8), g.integers(0, 100, n)
+            self.t = T.Compose([T.ToPILImage(), T.RandomCrop(SIDE, padding=4), T.RandomHorizontalFlip(),
                                 T.RandomRotation(15), T.ToTensor(),
                                 T.Normalize((0.507, 0.487, 0.441), (0.267, 0.256, 0.276))])
 
@@ -124,50 +171,43 @@ def paper_style(batch, steps):
         def __getitem__(self, i):
             return self.t(self.x[i]), int(self.y[i])
 
-    model = resnet18()
-    params = [p for p in model.parameters()]
-    state = {p: {"d": torch.zeros_like(p), "m": torch.zeros_like(p)} for p in params}
+    model = resnet18().to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    state = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in params}
     lr, beta, gamma = 0.05, 0.9, 0.7
-    data = Images(batch * (steps + 5))
-    t0 = time.time()
-    loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=2)   # rebuilt every epoch
-    it = iter(loader)
-    x, y = next(it)
-    rebuild = time.time() - t0
-    done, start = 0, None
-    for x, y in it:
-        x, y = x.to(DEVICE), y.to(DEVICE)
-        with torch.autocast(**AMP):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+    loader = DataLoader(Images(batch * (steps + 3)), batch_size=batch, shuffle=True, num_workers=WORKERS)
+    count, start = 0, None
+    for x, y in loader:
+        x = x.to(DEVICE).contiguous(memory_format=torch.channels_last)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), y.to(DEVICE))
         model.zero_grad()
         loss.backward()
         with torch.no_grad():
             for p in params:                       # the paper's per-parameter Python QHM, two buffers
-                d, m = state[p]["d"], state[p]["m"]
+                d, m = state[p]
                 d.mul_(beta).add_(p.grad, alpha=1 - beta)
                 m.copy_((1 - gamma) * p.grad + gamma * d)
                 p.add_(m, alpha=-lr)
-        done += 1
-        if done == 3:
+        count += 1
+        if count == 3:
             sync()
             start = time.time()
-        if done == steps + 3:
+        if count == steps + 3:
             break
     sync()
-    return (done - 3) / (time.time() - start), rebuild
+    return (count - 3) / (time.time() - start)
 
 
-def bare_loop(batch, steps):
-    """A bare hand-written loop with the same precision and speed options: data on the device, random
-    crop and flip there, channels_last, torch.compile, QHM foreach."""
+def bare_loop(batch: int, steps: int) -> float:
+    """A bare hand-written loop with the same options: data on the device, random crop and flip there,
+    channels_last, QHM foreach."""
     import qhm
     model = resnet18().to(memory_format=torch.channels_last)
-    model.compile(dynamic=False)
     opt = qhm.QHM(model.parameters(), lr=0.05, beta=0.9, gamma=0.7, foreach=True)
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    x_all = torch.randn(batch * 4, 3, 32, 32, device=DEVICE, generator=g)
+    x_all = torch.randn(batch * 4, 3, SIDE, SIDE, device=DEVICE, generator=g)
     y_all = torch.randint(0, 100, (batch * 4,), device=DEVICE, generator=g)
-    rates = []
     for k in range(steps + 3):
         if k == 3:
             sync()
@@ -175,79 +215,93 @@ def bare_loop(batch, steps):
         idx = torch.randint(0, len(y_all), (batch,), device=DEVICE, generator=g)
         x = torch.nn.functional.pad(x_all[idx], (4, 4, 4, 4))
         dx, dy = (int(v) for v in torch.randint(0, 9, (2,), generator=torch.Generator().manual_seed(k)))
-        x = x[:, :, dy:dy + 32, dx:dx + 32]
+        x = x[:, :, dy:dy + SIDE, dx:dx + SIDE]
         x = torch.where(torch.rand(batch, 1, 1, 1, device=DEVICE, generator=g) < 0.5, x.flip(-1), x)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(**AMP):
+        with autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y_all[idx], reduction="sum") / batch
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
-    rates.append(steps / (time.time() - t0))
-    return rates[0]
+    return steps / (time.time() - t0)
 
 
-def ours(batch, steps, compile_mode="default"):
-    from launcher.train import comm as comm_mod
-    from launcher.train import trainer as T
+def ours(batch: int, steps: int, compile_mode: str = "off") -> float:
+    """qhm-launch's own samples/s of its second epoch (warm; compiled in the first), as steps/s."""
     from launcher.run.files import read_jsonl
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = qhm_launch_recipe(tmp, batch, batch * steps, compile_mode=compile_mode)
-        T.run(recipe, comm_mod.init(), log=lambda *a, **k: None)
+        trained(recipe(tmp, batch, batch * steps, compile_mode=compile_mode))
         rows = read_jsonl(Path(tmp) / f"b{batch}" / "metrics.jsonl")
-    return rows[-1]["samples_per_s"] / batch                 # the second epoch: compiled, warm
-
-
-def stage_rates_ours():
-    """One qhm-launch run through every stage of the paper's schedule (channels_last, no compile)."""
-    from launcher.train import comm as comm_mod
-    from launcher.train import trainer as T
-    from launcher.run.files import read_jsonl
-    n = 40_960 if not SMOKE else 64
-    stages = STAGES if not SMOKE else [8, 16, 32]
-    with tempfile.TemporaryDirectory() as tmp:
-        recipe = qhm_launch_recipe(tmp, 0, n, epochs=len(stages), compile_mode="off", schedule={
-            "interval": 1, "batch": {"kind": "exponential", "initial": 8, "growth": 2}, "lr": {"max": 0.05}})
-        T.run(recipe, comm_mod.init(), log=lambda *a, **k: None)
-        rows = read_jsonl(Path(tmp) / "b0" / "metrics.jsonl")
-    return {r["batch"]: r["samples_per_s"] / r["batch"] for r in rows}
-
-
-def projection(rates: dict, rebuild: float = 0.0) -> float:
-    """Hours for the paper's 300-epoch increasing-batch run: steps of each stage at that stage's rate."""
-    seconds = sum(EPOCHS_PER_STAGE * math.ceil(N_CIFAR / b) / rates[b] for b in STAGES if b in rates)
-    return (seconds + rebuild * EPOCHS_PER_STAGE * len(STAGES)) / 3600
+    return rows[-1]["samples_per_s"] / batch
 
 
 def speed():
-    print("| batch | paper-style loop (steps/s) | bare torch loop (steps/s) | qhm-launch (steps/s) | "
-          "vs paper-style | vs bare |\n|---|---|---|---|---|---|")
+    t0 = section("3. Steps/s: the paper-style loop, a bare loop and qhm-launch (eager, channels_last)")
+    print("| batch | paper-style loop | bare torch loop | qhm-launch | vs paper-style | vs bare |\n"
+          "|---|---|---|---|---|---|", flush=True)
     for b in MEASURED:
-        p, _ = paper_style(b, steps_for(b))
-        bare = bare_loop(b, steps_for(b))
-        mine = ours(b, steps_for(b))
+        p, bare, mine = paper_style(b, steps_for(b)), bare_loop(b, steps_for(b)), ours(b, steps_for(b))
         print(f"| {b} | {p:.1f} | {bare:.1f} | {mine:.1f} | {mine / p:.2f}x | {mine / bare:.2f}x |", flush=True)
-    ours_rates = stage_rates_ours()
-    paper_rates, rebuilds = {}, []
-    for b in (STAGES if not SMOKE else [8, 16, 32]):
-        paper_rates[b], rebuild = paper_style(b, steps_for(b))
-        rebuilds.append(rebuild)
-    print("| stage batch | paper-style (steps/s) | qhm-launch, no compile (steps/s) |\n|---|---|---|")
-    for b in sorted(ours_rates):
-        print(f"| {b} | {paper_rates.get(b, float('nan')):.1f} | {ours_rates[b]:.1f} |")
-    print(f"projected 300-epoch increasing-batch run on one {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU'}: "
-          f"paper-style {projection(paper_rates, statistics.median(rebuilds)):.1f} h (with the loader rebuilt every "
-          f"epoch, {statistics.median(rebuilds):.1f} s each), qhm-launch {projection(ours_rates):.1f} h "
-          "(training only, evaluation excluded for both)")
+    b = MEASURED[0]
+    compiled = ours(b, steps_for(b), compile_mode="default")
+    print(f"qhm-launch with performance.compile default at batch {b} "
+          f"({os.environ.get('QHM_COMPILE_BACKEND', 'inductor')}): {compiled:.1f} steps/s", flush=True)
+    done(t0)
+
+
+# --------------------------------------------------------------------------------------- 4
+def bitwise_resume():
+    t0 = section("4. Resume with performance.deterministic: true")
+    batch, steps = 16, 3 if SMOKE else 20
+    with tempfile.TemporaryDirectory() as tmp:
+        whole, _ = trained(recipe(Path(tmp) / "a", batch, batch * steps, **{"performance.deterministic": True}))
+        resumed = recipe(Path(tmp) / "b", batch, batch * steps, **{"performance.deterministic": True})
+        trained(resumed, until_epoch=1)                         # stops after epoch 0, checkpoint written
+        again, trainer = trained(resumed)                       # resumes from it
+        a, b = whole.module.state_dict(), again.module.state_dict()
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        print(f"2 epochs of {steps} steps, stopped after the first and resumed (resumed at global step "
+              f"{steps}: {trainer.state.global_step == 2 * steps}): bitwise equal to the run not stopped: {same}")
+    torch.use_deterministic_algorithms(False)
+    done(t0)
+
+
+# --------------------------------------------------------------------------------------- 5
+def refused_on_one_gpu():
+    t0 = section("5. Two processes on one GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        from launcher import config as R
+        r = recipe(tmp, 8, 64, **{"distributed.nproc_per_node": 2})
+        path.write_text(R.dump(r))
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+        if DEVICE.type != "cuda":                  # on CPU: the check itself, as if one GPU were visible
+            from launcher.errors import UserError
+            from launcher.train.preflight import check_devices
+            try:
+                check_devices(r, 2, has_cuda=True, visible=1)
+                print("NOT refused")
+            except UserError as exc:
+                print(f"refused: {exc}")
+            return done(t0)
+        out = subprocess.run([sys.executable, "-m", "launcher", "run", str(path)], cwd=tmp, env=env,
+                             capture_output=True, text=True, timeout=120)
+        lines = [x for x in out.stderr.splitlines() if x.strip()]
+        print(f"exit {out.returncode}, {len(lines)} line(s) on stderr: {lines[-1] if lines else ''}")
+    done(t0)
 
 
 if __name__ == "__main__":
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
-        print("SKIP: no CUDA device")
+        print("SKIP: no CUDA device (python3 benchmarks/gpu_check.py --smoke runs the same code on CPU)")
         sys.exit(0)
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU (smoke)'}")
-    if DEVICE.type == "cuda":
-        correctness()
+    start = time.time()
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU (smoke)'}",
+          flush=True)
+    correctness()
     host_syncs()
     speed()
+    bitwise_resume()
+    refused_on_one_gpu()
+    print(f"\ngpu check done in {time.time() - start:.0f} s", flush=True)

@@ -257,3 +257,11 @@ def train_ranks(recipe: dict, cwd, env: dict | None = None) -> Trained:
     run = Trained(Path(cwd) / recipe.get("output", "runs") / recipe["name"])
     run.output = results[0][1]
     return run
+
+
+def bn_cnn(in_channels: int = 1, classes: int = 10) -> torch.nn.Module:
+    """A model factory with batch norm (running statistics that each rank updates from its own samples)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(4, classes))

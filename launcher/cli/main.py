@@ -95,7 +95,7 @@ def slurm_commands(command) -> None:
         sp.add_argument("--time", type=text, default="01:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS")
         sp.add_argument("--partition", type=text, help="Slurm partition")
         sp.add_argument("--account", type=text, help="Slurm account")
-        sp.add_argument("--cpus-per-task", type=positive_int, help="CPUs per node's task (default: processes)")
+        sp.add_argument("--cpus-per-task", type=positive_int, help="CPUs per node's task (default: processes x (data.workers + 1))")
         sp.add_argument("--signal", default="USR2", choices=slurm.SIGNALS,
                         help="preemption warning signal (default USR2: NCCL does not use it)")
         sp.add_argument("--signal-seconds", type=positive_int, default=120,

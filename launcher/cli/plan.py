@@ -16,7 +16,9 @@ def _training_set_size(recipe, override) -> int:
 def cmd_plan(args) -> int:
     from launcher.train import splits
     recipe = recipe_mod.load(args.recipe, args.set)
-    nproc = args.nproc if args.nproc is not None else recipe.distributed.nproc_per_node
+    from launcher.train import preflight
+    nproc = args.nproc if args.nproc is not None else preflight.resolve_nproc(
+        recipe, preflight.visible_gpus(), log=lambda line: print(line.replace("[qhm-launch] ", "note: ")))
     n = _training_set_size(recipe, args.n)
     epochs = splits.split_epochs(recipe, n, nproc * args.nnodes)
     if args.elastic:

@@ -41,6 +41,13 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
                     "(use another name, or --force-resume)")
 
 
+def threads_per_rank(nproc: int) -> int:
+    """Each rank's share of the CPUs this process may run on (a Slurm job's or a taskset's, not the
+    machine's: os.cpu_count() would oversubscribe a job given some of a node's cores)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable // nproc)
+
+
 def cmd_run(args) -> int:
     recipe = recipe_mod.load(args.recipe, args.set)
     from launcher.train.comm import in_worker_env
@@ -51,14 +58,14 @@ def cmd_run(args) -> int:
     from launcher.train import preflight
     from launcher.cluster.supervise import AGENT_SIGNALS, supervise
     folder = recipe.folder
-    nproc, nnodes = recipe.distributed.nproc_per_node, args.nnodes
+    gpus = preflight.visible_gpus()
+    nproc, nnodes = preflight.resolve_nproc(recipe, gpus), args.nnodes
     if nnodes > 1 and not (args.rdzv_endpoint and args.rdzv_id):
         raise UserError(f"--nnodes: {nnodes} needs --rdzv-endpoint HOST:PORT and --rdzv-id ID (the same on every "
                         "node); allowed: 1 without them")
     factories.importable_from_cwd()          # the user's packages, here and in the workers
     preflight.preflight(recipe, nproc * nnodes)
-    import torch
-    preflight.check_devices(recipe, nproc * nnodes, torch.cuda.is_available())
+    preflight.check_devices(recipe, nproc * nnodes, gpus > 0, visible=gpus)
     # one run per folder: a single node holds the lock here; on several nodes, the first worker does
     lock = folder.acquire_lock() if nnodes == 1 else None
     check_resume(recipe, args.force_resume, nproc * nnodes)
@@ -77,8 +84,11 @@ def cmd_run(args) -> int:
                               env.DEBUG: "1" if args.debug else "0", env.UNTIL_EPOCH: str(args.until_epoch or "")})
     if lock is not None:
         worker_env[env.LOCKED_BY] = str(os.getpid())
+    if recipe.performance.deterministic:      # read when cuBLAS starts, before any code of ours could set it
+        from launcher.train.build import CUBLAS_DETERMINISTIC
+        worker_env.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     # torchrun sets 1 thread per worker and prints a banner saying so; we choose the share of cores
-    worker_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    worker_env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     rc = supervise(cmd, worker_env, preemption_signals(recipe))
     if lock is not None:
         lock.release()

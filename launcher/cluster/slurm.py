@@ -43,13 +43,19 @@ def single_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _sbatch_lines(args, nproc: int, array: str | None, nodes: int) -> list[str]:
+def cpus_needed(recipe, nproc: int) -> int:
+    """What one node's task needs: every rank and each of its DataLoader workers (streamed data) a core."""
+    from launcher import data
+    return nproc * (1 + (recipe.data.workers if data.is_streamed(recipe.data) else 0))
+
+
+def _sbatch_lines(args, cpus: int, array: str | None, nodes: int) -> list[str]:
     """#SBATCH lines: only numbers and fixed words. Options holding user text (job name, log path,
     partition, account, extra arguments) go on sbatch's command line as separate argv items, where no
     shell or directive parser can split or evaluate them."""
     lines = [f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={args.time}",
              f"--signal=B:{args.signal}@{args.signal_seconds}", "--requeue", "--open-mode=append",
-             f"--cpus-per-task={args.cpus_per_task or max(1, nproc)}"]
+             f"--cpus-per-task={args.cpus_per_task or cpus}"]
     if args.gpus_per_node:
         lines.append(f"--gpus-per-node={args.gpus_per_node}")
     if array:
@@ -80,12 +86,15 @@ def _launch(args, nodes: int, until_epoch: int | None) -> tuple[str, str]:
         return "", f'{py} -m launcher run "$RECIPE"{until}'
     prelude = ('HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
                'RDZV_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))')
-    launch = (f'srun --ntasks-per-node=1 --kill-on-bad-exit=1 {py} -m launcher run "$RECIPE" '
+    # --cpus-per-task again: since Slurm 22.05 srun does not inherit it from the job, and on a site that
+    # binds CPUs the node's launcher, its ranks and their data workers would share one core
+    launch = (f'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 '
+              f'{py} -m launcher run "$RECIPE" '
               f'--nnodes="$SLURM_JOB_NUM_NODES" --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="qhm-$JOB_ID"{until}')
     return prelude, launch
 
 
-def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: str | None,
+def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: str | None,
            submit_cmd: list[str], nodes: int | None = None, until_epoch: int | None = None) -> str:
     nodes = nodes or args.nodes
     prelude, launch = _launch(args, nodes, until_epoch)
@@ -104,7 +113,7 @@ def render(args, recipes: list[Path], run_dirs: list[Path], nproc: int, array: s
     for key, value in {"{{request_file}}": q(names.preempt_request.name),
                        "{{preempted_file}}": q(names.preempted.name),
                        "{{complete_file}}": q(names.complete.name),
-                       "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, nproc, array, nodes)),
+                       "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, cpus, array, nodes)),
                        "{{submit}}": single_line(shlex.join(submit_cmd)), "{{setup}}": setup,
                        "{{workdir}}": workdir, "{{exports}}": exports,
                        "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch,
@@ -119,6 +128,7 @@ def _prepare(recipe, args):
     from launcher.train import preflight
     if args.gpus_per_node:
         recipe.distributed.nproc_per_node = args.gpus_per_node
+    preflight.resolve_nproc(recipe, 0, log=lambda line: None)   # auto without --gpus-per-node: a CPU job
     recipe.output = str(Path(recipe.output).resolve())
     if args.setup is None:
         args.setup = list(recipe.slurm.setup)
@@ -128,6 +138,16 @@ def _prepare(recipe, args):
         raise UserError(f"--elastic: not valid with DeepSpeed ZeRO stage {recipe.distributed.zero_stage} (its optimizer "
                         "state cannot move to another world size here); allowed: ddp, or ZeRO 0")
     return recipe, nproc
+
+
+def _cpus(args, needed: list[int]) -> int:
+    """CPUs per node's task: what the ranks and their data workers need, or --cpus-per-task (with a
+    warning when that is fewer)."""
+    need = max(needed)
+    if args.cpus_per_task and args.cpus_per_task < need:
+        print(f"qhm-launch: WARNING: --cpus-per-task {args.cpus_per_task} is fewer than the {need} a node's ranks "
+              "and their data workers need (processes x (data.workers + 1)): they will share cores", file=sys.stderr)
+    return need
 
 
 def _sbatch(cmd: list[str]) -> str:
@@ -154,12 +174,13 @@ def cmd_submit(args) -> int:
     recipe, nproc = _prepare(recipe_mod.load(args.recipe, args.set), args)
     folder = recipe.folder
     segments, scripts, after = _segments(recipe, nproc, args), [], None
+    cpus = _cpus(args, [cpus_needed(recipe, nproc)])
     for k, seg in enumerate(segments):
         script = next_free(folder.slurm, "submit", ".sbatch") if not scripts else \
             folder.slurm / f"{scripts[-1][0].stem}-{k + 1}.sbatch"
         cmd = sbatch_command(args, recipe.name, folder.slurm / "slurm-%j.out", script, after)
         until = seg.last + 1 if seg.last + 1 < recipe.epochs else None
-        scripts.append((script, cmd, render(args, [folder.recipe], [folder.path], nproc, None, cmd, seg.nodes, until)))
+        scripts.append((script, cmd, render(args, [folder.recipe], [folder.path], cpus, None, cmd, seg.nodes, until)))
         after = "afterok:{previous}"
     if args.dry_run:
         print("\n\n".join(text for _, _, text in scripts))
@@ -194,13 +215,14 @@ def cmd_sweep(args) -> int:
         raise UserError("--elastic: the sweep's points cut into different segments (their batch schedules differ); "
                         "allowed: points with one batch schedule, or submit them without --elastic")
     segments, jobs, after = list(segments.pop()), [], None
+    cpus = _cpus(args, [cpus_needed(r, nproc) for r, nproc in recipes])
     for k, seg in enumerate(segments):
         script = next_free(folder.slurm, "sweep", ".sbatch") if not jobs else \
             folder.slurm / f"{jobs[-1][0].stem}-{k + 1}.sbatch"
         cmd = sbatch_command(args, spec["name"], folder.slurm / "slurm-%A_%a.out", script, after)
         until = seg.last + 1 if seg.last + 1 < recipes[0][0].epochs else None
         jobs.append((script, cmd, render(args, [r.folder.recipe for r, _ in recipes], [r.run_dir for r, _ in recipes],
-                                         recipes[0][1], array, cmd, seg.nodes, until)))
+                                         cpus, array, cmd, seg.nodes, until)))
         after = "aftercorr:{previous}"               # task i of this array after task i of the previous one
     if args.dry_run:
         for p, (r, _) in zip(points, recipes):

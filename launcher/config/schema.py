@@ -118,7 +118,7 @@ class ScheduleConfig:
 @dataclass
 class Distributed:
     engine: str = "ddp"
-    nproc_per_node: int = 1
+    nproc_per_node: Union[int, str] = 1    # or "auto": one per visible GPU (2 on a machine without GPUs)
     max_micro_batch: Union[int, str] = 64   # or "auto": the largest that fits in device memory, per stage
     cpu_micro_batch: int = 64               # what "auto" means on CPU (no device memory to probe)
     zero_stage: int = 0                 # deepspeed only
@@ -175,6 +175,7 @@ class Performance:
     cuda_graphs: bool = False           # CUDA graphs for the fixed-shape micro-step, captured once per stage
     tf32: Optional[bool] = None         # null: torch's defaults (fp32 matmuls, TF32 cuDNN convolutions); true: TF32
                                         # for both (Ampere and later: faster, ~1e-3 relative); false: full fp32 for both
+    deterministic: bool = False         # deterministic CUDA kernels (slower): what makes resume on CUDA bitwise
 
 
 @dataclass

@@ -14,7 +14,8 @@ from launcher.config.schema import Recipe
 TRAJECTORY_FIELDS = ("seed", "epochs", "data.dataset", "data.factory", "data.kwargs", "data.augment", "data.size",
                      "data.shape", "data.classes", "data.image_size", "data.rotation", "data.validation", "model",
                      "loss", "precision", "optimizer", "schedule", "distributed.engine",
-                     "distributed.zero_stage", "distributed.batch_norm", "performance.tf32")
+                     "distributed.zero_stage", "distributed.batch_norm", "performance.tf32",
+                     "performance.deterministic")
 
 
 def trajectory(recipe_dict: dict) -> dict:

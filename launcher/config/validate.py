@@ -48,6 +48,10 @@ def validate(r: Recipe) -> Recipe:
     _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
     _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
     _one_of("distributed.batch_norm", r.distributed.batch_norm, BATCH_NORMS)
+    if isinstance(r.distributed.nproc_per_node, str):
+        _one_of("distributed.nproc_per_node", r.distributed.nproc_per_node, ("auto",))
+    else:
+        _at_least("distributed.nproc_per_node", r.distributed.nproc_per_node, 1)
     if isinstance(r.distributed.max_micro_batch, str):
         _one_of("distributed.max_micro_batch", r.distributed.max_micro_batch, ("auto",))
     else:
@@ -56,6 +60,11 @@ def validate(r: Recipe) -> Recipe:
     if r.distributed.engine == "deepspeed" and (r.performance.compile != "off" or r.performance.cuda_graphs):
         raise RecipeError(f"performance.compile: {r.performance.compile!r} is not valid with distributed.engine "
                           "deepspeed; allowed: off (compile and CUDA graphs are for the ddp engine)")
+    if r.distributed.batch_norm == "sync" and r.distributed.max_micro_batch == "auto":
+        raise RecipeError("distributed.batch_norm: 'sync' is not valid with distributed.max_micro_batch auto (the "
+                          "memory probe and an out-of-memory redo run SyncBatchNorm's collectives: one rank out of "
+                          "memory mid-forward would leave the others waiting in them); allowed: local, or an "
+                          "integer max_micro_batch")
     if r.distributed.engine == "deepspeed" and r.distributed.max_micro_batch == "auto":
         raise RecipeError("distributed.max_micro_batch: 'auto' is not valid with distributed.engine deepspeed; "
                           "allowed: an integer >= 1")
@@ -81,7 +90,6 @@ def validate(r: Recipe) -> Recipe:
         raise RecipeError(f"output: {r.output!r} is not valid; allowed: a folder path without control characters")
     _at_most("epochs", r.epochs, MAX_EPOCHS)
     for path, value, low in (("seed", r.seed, 0), ("epochs", r.epochs, 1), ("schedule.interval", r.schedule.interval, 1),
-                             ("distributed.nproc_per_node", r.distributed.nproc_per_node, 1),
                              ("distributed.cpu_micro_batch", r.distributed.cpu_micro_batch, 1),
                              ("distributed.min_rank_batch", r.distributed.min_rank_batch, 1),
                              ("eval.every_epochs", r.eval.every_epochs, 1),

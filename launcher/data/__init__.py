@@ -103,11 +103,16 @@ def user_data(cfg) -> dict:
     return out
 
 
+def is_streamed(cfg) -> bool:
+    """Read through DataLoader workers (``data.workers`` processes per rank), not held in memory."""
+    return bool(cfg.factory) or cfg.dataset == "imagefolder" or cfg.stream
+
+
 def load(cfg, device: torch.device, dtype: torch.dtype, is_first: bool = True) -> Dataset:
     """The recipe's data, on ``device``: in memory for the built-in sets (CIFAR is 600 MB as float32:
     fine on any GPU), streamed otherwise. With ``download``, call it on one process first
     (``is_first``), then on the others after a barrier."""
-    if cfg.factory or cfg.dataset == "imagefolder":
+    if cfg.factory or cfg.dataset == "imagefolder":      # streamed, built by the user or from folders
         return _streamed(cfg, device, dtype)
     (xtr, ytr), (xte, yte), classes, augment = builtin.load(cfg, is_first)
     if cfg.stream:

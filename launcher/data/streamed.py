@@ -87,18 +87,35 @@ class KeyedBatchSampler:
             idx = perm[step * b:(step + 1) * b]
             lo, hi = order.rank_bounds(len(idx), self.rank, self.world)
             for a, c in order.micro_batches(lo, hi, micro):
-                if c > a:
-                    yield [(int(i), self.epoch) for i in idx[a:c]]
+                if c > a:      # one .tolist(), not a tensor element per sample (~30x faster at 512 indices)
+                    yield [(i, self.epoch) for i in idx[a:c].tolist()]
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
 
+class ShardSampler:
+    """Batches of ``size`` consecutive indices over [lo, hi): what an evaluation pass reads, set anew for
+    each pass so that one loader (and its worker processes) serves every pass of a run."""
+
+    def __init__(self):
+        self.lo, self.hi, self.size = 0, 0, 1
+
+    def __iter__(self):
+        for a in range(self.lo, self.hi, self.size):
+            yield list(range(a, min(a + self.size, self.hi)))
+
+    def __len__(self) -> int:
+        return -(-(self.hi - self.lo) // self.size)
+
+
 class StreamedSplit:
-    """A map-style dataset as a split: its length, and contiguous shards read through a loader."""
+    """A map-style dataset as a split: its length, and contiguous shards read through a loader whose
+    worker processes live as long as the split (evaluation every epoch does not start new ones)."""
 
     def __init__(self, base, device: torch.device, dtype: torch.dtype, workers: int):
         self.base, self.device, self.dtype, self.workers = base, device, dtype, workers
+        self._sampler, self._loader = ShardSampler(), None
 
     def __len__(self) -> int:
         return len(self.base)
@@ -109,10 +126,12 @@ class StreamedSplit:
 
     def shard(self, lo: int, hi: int, batch_size: int):
         """(a, b, x, y) over [lo, hi), ``batch_size`` samples at a time, in order."""
-        loader = DataLoader(torch.utils.data.Subset(self.base, range(lo, hi)), batch_size=batch_size,
-                            num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        if self._loader is None:
+            self._loader = DataLoader(self.base, batch_sampler=self._sampler, num_workers=self.workers,
+                                      pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
+        self._sampler.lo, self._sampler.hi, self._sampler.size = lo, hi, batch_size
         a = lo
-        for x, y in loader:
+        for x, y in self._loader:
             yield a, a + len(y), *self.to_device(x, y)
             a += len(y)
 
@@ -135,19 +154,56 @@ class StreamedBatches:
         x0, y0 = default_collate([split.base[0]])
         self.empty = split.to_device(x0[:0], y0[:0])
         self._it = None
+        # CUDA: the next step's micro-batches are copied to the device on a side stream while this step
+        # computes (pinned memory, non_blocking), instead of on the compute stream just before use
+        self.copy_stream = torch.cuda.Stream(split.device) if split.device.type == "cuda" else None
+        self._held = self._ahead = None         # (epoch, step, size, micro-batches): this step's, the next's
 
     def start_epoch(self, epoch: int, first_step: int, stage) -> None:
         """The loader from (epoch, first_step) on, split as ``stage`` says (workers are kept)."""
         self.sampler.set(epoch, first_step, stage)
         self._it = iter(self.loader)
+        self._held = self._ahead = None
 
     def step(self, epoch: int, step: int, stage) -> tuple[int, list]:
+        """This rank's micro-batches of global batch (epoch, step). Asked again for the same step (redone
+        from its first micro-batch after an out-of-memory error, with a smaller micro-batch), the samples
+        already read are cut anew and the loader restarts after this step at the new split."""
+        held = self._held
+        if held is not None and held[:2] == (epoch, step):
+            size, out = held[2], self._recut(held[3], step, stage)
+            self.start_epoch(epoch, step + 1, stage)
+        elif self._ahead is not None and self._ahead[:2] == (epoch, step):
+            size, out = self._ahead[2], self._ahead[3]
+            current = torch.cuda.current_stream(self.split.device)
+            current.wait_stream(self.copy_stream)
+            for x, y in out:                  # made on the side stream, used (and freed) on this one
+                x.record_stream(current)
+                y.record_stream(current)
+        else:
+            size, out = self._read(step, stage)
+        self._held, self._ahead = (epoch, step, size, out), None
+        if self.copy_stream is not None and step + 1 < stage.steps:
+            with torch.cuda.stream(self.copy_stream):
+                self._ahead = (epoch, step + 1, *self._read(step + 1, stage))
+        return size, out
+
+    def _read(self, step: int, stage) -> tuple[int, list]:
         size = min(stage.batch, len(self.split) - step * stage.batch)
         lo, hi = order.rank_bounds(size, self.rank, self.world)
         out = []
         for a, c in order.micro_batches(lo, hi, stage.micro_batch):
             out.append(self.split.to_device(*next(self._it)) if c > a else self.empty)
         return size, out
+
+    def _recut(self, read: list, step: int, stage) -> list:
+        """The step's samples on this rank (``read``, in order) cut into ``stage``'s micro-batches."""
+        x = torch.cat([x for x, _ in read])
+        y = torch.cat([y for _, y in read])
+        size = min(stage.batch, len(self.split) - step * stage.batch)
+        lo, hi = order.rank_bounds(size, self.rank, self.world)
+        return [(x[a - lo:c - lo], y[a - lo:c - lo]) if c > a else self.empty
+                for a, c in order.micro_batches(lo, hi, stage.micro_batch)]
 
     def probe_batch(self, m: int):
         x, y = default_collate([self.split.base[i % len(self.split)] for i in range(m)])

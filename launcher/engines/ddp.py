@@ -40,6 +40,15 @@ class DDPEngine:
         self._reduced = False
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._sync_buffers_next_forward()
+
+    def _sync_buffers_next_forward(self) -> None:
+        """Buffers (batch-norm statistics) follow DDP's own rule on either path: rank 0's are broadcast at
+        the first forward of every step. DDP does that after a step whose last micro-step synchronised;
+        under ``explicit_reduce`` no micro-step does, so DDP would never broadcast again and each rank's
+        statistics would drift apart. The flag is the one DDP's forward reads and sets."""
+        if self.explicit_reduce:
+            self.model.require_forward_param_sync = True
 
     def _reduce(self) -> None:
         """The mean gradient over ranks, as DDP's reduce gives it (a rank without data adds zeros)."""
@@ -54,6 +63,7 @@ class DDPEngine:
     def discard_gradients(self) -> None:
         """Forget a step's partial gradients (a step that is redone from its first micro-batch)."""
         self.optimizer.zero_grad(set_to_none=True)
+        self._sync_buffers_next_forward()
 
     def gradient_norm(self) -> torch.Tensor | None:
         """||g|| of this step's reduced gradient (before the update), on the device: no sync here."""

@@ -38,6 +38,14 @@ def build_config(recipe, micro: int, accum: int, world: int) -> dict:
                bf16={"enabled": False}, gradient_clipping=0.0)
     cfg.setdefault("steps_per_print", 1 << 30)
     cfg.setdefault("wall_clock_breakdown", False)
+    # No host sync per micro-batch: DeepSpeed's throughput timer (on and synchronised by default) calls
+    # synchronize() in every forward and step, and ZeRO 1/2 computes the gradient norm (a bool() on the
+    # device) every step, for clipping, which the launcher keeps off. The user's config may turn either on.
+    throughput = cfg.setdefault("timers", {}).setdefault("throughput", {})
+    throughput.setdefault("enabled", False)
+    throughput.setdefault("synchronized", False)
+    if zero["stage"] in (1, 2):
+        zero.setdefault("compute_grad_norm", False)
     return cfg
 
 

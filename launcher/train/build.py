@@ -5,6 +5,7 @@ loops over what this returns, so a test can build the parts of a real rank in-pr
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,6 +69,21 @@ def apply_tf32(setting: bool | None) -> None:
         torch.backends.cudnn.allow_tf32 = setting
 
 
+CUBLAS_DETERMINISTIC = ":4096:8"     # cuBLAS's fixed workspace, the setting torch's reproducibility notes name
+
+
+def apply_determinism(on: bool) -> None:
+    """performance.deterministic: deterministic kernels only (an op without one raises, naming itself),
+    cuDNN's deterministic algorithms without autotuning, and cuBLAS's fixed workspace (read when cuBLAS
+    starts: the launcher also puts it in the workers' environment). Set both ways, so a process that
+    trains one recipe after another (the test pool, a benchmark) carries nothing over."""
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    if on:
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+
+
 def load_data(recipe, comm: Comm, dtype: torch.dtype) -> data_mod.Dataset:
     """The recipe's data on this rank's device; with ``download``, rank 0 downloads first, the others wait."""
     if comm.is_main and recipe.data.download:
@@ -80,6 +96,8 @@ def build_module(recipe, dataset: data_mod.Dataset, comm: Comm, dtype: torch.dty
     """The model with the same initial weights on every rank, in the recipe's dtype and memory format;
     batch norm synchronised over ranks when asked (CUDA only)."""
     module = models.build(recipe.model, dataset.shape, dataset.num_classes, recipe.seed, dtype).to(comm.device)
+    if recipe.performance.deterministic:
+        models.deterministic_pooling(module)
     if recipe.performance.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if recipe.distributed.batch_norm == "sync" and comm.world > 1:
@@ -104,6 +122,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     log = log if comm.is_main else (lambda *a, **k: None)
     preflight.check_devices(recipe, comm.world, comm.device.type == "cuda")
     apply_tf32(recipe.performance.tf32)
+    apply_determinism(recipe.performance.deterministic)
     dtype, folder = DTYPES[recipe.precision], recipe.folder
     dataset = load_data(recipe, comm, dtype)
     n = len(dataset.train)

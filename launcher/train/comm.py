@@ -78,6 +78,10 @@ def init() -> Comm:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():      # started without the launcher's check
+            from launcher.errors import UserError
+            raise UserError(f"distributed.nproc_per_node: local rank {local_rank} has no GPU of its own "
+                            f"({torch.cuda.device_count()} visible); allowed: at most one process per visible GPU")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:

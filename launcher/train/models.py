@@ -53,6 +53,26 @@ def build(spec, shape: tuple, num_classes: int, seed: int, dtype: torch.dtype) -
     return model.to(dtype)
 
 
+class GlobalAvgPool(nn.Module):
+    """Average over height and width (keeping them as 1 x 1): AdaptiveAvgPool2d(1)'s value, with a
+    backward that is an expand. CUDA's adaptive_avg_pool2d backward accumulates with atomics, and torch
+    refuses it under deterministic algorithms."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1), keepdim=True)
+
+
+def deterministic_pooling(model: nn.Module) -> int:
+    """performance.deterministic: every AdaptiveAvgPool2d to 1 x 1 (ResNet's, most CNNs') replaced by
+    GlobalAvgPool, so the paper's ResNet-18 runs deterministically on CUDA; returns how many."""
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))]
+    for name, _ in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, GlobalAvgPool())
+    return len(found)
+
+
 def user_model(spec) -> nn.Module:
     from launcher.errors import UserError
     from launcher.config.factories import call

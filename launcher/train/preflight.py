@@ -71,10 +71,40 @@ def check_output(recipe: Recipe) -> None:
                         "allowed: a folder you can write to")
 
 
-def check_devices(recipe: Recipe, world: int, has_cuda: bool) -> None:
-    """What needs CUDA where there is none: one line, before any worker starts (and again in each worker,
-    for a run started without the launcher)."""
+CPU_PROCESSES = 2     # nproc_per_node auto without GPUs: two ranks, so the gradient reduce is exercised on CPU too
+
+
+def resolve_nproc(recipe: Recipe, visible_gpus: int, log=print) -> int:
+    """distributed.nproc_per_node auto (what the demo uses): one process per visible GPU, or
+    CPU_PROCESSES on a machine without any; written into the recipe (the workers read a number) and
+    said in one log line. A number the user chose is kept as it is."""
+    nproc = recipe.distributed.nproc_per_node
+    if nproc != "auto":
+        return nproc
+    nproc = visible_gpus or CPU_PROCESSES
+    where = f"one per visible GPU ({visible_gpus})" if visible_gpus else "no GPU here: processes on CPU"
+    log(f"[qhm-launch] distributed.nproc_per_node auto: {nproc} process{'es' if nproc > 1 else ''}, {where}")
+    recipe.distributed.nproc_per_node = nproc
+    return nproc
+
+
+def visible_gpus() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_devices(recipe: Recipe, world: int, has_cuda: bool, visible: int | None = None) -> None:
+    """What needs CUDA where there is none, and more processes per node than GPUs where there are some:
+    one line, before any worker starts (and again in each worker, for a run started without the
+    launcher). ``visible``: the GPUs this node's processes can see (None: not checked)."""
     if has_cuda:
+        nproc = recipe.distributed.nproc_per_node
+        if visible is not None and isinstance(nproc, int) and nproc > visible:
+            shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise UserError(f"distributed.nproc_per_node: {nproc} processes asked, {visible} GPU"
+                            f"{'s' if visible != 1 else ''} visible here"
+                            f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; allowed: at most "
+                            f"{visible} (one process per GPU), or auto")
         return
     if recipe.distributed.batch_norm == "sync" and world > 1:
         raise UserError("distributed.batch_norm: 'sync' is not valid here; allowed: local (torch's "

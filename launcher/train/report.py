@@ -118,7 +118,7 @@ class Reporter:
             return
         if finished:
             rows = self.metrics.rows()
-            print_summary(self.recipe, state, rows, self.tracker)
+            print_summary(self.recipe, state, rows, self.tracker, self.log)
             self.tracker.summarise(summary_values(state, rows))
         self.tracker.finish(preempted=not finished)
 
@@ -132,7 +132,7 @@ def summary_values(state: TrainState, rows: list[dict]) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def print_summary(recipe, state: TrainState, rows: list[dict], tracker) -> None:
+def print_summary(recipe, state: TrainState, rows: list[dict], tracker, log=print) -> None:
     last = rows[-1] if rows else {}
     fmt = lambda v: "-" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v))  # noqa: E731
     folder = recipe.folder
@@ -142,8 +142,8 @@ def print_summary(recipe, state: TrainState, rows: list[dict], tracker) -> None:
              ("min grad norm", None if state.min_grad_norm == float("inf") else state.min_grad_norm),
              ("wall time (s)", round(state.wall_time, 1))]
     width = max(len(k) for k, _ in items)
-    print("\n".join(["", f"run {recipe.name} complete"] + [f"  {k:<{width}}  {fmt(v)}" for k, v in items] + [
+    log("\n".join(["", f"run {recipe.name} complete"] + [f"  {k:<{width}}  {fmt(v)}" for k, v in items] + [
         f"  {'metrics':<{width}}  {folder.metrics}",
         f"  {'checkpoints':<{width}}  {folder.checkpoints}",
         f"  {'final model':<{width}}  {folder.final_model}",
-        f"  {'W&B files':<{width}}  {tracker.files if tracker and tracker.files else 'disabled'}"]), flush=True)
+        f"  {'W&B files':<{width}}  {tracker.files if tracker and tracker.files else 'disabled'}"]))

@@ -66,7 +66,8 @@ class Stages:
         if split.batch in self.probed or not (device.type == "cuda" or env.oom_above() is not None):
             return
         share = ceil_div(split.batch, self.comm.world)
-        found, use = microbatch.probe(self.module, self.batches.probe_batch, self.loss, self.autocast, share, device)
+        with self.eager():     # every probe size compiled would be a graph (and a recompile) of its own
+            found, use = microbatch.probe(self.module, self.batches.probe_batch, self.loss, self.autocast, share, device)
         agreed = int(self.comm.all_reduce_min(torch.tensor(use, device=device)))
         if agreed < 1:
             raise RunFailed(f"max_micro_batch auto: not even one sample fits in device memory at epoch {epoch}")
@@ -83,7 +84,9 @@ class Stages:
         if not self.compiled:
             import torch._dynamo.config as dynamo_config
             raise_recompile_limit(dynamo_config, len({e.micro_batch for e in self.splits}) + 8)
-            self.module.compile(mode=None if self.compile_mode == "default" else self.compile_mode, dynamic=False)
+            backend = env.compile_backend()
+            mode = None if self.compile_mode == "default" or backend != "inductor" else self.compile_mode
+            self.module.compile(backend=backend, mode=mode, dynamic=False)
             self.compiled = True
         self.compiled_micro = split.micro_batch
         self.log(f"[qhm-launch] compile ({self.compile_mode}): batch stage {split.batch}: the micro-step of "

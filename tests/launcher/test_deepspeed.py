@@ -128,4 +128,23 @@ def test_owned_deepspeed_keys_cannot_be_overridden():
                                                                           {"overlap_comm": False}}}))
     from launcher.engines.deepspeed import build_config
     cfg = build_config(ok, 8, 2, 2)
-    assert cfg["zero_optimization"] == {"overlap_comm": False, "stage": 2} and cfg["train_batch_size"] == 32
+    assert cfg["zero_optimization"] == {"overlap_comm": False, "stage": 2, "compute_grad_norm": False}
+    assert cfg["train_batch_size"] == 32
+
+
+def test_deepspeed_syncs_nothing_per_micro_batch_unless_the_user_asks():
+    """Its throughput timer synchronises in every forward and step; ZeRO 1/2 computes the gradient norm
+    (a host sync) every step for clipping, which is off. Both off by default, the user's choice kept."""
+    from launcher.engines.deepspeed import build_config
+    from deepspeed.runtime.config import DeepSpeedConfig
+    for stage, norm in ((0, None), (1, False), (2, False)):
+        cfg = build_config(R.from_dict(ds_recipe("x", 2, **{"distributed.zero_stage": stage})), 8, 2, 1)
+        assert cfg["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+        assert cfg["zero_optimization"].get("compute_grad_norm") is norm
+        parsed = DeepSpeedConfig(cfg)                       # what DeepSpeed itself reads from it
+        assert not parsed.timers_config.enabled and not parsed.timers_config.synchronized
+        assert parsed.zero_config.compute_grad_norm is (norm is None)
+    mine = R.from_dict(ds_recipe("x", 2, **{"distributed.deepspeed_config": {
+        "timers": {"throughput": {"enabled": True}}, "zero_optimization": {"compute_grad_norm": True}}}))
+    cfg = build_config(mine, 8, 2, 2)
+    assert cfg["timers"]["throughput"]["enabled"] is True and cfg["zero_optimization"]["compute_grad_norm"] is True

@@ -56,3 +56,19 @@ def test_an_out_of_memory_error_halves_the_micro_batch_and_redoes_the_step(tmp_p
     close(final_params(tmp_path / "runs" / "oom"), final_params(reference))
     for a, b in zip(rows, metric_rows(reference)):
         assert a["samples"] == b["samples"] and abs(a["train_loss"] - b["train_loss"]) < 1e-10
+
+
+def test_a_redone_step_reads_the_same_samples_on_the_streamed_path_too(tmp_path):
+    """The streamed loader has already handed over the step's micro-batches when the error comes: the
+    redo must cut those same samples anew (not read the next step's), and the loader go on at the new
+    split."""
+    streamed = {"data.stream": True, "data.workers": 0}
+    plain = train_ranks(recipe("sref", **streamed), tmp_path)
+    out = train_ranks(recipe("soom", **streamed, **{"distributed.max_micro_batch": "auto",
+                                                    "distributed.cpu_micro_batch": 8}),
+                      tmp_path, env={"QHM_TEST_OOM_AT": "1:2:1"})
+    assert "CUDA out of memory at epoch 1 step 2: the micro-batch is halved" in out.output
+    assert [(r["micro_batch"], r["accum"]) for r in metric_rows(out)] == [(8, 1), (4, 4), (8, 4)]
+    close(final_params(out), final_params(plain))
+    for a, b in zip(metric_rows(out), metric_rows(plain)):
+        assert a["samples"] == b["samples"] and abs(a["train_loss"] - b["train_loss"]) < 1e-10

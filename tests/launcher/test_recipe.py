@@ -9,7 +9,7 @@ from launcher.cli.main import main
 
 def test_smoke_recipe_loads_with_the_issue_schema():
     r = R.load(ROOT / "recipes" / "smoke.yaml")
-    assert r.schedule.batch.initial == 8 and r.distributed.nproc_per_node == 2
+    assert r.schedule.batch.initial == 8 and r.distributed.nproc_per_node == "auto"
     spec = r.schedule_spec()
     assert [spec.batch(m) for m in (0, 4, 8)] == [8, 16, 32]
 

@@ -122,7 +122,8 @@ def test_dry_run_scripts_pass_sbatch_test_only_and_multi_node_commands(tmp_path,
     assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in multi
     # One launcher per node (it runs torchrun's agent itself, so it sees the preemption signal and
     # reports it); rendezvous on the first node; the single-node script runs the launcher with no srun.
-    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1" in multi and "-m launcher run" in multi
+    assert 'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1' in multi
+    assert "-m launcher run" in multi
     assert '--rdzv-endpoint="$HEAD_NODE:$RDZV_PORT"' in multi and '--rdzv-id="qhm-$JOB_ID"' in multi
     assert '--nnodes="$SLURM_JOB_NUM_NODES"' in multi
     assert "\nsrun " not in script and "-m launcher run" in script
@@ -240,3 +241,4 @@ def test_elastic_chain_one_node_then_two_matches_a_fixed_run(tmp_path, slurm_env
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
     assert [(r["batch"], r["world_size"]) for r in metric_rows(run)] == [(16, 1), (32, 2), (64, 2)]
+

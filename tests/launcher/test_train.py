@@ -66,6 +66,9 @@ def test_smoke_recipe_runs_with_wandb_offline_and_writes_the_run_folder(tmp_path
     assert (run / "recipe.yaml").exists() and (run / "final_model.pt").exists()
     assert list(run.glob("wandb/offline-run-*")), "W&B offline files in the run folder"
     assert "metrics" in proc.stdout and str(run / "checkpoints") in proc.stdout
+    # the demo did not choose a process count: one per visible GPU, here none, so two CPU processes
+    assert "distributed.nproc_per_node auto: 2 processes, no GPU here" in proc.stdout
+    assert rows[0]["world_size"] == 2
     # a second identical command finds the run complete and touches nothing
     before = (run / "metrics.jsonl").read_text()
     again = cli(["run", str(ROOT / "recipes" / "smoke.yaml"), "--set", "epochs=2", "--set", "schedule.interval=1",
