@@ -160,9 +160,14 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
         b.grid(alpha=0.3)
         b.legend(fontsize=6)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+    except OSError as exc:
+        raise UserError(f"--out: {str(out)!r} cannot be written ({exc.strerror or exc}); allowed: a file path in "
+                        "a folder you can write to") from None
+    finally:
+        plt.close(fig)
     return drawn
 
 

@@ -40,6 +40,8 @@ nonnegative_int = _typed("nonnegative_int", int, lambda v: v >= 0, "an integer >
 positive_float = _typed("positive_float", float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 nonnegative_float = _typed("nonnegative_float", float, lambda v: math.isfinite(v) and v >= 0,
                            "a finite number >= 0")
+# a training set beyond a trillion samples is a typo; the bounds' float arithmetic needs it finite too
+sample_count = _typed("sample_count", int, lambda v: 1 <= v <= 10 ** 12, "an integer in [1, 10^12]")
 text = _typed("text", str, lambda v: v.isprintable() and v != "", "text without control characters")
 
 

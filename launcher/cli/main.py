@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from launcher.cli.args import (Parser, add_debug, nonnegative_float, nonnegative_int, positive_float, positive_int,
+from launcher.cli.args import (Parser, add_debug, sample_count, nonnegative_float, nonnegative_int, positive_float, positive_int,
                                text)
 from launcher.errors import BAD_INPUT, UserError, one_line
 
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(pl)
     pl.add_argument("--nproc", type=positive_int, help="processes per node (default: distributed.nproc_per_node)")
     pl.add_argument("--nnodes", type=positive_int, default=1, help="nodes (default 1)")
-    pl.add_argument("--n", type=positive_int, help="training-set size (default: the dataset's)")
+    pl.add_argument("--n", type=sample_count, help="training-set size (default: the dataset's)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--elastic", action="store_true",
                     help="the segments of an elastic chain on up to --nnodes nodes of --nproc GPUs, and its GPU-hours "
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = command("bounds", "Theorem 2 / Theorem 4 terms at the end of training, and the verdict")
     recipe_args(b)
-    b.add_argument("--n", type=positive_int, help="training-set size (default: the dataset's)")
+    b.add_argument("--n", type=sample_count, help="training-set size (default: the dataset's)")
     b.add_argument("--L", type=positive_float, help="smoothness constant L of f (with all four: the bound itself)")
     b.add_argument("--sigma2", type=nonnegative_float, help="variance bound sigma^2 of the stochastic gradient")
     b.add_argument("--G", type=nonnegative_float, help="bound G on every per-sample gradient norm")

@@ -70,7 +70,7 @@ def cmd_run(args) -> int:
     lock = folder.acquire_lock() if nnodes == 1 else None
     check_resume(recipe, args.force_resume, nproc * nnodes)
     done = folder.read_json(folder.complete)
-    if done and done.get("recipe_hash") == recipe_mod.trajectory_hash(recipe.to_dict()):
+    if done and done.get("recipe_hash") == recipe_mod.trajectory_hash(recipe.to_dict()) and folder.final_model.is_file():
         print(f"qhm-launch: {folder.path} is already complete; nothing to do")
         return 0
     resolved = folder.write_recipe(recipe_mod.dump(recipe))

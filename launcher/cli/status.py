@@ -9,26 +9,46 @@ metrics.jsonl. A sweep's folder (with points.json) stands for all of its points.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import socket
 import time
 from pathlib import Path
 
+from launcher.errors import UserError, one_line
 from launcher.run.folder import RunFolder, lock_owner
 
 HEARTBEAT = 600           # seconds: a run on another host that logged this recently is running
 
 
+def is_run_folder(path: Path) -> bool:
+    """What ``run`` or ``submit`` made: a folder with the resolved recipe (or the lock, for the moment
+    between taking it and writing the recipe)."""
+    return (path / "recipe.yaml").is_file() or (path / ".lock").is_file()
+
+
 def run_folders(paths: list) -> list[Path]:
-    """Run folders: each path itself, or the points of a sweep folder (points.json)."""
+    """Run folders: each path that is one, the points of a sweep folder (points.json), or a local
+    sweep's points (``sweep --local`` writes ``<output>/<name>_<point>`` folders and no ``<name>``).
+    Anything else is a one-line error: "not started" is for a run that exists and has not started."""
     out = []
     for path in map(Path, paths):
         points = path / "points.json"
         if points.is_file():
-            out += [Path(p["run_dir"]) for p in json.loads(points.read_text())]
-        else:
+            try:
+                out += [Path(p["run_dir"]) for p in json.loads(points.read_text())]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"runs: {str(points)!r} is not a sweep's list of points ({one_line(exc)})") from None
+        elif is_run_folder(path):
             out.append(path)
+        else:
+            local = sorted(p for p in path.parent.glob(glob.escape(path.name) + "_*") if is_run_folder(p))
+            if not local:
+                raise UserError(f"runs: {str(path)!r} is not a run folder (no recipe.yaml), a sweep folder (no "
+                                f"points.json) or a local sweep's name (no {path.name}_* run folders beside it); "
+                                "allowed: <output>/<name> of a run or sweep")
+            out += local
     return out
 
 
@@ -77,8 +97,10 @@ def run_status(path: Path) -> dict:
     complete, failed, preempted = (folder.read_json(p) for p in (folder.complete, folder.failed, folder.preempted))
     if holder:
         out.update(state="running", detail=holder)
-    elif complete:
+    elif complete and folder.final_model.is_file():
         out.update(state="done", epoch=complete.get("epochs"), step=complete.get("global_step"))
+    elif complete:
+        out.update(state="interrupted", detail="complete.json without final_model.pt; the same command writes it")
     elif failed:
         out.update(state="failed", detail=failed.get("error", ""))
     elif preempted:

@@ -55,6 +55,10 @@ def call(key: str, path: str, kwargs: dict, *args):
     factory = resolve(key, path)
     try:
         return factory(*args, **kwargs)
+    except (SystemExit, KeyboardInterrupt) as exc:    # an argparse or sys.exit() inside the user's code
+        raise UserError(f"{key}: {path!r} raised {type(exc).__name__}({one_line(exc)}) instead of returning; "
+                        "allowed: a factory that returns (a command-line parser or sys.exit in it ends the run "
+                        "as if it had succeeded)") from exc
     except Exception as exc:  # noqa: BLE001 - reported in one line, chained for --debug
         raise UserError(f"{key}: {path!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
 

@@ -75,7 +75,7 @@ def validate(r: Recipe) -> Recipe:
                           "(or set distributed.engine: deepspeed)")
     for i, sig in enumerate(r.signals.preempt):
         _one_of(f"signals.preempt[{i}]", sig, SIGNALS)
-    if not r.name or "/" in r.name or r.name in (".", "..") or not r.name.isprintable() or len(r.name) > MAX_NAME:
+    if not r.name.strip() or "/" in r.name or r.name in (".", "..") or not r.name.isprintable() or len(r.name) > MAX_NAME:
         raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name of at most {MAX_NAME} "
                           "characters, without '/' or control characters")
     for i, line in enumerate(r.slurm.setup):

@@ -51,6 +51,11 @@ def parse(text: str, where: str):
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_document(node)
+    except yaml.YAMLError as exc:     # a tag the safe loader does not build (!!python/object/apply: ...)
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise NotYAML(f"{where} is not valid{at}: {one_line(getattr(exc, 'problem', None) or exc)}; allowed: "
+                      "plain YAML values (no tags)") from None
     finally:
         loader.dispose()
 

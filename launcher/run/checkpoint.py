@@ -45,7 +45,7 @@ import xxhash
 
 from launcher import env
 from launcher.errors import UserError
-from launcher.run.files import atomic_write, atomic_write_json, fsync_path
+from launcher.run.files import DIR_MODE, FILE_MODE, atomic_write, atomic_write_json, fsync_path, open_fd
 from launcher.run.folder import RunFolder
 
 VERSION = 2                   # 1: state.pt held engine/train/wandb_id/running_total (upgraded on load)
@@ -53,7 +53,6 @@ KNOWN_VERSIONS = (1, 2)
 Scope = Literal["replicated", "per_rank", "files"]
 STEP_DIR = re.compile(r"^step-(\d{9,})$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
-DIR_MODE, FILE_MODE = 0o700, 0o600
 
 
 class Stateful(Protocol):
@@ -101,7 +100,7 @@ def describe(path: Path) -> dict:
 
 def write_file(path: Path, obj) -> dict:
     """torch.save (owner-only), fsync, then size and hash (read back through the page cache, in place)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    fd = open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -290,6 +289,8 @@ class CheckpointManager:
                 if path.name in skip:
                     raise CorruptCheckpoint(skip[path.name])
                 manifest = check_manifest(json.loads((path / "manifest.json").read_text()))
+                if manifest["step"] != int(path.name[5:]):      # a folder renamed (or copied) under another step
+                    raise CorruptCheckpoint(f"manifest: step {manifest['step']} in folder {path.name}")
                 for name, expect in manifest["files"].items():
                     verify_file(path / name, expect)
             except (OSError, ValueError, CorruptCheckpoint) as exc:

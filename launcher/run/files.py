@@ -6,6 +6,18 @@ import os
 from pathlib import Path
 
 
+# Everything a run writes is its owner's alone (checkpoints hold the model; a shared output folder is
+# common on clusters), and no file is opened through a symbolic link: a link planted in a run folder
+# would otherwise make the run truncate or append to whatever it points at.
+DIR_MODE, FILE_MODE = 0o700, 0o600
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_fd(path: Path, flags: int) -> int:
+    """os.open for writing, owner-only, never through a symbolic link (ELOOP if ``path`` is one)."""
+    return os.open(path, flags | NOFOLLOW, FILE_MODE)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder by path (a folder's fsync makes a rename inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -20,7 +32,8 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = True) -> None:
     or the new one, never a part. ``durable`` fsyncs the file before and the folder after the rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+    fd = open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
         if durable:
             f.flush()
@@ -36,7 +49,7 @@ def atomic_write_json(path: Path, obj, durable: bool = True) -> None:
 
 def append_line(path: Path, line: str, durable: bool = True) -> None:
     """Append one line (and fsync it when ``durable``)."""
-    with open(path, "a") as f:
+    with os.fdopen(open_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
         f.write(line + "\n")
         if durable:
             f.flush()

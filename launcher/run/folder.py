@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.run.files import atomic_write, atomic_write_json, next_free, read_jsonl
+from launcher.run.files import DIR_MODE, atomic_write, atomic_write_json, next_free, open_fd, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,25 @@ class RunFolder:
         """Where an earlier, different recipe.yaml is kept: recipe.prev-K.yaml, K the first free."""
         return next_free(self.path, "recipe.prev", ".yaml")
 
+    def create(self) -> None:
+        """The run folder, owner-only (its parents, the user's output folder, as the umask says)."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+
+    def refuse_links(self) -> None:
+        """A symbolic link among the run's files (a shared output folder: anyone may plant one) would
+        make the run write through it; refused in one line before anything is written."""
+        inside = [self.path / "checkpoints"] if (self.path / "checkpoints").is_dir() else []
+        for folder in [self.path, *inside]:
+            for entry in folder.iterdir():
+                if entry.is_symlink():
+                    raise UserError(f"run folder {str(self.path)!r} holds a symbolic link {entry.name!r} (to "
+                                    f"{os.readlink(entry)!r}); allowed: a run folder of plain files and folders "
+                                    "(remove the link, or use another name)")
+
     # ---- small readers and writers of those files
     def write_recipe(self, text: str) -> Path:
         """recipe.yaml: the recipe as resolved (``text``); a different earlier one is kept beside it."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.create()
         if self.recipe.exists() and self.recipe.read_text() != text:
             self.recipe.rename(self.next_previous_recipe())
         atomic_write(self.recipe, text, durable=False)
@@ -137,8 +152,9 @@ class RunFolder:
     def acquire_lock(self) -> "RunLock":
         """Hold the folder's advisory lock for this process's life (the kernel releases it on death).
         A second run of the same folder gets a one-line error."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        self.create()
+        self.refuse_links()
+        fd = open_fd(self.lock, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

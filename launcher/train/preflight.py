@@ -61,6 +61,9 @@ def check_output(recipe: Recipe) -> None:
     """The run folder can be created and written: ``output`` (and the run folder) are folders, or do
     not exist yet under a writable one."""
     for path, key in ((recipe.run_dir, "name"), (Path(recipe.output), "output")):
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"{key}: {str(path)!r} is a symbolic link that leads nowhere (broken, or a loop); "
+                            "allowed: a folder (or a path that does not exist yet)")
         if path.exists() and not path.is_dir():
             raise UserError(f"{key}: {str(path)!r} is a file; allowed: a folder (or a path that does not exist yet)")
     probe = recipe.run_dir

@@ -70,7 +70,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the newest valid checkpoint (if any); open the logs and W&B where it left off."""
         if self.comm.is_main:
-            self.folder.path.mkdir(parents=True, exist_ok=True)
+            self.folder.create()
             self.folder.clear_stale()
         manifest = self.checkpoints.resume()
         if manifest is None:
@@ -141,9 +141,11 @@ class Trainer:
         finite = int(self.comm.all_reduce_min(self.finite_steps.clone()))
         if finite < self.state.step:
             first = self.state.global_step - self.state.step + finite + 1
-            raise RunFailed(f"the training loss is not finite at global step {first}; stopped, nothing was saved "
-                            f"after global step {self.checkpoints.last_step}; lower schedule.lr.max (or check the "
-                            "data) and rerun to resume from there")
+            saved = self.checkpoints.last_step
+            where = (f"nothing was saved after global step {saved}; lower schedule.lr.max (or check the data) and "
+                     "rerun to resume from there") if saved is not None else (
+                     "no checkpoint had been saved yet; lower schedule.lr.max (or check the data) and rerun")
+            raise RunFailed(f"the training loss is not finite at global step {first}; stopped, {where}")
 
     def save(self, tag: str) -> None:
         self.check_finite()

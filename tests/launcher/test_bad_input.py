@@ -1,6 +1,7 @@
 """Hostile and careless input: every case exits 2 with one line naming the key, the value and what is
 allowed, before any worker starts, and no traceback. Most cases run ``main`` in this process; a few go
 through the real entry point."""
+import json
 import os
 
 import pytest
@@ -40,6 +41,8 @@ OVERRIDES = [
     ("epochs=1000000000", "epochs: 1000000000 is not valid; allowed: <= 100000"),
     ("name=" + "x" * 300, "allowed: a non-empty folder name of at most 128 characters"),
     ("name=a\x01b", "name: 'a\\x01b' is not valid; allowed: text without control characters"),
+    ("name=' '", "name: ' ' is not valid; allowed: a non-empty folder name"),
+    ("distributed.nproc_per_node=0", "distributed.nproc_per_node: 0 is not valid; allowed: >= 1"),
     ("tracking.wandb.tags=[" + "t" * 70 + "]", "tracking.wandb.tags[0]:"),
     ("schedule.beta.max=1.5", "schedule.beta.max: 1.5 is not valid; allowed: in [0, 1)"),
     ("schedule.lr.max", "--set 'schedule.lr.max': not valid; allowed: KEY.PATH=VALUE"),
@@ -158,3 +161,26 @@ def test_options_the_deepspeed_engine_does_not_take(capsys):
                                ("distributed.max_micro_batch", "auto", "distributed.max_micro_batch: 'auto' is not valid")):
         one_clean_line(*run_main(["plan", SMOKE, "--set", "distributed.engine=deepspeed", "--set", f"{key}={value}"],
                                  capsys), expect)
+
+
+def test_what_used_to_be_a_launcher_side_traceback_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tagged.yaml").write_text('seed: !!python/object/apply:os.system ["touch PWNED"]\n')
+    one_clean_line(*run_main(["plan", "tagged.yaml"], capsys), "recipe: 'tagged.yaml' is not valid at line 1",
+                   "allowed: plain YAML values (no tags)")
+    one_clean_line(*run_main(["run", SMOKE, "--set", 'seed=!!python/object/apply:os.system ["touch PWNED"]'], capsys),
+                   "seed:")
+    assert not (tmp_path / "PWNED").exists()
+    one_clean_line(*run_main(["bounds", SMOKE, "--n", "100000000000000000000"], capsys),
+                   "--n", "allowed: an integer in [1, 10^12]")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    one_clean_line(*run_main(["run", SMOKE, "--set", f"output={tmp_path}", "--set", "name=loop"], capsys),
+                   "name:", "is a symbolic link that leads nowhere")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(base_recipe(name="r")))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "global_step": e, "samples": e, "batch": 8,
+                                                           "test_acc": 0.5, "train_loss": 1.0, "grad_norm": 1.0})
+                                               + "\n" for e in range(2)))
+    one_clean_line(*run_main(["plot", str(run), "--metric", "test_acc", "--out", "/proc/nope/x.png"], capsys),
+                   "--out: '/proc/nope/x.png' cannot be written")

@@ -113,7 +113,8 @@ def test_unknown_version_is_refused_in_one_line_and_the_previous_one_is_used(tmp
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("damage", ["list", "no_recipe", "bad_file_entry", "escaping_name", "planted_pickle"])
+@pytest.mark.parametrize("damage", ["list", "no_recipe", "bad_file_entry", "escaping_name", "planted_pickle",
+                                    "other_step"])
 def test_corrupt_but_parseable_checkpoints_fall_back(tmp_path, damage):
     m = manager(tmp_path, parts={"a": (Box(1), "replicated")})
     save(m, 1)
@@ -128,6 +129,8 @@ def test_corrupt_but_parseable_checkpoints_fall_back(tmp_path, damage):
         manifest["files"]["state.pt"] = "x"
     elif damage == "escaping_name":
         manifest["files"]["../../x"] = manifest["files"].pop("rank-00000.pt")
+    elif damage == "other_step":                 # a folder copied or renamed under another step's name
+        manifest["step"] = 7
     else:                        # a pickle that would run code, with a manifest that vouches for it
         class Evil:
             def __reduce__(self):

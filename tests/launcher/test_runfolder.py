@@ -53,3 +53,42 @@ def test_one_run_per_folder_and_the_lock_dies_with_its_holder(tmp_path):
     time.sleep(0.1)
     lock = RunFolder(tmp_path).acquire_lock()          # the kernel released it with the dead holder
     lock.release()
+
+
+@pytest.mark.parametrize("planted", [".lock", "metrics.jsonl", "steps.jsonl", "checkpoints"])
+def test_a_symbolic_link_in_a_run_folder_is_refused_and_its_target_untouched(tmp_path, planted):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    folder = RunFolder(tmp_path / "runs" / "x")
+    folder.path.mkdir(parents=True)
+    (folder.path / planted).symlink_to(victim)
+    with pytest.raises(UserError, match=rf"^run folder .* holds a symbolic link '{planted}' \(to '{victim}'\); "
+                                        "allowed: a run folder of plain files"):
+        folder.acquire_lock()
+    assert victim.read_text() == "precious\n"
+
+
+def test_no_file_is_written_through_a_link_planted_after_the_check(tmp_path):
+    from launcher.run.files import append_line, atomic_write
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(OSError):
+        append_line(tmp_path / "metrics.jsonl", "{}")
+    (tmp_path / f".recipe.yaml.tmp-{os.getpid()}").symlink_to(victim)      # a guessed temporary name
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "recipe.yaml", "x")
+    assert victim.read_text() == "precious\n"
+
+
+def test_the_run_folder_and_its_files_are_the_owner_s_alone(tmp_path):
+    from launcher.run.files import append_line
+    folder = RunFolder(tmp_path / "runs" / "x")
+    folder.write_recipe("seed: 1\n")
+    folder.write_marker(folder.complete, {"ok": True})
+    append_line(folder.metrics, "{}")
+    lock = folder.acquire_lock()
+    lock.release()
+    assert oct(folder.path.stat().st_mode & 0o777) == oct(0o700)
+    for path in (folder.recipe, folder.complete, folder.metrics, folder.lock):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o600), path

@@ -110,6 +110,8 @@ def test_status_report_and_plot_over_runs_in_every_state(tmp_path, capsys):
     failed = run_status(runs / "nan")
     assert failed["state"] == "failed" and "not finite at global step" in failed["detail"]
 
+    (runs / "never").mkdir()                       # submitted (its recipe written), not started yet
+    (runs / "never" / "recipe.yaml").write_text("name: never\n")
     out = cli(["status", str(run), str(runs / "nan"), str(runs / "never")], cwd=tmp_path, check=0).stdout
     assert "| done | 4 | 49 |" in out and "| failed |" in out and "| not started |" in out
     assert out.strip().splitlines()[-1] == "1 done, 1 failed, 1 not started"
@@ -122,3 +124,24 @@ def test_status_report_and_plot_over_runs_in_every_state(tmp_path, capsys):
     drawn = analysis.plot([run, runs / "never"], "train_loss", "step", str(tmp_path / "steps.png"), rows="steps")
     assert len(drawn) == 1 and len(drawn[0]["x"]) == len(read_jsonl(run / "steps.jsonl"))
     assert drawn[0]["legend"].endswith("(1 seed)")                 # seeds counted as distinct seeds
+
+
+def test_status_refuses_what_is_not_a_run_and_finds_a_local_sweep_by_name(tmp_path, capsys):
+    from launcher.cli.main import main
+    for path in ("/nonexistent/xyz", "/etc", "/etc/passwd", str(tmp_path)):
+        assert main(["status", path]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"runs: {path!r} is not a run folder" in err, err
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert main(["status", str(loop)]) == 2 and "is not a run folder" in capsys.readouterr().err
+    for point in ("s_seed=1", "s_seed=2"):                 # what sweep --local writes: <output>/<name>_<point>
+        (tmp_path / point).mkdir()
+        (tmp_path / point / "recipe.yaml").write_text("name: x\n")
+    (tmp_path / "s_seed=1" / "complete.json").write_text('{"epochs": 1, "global_step": 3}')
+    assert main(["status", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "s_seed=1 | interrupted |" in out and "complete.json without final_model.pt" in out   # not done
+    assert "s_seed=2 | not started |" in out
+    (tmp_path / "s_seed=1" / "final_model.pt").write_bytes(b"x")
+    assert main(["status", str(tmp_path / "s")]) == 0 and "s_seed=1 | done | 1 | 3 |" in capsys.readouterr().out

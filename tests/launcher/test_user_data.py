@@ -19,6 +19,9 @@ def user_package(folder):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     shutil.copy(EXAMPLE, pkg / "parts.py")
+    (pkg / "cli.py").write_text("import sys\n"              # factories that end the process (argparse exits 2)
+                                "def build_data():\n    raise SystemExit(2)\n"
+                                "def build_model():\n    sys.exit(0)\n")
     return folder
 
 
@@ -79,6 +82,9 @@ BAD = [
     ({"data": {"factory": "mypkg.parts:build_data", "kwargs": {"n": -5}}}, "data.factory: 'mypkg.parts:build_data' raised"),
     ({"loss": {"factory": "mypkg.parts:build_data"}}, "loss.factory: 'mypkg.parts:build_data' returned dict; allowed: a callable"),
     ({"data": {"factory": "mypkg.parts:build_data", "dataset": "digits"}}, "data.dataset: 'digits' is not valid with data.factory"),
+    ({"model": {"factory": "mypkg.cli:build_model"}}, "model.factory: 'mypkg.cli:build_model' raised SystemExit(0) "
+                                                      "instead of returning"),
+    ({"data": {"factory": "mypkg.cli:build_data"}}, "data.factory: 'mypkg.cli:build_data' raised SystemExit(2)"),
 ]
 
 
