@@ -91,6 +91,8 @@ def user_data(cfg) -> dict:
     num_classes (the contract; see the README)."""
     from launcher.config.factories import call, field
     obj = call("data.factory", cfg.factory, cfg.kwargs)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:      # (train, test), as most code writes it
+        obj = {"train": obj[0], "test": obj[1]}
     out = {k: field(obj, k) for k in ("train", "test", "train_eval", "num_classes")}
     for key in ("train", "test", "train_eval"):
         ds = out[key]

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from launcher.config import Recipe
-from launcher.errors import UserError
+from launcher.errors import UserError, one_line
 from launcher.train.splits import EpochSplit, split_epochs
 
 
@@ -26,9 +26,97 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
         if not isinstance(recipe.model, str):
             models.user_model(recipe.model)
         losses.from_recipe(recipe.loss)
+        if recipe.data.factory or recipe.data.dataset == "imagefolder" or not isinstance(recipe.model, str):
+            check_samples(recipe)           # the user's own data or model: what a step needs, one sample
         splits = split_epochs(recipe, n, world_size)
     check_graphs(recipe, splits)
     return splits
+
+
+def check_samples(recipe: Recipe) -> None:
+    """Read one training and one test sample here, in the launcher, and run what a step runs on them (the
+    model's forward, the loss), so that a dataset returning PIL images, labels the model cannot take or a
+    model that cannot take the inputs is one line naming the key (not a traceback from every rank)."""
+    import torch
+    from launcher import data
+    from launcher.train import losses, models
+    from launcher.train.build import DTYPES
+    dtype = DTYPES[recipe.precision]
+    dataset = data.load(recipe.data, torch.device("cpu"), dtype)
+    key = "data.factory" if recipe.data.factory else "data.root"
+    where = f"{key}: {recipe.data.factory or recipe.data.root!r}"
+    (x, y), (tx, ty) = (_sample(split, name, where) for split, name in ((dataset.train, "train"),
+                                                                         (dataset.test, "test")))
+    if x.shape != tx.shape:
+        raise UserError(f"{where}: train[0] input has shape {tuple(x.shape)} and test[0] {tuple(tx.shape)}; "
+                        "allowed: one input shape for every sample (resize or crop in the dataset's transform)")
+    model_key = "model.factory" if not isinstance(recipe.model, str) else "model"
+    module = models.build(recipe.model, tuple(x.shape), dataset.num_classes, recipe.seed, dtype)
+    if not any(p.requires_grad for p in module.parameters()):
+        raise UserError(f"{model_key}: the model has no trainable parameters; allowed: a model with parameters")
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(torch.stack([x, tx]).to(dtype if x.is_floating_point() else x.dtype))
+    except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: one line
+        raise UserError(f"{model_key}: the forward pass of train[0] and test[0] (inputs {tuple(x.shape)}, {x.dtype}) "
+                        f"raised {type(exc).__name__}: {one_line(exc)}") from exc
+    loss = losses.from_recipe(recipe.loss)
+    target = torch.stack([y, ty])
+    if loss.per_sample is None:             # cross-entropy: class logits and class indices in their range
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise UserError(f"{where}: train[0] target is {y.tolist()!r} ({y.dtype}); allowed: an integer class "
+                            "index for cross-entropy (or a loss.factory for other targets)")
+        classes = out.shape[1] if out.dim() == 2 else None
+        if classes is None:
+            raise UserError(f"{model_key}: the model gives outputs of shape {tuple(out.shape)} for a batch of 2; "
+                            "allowed: class logits of shape (batch, classes) for cross-entropy (or a loss.factory)")
+        if dataset.num_classes and classes < dataset.num_classes:
+            raise UserError(f"{model_key}: the model gives {classes} outputs and the data has {dataset.num_classes} "
+                            f"classes; allowed: a model with {dataset.num_classes} outputs")
+        bad = [(name, int(t)) for name, t in (("train[0]", y), ("test[0]", ty)) if not 0 <= int(t) < classes]
+        if bad:
+            raise UserError(f"{where}: {bad[0][0]} target {bad[0][1]} is out of range for the model's {classes} "
+                            f"outputs; allowed: class indices in [0, {classes}) (or a model with more outputs)")
+    try:
+        value = loss(out.float(), target)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"loss: on the model's outputs {tuple(out.shape)} and targets {tuple(target.shape)} it raised "
+                        f"{type(exc).__name__}: {one_line(exc)}") from exc
+    if not torch.isfinite(value):
+        raise UserError(f"{where}: the loss of train[0] and test[0] is {float(value)} before any training; "
+                        "allowed: finite inputs and targets")
+
+
+def _sample(split, name: str, where: str):
+    """(input, target) of ``split``'s first sample, as tensors; one line naming what is wrong otherwise."""
+    import numbers
+    import numpy as np
+    import torch
+    if hasattr(split, "images"):                # in memory: tensors already
+        return split.images[0], split.labels[0]
+    try:
+        item = split.base[0]
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{where}: reading {name}[0] raised {type(exc).__name__}: {one_line(exc)}") from exc
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise UserError(f"{where}: {name}[0] is {type(item).__name__}; allowed: a pair (input, target)")
+    x, y = item
+    kind = f"{type(x).__module__}.{type(x).__name__}"
+    if kind.startswith("PIL."):
+        raise UserError(f"{where}: {name}[0] input is a {kind}; allowed: a tensor or array (add "
+                        "torchvision.transforms.ToTensor() to the dataset's transform)")
+    if not isinstance(x, (torch.Tensor, np.ndarray)):
+        raise UserError(f"{where}: {name}[0] input is a {kind}; allowed: a torch.Tensor or numpy array of numbers")
+    x = torch.as_tensor(x)
+    if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise UserError(f"{where}: {name}[0] input has dtype {x.dtype}; allowed: a numeric dtype")
+    if not isinstance(y, (torch.Tensor, np.ndarray, numbers.Number)) or isinstance(y, bool):
+        raise UserError(f"{where}: {name}[0] target is {y!r} ({type(y).__name__}); allowed: a number or a tensor "
+                        "(an integer class index for cross-entropy)")
+    return x, torch.as_tensor(y)
 
 
 GRAPH_MODES = ("reduce-overhead", "max-autotune")     # torch.compile modes that capture CUDA graphs

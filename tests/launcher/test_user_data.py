@@ -3,6 +3,7 @@ ImageFolder of generated PNGs, the streamed order proved to be the keyed order (
 path, and across world sizes), bitwise resume after kill -9, and every bad factory in one line."""
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -22,7 +23,44 @@ def user_package(folder):
     (pkg / "cli.py").write_text("import sys\n"              # factories that end the process (argparse exits 2)
                                 "def build_data():\n    raise SystemExit(2)\n"
                                 "def build_model():\n    sys.exit(0)\n")
+    (pkg / "edge.py").write_text(EDGE)
     return folder
+
+
+EDGE = """
+import torch
+from PIL import Image
+from mypkg.parts import Spirals, MLP
+
+class Mapped(torch.utils.data.Dataset):
+    def __init__(self, base, fn):
+        self.base, self.fn = base, fn
+    def __len__(self):
+        return len(self.base)
+    def __getitem__(self, i):
+        return self.fn(*self.base[i])
+
+def spirals(fn, test_fn=None):
+    return {"train": Mapped(Spirals(120, 3, 0), fn), "test": Mapped(Spirals(40, 3, 1), test_fn or fn), "num_classes": 3}
+
+def pil():
+    return spirals(lambda x, y: (Image.new("L", (8, 8)), y))
+def labels_too_big():
+    return spirals(lambda x, y: (x, y + 7))
+def string_labels():
+    return spirals(lambda x, y: (x, "cat"))
+def other_test_shape():
+    return spirals(lambda x, y: (x, y), lambda x, y: (torch.cat([x, x]), y))
+def pair():
+    d = spirals(lambda x, y: (x, y))
+    return d["train"], d["test"]
+def two_outputs():
+    return MLP(classes=2)
+def no_parameters():
+    return torch.nn.Flatten()
+def wrong_input():
+    return torch.nn.Linear(5, 3)
+"""
 
 
 @pytest.mark.e2e
@@ -85,7 +123,37 @@ BAD = [
     ({"model": {"factory": "mypkg.cli:build_model"}}, "model.factory: 'mypkg.cli:build_model' raised SystemExit(0) "
                                                       "instead of returning"),
     ({"data": {"factory": "mypkg.cli:build_data"}}, "data.factory: 'mypkg.cli:build_data' raised SystemExit(2)"),
+    # what a step needs, checked on one training and one test sample before any worker starts
+    ({"data": {"factory": "mypkg.edge:pil"}}, "data.factory: 'mypkg.edge:pil': train[0] input is a PIL.Image.Image; "
+                                              "allowed: a tensor or array (add torchvision.transforms.ToTensor()"),
+    ({"data": {"factory": "mypkg.edge:labels_too_big"}}, "train[0] target 7 is out of range for the model's 3 outputs; "
+                                                          "allowed: class indices in [0, 3)"),
+    ({"data": {"factory": "mypkg.edge:string_labels"}}, "train[0] target is 'cat' (str); allowed: a number or a tensor"),
+    ({"data": {"factory": "mypkg.edge:other_test_shape"}}, "train[0] input has shape (2,) and test[0] (4,); allowed: "
+                                                           "one input shape"),
+    ({"model": {"factory": "mypkg.edge:two_outputs"}, "data": {"factory": "mypkg.parts:build_data",
+                                                               "kwargs": {"classes": 4}}},
+     "model.factory: the model gives 2 outputs and the data has 4 classes; allowed: a model with 4 outputs"),
+    ({"model": {"factory": "mypkg.edge:no_parameters"}}, "model.factory: the model has no trainable parameters"),
+    ({"model": {"factory": "mypkg.edge:wrong_input"}}, "model.factory: the forward pass of train[0] and test[0] "
+                                                        "(inputs (2,), torch.float32) raised RuntimeError"),
 ]
+
+
+def test_a_factory_may_return_a_train_test_pair(tmp_path, monkeypatch):
+    from launcher import config, data
+    from launcher.train import preflight
+    user_package(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = config.from_dict(base_recipe(**{"data": {"factory": "mypkg.edge:pair"},
+                                             "model": {"factory": "mypkg.parts:build_model"}}))
+    try:
+        assert data.sizes(recipe.data) == (120, 40)
+        preflight.preflight(recipe, 2)
+    finally:
+        for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+            del sys.modules[name]
 
 
 @pytest.mark.parametrize("over,expect", BAD, ids=[b[1][:40] for b in BAD])
