@@ -77,22 +77,17 @@ def recipe(folder, batch: int, n: int, epochs: int = 2, compile_mode: str = "off
          "eval": {"every_epochs": 1000, "full_grad_norm": False, "batch_size": 1000},
          "checkpoint": {"every_steps": 0, "keep": 2},
          "tracking": {"wandb": {"mode": "disabled"}, "log_every_steps": 0}}
+    from launcher.config import keys
     for key, value in over.items():
-        from launcher.config import keys
         keys.set_(r, key, value)
     return R.from_dict(r)
 
 
 def trained(r, until_epoch=None):
-    """Train recipe ``r`` in this process (resuming from its checkpoint if there is one); the model."""
+    """Train recipe ``r`` in this process (resuming from its checkpoint if there is one); the trainer."""
     from launcher.train import comm as comm_mod
-    from launcher.train.build import build
-    from launcher.train.signals import PreemptionFlag
-    from launcher.train.trainer import Trainer
-    parts = build(r, comm_mod.init(), log=lambda *a, **k: None)
-    trainer = Trainer(parts, PreemptionFlag([]), until_epoch=until_epoch)
-    trainer.close(trainer.train())
-    return parts, trainer
+    from launcher.train import trainer
+    return trainer.run(r, comm_mod.init(), log=lambda *a, **k: None, until_epoch=until_epoch)
 
 
 # --------------------------------------------------------------------------------------- 1
@@ -255,14 +250,14 @@ def bitwise_resume():
     t0 = section("4. Resume with performance.deterministic: true")
     batch, steps = 16, 3 if SMOKE else 20
     with tempfile.TemporaryDirectory() as tmp:
-        whole, _ = trained(recipe(Path(tmp) / "a", batch, batch * steps, **{"performance.deterministic": True}))
+        whole = trained(recipe(Path(tmp) / "a", batch, batch * steps, **{"performance.deterministic": True}))
         resumed = recipe(Path(tmp) / "b", batch, batch * steps, **{"performance.deterministic": True})
         trained(resumed, until_epoch=1)                         # stops after epoch 0, checkpoint written
-        again, trainer = trained(resumed)                       # resumes from it
-        a, b = whole.module.state_dict(), again.module.state_dict()
+        again = trained(resumed)                                # resumes from it
+        a, b = whole.parts.module.state_dict(), again.parts.module.state_dict()
         same = all(torch.equal(a[k], b[k]) for k in a)
         print(f"2 epochs of {steps} steps, stopped after the first and resumed (resumed at global step "
-              f"{steps}: {trainer.state.global_step == 2 * steps}): bitwise equal to the run not stopped: {same}")
+              f"{steps}: {again.state.global_step == 2 * steps}): bitwise equal to the run not stopped: {same}")
     torch.use_deterministic_algorithms(False)
     done(t0)
 

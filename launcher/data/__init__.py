@@ -114,7 +114,7 @@ def load(cfg, device: torch.device, dtype: torch.dtype, is_first: bool = True) -
     """The recipe's data, on ``device``: in memory for the built-in sets (CIFAR is 600 MB as float32:
     fine on any GPU), streamed otherwise. With ``download``, call it on one process first
     (``is_first``), then on the others after a barrier."""
-    if cfg.factory or cfg.dataset == "imagefolder":      # streamed, built by the user or from folders
+    if cfg.factory or cfg.dataset == "imagefolder":
         return _streamed(cfg, device, dtype)
     (xtr, ytr), (xte, yte), classes, augment = builtin.load(cfg, is_first)
     if cfg.stream:

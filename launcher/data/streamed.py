@@ -188,9 +188,13 @@ class StreamedBatches:
                 self._ahead = (epoch, step + 1, *self._read(step + 1, stage))
         return size, out
 
-    def _read(self, step: int, stage) -> tuple[int, list]:
+    def _bounds(self, step: int, stage) -> tuple[int, int, int]:
+        """(global batch size, this rank's [lo, hi) of it) for step ``step`` of ``stage``."""
         size = min(stage.batch, len(self.split) - step * stage.batch)
-        lo, hi = order.rank_bounds(size, self.rank, self.world)
+        return (size, *order.rank_bounds(size, self.rank, self.world))
+
+    def _read(self, step: int, stage) -> tuple[int, list]:
+        size, lo, hi = self._bounds(step, stage)
         out = []
         for a, c in order.micro_batches(lo, hi, stage.micro_batch):
             out.append(self.split.to_device(*next(self._it)) if c > a else self.empty)
@@ -200,8 +204,7 @@ class StreamedBatches:
         """The step's samples on this rank (``read``, in order) cut into ``stage``'s micro-batches."""
         x = torch.cat([x for x, _ in read])
         y = torch.cat([y for _, y in read])
-        size = min(stage.batch, len(self.split) - step * stage.batch)
-        lo, hi = order.rank_bounds(size, self.rank, self.world)
+        _, lo, hi = self._bounds(step, stage)
         return [(x[a - lo:c - lo], y[a - lo:c - lo]) if c > a else self.empty
                 for a, c in order.micro_batches(lo, hi, stage.micro_batch)]
 

@@ -11,7 +11,7 @@ Mixed precision is torch.autocast over fp32 weights, as with DDP (DeepSpeed's bf
 so both engines compute the same updates.
 
 Checkpoints: DeepSpeed writes its own (partitioned) files into our atomic folder. It reads them back
-with ``torch.load(weights_only=False)``, which runs whatever code a crafted file carries; we replace
+with ``torch.load`` and weights_only off, which runs whatever code a crafted file carries; we replace
 its checkpoint engine with one that loads ``weights_only=True``, allowing only the few DeepSpeed and
 Python types its own files hold.
 """

@@ -16,27 +16,29 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
     the user's factories resolve and return what they must, and every stage splits."""
     from launcher import data
     from launcher.train import losses
-    from launcher.train import models
     check_output(recipe)
     if not check_data:                      # submit --dry-run on a login node: no data, no factories
         splits = [] if recipe.data.factory else split_epochs(recipe, data.sizes(recipe.data)[0], world_size)
     else:
         data.check_available(recipe.data)
-        n = data.sizes(recipe.data)[0]      # calls a data factory: its errors are one line here
-        if not isinstance(recipe.model, str):
-            models.user_model(recipe.model)
-        losses.from_recipe(recipe.loss)
         if recipe.data.factory or recipe.data.dataset == "imagefolder" or not isinstance(recipe.model, str):
-            check_samples(recipe)           # the user's own data or model: what a step needs, one sample
+            # the user's own data or model: every factory called once, here, and a step's forward and loss
+            # run on one sample; their errors are one line
+            trained_on = check_samples(recipe)
+            n = trained_on if recipe.data.factory else data.sizes(recipe.data)[0]
+        else:
+            n = data.sizes(recipe.data)[0]
+            losses.from_recipe(recipe.loss)
         splits = split_epochs(recipe, n, world_size)
     check_graphs(recipe, splits)
     return splits
 
 
-def check_samples(recipe: Recipe) -> None:
+def check_samples(recipe: Recipe) -> int:
     """Read one training and one test sample here, in the launcher, and run what a step runs on them (the
     model's forward, the loss), so that a dataset returning PIL images, labels the model cannot take or a
-    model that cannot take the inputs is one line naming the key (not a traceback from every rank)."""
+    model that cannot take the inputs is one line naming the key (not a traceback from every rank).
+    Returns the number of training samples (validation held out)."""
     import torch
     from launcher import data
     from launcher.train import losses, models
@@ -88,6 +90,7 @@ def check_samples(recipe: Recipe) -> None:
     if not torch.isfinite(value):
         raise UserError(f"{where}: the loss of train[0] and test[0] is {float(value)} before any training; "
                         "allowed: finite inputs and targets")
+    return len(dataset.train)
 
 
 def _sample(split, name: str, where: str):

@@ -147,3 +147,4 @@ def print_summary(recipe, state: TrainState, rows: list[dict], tracker, log=prin
         f"  {'checkpoints':<{width}}  {folder.checkpoints}",
         f"  {'final model':<{width}}  {folder.final_model}",
         f"  {'W&B files':<{width}}  {tracker.files if tracker and tracker.files else 'disabled'}"]))
+    sys.stdout.flush()          # the run's last lines: on screen (and in a job's log) before the process ends

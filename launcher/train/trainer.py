@@ -142,10 +142,11 @@ class Trainer:
         if finite < self.state.step:
             first = self.state.global_step - self.state.step + finite + 1
             saved = self.checkpoints.last_step
-            where = (f"nothing was saved after global step {saved}; lower schedule.lr.max (or check the data) and "
-                     "rerun to resume from there") if saved is not None else (
-                     "no checkpoint had been saved yet; lower schedule.lr.max (or check the data) and rerun")
-            raise RunFailed(f"the training loss is not finite at global step {first}; stopped, {where}")
+            since = (f"nothing was saved after global step {saved}" if saved is not None else
+                     "no checkpoint had been saved yet")
+            raise RunFailed(f"the training loss is not finite at global step {first}; stopped, {since}; lower "
+                            "schedule.lr.max (or check the data) and rerun"
+                            + (" to resume from there" if saved is not None else ""))
 
     def save(self, tag: str) -> None:
         self.check_finite()
@@ -170,11 +171,11 @@ def stop_check_interval(split: EpochSplit) -> int:
     return max(1, min(32, 256 // split.batch))
 
 
-def run(recipe, comm, preempt: PreemptionFlag | None = None, log=print, until_epoch: int | None = None) -> Outcome:
+def run(recipe, comm, preempt: PreemptionFlag | None = None, log=print, until_epoch: int | None = None) -> "Trainer":
     """Build the parts of this rank and train them, in this process (no markers, no final model: those
-    are the CLI's). What benchmarks and in-process tests drive."""
+    are the CLI's). What benchmarks and in-process tests drive; the trainer is returned for what they
+    read after training (its parts, state and stages)."""
     from launcher.train.build import build
     trainer = Trainer(build(recipe, comm, log), preempt or PreemptionFlag([]), until_epoch=until_epoch)
-    outcome = trainer.train()
-    trainer.close(outcome)
-    return outcome
+    trainer.close(trainer.train())
+    return trainer

@@ -101,15 +101,15 @@ def test_tf32_is_torch_s_default_unless_the_recipe_says_and_changes_the_trajecto
 
 
 
-def _buffers_after_training(comm, recipe: dict, cwd: str) -> dict:
-    from launcher.train.build import build
-    from launcher.train.signals import PreemptionFlag
-    from launcher.train.trainer import Trainer
+def _trained(comm, recipe: dict, cwd: str):
+    """``recipe`` trained on this rank, in folder ``cwd``; the trainer."""
+    from launcher.train import trainer
     os.chdir(cwd)
-    parts = build(config.from_dict(recipe), comm, lambda *a: None)
-    trainer = Trainer(parts, PreemptionFlag([]))
-    trainer.close(trainer.train())
-    return {k: v.clone() for k, v in parts.module.named_buffers()}
+    return trainer.run(config.from_dict(recipe), comm, log=lambda *a, **k: None)
+
+
+def _buffers_after_training(comm, recipe: dict, cwd: str) -> dict:
+    return {k: v.clone() for k, v in _trained(comm, recipe, cwd).parts.module.named_buffers()}
 
 
 def test_batch_norm_statistics_follow_the_same_rule_with_max_micro_batch_auto(tmp_path):
@@ -137,16 +137,10 @@ def test_sync_batch_norm_with_max_micro_batch_auto_is_refused():
 def _graphs_compiled(comm, recipe: dict, cwd: str, environ: dict) -> int:
     import torch._dynamo
     from torch._dynamo.utils import counters
-    from launcher.train.build import build
-    from launcher.train.signals import PreemptionFlag
-    from launcher.train.trainer import Trainer
-    os.chdir(cwd)
     os.environ.update(environ)
     torch._dynamo.reset()
     counters.clear()
-    trainer = Trainer(build(config.from_dict(recipe), comm, lambda *a: None), PreemptionFlag([]))
-    trainer.close(trainer.train())
-    return trainer.stages.graphs_compiled()
+    return _trained(comm, recipe, cwd).stages.graphs_compiled()
 
 
 def test_the_memory_probe_runs_eagerly_so_only_the_stage_shapes_compile(tmp_path):
@@ -190,16 +184,10 @@ def test_nproc_auto_is_one_process_per_visible_gpu_or_two_on_cpu(visible, expect
 
 
 def _train_and_report_determinism(comm, recipe: dict, cwd: str):
-    from launcher.train.build import build
-    from launcher.train.signals import PreemptionFlag
-    from launcher.train.trainer import Trainer
-    os.chdir(cwd)
-    parts = build(config.from_dict(recipe), comm, lambda *a: None)
+    module = _trained(comm, recipe, cwd).parts.module
     flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    trainer = Trainer(parts, PreemptionFlag([]))
-    trainer.close(trainer.train())
-    return flags, {k: v.clone() for k, v in parts.module.state_dict().items()}
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))      # as training left them (set when it was built)
+    return flags, {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def test_deterministic_turns_on_torch_s_switches_and_changes_no_number_on_cpu(tmp_path):
