@@ -3,8 +3,10 @@
 2 processes on CPU (gloo), two configurations: global batch 8 = micro 4 x accumulation 1 x 2 ranks (the
 paper's first stage, where per-step overhead is what one waits for) and global batch 256 = micro 32 x
 accumulation 4 x 2. Rounds alternate between the two loops; each reports training samples/s per epoch
-(evaluation excluded, the first epoch of each round dropped as warm-up); medians and the ratio. A DDP
-comm hook counts gradient all-reduces per optimizer step in our trainer.
+(evaluation excluded, the first epoch of each round dropped as warm-up); medians and the ratio. Our
+trainer runs twice per round: with the gradient noise scale measured (the default: a DDP comm hook reads
+each bucket before and after its all-reduce) and without (``tracking.noise_scale: false``); the last
+column is what measuring costs. The hook also counts gradient all-reduces per optimizer step.
 
     .venv/bin/python benchmarks/launcher_overhead.py      # starts torchrun itself
 """
@@ -52,7 +54,7 @@ def bare_loop(comm, epochs, batch, micro, n):
     return rates[1:]
 
 
-def ours(comm, epochs, folder, batch, micro, n):
+def ours(comm, epochs, folder, batch, micro, n, noise):
     from launcher import config as R
     from launcher.run.files import read_jsonl
     from launcher.train.trainer import run
@@ -62,51 +64,52 @@ def ours(comm, epochs, folder, batch, micro, n):
                      "distributed": {"nproc_per_node": comm.world, "max_micro_batch": micro},
                      "eval": {"every_epochs": 1000, "full_grad_norm": False},
                      "checkpoint": {"every_steps": 0, "keep": 1},
-                     "tracking": {"wandb": {"mode": "disabled"}}})
+                     "tracking": {"wandb": {"mode": "disabled"}, "noise_scale": noise}})
     run(r, comm, log=lambda *a, **k: None)
     rows = read_jsonl(Path(folder) / "bench" / "metrics.jsonl")
     return [row["samples_per_s"] for row in rows][1:], rows[-1]["step"]
 
 
 def worker():
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from launcher.train import comm as comm_mod
-    from launcher.engines import ddp as engines
+    from launcher.train import noise
     comm = comm_mod.init()
     calls = {"n": 0}
+    original = noise.NoiseProbe.comm_hook
 
-    def counting_hook(state, bucket):
+    def counting_hook(self, state, bucket):
         calls["n"] += 1
-        return default_hooks.allreduce_hook(state, bucket)
+        return original(self, state, bucket)
+    noise.NoiseProbe.comm_hook = counting_hook
 
-    original = engines.DDPEngine.__init__
-
-    def patched(self, *a, **k):
-        original(self, *a, **k)
-        self.model.register_comm_hook(None, counting_hook)
-    engines.DDPEngine.__init__ = patched
+    def ours_in_tmp(batch, micro, n, measure):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = comm.broadcast(tmp if comm.is_main else None)
+            rates, steps = ours(comm, EPOCHS, folder, batch, micro, n, measure)
+            comm.barrier()
+        return rates, steps
 
     lines = []
     for batch, micro, n in CONFIGS:
-        bare, mine, steps_total, calls["n"] = [], [], 0, 0
-        for r in range(ROUNDS):           # alternate which loop goes first: no order bias
-            if r % 2 == 0:
-                bare += bare_loop(comm, EPOCHS, batch, micro, n)
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = comm.broadcast(tmp if comm.is_main else None)
-                rates, steps = ours(comm, EPOCHS, folder, batch, micro, n)
-                mine += rates
-                steps_total += steps
-                comm.barrier()
-            if r % 2 == 1:
-                bare += bare_loop(comm, EPOCHS, batch, micro, n)
-        b, m = statistics.median(bare), statistics.median(mine)
+        bare, plain, measured, steps_total, calls["n"] = [], [], [], 0, 0
+        for r in range(ROUNDS):           # rotate which loop goes first: no order bias
+            loops = ["bare", "plain", "measured"]
+            for which in loops[r % 3:] + loops[:r % 3]:
+                if which == "bare":
+                    bare += bare_loop(comm, EPOCHS, batch, micro, n)
+                else:
+                    rates, steps = ours_in_tmp(batch, micro, n, which == "measured")
+                    (measured if which == "measured" else plain).extend(rates)
+                    steps_total += steps if which == "measured" else 0
+        b, p, m = (statistics.median(x) for x in (bare, plain, measured))
         split = f"{micro} x {batch // micro // comm.world} x {comm.world}"
-        lines.append(f"| {batch} = {split} | {b:,.0f} | {m:,.0f} | {m / b:.3f} | {calls['n'] / steps_total:.2f} |")
+        lines.append(f"| {batch} = {split} | {b:,.0f} | {p:,.0f} | {m:,.0f} | {m / b:.3f} | {calls['n'] / steps_total:.2f} "
+                     f"| {m / p:.3f} |")
     if comm.is_main:
-        print("| global batch (micro x accum x ranks) | bare DDP loop (samples/s) | qhm-launch trainer (samples/s) "
-              "| ratio | gradient all-reduces per step |")
-        print("|---|---|---|---|---|")
+        print("| global batch (micro x accum x ranks) | bare DDP loop (samples/s) | qhm-launch, noise scale off "
+              "(samples/s) | qhm-launch, default (samples/s) | ratio default / bare | gradient all-reduces per step "
+              "| ratio noise scale on / off |")
+        print("|---|---|---|---|---|---|---|")
         print("\n".join(lines))
     comm.close()
 

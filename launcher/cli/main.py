@@ -78,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     rp = command("report", "a markdown table: one row per run")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run or sweep folders (those without metrics are listed)")
     rp.add_argument("--rank", help=f"sort by: {' | '.join(RANKS)} (best first)")
+    rp.add_argument("--target", metavar="METRIC>=VALUE", help="when each run first reached it: global step, SFO "
+                    "and seconds (METRIC>=VALUE or METRIC<=VALUE, any field of the epoch or step rows)")
+    rp.add_argument("--json", action="store_true", help="with --target: one JSON object per run")
+    sc = command("scaling", "the critical batch size fitted to steps-to-target, and throughput per world size")
+    sc.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run or sweep folders: constant batches of at least "
+                    "3 sizes for the fit (seeds averaged)")
+    sc.add_argument("--target", metavar="METRIC>=VALUE", help="METRIC>=VALUE or METRIC<=VALUE; without it, "
+                    "throughput only")
+    sc.add_argument("--out", help="FILE.png or FILE.pdf: steps and SFO to target vs batch with the fit, and the "
+                    "measured noise scale over training")
+    sc.add_argument("--json", action="store_true", help="print the result as JSON")
     st = command("status", "one row per run: done / running / preempted / failed / interrupted / not started")
     st.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or sweep folders (their points)")
     return p
@@ -139,8 +150,21 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from launcher.cli import analysis
-    print(analysis.report(args.runs, args.rank))
+    from launcher.cli import analysis, scaling
+    if args.target is not None:
+        print(scaling.target_report(args.runs, args.target, args.json))
+    elif args.json:
+        raise UserError("--json: given without --target; allowed: report --target METRIC>=VALUE --json")
+    else:
+        print(analysis.report(args.runs, args.rank))
+    return 0
+
+
+def cmd_scaling(args) -> int:
+    from launcher.cli import scaling
+    print(scaling.scaling(args.runs, args.target, args.out, args.json))
+    if args.out and not args.json:
+        print(f"qhm-launch: figure -> {args.out}")
     return 0
 
 
@@ -161,7 +185,8 @@ def main(argv=None) -> int:
     from launcher.cli.plan import cmd_bounds, cmd_plan
     from launcher.cli.run import cmd_run
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
-                "sweep": slurm.cmd_sweep, "plot": cmd_plot, "report": cmd_report, "status": cmd_status}
+                "sweep": slurm.cmd_sweep, "plot": cmd_plot, "report": cmd_report, "scaling": cmd_scaling,
+                "status": cmd_status}
     try:
         return commands[args.command](args)
     except UserError as exc:

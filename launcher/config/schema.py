@@ -156,6 +156,7 @@ class Tracking:
     wandb: Wandb = field(default_factory=Wandb)
     log_every_steps: Optional[int] = None   # steps.jsonl rows; None: about 2,000 over the run; 0: none
     step_grad_norm: bool = False            # the norm of each logged step's averaged gradient (DDP)
+    noise_scale: bool = True                # the gradient noise scale, measured at every step (launcher/train/noise.py)
 
 
 @dataclass

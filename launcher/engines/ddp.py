@@ -23,6 +23,14 @@ class DDPEngine:
                          gradient_as_bucket_view=True) if torch.distributed.is_initialized() else module
         self.explicit_reduce = explicit_reduce and self.model is not module
         self._reduced = False
+        self.probe = None
+
+    def measure_noise(self, probe) -> None:
+        """Read the gradient before and after its all-reduce for the noise scale (launcher.train.noise):
+        DDP's reduce through the probe's comm hook, or the explicit reduce's own flat gradient."""
+        self.probe = probe
+        if self.model is not self.module and not self.explicit_reduce:
+            self.model.register_comm_hook(None, probe.comm_hook)
 
     def set_stage(self, micro_batch: int, accum: int) -> None:
         """DDP needs nothing: the loop decides where each step's micro-batches end."""
@@ -54,8 +62,13 @@ class DDPEngine:
         """The mean gradient over ranks, as DDP's reduce gives it (a rank without data adds zeros)."""
         params = [p for p in self.module.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.comm.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.probe is not None:
+            self.probe.add_local(flat)
+        flat = self.comm.all_reduce_sum(flat)
         flat.div_(self.comm.world)
+        if self.probe is not None:
+            self.probe.add_reduced(flat)
         for p, chunk in zip(params, torch.split(flat, [g.numel() for g in grads])):
             p.grad = chunk.view_as(p).clone()
         self._reduced = True

@@ -17,7 +17,7 @@ from launcher import engines
 from launcher.data import order
 from launcher.run.checkpoint import CheckpointManager
 from launcher.run.folder import RunFolder
-from launcher.train import losses, models, preflight, splits
+from launcher.train import losses, models, noise, preflight, splits
 from launcher.train.comm import Comm
 from launcher.train.state import EpochSums, RankRNG, TrainState
 
@@ -43,6 +43,7 @@ class Parts:
     autocast: contextlib.AbstractContextManager
     state: TrainState
     sums: EpochSums
+    noise: noise.NoiseProbe
     rng: RankRNG
     checkpoints: CheckpointManager
     log: Callable[..., None]
@@ -130,6 +131,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     module = build_module(recipe, dataset, comm, dtype)
     engine = engines.build(recipe, module, build_optimizer(recipe, module), comm, planned[0])
     loss = losses.from_recipe(recipe.loss)
+    noise_probe = build_noise_probe(recipe, engine, module, comm, planned, log)
     sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device)
     state, sums, rng = TrainState(), EpochSums(comm.device), RankRNG(recipe.seed, comm.rank, comm.device)
     checkpoints = CheckpointManager(folder, comm, recipe.checkpoint.keep, log)
@@ -141,4 +143,17 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     return Parts(recipe=recipe, comm=comm, folder=folder, dataset=dataset, splits=planned, module=module,
                  engine=engine, loss=loss, sampler=sampler,
                  batches=dataset.batches(sampler, recipe.seed, comm), autocast=autocast_for(recipe, comm.device),
-                 state=state, sums=sums, rng=rng, checkpoints=checkpoints, log=log)
+                 state=state, sums=sums, noise=noise_probe, rng=rng, checkpoints=checkpoints, log=log)
+
+
+def build_noise_probe(recipe, engine, module, comm: Comm, planned, log) -> noise.NoiseProbe:
+    """The gradient noise scale's probe, wired into the engine where several ranks measure it; where it
+    cannot be measured (or is off), one log line says why."""
+    kind, why = noise.source(recipe, comm.world, planned)
+    probe = noise.NoiseProbe(kind, module, comm.world, comm.device)
+    if kind == noise.RANKS:
+        engine.measure_noise(probe)
+    elif recipe.tracking.noise_scale:
+        log(f"[qhm-launch] gradient noise scale: not measured ({why}); grad_sq, trace_cov and noise_scale "
+            "are null")
+    return probe

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from launcher.run.tracking import MetricsLog, Tracker, run_id
+from launcher.train import noise
 from launcher.train.splits import EpochSplit
 from launcher.train.state import TrainState
 
@@ -63,10 +64,10 @@ class Reporter:
         self._clock = now
 
     def row(self, split: EpochSplit, state: TrainState, sums: torch.Tensor, has_accuracy: bool) -> dict:
-        """The fields both logs share: position, split, hyper-parameters, and the training loss and
-        accuracy over ``sums`` = (loss sum, correct, samples)."""
+        """The fields both logs share: position, split, hyper-parameters, the training loss and accuracy
+        and the gradient noise estimates over ``sums`` (laid out as :data:`EpochSums.FIELDS`)."""
         loss, correct, count = (float(v) for v in sums[:3])
-        return {"epoch": split.epoch, "step": state.global_step, "samples": state.samples, "batch": split.batch,
+        return {**noise.window_fields(sums[3:6]), "epoch": split.epoch, "step": state.global_step, "samples": state.samples, "batch": split.batch,
                 "micro_batch": split.micro_batch, "accum": split.accum, "world_size": self.comm.world,
                 "lr": split.lr, "beta": split.beta, "gamma": split.gamma, "train_loss": loss / max(count, 1),
                 "train_acc": correct / max(count, 1) if has_accuracy else None}
@@ -99,8 +100,9 @@ class Reporter:
         now = time.time()
         row = self.row(split, state, window, has_accuracy)
         row["samples_per_s"] = round((state.samples - self._log_samples) / max(now - self._log_clock, 1e-9), 1)
-        if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
+        row["wall_time"] = round(state.wall_time + now - self._clock, 3)       # over restarts, as epoch rows
+        if grad_norm is not None:      # one step's mini-batch gradient: not the epoch rows' full-gradient norm
+            row["minibatch_grad_norm"] = float(grad_norm)
         self._log_clock, self._log_samples = now, state.samples
         if self.comm.is_main:
             self.steps.append(row)

@@ -89,19 +89,23 @@ class RankRNG:
 
 class EpochSums:
     """This rank's sums over the epoch so far: loss and correct predictions (0-d tensors on the device,
-    so adding to them never waits for it: one small kernel each) and samples (a host integer: the loop
-    knows it without asking). ``has_accuracy`` turns False when the outputs are not class logits.
+    so adding to them never waits for it: one small kernel each), samples (a host integer: the loop
+    knows it without asking), and the gradient noise estimates (:mod:`launcher.train.noise`: the sums of
+    each measured step's |G|^2 and tr(Sigma) estimates on the device, the count of those steps on the host).
+    ``has_accuracy`` turns False when the outputs are not class logits.
 
     The sums since the last per-step log point (the *window*, which may span an epoch's end) are the
     current sums plus ``offset``: a log point sets it to minus the current sums, an epoch's end adds the
     epoch's sums to it before they are zeroed. All on the device, read only at log points."""
+    FIELDS = ("loss", "correct", "samples", "grad_sq", "trace_cov", "noise_steps")   # as_tensor's layout
 
     def __init__(self, device: torch.device):
         self.device = device
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.float64, device=device)
-        self.offset = torch.zeros(3, dtype=torch.float64, device=device)
-        self.samples, self.has_accuracy = 0, True
+        self.noise = torch.zeros(2, dtype=torch.float64, device=device)
+        self.offset = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        self.samples, self.noise_steps, self.has_accuracy = 0, 0, True
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor | None, samples: int) -> None:
         self.loss += loss_sum.detach()
@@ -111,52 +115,67 @@ class EpochSums:
             self.correct += correct
         self.samples += samples
 
+    def add_noise(self, coefficients: torch.Tensor, squares: torch.Tensor) -> None:
+        """One measured step: its (|G|^2, tr(Sigma)) estimates = coefficients @ squares, one kernel."""
+        self.noise.addmv_(coefficients, squares)
+        self.noise_steps += 1
+
     def zero(self) -> None:
         """The epoch ended: its sums restart at zero; the window keeps what was not logged yet."""
         self.offset += self.as_tensor()
         self.loss.zero_()
         self.correct.zero_()
-        self.samples = 0
+        self.noise.zero_()
+        self.samples = self.noise_steps = 0
 
     def window(self) -> torch.Tensor:
-        """(loss sum, correct, samples) since the last log point, on the device."""
+        """:data:`FIELDS` since the last log point, on the device."""
         return self.as_tensor() + self.offset
 
     def start_window(self) -> None:
         self.offset = -self.as_tensor()
 
     def as_tensor(self) -> torch.Tensor:
-        """(loss sum, correct, samples) as one float64 tensor on the device, ready to all-reduce."""
-        return torch.stack([self.loss, self.correct, torch.tensor(float(self.samples), dtype=torch.float64,
-                                                                  device=self.device)])
+        """:data:`FIELDS` as one float64 tensor on the device, ready to all-reduce."""
+        counts = torch.tensor([float(self.samples), float(self.noise_steps)], dtype=torch.float64, device=self.device)
+        return torch.cat([torch.stack([self.loss, self.correct]), counts[:1], self.noise, counts[1:]])
 
     def snapshot(self) -> tuple:
         """The sums as they are, on the device (no copy to the host): for a step that may be redone."""
-        return self.loss.clone(), self.correct.clone(), self.offset.clone(), self.samples, self.has_accuracy
+        return (self.loss.clone(), self.correct.clone(), self.noise.clone(), self.offset.clone(), self.samples,
+                self.noise_steps, self.has_accuracy)
 
     def restore(self, snap: tuple) -> None:
-        loss, correct, offset, self.samples, self.has_accuracy = snap
-        self.loss.copy_(loss)
-        self.correct.copy_(correct)
-        self.offset.copy_(offset)
+        loss, correct, noise, offset, self.samples, self.noise_steps, self.has_accuracy = snap
+        for mine, saved in ((self.loss, loss), (self.correct, correct), (self.noise, noise), (self.offset, offset)):
+            mine.copy_(saved)
 
     def state_dict(self) -> dict:
         return {"values": torch.stack([self.loss, self.correct]).cpu(), "samples": self.samples,
+                "noise": self.noise.cpu(), "noise_steps": self.noise_steps,
                 "offset": self.offset.cpu(), "has_accuracy": self.has_accuracy}
 
     def load_state_dict(self, state: dict) -> None:
+        """Checkpoints from before the noise estimates (an offset of 3) read as zero for them."""
         self.loss.copy_(state["values"][0])
         self.correct.copy_(state["values"][1])
         self.samples = int(state["samples"])
-        self.offset.copy_(state.get("offset", torch.zeros(3, dtype=torch.float64)))
+        self.noise.copy_(state.get("noise", torch.zeros(2, dtype=torch.float64)))
+        self.noise_steps = int(state.get("noise_steps", 0))
+        offset = state.get("offset", torch.zeros(3, dtype=torch.float64))
+        self.offset.zero_()
+        self.offset[:len(offset)].copy_(offset)
         self.has_accuracy = bool(state.get("has_accuracy", True))
 
     def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
         """Another world size: rank 0 carries the epoch's (and the window's) totals, the others start at 0."""
-        zero = torch.zeros(3, dtype=torch.float64)
+        width, accuracy = len(self.FIELDS), all(s.get("has_accuracy", True) for s in saved)
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        padded = lambda t: torch.cat([t, zeros(width - len(t))])  # noqa: E731
         if rank == 0:
             return {"values": sum(s["values"] for s in saved), "samples": sum(int(s["samples"]) for s in saved),
-                    "offset": sum(s.get("offset", zero) for s in saved),
-                    "has_accuracy": all(s.get("has_accuracy", True) for s in saved)}
-        return {"values": torch.zeros(2, dtype=torch.float64), "samples": 0, "offset": zero,
-                "has_accuracy": all(s.get("has_accuracy", True) for s in saved)}
+                    "noise": sum(s.get("noise", zeros(2)) for s in saved),
+                    "noise_steps": sum(int(s.get("noise_steps", 0)) for s in saved),
+                    "offset": sum(padded(s.get("offset", zeros(3))) for s in saved), "has_accuracy": accuracy}
+        return {"values": zeros(2), "samples": 0, "noise": zeros(2), "noise_steps": 0, "offset": zeros(width),
+                "has_accuracy": accuracy}

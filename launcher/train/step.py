@@ -16,6 +16,7 @@ class StepRunner:
     def __init__(self, parts: Parts, stages: Stages):
         p = parts
         self.stages, self.engine, self.batches, self.loss, self.sums = stages, p.engine, p.batches, p.loss, p.sums
+        self.noise = p.noise
         self.comm, self.module, self.autocast = p.comm, p.module, p.autocast
         self.channels_last = p.recipe.performance.channels_last
         self.sync_bn = p.recipe.distributed.batch_norm == "sync" and p.comm.world > 1
@@ -36,6 +37,7 @@ class StepRunner:
         if self.sync_bn:              # every rank must join every batch-norm all-gather: as many micro-steps
             needed = ceil_div(ceil_div(size, self.comm.world), split.micro_batch)
             micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
+        self.noise.start_step()
         for i, (x, y) in enumerate(micro_batches):
             if self.oom_at and self._inject_oom(epoch, step, i):
                 raise microbatch.injected_oom(f"epoch {epoch} step {step}")
@@ -50,6 +52,7 @@ class StepRunner:
                 out = model(x)
                 loss = self.loss(out, y)
                 self.engine.backward(loss * (self.comm.world / size))
+            self.noise.micro_step_done(i, i == len(micro_batches) - 1, len(y))
             if empty and not self.sync_bn:
                 model.train()
             self.sums.add(loss, self.loss.correct(out, y), len(y))

@@ -99,6 +99,7 @@ class Trainer:
         if self.recipe.tracking.step_grad_norm and self.log_every and (self.state.global_step + 1) % self.log_every == 0:
             self.step_grad_norm = self.engine.gradient_norm()      # read at the log point, not here
         self.engine.step()
+        self.parts.noise.end_step(self.sums, size)
         self.finite_steps += torch.isfinite(self.sums.loss)
         self.state.step, self.state.global_step = step + 1, self.state.global_step + 1
         self.state.samples += size
@@ -111,7 +112,7 @@ class Trainer:
         all-reduce (with the count of ranks that saw a non-finite loss, which stops the run first)."""
         unfinished = (self.finite_steps < self.state.step).to(torch.float64).reshape(1)
         window = self.comm.all_reduce_sum(torch.cat([self.sums.window(), unfinished]))
-        if float(window[3]):
+        if float(window[-1]):
             self.check_finite()                   # names the step and raises
         self.sums.start_window()
         grad_norm, self.step_grad_norm = self.step_grad_norm, None

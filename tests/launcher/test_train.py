@@ -9,7 +9,8 @@ import pytest
 from helpers import ROOT, base_recipe, cli, final_params, metric_rows, train_ranks
 
 FIELDS = {"epoch", "step", "samples", "batch", "micro_batch", "accum", "lr", "beta", "gamma", "train_loss",
-          "train_acc", "test_loss", "test_acc", "grad_norm", "min_grad_norm", "wall_time", "samples_per_s"}
+          "train_acc", "test_loss", "test_acc", "grad_norm", "min_grad_norm", "wall_time", "samples_per_s",
+          "grad_sq", "trace_cov", "noise_scale"}
 
 
 def equivalence_recipe(**over):

@@ -1,0 +1,212 @@
+"""What a scaling study is run for: when each run first reached a target (``report --target``), the
+critical batch size fitted to steps-to-target over batch sizes, and throughput over world sizes
+(``qhm-launch scaling``).
+
+The fit is the trade-off of McCandlish et al. (2018) and Shallue et al. (2019),
+
+    S(B) = S_min (1 + B_crit / B)       equivalently  E(B) = E_min (1 + B / B_crit),  E = S B,
+
+linear in (S_min, S_min B_crit) over 1/B, so ordinary least squares on the steps fits it exactly when the
+points lie on such a curve. E_min = S_min B_crit is the fewest samples (SFO) any batch can need.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+
+from launcher.cli import analysis
+from launcher.errors import UserError
+
+TARGET_FORM = ("METRIC>=VALUE or METRIC<=VALUE, METRIC a field of the runs' metrics.jsonl or steps.jsonl rows "
+               "(e.g. test_acc>=0.9, train_loss<=0.5)")
+
+
+@dataclass(frozen=True)
+class Target:
+    metric: str
+    op: str
+    value: float
+
+    def reached(self, v) -> bool:
+        return v is not None and (v >= self.value if self.op == ">=" else v <= self.value)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def parse_target(text: str) -> Target:
+    m = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*(\S+)\s*", text or "")
+    value = _number(m.group(3)) if m else None
+    if value is None:
+        raise UserError(f"--target: {text!r} is not valid; allowed: {TARGET_FORM}")
+    return Target(m.group(1), m.group(2), value)
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def crossing(run: dict, target: Target) -> dict:
+    """Where ``run`` first reached ``target``: from its step rows if they carry the metric (finer), else its
+    epoch rows (with ``eval.every_steps``, mid-epoch evaluations among them). Nulls when never reached."""
+    rows = [r for r in run["step_rows"] if r.get(target.metric) is not None] or \
+        [r for r in run["rows"] if r.get(target.metric) is not None]
+    hit = next((r for r in sorted(rows, key=lambda r: r["step"]) if target.reached(r[target.metric])), None)
+    return {"run": str(run["dir"]), "steps_to_target": hit and hit["step"], "sfo_to_target": hit and hit["samples"],
+            "seconds_to_target": hit and hit.get("wall_time"), "carried": bool(rows)}
+
+
+def _check_carried(target: Target, found: list[dict]) -> None:
+    if not any(f["carried"] for f in found):
+        raise UserError(f"--target: {target.metric!r} is in none of the runs' rows; allowed: {TARGET_FORM}")
+
+
+def _spread(values: list) -> str:
+    got = [v for v in values if v is not None]
+    if not got:
+        return "not reached"
+    text = f"{statistics.fmean(got):,.6g}"
+    if len(got) > 1:
+        text += f" ({min(got):,.6g}–{max(got):,.6g})"
+    return text + ("" if len(got) == len(values) else f", {len(values) - len(got)} of {len(values)} not reached")
+
+
+def target_report(run_dirs: list, target_text: str, as_json: bool = False) -> str:
+    """Per run, and per group of runs that differ only by seed (mean, min–max): the global step, SFO and
+    training seconds at which the target was first reached."""
+    target = parse_target(target_text)
+    curves = analysis.group(analysis.load_runs(run_dirs))
+    per_curve = [(c, [crossing(run, target) for run in c["runs"]]) for c in curves]
+    _check_carried(target, [f for _, found in per_curve for f in found])
+    if as_json:
+        return json.dumps([{k: v for k, v in f.items() if k != "carried"} | {"group": c["label"]}
+                           for c, found in per_curve for f in found], indent=1)
+    lines = [f"target {target}", "", "| run | steps to target | SFO to target | seconds to target |", "|---|---|---|---|"]
+    fmt = lambda v: "not reached" if v is None else f"{v:,.6g}"  # noqa: E731
+    for c, found in per_curve:
+        for f in found:
+            lines.append(f"| {f['run']} | {fmt(f['steps_to_target'])} | {fmt(f['sfo_to_target'])} | "
+                         f"{fmt(f['seconds_to_target'])} |")
+    if any(len(found) > 1 for _, found in per_curve):
+        lines += ["", "| group (seeds: mean, min–max) | runs | steps to target | SFO to target | seconds to target |",
+                  "|---|---|---|---|---|"]
+        for c, found in per_curve:
+            lines.append(f"| {c['label']} | {len(found)} | " + " | ".join(
+                _spread([f[k] for f in found]) for k in ("steps_to_target", "sfo_to_target", "seconds_to_target"))
+                + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The critical batch size
+
+def constant_batch(recipe: dict) -> int | None:
+    batch = recipe.get("schedule", {}).get("batch", {})
+    return batch.get("size") if batch.get("kind", "constant") == "constant" else None
+
+
+def fit_tradeoff(batches, steps) -> dict:
+    """Least squares of S = S_min + (S_min B_crit) / B; B_crit and E_min null when the points do not
+    fall on such a curve (S_min or S_min B_crit not positive)."""
+    x = 1.0 / np.asarray(batches, dtype=float)
+    design = np.stack([np.ones_like(x), x], axis=1)
+    (s_min, slope), *_ = np.linalg.lstsq(design, np.asarray(steps, dtype=float), rcond=None)
+    ok = s_min > 0 and slope > 0
+    return {"s_min": float(s_min), "b_crit": float(slope / s_min) if ok else None,
+            "e_min": float(slope) if ok else None}
+
+
+def _points(runs: list[dict], target: Target) -> tuple[list[dict], list[str]]:
+    """Constant-batch runs grouped by batch size (seeds averaged); the runs that never reached it."""
+    by_batch: dict[int, list] = {}
+    never = []
+    for run in runs:
+        b = constant_batch(run["recipe"])
+        if b is None:
+            continue
+        hit = crossing(run, target)
+        if hit["steps_to_target"] is None:
+            never.append(str(run["dir"]))
+        else:
+            by_batch.setdefault(b, []).append(hit)
+    return [{"batch": b, "runs": [h["run"] for h in hits],
+             "steps": statistics.fmean(h["steps_to_target"] for h in hits),
+             "sfo": statistics.fmean(h["sfo_to_target"] for h in hits)}
+            for b, hits in sorted(by_batch.items())], never
+
+
+def steady_throughput(run: dict) -> float | None:
+    """Median samples/s of the run's step rows after its first epoch (compilation, warm-up, the first
+    data pass), or of its epoch rows after the first where it logged no steps."""
+    rows = [r for r in run["step_rows"] if r.get("epoch", 0) >= 1 and r.get("samples_per_s")]
+    rows = rows or [r for r in run["rows"][1:] if r.get("samples_per_s")]
+    return statistics.median(r["samples_per_s"] for r in rows) if rows else None
+
+
+def throughput(runs: list[dict]) -> list[dict]:
+    """Per world size: samples/s per process (each run's steady median, averaged over runs) and the
+    scaling efficiency against the smallest world size (per-process rate over its per-process rate)."""
+    by_world: dict[int, list] = {}
+    for run in runs:
+        rate = steady_throughput(run)
+        world = (run["rows"][-1] if run["rows"] else {}).get("world_size")
+        if rate is not None and world:
+            by_world.setdefault(int(world), []).append((rate, str(run["dir"])))
+    out = []
+    for world, rates in sorted(by_world.items()):
+        per_gpu = statistics.fmean(r for r, _ in rates) / world
+        out.append({"world_size": world, "runs": [d for _, d in rates], "samples_per_s": per_gpu * world,
+                    "samples_per_s_per_process": per_gpu})
+    for o in out:
+        o["efficiency"] = o["samples_per_s_per_process"] / out[0]["samples_per_s_per_process"]
+    return out
+
+
+def scaling(run_dirs: list, target_text: str | None = None, out: str | None = None, as_json: bool = False) -> str:
+    runs = analysis.load_runs(run_dirs)
+    result: dict = {}
+    if target_text is not None:
+        target = parse_target(target_text)
+        _check_carried(target, [crossing(run, target) for run in runs])
+        points, never = _points(runs, target)
+        if len(points) < 3:
+            raise UserError(f"--target: {target} was reached by constant-batch runs of {len(points)} batch size(s) "
+                            f"({', '.join(str(p['batch']) for p in points) or 'none'}); allowed: runs of at least 3 "
+                            "batch sizes (schedule.batch.kind constant) that reach it")
+        fit = fit_tradeoff([p["batch"] for p in points], [p["steps"] for p in points])
+        result = {"target": str(target), **fit, "sfo_best_batch": min(points, key=lambda p: p["sfo"])["batch"],
+                  "points": points, "not_reached": never}
+    result["throughput"] = throughput(runs)
+    if out is not None:
+        from launcher.cli import figures
+        figures.scaling_figure(runs, result, out)
+    return json.dumps(result, indent=1) if as_json else _scaling_text(result)
+
+
+def _scaling_text(result: dict) -> str:
+    lines = []
+    g = lambda v: "-" if v is None else f"{v:,.4g}"  # noqa: E731
+    if "points" in result:
+        lines += [f"target {result['target']}", "",
+                  "| batch | runs | steps to target | SFO to target |", "|---|---|---|---|"]
+        lines += [f"| {p['batch']} | {len(p['runs'])} | {p['steps']:,.1f} | {p['sfo']:,.0f} |" for p in result["points"]]
+        lines += ["", f"fit S = S_min (1 + B_crit / B): S_min {g(result['s_min'])} steps, B_crit {g(result['b_crit'])}, "
+                      f"E_min {g(result['e_min'])} samples"
+                  + ("" if result["b_crit"] is not None else " (the points do not fall on the trade-off curve)"),
+                  f"fewest samples among the runs: batch {result['sfo_best_batch']} (the SFO-minimising batch)"]
+        if result["not_reached"]:
+            lines.append(f"never reached the target (not fitted): {', '.join(result['not_reached'])}")
+        lines.append("")
+    lines += ["| world size | runs | samples/s | samples/s per process | scaling efficiency |", "|---|---|---|---|---|"]
+    lines += [f"| {t['world_size']} | {len(t['runs'])} | {t['samples_per_s']:,.0f} | {t['samples_per_s_per_process']:,.0f} "
+              f"| {t['efficiency']:.2f} |" for t in result["throughput"]]
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""The gradient noise scale, measured online from the two batch sizes every step already has
+(McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", appendix A.1).
+
+In a step, a gradient over b samples (this rank's share of the global batch; on one process under
+accumulation, the first micro-batch) and the global batch's gradient over B samples satisfy
+E|g_b|^2 = |G|^2 + tr(Sigma)/b and E|g_B|^2 = |G|^2 + tr(Sigma)/B, so
+
+    |G|^2     ~ (B |g_B|^2 - b |g_b|^2) / (B - b)
+    tr(Sigma) ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B)
+
+are unbiased. Each step adds both estimates to the epoch's running sums (:class:`EpochSums`) with one
+kernel, on the device; a steps.jsonl row reports the window's means and B_simple = tr(Sigma) / |G|^2, the
+ratio of the means (a mean of per-step ratios is biased; McCandlish A.1 says the same).
+
+Where the two squared norms come from:
+
+- several ranks under DDP: a comm hook reads each gradient bucket before its all-reduce (this rank's
+  sum, scaled by world/B by the loss) and after it (the global mean), then hands the bucket to DDP's own
+  all-reduce hook, which DDP documents as equal to no hook: the update is unchanged. The explicit-reduce
+  path (``max_micro_batch: auto``) reads its flat gradient on both sides of its all-reduce;
+- one process under accumulation: the gradient after the first micro-batch and after the last;
+- otherwise (one process and one micro-batch per step; DeepSpeed, whose ZeRO keeps gradients in its own
+  partitioned buffers, out of reach of DDP's hooks) there is one batch size per step: null, said once.
+"""
+from __future__ import annotations
+
+import torch
+
+RANKS, FIRST_MICRO_BATCH = "ranks", "first micro-batch"
+
+
+def source(recipe, world: int, planned) -> tuple[str | None, str]:
+    """(where the small batch comes from, or None; why not, for the log line)."""
+    if not recipe.tracking.noise_scale:
+        return None, "tracking.noise_scale is off"
+    if recipe.distributed.engine == "deepspeed":
+        return None, "DeepSpeed keeps its gradients in its own partitioned buffers, out of reach of the hook"
+    if world > 1:
+        return RANKS, ""
+    if any(s.accum > 1 for s in planned) or recipe.distributed.max_micro_batch == "auto":
+        return FIRST_MICRO_BATCH, ""
+    return None, "one process and no gradient accumulation: each step has one batch size"
+
+
+def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(grads)).to(torch.float64).square().sum()
+
+
+class NoiseProbe:
+    """This rank's squared gradient norms of the step in progress, (small, big), on the device."""
+
+    def __init__(self, kind: str | None, module: torch.nn.Module, world: int, device: torch.device):
+        self.kind, self.module, self.world = kind, module, world
+        self.squares = torch.zeros(2, dtype=torch.float64, device=device)
+        self.small_batch = 0                       # samples behind squares[0] in this step
+        self._coefficients: dict[tuple[int, int], torch.Tensor] = {}
+
+    def start_step(self) -> None:
+        """Before a step's first micro-batch (and before a step that is redone)."""
+        if self.kind is not None:
+            self.squares.zero_()
+            self.small_batch = 0
+
+    def micro_step_done(self, index: int, last: bool, samples: int) -> None:
+        """After micro-batch ``index``'s backward, which had ``samples`` samples on this rank."""
+        if self.kind == RANKS:
+            self.small_batch += samples            # the hook (or the explicit reduce) reads the norms
+        elif self.kind == FIRST_MICRO_BATCH and (index == 0 or last):
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if index == 0:
+                self.small_batch = samples
+                self.squares[0] = squared_norm(grads)
+            if last:
+                self.squares[1] = squared_norm(grads)
+
+    def end_step(self, sums, size: int) -> None:
+        """After the update: the step's estimates into the running sums (a step with one batch size,
+        or none on this rank, adds nothing)."""
+        b = self.small_batch
+        if self.kind is None or not 0 < b < size:
+            return
+        key = (b, size)
+        if key not in self._coefficients:
+            self._coefficients[key] = coefficients(b, size, self.world if self.kind == RANKS else 1, self.squares.device)
+        sums.add_noise(self._coefficients[key], self.squares)
+
+    # the DDP side: a comm hook, and the explicit reduce's two reads
+
+    def add_local(self, flat: torch.Tensor) -> None:
+        self.squares[0] += torch.dot(flat, flat)
+
+    def add_reduced(self, flat: torch.Tensor) -> None:
+        self.squares[1] += torch.dot(flat, flat)
+
+    def comm_hook(self, state, bucket):
+        """DDP's all-reduce hook with this rank's bucket read before it and the mean bucket after it."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        self.add_local(bucket.buffer())
+
+        def reduced(fut):
+            out = fut.value()
+            self.add_reduced(out)
+            return out
+        return default_hooks.allreduce_hook(state, bucket).then(reduced)
+
+
+def coefficients(small: int, big: int, world: int, device: torch.device) -> torch.Tensor:
+    """The 2x2 map from the raw squares (|this rank's accumulated gradient|^2, |g_B|^2) to the step's
+    (|G|^2, tr(Sigma)) estimates. The loss is scaled by world/B, so the raw small gradient is
+    world*b/B times the mean gradient over its b samples: its square is scaled by (B / (world b))^2."""
+    b, B = float(small), float(big)
+    scale = (B / (world * b)) ** 2
+    inverse_gap = 1.0 / (1.0 / b - 1.0 / B)
+    return torch.tensor([[-b * scale / (B - b), B / (B - b)],
+                         [scale * inverse_gap, -inverse_gap]], dtype=torch.float64, device=device)
+
+
+def window_fields(totals) -> dict:
+    """``grad_sq``, ``trace_cov`` (means over the measured steps) and ``noise_scale`` from summed
+    (grad_sq, trace_cov, steps); null where no step was measured, and the scale where |G|^2 <= 0 (an
+    estimate can fall below zero when the gradient is small against its noise)."""
+    grad_sq, trace, steps = (float(v) for v in totals)
+    if steps == 0:
+        return {"grad_sq": None, "trace_cov": None, "noise_scale": None}
+    grad_sq, trace = grad_sq / steps, trace / steps
+    return {"grad_sq": grad_sq, "trace_cov": trace, "noise_scale": trace / grad_sq if grad_sq > 0 else None}

@@ -1,0 +1,100 @@
+"""The gradient noise scale measured online (launcher/train/noise.py) against per-sample gradients, and
+the guarantee that measuring it leaves the updates bitwise unchanged."""
+import pytest
+import torch
+
+from helpers import assert_bitwise, base_recipe, final_params, train_ranks
+from launcher.run.files import read_jsonl
+
+N, BATCH = 1024, 64
+
+
+def frozen_recipe(**over):
+    """lr 0: the parameters never move, so every step estimates the same |G|^2 and tr(Sigma); no
+    augmentation, so a sample's gradient is the same at every visit; no batch norm in small_cnn, so a
+    per-sample gradient is what the batch's mean is made of."""
+    return base_recipe(**{"precision": "fp64", "epochs": 12, "data.size": N, "data.augment": False,
+                          "schedule.batch": {"kind": "constant", "size": BATCH},
+                          "schedule.lr": {"kind": "constant", "max": 0.0}, "optimizer.weight_decay": 0.0,
+                          "distributed.max_micro_batch": BATCH // 4, "checkpoint.every_steps": 0,
+                          "eval.full_grad_norm": False, "tracking.log_every_steps": 8, **over})
+
+
+def per_sample_reference(recipe: dict) -> tuple[float, float]:
+    """(|G|^2, S) over the whole training set from per-sample gradients (torch.func), where G is the mean
+    gradient and S = sum_i |g_i - G|^2 / (N - 1) the covariance's trace. Batches are drawn without
+    replacement from N samples, so the estimators' expectations are tr = S and |G|^2 - S/N (McCandlish's
+    derivation draws with replacement; the finite-population terms are these)."""
+    from launcher import config, data
+    from launcher.train import models
+    r = config.from_dict(recipe)
+    ds = data.load(r.data, torch.device("cpu"), torch.float64)
+    model = models.build(r.model, ds.shape, ds.num_classes, r.seed, torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, y):
+        out = torch.func.functional_call(model, p, (x.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(out, y.unsqueeze(0))
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, ds.train.images, ds.train.labels)
+    flat = torch.cat([g.reshape(len(ds.train.labels), -1) for g in grads.values()], dim=1)
+    mean = flat.mean(0)
+    trace = float(((flat - mean) ** 2).sum() / (len(flat) - 1))
+    return float(mean @ mean) - trace / len(flat), trace
+
+
+@pytest.mark.parametrize("world", [2, 1], ids=["ranks", "first-micro-batch"])
+def test_noise_scale_agrees_with_per_sample_gradients(tmp_path, world):
+    recipe = frozen_recipe(**{"distributed.nproc_per_node": world})
+    run = train_ranks(recipe, tmp_path)
+    grad_sq, trace = per_sample_reference(recipe)
+    rows = read_jsonl(run / "metrics.jsonl")
+    measured_sq = sum(r["grad_sq"] for r in rows) / len(rows)
+    measured_trace = sum(r["trace_cov"] for r in rows) / len(rows)
+    # 12 epochs of 16 steps: measured within 1% here; 5% leaves room for another platform's rounding
+    assert measured_trace == pytest.approx(trace, rel=0.05)
+    assert measured_sq == pytest.approx(grad_sq, rel=0.05)
+    assert measured_trace / measured_sq == pytest.approx(trace / grad_sq, rel=0.05)
+    steps = read_jsonl(run / "steps.jsonl")
+    assert len(steps) == 12 * 16 // 8 and all(s["noise_scale"] > 0 for s in steps)
+
+
+def _updates(recipe, tmp_path, **over):
+    return final_params(train_ranks(base_recipe(**{**recipe, **over}), tmp_path))
+
+
+@pytest.mark.parametrize("micro", [8, "auto"], ids=["comm-hook", "explicit-reduce"])
+def test_measuring_leaves_the_updates_bitwise_unchanged(tmp_path, micro):
+    """Two ranks, a growing batch with accumulation and a partial last step: with the hook (or the
+    explicit reduce's reads) and without, the same final weights, bit for bit."""
+    recipe = {"epochs": 2, "data.size": 150, "distributed.max_micro_batch": micro,
+              "distributed.cpu_micro_batch": 8, "checkpoint.every_steps": 0, "tracking.log_every_steps": 2}
+    measured = _updates(recipe, tmp_path, name="on")
+    plain = _updates(recipe, tmp_path, name="off", **{"tracking.noise_scale": False})
+    assert_bitwise(measured, plain)
+    rows = read_jsonl(tmp_path / "runs" / "on" / "steps.jsonl")
+    assert rows and all(r["noise_scale"] is not None or r["grad_sq"] <= 0 for r in rows)
+    assert all(r["noise_scale"] is None for r in read_jsonl(tmp_path / "runs" / "off" / "steps.jsonl"))
+
+
+def test_one_batch_size_per_step_is_null_and_said_once(tmp_path):
+    run = train_ranks(base_recipe(**{"epochs": 1, "distributed.nproc_per_node": 1, "schedule.batch.initial": 8,
+                                     "checkpoint.every_steps": 0, "tracking.log_every_steps": 2}), tmp_path)
+    said = [line for line in run.output.splitlines() if "noise scale" in line]
+    assert said == ["[qhm-launch] gradient noise scale: not measured (one process and no gradient accumulation: "
+                    "each step has one batch size); grad_sq, trace_cov and noise_scale are null"]
+    rows = read_jsonl(run / "steps.jsonl") + read_jsonl(run / "metrics.jsonl")
+    assert rows and all(r["grad_sq"] is None and r["noise_scale"] is None for r in rows)
+
+
+def test_estimates_from_the_squares():
+    """The coefficients against McCandlish's formulas written out: b = 8 of B = 32 on 2 ranks, where this
+    rank's raw gradient is world*b/B = 1/2 of its mean gradient."""
+    from launcher.train import noise
+    small_mean_sq, big_sq, b, B = 5.0, 2.0, 8, 32
+    raw = torch.tensor([small_mean_sq * (2 * b / B) ** 2, big_sq], dtype=torch.float64)
+    grad_sq, trace = (noise.coefficients(b, B, 2, torch.device("cpu")) @ raw).tolist()
+    assert grad_sq == pytest.approx((B * big_sq - b * small_mean_sq) / (B - b))
+    assert trace == pytest.approx((small_mean_sq - big_sq) / (1 / b - 1 / B))
+    assert noise.window_fields(torch.tensor([2 * grad_sq, 2 * trace, 2.0])) == pytest.approx(
+        {"grad_sq": grad_sq, "trace_cov": trace, "noise_scale": trace / grad_sq})
+    assert noise.window_fields(torch.tensor([-1.0, 3.0, 1.0]))["noise_scale"] is None
