@@ -7,8 +7,10 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
 export MPLBACKEND           ?= Agg
 
-.PHONY: demo test test-fast study bench clean
-STUDY_RUNS = runs/study/study-p*
+.PHONY: demo test test-fast study scaling bench clean
+STUDY_RUNS = runs/study/study_*
+SCALING_RUNS = runs/scaling/scaling_*
+SCALING_TARGET = train_loss<=0.3
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -32,6 +34,12 @@ study: $(VENV)/.installed
 	$(VENV)/bin/qhm-launch plot $(STUDY_RUNS) --metric test_acc --out docs/study_test_acc.png
 	$(VENV)/bin/qhm-launch plot $(STUDY_RUNS) --metric min_grad_norm --out docs/study_min_grad_norm.png
 	$(VENV)/bin/qhm-launch report $(STUDY_RUNS) > docs/study_report.md
+
+# The CPU-sized scaling study: 14 runs on digits, then steps/SFO to a target and the critical batch size.
+scaling: $(VENV)/.installed
+	$(VENV)/bin/qhm-launch sweep recipes/scaling/sweep.yaml --local
+	$(VENV)/bin/qhm-launch report $(SCALING_RUNS) --target '$(SCALING_TARGET)' > docs/scaling_report.md
+	$(VENV)/bin/qhm-launch scaling $(SCALING_RUNS) --target '$(SCALING_TARGET)' --out docs/scaling.png > docs/scaling_fit.md
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/optimizer_step.py

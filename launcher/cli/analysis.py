@@ -1,12 +1,16 @@
 """Reading finished runs: `qhm-launch plot` (the paper's figure layout) and `qhm-launch report`.
 
 Runs whose recipes differ only by seed form one curve: the mean with a min-max band, as the paper's
-figures show. Curves are labelled by what differs between them. With ``--metric min_grad_norm`` a second
-panel shows the Theorem 2 terms of each curve's schedule at the same epochs, beside the measurement.
+figures show. Curves are labelled in words by what differs between them ("increasing 8→64, ×2 every 3
+epochs"); the first factor that differs sets the colour, the second the line style. For throughput and
+time metrics the world size is part of a curve's identity: a 1-process and a 2-process run are never one
+band. With ``--metric min_grad_norm`` a second panel shows the Theorem 2 terms of each curve's schedule
+at the same epochs, beside the measurement.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,9 +25,17 @@ from launcher import config as recipe_mod
 from launcher.run.folder import RunFolder
 from launcher.errors import UserError
 
-METRICS = ("test_acc", "grad_norm", "min_grad_norm", "train_loss", "test_loss", "train_acc", "val_acc", "val_loss",
-           "lr", "beta", "gamma", "batch", "samples_per_s")
+LABELS = {"test_acc": "test accuracy", "grad_norm": "‖∇f(x)‖, full training-set gradient norm",
+          "min_grad_norm": "min over epochs of ‖∇f(x)‖", "train_loss": "training loss", "test_loss": "test loss",
+          "train_acc": "training accuracy", "val_acc": "validation accuracy", "val_loss": "validation loss",
+          "lr": "learning rate", "beta": "β (momentum)", "gamma": "γ (immediate discount)",
+          "batch": "global batch size (samples)", "samples_per_s": "throughput (samples/s)",
+          "wall_time": "training time (s)", "noise_scale": "gradient noise scale B_simple (samples)",
+          "minibatch_grad_norm": "‖mini-batch gradient‖"}
+METRICS = tuple(LABELS)
+TIMING = ("samples_per_s", "wall_time")     # metrics whose curves never mix world sizes
 XS = ("epoch", "step", "samples")
+LINE_STYLES = ("-", "--", ":", "-.")
 ROWS = ("epochs", "steps")
 # what never changes a plotted metric: a curve's runs may differ in these (and only these, and the seed)
 IGNORED = ("seed", "name", "output", "tracking", "checkpoint", "signals")
@@ -60,29 +72,65 @@ def load_run(run_dir: Path) -> dict:
             "complete": folder.read_json(folder.complete)}
 
 
-def _identity(recipe: dict) -> dict:
+def _identity(run: dict, metric: str | None = None) -> dict:
     """The recipe without what does not change a plotted metric (seed, names, tracking, checkpoints,
     process layout, evaluation batch size). Evaluation settings that do (grad_norm_mode, every_epochs,
-    full_grad_norm) keep runs in separate curves."""
-    leaves = keys.flatten(recipe)
-    return {k: v for k, v in leaves.items() if k.split(".")[0] not in IGNORED and k not in IGNORED_KEYS}
+    full_grad_norm) keep runs in separate curves; for a throughput or time metric, so does the world size
+    the run trained on (and the nodes it had, where a Slurm job recorded them)."""
+    leaves = keys.flatten(run["recipe"])
+    out = {k: v for k, v in leaves.items() if k.split(".")[0] not in IGNORED and k not in IGNORED_KEYS}
+    if metric in TIMING:
+        out["world_size"] = next((r["world_size"] for r in reversed(run["rows"]) if r.get("world_size")), None)
+    return out
 
 
-def group(runs: list[dict]) -> list[dict]:
-    """Curves: runs that differ only by seed, in first-seen order, each labelled by what differs."""
+BATCH_KEYS = ("schedule.batch.", "schedule.interval")
+WORDS = {"schedule.lr.max": "peak learning rate {}", "schedule.lr.kind": "{} learning rate",
+         "schedule.lr.min": "final learning rate {}", "schedule.beta.max": "β {}", "schedule.gamma.max": "γ {}",
+         "schedule.beta.kind": "{} β", "schedule.gamma.kind": "{} γ", "optimizer.name": "{}", "model": "{}",
+         "precision": "{}", "world_size": "world size {}", "epochs": "{} epochs", "eval.grad_norm_mode": "grad norm {}",
+         "optimizer.weight_decay": "weight decay {}", "distributed.engine": "{}"}
+
+
+def describe_batch(identity: dict) -> str:
+    """The batch schedule in words: "constant batch 64", "increasing 8→64, ×2 every 3 epochs"."""
+    kind = identity.get("schedule.batch.kind", "constant")
+    if kind == "constant":
+        return f"constant batch {identity.get('schedule.batch.size')}"
+    initial, growth = identity.get("schedule.batch.initial"), identity.get("schedule.batch.growth", 2)
+    interval, epochs = identity.get("schedule.interval", 1), identity.get("epochs", 1)
+    final = int(qhm.BatchSchedule("exponential", initial, growth=growth, interval=interval).values(epochs - 1))
+    return f"increasing {initial}→{final}, ×{growth:g} every {interval} epoch{'s' if interval != 1 else ''}"
+
+
+def _factors(differing: list[str]) -> list[list[str]]:
+    """What differs between curves as factors: the batch schedule's keys together, every other key alone."""
+    batch = [k for k in differing if k.startswith(BATCH_KEYS)]
+    return ([batch] if batch else []) + [[k] for k in differing if k not in batch]
+
+
+def _words(factor: list[str], identity: dict) -> str:
+    if factor[0].startswith(BATCH_KEYS):
+        return describe_batch(identity)
+    key, value = factor[0], identity.get(factor[0])
+    return WORDS[key].format(value) if key in WORDS else f"{key.removeprefix('schedule.')} {value}"
+
+
+def group(runs: list[dict], metric: str | None = None) -> list[dict]:
+    """Curves: runs that differ only by seed, in first-seen order, each labelled in words by what differs;
+    ``factors`` holds each differing factor's words (the plot's colour and line style)."""
     groups: dict[str, dict] = {}
     for run in runs:
-        key = json.dumps(_identity(run["recipe"]), sort_keys=True, default=str)
-        groups.setdefault(key, {"identity": _identity(run["recipe"]), "runs": []})["runs"].append(run)
+        identity = _identity(run, metric)
+        key = json.dumps(identity, sort_keys=True, default=str)
+        groups.setdefault(key, {"identity": identity, "runs": []})["runs"].append(run)
     curves = list(groups.values())
     differing = sorted(k for k in set().union(*(c["identity"] for c in curves))
                        if len({json.dumps(c["identity"].get(k), default=str) for c in curves}) > 1)
     for c in curves:
-        parts = [f"{k.replace('schedule.', '')}={c['identity'].get(k)}" for k in differing
-                 if c["identity"].get(k) is not None]
-        c["label"] = ", ".join(parts) or c["runs"][0]["recipe"]["name"]
+        c["factors"] = [_words(f, c["identity"]) for f in _factors(differing)]
+        c["label"] = "; ".join(c["factors"]) or c["runs"][0]["recipe"]["name"]
     return curves
-
 
 def series(curve: dict, metric: str, x: str, rows: str = "epochs") -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                            np.ndarray]:
@@ -125,17 +173,26 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = group(load_runs(run_dirs))
+    from matplotlib.ticker import MaxNLocator
+    plt.rcParams.update({"font.size": 10})
+
+    curves = group(load_runs(run_dirs), metric)
     with_bounds = metric == "min_grad_norm" and rows == "epochs"
-    fig, axes = plt.subplots(1, 2 if with_bounds else 1, figsize=(12 if with_bounds else 7, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if with_bounds else 1, figsize=(12 if with_bounds else 7, 5), squeeze=False,
+                             layout="constrained")
     ax = axes[0][0]
     drawn = []
+    first = list(dict.fromkeys(c["factors"][0] if c["factors"] else "" for c in curves))
+    second = list(dict.fromkeys(c["factors"][1] if len(c["factors"]) > 1 else "" for c in curves))
+    seed_counts = set()
     for i, c in enumerate(curves):
         xs, mean, lo, hi = series(c, metric, x, rows)
-        colour = f"C{i % 10}"
+        colour = f"C{first.index(c['factors'][0] if c['factors'] else '') % 10}" if len(first) > 1 else f"C{i % 10}"
+        style = LINE_STYLES[second.index(c["factors"][1] if len(c["factors"]) > 1 else "") % len(LINE_STYLES)]
         seeds = len({r["recipe"].get("seed") for r in c["runs"]})           # distinct seeds, not runs
+        seed_counts.add(seeds)
         legend = f"{c['label']} ({seeds} seed{'s' if seeds != 1 else ''})"
-        ax.plot(xs, mean, color=colour, label=legend)
+        ax.plot(xs, mean, style, color=colour, label=legend)
         ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, linewidth=0)
         drawn.append({"label": c["label"], "legend": legend, "runs": [str(r["dir"]) for r in c["runs"]], "x": xs,
                       "mean": mean,
@@ -146,29 +203,38 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
                 axes[0][1].plot(bx, terms[name], style, color=colour,
                                 label=f"{name}: {c['label']}" if len(curves) < 4 or name == "B_K" else None)
             drawn[-1]["bounds"] = terms
-    ax.set_xlabel({"epoch": "epoch", "step": "optimizer step", "samples": "samples (SFO)"}[x])
-    ax.set_ylabel(metric)
-    if metric in ("grad_norm", "min_grad_norm", "train_loss", "test_loss"):
+    ax.set_xlabel({"epoch": "epoch", "step": "optimizer steps", "samples": "samples trained (SFO)"}[x])
+    if x == "epoch":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(LABELS[metric])
+    if metric in ("grad_norm", "min_grad_norm", "train_loss", "test_loss", "noise_scale", "minibatch_grad_norm"):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    counts = "/".join(str(n) for n in sorted(seed_counts))
+    ax.set_title(f"lines: mean over seeds; bands: min–max over {counts} seed{'s' if counts != '1' else ''}",
+                 fontsize=9)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=1 if len(curves) < 4 else 2,
+               fontsize=8, frameon=False)          # below the axes: never over the curves
     if with_bounds:
         b = axes[0][1]
         b.set_yscale("log")
         b.set_xlabel(ax.get_xlabel())
+        if x == "epoch":
+            b.xaxis.set_major_locator(MaxNLocator(integer=True))
         b.set_title("Theorem 2 terms of each schedule (A_K solid, B_K dashed, C_K dotted)", fontsize=9)
         b.grid(alpha=0.3)
-        b.legend(fontsize=6)
-    fig.tight_layout()
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
-    except OSError as exc:
-        raise UserError(f"--out: {str(out)!r} cannot be written ({exc.strerror or exc}); allowed: a file path in "
-                        "a folder you can write to") from None
-    finally:
-        plt.close(fig)
+        b.legend(fontsize=7)
+    from launcher.cli.figures import save
+    save(fig, out)
     return drawn
+
+
+def steady_throughput(run: dict) -> float | None:
+    """Median samples/s of the run's step rows after its first epoch (compilation, warm-up, the first
+    data pass), or of its epoch rows after the first where it logged no steps."""
+    rows = [r for r in run["step_rows"] if r.get("epoch", 0) >= 1 and r.get("samples_per_s")]
+    rows = rows or [r for r in run["rows"][1:] if r.get("samples_per_s")]
+    return statistics.median(r["samples_per_s"] for r in rows) if rows else None
 
 
 RANKS = ("best_val_acc", "best_test_acc", "final_test_acc", "final_min_grad_norm")
@@ -176,7 +242,7 @@ RANKS = ("best_val_acc", "best_test_acc", "final_test_acc", "final_min_grad_norm
 
 def report(run_dirs: list, rank: str | None = None) -> str:
     """One markdown row per run: final/best test (and validation) accuracy, final min grad norm, steps,
-    SFO, wall time; ``rank`` sorts the rows by a column, best first (a grid search ranks by
+    SFO, wall time, processes and steady throughput (:func:`steady_throughput`); ``rank`` sorts the rows by a column, best first (a grid search ranks by
     best_val_acc, so it never picks hyper-parameters on the test set)."""
     if rank is not None and rank not in RANKS:
         raise UserError(f"--rank: {rank!r} is not valid; allowed: {' | '.join(RANKS)}")
@@ -189,14 +255,16 @@ def report(run_dirs: list, rank: str | None = None) -> str:
                         "epochs": len(rows), "final_test_acc": last.get("test_acc"),
                         "best_test_acc": best(rows, "test_acc"), "best_val_acc": best(rows, "val_acc"),
                         "final_min_grad_norm": last.get("min_grad_norm"), "step": last.get("step", "-"),
-                        "samples": last.get("samples", "-"), "wall": last.get("wall_time")})
+                        "samples": last.get("samples", "-"), "wall": last.get("wall_time"),
+                        "rate": steady_throughput(run), "world": last.get("world_size", "-")})
     if rank is not None:
         lower_is_better = rank == "final_min_grad_norm"
         entries.sort(key=lambda e: (e[rank] is None, e[rank] if lower_is_better else -(e[rank] or 0)))
     lines = ["| run | epochs | final test acc | best test acc | best val acc | final min grad norm | total steps | "
-             "total SFO | wall time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "total SFO | wall time (s) | processes | samples/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         lines.append(f"| {e['name']} | {e['epochs']} | {fmt(e['final_test_acc'], '.4f')} | "
                      f"{fmt(e['best_test_acc'], '.4f')} | {fmt(e['best_val_acc'], '.4f')} | "
-                     f"{fmt(e['final_min_grad_norm'], '.4g')} | {e['step']} | {e['samples']} | {fmt(e['wall'], '.1f')} |")
+                     f"{fmt(e['final_min_grad_norm'], '.4g')} | {e['step']} | {e['samples']} | {fmt(e['wall'], '.1f')} | "
+                     f"{e['world']} | {fmt(e['rate'], ',.0f')} |")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from launcher.cli import analysis
 from launcher.cli import scaling as scaling_mod
 from launcher.errors import UserError
 
@@ -36,7 +37,8 @@ def scaling_figure(runs: list[dict], result: dict, out: str) -> None:
     import matplotlib.pyplot as plt
     plt.rcParams.update({"font.size": 10})
     fitted = "points" in result
-    fig, axes = plt.subplots(1, 3 if fitted else 1, figsize=(15 if fitted else 6, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 3 if fitted else 1, figsize=(16 if fitted else 7, 4.5), squeeze=False,
+                             layout="constrained")
     axes = axes[0]
     if fitted:
         points = result["points"]
@@ -63,31 +65,34 @@ def scaling_figure(runs: list[dict], result: dict, out: str) -> None:
     noise_panel(axes[-1], runs, result.get("b_crit"))
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
     save(fig, out)
 
 
 def noise_panel(ax, runs: list[dict], b_crit: float | None) -> None:
-    """Each run's measured noise scale (solid) over the samples it trained on; an increasing schedule's
-    batch (dashed, same colour) over it."""
+    """Each curve's measured noise scale per epoch (solid; its seeds' mean), over the samples trained, and
+    an increasing schedule's batch over it (dashed, same colour): where the batch stays below the noise
+    scale, a step is still mostly noise and a larger batch would not waste samples."""
     drawn = 0
-    for i, run in enumerate(runs):
-        rows = [r for r in run["step_rows"] if r.get("noise_scale") is not None]
-        if not rows:
+    for i, curve in enumerate(analysis.group(runs)):
+        series = [[(r["samples"], r["noise_scale"]) for r in run["rows"] if r.get("noise_scale") is not None]
+                  for run in curve["runs"]]
+        series = [s for s in series if s]
+        if not series:
             continue
-        colour = f"C{i % 10}"
-        constant = scaling_mod.constant_batch(run["recipe"])
-        name = f"batch {constant}" if constant else f"{Path(str(run['dir'])).name} (increasing)"
-        x = [r["samples"] for r in rows]
-        ax.plot(x, [r["noise_scale"] for r in rows], "-", color=colour, linewidth=1, label=f"noise scale, {name}")
-        if constant is None:
-            ax.step([r["samples"] for r in run["step_rows"]], [r["batch"] for r in run["step_rows"]], "--",
-                    where="post", color=colour, label=f"its batch, {name}")
+        colour, name = f"C{i % 10}", analysis.describe_batch(curve["identity"])
+        length = min(len(s) for s in series)
+        x = [s[0] for s in series[0][:length]]
+        mean = np.mean([[v for _, v in s[:length]] for s in series], axis=0)
+        ax.plot(x, mean, "-", marker=".", color=colour, linewidth=1.2, label=name)
+        if scaling_mod.constant_batch(curve["runs"][0]["recipe"]) is None:
+            rows = curve["runs"][0]["rows"]
+            ax.step([r["samples"] for r in rows], [r["batch"] for r in rows], "--", where="pre", color=colour,
+                    label=f"its batch ({name})")
         drawn += 1
     if b_crit is not None:
-        ax.axhline(b_crit, color="C1", alpha=0.6, linewidth=1, label="fitted B_crit")
+        ax.axhline(b_crit, color="black", alpha=0.5, linewidth=1, linestyle=":", label="fitted B_crit")
     ax.set_yscale("log")
-    ax.set(xlabel="samples trained (SFO)", ylabel="B_simple = tr(Σ) / |G|² (samples)",
-           title="measured gradient noise scale" + ("" if drawn else " (no run measured it)"))
+    ax.set(xlabel="samples trained (SFO)", ylabel="noise scale B_simple = tr(Σ)/|G|² (samples)",
+           title="measured gradient noise scale, per epoch" + ("" if drawn else " (no run measured it)"))
     if drawn or b_crit is not None:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)

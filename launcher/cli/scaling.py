@@ -144,20 +144,12 @@ def _points(runs: list[dict], target: Target) -> tuple[list[dict], list[str]]:
             for b, hits in sorted(by_batch.items())], never
 
 
-def steady_throughput(run: dict) -> float | None:
-    """Median samples/s of the run's step rows after its first epoch (compilation, warm-up, the first
-    data pass), or of its epoch rows after the first where it logged no steps."""
-    rows = [r for r in run["step_rows"] if r.get("epoch", 0) >= 1 and r.get("samples_per_s")]
-    rows = rows or [r for r in run["rows"][1:] if r.get("samples_per_s")]
-    return statistics.median(r["samples_per_s"] for r in rows) if rows else None
-
-
 def throughput(runs: list[dict]) -> list[dict]:
     """Per world size: samples/s per process (each run's steady median, averaged over runs) and the
     scaling efficiency against the smallest world size (per-process rate over its per-process rate)."""
     by_world: dict[int, list] = {}
     for run in runs:
-        rate = steady_throughput(run)
+        rate = analysis.steady_throughput(run)
         world = (run["rows"][-1] if run["rows"] else {}).get("world_size")
         if rate is not None and world:
             by_world.setdefault(int(world), []).append((rate, str(run["dir"])))

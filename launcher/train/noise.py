@@ -16,7 +16,10 @@ Where the two squared norms come from:
 
 - several ranks under DDP: a comm hook reads each gradient bucket before its all-reduce (this rank's
   sum, scaled by world/B by the loss) and after it (the global mean), then hands the bucket to DDP's own
-  all-reduce hook, which DDP documents as equal to no hook: the update is unchanged. The explicit-reduce
+  all-reduce hook, which DDP documents as equal to no hook: the update is unchanged. It keeps one squared
+  norm per parameter and sums them in parameter order at the step's end: DDP rebuilds its buckets after
+  a process's first step, so per-bucket sums would round differently in a resumed process than in the
+  uninterrupted one, and resume must give the same rows bit for bit. The explicit-reduce
   path (``max_micro_batch: auto``) reads its flat gradient on both sides of its all-reduce;
 - one process under accumulation: the gradient after the first micro-batch and after the last;
 - otherwise (one process and one micro-batch per step; DeepSpeed, whose ZeRO keeps gradients in its own
@@ -52,6 +55,10 @@ class NoiseProbe:
     def __init__(self, kind: str | None, module: torch.nn.Module, world: int, device: torch.device):
         self.kind, self.module, self.world = kind, module, world
         self.squares = torch.zeros(2, dtype=torch.float64, device=device)
+        params = list(module.parameters())
+        self._position = {id(p): i for i, p in enumerate(params)}
+        self.per_parameter = torch.zeros(2, len(params), dtype=torch.float64, device=device)   # the hook's
+        self._bucket_positions: dict[tuple, torch.Tensor] = {}
         self.small_batch = 0                       # samples behind squares[0] in this step
         self._coefficients: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -59,6 +66,7 @@ class NoiseProbe:
         """Before a step's first micro-batch (and before a step that is redone)."""
         if self.kind is not None:
             self.squares.zero_()
+            self.per_parameter.zero_()
             self.small_batch = 0
 
     def micro_step_done(self, index: int, last: bool, samples: int) -> None:
@@ -79,6 +87,8 @@ class NoiseProbe:
         b = self.small_batch
         if self.kind is None or not 0 < b < size:
             return
+        if self._bucket_positions:                 # the comm hook ran: its per-parameter squares, in order
+            torch.sum(self.per_parameter, dim=1, out=self.squares)
         key = (b, size)
         if key not in self._coefficients:
             self._coefficients[key] = coefficients(b, size, self.world if self.kind == RANKS else 1, self.squares.device)
@@ -93,15 +103,27 @@ class NoiseProbe:
         self.squares[1] += torch.dot(flat, flat)
 
     def comm_hook(self, state, bucket):
-        """DDP's all-reduce hook with this rank's bucket read before it and the mean bucket after it."""
+        """DDP's all-reduce hook with this rank's bucket read before it and the mean bucket after it
+        (``gradients()`` are views of the bucket, which the all-reduce overwrites in place)."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-        self.add_local(bucket.buffer())
+        positions = self._positions(bucket)
+        self._record(0, positions, bucket.gradients())
 
         def reduced(fut):
             out = fut.value()
-            self.add_reduced(out)
+            self._record(1, positions, bucket.gradients())
             return out
         return default_hooks.allreduce_hook(state, bucket).then(reduced)
+
+    def _positions(self, bucket) -> torch.Tensor:
+        key = tuple(id(p) for p in bucket.parameters())
+        if key not in self._bucket_positions:
+            self._bucket_positions[key] = torch.tensor([self._position[k] for k in key], device=self.squares.device)
+        return self._bucket_positions[key]
+
+    def _record(self, row: int, positions: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        norms = torch.stack(torch._foreach_norm(grads)).to(torch.float64)
+        self.per_parameter[row].index_copy_(0, positions, norms.square())
 
 
 def coefficients(small: int, big: int, world: int, device: torch.device) -> torch.Tensor:
@@ -117,10 +139,13 @@ def coefficients(small: int, big: int, world: int, device: torch.device) -> torc
 
 def window_fields(totals) -> dict:
     """``grad_sq``, ``trace_cov`` (means over the measured steps) and ``noise_scale`` from summed
-    (grad_sq, trace_cov, steps); null where no step was measured, and the scale where |G|^2 <= 0 (an
-    estimate can fall below zero when the gradient is small against its noise)."""
+    (grad_sq, trace_cov, steps); null where no step was measured, and the scale null unless both means
+    are positive. Each is unbiased, not positive: over a short window either can fall below zero when
+    the gradient is small against its noise (late in training, one outlier sample in the small batch
+    gives tr(Sigma) < 0 with |G|^2 > 0, a ratio of exactly -4 at b = B/2), and a ratio of such is no scale."""
     grad_sq, trace, steps = (float(v) for v in totals)
     if steps == 0:
         return {"grad_sq": None, "trace_cov": None, "noise_scale": None}
     grad_sq, trace = grad_sq / steps, trace / steps
-    return {"grad_sq": grad_sq, "trace_cov": trace, "noise_scale": trace / grad_sq if grad_sq > 0 else None}
+    return {"grad_sq": grad_sq, "trace_cov": trace,
+            "noise_scale": trace / grad_sq if grad_sq > 0 and trace > 0 else None}

@@ -56,7 +56,7 @@ def test_plot_draws_mean_and_band_over_seeds(study, tmp_path):
     drawn = analysis.plot(runs, "test_acc", "epoch", str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(drawn) == 2 and all(len(d["runs"]) == 2 for d in drawn)
-    assert "batch.kind=constant" in drawn[0]["label"] and "batch.kind=exponential" in drawn[1]["label"]
+    assert drawn[0]["label"] == "constant batch 16" and drawn[1]["label"] == "increasing 8→16, ×2 every 1 epoch"
     seeds = np.array([[r["test_acc"] for r in rows(run)] for run in runs[:2]])
     np.testing.assert_allclose(drawn[0]["mean"], seeds.mean(0))
     np.testing.assert_allclose(drawn[0]["min"], seeds.min(0))
@@ -99,4 +99,17 @@ def test_runs_that_measure_the_gradient_norm_differently_are_separate_curves():
         return {"dir": f"{mode}-{seed}", "rows": [], "recipe": rec.to_dict()}
     curves = analysis.group([run(0, "exact", 64), run(1, "exact", 500), run(0, "paper", 64), run(1, "paper", 64)])
     assert len(curves) == 2 and [len(c["runs"]) for c in curves] == [2, 2]
-    assert "eval.grad_norm_mode=exact" in curves[0]["label"] and "eval.grad_norm_mode=paper" in curves[1]["label"]
+    assert curves[0]["label"] == "grad norm exact" and curves[1]["label"] == "grad norm paper"
+
+
+def test_world_size_separates_curves_of_throughput_but_not_of_accuracy():
+    """A 1-process and a 2-process run of one recipe: one accuracy curve, two throughput curves, each
+    labelled by its process count."""
+    from launcher import config as R
+    def run(seed, world):
+        rec = R.from_dict(base_recipe(seed=seed, **{"distributed.nproc_per_node": world}))
+        return {"dir": f"w{world}-{seed}", "rows": [{"epoch": 0, "world_size": world}], "recipe": rec.to_dict()}
+    runs = [run(0, 1), run(1, 1), run(0, 2)]
+    assert len(analysis.group(runs, "test_acc")) == 1
+    curves = analysis.group(runs, "samples_per_s")
+    assert [(c["label"], len(c["runs"])) for c in curves] == [("world size 1", 2), ("world size 2", 1)]

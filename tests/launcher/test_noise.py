@@ -72,7 +72,7 @@ def test_measuring_leaves_the_updates_bitwise_unchanged(tmp_path, micro):
     plain = _updates(recipe, tmp_path, name="off", **{"tracking.noise_scale": False})
     assert_bitwise(measured, plain)
     rows = read_jsonl(tmp_path / "runs" / "on" / "steps.jsonl")
-    assert rows and all(r["noise_scale"] is not None or r["grad_sq"] <= 0 for r in rows)
+    assert rows and all(r["noise_scale"] is not None or min(r["grad_sq"], r["trace_cov"]) <= 0 for r in rows)
     assert all(r["noise_scale"] is None for r in read_jsonl(tmp_path / "runs" / "off" / "steps.jsonl"))
 
 
@@ -98,3 +98,4 @@ def test_estimates_from_the_squares():
     assert noise.window_fields(torch.tensor([2 * grad_sq, 2 * trace, 2.0])) == pytest.approx(
         {"grad_sq": grad_sq, "trace_cov": trace, "noise_scale": trace / grad_sq})
     assert noise.window_fields(torch.tensor([-1.0, 3.0, 1.0]))["noise_scale"] is None
+    assert noise.window_fields(torch.tensor([1.0, -3.0, 1.0]))["noise_scale"] is None

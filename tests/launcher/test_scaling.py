@@ -29,7 +29,8 @@ def fake_run(root, name, batch, seed=0, world=1, reach_at=None, steps=300, rate=
                   "train_loss": 2.0 - slope * s, "wall_time": s * 0.5, "samples_per_s": rate * world * (0.5 if s < 10 else 1),
                   "noise_scale": 10.0 + s} for s in range(1, steps + 1)]
     epoch_rows = [{"epoch": e, "step": 10 * (e + 1), "samples": 10 * (e + 1) * batch, "world_size": world,
-                   "test_acc": 0.1 * e, "wall_time": 5.0 * (e + 1), "samples_per_s": rate * world}
+                   "batch": batch, "test_acc": 0.1 * e, "wall_time": 5.0 * (e + 1), "samples_per_s": rate * world,
+                   "noise_scale": 10.0 * (e + 1)}
                   for e in range(steps // 10)]
     (folder / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in step_rows))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epoch_rows))

@@ -71,13 +71,14 @@ def test_every_shipped_recipe_plans_and_bounds(capsys, monkeypatch):
 
 
 def test_every_shipped_sweep_expands(capsys):
-    expected = {"sweep-qhm-grid.yaml": 108, "sweep-nshb-grid.yaml": 36, "sweep-figure1.yaml": 45, "sweep.yaml": 18}
+    expected = {"paper/sweep-qhm-grid.yaml": 108, "paper/sweep-nshb-grid.yaml": 36, "paper/sweep-figure1.yaml": 45,
+                "study/sweep.yaml": 18, "scaling/sweep.yaml": 14}
     paths = sorted((ROOT / "recipes").rglob("sweep*.yaml"))
-    assert {p.name for p in paths} == set(expected)
+    assert {str(p.relative_to(ROOT / "recipes")) for p in paths} == set(expected)
     for path in paths:
         assert main(["sweep", str(path), "--dry-run"]) == 0, path
         out = capsys.readouterr().out
-        assert f"{expected[path.name]} runs as one job array" in out, path
+        assert f"{expected[str(path.relative_to(ROOT / 'recipes'))]} runs as one job array" in out, path
 
 
 PAPER = str(ROOT / "recipes" / "paper" / "resnet18-qhm-cosine-increasing.yaml")
