@@ -74,15 +74,13 @@ def noise_panel(ax, runs: list[dict], b_crit: float | None) -> None:
     scale, a step is still mostly noise and a larger batch would not waste samples."""
     drawn = 0
     for i, curve in enumerate(analysis.group(runs)):
-        series = [[(r["samples"], r["noise_scale"]) for r in run["rows"] if r.get("noise_scale") is not None]
-                  for run in curve["runs"]]
-        series = [s for s in series if s]
-        if not series:
+        per_run = [{r["samples"]: r["noise_scale"] for r in run["rows"] if r.get("noise_scale") is not None}
+                   for run in curve["runs"]]
+        x = sorted(set.intersection(*(set(p) for p in per_run)))      # epochs every seed measured
+        if not x:
             continue
         colour, name = f"C{i % 10}", analysis.describe_batch(curve["identity"])
-        length = min(len(s) for s in series)
-        x = [s[0] for s in series[0][:length]]
-        mean = np.mean([[v for _, v in s[:length]] for s in series], axis=0)
+        mean = np.mean([[p[k] for k in x] for p in per_run], axis=0)
         ax.plot(x, mean, "-", marker=".", color=colour, linewidth=1.2, label=name)
         if scaling_mod.constant_batch(curve["runs"][0]["recipe"]) is None:
             rows = curve["runs"][0]["rows"]
