@@ -76,12 +76,17 @@ def _identity(run: dict, metric: str | None = None) -> dict:
     """The recipe without what does not change a plotted metric (seed, names, tracking, checkpoints,
     process layout, evaluation batch size). Evaluation settings that do (grad_norm_mode, every_epochs,
     full_grad_norm) keep runs in separate curves; for a throughput or time metric, so does the world size
-    the run trained on (and the nodes it had, where a Slurm job recorded them)."""
+    the run trained on."""
     leaves = keys.flatten(run["recipe"])
     out = {k: v for k, v in leaves.items() if k.split(".")[0] not in IGNORED and k not in IGNORED_KEYS}
     if metric in TIMING:
-        out["world_size"] = next((r["world_size"] for r in reversed(run["rows"]) if r.get("world_size")), None)
+        out["world_size"] = world_size(run)
     return out
+
+
+def world_size(run: dict) -> int | None:
+    """The processes the run last trained on (its newest row that says)."""
+    return next((r["world_size"] for r in reversed(run["rows"]) if r.get("world_size")), None)
 
 
 BATCH_KEYS = ("schedule.batch.", "schedule.interval")
@@ -132,6 +137,7 @@ def group(runs: list[dict], metric: str | None = None) -> list[dict]:
         c["label"] = "; ".join(c["factors"]) or c["runs"][0]["recipe"]["name"]
     return curves
 
+
 def series(curve: dict, metric: str, x: str, rows: str = "epochs") -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                            np.ndarray]:
     """(x, mean, min, max) over the curve's seeds, at the epochs (or logged steps) every seed has a
@@ -167,8 +173,7 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
         raise UserError(f"--metric: {metric!r} is not valid; allowed: {' | '.join(METRICS)}")
     if x not in XS:
         raise UserError(f"--x: {x!r} is not valid; allowed: {' | '.join(XS)}")
-    if not str(out).endswith((".png", ".pdf")):
-        raise UserError(f"--out: {out!r} is not valid; allowed: a .png or .pdf file name")
+    check_out(out)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -224,9 +229,26 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
         b.set_title("Theorem 2 terms of each schedule (A_K solid, B_K dashed, C_K dotted)", fontsize=9)
         b.grid(alpha=0.3)
         b.legend(fontsize=7)
-    from launcher.cli.figures import save
     save(fig, out)
     return drawn
+
+
+def save(fig, out: str) -> None:
+    """Write the figure (PNG or PDF by its name); an unwritable path is one line."""
+    import matplotlib.pyplot as plt
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=130, bbox_inches="tight")
+    except OSError as exc:
+        raise UserError(f"--out: {str(out)!r} cannot be written ({exc.strerror or exc}); allowed: a file path in "
+                        "a folder you can write to") from None
+    finally:
+        plt.close(fig)
+
+
+def check_out(out: str) -> None:
+    if not str(out).endswith((".png", ".pdf")):
+        raise UserError(f"--out: {out!r} is not valid; allowed: a .png or .pdf file name")
 
 
 def steady_throughput(run: dict) -> float | None:
@@ -242,8 +264,9 @@ RANKS = ("best_val_acc", "best_test_acc", "final_test_acc", "final_min_grad_norm
 
 def report(run_dirs: list, rank: str | None = None) -> str:
     """One markdown row per run: final/best test (and validation) accuracy, final min grad norm, steps,
-    SFO, wall time, processes and steady throughput (:func:`steady_throughput`); ``rank`` sorts the rows by a column, best first (a grid search ranks by
-    best_val_acc, so it never picks hyper-parameters on the test set)."""
+    SFO, wall time, processes and steady throughput (:func:`steady_throughput`); ``rank`` sorts the rows
+    by a column, best first (a grid search ranks by best_val_acc, so it never picks hyper-parameters on the
+    test set)."""
     if rank is not None and rank not in RANKS:
         raise UserError(f"--rank: {rank!r} is not valid; allowed: {' | '.join(RANKS)}")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -256,7 +279,7 @@ def report(run_dirs: list, rank: str | None = None) -> str:
                         "best_test_acc": best(rows, "test_acc"), "best_val_acc": best(rows, "val_acc"),
                         "final_min_grad_norm": last.get("min_grad_norm"), "step": last.get("step", "-"),
                         "samples": last.get("samples", "-"), "wall": last.get("wall_time"),
-                        "rate": steady_throughput(run), "world": last.get("world_size", "-")})
+                        "rate": steady_throughput(run), "world": world_size(run) or "-"})
     if rank is not None:
         lower_is_better = rank == "final_min_grad_norm"
         entries.sort(key=lambda e: (e[rank] is None, e[rank] if lower_is_better else -(e[rank] or 0)))

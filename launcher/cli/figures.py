@@ -3,35 +3,14 @@ the batch size with the fitted trade-off, and each run's measured noise scale ov
 batch drawn over it (does an increasing schedule track the critical batch size?)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from launcher.cli import analysis
 from launcher.cli import scaling as scaling_mod
-from launcher.errors import UserError
-
-
-def save(fig, out: str) -> None:
-    """Write the figure (PNG or PDF by its name); an unwritable path is one line."""
-    import matplotlib.pyplot as plt
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=130, bbox_inches="tight")
-    except OSError as exc:
-        raise UserError(f"--out: {str(out)!r} cannot be written ({exc.strerror or exc}); allowed: a file path in "
-                        "a folder you can write to") from None
-    finally:
-        plt.close(fig)
-
-
-def check_out(out: str) -> None:
-    if not str(out).endswith((".png", ".pdf")):
-        raise UserError(f"--out: {out!r} is not valid; allowed: a .png or .pdf file name")
 
 
 def scaling_figure(runs: list[dict], result: dict, out: str) -> None:
-    check_out(out)
+    analysis.check_out(out)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -65,7 +44,7 @@ def scaling_figure(runs: list[dict], result: dict, out: str) -> None:
     noise_panel(axes[-1], runs, result.get("b_crit"))
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-    save(fig, out)
+    analysis.save(fig, out)
 
 
 def noise_panel(ax, runs: list[dict], b_crit: float | None) -> None:

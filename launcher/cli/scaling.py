@@ -57,7 +57,7 @@ def _number(text: str) -> float | None:
 
 def crossing(run: dict, target: Target) -> dict:
     """Where ``run`` first reached ``target``: from its step rows if they carry the metric (finer), else its
-    epoch rows (with ``eval.every_steps``, mid-epoch evaluations among them). Nulls when never reached."""
+    epoch rows. Nulls when never reached; ``carried`` says whether any row had the metric at all."""
     rows = [r for r in run["step_rows"] if r.get(target.metric) is not None] or \
         [r for r in run["rows"] if r.get(target.metric) is not None]
     hit = next((r for r in sorted(rows, key=lambda r: r["step"]) if target.reached(r[target.metric])), None)
@@ -125,15 +125,14 @@ def fit_tradeoff(batches, steps) -> dict:
             "e_min": float(slope) if ok else None}
 
 
-def _points(runs: list[dict], target: Target) -> tuple[list[dict], list[str]]:
+def _points(runs: list[dict], crossings: list[dict]) -> tuple[list[dict], list[str]]:
     """Constant-batch runs grouped by batch size (seeds averaged); the runs that never reached it."""
     by_batch: dict[int, list] = {}
     never = []
-    for run in runs:
+    for run, hit in zip(runs, crossings):
         b = constant_batch(run["recipe"])
         if b is None:
             continue
-        hit = crossing(run, target)
         if hit["steps_to_target"] is None:
             never.append(str(run["dir"]))
         else:
@@ -150,7 +149,7 @@ def throughput(runs: list[dict]) -> list[dict]:
     by_world: dict[int, list] = {}
     for run in runs:
         rate = analysis.steady_throughput(run)
-        world = (run["rows"][-1] if run["rows"] else {}).get("world_size")
+        world = analysis.world_size(run)
         if rate is not None and world:
             by_world.setdefault(int(world), []).append((rate, str(run["dir"])))
     out = []
@@ -164,12 +163,15 @@ def throughput(runs: list[dict]) -> list[dict]:
 
 
 def scaling(run_dirs: list, target_text: str | None = None, out: str | None = None, as_json: bool = False) -> str:
+    target = parse_target(target_text) if target_text is not None else None
+    if out is not None:
+        analysis.check_out(out)
     runs = analysis.load_runs(run_dirs)
     result: dict = {}
-    if target_text is not None:
-        target = parse_target(target_text)
-        _check_carried(target, [crossing(run, target) for run in runs])
-        points, never = _points(runs, target)
+    if target is not None:
+        crossings = [crossing(run, target) for run in runs]
+        _check_carried(target, crossings)
+        points, never = _points(runs, crossings)
         if len(points) < 3:
             raise UserError(f"--target: {target} was reached by constant-batch runs of {len(points)} batch size(s) "
                             f"({', '.join(str(p['batch']) for p in points) or 'none'}); allowed: runs of at least 3 "

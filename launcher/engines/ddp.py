@@ -62,15 +62,14 @@ class DDPEngine:
         """The mean gradient over ranks, as DDP's reduce gives it (a rank without data adds zeros)."""
         params = [p for p in self.module.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
         if self.probe is not None:
-            self.probe.add_local(flat)
-        flat = self.comm.all_reduce_sum(flat)
+            self.probe.record_local(params, grads)
+        flat = self.comm.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
         flat.div_(self.comm.world)
-        if self.probe is not None:
-            self.probe.add_reduced(flat)
         for p, chunk in zip(params, torch.split(flat, [g.numel() for g in grads])):
             p.grad = chunk.view_as(p).clone()
+        if self.probe is not None:
+            self.probe.record_reduced(params, [p.grad for p in params])
         self._reduced = True
 
     def discard_gradients(self) -> None:

@@ -19,8 +19,8 @@ Where the two squared norms come from:
   all-reduce hook, which DDP documents as equal to no hook: the update is unchanged. It keeps one squared
   norm per parameter and sums them in parameter order at the step's end: DDP rebuilds its buckets after
   a process's first step, so per-bucket sums would round differently in a resumed process than in the
-  uninterrupted one, and resume must give the same rows bit for bit. The explicit-reduce
-  path (``max_micro_batch: auto``) reads its flat gradient on both sides of its all-reduce;
+  uninterrupted one, and resume must give the same rows bit for bit. The explicit-reduce path
+  (``max_micro_batch: auto``) records its gradients the same way on both sides of its all-reduce;
 - one process under accumulation: the gradient after the first micro-batch and after the last;
 - otherwise (one process and one micro-batch per step; DeepSpeed, whose ZeRO keeps gradients in its own
   partitioned buffers, out of reach of DDP's hooks) there is one batch size per step: null, said once.
@@ -57,8 +57,8 @@ class NoiseProbe:
         self.squares = torch.zeros(2, dtype=torch.float64, device=device)
         params = list(module.parameters())
         self._position = {id(p): i for i, p in enumerate(params)}
-        self.per_parameter = torch.zeros(2, len(params), dtype=torch.float64, device=device)   # the hook's
-        self._bucket_positions: dict[tuple, torch.Tensor] = {}
+        self.per_parameter = torch.zeros(2, len(params), dtype=torch.float64, device=device)   # RANKS' squares
+        self._positions: dict[tuple, torch.Tensor] = {}        # a list of parameters -> their places
         self.small_batch = 0                       # samples behind squares[0] in this step
         self._coefficients: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -87,7 +87,7 @@ class NoiseProbe:
         b = self.small_batch
         if self.kind is None or not 0 < b < size:
             return
-        if self._bucket_positions:                 # the comm hook ran: its per-parameter squares, in order
+        if self.kind == RANKS:                     # the per-parameter squares, summed in parameter order
             torch.sum(self.per_parameter, dim=1, out=self.squares)
         key = (b, size)
         if key not in self._coefficients:
@@ -96,34 +96,34 @@ class NoiseProbe:
 
     # the DDP side: a comm hook, and the explicit reduce's two reads
 
-    def add_local(self, flat: torch.Tensor) -> None:
-        self.squares[0] += torch.dot(flat, flat)
-
-    def add_reduced(self, flat: torch.Tensor) -> None:
-        self.squares[1] += torch.dot(flat, flat)
-
     def comm_hook(self, state, bucket):
         """DDP's all-reduce hook with this rank's bucket read before it and the mean bucket after it
         (``gradients()`` are views of the bucket, which the all-reduce overwrites in place)."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-        positions = self._positions(bucket)
-        self._record(0, positions, bucket.gradients())
+        params = bucket.parameters()
+        self.record_local(params, bucket.gradients())
 
         def reduced(fut):
             out = fut.value()
-            self._record(1, positions, bucket.gradients())
+            self.record_reduced(params, bucket.gradients())
             return out
         return default_hooks.allreduce_hook(state, bucket).then(reduced)
 
-    def _positions(self, bucket) -> torch.Tensor:
-        key = tuple(id(p) for p in bucket.parameters())
-        if key not in self._bucket_positions:
-            self._bucket_positions[key] = torch.tensor([self._position[k] for k in key], device=self.squares.device)
-        return self._bucket_positions[key]
+    def record_local(self, params: list, grads: list[torch.Tensor]) -> None:
+        """This rank's gradients of ``params``, before the all-reduce."""
+        self._record(0, params, grads)
 
-    def _record(self, row: int, positions: torch.Tensor, grads: list[torch.Tensor]) -> None:
+    def record_reduced(self, params: list, grads: list[torch.Tensor]) -> None:
+        """The all-reduced mean gradients of ``params``."""
+        self._record(1, params, grads)
+
+    def _record(self, which: int, params: list, grads: list[torch.Tensor]) -> None:
+        """Their squared norms, each in its parameter's place in row ``which`` of ``per_parameter``."""
+        key = tuple(id(p) for p in params)
+        if key not in self._positions:
+            self._positions[key] = torch.tensor([self._position[k] for k in key], device=self.squares.device)
         norms = torch.stack(torch._foreach_norm(grads)).to(torch.float64)
-        self.per_parameter[row].index_copy_(0, positions, norms.square())
+        self.per_parameter[which].index_copy_(0, self._positions[key], norms.square())
 
 
 def coefficients(small: int, big: int, world: int, device: torch.device) -> torch.Tensor:

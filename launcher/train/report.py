@@ -67,8 +67,8 @@ class Reporter:
         """The fields both logs share: position, split, hyper-parameters, the training loss and accuracy
         and the gradient noise estimates over ``sums`` (laid out as :data:`EpochSums.FIELDS`)."""
         loss, correct, count = (float(v) for v in sums[:3])
-        return {**noise.window_fields(sums[3:6]), "epoch": split.epoch, "step": state.global_step, "samples": state.samples, "batch": split.batch,
-                "micro_batch": split.micro_batch, "accum": split.accum, "world_size": self.comm.world,
+        return {**noise.window_fields(sums[3:6]), "epoch": split.epoch, "step": state.global_step,
+                "samples": state.samples, "batch": split.batch, "micro_batch": split.micro_batch, "accum": split.accum, "world_size": self.comm.world,
                 "lr": split.lr, "beta": split.beta, "gamma": split.gamma, "train_loss": loss / max(count, 1),
                 "train_acc": correct / max(count, 1) if has_accuracy else None}
 
