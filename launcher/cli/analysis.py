@@ -68,7 +68,8 @@ def load_run(run_dir: Path) -> dict:
     if missing:
         raise UserError(f"run: {str(run_dir)!r} has no {' and no '.join(missing)}; allowed: run folders")
     recipe = yaml.safe_load(folder.recipe.read_text())
-    return {"dir": folder.path, "rows": folder.metric_rows(), "step_rows": folder.step_rows(), "recipe": recipe,
+    return {"dir": folder.path, "rows": folder.metric_rows(), "mid_epoch_rows": folder.mid_epoch_rows(),
+            "step_rows": folder.step_rows(), "recipe": recipe,
             "complete": folder.read_json(folder.complete)}
 
 

@@ -57,9 +57,10 @@ def _number(text: str) -> float | None:
 
 def crossing(run: dict, target: Target) -> dict:
     """Where ``run`` first reached ``target``: from its step rows if they carry the metric (finer), else its
-    epoch rows. Nulls when never reached; ``carried`` says whether any row had the metric at all."""
+    epoch rows with the evaluations inside epochs (eval.every_steps). Nulls when never reached; ``carried``
+    says whether any row had the metric at all."""
     rows = [r for r in run["step_rows"] if r.get(target.metric) is not None] or \
-        [r for r in run["rows"] if r.get(target.metric) is not None]
+        [r for r in run["rows"] + run["mid_epoch_rows"] if r.get(target.metric) is not None]
     hit = next((r for r in sorted(rows, key=lambda r: r["step"]) if target.reached(r[target.metric])), None)
     return {"run": str(run["dir"]), "steps_to_target": hit and hit["step"], "sfo_to_target": hit and hit["samples"],
             "seconds_to_target": hit and hit.get("wall_time"), "carried": bool(rows)}

@@ -130,6 +130,7 @@ class Distributed:
 @dataclass
 class Eval:
     every_epochs: int = 1
+    every_steps: int = 0                # 0: at epoch ends only; k: also every k optimizer steps (mid-epoch rows)
     full_grad_norm: bool = True
     grad_norm_mode: str = "exact"       # exact: un-augmented, eval mode | paper: as the paper's code
     batch_size: int = 500

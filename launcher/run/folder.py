@@ -2,7 +2,8 @@
 write there is named here, and nowhere else.
 
     recipe.yaml             the resolved recipe (an earlier, different one is kept as recipe.prev-K.yaml)
-    metrics.jsonl           one row per epoch (rank 0)
+    metrics.jsonl           one row per epoch (rank 0), and with eval.every_steps evaluation rows inside
+                            epochs (``mid_epoch: true``)
     steps.jsonl             one row every ``tracking.log_every_steps`` optimizer steps (rank 0)
     checkpoints/            step-NNNNNNNNN/ folders and ``latest`` (see checkpoint.py)
     final_model.pt          the model's state_dict at the end
@@ -136,7 +137,12 @@ class RunFolder:
             pass
 
     def metric_rows(self) -> list[dict]:
-        return read_jsonl(self.metrics)
+        """The epoch rows of metrics.jsonl."""
+        return [r for r in read_jsonl(self.metrics) if not r.get("mid_epoch")]
+
+    def mid_epoch_rows(self) -> list[dict]:
+        """The rows eval.every_steps wrote inside epochs (evaluation only, ``mid_epoch: true``)."""
+        return [r for r in read_jsonl(self.metrics) if r.get("mid_epoch")]
 
     def step_rows(self) -> list[dict]:
         return read_jsonl(self.steps)

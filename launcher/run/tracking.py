@@ -25,20 +25,20 @@ WALL_FIELDS = ("wall_time", "samples_per_s", "steps_per_s")
 
 
 class MetricsLog:
-    """A JSON-lines file of rows keyed by ``key`` (``epoch`` or ``step``). ``durable`` fsyncs each row
+    """A JSON-lines file of rows (epochs, or log points). ``durable`` fsyncs each row
     (epoch rows: few and precious); per-step rows are not, since a resume rewrites those after its
     checkpoint anyway."""
 
-    def __init__(self, path: Path, key: str = "epoch", durable: bool = True):
-        self.path, self.key, self.durable = Path(path), key, durable
+    def __init__(self, path: Path, durable: bool = True):
+        self.path, self.durable = Path(path), durable
 
     def rows(self) -> list[dict]:
         return read_jsonl(self.path)
 
-    def keep_before(self, value: int) -> None:
-        """Drop rows whose key is >= ``value`` (they will be computed again), atomically."""
+    def keep(self, wanted) -> None:
+        """Keep only the rows for which ``wanted(row)`` holds (the others will be computed again), atomically."""
         rows = self.rows()
-        kept = [r for r in rows if r[self.key] < value]
+        kept = [r for r in rows if wanted(r)]
         if len(kept) != len(rows) or (self.path.exists() and not self.path.read_text().endswith("\n")
                                       and self.path.stat().st_size):
             atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept), durable=False)

@@ -26,7 +26,7 @@ class Reporter:
     def __init__(self, recipe, comm, folder, log):
         self.recipe, self.comm, self.folder, self.log = recipe, comm, folder, log
         self.metrics = MetricsLog(folder.metrics)
-        self.steps = MetricsLog(folder.steps, key="step", durable=False)
+        self.steps = MetricsLog(folder.steps, durable=False)
         self.tracker, self.bar = None, None
         self._clock = self._epoch_clock = self._log_clock = time.time()
         self._epoch_samples = self._log_samples = 0
@@ -35,8 +35,8 @@ class Reporter:
         """After a resume: drop the rows past the checkpoint (they are computed again), open W&B under
         the run's one id, start the clocks."""
         if self.comm.is_main:
-            self.metrics.keep_before(state.epoch)
-            self.steps.keep_before(state.global_step + 1)
+            self.metrics.keep(lambda r: r["step"] <= state.global_step if r.get("mid_epoch") else r["epoch"] < state.epoch)
+            self.steps.keep(lambda r: r["step"] <= state.global_step)
             state.wandb_id = run_id(self.folder.wandb_id, state.wandb_id or None)
             self.tracker = Tracker(self.recipe, self.folder.wandb, state.wandb_id, self.log)
         state.wandb_id = self.comm.broadcast(state.wandb_id)
@@ -94,6 +94,15 @@ class Reporter:
                      f"x{self.comm.world}) loss {row['train_loss']:.4f} test_acc {fmt(row['test_acc'], 4)} "
                      f"grad_norm {fmt(row['grad_norm'], 5)}")
 
+    def mid_epoch_row(self, split: EpochSplit, state: TrainState, evaluated: dict) -> None:
+        """eval.every_steps: what evaluation measured at this global step, inside epoch ``split.epoch``."""
+        row = {"epoch": split.epoch, "step": state.global_step, "samples": state.samples, "mid_epoch": True,
+               "batch": split.batch, "world_size": self.comm.world, **evaluated,
+               "wall_time": round(state.wall_time + time.time() - self._clock, 3)}
+        if self.comm.is_main:
+            self.metrics.append(row)
+            self.tracker.log_row({k: v for k, v in row.items() if k != "mid_epoch"}, step=state.global_step)
+
     def step_row(self, split: EpochSplit, state: TrainState, window: torch.Tensor, has_accuracy: bool,
                  grad_norm) -> None:
         """A steps.jsonl row for the window since the last one (and W&B, under step/, at this global step)."""
@@ -119,7 +128,7 @@ class Reporter:
         if not self.comm.is_main:
             return
         if finished:
-            rows = self.metrics.rows()
+            rows = [r for r in self.metrics.rows() if not r.get("mid_epoch")]
             print_summary(self.recipe, state, rows, self.tracker, self.log)
             self.tracker.summarise(summary_values(state, rows))
         self.tracker.finish(preempted=not finished)

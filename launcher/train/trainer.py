@@ -56,10 +56,12 @@ class Trainer:
                 self.train_step(epoch, step)
                 if self.log_every and self.state.global_step % self.log_every == 0:
                     self.log_steps(epoch)
+                if self.due(self.recipe.eval.every_steps, split, step):
+                    self.evaluate_mid_epoch(epoch)
                 if self.stop.poll():
                     self.save("preempted")
                     return Outcome.PREEMPTED
-                if self.checkpoint_due(split, step):
+                if self.due(self.recipe.checkpoint.every_steps, split, step):
                     self.save(f"every {self.recipe.checkpoint.every_steps} steps")
             # no stop between the last step and the evaluation: the epoch row would then go to W&B in the
             # next segment, at a step the run already has, and be dropped
@@ -118,6 +120,13 @@ class Trainer:
         grad_norm, self.step_grad_norm = self.step_grad_norm, None
         self.reporter.step_row(self.stages[epoch], self.state, window, self.sums.has_accuracy, grad_norm)
 
+    def evaluate_mid_epoch(self, epoch: int) -> None:
+        """eval.every_steps: a metrics.jsonl row inside the epoch (``mid_epoch: true``), so a target's
+        crossing is not rounded to epochs. Before any save at this step, so a checkpoint follows its row."""
+        with self.stages.eager():
+            evaluated = evaluate_epoch(self.parts, epoch)
+        self.reporter.mid_epoch_row(self.stages[epoch], self.state, evaluated)
+
     def end_epoch(self, epoch: int) -> None:
         """The epoch's row: training sums over all ranks, evaluation, then the next position."""
         split = self.stages[epoch]                 # as split at the end (auto: maybe halved meanwhile)
@@ -132,8 +141,9 @@ class Trainer:
         self.state.epoch, self.state.step = epoch + 1, 0
         self.sums.zero()
 
-    def checkpoint_due(self, split: EpochSplit, step: int) -> bool:
-        every = self.recipe.checkpoint.every_steps      # the epoch's end saves anyway
+    def due(self, every: int, split: EpochSplit, step: int) -> bool:
+        """Every ``every`` global steps (0: never), except at an epoch's last step: the epoch's end
+        evaluates and saves anyway."""
         return bool(every) and self.state.global_step % every == 0 and step + 1 < split.steps
 
     def check_finite(self) -> None:

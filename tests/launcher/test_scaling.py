@@ -7,7 +7,7 @@ import yaml
 
 from helpers import base_recipe
 from launcher import config
-from launcher.cli import scaling
+from launcher.cli import analysis, scaling
 from launcher.cli.main import main
 from launcher.errors import UserError
 
@@ -65,6 +65,23 @@ def test_report_target_per_run_and_per_group(tmp_path, capsys):
     # epoch rows when the step rows do not carry the metric: test_acc 0.1 e at the end of epoch e (step 10(e+1))
     assert main(["report", str(runs[0]), "--target", "test_acc>=0.35", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["steps_to_target"] == 50
+
+
+def test_evaluations_inside_epochs_refine_the_crossing_and_stay_out_of_epoch_curves(tmp_path, capsys):
+    """eval.every_steps rows (mid_epoch) count for a target the step rows do not carry; plot and report's
+    per-epoch tables never see them."""
+    run = fake_run(tmp_path, "r", 16, reach_at=100)
+    # test_acc 0.35 first at step 43, inside epoch 4 (its epoch row, at step 50, has 0.4)
+    inside = [{"epoch": s // 10, "step": s, "samples": s * 16, "mid_epoch": True, "test_acc": 0.01 * (s - 8),
+               "wall_time": s * 0.5} for s in range(41, 50)]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in inside))
+    assert main(["report", str(run), "--target", "test_acc>=0.35", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)[0]
+    assert (got["steps_to_target"], got["sfo_to_target"], got["seconds_to_target"]) == (43, 43 * 16, 21.5)
+    loaded = analysis.load_run(run)
+    assert not any(r.get("mid_epoch") for r in loaded["rows"]) and len(loaded["mid_epoch_rows"]) == 9
+    assert [r["epoch"] for r in loaded["rows"]] == list(range(30))
 
 
 @pytest.mark.parametrize("bad", ["test_acc", "test_acc>0.9", "test_acc>=x", "test_acc>=nan", "1x>=2"])

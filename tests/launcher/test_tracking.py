@@ -17,13 +17,13 @@ def test_metrics_rows_after_the_resume_point_are_dropped_and_a_torn_line_is_surv
     with open(tmp_path / "m.jsonl", "a") as f:
         f.write('{"epoch": 4, "x"')                       # a kill in the middle of an append
     assert [r["epoch"] for r in log.rows()] == [0, 1, 2, 3]
-    log.keep_before(2)
+    log.keep(lambda r: r["epoch"] < 2)
     assert (tmp_path / "m.jsonl").read_text() == "".join(json.dumps({"epoch": e, "x": e * 1.5}) + "\n"
                                                          for e in range(2))
-    steps = MetricsLog(tmp_path / "s.jsonl", key="step")
+    steps = MetricsLog(tmp_path / "s.jsonl")
     for s in (10, 20, 30):
         steps.append({"step": s})
-    steps.keep_before(21)
+    steps.keep(lambda r: r["step"] <= 20)
     assert [r["step"] for r in steps.rows()] == [10, 20]
 
 

@@ -1,12 +1,15 @@
 """The same updates whatever the world size and split (real gloo ranks); the smoke recipe end to end."""
 import json
 import math
+import shutil
 
 import torch
 
 import pytest
 
-from helpers import ROOT, base_recipe, cli, final_params, metric_rows, train_ranks
+from helpers import (ROOT, assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows,
+                     train_ranks)
+from launcher.run.tracking import WALL_FIELDS
 
 FIELDS = {"epoch", "step", "samples", "batch", "micro_batch", "accum", "lr", "beta", "gamma", "train_loss",
           "train_acc", "test_loss", "test_acc", "grad_norm", "min_grad_norm", "wall_time", "samples_per_s",
@@ -75,3 +78,35 @@ def test_smoke_recipe_runs_with_wandb_offline_and_writes_the_run_folder(tmp_path
     again = cli(["run", str(ROOT / "recipes" / "smoke.yaml"), "--set", "epochs=2", "--set", "schedule.interval=1",
                  "--set", "output=" + str(tmp_path / "runs")], cwd=tmp_path, check=0)
     assert "already complete" in again.stdout and (run / "metrics.jsonl").read_text() == before
+
+
+def test_evaluation_inside_epochs_changes_no_update_and_its_rows_survive_a_resume(tmp_path):
+    """eval.every_steps: rows at global steps 4, 8, ... (none at an epoch's last step, which the epoch row
+    evaluates), the epoch rows and the parameters those of a run without it; a resume from a mid-epoch
+    checkpoint drops only the rows written after it and writes them again."""
+    over = {"epochs": 2, "data.size": 400, "checkpoint.every_steps": 5, "checkpoint.keep": 100}
+    plain = train_ranks(base_recipe(name="plain", **over), tmp_path)
+    mid = base_recipe(name="mid", **over, **{"eval.every_steps": 4})
+    run = train_ranks(mid, tmp_path)
+    assert_bitwise(final_params(run), final_params(plain))
+    inside = [r for r in metric_rows(run) if r.get("mid_epoch")]
+    epochs = [r for r in metric_rows(run) if not r.get("mid_epoch")]
+    # the running minimum of the full-gradient norm takes every evaluation, inside epochs too
+    assert epochs[-1]["min_grad_norm"] == min(r["grad_norm"] for r in metric_rows(run))
+    drop = WALL_FIELDS + ("min_grad_norm",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in epochs] == metric_rows(plain, drop=drop)
+    # 400 samples at batch 16 then 32: epochs of 25 and 13 steps
+    assert [(r["epoch"], r["step"]) for r in inside] == [(0 if s <= 25 else 1, s) for s in range(4, 38, 4)]
+    assert all(r["test_acc"] is not None and r["grad_norm"] > 0 for r in inside)
+    assert [r["step"] for r in metric_rows(run)] == sorted(r["step"] for r in metric_rows(run))
+
+    uninterrupted = metric_rows(run)
+    for path in (run / "final_model.pt", run / "complete.json"):
+        path.unlink()
+    for step in checkpoint_steps(run):
+        if step > 15:
+            shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
+    resumed = train_ranks(mid, tmp_path)
+    assert "resumed from" in resumed.output and "step-000000015" in resumed.output
+    assert metric_rows(resumed) == uninterrupted
+    assert_bitwise(final_params(resumed), final_params(plain))
