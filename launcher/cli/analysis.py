@@ -38,7 +38,7 @@ XS = ("epoch", "step", "samples")
 LINE_STYLES = ("-", "--", ":", "-.")
 ROWS = ("epochs", "steps")
 # what never changes a plotted metric: a curve's runs may differ in these (and only these, and the seed)
-IGNORED = ("seed", "name", "output", "tracking", "checkpoint", "signals")
+IGNORED = ("seed", "name", "output", "tracking", "checkpoint", "signals", "slurm")
 IGNORED_KEYS = ("eval.batch_size", "distributed.nproc_per_node", "distributed.max_micro_batch")
 
 

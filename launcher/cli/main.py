@@ -100,9 +100,10 @@ def slurm_commands(command) -> None:
     def slurm_args(sp):
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. schedule.lr.max=0.05 (repeatable)")
-        sp.add_argument("--nodes", type=positive_int, default=1, help="nodes per job (default 1)")
-        sp.add_argument("--gpus-per-node", type=nonnegative_int, default=0,
-                        help="GPUs (= processes) per node; 0: CPU, processes from distributed.nproc_per_node")
+        sp.add_argument("--nodes", type=positive_int, help="nodes per job (default: the recipe's slurm.nodes, 1)")
+        sp.add_argument("--gpus-per-node", type=nonnegative_int,
+                        help="GPUs (= processes) per node; 0: CPU, processes from distributed.nproc_per_node "
+                             "(default: the recipe's slurm.gpus_per_node, 0)")
         sp.add_argument("--time", type=text, default="01:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS")
         sp.add_argument("--partition", type=text, help="Slurm partition")
         sp.add_argument("--account", type=text, help="Slurm account")

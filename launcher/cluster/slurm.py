@@ -30,9 +30,6 @@ q = shlex.quote
 
 
 def _check(args) -> None:
-    if args.nodes < 1 or args.gpus_per_node < 0:
-        raise UserError(f"--nodes/--gpus-per-node: {args.nodes}/{args.gpus_per_node} is not valid; "
-                          "allowed: nodes >= 1, gpus-per-node >= 0")
     parts = args.time.replace("-", ":").split(":")
     if not (2 <= len(parts) <= 4 and all(p.isdigit() for p in parts)):
         raise UserError(f"--time: {args.time!r} is not valid; allowed: HH:MM:SS or D-HH:MM:SS")
@@ -49,15 +46,15 @@ def cpus_needed(recipe, nproc: int) -> int:
     return nproc * (1 + (recipe.data.workers if data.is_streamed(recipe.data) else 0))
 
 
-def _sbatch_lines(args, cpus: int, array: str | None, nodes: int) -> list[str]:
+def _sbatch_lines(args, cpus: int, array: str | None, nodes: int, gpus_per_node: int) -> list[str]:
     """#SBATCH lines: only numbers and fixed words. Options holding user text (job name, log path,
     partition, account, extra arguments) go on sbatch's command line as separate argv items, where no
     shell or directive parser can split or evaluate them."""
     lines = [f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={args.time}",
              f"--signal=B:{args.signal}@{args.signal_seconds}", "--requeue", "--open-mode=append",
              f"--cpus-per-task={args.cpus_per_task or cpus}"]
-    if args.gpus_per_node:
-        lines.append(f"--gpus-per-node={args.gpus_per_node}")
+    if gpus_per_node:
+        lines.append(f"--gpus-per-node={gpus_per_node}")
     if array:
         lines.append(f"--array={array}")
     return ["#SBATCH " + line for line in lines]
@@ -95,8 +92,7 @@ def _launch(args, nodes: int, until_epoch: int | None) -> tuple[str, str]:
 
 
 def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: str | None,
-           submit_cmd: list[str], nodes: int | None = None, until_epoch: int | None = None) -> str:
-    nodes = nodes or args.nodes
+           submit_cmd: list[str], nodes: int, gpus_per_node: int, until_epoch: int | None = None) -> str:
     prelude, launch = _launch(args, nodes, until_epoch)
     if array:
         select = (f"RECIPES=({' '.join(q(str(p)) for p in recipes)})\n"
@@ -113,7 +109,7 @@ def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: st
     for key, value in {"{{request_file}}": q(names.preempt_request.name),
                        "{{preempted_file}}": q(names.preempted.name),
                        "{{complete_file}}": q(names.complete.name),
-                       "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, cpus, array, nodes)),
+                       "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, cpus, array, nodes, gpus_per_node)),
                        "{{submit}}": single_line(shlex.join(submit_cmd)), "{{setup}}": setup,
                        "{{workdir}}": workdir, "{{exports}}": exports,
                        "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch,
@@ -123,17 +119,22 @@ def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: st
 
 
 def _prepare(recipe, args):
-    """The recipe as the job will run it: absolute output, processes from --gpus-per-node; its setup
-    lines unless --setup gave some."""
+    """The recipe as the job will run it: its shape (``slurm.nodes``/``gpus_per_node``, where --nodes and
+    --gpus-per-node win), absolute output, processes from the GPUs per node; its setup lines unless
+    --setup gave some."""
     from launcher.train import preflight
-    if args.gpus_per_node:
-        recipe.distributed.nproc_per_node = args.gpus_per_node
+    if args.nodes is not None:
+        recipe.slurm.nodes = args.nodes
+    if args.gpus_per_node is not None:
+        recipe.slurm.gpus_per_node = args.gpus_per_node
+    if recipe.slurm.gpus_per_node:
+        recipe.distributed.nproc_per_node = recipe.slurm.gpus_per_node
     preflight.resolve_nproc(recipe, 0, log=lambda line: None)   # auto without --gpus-per-node: a CPU job
     recipe.output = str(Path(recipe.output).resolve())
     if args.setup is None:
         args.setup = list(recipe.slurm.setup)
     nproc = recipe.distributed.nproc_per_node
-    preflight.preflight(recipe, nproc * args.nodes, check_data=not args.dry_run)
+    preflight.preflight(recipe, nproc * recipe.slurm.nodes, check_data=not args.dry_run)
     if args.elastic and recipe.distributed.engine == "deepspeed" and recipe.distributed.zero_stage > 0:
         raise UserError(f"--elastic: not valid with DeepSpeed ZeRO stage {recipe.distributed.zero_stage} (its optimizer "
                         "state cannot move to another world size here); allowed: ddp, or ZeRO 0")
@@ -161,12 +162,13 @@ def _sbatch(cmd: list[str]) -> str:
 
 
 def _segments(recipe, nproc: int, args) -> list:
-    """The jobs to submit: one on --nodes, or (--elastic) one per segment of stages."""
+    """The jobs to submit: one on the recipe's nodes, or (--elastic) one per segment of stages, on up to
+    that many."""
     from launcher import data
     from launcher.train import splits
     if not args.elastic:
-        return [splits.Segment(0, recipe.epochs - 1, args.nodes)]
-    return splits.elastic_segments(recipe, data.sizes(recipe.data)[0], nproc, args.nodes)
+        return [splits.Segment(0, recipe.epochs - 1, recipe.slurm.nodes)]
+    return splits.elastic_segments(recipe, data.sizes(recipe.data)[0], nproc, recipe.slurm.nodes)
 
 
 def cmd_submit(args) -> int:
@@ -180,7 +182,8 @@ def cmd_submit(args) -> int:
             folder.slurm / f"{scripts[-1][0].stem}-{k + 1}.sbatch"
         cmd = sbatch_command(args, recipe.name, folder.slurm / "slurm-%j.out", script, after)
         until = seg.last + 1 if seg.last + 1 < recipe.epochs else None
-        scripts.append((script, cmd, render(args, [folder.recipe], [folder.path], cpus, None, cmd, seg.nodes, until)))
+        scripts.append((script, cmd, render(args, [folder.recipe], [folder.path], cpus, None, cmd, seg.nodes,
+                                            recipe.slurm.gpus_per_node, until)))
         after = "afterok:{previous}"
     if args.dry_run:
         print("\n\n".join(text for _, _, text in scripts))
@@ -199,7 +202,13 @@ def cmd_submit(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # Sweeps as job arrays
 
+def shape_words(nodes: int, gpus_per_node: int) -> str:
+    return f"{nodes} node(s)" + (f" x {gpus_per_node} GPU(s)" if gpus_per_node else "")
+
+
 def cmd_sweep(args) -> int:
+    """One job array per resource shape (slurm.nodes x slurm.gpus_per_node) among the points, each with its
+    own --nodes; the chained arrays of --elastic per shape."""
     _check(args)
     spec = sweep.load_spec(Path(args.sweep))
     points = sweep.grid_points(spec, args.set)
@@ -209,28 +218,40 @@ def cmd_sweep(args) -> int:
         raise UserError(f"sweep.grid: two points get the same run name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
                         "allowed: grid values that differ once made filesystem-safe")
     folder = RunFolder(Path(recipes[0][0].output) / spec["name"])
-    array = f"0-{len(points) - 1}%{args.max_parallel}"
-    segments = {tuple(_segments(r, nproc, args)) for r, nproc in recipes}
-    if len(segments) > 1:
-        raise UserError("--elastic: the sweep's points cut into different segments (their batch schedules differ); "
-                        "allowed: points with one batch schedule, or submit them without --elastic")
-    segments, jobs, after = list(segments.pop()), [], None
-    cpus = _cpus(args, [cpus_needed(r, nproc) for r, nproc in recipes])
-    for k, seg in enumerate(segments):
-        script = next_free(folder.slurm, "sweep", ".sbatch") if not jobs else \
-            folder.slurm / f"{jobs[-1][0].stem}-{k + 1}.sbatch"
-        cmd = sbatch_command(args, spec["name"], folder.slurm / "slurm-%A_%a.out", script, after)
-        until = seg.last + 1 if seg.last + 1 < recipes[0][0].epochs else None
-        jobs.append((script, cmd, render(args, [r.folder.recipe for r, _ in recipes], [r.run_dir for r, _ in recipes],
-                                         cpus, array, cmd, seg.nodes, until)))
-        after = "aftercorr:{previous}"               # task i of this array after task i of the previous one
+    shapes: dict[tuple, list[int]] = {}           # (nodes, gpus per node) -> the points' indices, in order
+    for i, (r, _) in enumerate(recipes):
+        shapes.setdefault((r.slurm.nodes, r.slurm.gpus_per_node), []).append(i)
+    if args.local and any(nodes > 1 for nodes, _ in shapes):
+        raise UserError(f"--local: points ask for {max(n for n, _ in shapes)} nodes; allowed: slurm.nodes 1 here "
+                        "(submit without --local to run them on the cluster)")
+    first = next_free(folder.slurm, "sweep", ".sbatch")
+    arrays = []              # (shape, indices, array spec, [(script, sbatch command, text) per chained job])
+    for (nodes, gpus), members in shapes.items():
+        group = [recipes[i] for i in members]
+        segments = {tuple(_segments(r, nproc, args)) for r, nproc in group}
+        if len(segments) > 1:
+            raise UserError("--elastic: the sweep's points cut into different segments (their batch schedules differ); "
+                            "allowed: points with one batch schedule, or submit them without --elastic")
+        stem = first.stem if len(shapes) == 1 else f"{first.stem}_{nodes}n" + (f"{gpus}g" if gpus else "")
+        array = f"0-{len(members) - 1}%{args.max_parallel}"
+        cpus = _cpus(args, [cpus_needed(r, nproc) for r, nproc in group])
+        jobs, after = [], None
+        for k, seg in enumerate(segments.pop()):
+            script = folder.slurm / (f"{stem}.sbatch" if not jobs else f"{stem}-{k + 1}.sbatch")
+            cmd = sbatch_command(args, spec["name"], folder.slurm / "slurm-%A_%a.out", script, after)
+            until = seg.last + 1 if seg.last + 1 < group[0][0].epochs else None
+            jobs.append((script, cmd, render(args, [r.folder.recipe for r, _ in group], [r.run_dir for r, _ in group],
+                                             cpus, array, cmd, seg.nodes, gpus, until)))
+            after = "aftercorr:{previous}"           # task i of this array after task i of the previous one
+        arrays.append(((nodes, gpus), members, array, jobs))
     if args.dry_run:
         for p, (r, _) in zip(points, recipes):
             seed = "" if p["seed"] is None else f"  seed={p['seed']}"
-            print(f"{p['index']:>3}  {r.run_dir}  {p['label']}{seed}")
-        print(f"{len(points)} runs as one job array --array={array}" +
-              (f", in {len(jobs)} chained arrays (--elastic)" if len(jobs) > 1 else "") + "\n")
-        print("\n\n".join(text for _, _, text in jobs))
+            print(f"{p['index']:>3}  {r.run_dir}  {p['label']}{seed}  [{shape_words(r.slurm.nodes, r.slurm.gpus_per_node)}]")
+        for shape, members, array, jobs in arrays:
+            print(f"{len(members)} run(s) as one job array --array={array} on {shape_words(*shape)}" +
+                  (f", in {len(jobs)} chained arrays (--elastic)" if len(jobs) > 1 else ""))
+        print("\n" + "\n\n".join(text for *_, jobs in arrays for _, _, text in jobs))
         return 0
     if args.local:
         return sweep.run_locally(points, [r for r, _ in recipes])
@@ -238,12 +259,13 @@ def cmd_sweep(args) -> int:
     for r, _ in recipes:
         r.folder.write_recipe(recipe_mod.dump(r))
     (folder.path / "points.json").write_text(json.dumps(
-        [{**p, "run_dir": str(r.run_dir)} for p, (r, _) in zip(points, recipes)], indent=1))
-    previous = None
-    for script, cmd, text in jobs:
-        script.write_text(text)
-        previous = _sbatch([c.replace("{previous}", previous or "") for c in cmd])
-        print(f"qhm-launch: submitted array job {previous} ({len(points)} runs): {script}\n  logs: {folder.slurm}")
+        [{**p, "run_dir": str(r.run_dir), "nodes": r.slurm.nodes, "gpus_per_node": r.slurm.gpus_per_node}
+         for p, (r, _) in zip(points, recipes)], indent=1))
+    for shape, members, _, jobs in arrays:
+        previous = None
+        for script, cmd, text in jobs:
+            script.write_text(text)
+            previous = _sbatch([c.replace("{previous}", previous or "") for c in cmd])
+            print(f"qhm-launch: submitted array job {previous} ({len(members)} runs on {shape_words(*shape)}): "
+                  f"{script}\n  logs: {folder.slurm}")
     return 0
-
-

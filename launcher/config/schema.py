@@ -168,6 +168,8 @@ class Signals:
 @dataclass
 class Slurm:
     setup: list = field(default_factory=list)   # lines a job runs before training ("module load cuda/12.4")
+    nodes: int = 1                      # nodes per job (submit/sweep --nodes wins); a sweep grid may vary it
+    gpus_per_node: int = 0              # GPUs (= processes) per node; 0: CPU, processes from nproc_per_node
 
 
 @dataclass

@@ -94,6 +94,7 @@ def validate(r: Recipe) -> Recipe:
                              ("distributed.min_rank_batch", r.distributed.min_rank_batch, 1),
                              ("eval.every_epochs", r.eval.every_epochs, 1),
                              ("eval.every_steps", r.eval.every_steps, 0),
+                             ("slurm.nodes", r.slurm.nodes, 1), ("slurm.gpus_per_node", r.slurm.gpus_per_node, 0),
                              ("eval.batch_size", r.eval.batch_size, 1),
                              ("checkpoint.every_steps", r.checkpoint.every_steps, 0),
                              ("tracking.log_every_steps", r.tracking.log_every_steps or 0, 0),

@@ -73,8 +73,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def next_free(folder: Path, stem: str, suffix: str) -> Path:
-    """``folder/stem-K.suffix`` for the smallest K >= 1 not taken: never overwrite an earlier one."""
+    """``folder/stem-K.suffix`` for the smallest K >= 1 not taken, nor any ``stem-K-...`` or ``stem-K_...``
+    (the scripts that come with it): never overwrite an earlier one."""
     k = 1
-    while (Path(folder) / f"{stem}-{k}{suffix}").exists():
+    while (Path(folder) / f"{stem}-{k}{suffix}").exists() or any(Path(folder).glob(f"{stem}-{k}[_-]*")):
         k += 1
     return Path(folder) / f"{stem}-{k}{suffix}"

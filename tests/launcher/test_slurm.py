@@ -1,7 +1,7 @@
 """Against a real two-node Slurm (slurm/cluster.sh: two slurmd daemons on this machine, started by .ci/run):
 submit (a hostile name, quoted), preempt + requeue + resume on one node and on two (the warning signal
 and SIGTERM to every step), 4 ranks on 2 nodes from batch 2, an elastic chain from 1 node to 2, a sweep
-as a job array, and dry-run scripts."""
+over node counts as one job array per shape, and dry-run scripts."""
 import json
 import os
 import re
@@ -15,6 +15,7 @@ import yaml
 
 from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, train_ranks,
                       wait_for, write_recipe)
+from launcher.cli.main import main
 
 pytestmark = pytest.mark.e2e      # a real Slurm (two slurmd on this machine)
 
@@ -85,26 +86,35 @@ def test_preemption_signal_requeues_resumes_and_matches_the_uninterrupted_run(tm
     assert metric_rows(run) == metric_rows(reference)
 
 
-def test_sweep_runs_as_one_job_array(tmp_path, slurm_env):
-    write_recipe(tmp_path, base_recipe(epochs=1, **{"distributed.nproc_per_node": 1}), "base.yaml")
+def test_sweep_over_node_counts_runs_one_job_array_per_shape(tmp_path, slurm_env, capsys):
+    """slurm.nodes [1, 2] x two learning rates: two arrays of two runs (each with its own --nodes), all
+    finish, and `scaling` reports both world sizes."""
+    write_recipe(tmp_path, base_recipe(epochs=2, **{"distributed.nproc_per_node": 1, "tracking.log_every_steps": 2,
+                                                    "checkpoint.every_steps": 0}), "base.yaml")
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(
-        {"recipe": "base.yaml", "name": "grid", "grid": {"schedule.lr.max": [0.01, 0.05]}}))
+        {"recipe": "base.yaml", "name": "grid", "grid": {"schedule.lr.max": [0.01, 0.05], "slurm.nodes": [1, 2]}}))
     dry = cli(["sweep", str(tmp_path / "sweep.yaml"), "--dry-run"], cwd=tmp_path, env=slurm_env, check=0)
-    assert "2 runs as one job array --array=0-1%4" in dry.stdout and "schedule.lr.max=0.05" in dry.stdout
+    assert "2 run(s) as one job array --array=0-1%4 on 1 node(s)" in dry.stdout
+    assert "2 run(s) as one job array --array=0-1%4 on 2 node(s)" in dry.stdout
     out = cli(["sweep", str(tmp_path / "sweep.yaml"), "--max-parallel", "2"], cwd=tmp_path, env=slurm_env, check=0)
-    job = re.search(r"submitted array job (\d+)", out.stdout).group(1)
+    jobs = re.findall(r"submitted array job (\d+) \(2 runs on (\d) node", out.stdout)
+    assert [n for _, n in jobs] == ["1", "2"], out.stdout
+    runs = [tmp_path / "runs" / f"grid_lr.max={lr}_slurm.nodes={n}" for lr in (0.01, 0.05) for n in (1, 2)]
     t0 = time.time()
-    runs = [tmp_path / "runs" / f"grid_lr.max={lr}" for lr in (0.01, 0.05)]
     while not all((r / "complete.json").exists() for r in runs) and time.time() - t0 < 300:
         time.sleep(1)
     assert all((r / "complete.json").exists() for r in runs), list((tmp_path / "runs" / "grid" / "slurm").iterdir())
-    lrs = [yaml.safe_load((r / "recipe.yaml").read_text())["schedule"]["lr"]["max"] for r in runs]
+    assert [metric_rows(r)[-1]["world_size"] for r in runs] == [1, 2, 1, 2]
     groups = {yaml.safe_load((r / "recipe.yaml").read_text())["tracking"]["wandb"]["group"] for r in runs}
-    assert lrs == [0.01, 0.05] and len(groups) == 2
+    assert len(groups) == 4
     points = json.loads((tmp_path / "runs" / "grid" / "points.json").read_text())
-    assert [p["name"] for p in points] == ["grid_lr.max=0.01", "grid_lr.max=0.05"]
-    assert re.search(r"#SBATCH --array=0-1%2", (tmp_path / "runs" / "grid" / "slurm" / "sweep-1.sbatch").read_text())
-    assert job
+    assert [(p["name"], p["nodes"]) for p in points] == [(r.name, int(r.name[-1])) for r in runs]
+    slurm_dir = tmp_path / "runs" / "grid" / "slurm"
+    assert "#SBATCH --nodes=2" in (slurm_dir / "sweep-1_2n.sbatch").read_text()
+    assert re.search(r"#SBATCH --array=0-1%2", (slurm_dir / "sweep-1_1n.sbatch").read_text())
+    assert main(["scaling", str(tmp_path / "runs" / "grid"), "--json"]) == 0
+    throughput = json.loads(capsys.readouterr().out)["throughput"]
+    assert [(t["world_size"], len(t["runs"])) for t in throughput] == [(1, 2), (2, 2)]
 
 
 def test_dry_run_scripts_pass_sbatch_test_only_and_multi_node_commands(tmp_path, slurm_env):

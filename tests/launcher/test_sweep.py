@@ -1,4 +1,9 @@
-"""Sweep points: names that say what a point is and stay put when the grid is edited; seeds counted."""
+"""Sweep points: names that say what a point is and stay put when the grid is edited; seeds counted; a grid
+over resources as one job array per shape."""
+import yaml
+
+from helpers import base_recipe, write_recipe
+from launcher.cli.main import main
 from launcher.cluster.sweep import grid_points, point_name
 
 
@@ -29,3 +34,28 @@ def test_names_are_filesystem_safe_and_bounded():
 def test_extra_overrides_reach_every_point():
     points = grid_points(spec({"seed": [1, 2]}, seeds=[None]), extra=["epochs=5"])
     assert all("epochs=5" in p["overrides"] for p in points)
+
+
+def test_a_grid_over_node_counts_is_one_job_array_per_shape(tmp_path, capsys, monkeypatch):
+    """slurm.nodes in the grid: one array per shape, each with its own --nodes (and --gpus-per-node), point
+    names that say the shape, the command line's --gpus-per-node winning over the recipe's."""
+    monkeypatch.chdir(tmp_path)
+    write_recipe(tmp_path, base_recipe(epochs=1, **{"slurm.gpus_per_node": 2}), "base.yaml")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(
+        {"recipe": "base.yaml", "name": "shape", "grid": {"slurm.nodes": [1, 2], "schedule.lr.max": [0.01, 0.05]}}))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 run(s) as one job array --array=0-1%4 on 1 node(s) x 2 GPU(s)" in out
+    assert "2 run(s) as one job array --array=0-1%4 on 2 node(s) x 2 GPU(s)" in out
+    scripts = out.split("#!/")[1:]
+    assert len(scripts) == 2
+    assert "#SBATCH --nodes=1" in scripts[0] and "runs/shape_lr.max=0.05_slurm.nodes=1/recipe.yaml" in scripts[0]
+    assert "#SBATCH --nodes=2" in scripts[1] and "runs/shape_lr.max=0.01_slurm.nodes=2/recipe.yaml" in scripts[1]
+    assert all("#SBATCH --gpus-per-node=2" in s for s in scripts)
+    assert "\nsrun " not in scripts[0] and "\nsrun " in scripts[1] and '--nnodes="$SLURM_JOB_NUM_NODES"' in scripts[1]
+    assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
+
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--dry-run", "--gpus-per-node", "0"]) == 0
+    assert "--gpus-per-node" not in capsys.readouterr().out.split("#!/", 1)[1]
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--local"]) == 2
+    assert "--local: points ask for 2 nodes; allowed: slurm.nodes 1 here" in capsys.readouterr().err
