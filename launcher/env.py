@@ -30,6 +30,8 @@ PAUSE_FROM_STEP = "QHM_TEST_PAUSE_FROM_STEP"      # ...for checkpoints at or aft
 STEP_LOG = "QHM_TEST_STEP_LOG"                    # file: one JSON line per DeepSpeed optimizer step
 OOM_AT = "QHM_TEST_OOM_AT"                        # "epoch:step[:micro]": raise an out-of-memory error there once
 OOM_ABOVE = "QHM_TEST_OOM_ABOVE"                  # micro-batch size above which the memory probe "fails"
+NOISE_SCALES = "QHM_TEST_NOISE_SCALES"            # "v1,v2,...": the noise scale each adaptive batch decision
+                                                  # takes, in order, instead of the measured one
 COMPILE_BACKEND = "QHM_COMPILE_BACKEND"           # torch.compile's backend (default inductor; the GPU check's
                                                   # smoke mode and tests use eager: dynamo traces, nothing is built)
 
@@ -64,6 +66,11 @@ def oom_at() -> tuple[int, ...] | None:
 def oom_above() -> int | None:
     text = os.environ.get(OOM_ABOVE)
     return int(text) if text else None
+
+
+def noise_scales() -> list[float]:
+    text = os.environ.get(NOISE_SCALES)
+    return [float(x) for x in text.split(",")] if text else []
 
 
 def compile_backend() -> str:

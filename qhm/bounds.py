@@ -292,15 +292,18 @@ def verdict(schedule: Schedule) -> str:
     return head + "; " + "; ".join(parts)
 
 
-def summary(schedule: Schedule, n: int, constants: Constants = Constants()) -> dict:
-    """The terms at the end of training, the closed forms there, and the verdict (for the CLI)."""
-    table = epoch_table(schedule, n)
+def summary(schedule: Schedule, n: int, constants: Constants = Constants(), batches=None) -> dict:
+    """The terms at the end of training, the closed forms there, and the verdict (for the CLI).
+    ``batches``: the batches a run actually used, per epoch trained (see :func:`epoch_table`); the terms
+    are then those of its K steps, and the corollaries (closed forms for eqs. 1 and 2) are left out."""
+    table = epoch_table(schedule, n, batches)
     seq = step_sequences(table)
     K = len(seq.lr)
     t2, t4 = theorem2(seq, constants), theorem4(seq, constants)
     last = lambda x: None if x is None else float(x[-1])  # noqa: E731
-    cor3 = {k: float(v[-1]) for k, v in corollary3(schedule, table, np.array([K])).items()}
-    cor5 = {k: float(v[-1]) for k, v in corollary5(schedule, table, np.array([K])).items()}
+    closed = batches is None
+    cor3 = {k: float(v[-1]) for k, v in corollary3(schedule, table, np.array([K])).items()} if closed else {}
+    cor5 = {k: float(v[-1]) for k, v in corollary5(schedule, table, np.array([K])).items()} if closed else {}
     nominal, actual = inverse_batch_sums(table)
     worst = int(np.argmax(actual / nominal))
     return {

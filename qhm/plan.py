@@ -66,11 +66,20 @@ class StepSequences:
     batch: np.ndarray
 
 
-def epoch_table(schedule: Schedule, n: int) -> EpochTable:
+def epoch_table(schedule: Schedule, n: int, batches=None) -> EpochTable:
+    """The schedule per epoch. ``batches``: the batch of each epoch as a run actually used it (a batch
+    decided at run time, ``schedule.batch.kind: adaptive``), for the epochs it trained; the table then
+    covers those epochs, with the schedule's learning rate, beta and gamma at them."""
     if not (isinstance(n, (int, np.integer)) and n >= 1):
         raise ValueError(f"n={n!r}: the training-set size must be an integer >= 1")
-    m = np.arange(schedule.epochs)
-    batch = schedule.batch.values(m)
+    if batches is None:
+        m = np.arange(schedule.epochs)
+        batch = schedule.batch.values(m)
+    else:
+        batch = np.asarray(batches, dtype=np.int64)
+        if not (1 <= len(batch) <= schedule.epochs and np.all(batch >= 1)):
+            raise ValueError(f"batches={list(batches)!r}: one batch >= 1 per epoch, at most {schedule.epochs}")
+        m = np.arange(len(batch))
     return EpochTable(epoch=m, batch=batch, steps=-(-int(n) // batch), lr=schedule.lr.values(m),
                       beta=schedule.beta.values(m), gamma=schedule.gamma.values(m), n=int(n))
 

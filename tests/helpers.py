@@ -232,14 +232,19 @@ def _train_rank(comm, recipe: dict, cwd: str, env: dict):
     from launcher.cli.run import run_worker
     from launcher.config import factories
     os.chdir(cwd)
+    before = dict(os.environ)
     os.environ.update(env)
-    factories.importable_from_cwd()                  # as `qhm-launch run` does for its workers
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.world))   # as `qhm-launch run` sets OMP_NUM_THREADS
-    resolved = config.from_dict(recipe)
-    if comm.is_main:                                 # what the launcher writes before its workers start
-        resolved.folder.write_recipe(config.dump(resolved))
-    comm.barrier()
-    return run_worker(resolved, force=False, comm=comm)
+    try:
+        factories.importable_from_cwd()              # as `qhm-launch run` does for its workers
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.world))  # as `run` sets OMP_NUM_THREADS
+        resolved = config.from_dict(recipe)
+        if comm.is_main:                             # what the launcher writes before its workers start
+            resolved.folder.write_recipe(config.dump(resolved))
+        comm.barrier()
+        return run_worker(resolved, force=False, comm=comm)
+    finally:                                         # a test's hooks never reach the pool's next job
+        os.environ.clear()
+        os.environ.update(before)
 
 
 class Trained(type(Path())):

@@ -105,6 +105,9 @@ def describe_batch(identity: dict) -> str:
         return f"constant batch {identity.get('schedule.batch.size')}"
     initial, growth = identity.get("schedule.batch.initial"), identity.get("schedule.batch.growth", 2)
     interval, epochs = identity.get("schedule.interval", 1), identity.get("epochs", 1)
+    if kind == "adaptive":
+        return (f"adaptive from {initial}, ×{growth:g} when noise scale ≥ {identity.get('schedule.batch.factor', 1):g} × "
+                f"batch, every {interval} epoch{'s' if interval != 1 else ''}")
     final = int(qhm.BatchSchedule("exponential", initial, growth=growth, interval=interval).values(epochs - 1))
     return f"increasing {initial}→{final}, ×{growth:g} every {interval} epoch{'s' if interval != 1 else ''}"
 
@@ -153,11 +156,11 @@ def series(curve: dict, metric: str, x: str, rows: str = "epochs") -> tuple[np.n
     return xs, values.mean(axis=0), values.min(axis=0), values.max(axis=0)
 
 
-def bound_terms(recipe_dict: dict, x: str) -> tuple[np.ndarray, dict]:
-    """Theorem 2's A_K, B_K, C_K at the end of every epoch of this recipe's schedule."""
-    recipe = recipe_mod.from_dict(recipe_dict)
+def bound_terms(run: dict, x: str) -> tuple[np.ndarray, dict]:
+    """Theorem 2's A_K, B_K, C_K at the end of every epoch the run trained, at the batches it used."""
+    recipe = recipe_mod.from_dict(run["recipe"])
     n = data_mod.sizes(recipe.data)[0]
-    table = qhm.epoch_table(recipe.schedule_spec(), n)
+    table = qhm.epoch_table(recipe.schedule_spec(), n, [r["batch"] for r in run["rows"]])
     t2 = qhm.theorem2(qhm.step_sequences(table))
     ends = np.cumsum(table.steps) - 1
     xs = {"epoch": table.epoch + 1, "step": ends + 1, "samples": (table.epoch + 1) * n}[x]
@@ -203,8 +206,12 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
         drawn.append({"label": c["label"], "legend": legend, "runs": [str(r["dir"]) for r in c["runs"]], "x": xs,
                       "mean": mean,
                       "min": lo, "max": hi})
+        if metric == "noise_scale" and rows == "epochs" and c["identity"].get("schedule.batch.kind") != "constant":
+            first_run = c["runs"][0]["rows"]            # a growing batch over the noise scale it should track
+            ax.step([r[x] + (1 if x == "epoch" else 0) for r in first_run], [r["batch"] for r in first_run], ":",
+                    where="pre", color=colour, label=f"its batch ({c['label']})")
         if with_bounds:
-            bx, terms = bound_terms(c["runs"][0]["recipe"], x)
+            bx, terms = bound_terms(c["runs"][0], x)
             for name, style in (("A_K", "-"), ("B_K", "--"), ("C_K", ":")):
                 axes[0][1].plot(bx, terms[name], style, color=colour,
                                 label=f"{name}: {c['label']}" if len(curves) < 4 or name == "B_K" else None)

@@ -4,8 +4,10 @@ bounds`` (Theorem 2 / 4 terms and the verdict): printing only; the arithmetic li
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from launcher import config as recipe_mod
+from launcher.errors import UserError
 
 
 def _training_set_size(recipe, override) -> int:
@@ -21,15 +23,43 @@ def cmd_plan(args) -> int:
         recipe, preflight.visible_gpus(), log=lambda line: print(line.replace("[qhm-launch] ", "note: ")))
     n = _training_set_size(recipe, args.n)
     epochs = splits.split_epochs(recipe, n, nproc * args.nnodes)
+    adaptive = recipe.schedule.batch.kind == "adaptive"
     if args.elastic:
+        if adaptive:
+            raise UserError("--elastic: not valid with schedule.batch.kind adaptive (the segments follow a batch "
+                            "decided at run time); allowed: a fixed schedule (exponential)")
         print(elastic_report(recipe, n, nproc, args.nnodes, args.rate))
         return 0
-    print(json.dumps(splits.plan_json(epochs, n), indent=1) if args.json else splits.format_table(epochs, n))
+    if adaptive:
+        print(adaptive_plan(recipe, epochs, n, args.json))
+    else:
+        print(json.dumps(splits.plan_json(epochs, n), indent=1) if args.json else splits.format_table(epochs, n))
     if recipe.distributed.max_micro_batch == "auto" and not args.json:
         print(f"note: max_micro_batch auto: each stage's micro x accum is chosen when it starts, by probing device "
               f"memory (the log and metrics rows say what); shown with the CPU cap, "
               f"cpu_micro_batch = {recipe.distributed.cpu_micro_batch}")
     return 0
+
+
+def adaptive_plan(recipe, epochs: list, n: int, as_json: bool) -> str:
+    """An adaptive batch: its first interval as planned, then what is decided at run time and the fewest
+    and most steps the run can take."""
+    from launcher.train import adaptive, splits
+    b, first = recipe.schedule.batch, epochs[:recipe.schedule.interval]
+    fewest, most = adaptive.step_range(recipe, n)
+    cap = min(b.max or n, n)
+    rule = (f"at the end of every {recipe.schedule.interval} epoch(s), x{b.growth:g} when the noise scale measured "
+            f"over them is >= {b.factor:g} x the batch, up to {cap}; otherwise it stays")
+    if as_json:
+        return json.dumps({**splits.plan_json(first, n), "total_steps": None, "total_samples": n * len(epochs),
+                           "decided_at_run_time": {"first_epoch": len(first), "rule": rule, "fewest_steps": fewest,
+                                                   "most_steps": most, "max_batch": cap}}, indent=1)
+    table = splits.format_table(first, n).splitlines()
+    table[0] = (f"n = {n} training samples, {len(epochs)} epochs, {fewest} to {most} optimizer steps (growing at "
+                f"every chance, or never), {n * len(epochs)} samples (SFO)")
+    if len(first) < len(epochs):
+        table.append(f"{len(first):>5}-{len(epochs) - 1:<5} decided at run time: {rule}")
+    return "\n".join(table)
 
 
 def elastic_report(recipe, n: int, per_node: int, max_nodes: int, rate: float) -> str:
@@ -55,11 +85,29 @@ def elastic_report(recipe, n: int, per_node: int, max_nodes: int, rate: float) -
 
 
 def cmd_bounds(args) -> int:
+    """For a recipe: the terms of its schedule. For a run folder: of the batches the run actually used, over
+    the epochs it trained (an adaptive batch's decisions included)."""
     import qhm
-    recipe = recipe_mod.load(args.recipe, args.set)
+    from launcher.run.folder import RunFolder
+    folder = RunFolder(Path(args.recipe))
+    used = None
+    if Path(args.recipe).is_dir():
+        rows = folder.metric_rows() if folder.recipe.exists() else []
+        if not rows:
+            raise UserError(f"bounds: {args.recipe!r} is a folder without a recipe.yaml and epoch rows; allowed: a "
+                            "recipe file, or a run folder that trained at least one epoch")
+        recipe = recipe_mod.load(folder.recipe, args.set)
+        used = [r["batch"] for r in rows]
+    else:
+        recipe = recipe_mod.load(args.recipe, args.set)
+    if used is None and recipe.schedule.batch.kind == "adaptive":
+        raise UserError("bounds: schedule.batch.kind adaptive decides its batches at run time; allowed: the run's "
+                        "folder (qhm-launch bounds RUN_DIR), whose batches are known")
     n = _training_set_size(recipe, args.n)
     out = qhm.summary(recipe.schedule_spec(), n, qhm.Constants(L=args.L, sigma2=args.sigma2, G=args.G,
-                                                               f_gap=args.f_gap))
+                                                               f_gap=args.f_gap), batches=used)
+    if used is not None:
+        out["batches"] = used
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -67,6 +115,8 @@ def cmd_bounds(args) -> int:
     g = lambda v: "-" if v is None else f"{v:.6g}"  # noqa: E731
     b4, c4, d4 = t4["B'_K"], t4["C'_K"], t4["D'_K"]
     lines = [f"K = {out['K']} steps over n = {n} samples; {out['verdict']}",
+             *([f"batches as the run used them, epochs 0-{len(used) - 1}: {_runs_of(used)}; the corollaries "
+                "(closed forms for eqs. 1 and 2) left out"] if used is not None else []),
              f"Theorem 2: A_K={g(t2['A_K'])} B_K={g(t2['B_K'])} C_K={g(t2['C_K'])} "
              f"(sup gamma*beta={g(t2['sup_gamma_beta'])}) bound={g(t2['bound'])} {t2['note']}".rstrip(),
              "  Corollary 3: " + (", ".join(f"{k}_K<={g(v)}" for k, v in t2["corollary3"].items()) or "not covered"),
@@ -83,3 +133,14 @@ def cmd_bounds(args) -> int:
                  "is not in f)")
     print("\n".join(lines))
     return 0
+
+
+def _runs_of(batches: list[int]) -> str:
+    """``8 x2, 16 x3``: each batch and how many epochs in a row used it."""
+    out: list[list[int]] = []
+    for b in batches:
+        if out and out[-1][0] == b:
+            out[-1][1] += 1
+        else:
+            out.append([b, 1])
+    return ", ".join(f"{b} x{k}" for b, k in out)

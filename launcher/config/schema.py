@@ -21,6 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = tuple(qhm.PRESETS)            # qhm | sgd (gamma = 0) | nshb (gamma = 1)
 KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name of compiled
 ENGINES = ("ddp", "deepspeed")
+BATCH_KINDS = qhm.schedules.BATCH_KINDS + ("adaptive",)    # adaptive: decided at run time (launcher.train.adaptive)
 WANDB_MODES = ("online", "offline", "disabled")
 GRAD_NORM_MODES = ("exact", "paper")
 BATCH_NORMS = ("local", "sync")
@@ -75,10 +76,14 @@ class Optimizer:
 
 @dataclass
 class Batch:
-    kind: str = "exponential"           # constant {size} | exponential {initial, growth}
+    kind: str = "exponential"           # constant {size} | exponential {initial, growth} |
+                                        # adaptive {initial, growth, max, factor}: grows by growth at an interval's
+                                        # end when the noise scale measured over it is >= factor x the batch
     size: Optional[int] = None
     initial: Optional[int] = None
     growth: float = 2.0
+    max: Optional[int] = None           # adaptive: the largest batch (null: the training set)
+    factor: float = 1.0                 # adaptive: grow when noise scale >= factor x batch
 
 
 @dataclass
@@ -217,12 +222,14 @@ class Recipe:
         """The qhm schedule this recipe describes (validated when the recipe is loaded)."""
         s, E = self.schedule, self.schedule.interval
         size = s.batch.size if s.batch.kind == "constant" else s.batch.initial
+        # adaptive: the plan before any decision is the initial batch throughout (launcher.train.adaptive)
+        kind = "constant" if s.batch.kind == "adaptive" else s.batch.kind
         gamma = s.gamma
         if self.optimizer.name != "qhm":          # sgd / nshb fix gamma, whatever the recipe says
             gamma = Gamma(kind="constant", max=qhm.PRESETS[self.optimizer.name]["gamma"])
         return qhm.Schedule(
             epochs=self.epochs,
-            batch=qhm.BatchSchedule(s.batch.kind, size, growth=s.batch.growth, interval=E),
+            batch=qhm.BatchSchedule(kind, size, growth=s.batch.growth, interval=E),
             lr=qhm.LRSchedule(s.lr.kind, s.lr.max, s.lr.min, power=s.lr.power, epochs=self.epochs,
                               warmup=s.lr.warmup),
             beta=qhm.BetaSchedule(s.beta.kind, max=s.beta.max, min=s.beta.min, factor=s.beta.factor,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import qhm
 
 from launcher.config import keys
-from launcher.config.schema import (BATCH_NORMS, COMPILE_MODES, DATASETS, DEEPSPEED_OWNED, ENGINES, GRAD_NORM_MODES,
+from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, COMPILE_MODES, DATASETS, DEEPSPEED_OWNED, ENGINES, GRAD_NORM_MODES,
                                     KERNELS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS, PRECISIONS, SIGNALS,
                                     SYNTHETIC_MAX, WANDB_MODES, Recipe)
 from launcher.errors import RecipeError
@@ -124,11 +124,17 @@ def validate(r: Recipe) -> Recipe:
     if not 0.0 <= r.data.validation < 1.0:
         raise RecipeError(f"data.validation: {r.data.validation!r} is not valid; allowed: a fraction in [0, 1)")
     b = r.schedule.batch
-    _one_of("schedule.batch.kind", b.kind, qhm.schedules.BATCH_KINDS)
+    _one_of("schedule.batch.kind", b.kind, BATCH_KINDS)
     size_key = "size" if b.kind == "constant" else "initial"
     if getattr(b, size_key) is None:
         raise RecipeError(f"schedule.batch.{size_key}: missing; allowed: an integer >= 1 "
                           f"(required for kind {b.kind})")
+    if b.kind == "adaptive":
+        if b.max is not None and (isinstance(b.max, bool) or not isinstance(b.max, int) or b.max < b.initial):
+            raise RecipeError(f"schedule.batch.max: {b.max!r} is not valid; allowed: an integer >= schedule.batch.initial "
+                              f"({b.initial}), or null for the training set's size")
+        if not b.factor > 0:
+            raise RecipeError(f"schedule.batch.factor: {b.factor!r} is not valid; allowed: > 0")
     try:
         r.schedule_spec()
     except qhm.ScheduleError as exc:                # qhm names its field; the recipe's path is ours

@@ -17,7 +17,7 @@ from launcher import engines
 from launcher.data import order
 from launcher.run.checkpoint import CheckpointManager
 from launcher.run.folder import RunFolder
-from launcher.train import losses, models, noise, preflight, splits
+from launcher.train import adaptive, losses, models, noise, preflight, splits
 from launcher.train.comm import Comm
 from launcher.train.state import EpochSums, RankRNG, TrainState
 
@@ -44,6 +44,7 @@ class Parts:
     state: TrainState
     sums: EpochSums
     noise: noise.NoiseProbe
+    growth: adaptive.BatchGrowth | None   # schedule.batch.kind adaptive: the batch decisions
     rng: RankRNG
     checkpoints: CheckpointManager
     log: Callable[..., None]
@@ -139,17 +140,20 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
                               ("order", sampler, "replicated"), ("rng", rng, "per_rank"),
                               ("epoch_sums", sums, "per_rank")):
         checkpoints.register(name, part, scope)
+    growth = adaptive.BatchGrowth(recipe, n, log) if recipe.schedule.batch.kind == "adaptive" else None
+    if growth is not None:
+        checkpoints.register("batch_growth", growth, "replicated")
     checkpoints.register_upgrade(1, upgrade_v1)
     return Parts(recipe=recipe, comm=comm, folder=folder, dataset=dataset, splits=planned, module=module,
                  engine=engine, loss=loss, sampler=sampler,
                  batches=dataset.batches(sampler, recipe.seed, comm), autocast=autocast_for(recipe, comm.device),
-                 state=state, sums=sums, noise=noise_probe, rng=rng, checkpoints=checkpoints, log=log)
+                 state=state, sums=sums, noise=noise_probe, growth=growth, rng=rng, checkpoints=checkpoints, log=log)
 
 
 def build_noise_probe(recipe, engine, module, comm: Comm, planned, log) -> noise.NoiseProbe:
     """The gradient noise scale's probe, wired into the engine where several ranks measure it; where it
     cannot be measured (or is off), one log line says why."""
-    kind, why = noise.source(recipe, comm.world, planned)
+    kind, why = noise.source(recipe, comm.world, any(s.accum > 1 for s in planned))
     probe = noise.NoiseProbe(kind, module, comm.world, comm.device)
     if kind == noise.RANKS:
         engine.measure_noise(probe)

@@ -32,15 +32,16 @@ import torch
 RANKS, FIRST_MICRO_BATCH = "ranks", "first micro-batch"
 
 
-def source(recipe, world: int, planned) -> tuple[str | None, str]:
-    """(where the small batch comes from, or None; why not, for the log line)."""
+def source(recipe, world: int, accumulates: bool) -> tuple[str | None, str]:
+    """(where the small batch comes from, or None; why not, for the log line). ``accumulates``: some
+    stage of the plan runs more than one micro-batch per step."""
     if not recipe.tracking.noise_scale:
         return None, "tracking.noise_scale is off"
     if recipe.distributed.engine == "deepspeed":
         return None, "DeepSpeed keeps its gradients in its own partitioned buffers, out of reach of the hook"
     if world > 1:
         return RANKS, ""
-    if any(s.accum > 1 for s in planned) or recipe.distributed.max_micro_batch == "auto":
+    if accumulates or recipe.distributed.max_micro_batch == "auto":
         return FIRST_MICRO_BATCH, ""
     return None, "one process and no gradient accumulation: each step has one batch size"
 

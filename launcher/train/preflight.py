@@ -8,7 +8,7 @@ from pathlib import Path
 
 from launcher.config import Recipe
 from launcher.errors import UserError, one_line
-from launcher.train.splits import EpochSplit, split_epochs
+from launcher.train.splits import EpochSplit, micro_cap, split_batch, split_epochs
 
 
 def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[EpochSplit]:
@@ -31,7 +31,22 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
             losses.from_recipe(recipe.loss)
         splits = split_epochs(recipe, n, world_size)
     check_graphs(recipe, splits)
+    check_adaptive(recipe, world_size)
     return splits
+
+
+def check_adaptive(recipe: Recipe, world_size: int) -> None:
+    """An adaptive batch grows by the measured noise scale: where it cannot be measured it never would."""
+    from launcher.train import noise
+    b = recipe.schedule.batch
+    if b.kind != "adaptive":
+        return
+    kind, why = noise.source(recipe, world_size, split_batch(b.initial, world_size, micro_cap(recipe))[1] > 1)
+    if kind is None:
+        raise UserError(f"schedule.batch.kind: 'adaptive' is not valid here: the noise scale it grows by cannot be "
+                        f"measured ({why}); allowed: 2 or more processes, or one with accumulation "
+                        "(distributed.max_micro_batch below schedule.batch.initial), on engine ddp with "
+                        "tracking.noise_scale true; or a fixed schedule (exponential, constant)")
 
 
 def check_samples(recipe: Recipe) -> int:

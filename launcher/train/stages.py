@@ -13,13 +13,14 @@ from launcher import env
 from launcher.errors import RunFailed
 from launcher.train import microbatch
 from launcher.train.build import Parts
-from launcher.train.splits import EpochSplit, ceil_div, split_batch
+from launcher.train.splits import EpochSplit, ceil_div, micro_cap, split_batch
 
 
 class Stages:
     def __init__(self, parts: Parts):
         p, perf = parts, parts.recipe.performance
         self.splits = list(p.splits)
+        self.recipe, self.n = p.recipe, len(p.dataset.train)
         self.comm, self.engine, self.module, self.batches, self.loss = p.comm, p.engine, p.module, p.batches, p.loss
         self.autocast, self.log = p.autocast, p.log
         self.auto = p.recipe.distributed.max_micro_batch == "auto"
@@ -49,6 +50,15 @@ class Stages:
             self.splits[e] = dataclasses.replace(self.splits[e], micro_batch=m, accum=accum)
         self.engine.set_stage(m, accum)
         self.log(f"[qhm-launch] {why}: batch {batch} = {m} x {accum} x {self.comm.world}")
+
+    def set_batch(self, epoch: int, batch: int) -> None:
+        """An adaptive batch decided at run time: epochs from ``epoch`` on train at global batch ``batch``,
+        their steps and split following it (until a later decision)."""
+        n, world = self.n, self.comm.world
+        micro, accum = split_batch(batch, world, micro_cap(self.recipe))
+        for e in range(epoch, len(self.splits)):
+            self.splits[e] = dataclasses.replace(self.splits[e], batch=batch, steps=ceil_div(n, batch),
+                                                 micro_batch=micro, accum=accum, data_ranks=min(world, batch))
 
     def halve(self, epoch: int, step: int) -> None:
         """After a CUDA out-of-memory error in step ``step``: half the micro-batch for the rest of the stage."""

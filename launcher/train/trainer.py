@@ -82,6 +82,9 @@ class Trainer:
             self.log(f"[qhm-launch] resumed from {self.folder.checkpoints / ('step-%09d' % manifest['step'])} "
                      f"(epoch {s.epoch}, step {s.step}, global step {s.global_step}, "
                      f"written by {manifest['world_size']} processes)")
+        if self.parts.growth is not None:           # the batches an adaptive run already chose
+            for epoch, batch in self.parts.growth.first_epochs():
+                self.stages.set_batch(epoch, batch)
         self.reporter.open(self.state)
 
     def start_epoch(self, epoch: int) -> EpochSplit:
@@ -140,6 +143,9 @@ class Trainer:
                                 self.parts.dataset.validation is not None)
         self.state.epoch, self.state.step = epoch + 1, 0
         self.sums.zero()
+        grown = self.parts.growth and self.parts.growth.end_epoch(epoch, totals)
+        if grown:                                   # adaptive: the next interval's batch, saved with this epoch
+            self.stages.set_batch(epoch + 1, grown)
 
     def due(self, every: int, split: EpochSplit, step: int) -> bool:
         """Every ``every`` global steps (0: never), except at an epoch's last step: the epoch's end
