@@ -7,10 +7,12 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
 export MPLBACKEND           ?= Agg
 
-.PHONY: demo test test-fast study scaling bench clean
+.PHONY: demo test test-fast study scaling adaptive bench clean
 STUDY_RUNS = runs/study/study_*
 SCALING_RUNS = runs/scaling/scaling_*
 SCALING_TARGET = train_loss<=0.3
+ADAPTIVE_RUNS = runs/adaptive/adaptive_*
+ADAPTIVE_TARGET = test_loss<=0.13
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -40,6 +42,15 @@ scaling: $(VENV)/.installed
 	$(VENV)/bin/qhm-launch sweep recipes/scaling/sweep.yaml --local
 	$(VENV)/bin/qhm-launch report $(SCALING_RUNS) --target '$(SCALING_TARGET)' > docs/scaling_report.md
 	$(VENV)/bin/qhm-launch scaling $(SCALING_RUNS) --target '$(SCALING_TARGET)' --out docs/scaling.png > docs/scaling_fit.md
+
+# The CPU-sized adaptive-batch study: the batch grown by the measured noise scale against the fixed doubling.
+adaptive: $(VENV)/.installed
+	$(VENV)/bin/qhm-launch sweep recipes/adaptive/sweep.yaml --local
+	$(VENV)/bin/qhm-launch report $(ADAPTIVE_RUNS) > docs/adaptive_report.md
+	echo >> docs/adaptive_report.md
+	$(VENV)/bin/qhm-launch report $(ADAPTIVE_RUNS) --target '$(ADAPTIVE_TARGET)' >> docs/adaptive_report.md
+	$(VENV)/bin/qhm-launch plot $(ADAPTIVE_RUNS) --metric noise_scale --out docs/adaptive.png
+	$(VENV)/bin/qhm-launch plot $(ADAPTIVE_RUNS) --metric train_loss --out docs/adaptive_loss.png
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/optimizer_step.py

@@ -105,11 +105,12 @@ def describe_batch(identity: dict) -> str:
         return f"constant batch {identity.get('schedule.batch.size')}"
     initial, growth = identity.get("schedule.batch.initial"), identity.get("schedule.batch.growth", 2)
     interval, epochs = identity.get("schedule.interval", 1), identity.get("epochs", 1)
+    every = "every epoch" if interval == 1 else f"every {interval} epochs"
     if kind == "adaptive":
         return (f"adaptive from {initial}, ×{growth:g} when noise scale ≥ {identity.get('schedule.batch.factor', 1):g} × "
-                f"batch, every {interval} epoch{'s' if interval != 1 else ''}")
+                f"batch, {every}")
     final = int(qhm.BatchSchedule("exponential", initial, growth=growth, interval=interval).values(epochs - 1))
-    return f"increasing {initial}→{final}, ×{growth:g} every {interval} epoch{'s' if interval != 1 else ''}"
+    return f"increasing {initial}→{final}, ×{growth:g} {every}"
 
 
 def _factors(differing: list[str]) -> list[list[str]]:
@@ -207,9 +208,9 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
                       "mean": mean,
                       "min": lo, "max": hi})
         if metric == "noise_scale" and rows == "epochs" and c["identity"].get("schedule.batch.kind") != "constant":
-            first_run = c["runs"][0]["rows"]            # a growing batch over the noise scale it should track
-            ax.step([r[x] + (1 if x == "epoch" else 0) for r in first_run], [r["batch"] for r in first_run], ":",
-                    where="pre", color=colour, label=f"its batch ({c['label']})")
+            for k, run in enumerate(c["runs"]):          # a growing batch over the noise scale it should track
+                ax.step([r[x] + (1 if x == "epoch" else 0) for r in run["rows"]], [r["batch"] for r in run["rows"]],
+                        ":", where="pre", color=colour, label=f"its batch, each seed ({c['label']})" if k == 0 else None)
         if with_bounds:
             bx, terms = bound_terms(c["runs"][0], x)
             for name, style in (("A_K", "-"), ("B_K", "--"), ("C_K", ":")):

@@ -157,7 +157,7 @@ def build_noise_probe(recipe, engine, module, comm: Comm, planned, log) -> noise
     probe = noise.NoiseProbe(kind, module, comm.world, comm.device)
     if kind == noise.RANKS:
         engine.measure_noise(probe)
-    elif recipe.tracking.noise_scale:
+    elif kind is None and recipe.tracking.noise_scale:
         log(f"[qhm-launch] gradient noise scale: not measured ({why}); grad_sq, trace_cov and noise_scale "
             "are null")
     return probe

@@ -56,7 +56,7 @@ def test_plot_draws_mean_and_band_over_seeds(study, tmp_path):
     drawn = analysis.plot(runs, "test_acc", "epoch", str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(drawn) == 2 and all(len(d["runs"]) == 2 for d in drawn)
-    assert drawn[0]["label"] == "constant batch 16" and drawn[1]["label"] == "increasing 8→16, ×2 every 1 epoch"
+    assert drawn[0]["label"] == "constant batch 16" and drawn[1]["label"] == "increasing 8→16, ×2 every epoch"
     seeds = np.array([[r["test_acc"] for r in rows(run)] for run in runs[:2]])
     np.testing.assert_allclose(drawn[0]["mean"], seeds.mean(0))
     np.testing.assert_allclose(drawn[0]["min"], seeds.min(0))
