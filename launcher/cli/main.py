@@ -195,3 +195,6 @@ def main(argv=None) -> int:
             raise
         print(f"qhm-launch: error: {one_line(exc)}", file=sys.stderr)
         return BAD_INPUT
+    except BrokenPipeError:                 # `qhm-launch report ... | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
+        return 0
