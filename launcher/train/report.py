@@ -35,7 +35,10 @@ class Reporter:
         """After a resume: drop the rows past the checkpoint (they are computed again), open W&B under
         the run's one id, start the clocks."""
         if self.comm.is_main:
-            self.metrics.keep(lambda r: r["step"] <= state.global_step if r.get("mid_epoch") else r["epoch"] < state.epoch)
+            # epoch rows by epoch (a save at an epoch's last step comes before its row); the rows of
+            # eval.every_steps by step (each is written before any save at its step)
+            self.metrics.keep(lambda r: r["step"] <= state.global_step if r.get("mid_epoch")
+                              else r["epoch"] < state.epoch)
             self.steps.keep(lambda r: r["step"] <= state.global_step)
             state.wandb_id = run_id(self.folder.wandb_id, state.wandb_id or None)
             self.tracker = Tracker(self.recipe, self.folder.wandb, state.wandb_id, self.log)
