@@ -143,6 +143,17 @@ def group(runs: list[dict], metric: str | None = None) -> list[dict]:
     return curves
 
 
+def draw_batches(ax, curve: dict, x: str, colour: str) -> None:
+    """A growing batch schedule's batch, each seed's, dotted over a curve (the noise scale it should
+    track), at the end of each epoch as epoch rows are drawn; a constant batch draws nothing."""
+    if curve["identity"].get("schedule.batch.kind", "constant") == "constant":
+        return
+    shift = 1 if x == "epoch" else 0
+    for k, run in enumerate(curve["runs"]):
+        ax.step([r[x] + shift for r in run["rows"]], [r["batch"] for r in run["rows"]], ":", where="pre",
+                color=colour, label=f"its batch, each seed ({curve['label']})" if k == 0 else None)
+
+
 def series(curve: dict, metric: str, x: str, rows: str = "epochs") -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                            np.ndarray]:
     """(x, mean, min, max) over the curve's seeds, at the epochs (or logged steps) every seed has a
@@ -207,10 +218,8 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
         drawn.append({"label": c["label"], "legend": legend, "runs": [str(r["dir"]) for r in c["runs"]], "x": xs,
                       "mean": mean,
                       "min": lo, "max": hi})
-        if metric == "noise_scale" and rows == "epochs" and c["identity"].get("schedule.batch.kind") != "constant":
-            for k, run in enumerate(c["runs"]):          # a growing batch over the noise scale it should track
-                ax.step([r[x] + (1 if x == "epoch" else 0) for r in run["rows"]], [r["batch"] for r in run["rows"]],
-                        ":", where="pre", color=colour, label=f"its batch, each seed ({c['label']})" if k == 0 else None)
+        if metric == "noise_scale" and rows == "epochs":
+            draw_batches(ax, c, x, colour)
         if with_bounds:
             bx, terms = bound_terms(c["runs"][0], x)
             for name, style in (("A_K", "-"), ("B_K", "--"), ("C_K", ":")):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from launcher.cli import analysis
-from launcher.cli import scaling as scaling_mod
 
 
 def scaling_figure(runs: list[dict], result: dict, out: str) -> None:
@@ -49,7 +48,7 @@ def scaling_figure(runs: list[dict], result: dict, out: str) -> None:
 
 def noise_panel(ax, runs: list[dict], b_crit: float | None) -> None:
     """Each curve's measured noise scale per epoch (solid; its seeds' mean), over the samples trained, and
-    an increasing schedule's batch over it (dashed, same colour): where the batch stays below the noise
+    a growing schedule's batch over it (dotted, same colour, each seed): where the batch stays below the noise
     scale, a step is still mostly noise and a larger batch would not waste samples."""
     drawn = 0
     for i, curve in enumerate(analysis.group(runs)):
@@ -61,10 +60,7 @@ def noise_panel(ax, runs: list[dict], b_crit: float | None) -> None:
         colour, name = f"C{i % 10}", analysis.describe_batch(curve["identity"])
         mean = np.mean([[p[k] for k in x] for p in per_run], axis=0)
         ax.plot(x, mean, "-", marker=".", color=colour, linewidth=1.2, label=name)
-        if scaling_mod.constant_batch(curve["runs"][0]["recipe"]) is None:
-            rows = curve["runs"][0]["rows"]
-            ax.step([r["samples"] for r in rows], [r["batch"] for r in rows], "--", where="pre", color=colour,
-                    label=f"its batch ({name})")
+        analysis.draw_batches(ax, curve, "samples", colour)
         drawn += 1
     if b_crit is not None:
         ax.axhline(b_crit, color="black", alpha=0.5, linewidth=1, linestyle=":", label="fitted B_crit")

@@ -23,14 +23,10 @@ def cmd_plan(args) -> int:
         recipe, preflight.visible_gpus(), log=lambda line: print(line.replace("[qhm-launch] ", "note: ")))
     n = _training_set_size(recipe, args.n)
     epochs = splits.split_epochs(recipe, n, nproc * args.nnodes)
-    adaptive = recipe.schedule.batch.kind == "adaptive"
     if args.elastic:
-        if adaptive:
-            raise UserError("--elastic: not valid with schedule.batch.kind adaptive (the segments follow a batch "
-                            "decided at run time); allowed: a fixed schedule (exponential)")
         print(elastic_report(recipe, n, nproc, args.nnodes, args.rate))
         return 0
-    if adaptive:
+    if recipe.schedule.batch.kind == "adaptive":
         print(adaptive_plan(recipe, epochs, n, args.json))
     else:
         print(json.dumps(splits.plan_json(epochs, n), indent=1) if args.json else splits.format_table(epochs, n))
@@ -47,7 +43,7 @@ def adaptive_plan(recipe, epochs: list, n: int, as_json: bool) -> str:
     from launcher.train import adaptive, splits
     b, first = recipe.schedule.batch, epochs[:recipe.schedule.interval]
     fewest, most = adaptive.step_range(recipe, n)
-    cap = min(b.max or n, n)
+    cap = adaptive.largest_batch(recipe, n)
     rule = (f"at the end of every {recipe.schedule.interval} epoch(s), x{b.growth:g} when the noise scale measured "
             f"over them is >= {b.factor:g} x the batch, up to {cap}; otherwise it stays")
     if as_json:
@@ -89,9 +85,9 @@ def cmd_bounds(args) -> int:
     the epochs it trained (an adaptive batch's decisions included)."""
     import qhm
     from launcher.run.folder import RunFolder
-    folder = RunFolder(Path(args.recipe))
     used = None
     if Path(args.recipe).is_dir():
+        folder = RunFolder(Path(args.recipe))
         rows = folder.metric_rows() if folder.recipe.exists() else []
         if not rows:
             raise UserError(f"bounds: {args.recipe!r} is a folder without a recipe.yaml and epoch rows; allowed: a "

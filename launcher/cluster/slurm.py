@@ -135,10 +135,6 @@ def _prepare(recipe, args):
         args.setup = list(recipe.slurm.setup)
     nproc = recipe.distributed.nproc_per_node
     preflight.preflight(recipe, nproc * recipe.slurm.nodes, check_data=not args.dry_run)
-    if args.elastic and recipe.schedule.batch.kind == "adaptive":
-        raise UserError("--elastic: not valid with schedule.batch.kind adaptive (an elastic chain's segments follow "
-                        "the batch, which is decided at run time); allowed: submit without --elastic, or a fixed "
-                        "schedule (exponential)")
     if args.elastic and recipe.distributed.engine == "deepspeed" and recipe.distributed.zero_stage > 0:
         raise UserError(f"--elastic: not valid with DeepSpeed ZeRO stage {recipe.distributed.zero_stage} (its optimizer "
                         "state cannot move to another world size here); allowed: ddp, or ZeRO 0")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import qhm
 
 from launcher import env
+from launcher.train.splits import ceil_div
 from launcher.train.state import EpochSums
 
 GRAD_SQ, TRACE_COV = EpochSums.FIELDS.index("grad_sq"), EpochSums.FIELDS.index("trace_cov")
@@ -29,7 +30,7 @@ class BatchGrowth:
     def __init__(self, recipe, n: int, log):
         b = recipe.schedule.batch
         self.grown = qhm.BatchSchedule("exponential", b.initial, growth=b.growth, interval=1)   # b_0 growth^g
-        self.factor, self.cap = b.factor, min(b.max or n, n)
+        self.factor, self.cap = b.factor, largest_batch(recipe, n)
         self.interval, self.epochs, self.log = recipe.schedule.interval, recipe.epochs, log
         self.batches = [b.initial]            # interval k trains at batches[k]
         self.sums = [0.0, 0.0]                # grad_sq, trace_cov over the finished epochs of this interval
@@ -77,10 +78,14 @@ class BatchGrowth:
         return batch
 
 
+def largest_batch(recipe, n: int) -> int:
+    """The batch an adaptive run never grows past: ``schedule.batch.max``, and the training set."""
+    return min(recipe.schedule.batch.max or n, n)
+
+
 def step_range(recipe, n: int) -> tuple[int, int]:
     """(fewest, most) optimizer steps an adaptive run can take: growing at every interval's end, or never."""
-    b, interval = recipe.schedule.batch, recipe.schedule.interval
-    cap = min(b.max or n, n)
+    b, interval, cap = recipe.schedule.batch, recipe.schedule.interval, largest_batch(recipe, n)
     grown = qhm.BatchSchedule("exponential", b.initial, growth=b.growth, interval=interval)
-    fewest = sum(-(-n // min(int(grown(m)), cap)) for m in range(recipe.epochs))
-    return fewest, recipe.epochs * -(-n // b.initial)
+    fewest = sum(ceil_div(n, min(int(grown(m)), cap)) for m in range(recipe.epochs))
+    return fewest, recipe.epochs * ceil_div(n, b.initial)

@@ -131,7 +131,7 @@ class Reporter:
         if not self.comm.is_main:
             return
         if finished:
-            rows = [r for r in self.metrics.rows() if not r.get("mid_epoch")]
+            rows = self.folder.metric_rows()
             print_summary(self.recipe, state, rows, self.tracker, self.log)
             self.tracker.summarise(summary_values(state, rows))
         self.tracker.finish(preempted=not finished)

@@ -93,7 +93,11 @@ class Segment:
 def elastic_segments(recipe: Recipe, n: int, per_node: int, max_nodes: int) -> list[Segment]:
     """Cut the schedule where the nodes a stage can use well change: a stage of batch b gets the most
     nodes (up to ``max_nodes``) that still give every rank at least ``distributed.min_rank_batch``
-    samples, and at least one."""
+    samples, and at least one. An adaptive batch is refused: its stages are decided at run time."""
+    if recipe.schedule.batch.kind == "adaptive":
+        raise RecipeError("--elastic: not valid with schedule.batch.kind adaptive (an elastic chain's segments follow "
+                          "the batch, which is decided at run time); allowed: submit without --elastic, or a fixed "
+                          "schedule (exponential)")
     table = qhm.epoch_table(recipe.schedule_spec(), n)
     floor = recipe.distributed.min_rank_batch
     segments: list[Segment] = []

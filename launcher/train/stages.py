@@ -91,9 +91,10 @@ class Stages:
         other shape ever compiles."""
         if self.compile_mode is None or self.compiled_micro == split.micro_batch:
             return
+        import torch._dynamo.config as dynamo_config
+        # raised at every new shape: an adaptive batch adds stages (and shapes) after the first compile
+        raise_recompile_limit(dynamo_config, len({e.micro_batch for e in self.splits}) + 8)
         if not self.compiled:
-            import torch._dynamo.config as dynamo_config
-            raise_recompile_limit(dynamo_config, len({e.micro_batch for e in self.splits}) + 8)
             backend = env.compile_backend()
             mode = None if self.compile_mode == "default" or backend != "inductor" else self.compile_mode
             self.module.compile(backend=backend, mode=mode, dynamic=False)
