@@ -171,20 +171,29 @@ def _segments(recipe, nproc: int, args) -> list:
     return splits.elastic_segments(recipe, data.sizes(recipe.data)[0], nproc, recipe.slurm.nodes)
 
 
+def _chain(args, stem: Path, name: str, log: Path, segments: list, dependency: str, recipes: list[Path],
+           run_dirs: list[Path], cpus: int, array: str | None, gpus_per_node: int, epochs: int) -> list[tuple]:
+    """(script, sbatch command, script text) per segment: ``stem.sbatch``, then ``stem-2.sbatch``, ...,
+    each after the one before (``dependency``: afterok for a run, aftercorr for an array's tasks) and
+    stopping at its segment's last epoch."""
+    jobs = []
+    for k, seg in enumerate(segments):
+        script = stem.with_name(f"{stem.name}.sbatch" if k == 0 else f"{stem.name}-{k + 1}.sbatch")
+        cmd = sbatch_command(args, name, log, script, f"{dependency}:{{previous}}" if k else None)
+        until = seg.last + 1 if seg.last + 1 < epochs else None
+        jobs.append((script, cmd, render(args, recipes, run_dirs, cpus, array, cmd, seg.nodes, gpus_per_node, until)))
+    return jobs
+
+
 def cmd_submit(args) -> int:
     _check(args)
     recipe, nproc = _prepare(recipe_mod.load(args.recipe, args.set), args)
     folder = recipe.folder
-    segments, scripts, after = _segments(recipe, nproc, args), [], None
-    cpus = _cpus(args, [cpus_needed(recipe, nproc)])
-    for k, seg in enumerate(segments):
-        script = next_free(folder.slurm, "submit", ".sbatch") if not scripts else \
-            folder.slurm / f"{scripts[-1][0].stem}-{k + 1}.sbatch"
-        cmd = sbatch_command(args, recipe.name, folder.slurm / "slurm-%j.out", script, after)
-        until = seg.last + 1 if seg.last + 1 < recipe.epochs else None
-        scripts.append((script, cmd, render(args, [folder.recipe], [folder.path], cpus, None, cmd, seg.nodes,
-                                            recipe.slurm.gpus_per_node, until)))
-        after = "afterok:{previous}"
+    segments = _segments(recipe, nproc, args)
+    first = next_free(folder.slurm, "submit", ".sbatch")
+    scripts = _chain(args, first.with_suffix(""), recipe.name, folder.slurm / "slurm-%j.out", segments, "afterok",
+                     [folder.recipe], [folder.path], _cpus(args, [cpus_needed(recipe, nproc)]), None,
+                     recipe.slurm.gpus_per_node, recipe.epochs)
     if args.dry_run:
         print("\n\n".join(text for _, _, text in scripts))
         return 0
@@ -234,15 +243,10 @@ def cmd_sweep(args) -> int:
                             "allowed: points with one batch schedule, or submit them without --elastic")
         stem = first.stem if len(shapes) == 1 else f"{first.stem}_{nodes}n" + (f"{gpus}g" if gpus else "")
         array = f"0-{len(members) - 1}%{args.max_parallel}"
-        cpus = _cpus(args, [cpus_needed(r, nproc) for r, nproc in group])
-        jobs, after = [], None
-        for k, seg in enumerate(segments.pop()):
-            script = folder.slurm / (f"{stem}.sbatch" if not jobs else f"{stem}-{k + 1}.sbatch")
-            cmd = sbatch_command(args, spec["name"], folder.slurm / "slurm-%A_%a.out", script, after)
-            until = seg.last + 1 if seg.last + 1 < group[0][0].epochs else None
-            jobs.append((script, cmd, render(args, [r.folder.recipe for r, _ in group], [r.run_dir for r, _ in group],
-                                             cpus, array, cmd, seg.nodes, gpus, until)))
-            after = "aftercorr:{previous}"           # task i of this array after task i of the previous one
+        # task i of each chained array runs after task i of the previous one (aftercorr)
+        jobs = _chain(args, folder.slurm / stem, spec["name"], folder.slurm / "slurm-%A_%a.out", list(segments.pop()),
+                      "aftercorr", [r.folder.recipe for r, _ in group], [r.run_dir for r, _ in group],
+                      _cpus(args, [cpus_needed(r, nproc) for r, nproc in group]), array, gpus, group[0][0].epochs)
         arrays.append(((nodes, gpus), members, array, jobs))
     if args.dry_run:
         for p, (r, _) in zip(points, recipes):
