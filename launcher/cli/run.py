@@ -89,10 +89,19 @@ def cmd_run(args) -> int:
         worker_env.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     # torchrun sets 1 thread per worker and prints a banner saying so; we choose the share of cores
     worker_env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
-    rc = supervise(cmd, worker_env, preemption_signals(recipe))
+    if lock is not None:                      # this process holds the folder: an earlier failure is history
+        folder.failed.unlink(missing_ok=True)
+    before = _signature(folder.failed)
+    seen: list[dict] = []
+
+    def worker_failed() -> bool:              # a failure written during this run (a rank may remove it later)
+        if not seen and _signature(folder.failed) != before:
+            seen.extend(filter(None, [folder.read_json(folder.failed)]))
+        return bool(seen)
+    rc = supervise(cmd, worker_env, preemption_signals(recipe), failed=worker_failed)
     if lock is not None:
         lock.release()
-    failed = folder.read_json(folder.failed)
+    failed = folder.read_json(folder.failed) or (seen[0] if seen else None)
     if failed:                                # a worker stopped on a failure it could name
         print(f"qhm-launch: error: {failed.get('error')}", file=sys.stderr)
         return int(failed.get("exit", FAILED))
@@ -108,6 +117,14 @@ def cmd_run(args) -> int:
     return rc
 
 
+def _signature(path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -> int:
     """One worker's whole life: join the group (unless ``comm`` is one already joined), hold the folder
     (unless the launcher does), train, say how it ended (markers, final model) or why it failed (one
@@ -121,7 +138,7 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -
         flag.adopt(signum)
     joined = comm is None
     comm = comm_mod.init() if joined else comm
-    lock = None
+    lock, trainer = None, None
     try:
         if os.environ.get(env.LOCKED_BY) is None:      # nobody holds the folder for us: rank 0 does
             lock = _take_lock(recipe, comm)
@@ -133,6 +150,8 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -
         if env.flag(env.DEBUG):
             raise
         rc = report_failure(recipe, comm, exc)
+    except Exception as exc:            # a mistake only a worker meets (the user's code, a bug): one line too
+        rc = report_failure(recipe, comm, exc, step=trainer.state.global_step + 1 if trainer else None)
     finally:
         if joined:
             comm.close()
@@ -173,16 +192,38 @@ def conclude(trainer, outcome) -> int:
     return 0
 
 
-def report_failure(recipe, comm, exc: BaseException) -> int:
-    """A worker's one-line failure: into failed.json (rank 0), for the launcher to print and exit with;
-    without a launcher, printed here. Either way torchrun sees a clean exit and prints no traceback."""
+def report_failure(recipe, comm, exc: BaseException, step: int | None = None) -> int:
+    """A worker's one-line failure: into failed.json (the first rank to fail writes it), for the launcher
+    to print and exit with; without a launcher, printed here. An unexpected exception (not a UserError or
+    RunFailed, whose message is the line) is named by rank, global step and its last line, and its
+    traceback appended to the run folder's failure.log (and shown with --debug).
+
+    Under the launcher the worker then exits 0, so torchrun prints no block of its own: the launcher,
+    seeing failed.json, gives the other ranks a moment to end (they may be waiting in a collective for
+    this one) and then ends them."""
     status = exit_status(exc)
-    if comm.is_main:
-        recipe.folder.write_marker(recipe.folder.failed, {"error": one_line(exc), "exit": status})
+    line = one_line(exc)
+    if not isinstance(exc, (UserError, RunFailed)):
+        import traceback
+        text = "".join(traceback.format_exception(exc))
+        where = f"at global step {step}" if step is not None else "before training"
+        line = one_line(f"rank {comm.rank} failed {where}: {traceback.format_exception_only(exc)[-1]} "
+                        f"(traceback in {recipe.folder.failure_log})")
+        try:
+            recipe.folder.append_failure(f"rank {comm.rank} on {socket.gethostname()}, {where}:\n{text}")
+        except OSError:
+            pass
+        if env.flag(env.DEBUG):
+            print(text, file=sys.stderr, flush=True)
+    if not recipe.folder.failed.exists():     # the first rank to fail names the cause; the others follow it
+        try:
+            recipe.folder.write_marker(recipe.folder.failed, {"error": line, "exit": status, "rank": comm.rank})
+        except OSError:                       # e.g. the disk is full: the line still reaches the user
+            print(f"qhm-launch: error: {line}", file=sys.stderr, flush=True)
     if env.PARENT in os.environ:
         return 0
-    if comm.is_main:
-        print(f"qhm-launch: error: {one_line(exc)}", file=sys.stderr)
+    if comm.is_main or not isinstance(exc, (UserError, RunFailed)):
+        print(f"qhm-launch: error: {line}", file=sys.stderr)
     return status
 
 

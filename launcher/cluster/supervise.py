@@ -7,7 +7,13 @@ Stdlib only: :func:`arm_worker` runs before torch is imported.
   the agent's children at that moment (never from files a killed run may have left behind) and
   signalled through a pidfd, so a PID that was reused can never be hit. SIGINT (Ctrl-C) is a
   preemption too; a second one stops everything at once. The agent dies with the launcher
-  (PR_SET_PDEATHSIG), and so do the workers with the agent: nothing outlives a kill -9.
+  (PR_SET_PDEATHSIG), and so do the workers with the agent, and their DataLoader workers with them:
+  nothing outlives a kill -9. The launcher is the run's child subreaper: a process a worker started and
+  left behind (a user's ``subprocess.Popen``; torchrun gives each worker a session of its own, so no
+  process group holds them all) becomes the launcher's child when its parent ends, and the CLI ends
+  its children when it exits (:func:`end_children`).
+* A worker that fails writes failed.json and exits 0 (torchrun then prints nothing); the other ranks
+  may be waiting for it in a collective, so the launcher ends them a few seconds after it sees the file.
 * A worker arms its own death signal first thing, against the parent it had when it started, and
   records any signal that arrives before the training loop installs its flag.
 """
@@ -23,16 +29,24 @@ from typing import Optional
 from launcher import env
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 _early: list[int] = []
+STARTED = time.time()         # when this process started (a worker: its first lines import this module)
+
+
+def _libc():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:                    # not Linux: no death signals, no subreaper
+        return None
 
 
 def die_with_parent(expected_parent: Optional[int] = None) -> None:
     """Ask Linux to SIGKILL this process when its parent dies; if the parent already died (this
     process was re-parented), exit now. Elsewhere than Linux this does nothing."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if expected_parent is not None and os.getppid() != expected_parent:
@@ -133,25 +147,75 @@ def signal_children(parent: int, sig: int, only_if_caught: bool = True) -> tuple
     return sent, len(kids)
 
 
+def end_children() -> None:
+    """Kill this process's remaining children (through pidfds, as :func:`signal_children`) and reap
+    them: for the CLI process at its exit, whose only children left are ones a user's code started."""
+    kids = children(os.getpid())
+    if not kids:
+        return
+    signal_children(os.getpid(), signal.SIGKILL, only_if_caught=False)
+    for pid in kids:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
 # torchrun's agent forwards only these itself (and dies of them, with a traceback); SIGINT and SIGTERM
 # it ignores, and the launcher forwards them to the workers instead.
 AGENT_SIGNALS = "--signals-to-handle=SIGHUP,SIGQUIT"
 
 
+# a worker that failed has written failed.json; the others get this long to end by themselves
+FAILURE_GRACE_S = 5.0
+
+
 def _agent_preexec(launcher: int):
     def preexec() -> None:
-        """In torchrun's agent, before exec: die with the launcher (now, if it is already gone); leave
-        SIGINT and SIGTERM to the launcher, which forwards them to the workers."""
+        """In torchrun's agent, before exec: lead a process group of its own (the run's whole tree); die
+        with the launcher (now, if it is already gone); leave SIGINT and SIGTERM to the launcher, which
+        forwards them to the workers."""
+        os.setpgid(0, 0)
         die_with_parent(launcher)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return preexec
 
 
-def supervise(cmd: list[str], env: dict, forward: list[str], log=print) -> int:
+def _exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, leaving it unreaped (a zombie keeps its PID and group taken)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _end_agent(proc: subprocess.Popen) -> None:
+    """Kill the agent, its workers (and, through their death signals, their data workers), and what is
+    left in the agent's process group; reap the agent. Its PID (the group's id) is not reused before."""
+    signal_children(proc.pid, signal.SIGKILL, only_if_caught=False)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def adopt_orphans(on: bool) -> bool:
+    """Make this process its descendants' child subreaper (or stop): what a worker leaves behind comes
+    here, not to init. Returns whether it was one before."""
+    libc = _libc()
+    if libc is None:
+        return False
+    import ctypes
+    before = ctypes.c_int(0)
+    libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(before))
+    libc.prctl(PR_SET_CHILD_SUBREAPER, int(on))
+    return bool(before.value)
+
+
+def supervise(cmd: list[str], env: dict, forward: list[str], failed=None, log=print) -> int:
     """Run torchrun and forward the ``forward`` signals (SIGINT among them) to its workers, including
     those that arrived while the launcher started. Returns torchrun's exit status; 130 after a second
-    SIGINT, which kills the agent and the workers at once."""
+    SIGINT, which kills the agent and the workers at once; 1 when ``failed()`` (a worker's failure
+    marker) turned true and the workers had not ended :data:`FAILURE_GRACE_S` later."""
     handled = sorted({getattr(signal, n) for n in forward})
     pending: list[int] = []
     interrupts: list[float] = []
@@ -163,16 +227,20 @@ def supervise(cmd: list[str], env: dict, forward: list[str], log=print) -> int:
     previous = {s: signal.signal(s, on_signal) for s in handled}
     for signum in early_signals(forward)[:1]:      # after the handlers are in place: none is lost
         on_signal(signum, None)
+    proc, subreaper = None, adopt_orphans(True)
     try:
         proc = subprocess.Popen(cmd, env=env, preexec_fn=_agent_preexec(os.getpid()))
-        told = False
-        while proc.poll() is None:
+        told, failed_at, polls = False, None, 0
+        while not _exited(proc.pid):
             if len(interrupts) >= 2:
-                signal_children(proc.pid, signal.SIGKILL, only_if_caught=False)
-                proc.kill()
-                proc.wait()
+                _end_agent(proc)
                 log("[qhm-launch] second interrupt: stopped at once, nothing saved since the last checkpoint")
                 return 130
+            if failed_at is None and failed is not None and polls % 10 == 0 and failed():
+                failed_at = time.time()
+            if failed_at is not None and time.time() - failed_at > FAILURE_GRACE_S:
+                _end_agent(proc)       # ranks still waiting for the one that failed
+                return 1
             if pending:
                 sent, kids = signal_children(proc.pid, pending[0])
                 if kids and sent == kids:           # every worker has it (else: again, once they can take it)
@@ -181,8 +249,13 @@ def supervise(cmd: list[str], env: dict, forward: list[str], log=print) -> int:
                         log(f"[qhm-launch] {signal.Signals(sig).name}: checkpointing at the next step, then "
                             "stopping" + (" (Ctrl-C again to stop at once)" if sig == signal.SIGINT else ""))
                         told = True
+            polls += 1
             time.sleep(0.05)
+        _end_agent(proc)
         return proc.returncode
     finally:
+        if proc is not None and proc.returncode is None:       # the launcher itself failed: take the run down
+            _end_agent(proc)
+        adopt_orphans(subreaper)
         for s, h in previous.items():
             signal.signal(s, h)

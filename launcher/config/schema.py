@@ -28,6 +28,7 @@ BATCH_NORMS = ("local", "sync")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 MAX_INT = 2 ** 63 - 1              # every integer key fits an int64 (seeds, sizes, steps)
 MAX_EPOCHS = 100_000               # the paper runs 300; the per-epoch plan is computed for every epoch
+MAX_DATA_WORKERS = 64              # DataLoader processes per rank: a node has at most a few hundred cores for 8 ranks
 MAX_NAME = 128                     # a run name is a folder name (and a W&B name)
 MAX_TAG = 64                       # W&B refuses longer tags
 SYNTHETIC_MAX = 10_000_000         # synthetic samples are generated in memory

@@ -7,7 +7,7 @@ import qhm
 
 from launcher.config import keys
 from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, COMPILE_MODES, DATASETS, DEEPSPEED_OWNED, ENGINES, GRAD_NORM_MODES,
-                                    KERNELS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS, PRECISIONS, SIGNALS,
+                                    KERNELS, MAX_DATA_WORKERS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS, PRECISIONS, SIGNALS,
                                     SYNTHETIC_MAX, WANDB_MODES, Recipe)
 from launcher.errors import RecipeError
 
@@ -38,6 +38,10 @@ def validate(r: Recipe) -> Recipe:
         raise RecipeError("model.factory: missing; allowed: 'package.module:callable' (or a built-in model name: "
                           + " | ".join(MODELS) + ")")
     _at_least("data.workers", r.data.workers, 0)
+    if r.data.workers > MAX_DATA_WORKERS:
+        raise RecipeError(f"data.workers: {r.data.workers!r} is not valid; allowed: an integer in [0, {MAX_DATA_WORKERS}] "
+                          "(DataLoader processes per rank, each with its own copy of the dataset object: more than a "
+                          "node's cores per rank only costs memory)")
     if r.data.image_size is not None and not 8 <= r.data.image_size <= 4096:
         raise RecipeError(f"data.image_size: {r.data.image_size!r} is not valid; allowed: an integer in [8, 4096]")
     _one_of("precision", r.precision, PRECISIONS)

@@ -15,12 +15,15 @@ are dropped).
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import random
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
+from launcher.cluster import supervise
 from launcher.data import order
 
 
@@ -109,6 +112,16 @@ class ShardSampler:
         return -(-(self.hi - self.lo) // self.size)
 
 
+def die_with_rank():
+    """A DataLoader's worker_init_fn: the worker is killed the moment its rank dies (torch's own watchdog
+    notices only seconds later, and a worker stuck in a user's ``__getitem__`` never)."""
+    return functools.partial(_die_with, os.getpid())
+
+
+def _die_with(rank: int, worker_id: int) -> None:
+    supervise.die_with_parent(rank)
+
+
 class StreamedSplit:
     """A map-style dataset as a split: its length, and contiguous shards read through a loader whose
     worker processes live as long as the split (evaluation every epoch does not start new ones)."""
@@ -128,7 +141,8 @@ class StreamedSplit:
         """(a, b, x, y) over [lo, hi), ``batch_size`` samples at a time, in order."""
         if self._loader is None:
             self._loader = DataLoader(self.base, batch_sampler=self._sampler, num_workers=self.workers,
-                                      pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
+                                      pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                                      worker_init_fn=die_with_rank())
         self._sampler.lo, self._sampler.hi, self._sampler.size = lo, hi, batch_size
         a = lo
         for x, y in self._loader:
@@ -150,7 +164,8 @@ class StreamedBatches:
         workers = split.workers
         self.loader = DataLoader(KeyedDataset(split.base, seed, augment, seeded), batch_sampler=self.sampler,
                                  num_workers=workers, pin_memory=split.device.type == "cuda",
-                                 persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None)
+                                 persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
+                                 worker_init_fn=die_with_rank())
         x0, y0 = default_collate([split.base[0]])
         self.empty = split.to_device(x0[:0], y0[:0])
         self._it = None

@@ -9,7 +9,8 @@ write there is named here, and nowhere else.
     final_model.pt          the model's state_dict at the end
     complete.json           written when training finished (a rerun then does nothing)
     preempted.json          written when a run stopped on a preemption request after saving
-    failed.json             the last error line of a run that failed (for ``qhm-launch status``)
+    failed.json             the error line of a run that failed (for ``qhm-launch status``)
+    failure.log             the traceback of each worker that failed on an unexpected exception
     preempt.request         created by a Slurm batch script: "checkpoint and stop" (all nodes see it)
     .lock                   held (flock) by the one process that runs this folder, for its whole life
     wandb_id                the W&B run id, created once
@@ -23,11 +24,12 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.run.files import DIR_MODE, atomic_write, atomic_write_json, next_free, open_fd, read_jsonl
+from launcher.run.files import DIR_MODE, append_line, atomic_write, atomic_write_json, next_free, open_fd, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ class RunFolder:
     @property
     def failed(self) -> Path:
         return self.path / "failed.json"
+
+    @property
+    def failure_log(self) -> Path:
+        return self.path / "failure.log"
 
     @property
     def preempt_request(self) -> Path:
@@ -129,6 +135,11 @@ class RunFolder:
     def write_marker(self, path: Path, content: dict) -> None:
         atomic_write_json(path, content)
 
+    def append_failure(self, text: str) -> None:
+        """A worker's traceback, appended to failure.log (every failure of the run is kept)."""
+        self.create()
+        append_line(self.failure_log, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}")
+
     def touch_heartbeat(self) -> None:
         """Mark the run alive (the lock file's time): ``status`` reads it for runs on other hosts."""
         try:
@@ -147,10 +158,17 @@ class RunFolder:
     def step_rows(self) -> list[dict]:
         return read_jsonl(self.steps)
 
-    def clear_stale(self) -> None:
+    def clear_stale(self, started: float | None = None) -> None:
         """Remove what an earlier, killed process of this run may have left: its markers of a state that
-        no longer holds, and the per-process PID files older versions wrote (never trusted again)."""
+        no longer holds, and the per-process PID files older versions wrote (never trusted again). A
+        failure marker written since ``started`` (this process's start) is another rank's, of this run,
+        and stays."""
         for path in (self.preempted, self.preempt_request, self.failed):
+            try:
+                if path == self.failed and started is not None and path.stat().st_mtime >= started:
+                    continue
+            except OSError:
+                continue
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / ".pids", ignore_errors=True)
 

@@ -6,12 +6,14 @@ model and an exit status. No callbacks.
 from __future__ import annotations
 
 import enum
+import os
 import time
 
 import torch
 
 import qhm
 from launcher import config, env
+from launcher.cluster import supervise
 from launcher.errors import RunFailed
 from launcher.train.build import Parts
 from launcher.train.evaluation import evaluate_epoch
@@ -73,7 +75,7 @@ class Trainer:
         """Load the newest valid checkpoint (if any); open the logs and W&B where it left off."""
         if self.comm.is_main:
             self.folder.create()
-            self.folder.clear_stale()
+            self.folder.clear_stale(started=supervise.STARTED if env.PARENT in os.environ else None)
         manifest = self.checkpoints.resume()
         if manifest is None:
             self.parts.rng.seed_from(0)

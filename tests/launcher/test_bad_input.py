@@ -48,6 +48,7 @@ OVERRIDES = [
     ("schedule.lr.max", "--set 'schedule.lr.max': not valid; allowed: KEY.PATH=VALUE"),
     ("data.rotation=400", "data.rotation: 400.0 is not valid; allowed: degrees in [0, 180]"),
     ("data.validation=1", "data.validation: 1.0 is not valid; allowed: a fraction in [0, 1)"),
+    ("data.workers=1000", "data.workers: 1000 is not valid; allowed: an integer in [0, 64]"),
 ]
 
 

@@ -71,6 +71,26 @@ def test_stale_pid_files_are_never_signalled(tmp_path):
         bystander.wait()
 
 
+def test_sigterm_while_the_console_script_imports_is_a_preemption(tmp_path):
+    """`qhm-launch` (the installed script, not `python -m launcher`) catches the signals before it
+    imports torch: a SIGTERM 0.3 s after start is a preemption (75, a checkpoint), not a death (143)."""
+    import sys
+    path = write_recipe(tmp_path, recipe())
+    script = os.path.join(os.path.dirname(sys.executable), "qhm-launch")
+    proc = subprocess.Popen([script, "run", str(path)], cwd=tmp_path, env=dict(os.environ, **SLOW),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=180)[0]
+        assert proc.returncode == 75, out[-3000:]
+        assert checkpoint_steps(tmp_path / "runs" / "p")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _descendants(pid):
     out, todo = [], [pid]
     while todo:

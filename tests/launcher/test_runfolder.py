@@ -37,6 +37,19 @@ def test_clear_stale_removes_markers_and_old_pid_files(tmp_path):
     assert f.read_json(f.complete) == {"a": 1}
 
 
+def test_a_failure_written_since_this_process_started_is_not_stale(tmp_path):
+    """Another rank of the same run may fail before rank 0 clears stale markers: its line stays."""
+    import time
+    f = RunFolder(tmp_path)
+    f.failed.write_text("{}")
+    os.utime(f.failed, (time.time() - 60, time.time() - 60))
+    f.clear_stale(started=time.time() - 30)
+    assert not f.failed.exists()
+    f.failed.write_text("{}")
+    f.clear_stale(started=time.time() - 30)
+    assert f.failed.exists()
+
+
 def test_one_run_per_folder_and_the_lock_dies_with_its_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from launcher.run.folder import RunFolder; "

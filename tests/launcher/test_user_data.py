@@ -60,6 +60,36 @@ def no_parameters():
     return torch.nn.Flatten()
 def wrong_input():
     return torch.nn.Linear(5, 3)
+
+class Trap(torch.utils.data.Dataset):
+    # sample `at` raises (a bad file in the middle of a dataset), or hangs after writing the reading
+    # process's PID to $QHM_TEST_PIDS (a stuck network read)
+    def __init__(self, base, at, hang=False):
+        self.base, self.at, self.hang = base, at, hang
+    def __len__(self):
+        return len(self.base)
+    def __getitem__(self, i):
+        if i == self.at and self.hang:
+            import os, time
+            with open(os.environ["QHM_TEST_PIDS"], "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            time.sleep(300)
+        if i == self.at:
+            raise ValueError(f"cannot decode sample {i}")
+        return self.base[i]
+
+def bad_sample():
+    d = spirals(lambda x, y: (x, y))
+    return {**d, "train": Trap(d["train"], 77)}
+def hangs():
+    d = spirals(lambda x, y: (x, y))
+    return {**d, "train": Trap(d["train"], 50, hang=True)}
+def spawns():
+    import os, subprocess
+    child = subprocess.Popen(["sleep", "300"])
+    with open(os.environ["QHM_TEST_PIDS"], "a") as f:
+        f.write(f"{child.pid}\\n")
+    return spirals(lambda x, y: (x, y))
 """
 
 
@@ -193,6 +223,80 @@ def test_a_raising_factory_shows_the_user_s_traceback_with_debug(tmp_path):
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
     debug = cli(["run", str(path), "--debug"], cwd=tmp_path)
     assert "Traceback" in debug.stderr and "build_model" in debug.stderr
+
+
+# ------------------------------------------------------------------------------- a user's code failing
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _end(pids):
+    """Clean up after a failing test: only the processes this test's factories recorded."""
+    import os
+    import signal
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.e2e
+def test_a_sample_that_raises_in_one_worker_is_one_line_with_its_traceback_in_the_run_folder(tmp_path):
+    """Sample 77 is read by one rank only; the other waits for it in a collective and is ended by the
+    launcher. One line names the rank, the step and the user's message; the traceback is kept."""
+    import json
+    user_package(tmp_path)
+    recipe = base_recipe(name="trap", **{"data": {"factory": "mypkg.edge:bad_sample", "workers": 0},
+                                         "model": {"factory": "mypkg.parts:build_model", "kwargs": {"classes": 3}}})
+    proc = cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, timeout=120)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert len(lines) == 1 and "ValueError: cannot decode sample 77" in lines[0], proc.stderr
+    assert lines[0].startswith("qhm-launch: error: rank ") and " failed at global step " in lines[0]
+    run = tmp_path / "runs" / "trap"
+    failed = json.loads((run / "failed.json").read_text())
+    assert failed["error"] in lines[0] and failed["exit"] == 1
+    log = (run / "failure.log").read_text()
+    assert "Traceback" in log and "in __getitem__" in log and "cannot decode sample 77" in log
+    status = cli(["status", str(run)], cwd=tmp_path, check=0)
+    assert "failed" in status.stdout and "cannot decode sample 77" in status.stdout
+
+
+@pytest.mark.e2e
+def test_processes_a_factory_starts_end_with_the_run(tmp_path):
+    """The factory runs in the launcher (its checks) and in each rank; its `sleep 300` children end too."""
+    pids = tmp_path / "pids"
+    user_package(tmp_path)
+    recipe = base_recipe(name="spawn", epochs=1, **{"data": {"factory": "mypkg.edge:spawns", "workers": 1},
+                                                   "model": {"factory": "mypkg.parts:build_model",
+                                                             "kwargs": {"classes": 3}}})
+    try:
+        cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, env={"QHM_TEST_PIDS": str(pids)}, check=0)
+        started = [int(x) for x in pids.read_text().split()]
+        assert len(started) == 3                   # the launcher's check and two ranks
+        wait_for(lambda: not any(map(_alive, started)), timeout=10, what="the factory's children to end")
+    finally:
+        _end([int(x) for x in pids.read_text().split()] if pids.exists() else [])
+
+
+@pytest.mark.e2e
+def test_a_data_worker_stuck_in_getitem_dies_with_a_killed_run(tmp_path):
+    pids = tmp_path / "pids"
+    user_package(tmp_path)
+    recipe = base_recipe(name="hang", **{"data": {"factory": "mypkg.edge:hangs", "workers": 1},
+                                         "model": {"factory": "mypkg.parts:build_model", "kwargs": {"classes": 3}}})
+    proc = start(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, env={"QHM_TEST_PIDS": str(pids)})
+    try:
+        wait_for(lambda: pids.exists() and pids.read_text().strip(), timeout=120, proc=proc, what="a stuck read")
+        stuck = [int(x) for x in pids.read_text().split()]
+        kill_group(proc)
+        wait_for(lambda: not any(map(_alive, stuck)), timeout=20, what="the stuck data worker to end")
+    finally:
+        kill_group(proc)
+        _end([int(x) for x in pids.read_text().split()] if pids.exists() else [])
 
 
 # ---------------------------------------------------------------------------------------------- images

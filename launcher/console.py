@@ -1,0 +1,21 @@
+"""The entry point of ``qhm-launch`` (the console script) and of ``python -m launcher``: the signals a
+run may take as preemption are caught first, and only then is the CLI imported (torch: seconds), so a
+SIGTERM during start-up is a preemption (exit 75), never a death (143). Stdlib only up to that import."""
+import os
+
+from launcher.cluster import supervise
+
+
+def main() -> int:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:      # a worker: also arm its death signal
+        supervise.arm_worker()
+        from launcher.cli.main import main as cli_main
+        return cli_main()
+    supervise.record_early_signals()
+    try:
+        from launcher.cli.main import main as cli_main
+        return cli_main()
+    finally:
+        # a user's factory, called here by the checks before any worker, may have started processes
+        # (``subprocess.Popen``): they end with the command (the workers' are ended with their group)
+        supervise.end_children()
