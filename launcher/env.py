@@ -1,4 +1,5 @@
-"""Names the whole process tree shares: every ``QHM_*`` environment variable the launcher reads (named
+"""Names the whole process tree shares (and the two small mechanisms it shares: a death signal, and this
+process's start time): every ``QHM_*`` environment variable the launcher reads (named
 here and nowhere else) and the signal names a run may take as preemption. Stdlib only: the first lines
 of a worker import it before torch.
 
@@ -10,6 +11,14 @@ never needs them; each does nothing unless set.
 from __future__ import annotations
 
 import os
+import signal
+import time
+from typing import Optional
+
+# when this process started (a worker imports this module in its first lines): a failure marker newer
+# than this is another rank's, of this run
+STARTED = time.time()
+PR_SET_PDEATHSIG = 1
 
 # the signals a run may take as a request to checkpoint and stop (recipe key signals.preempt); a worker
 # records them from its first line on, before the real handlers exist
@@ -20,6 +29,8 @@ PARENT = "QHM_LAUNCH_PARENT"                      # the launcher's PID: workers 
 FORCE_RESUME = "QHM_FORCE_RESUME"                 # "1": --force-resume
 LOCKED_BY = "QHM_FOLDER_LOCKED_BY"                # the launcher holds the run folder's lock for its workers
 UNTIL_EPOCH = "QHM_UNTIL_EPOCH"                   # run --until-epoch (a segment of an elastic chain)
+FAILURE_NOTE = "QHM_FAILURE_NOTE"                 # file (the launcher's temp folder): a worker's failure when
+                                                  # failed.json cannot be written (a full disk)
 DEBUG = "QHM_DEBUG"                               # "1": --debug (tracebacks instead of one line)
 BATCH_JOB = "QHM_BATCH_JOB"                       # "1": inside a generated Slurm script
 
@@ -75,3 +86,24 @@ def noise_scales() -> list[float]:
 
 def compile_backend() -> str:
     return os.environ.get(COMPILE_BACKEND) or "inductor"
+
+
+# ---- the process tree's own small mechanisms (stdlib; every layer may use them)
+
+def load_libc():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:                    # not Linux: no death signals, no subreaper
+        return None
+
+
+def die_with_parent(expected_parent: Optional[int] = None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; if the parent already died (this
+    process was re-parented), exit now. Elsewhere than Linux this does nothing."""
+    libc = load_libc()
+    if libc is None:
+        return
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(1)

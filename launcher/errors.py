@@ -7,6 +7,10 @@ after saving a checkpoint: running the same command again resumes it.
 """
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+
 FAILED = 1              # the run stopped on a failure it could name (one line), e.g. a non-finite loss
 BAD_INPUT = 2           # one line on stderr, nothing started (or nothing changed)
 PREEMPTED = 75          # EX_TEMPFAIL: "preempted, resume me" (run the same command again)
@@ -23,6 +27,32 @@ class RecipeError(UserError):
 class RunFailed(Exception):
     """Training stopped on a failure it can state in one line (exit :data:`FAILED`); nothing after the
     last good checkpoint was saved."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)     # no space left on the device, or the user's quota spent
+
+
+class DiskFull(RunFailed):
+    """A write that found no space (or no quota) left: one line naming the folder, the file and the
+    bytes it needed. What was saved before stays valid (a partial checkpoint is a .tmp- folder, which
+    the next save removes), so the same command resumes once there is room."""
+
+    def __init__(self, path, needed: int | None):
+        folder = os.path.dirname(os.path.abspath(path)) or "."
+        if os.path.basename(folder).startswith(".tmp-"):    # a checkpoint being written: name its folder
+            folder = os.path.dirname(folder)
+        try:
+            free = f"{shutil.disk_usage(folder).free} bytes free"
+        except OSError:
+            free = "free space unknown"
+        need = f"{needed} bytes" if needed is not None else "more room"
+        super().__init__(f"no space left on the device of {folder}: writing {os.path.basename(path)} needed {need}, "
+                         f"{free}; free some space (older runs, a smaller checkpoint.keep) and run the same command "
+                         "again: it resumes from the newest checkpoint")
+
+
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
 def exit_status(exc: BaseException) -> int:

@@ -12,7 +12,7 @@ import sys
 
 from launcher.cli.args import (Parser, add_debug, sample_count, nonnegative_float, nonnegative_int, positive_float, positive_int,
                                text)
-from launcher.errors import BAD_INPUT, UserError, one_line
+from launcher.errors import BAD_INPUT, FAILED, DiskFull, RunFailed, UserError, disk_full, one_line
 
 
 
@@ -195,6 +195,12 @@ def main(argv=None) -> int:
             raise
         print(f"qhm-launch: error: {one_line(exc)}", file=sys.stderr)
         return BAD_INPUT
+    except (RunFailed, OSError) as exc:     # here: a write of the launcher's own found the disk full
+        if args.debug or not (isinstance(exc, RunFailed) or disk_full(exc)):
+            raise
+        failure = exc if isinstance(exc, RunFailed) else DiskFull(exc.filename or ".", None)
+        print(f"qhm-launch: error: {one_line(failure)}", file=sys.stderr)
+        return FAILED
     except BrokenPipeError:                 # `qhm-launch report ... | head`: the reader had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
         return 0

@@ -7,13 +7,16 @@ after saving a checkpoint (run the same command again to resume); anything else:
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+import tempfile
+from pathlib import Path
 
 from launcher import config as recipe_mod
 from launcher import env
-from launcher.errors import FAILED, PREEMPTED, RunFailed, UserError, exit_status, one_line
+from launcher.errors import FAILED, PREEMPTED, DiskFull, RunFailed, UserError, disk_full, exit_status, one_line
 
 
 def check_resume(recipe, force: bool, world: int, log=print) -> None:
@@ -66,6 +69,9 @@ def cmd_run(args) -> int:
     factories.importable_from_cwd()          # the user's packages, here and in the workers
     preflight.preflight(recipe, nproc * nnodes)
     preflight.check_devices(recipe, nproc * nnodes, gpus > 0, visible=gpus)
+    slow = preflight.slow_precision_warning(recipe, gpus > 0)
+    if slow:
+        print(slow, file=sys.stderr, flush=True)
     # one run per folder: a single node holds the lock here; on several nodes, the first worker does
     lock = folder.acquire_lock() if nnodes == 1 else None
     check_resume(recipe, args.force_resume, nproc * nnodes)
@@ -93,12 +99,22 @@ def cmd_run(args) -> int:
         folder.failed.unlink(missing_ok=True)
     before = _signature(folder.failed)
     seen: list[dict] = []
+    # where a worker reports its failure when failed.json cannot be written (a full disk)
+    fd, note = tempfile.mkstemp(prefix="qhm-launch-failure-", suffix=".json")
+    os.close(fd)
+    worker_env[env.FAILURE_NOTE] = note
 
     def worker_failed() -> bool:              # a failure written during this run (a rank may remove it later)
         if not seen and _signature(folder.failed) != before:
             seen.extend(filter(None, [folder.read_json(folder.failed)]))
+        if not seen:
+            seen.extend(filter(None, [folder.read_json(Path(note))]))
         return bool(seen)
-    rc = supervise(cmd, worker_env, preemption_signals(recipe), failed=worker_failed)
+    try:
+        rc = supervise(cmd, worker_env, preemption_signals(recipe), failed=worker_failed)
+        worker_failed()
+    finally:
+        os.unlink(note)
     if lock is not None:
         lock.release()
     failed = folder.read_json(folder.failed) or (seen[0] if seen else None)
@@ -201,6 +217,8 @@ def report_failure(recipe, comm, exc: BaseException, step: int | None = None) ->
     Under the launcher the worker then exits 0, so torchrun prints no block of its own: the launcher,
     seeing failed.json, gives the other ranks a moment to end (they may be waiting in a collective for
     this one) and then ends them."""
+    if disk_full(exc):                        # a write we did not make ourselves (DeepSpeed's files, W&B)
+        exc = DiskFull(exc.filename or recipe.folder.path / "?", None)
     status = exit_status(exc)
     line = one_line(exc)
     if not isinstance(exc, (UserError, RunFailed)):
@@ -211,15 +229,21 @@ def report_failure(recipe, comm, exc: BaseException, step: int | None = None) ->
                         f"(traceback in {recipe.folder.failure_log})")
         try:
             recipe.folder.append_failure(f"rank {comm.rank} on {socket.gethostname()}, {where}:\n{text}")
-        except OSError:
+        except (OSError, RunFailed):
             pass
         if env.flag(env.DEBUG):
             print(text, file=sys.stderr, flush=True)
     if not recipe.folder.failed.exists():     # the first rank to fail names the cause; the others follow it
+        marker = {"error": line, "exit": status, "rank": comm.rank}
         try:
-            recipe.folder.write_marker(recipe.folder.failed, {"error": line, "exit": status, "rank": comm.rank})
-        except OSError:                       # e.g. the disk is full: the line still reaches the user
-            print(f"qhm-launch: error: {line}", file=sys.stderr, flush=True)
+            recipe.folder.write_marker(recipe.folder.failed, marker)
+        except (OSError, RunFailed):          # e.g. the disk is full: the launcher's note (its temp folder)
+            try:
+                with open(os.environ[env.FAILURE_NOTE], "w") as note:
+                    json.dump(marker, note)
+            except (KeyError, OSError):       # no launcher to tell: the line, and torchrun ends the others
+                print(f"qhm-launch: error: {line}", file=sys.stderr, flush=True)
+                return status
     if env.PARENT in os.environ:
         return 0
     if comm.is_main or not isinstance(exc, (UserError, RunFailed)):

@@ -118,11 +118,11 @@ def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: st
     return text
 
 
-def _prepare(recipe, args):
+def _prepare(recipe, args, warnings: list | None = None):
     """The recipe as the job will run it: its shape (``slurm.nodes``/``gpus_per_node``, where --nodes and
     --gpus-per-node win), absolute output, processes from the GPUs per node; its setup lines unless
-    --setup gave some."""
-    from launcher.train import preflight
+    --setup gave some. What the job should be warned of is added to ``warnings``."""
+    from launcher.train import preflight, splits
     if args.nodes is not None:
         recipe.slurm.nodes = args.nodes
     if args.gpus_per_node is not None:
@@ -134,11 +134,48 @@ def _prepare(recipe, args):
     if args.setup is None:
         args.setup = list(recipe.slurm.setup)
     nproc = recipe.distributed.nproc_per_node
-    preflight.preflight(recipe, nproc * recipe.slurm.nodes, check_data=not args.dry_run)
+    epochs = preflight.preflight(recipe, nproc * recipe.slurm.nodes, check_data=not args.dry_run)
+    if warnings is not None and not args.elastic:        # an elastic chain gives each stage its own nodes
+        warnings += [line.replace("warning: ", "qhm-launch: WARNING: ") for line in splits.idle_warnings(epochs)]
+    if warnings is not None and epochs:
+        warnings += stop_latency_warning(recipe, epochs[0].batch, args.signal_seconds)
     if args.elastic and recipe.distributed.engine == "deepspeed" and recipe.distributed.zero_stage > 0:
         raise UserError(f"--elastic: not valid with DeepSpeed ZeRO stage {recipe.distributed.zero_stage} (its optimizer "
                         "state cannot move to another world size here); allowed: ddp, or ZeRO 0")
     return recipe, nproc
+
+
+def stop_latency_warning(recipe, batch: int, signal_seconds: int) -> list[str]:
+    """A preemption is acted on within about two checks: two steps, or a second when steps are short
+    (:mod:`launcher.train.signals`), plus the checkpoint. Warned of when that could pass a quarter of the
+    warning time Slurm gives; the step time is this run folder's own, measured at the first stage's batch
+    in an earlier segment (none measured: only the checks' floor is known)."""
+    from launcher.train.signals import CHECK_EVERY_S
+    rates = [r["samples_per_s"] for r in recipe.folder.metric_rows()
+             if r.get("batch") == batch and r.get("samples_per_s")]
+    step_s = batch / min(rates) if rates else 0.0
+    latency = 2 * max(CHECK_EVERY_S, step_s)
+    if latency <= signal_seconds / 4:
+        return []
+    measured = f"steps of {step_s:.3g} s at batch {batch} measured in {recipe.folder.path}" if rates else "the checks"
+    return [f"qhm-launch: WARNING: a preemption may take {latency:.3g} s before its checkpoint starts ({measured}), "
+            f"more than a quarter of --signal-seconds {signal_seconds}; give --signal-seconds {int(4 * latency) + 1} "
+            "or more (or a larger first batch)"]
+
+
+def _warn(warnings: list[str]) -> None:
+    for line in dict.fromkeys(warnings):          # once each, in order (a sweep's points repeat them)
+        print(line, file=sys.stderr)
+
+
+def max_array_size() -> int | None:
+    """Slurm's MaxArraySize (array indices must be below it), or None when scontrol cannot say."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out.stdout, re.MULTILINE)
+    return int(found.group(1)) if found else None
 
 
 def _cpus(args, needed: list[int]) -> int:
@@ -187,7 +224,9 @@ def _chain(args, stem: Path, name: str, log: Path, segments: list, dependency: s
 
 def cmd_submit(args) -> int:
     _check(args)
-    recipe, nproc = _prepare(recipe_mod.load(args.recipe, args.set), args)
+    warnings: list[str] = []
+    recipe, nproc = _prepare(recipe_mod.load(args.recipe, args.set), args, warnings)
+    _warn(warnings)
     folder = recipe.folder
     segments = _segments(recipe, nproc, args)
     first = next_free(folder.slurm, "submit", ".sbatch")
@@ -221,7 +260,9 @@ def cmd_sweep(args) -> int:
     _check(args)
     spec = sweep.load_spec(Path(args.sweep))
     points = sweep.grid_points(spec, args.set)
-    recipes = [_prepare(recipe_mod.load(spec["recipe"], p["overrides"]), args) for p in points]
+    warnings: list[str] = []
+    recipes = [_prepare(recipe_mod.load(spec["recipe"], p["overrides"]), args, warnings) for p in points]
+    _warn(warnings)
     names = [r.name for r, _ in recipes]
     if len(set(names)) != len(names):
         raise UserError(f"sweep.grid: two points get the same run name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
@@ -248,6 +289,12 @@ def cmd_sweep(args) -> int:
                       "aftercorr", [r.folder.recipe for r, _ in group], [r.run_dir for r, _ in group],
                       _cpus(args, [cpus_needed(r, nproc) for r, nproc in group]), array, gpus, group[0][0].epochs)
         arrays.append(((nodes, gpus), members, array, jobs))
+    if not args.local:
+        limit, largest = max_array_size(), max(len(members) for _, members, _, _ in arrays)
+        if limit is not None and largest > limit:
+            raise UserError(f"sweep: {largest} points on one resource shape make an array --array=0-{largest - 1}, and this "
+                            f"cluster's MaxArraySize is {limit} (indices below it); allowed: at most {limit} points per "
+                            "shape (split the grid into several sweeps)")
     if args.dry_run:
         for p, (r, _) in zip(points, recipes):
             seed = "" if p["seed"] is None else f"  seed={p['seed']}"

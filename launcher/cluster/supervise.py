@@ -24,33 +24,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 from launcher import env
+from launcher.env import die_with_parent, load_libc
 
-PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 _early: list[int] = []
-STARTED = time.time()         # when this process started (a worker: its first lines import this module)
-
-
-def _libc():
-    try:
-        import ctypes
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:                    # not Linux: no death signals, no subreaper
-        return None
-
-
-def die_with_parent(expected_parent: Optional[int] = None) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies; if the parent already died (this
-    process was re-parented), exit now. Elsewhere than Linux this does nothing."""
-    libc = _libc()
-    if libc is None:
-        return
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if expected_parent is not None and os.getppid() != expected_parent:
-        os._exit(1)
 
 
 def _record(signum, frame) -> None:
@@ -201,7 +180,7 @@ def _end_agent(proc: subprocess.Popen) -> None:
 def adopt_orphans(on: bool) -> bool:
     """Make this process its descendants' child subreaper (or stop): what a worker leaves behind comes
     here, not to init. Returns whether it was one before."""
-    libc = _libc()
+    libc = load_libc()
     if libc is None:
         return False
     import ctypes

@@ -37,7 +37,9 @@ def resolve(key: str, path: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(f"{key}: {path!r} is not valid; allowed: an importable module ({one_line(exc)})") from None
+        where = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != os.getcwd()]
+        raise UserError(f"{key}: {path!r} is not valid; allowed: an importable module ({one_line(exc)}; looked in the "
+                        f"working directory and PYTHONPATH: {os.pathsep.join(where)}, then the installed packages)") from None
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: say so in one line
         raise UserError(f"{key}: importing {module_name!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
     target: Any = module
@@ -50,9 +52,25 @@ def resolve(key: str, path: str) -> Callable:
     return target
 
 
+WAIT_NOTE_S = 30.0          # a factory still running after this long is said to be awaited (once)
+
+
 def call(key: str, path: str, kwargs: dict, *args):
-    """Resolve and call; the user's own error becomes one line (the traceback stays with --debug)."""
+    """Resolve and call; the user's own error becomes one line (the traceback stays with --debug). A
+    factory that takes long (a dataset on a slow file system, a hung mount) is named after
+    :data:`WAIT_NOTE_S` seconds, so a silent start is never a mystery."""
+    import threading
+    import time
     factory = resolve(key, path)
+    started = time.monotonic()
+
+    def note():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"qhm-launch: still waiting for {key} {path!r} to return ({time.monotonic() - started:.0f} s so far; "
+                  "Ctrl-C stops)", file=sys.stderr, flush=True)
+    timer = threading.Timer(WAIT_NOTE_S, note)
+    timer.daemon = True
+    timer.start()
     try:
         return factory(*args, **kwargs)
     except (SystemExit, KeyboardInterrupt) as exc:    # an argparse or sys.exit() inside the user's code
@@ -61,6 +79,8 @@ def call(key: str, path: str, kwargs: dict, *args):
                         "as if it had succeeded)") from exc
     except Exception as exc:  # noqa: BLE001 - reported in one line, chained for --debug
         raise UserError(f"{key}: {path!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
+    finally:
+        timer.cancel()
 
 
 def field(obj, name: str, default=None):

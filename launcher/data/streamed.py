@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
-from launcher.cluster import supervise
+from launcher import env
 from launcher.data import order
 
 
@@ -119,7 +119,7 @@ def die_with_rank():
 
 
 def _die_with(rank: int, worker_id: int) -> None:
-    supervise.die_with_parent(rank)
+    env.die_with_parent(rank)
 
 
 class StreamedSplit:

@@ -44,7 +44,7 @@ import torch
 import xxhash
 
 from launcher import env
-from launcher.errors import UserError
+from launcher.errors import DiskFull, UserError, disk_full
 from launcher.run.files import DIR_MODE, FILE_MODE, atomic_write, atomic_write_json, fsync_path, open_fd
 from launcher.run.folder import RunFolder
 
@@ -100,12 +100,34 @@ def describe(path: Path) -> dict:
 
 def write_file(path: Path, obj) -> dict:
     """torch.save (owner-only), fsync, then size and hash (read back through the page cache, in place)."""
-    fd = open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(fd, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        fd = open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:
+        # torch.save's zip writer reports a short write as a RuntimeError ("unexpected pos"): a full disk
+        # shows as too little room left for this file's tensors
+        needed = tensor_bytes(obj)
+        if not (disk_full(exc) or shutil.disk_usage(path.parent).free < needed):
+            raise
+        full = DiskFull(path, needed)           # the free space as it was
+        path.unlink(missing_ok=True)            # the part written: room for what reports the failure
+        raise full from exc
     return describe(path)
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists, tuples): what a checkpoint file holds,
+    give or take its pickled structure."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def verify_file(path: Path, expect: dict) -> None:

@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from launcher.errors import DiskFull, disk_full
+
 
 # Everything a run writes is its owner's alone (checkpoints hold the model; a shared output folder is
 # common on clusters), and no file is opened through a symbolic link: a link planted in a run folder
@@ -32,12 +34,19 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = True) -> None:
     or the new one, never a part. ``durable`` fsyncs the file before and the folder after the rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        fd = open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as exc:
+        full = DiskFull(path, len(data.encode() if isinstance(data, str) else data)) if disk_full(exc) else None
+        tmp.unlink(missing_ok=True)            # the part written: room for what reports the failure
+        if full:
+            raise full from exc
+        raise
     os.replace(tmp, path)
     if durable:
         fsync_path(path.parent)
@@ -49,11 +58,16 @@ def atomic_write_json(path: Path, obj, durable: bool = True) -> None:
 
 def append_line(path: Path, line: str, durable: bool = True) -> None:
     """Append one line (and fsync it when ``durable``)."""
-    with os.fdopen(open_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
-        f.write(line + "\n")
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        with os.fdopen(open_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
+            f.write(line + "\n")
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as exc:
+        if disk_full(exc):
+            raise DiskFull(path, len(line.encode()) + 1) from exc
+        raise
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,21 +1,27 @@
 """Preemption: a signal only sets a flag; the ranks agree on it without stopping to wait.
 
-Never save inside the handler (Lightning's save-in-handler hangs intermittently). Each optimizer step
-every rank adds its flag to an all-reduce that runs in the background on a CPU (gloo) group, and reads
-the result of the previous step's all-reduce: all ranks read the same result at the same step, so they
+Never save inside the handler (Lightning's save-in-handler hangs intermittently). At each check every
+rank adds its flag to an all-reduce that runs in the background on a CPU (gloo) group, and reads the
+result of the previous check's all-reduce: all ranks read the same result at the same step, so they
 stop after the same step, save the same checkpoint and exit with PREEMPTED -- with no blocking
 collective and no host-device synchronisation in the step (on GPUs, the flag never touches the device).
-A signal that arrives during step k stops the run after step k+1. In the smallest batch stages, whose
-steps take about a millisecond, the check runs every few steps (at most 32, the same steps on every rank).
+
+How often to check is measured, not guessed: a check costs an all-reduce, which a millisecond step
+should not pay every time, while a ten-second step must check every time (Slurm warns 120 s ahead).
+Each rank proposes the steps that fit in :data:`CHECK_EVERY_S` at its measured pace (1 to
+:data:`MAX_EVERY`), the proposal rides in the same all-reduce (as a maximum of its negative: the
+smallest wins), and every rank takes the agreed interval from the same result at the same step. A
+signal is therefore acted on within about two check intervals: about a second, or two steps when a
+step takes longer than half a second.
 """
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-
 
 
 class PreemptionFlag:
@@ -37,13 +43,22 @@ class PreemptionFlag:
             self.received = early
 
 
-class Agreement:
-    """One-step-late, non-blocking agreement of all ranks on "stop now"."""
+CHECK_EVERY_S = 0.5           # a check at least this often (at most once per step)
+MAX_EVERY = 32                # and at least every 32 steps
 
-    def __init__(self, comm, flag: PreemptionFlag, request_file: Optional[Path] = None, every: int = 1):
+
+class Agreement:
+    """One-check-late, non-blocking agreement of all ranks on "stop now", checked at an interval of
+    steps all ranks agree on. ``log`` (rank 0's) says at which global step the run will stop."""
+
+    def __init__(self, comm, flag: PreemptionFlag, request_file: Optional[Path] = None, log=None,
+                 clock=time.monotonic, max_every: int = MAX_EVERY):
         self.comm, self.flag, self.request_file = comm, flag, request_file
-        self.every = every                # check at every ``every``-th call (the same on every rank)
-        self._work, self._box, self._calls = None, None, 0
+        self.log, self.clock, self.max_every = log, clock, max_every
+        self.every = 1                    # steps between checks: agreed at each check for the next
+        self._work, self._box, self._calls, self._next = None, None, 0, 1
+        self._last: Optional[tuple[float, int]] = None      # (time, calls) at the previous check
+        self._told = False
 
     def _asked(self) -> bool:
         if self.flag.received is None and self.comm.is_main and self.request_file is not None \
@@ -51,20 +66,40 @@ class Agreement:
             self.flag.received = 0        # the batch script of a Slurm job asked (all nodes see the file)
         return self.flag.received is not None
 
-    def poll(self) -> bool:
-        """Call once per optimizer step, on every rank. True (on every rank, at the same step) when
-        some rank was asked to stop at or before the previous check."""
+    def _proposal(self) -> int:
+        """Steps per CHECK_EVERY_S at the pace since the previous check (1 before any measurement)."""
+        now, last = self.clock(), self._last
+        self._last = (now, self._calls)
+        if last is None or now <= last[0]:
+            return 1
+        per_step = (now - last[0]) / (self._calls - last[1])
+        return max(1, min(self.max_every, int(CHECK_EVERY_S / per_step + 1e-6)))
+
+    def poll(self, global_step: Optional[int] = None) -> bool:
+        """Call once per optimizer step, on every rank (``global_step``: the steps done, for the log
+        line). True (on every rank, at the same step) when some rank was asked to stop at or before
+        the previous check."""
         self._calls += 1
-        if self._calls % self.every:
+        if self._calls < self._next:
             return False
+        proposal = self._proposal()
         if self.comm.world == 1:
+            self.every, self._next = proposal, self._calls + proposal
             return self._asked()
         stop = False
         if self._work is not None:
             self._work.wait()
             stop = bool(self._box[0] > 0)
-        self._box = torch.tensor([1.0 if self._asked() else 0.0])
+            self.every = max(1, int(-self._box[1]))
+        asked = self._asked()
+        self._box = torch.tensor([1.0 if asked else 0.0, -float(proposal)])
         self._work = self.comm.all_reduce_max_async(self._box)
+        self._next = self._calls + self.every
+        if asked and not stop and not self._told and self.log is not None and global_step is not None:
+            self._told = True
+            what = "a stop request" if not self.flag.received else signal.Signals(self.flag.received).name
+            self.log(f"[qhm-launch] {what}: stopping after global step {global_step + self.every} "
+                     "(the next check), with a checkpoint")
         return stop
 
     def close(self) -> None:

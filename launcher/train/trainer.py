@@ -13,7 +13,6 @@ import torch
 
 import qhm
 from launcher import config, env
-from launcher.cluster import supervise
 from launcher.errors import RunFailed
 from launcher.train.build import Parts
 from launcher.train.evaluation import evaluate_epoch
@@ -41,7 +40,7 @@ class Trainer:
         self.stages = Stages(parts)
         self.step_runner = StepRunner(parts, self.stages)
         self.reporter = Reporter(r, self.comm, self.folder, self.log)
-        self.stop = Agreement(self.comm, preempt, self.folder.preempt_request)
+        self.stop = Agreement(self.comm, preempt, self.folder.preempt_request, log=self.log)
         self.log_every = log_interval(r, parts.splits)
         self.step_grad_norm = None
         # on the device, so watching for a non-finite loss never waits for it: the steps of this epoch whose
@@ -60,7 +59,7 @@ class Trainer:
                     self.log_steps(epoch)
                 if self.due(self.recipe.eval.every_steps, split, step):
                     self.evaluate_mid_epoch(epoch)
-                if self.stop.poll():
+                if self.stop.poll(self.state.global_step):
                     self.save("preempted")
                     return Outcome.PREEMPTED
                 if self.due(self.recipe.checkpoint.every_steps, split, step):
@@ -75,7 +74,7 @@ class Trainer:
         """Load the newest valid checkpoint (if any); open the logs and W&B where it left off."""
         if self.comm.is_main:
             self.folder.create()
-            self.folder.clear_stale(started=supervise.STARTED if env.PARENT in os.environ else None)
+            self.folder.clear_stale(started=env.STARTED if env.PARENT in os.environ else None)
         manifest = self.checkpoints.resume()
         if manifest is None:
             self.parts.rng.seed_from(0)
@@ -95,7 +94,6 @@ class Trainer:
         qhm.apply_hyperparams(self.engine.optimizer, split.lr, split.beta, split.gamma)
         self.parts.batches.start_epoch(epoch, self.state.step, split)
         self.finite_steps.fill_(self.state.step)         # a checkpoint holds only finite steps
-        self.stop.every = stop_check_interval(split)
         self.parts.module.train()
         self.reporter.start_epoch(split, self.state)
         return split
@@ -182,12 +180,6 @@ class Trainer:
         self.checkpoints.wait()
         self.stop.close()
         self.reporter.finish(self.state, finished=outcome is Outcome.FINISHED)
-
-
-def stop_check_interval(split: EpochSplit) -> int:
-    """Optimizer steps between two preemption checks: every step from batch 256 up; in the smallest
-    stages, whose steps take a millisecond, fewer (at most 32 steps apart), so the check costs nothing."""
-    return max(1, min(32, 256 // split.batch))
 
 
 def run(recipe, comm, preempt: PreemptionFlag | None = None, log=print, until_epoch: int | None = None) -> "Trainer":

@@ -237,3 +237,21 @@ def test_each_rank_gets_its_share_of_the_cpus_the_job_may_use(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})   # 6 of the machine's cores
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert threads_per_rank(2) == 3 and threads_per_rank(4) == 1 and threads_per_rank(8) == 1
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_one_warning(tmp_path):
+    from launcher import config
+    from launcher.train.preflight import slow_precision_warning
+    old = tmp_path / "old"
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    new = tmp_path / "new"
+    new.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    bf16, fp32 = (config.from_dict(base_recipe(precision=p)) for p in ("bf16", "fp32"))
+    line = slow_precision_warning(bf16, False, old)
+    assert line.startswith("qhm-launch: WARNING: precision bf16 on this CPU, which has no bf16 instructions")
+    assert "\n" not in line and "precision: fp32" in line
+    assert slow_precision_warning(bf16, False, new) is None and slow_precision_warning(bf16, False, arm) is None
+    assert slow_precision_warning(fp32, False, old) is None and slow_precision_warning(bf16, True, old) is None
+    assert slow_precision_warning(bf16, False, tmp_path / "missing") is None

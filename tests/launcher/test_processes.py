@@ -91,6 +91,34 @@ def test_sigterm_while_the_console_script_imports_is_a_preemption(tmp_path):
             proc.wait()
 
 
+def test_a_preemption_is_saved_within_seconds_of_the_signal_when_steps_are_slow(tmp_path):
+    """Half a second a step (the smallest stage would check only every 16 steps by batch size: 16 s):
+    the check interval follows the measured pace, so the checkpoint comes within 3 s, at the step the
+    log line announced."""
+    import json
+    path = write_recipe(tmp_path, recipe())
+    run = tmp_path / "runs" / "p"
+    proc = start(["run", str(path)], cwd=tmp_path, env={"QHM_TEST_STEP_DELAY": "0.5"})
+    try:
+        wait_for(lambda: checkpoint_steps(run), proc=proc, what="a first checkpoint")
+        time.sleep(1.0)
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: (run / "preempted.json").exists(), timeout=60, proc=proc, what="the preempted marker")
+        newest = run / "checkpoints" / f"step-{checkpoint_steps(run)[-1]:09d}"
+        written = (newest / "manifest.json").stat().st_mtime
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 75, out[-3000:]
+        announced = [line for line in out.splitlines() if "SIGTERM: stopping after global step" in line]
+        stopped = json.loads((run / "preempted.json").read_text())["global_step"]
+        assert len(announced) == 1 and f"global step {stopped} " in announced[0], out[-3000:]
+        assert checkpoint_steps(run)[-1] == stopped and written - sent < 3.0, (written - sent, out[-3000:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _descendants(pid):
     out, todo = [], [pid]
     while todo:
@@ -190,3 +218,35 @@ def test_a_non_finite_loss_stops_the_run_in_one_line_and_saves_nothing_after_it(
     newest = run / "checkpoints" / f"step-{max(saved):09d}"
     assert all(torch.isfinite(t).all() for t in read_file(newest / "state.pt")["engine"]["model"].values())
     assert not (run / "final_model.pt").exists() and (run / "failed.json").exists()
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes_bitwise_once_there_is_room(tmp_path):
+    """A run folder on a 16 MiB tmpfs with 24 KiB left: the first checkpoint cannot be written. One line
+    naming the folder and the bytes, exit 1, every rank ended; again while still full: the same; with
+    room again: the run resumes and ends bitwise where a run that never met a full disk ends."""
+    import shutil
+    from helpers import assert_bitwise, final_params
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        over = {"name": "full", "epochs": 2, "checkpoint.every_steps": 3}
+        path = write_recipe(tmp_path, recipe(output=str(disk), **over))
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 24 * 1024))
+        for attempt in range(2):
+            proc = cli(["run", str(path)], cwd=tmp_path, timeout=120)
+            lines = [x for x in proc.stderr.splitlines() if x.strip()]
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+            assert len(lines) == 1 and lines[0].startswith(f"qhm-launch: error: no space left on the device of {disk}"), lines
+            assert " needed " in lines[0] and " bytes free; " in lines[0] and "run the same command again" in lines[0]
+        filler.unlink()
+        cli(["run", str(path)], cwd=tmp_path, check=0, timeout=120)
+        reference = write_recipe(tmp_path, recipe(output=str(tmp_path / "ref"), **over), "ref.yaml")
+        cli(["run", str(reference)], cwd=tmp_path, check=0, timeout=120)
+        assert_bitwise(final_params(disk / "full"), final_params(tmp_path / "ref" / "full"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

@@ -10,7 +10,7 @@ from launcher.train.signals import Agreement, PreemptionFlag
 
 def _steps_until_stop(comm, signal_rank, signal_step, request_file):
     flag = PreemptionFlag(["SIGUSR1"])
-    stop = Agreement(comm, flag, Path(request_file) if request_file else None)
+    stop = Agreement(comm, flag, Path(request_file) if request_file else None, max_every=1)
     for step in range(100):
         if comm.rank == signal_rank and step == signal_step:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -39,3 +39,35 @@ def test_one_process_needs_no_agreement(tmp_path):
     import torch
     comm = Comm(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     assert _steps_until_stop(comm, 0, 4, None) == (4, signal.SIGUSR1)
+
+
+def _paced(comm, seconds_per_step, signal_step):
+    """Steps whose duration is this rank's ``seconds_per_step`` on a fake clock; SIGUSR1 on every rank
+    at ``signal_step``. Returns (stop step, the agreed intervals seen, the log lines)."""
+    flag, now, lines, seen = PreemptionFlag(["SIGUSR1"]), [0.0], [], []
+    stop = Agreement(comm, flag, None, log=lines.append, clock=lambda: now[0])
+    for step in range(400):
+        now[0] += seconds_per_step[comm.rank]
+        if step == signal_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        seen.append(stop.every)
+        if stop.poll(step + 1):
+            stop.close()
+            return step + 1, sorted(set(seen)), lines
+    stop.close()
+    return None, sorted(set(seen)), lines
+
+
+def test_the_check_interval_follows_the_slowest_rank_s_pace_and_every_rank_stops_at_the_same_step():
+    # 10 ms steps on rank 0, 100 ms on rank 1: the agreed interval is rank 1's 5 steps (0.5 s), not 32
+    out = run_ranks(_paced, 2, [0.01, 0.1], 200)
+    (stop0, every0, lines0), (stop1, every1, _) = out
+    assert stop0 == stop1 and every0 == every1 == [1, 5]
+    assert 200 < stop0 <= 201 + 2 * 5                            # within two checks of the signal
+    assert lines0 == [f"[qhm-launch] SIGUSR1: stopping after global step {stop0} (the next check), with a checkpoint"]
+
+
+def test_fast_steps_are_checked_every_32_and_slow_ones_every_step():
+    assert run_ranks(_paced, 2, [0.001, 0.001], 300)[0][1] == [1, 32]
+    stop, every, _ = run_ranks(_paced, 2, [2.0, 2.0], 100)[0]
+    assert every == [1] and stop == 102                          # a 2 s step: two steps, about 4 s

@@ -59,3 +59,46 @@ def test_a_grid_over_node_counts_is_one_job_array_per_shape(tmp_path, capsys, mo
     assert "--gpus-per-node" not in capsys.readouterr().out.split("#!/", 1)[1]
     assert main(["sweep", str(tmp_path / "sweep.yaml"), "--local"]) == 2
     assert "--local: points ask for 2 nodes; allowed: slurm.nodes 1 here" in capsys.readouterr().err
+
+
+def test_a_sweep_larger_than_the_cluster_s_max_array_size_is_one_line(tmp_path, capsys, monkeypatch):
+    """scontrol (here a stand-in on PATH that prints Slurm's own config line) says MaxArraySize = 3: an
+    array of 4 points is refused before anything is written or submitted; 3 points would fit."""
+    import os
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'MaxArraySize            = 3'\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    write_recipe(tmp_path, base_recipe(epochs=1), "base.yaml")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(
+        {"recipe": "base.yaml", "name": "big", "grid": {"schedule.lr.max": [0.01, 0.02, 0.03, 0.04]}}))
+    assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "MaxArraySize is 3" in err[0] and "allowed: at most 3 points per shape" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_submit_dry_run_warns_of_idle_ranks_and_of_a_stop_longer_than_the_signal_allows(tmp_path, capsys, monkeypatch):
+    """What plan warns of (batches 4 and 8 on 2 nodes x 16 ranks leave most ranks idle), once each; and a
+    first stage whose measured steps (an earlier segment's rows: 0.5 samples/s at batch 4, 8 s a step) make
+    the stop (two steps) longer than a quarter of --signal-seconds."""
+    import json
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tmp_path, base_recipe(epochs=2, **{"distributed.nproc_per_node": 16,
+                                                          "schedule.batch.initial": 4}), "base.yaml")
+    assert main(["submit", str(path), "--dry-run", "--nodes", "2"]) == 0
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 2 and err[0].startswith("qhm-launch: WARNING: epochs 0-0: batch 4 gives data to 4 of 32 ranks;")
+    assert err[1].startswith("qhm-launch: WARNING: epochs 1-1: batch 8 gives data to 8 of 32 ranks;")
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "batch": 4, "samples_per_s": 0.5}) + "\n")
+    assert main(["submit", str(path), "--dry-run", "--signal-seconds", "60"]) == 0
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 2 and err[1:] == ["qhm-launch: WARNING: a preemption may take 16 s before its checkpoint starts (steps of 8 s at batch "
+                   f"4 measured in {run}), more than a quarter of --signal-seconds 60; give --signal-seconds 65 or more "
+                   "(or a larger first batch)"]
+    assert main(["submit", str(path), "--dry-run", "--signal-seconds", "120"]) == 0
+    assert len([x for x in capsys.readouterr().err.splitlines() if x.strip()]) == 1     # the idle ranks only

@@ -394,3 +394,44 @@ def test_streamed_kill_9_and_resume_is_bitwise(tmp_path, streamed_reference):
     assert "resumed from" in out.stdout
     assert_bitwise(final_params(run), final_params(streamed_reference))
     assert metric_rows(run) == metric_rows(streamed_reference)
+
+
+def test_a_slow_factory_is_named_while_it_is_awaited_and_a_missing_one_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    from launcher.config import factories
+    from launcher.errors import UserError
+    (tmp_path / "slowmod.py").write_text("import time\ndef build():\n    time.sleep(0.6)\n    return 7\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(factories, "WAIT_NOTE_S", 0.2)
+    try:
+        assert factories.call("data.factory", "slowmod:build", {}) == 7
+    finally:
+        sys.modules.pop("slowmod", None)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qhm-launch: still waiting for data.factory 'slowmod:build'")
+    with pytest.raises(UserError, match=f"looked in the working directory and PYTHONPATH: {tmp_path}"):
+        factories.resolve("model.factory", "nowhere_here:build")
+
+
+def test_a_sweep_s_points_check_the_user_s_factories_once(tmp_path, monkeypatch):
+    """Points that differ in schedule and seed share one check of the data and model (a 10,000-point sweep
+    must not call the user's factories 10,000 times); another data key is checked again."""
+    from launcher import config
+    from launcher.train import preflight
+    user_package(tmp_path)
+    calls = tmp_path / "calls"
+    (tmp_path / "mypkg" / "counted.py").write_text(
+        "from mypkg.parts import build_data\n"
+        f"def data(**kw):\n    open({str(calls)!r}, 'a').write('x')\n    return build_data(**kw)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        for lr, seed, n in [(0.1, 1, 300), (0.2, 2, 300), (0.3, 3, 300), (0.1, 1, 240)]:
+            recipe = config.from_dict(base_recipe(**{"data": {"factory": "mypkg.counted:data", "kwargs": {"n": n, "classes": 3}},
+                                                     "model": {"factory": "mypkg.parts:build_model", "kwargs": {"classes": 3}},
+                                                     "schedule.lr.max": lr, "seed": seed}))
+            preflight.preflight(recipe, 2)
+    finally:
+        for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+            del sys.modules[name]
+    assert calls.read_text() == "xx"
