@@ -172,8 +172,8 @@ def test_two_nodes_preempted_by_warning_signal_then_sigterm_resume_bitwise(tmp_p
     """2 nodes x 1 process. First the warning signal to the batch shell, then SIGTERM to every step (what
     preemption and `scancel --signal=TERM` do): each ends in a checkpoint at one step on every rank, one
     line per node, a requeue, and the finished run equals an uninterrupted run on 2 ranks bit for bit."""
-    # 40 + 20 + 10 steps: a stop is agreed within 2 * (256 // batch) steps (the check runs every
-    # 256 // batch steps and is read one check later), so each signal still lands before the end
+    # 40 + 20 + 10 steps of 0.2 s: a stop is agreed within two checks, about a second (the check interval
+    # follows the measured step time), so each signal still lands before the end
     over = {"epochs": 3, "data.size": 640, "checkpoint.every_steps": 3}
     recipe = base_recipe(name="two", **over, **{"distributed.nproc_per_node": 1})
     ref = tmp_path / "ref"
@@ -203,6 +203,63 @@ def test_two_nodes_preempted_by_warning_signal_then_sigterm_resume_bitwise(tmp_p
     assert log.count("requeueing") == 2 and log.count("resumed from") == 2
     assert_bitwise(final_params(run), final_params(ref / "runs" / "two"))
     assert metric_rows(run) == metric_rows(ref / "runs" / "two")
+
+
+def job_processes(job: str, node_id: int) -> list[int]:
+    """The live processes of ``job``'s steps on node ``node_id`` (the launcher srun started there and
+    everything under it): they carry the job's id and the node's index in their environment."""
+    want = {f"SLURM_JOB_ID={job}".encode(), f"SLURM_NODEID={node_id}".encode()}
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = set(Path(entry.path, "environ").read_bytes().split(b"\0"))
+            state = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if want <= environ and b"SLURM_STEP_ID=batch" not in environ and state != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def test_a_node_killed_mid_run_ends_the_job_and_the_same_command_resumes(tmp_path, slurm_env):
+    """kill -9 every process of the second node mid-run (what a node's death does to the job): the first
+    node's processes end within a minute, the job ends (failed or requeued), and submitting the same
+    command again resumes from the newest checkpoint and ends where an uninterrupted 2-rank run ends."""
+    import signal
+    over = {"epochs": 3, "data.size": 640, "checkpoint.every_steps": 3}
+    recipe = base_recipe(name="dead", **over, **{"distributed.nproc_per_node": 1})
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    train_ranks(base_recipe(name="dead", **over), ref)
+    path = write_recipe(tmp_path, recipe)
+    run = tmp_path / "runs" / "dead"
+    env = {**slurm_env, **ONE_THREAD}
+    job = submit([str(path), "--nodes", "2"], tmp_path, {**env, "QHM_TEST_STEP_DELAY": "0.2"})
+    steps = lambda: max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
+    wait_for(lambda: steps() >= 6, timeout=180, interval=0.5, what="the 2-node job to train")
+    saved = steps()
+    victims = job_processes(job, 1)
+    assert victims, "no process of the job found on the second node"
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed = time.time()
+    wait_for(lambda: not job_processes(job, 0) and not job_processes(job, 1), timeout=60, interval=0.5,
+             what="the first node's processes to end")
+    assert time.time() - killed < 60
+    state = wait_done(job, slurm_env, timeout=120)
+    assert state["JobState"] in ("FAILED", "CANCELLED", "COMPLETED") and not (run / "complete.json").exists(), state
+    again = submit([str(path), "--nodes", "2"], tmp_path, env)
+    state = wait_done(again, slurm_env, timeout=300)
+    log = (run / "slurm" / f"slurm-{again}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and "resumed from" in log, log[-4000:]
+    resumed = int(re.search(r"resumed from \S+step-(\d+)", log).group(1))
+    assert resumed >= saved
+    assert_bitwise(final_params(run), final_params(ref / "runs" / "dead"))
 
 
 def test_four_ranks_on_two_nodes_from_batch_2_equal_one_process(tmp_path, slurm_env):
