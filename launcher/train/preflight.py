@@ -32,6 +32,9 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
         splits = split_epochs(recipe, n, world_size)
     check_graphs(recipe, splits)
     check_adaptive(recipe, world_size)
+    if recipe.distributed.engine == "deepspeed":
+        from launcher.engines import deepspeed
+        deepspeed.check_config(recipe, world_size)
     return splits
 
 

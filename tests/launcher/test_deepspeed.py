@@ -148,3 +148,18 @@ def test_deepspeed_syncs_nothing_per_micro_batch_unless_the_user_asks():
         "timers": {"throughput": {"enabled": True}}, "zero_optimization": {"compute_grad_norm": True}}}))
     cfg = build_config(mine, 8, 2, 2)
     assert cfg["timers"]["throughput"]["enabled"] is True and cfg["zero_optimization"]["compute_grad_norm"] is True
+
+
+@pytest.mark.parametrize("config,expect", [
+    ({"zero_optimization": 5}, "distributed.deepspeed_config.zero_optimization: 5 is not valid; allowed: a mapping"),
+    ({"zero_optimization": {"overlap_comm": "maybe"}}, "distributed.deepspeed_config: DeepSpeed refuses it: "
+                                                       "ValidationError: 1 validation error for DeepSpeedZeroConfig"),
+])
+def test_a_config_deepspeed_refuses_is_one_line_before_any_worker(tmp_path, monkeypatch, capsys, config, expect):
+    from launcher.cli.main import main
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tmp_path, ds_recipe("bad", 1, **{"distributed.deepspeed_config": config}))
+    assert main(["run", str(path)]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qhm-launch: error: " + expect), lines
+    assert not (tmp_path / "runs").exists()
