@@ -169,6 +169,12 @@ def cmd_scaling(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from launcher.cluster import slurm
+    # --local: each point through the run command, in this process (no start-up of its own per point)
+    return slurm.cmd_sweep(args, run_point=lambda recipe: main(["run", recipe]))
+
+
 def cmd_status(args) -> int:
     from launcher.cli import status
     print(status.table(args.runs))
@@ -181,12 +187,12 @@ def main(argv=None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from launcher.cluster import slurm
     from launcher.cluster.supervise import early_signals
-    if args.command != "run":               # only a run treats signals as a request to checkpoint
-        early_signals([])
+    if args.command != "run" and not (args.command == "sweep" and args.local):
+        early_signals([])                   # only a run (and a local sweep's runs) checkpoints on a signal
     from launcher.cli.plan import cmd_bounds, cmd_plan
     from launcher.cli.run import cmd_run
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
-                "sweep": slurm.cmd_sweep, "plot": cmd_plot, "report": cmd_report, "scaling": cmd_scaling,
+                "sweep": cmd_sweep, "plot": cmd_plot, "report": cmd_report, "scaling": cmd_scaling,
                 "status": cmd_status}
     try:
         return commands[args.command](args)

@@ -254,7 +254,7 @@ def shape_words(nodes: int, gpus_per_node: int) -> str:
     return f"{nodes} node(s)" + (f" x {gpus_per_node} GPU(s)" if gpus_per_node else "")
 
 
-def cmd_sweep(args) -> int:
+def cmd_sweep(args, run_point=None) -> int:
     """One job array per resource shape (slurm.nodes x slurm.gpus_per_node) among the points, each with its
     own --nodes; the chained arrays of --elastic per shape."""
     _check(args)
@@ -305,7 +305,7 @@ def cmd_sweep(args) -> int:
         print("\n" + "\n\n".join(text for *_, jobs in arrays for _, _, text in jobs))
         return 0
     if args.local:
-        return sweep.run_locally(points, [r for r, _ in recipes])
+        return sweep.run_locally(points, [r for r, _ in recipes], run_point)
     folder.slurm.mkdir(parents=True, exist_ok=True)
     for r, _ in recipes:
         r.folder.write_recipe(recipe_mod.dump(r))

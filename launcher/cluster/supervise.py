@@ -64,7 +64,9 @@ def early_signals(wanted: list[str]) -> list[int]:
     for signum in _early:
         if signum not in numbers:
             os.kill(os.getpid(), signum)
-    return [s for s in _early if s in numbers]
+    wanted_early = [s for s in _early if s in numbers]
+    _early.clear()                    # taken: a local sweep's next point must not take them again
+    return wanted_early
 
 
 def _alive(pid: int) -> bool:

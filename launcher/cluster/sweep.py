@@ -7,13 +7,12 @@ import hashlib
 import itertools
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 from launcher import config as recipe_mod
 from launcher.config import yamlfile
-from launcher.errors import UserError
+from launcher.errors import PREEMPTED, UserError
 
 
 def load_spec(path: Path) -> dict:
@@ -85,12 +84,21 @@ def grid_points(spec: dict, extra: list[str] = ()) -> list[dict]:
     return points
 
 
-def run_locally(points: list[dict], recipes: list) -> int:
-    """Each point through `qhm-launch run` (which resumes or skips completed runs), in order."""
+def run_locally(points: list[dict], recipes: list, run_point) -> int:
+    """Each point through `qhm-launch run` (which resumes or skips completed runs), in order, in this
+    process: ``run_point(recipe path)`` is the CLI's own run command, so a point does not pay a Python
+    start and a torch import of its own, and the checks of the user's factories are shared (their data,
+    model and loss were already checked for every point). Each point still gets its own torchrun and
+    process group: a failure or a kill in one cannot touch another. A preempted point (Ctrl-C, SIGTERM)
+    stops the sweep; the same command resumes it there."""
     failed = []
     for p, r in zip(points, recipes):
         print(f"[qhm-launch] sweep point {p['index'] + 1}/{len(points)}: {r.name} ({p['label']})", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "launcher", "run", str(r.folder.write_recipe(recipe_mod.dump(r)))])
+        rc = run_point(str(r.folder.write_recipe(recipe_mod.dump(r))))
+        if rc == PREEMPTED:
+            print(f"qhm-launch: sweep stopped at point {p['index'] + 1}/{len(points)} ({r.name}), preempted with a "
+                  f"checkpoint; run the same command to resume (exit {PREEMPTED})", flush=True)
+            return PREEMPTED
         if rc != 0:
             failed.append(f"{r.name} (exit {rc})")
     if failed:

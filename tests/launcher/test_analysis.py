@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import qhm
-from helpers import base_recipe, cli, train_ranks, write_recipe
+from helpers import base_recipe, checkpoint_steps, cli, kill_group, start, train_ranks, wait_for, write_recipe
 from launcher import config
 from launcher.cluster import sweep
 from launcher.cli import analysis
@@ -35,10 +35,24 @@ def study(tmp_path_factory):
 
 @pytest.mark.e2e
 def test_sweep_local_runs_every_point_through_the_cli(tmp_path):
-    write_recipe(tmp_path, base_recipe(epochs=1, **{"distributed.nproc_per_node": 1, "data.size": 64}), "base.yaml")
+    write_recipe(tmp_path, base_recipe(epochs=1, **{"distributed.nproc_per_node": 1, "data.size": 320,
+                                                    "checkpoint.every_steps": 1}), "base.yaml")
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({**STUDY, "seeds": [0]}))
+    # a SIGTERM while the first point trains: that point saves, the sweep stops (75) before the second
+    import signal
+    proc = start(["sweep", str(tmp_path / "sweep.yaml"), "--local"], cwd=tmp_path,
+                 env={"QHM_TEST_STEP_DELAY": "0.2"})
+    first = tmp_path / "runs" / "st_schedule.batch=constant-size16_s0"
+    try:
+        wait_for(lambda: checkpoint_steps(first), proc=proc, what="the first point's first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        stopped = proc.communicate(timeout=120)[0]
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 75 and "sweep stopped at point 1/2" in stopped, stopped[-3000:]
+    assert (first / "preempted.json").exists() and not list((tmp_path / "runs").glob("st_*exponential*"))
     out = cli(["sweep", str(tmp_path / "sweep.yaml"), "--local"], cwd=tmp_path, check=0)
-    assert "2 runs done" in out.stdout
+    assert "2 runs done" in out.stdout and out.stdout.count("resumed from") == 1
     assert sorted(p.parent.name for p in (tmp_path / "runs").glob("st_*/complete.json")) == [
         "st_schedule.batch=constant-size16_s0", "st_schedule.batch=exponential-growth2-initial8_s0"]
 
