@@ -49,17 +49,17 @@ def build_config(recipe, micro: int, accum: int, world: int) -> dict:
     return cfg
 
 
-def check_config(recipe, world: int) -> None:
-    """DeepSpeed's own validation of the config the workers will use (the first stage's shape), in the
-    launcher: a bad ``deepspeed_config`` is one line before any worker starts, not a traceback from each
+def check_config(recipe) -> None:
+    """DeepSpeed's own validation of the config the workers will use (its batch fields are the launcher's,
+    set per stage), in the launcher: a bad ``deepspeed_config`` is one line before any worker starts, not a traceback from each
     rank 30 s later."""
     zero = recipe.distributed.deepspeed_config.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise UserError(f"distributed.deepspeed_config.zero_optimization: {zero!r} is not valid; allowed: a mapping "
                         "(DeepSpeed's zero_optimization section; the stage is distributed.zero_stage)")
     from deepspeed.runtime.config import DeepSpeedConfig
-    try:
-        DeepSpeedConfig(build_config(recipe, 1, 1, world))
+    try:    # as one process: DeepSpeed reads the world size from the process group, which the launcher has not
+        DeepSpeedConfig(build_config(recipe, 1, 1, 1))
     except Exception as exc:  # noqa: BLE001 - DeepSpeed's own complaint, in one line
         raise UserError(f"distributed.deepspeed_config: DeepSpeed refuses it: {type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:400]}") from exc

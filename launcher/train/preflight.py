@@ -34,7 +34,7 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
     check_adaptive(recipe, world_size)
     if recipe.distributed.engine == "deepspeed":
         from launcher.engines import deepspeed
-        deepspeed.check_config(recipe, world_size)
+        deepspeed.check_config(recipe)
     return splits
 
 
