@@ -90,9 +90,10 @@ def check_samples(recipe: Recipe) -> int:
     if not any(p.requires_grad for p in module.parameters()):
         raise UserError(f"{model_key}: the model has no trainable parameters; allowed: a model with parameters")
     module.eval()
+    inputs = torch.stack([x, tx]).to(dtype if x.is_floating_point() else x.dtype)
     try:
         with torch.no_grad():
-            out = module(torch.stack([x, tx]).to(dtype if x.is_floating_point() else x.dtype))
+            out = module(inputs)
     except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: one line
         raise UserError(f"{model_key}: the forward pass of train[0] and test[0] (inputs {tuple(x.shape)}, {x.dtype}) "
                         f"raised {type(exc).__name__}: {one_line(exc)}") from exc
@@ -123,7 +124,29 @@ def check_samples(recipe: Recipe) -> int:
     if not torch.isfinite(value):
         raise UserError(f"{where}: the loss of train[0] and test[0] is {float(value)} before any training; "
                         "allowed: finite inputs and targets")
+    check_gradients(module, inputs, target, loss, model_key)
     return len(dataset.train)
+
+
+def check_gradients(module, inputs, target, loss, model_key: str) -> None:
+    """One training-mode forward and backward on the two samples: every trainable parameter must get a
+    gradient (DDP's reducer otherwise stops the second step with a ten-line error on every rank). A
+    model whose training-mode output is not a tensor (auxiliary heads) is left to the run."""
+    import torch
+    module.train()
+    try:
+        out = module(inputs)
+        if not isinstance(out, torch.Tensor):
+            return
+        loss(out.float(), target).sum().backward()
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{model_key}: a training step on train[0] and test[0] raised {type(exc).__name__}: "
+                        f"{one_line(exc)}") from exc
+    unused = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:      # DDP's reducer would stop the second step with a 10-line error, on every rank
+        raise UserError(f"{model_key}: {len(unused)} trainable parameter(s) get no gradient from the loss "
+                        f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}); allowed: a model whose "
+                        "trainable parameters all take part in the loss (freeze the others: requires_grad_(False))")
 
 
 def _sample(split, name: str, where: str):

@@ -61,6 +61,15 @@ def no_parameters():
 def wrong_input():
     return torch.nn.Linear(5, 3)
 
+class WithSpare(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.spare = MLP(classes=3), torch.nn.Linear(4, 4)
+    def forward(self, x):
+        return self.used(x)
+def unused_layer():
+    return WithSpare()
+
 class Trap(torch.utils.data.Dataset):
     # sample `at` raises (a bad file in the middle of a dataset), or hangs after writing the reading
     # process's PID to $QHM_TEST_PIDS (a stuck network read)
@@ -165,6 +174,8 @@ BAD = [
                                                                "kwargs": {"classes": 4}}},
      "model.factory: the model gives 2 outputs and the data has 4 classes; allowed: a model with 4 outputs"),
     ({"model": {"factory": "mypkg.edge:no_parameters"}}, "model.factory: the model has no trainable parameters"),
+    ({"model": {"factory": "mypkg.edge:unused_layer"}}, "model.factory: 2 trainable parameter(s) get no gradient from "
+                                                        "the loss (spare.weight, spare.bias); allowed:"),
     ({"model": {"factory": "mypkg.edge:wrong_input"}}, "model.factory: the forward pass of train[0] and test[0] "
                                                         "(inputs (2,), torch.float32) raised RuntimeError"),
 ]
