@@ -1,9 +1,11 @@
 """Launcher overhead: our trainer vs a bare hand-written DDP loop, same model, data and global batch.
 
-2 processes on CPU (gloo), two configurations: global batch 8 = micro 4 x accumulation 1 x 2 ranks (the
-paper's first stage, where per-step overhead is what one waits for) and global batch 256 = micro 32 x
-accumulation 4 x 2. Rounds alternate between the two loops; each reports training samples/s per epoch
-(evaluation excluded, the first epoch of each round dropped as warm-up); medians and the ratio. Our
+2 processes on CPU (gloo), three configurations: a tiny model (two 3x3 convolutions of width 16: a step
+that is mostly host work) and the built-in small CNN at global batch 8 = micro 4 x accumulation 1 x 2
+ranks (the paper's first stage, where per-step overhead is what one waits for), and the small CNN at
+global batch 256 = micro 32 x accumulation 4 x 2. Rounds alternate between the loops; each reports
+training samples/s per epoch (evaluation excluded, the first epoch of each round dropped as warm-up);
+medians, the ratios, and the host time per step the launcher adds over the bare loop (us). Our
 trainer runs twice per round: with the gradient noise scale measured (the default: a DDP comm hook reads
 each bucket before and after its all-reduce) and without (``tracking.noise_scale: false``); the last
 column is what measuring costs. The hook also counts gradient all-reduces per optimizer step.
@@ -16,22 +18,32 @@ import time
 from pathlib import Path
 
 ROUNDS, EPOCHS = 6, 3
-CONFIGS = [  # (global batch, micro-batch, training samples)
-    (8, 4, 2048),
-    (256, 32, 4096),
+CONFIGS = [  # (model, global batch, micro-batch, training samples): the tiny model's step is mostly host work
+    ("tiny", 8, 4, 2048),
+    ("small_cnn", 8, 4, 2048),
+    ("small_cnn", 256, 32, 4096),
 ]
 
 
-def bare_loop(comm, epochs, batch, micro, n):
+def build_model(name, shape):
+    import torch
+    from launcher.train import models
+    from step_profile import tiny_model
+    if name == "tiny":
+        torch.manual_seed(0)
+        return tiny_model()
+    return models.build(name, shape, 10, 0, torch.float32)
+
+
+def bare_loop(comm, epochs, model_name, batch, micro, n):
     """The baseline: DDP, no_sync on all but the last micro-batch, a plain loop with QHM."""
     import torch
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
     import qhm
     from launcher import data as D
-    from launcher.train import models
     ds = D.load(D.Data(dataset="synthetic", size=n, augment=False), comm.device, torch.float32)
-    model = DDP(models.build("small_cnn", ds.shape, 10, 0, torch.float32))
+    model = DDP(build_model(model_name, ds.shape))
     opt = qhm.QHM(model.parameters(), lr=0.05, beta=0.9, gamma=0.7)
     per_rank = batch // comm.world
     rates = []
@@ -54,12 +66,13 @@ def bare_loop(comm, epochs, batch, micro, n):
     return rates[1:]
 
 
-def ours(comm, epochs, folder, batch, micro, n, noise):
+def ours(comm, epochs, folder, model_name, batch, micro, n, noise):
     from launcher import config as R
     from launcher.run.files import read_jsonl
     from launcher.train.trainer import run
     r = R.from_dict({"name": "bench", "output": str(folder), "epochs": epochs, "seed": 0,
                      "data": {"dataset": "synthetic", "size": n, "augment": False},
+                     "model": model_name if model_name != "tiny" else {"factory": "step_profile:tiny_model"},
                      "schedule": {"batch": {"kind": "constant", "size": batch}, "lr": {"max": 0.05}},
                      "distributed": {"nproc_per_node": comm.world, "max_micro_batch": micro},
                      "eval": {"every_epochs": 1000, "full_grad_norm": False},
@@ -82,34 +95,35 @@ def worker():
         return original(self, state, bucket)
     noise.NoiseProbe.comm_hook = counting_hook
 
-    def ours_in_tmp(batch, micro, n, measure):
+    def ours_in_tmp(model_name, batch, micro, n, measure):
         with tempfile.TemporaryDirectory() as tmp:
             folder = comm.broadcast(tmp if comm.is_main else None)
-            rates, steps = ours(comm, EPOCHS, folder, batch, micro, n, measure)
+            rates, steps = ours(comm, EPOCHS, folder, model_name, batch, micro, n, measure)
             comm.barrier()
         return rates, steps
 
     lines = []
-    for batch, micro, n in CONFIGS:
+    for model_name, batch, micro, n in CONFIGS:
         bare, plain, measured, steps_total, calls["n"] = [], [], [], 0, 0
         for r in range(ROUNDS):           # rotate which loop goes first: no order bias
             loops = ["bare", "plain", "measured"]
             for which in loops[r % 3:] + loops[:r % 3]:
                 if which == "bare":
-                    bare += bare_loop(comm, EPOCHS, batch, micro, n)
+                    bare += bare_loop(comm, EPOCHS, model_name, batch, micro, n)
                 else:
-                    rates, steps = ours_in_tmp(batch, micro, n, which == "measured")
+                    rates, steps = ours_in_tmp(model_name, batch, micro, n, which == "measured")
                     (measured if which == "measured" else plain).extend(rates)
                     steps_total += steps if which == "measured" else 0
         b, p, m = (statistics.median(x) for x in (bare, plain, measured))
         split = f"{micro} x {batch // micro // comm.world} x {comm.world}"
-        lines.append(f"| {batch} = {split} | {b:,.0f} | {p:,.0f} | {m:,.0f} | {m / b:.3f} | {calls['n'] / steps_total:.2f} "
-                     f"| {m / p:.3f} |")
+        extra = lambda rate: 1e6 * batch / rate - 1e6 * batch / b      # noqa: E731 - us per step over the bare loop
+        lines.append(f"| {model_name} | {batch} = {split} | {b:,.0f} | {p:,.0f} | {m:,.0f} | {p / b:.3f} | {m / b:.3f} "
+                     f"| {extra(p):+.0f} | {extra(m):+.0f} | {calls['n'] / steps_total:.2f} |")
     if comm.is_main:
-        print("| global batch (micro x accum x ranks) | bare DDP loop (samples/s) | qhm-launch, noise scale off "
-              "(samples/s) | qhm-launch, default (samples/s) | ratio default / bare | gradient all-reduces per step "
-              "| ratio noise scale on / off |")
-        print("|---|---|---|---|---|---|---|")
+        print("| model | global batch (micro x accum x ranks) | bare DDP loop (samples/s) | qhm-launch, noise scale off "
+              "(samples/s) | qhm-launch, default (samples/s) | ratio off / bare | ratio default / bare "
+              "| extra us/step, off | extra us/step, default | gradient all-reduces per step |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(lines))
     comm.close()
 
