@@ -2,10 +2,11 @@
 model (two 3x3 convolutions of width 16 on synthetic 1x8x8 inputs) at global batch 8 = micro 4 x 1 x 2,
 no evaluation, no checkpoints, W&B off. Prints the top entries by own time, per step.
 
-    .venv/bin/python benchmarks/step_profile.py [STEPS]      # starts torchrun itself
+    .venv/bin/python benchmarks/step_profile.py [STEPS]      # starts torchrun itself; NOISE=0: noise scale off
 """
 import cProfile
 import io
+import os
 import pstats
 import sys
 import tempfile
@@ -28,7 +29,7 @@ def tiny_recipe(folder: str, world: int, steps: int, batch: int = 8, micro: int 
             "distributed": {"nproc_per_node": world, "max_micro_batch": micro},
             "eval": {"every_epochs": 1000, "full_grad_norm": False},
             "checkpoint": {"every_steps": 0, "keep": 1},
-            "tracking": {"wandb": {"mode": "disabled"}}}
+            "tracking": {"wandb": {"mode": "disabled"}, "noise_scale": os.environ.get("NOISE", "1") == "1"}}
 
 
 def worker():
@@ -66,6 +67,9 @@ def worker():
         total = sum(v[2] for v in stats.stats.values())
         print(f"{split.steps} steps profiled on rank 0: {total / split.steps * 1e6:.0f} us of own time per step")
         stats.print_stats(25)
+        print("\n".join(out.getvalue().splitlines()[6:40]))
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats("launcher|qhm", 25)
         print("\n".join(out.getvalue().splitlines()[6:40]))
     comm.close()
 

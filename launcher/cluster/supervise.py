@@ -227,8 +227,9 @@ def supervise(cmd: list[str], env: dict, forward: list[str], failed=None, log=pr
                 if kids and sent == kids:           # every worker has it (else: again, once they can take it)
                     sig = pending.pop(0)
                     if not told:
-                        log(f"[qhm-launch] {signal.Signals(sig).name}: checkpointing at the next step, then "
-                            "stopping" + (" (Ctrl-C again to stop at once)" if sig == signal.SIGINT else ""))
+                        log(f"[qhm-launch] {signal.Signals(sig).name}: checkpointing at the next agreed check (within "
+                            "about a second, or two steps), then stopping"
+                            + (" (Ctrl-C again to stop at once)" if sig == signal.SIGINT else ""))
                         told = True
             polls += 1
             time.sleep(0.05)

@@ -145,7 +145,7 @@ def test_ctrl_c_saves_and_stops_and_twice_stops_at_once(tmp_path, presses):
         assert "Traceback" not in out and "FAILED" not in out, out[-3000:]
         if presses == 1:
             assert proc.returncode == 75, out[-3000:]
-            assert sum("SIGINT: checkpointing at the next step" in line for line in out.splitlines()) == 1
+            assert sum("SIGINT: checkpointing at the next agreed check" in line for line in out.splitlines()) == 1
             assert len(checkpoint_steps(run)) > len(before) or checkpoint_steps(run)[-1] > before[-1]
         else:
             assert proc.returncode == 130, out[-3000:]
