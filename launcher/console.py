@@ -17,5 +17,6 @@ def main() -> int:
         return cli_main()
     finally:
         # a user's factory, called here by the checks before any worker, may have started processes
-        # (``subprocess.Popen``): they end with the command (the workers' are ended with their group)
+        # (``subprocess.Popen``), and what the workers left behind came here (the launcher is their
+        # subreaper): all end with the command
         supervise.end_children()

@@ -97,6 +97,32 @@ def wait_for(predicate, timeout=300, proc=None, what="condition", interval=0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not: it has ended, only its parent has not reaped it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def processes_with(*entries: str, unless: str | None = None) -> list[int]:
+    """PIDs of live processes whose environment holds every ``NAME=value`` of ``entries`` (and not
+    ``unless``): a run's processes all inherit what its launcher was started with, which is how a test
+    finds the processes it started, and only those."""
+    want = {e.encode() for e in entries}
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = set(Path(entry.path, "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if want <= environ and (unless is None or unless.encode() not in environ) and alive(int(entry.name)):
+            out.append(int(entry.name))
+    return out
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
 

@@ -117,7 +117,7 @@ def cmd_run(args) -> int:
         os.unlink(note)
     if lock is not None:
         lock.release()
-    failed = folder.read_json(folder.failed) or (seen[0] if seen else None)
+    failed = seen[0] if seen else folder.read_json(folder.failed)
     if failed:                                # a worker stopped on a failure it could name
         print(f"qhm-launch: error: {failed.get('error')}", file=sys.stderr)
         return int(failed.get("exit", FAILED))

@@ -146,15 +146,15 @@ def _prepare(recipe, args, warnings: list | None = None):
 
 
 def stop_latency_warning(recipe, batch: int, signal_seconds: int) -> list[str]:
-    """A preemption is acted on within about two checks: two steps, or a second when steps are short
-    (:mod:`launcher.train.signals`), plus the checkpoint. Warned of when that could pass a quarter of the
+    """A preemption is acted on within :func:`launcher.train.signals.stop_latency`, plus the checkpoint.
+    Warned of when that could pass a quarter of the
     warning time Slurm gives; the step time is this run folder's own, measured at the first stage's batch
     in an earlier segment (none measured: only the checks' floor is known)."""
-    from launcher.train.signals import CHECK_EVERY_S
+    from launcher.train.signals import stop_latency
     rates = [r["samples_per_s"] for r in recipe.folder.metric_rows()
              if r.get("batch") == batch and r.get("samples_per_s")]
     step_s = batch / min(rates) if rates else 0.0
-    latency = 2 * max(CHECK_EVERY_S, step_s)
+    latency = stop_latency(step_s)
     if latency <= signal_seconds / 4:
         return []
     measured = f"steps of {step_s:.3g} s at batch {batch} measured in {recipe.folder.path}" if rates else "the checks"

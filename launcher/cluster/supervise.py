@@ -153,9 +153,9 @@ FAILURE_GRACE_S = 5.0
 
 def _agent_preexec(launcher: int):
     def preexec() -> None:
-        """In torchrun's agent, before exec: lead a process group of its own (the run's whole tree); die
-        with the launcher (now, if it is already gone); leave SIGINT and SIGTERM to the launcher, which
-        forwards them to the workers."""
+        """In torchrun's agent, before exec: lead a process group of its own (its workers get sessions of
+        their own; what the agent itself starts stays in it); die with the launcher (now, if it is already
+        gone); leave SIGINT and SIGTERM to the launcher, which forwards them to the workers."""
         os.setpgid(0, 0)
         die_with_parent(launcher)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

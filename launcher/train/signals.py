@@ -47,6 +47,12 @@ CHECK_EVERY_S = 0.5           # a check at least this often (at most once per st
 MAX_EVERY = 32                # and at least every 32 steps
 
 
+def stop_latency(step_seconds: float) -> float:
+    """At most how long from a signal to the stop (the checkpoint's own time aside), at ``step_seconds`` a
+    step: two checks, each at most CHECK_EVERY_S or one step apart."""
+    return 2 * max(CHECK_EVERY_S, step_seconds)
+
+
 class Agreement:
     """One-check-late, non-blocking agreement of all ranks on "stop now", checked at an interval of
     steps all ranks agree on. ``log`` (rank 0's) says at which global step the run will stop."""

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from helpers import base_recipe, checkpoint_steps, cli, start, wait_for, write_recipe
+from helpers import alive, base_recipe, checkpoint_steps, cli, processes_with, start, wait_for, write_recipe
 from launcher.cluster.supervise import children
 
 pytestmark = pytest.mark.e2e      # the real process tree: signals, kills, start-up
@@ -24,20 +24,7 @@ def recipe(**over):
 
 def marked(mark):
     """PIDs of live processes whose environment carries ``mark`` (every process a run starts inherits it)."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{entry.name}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"QHM_TEST_MARK={mark}".encode() in env and state != "Z":
-            out.append(int(entry.name))
-    return out
+    return processes_with(f"QHM_TEST_MARK={mark}")
 
 
 def kill_marked(mark):
@@ -151,8 +138,7 @@ def test_ctrl_c_saves_and_stops_and_twice_stops_at_once(tmp_path, presses):
             assert proc.returncode == 130, out[-3000:]
             assert "second interrupt: stopped at once" in out
         wait_for(lambda: not marked(mark), timeout=15, what="every process of the run to end")
-        assert all(not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
-                   for pid in tree)
+        assert not any(alive(pid) for pid in tree)
     finally:
         kill_marked(mark)
 

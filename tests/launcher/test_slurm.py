@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, train_ranks,
-                      wait_for, write_recipe)
+from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, processes_with,
+                      train_ranks, wait_for, write_recipe)
 from launcher.cli.main import main
 
 pytestmark = pytest.mark.e2e      # a real Slurm (two slurmd on this machine)
@@ -208,19 +208,7 @@ def test_two_nodes_preempted_by_warning_signal_then_sigterm_resume_bitwise(tmp_p
 def job_processes(job: str, node_id: int) -> list[int]:
     """The live processes of ``job``'s steps on node ``node_id`` (the launcher srun started there and
     everything under it): they carry the job's id and the node's index in their environment."""
-    want = {f"SLURM_JOB_ID={job}".encode(), f"SLURM_NODEID={node_id}".encode()}
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = set(Path(entry.path, "environ").read_bytes().split(b"\0"))
-            state = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if want <= environ and b"SLURM_STEP_ID=batch" not in environ and state != "Z":
-            out.append(int(entry.name))
-    return out
+    return processes_with(f"SLURM_JOB_ID={job}", f"SLURM_NODEID={node_id}", unless="SLURM_STEP_ID=batch")
 
 
 def test_a_node_killed_mid_run_ends_the_job_and_the_same_command_resumes(tmp_path, slurm_env):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import (ROOT, assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
+from helpers import (ROOT, alive, assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
                       metric_rows, start, train_ranks, wait_for, write_recipe)
 
 EXAMPLE = ROOT / "recipes" / "examples" / "own_model_and_data.py"
@@ -238,19 +238,12 @@ def test_a_raising_factory_shows_the_user_s_traceback_with_debug(tmp_path):
 
 # ------------------------------------------------------------------------------- a user's code failing
 
-def _alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _end(pids):
     """Clean up after a failing test: only the processes this test's factories recorded."""
     import os
     import signal
     for pid in pids:
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -288,7 +281,7 @@ def test_processes_a_factory_starts_end_with_the_run(tmp_path):
         cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, env={"QHM_TEST_PIDS": str(pids)}, check=0)
         started = [int(x) for x in pids.read_text().split()]
         assert len(started) == 3                   # the launcher's check and two ranks
-        wait_for(lambda: not any(map(_alive, started)), timeout=10, what="the factory's children to end")
+        wait_for(lambda: not any(map(alive, started)), timeout=10, what="the factory's children to end")
     finally:
         _end([int(x) for x in pids.read_text().split()] if pids.exists() else [])
 
@@ -304,7 +297,7 @@ def test_a_data_worker_stuck_in_getitem_dies_with_a_killed_run(tmp_path):
         wait_for(lambda: pids.exists() and pids.read_text().strip(), timeout=120, proc=proc, what="a stuck read")
         stuck = [int(x) for x in pids.read_text().split()]
         kill_group(proc)
-        wait_for(lambda: not any(map(_alive, stuck)), timeout=20, what="the stuck data worker to end")
+        wait_for(lambda: not any(map(alive, stuck)), timeout=20, what="the stuck data worker to end")
     finally:
         kill_group(proc)
         _end([int(x) for x in pids.read_text().split()] if pids.exists() else [])
