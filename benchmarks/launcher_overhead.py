@@ -10,9 +10,18 @@ trainer runs twice per round: with the gradient noise scale measured (the defaul
 each bucket before and after its all-reduce) and without (``tracking.noise_scale: false``); the last
 column is what measuring costs. The hook also counts gradient all-reduces per optimizer step.
 
+Then the same comparison end to end, for the tiny model at global batch 8: ``qhm-launch run`` (its
+own torchrun, the model from a factory, metrics from its metrics.jsonl) against the bare loop started by
+torchrun as a script, alternating, each with its own process start; samples/s of epochs after the first.
+
     .venv/bin/python benchmarks/launcher_overhead.py      # starts torchrun itself
+    .venv/bin/python benchmarks/launcher_overhead.py --end-to-end     # only the end-to-end comparison
 """
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,19 +75,23 @@ def bare_loop(comm, epochs, model_name, batch, micro, n):
     return rates[1:]
 
 
+def recipe(folder, world, epochs, model_name, batch, micro, n, noise) -> dict:
+    return {"name": "bench", "output": str(folder), "epochs": epochs, "seed": 0,
+            "data": {"dataset": "synthetic", "size": n, "augment": False},
+            "model": model_name if model_name != "tiny" else {"factory": "step_profile:tiny_model"},
+            "schedule": {"batch": {"kind": "constant", "size": batch}, "lr": {"max": 0.05}},
+            "distributed": {"nproc_per_node": world, "max_micro_batch": micro},
+            "eval": {"every_epochs": 1000, "full_grad_norm": False},
+            "checkpoint": {"every_steps": 0, "keep": 1},
+            "tracking": {"wandb": {"mode": "disabled"}, "noise_scale": noise}}
+
+
 def ours(comm, epochs, folder, model_name, batch, micro, n, noise):
     from launcher import config as R
     from launcher.run.files import read_jsonl
     from launcher.train.trainer import run
-    r = R.from_dict({"name": "bench", "output": str(folder), "epochs": epochs, "seed": 0,
-                     "data": {"dataset": "synthetic", "size": n, "augment": False},
-                     "model": model_name if model_name != "tiny" else {"factory": "step_profile:tiny_model"},
-                     "schedule": {"batch": {"kind": "constant", "size": batch}, "lr": {"max": 0.05}},
-                     "distributed": {"nproc_per_node": comm.world, "max_micro_batch": micro},
-                     "eval": {"every_epochs": 1000, "full_grad_norm": False},
-                     "checkpoint": {"every_steps": 0, "keep": 1},
-                     "tracking": {"wandb": {"mode": "disabled"}, "noise_scale": noise}})
-    run(r, comm, log=lambda *a, **k: None)
+    run(R.from_dict(recipe(folder, comm.world, epochs, model_name, batch, micro, n, noise)), comm,
+        log=lambda *a, **k: None)
     rows = read_jsonl(Path(folder) / "bench" / "metrics.jsonl")
     return [row["samples_per_s"] for row in rows][1:], rows[-1]["step"]
 
@@ -128,6 +141,55 @@ def worker():
     comm.close()
 
 
+E2E_ROUNDS, E2E_EPOCHS, E2E_SAMPLES = 5, 3, 8192     # tiny model, global batch 8 = 4 x 1 x 2
+
+
+def bare_script() -> None:
+    """Under torchrun (E2E_BARE set): the bare loop as a job of its own; prints its rates as JSON."""
+    from launcher.train import comm as comm_mod
+    comm = comm_mod.init()
+    rates = bare_loop(comm, E2E_EPOCHS, "tiny", 8, 4, E2E_SAMPLES)
+    if comm.is_main:
+        print("RATES " + json.dumps(rates), flush=True)
+    comm.close()
+
+
+def end_to_end() -> str:
+    """``qhm-launch run`` against the bare loop as a torchrun script, each a fresh job, alternating."""
+    import yaml
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]),
+               WANDB_MODE="disabled")
+    bare, ours_rates = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(E2E_ROUNDS):
+            for which in (["bare", "ours"] if r % 2 == 0 else ["ours", "bare"]):
+                if which == "bare":
+                    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          "--nproc_per_node=2", str(Path(__file__).resolve())], cwd=here.parent,
+                                         env=dict(env, E2E_BARE="1"), capture_output=True, text=True, check=True)
+                    bare += json.loads(out.stdout.split("RATES ", 1)[1].splitlines()[0])
+                else:
+                    folder = Path(tmp) / f"round{r}"
+                    path = Path(tmp) / f"round{r}.yaml"
+                    path.write_text(yaml.safe_dump(recipe(folder, 2, E2E_EPOCHS, "tiny", 8, 4, E2E_SAMPLES, True)))
+                    subprocess.run([sys.executable, "-m", "launcher", "run", str(path)], cwd=here.parent, env=env,
+                                   capture_output=True, text=True, check=True)
+                    rows = [json.loads(line) for line in (folder / "bench" / "metrics.jsonl").read_text().splitlines()]
+                    ours_rates += [row["samples_per_s"] for row in rows][1:]
+    b, o = statistics.median(bare), statistics.median(ours_rates)
+    return ("| end to end: tiny, 8 = 4 x 1 x 2, noise scale on (the default) | bare loop as a torchrun job "
+            f"{b:,.0f} samples/s | `qhm-launch run` {o:,.0f} samples/s | ratio {o / b:.3f} "
+            f"| extra {1e6 * 8 / o - 1e6 * 8 / b:+.0f} us/step |")
+
+
 if __name__ == "__main__":
-    from torchrun_self import main
-    main(__file__, worker)
+    from torchrun_self import start
+    if os.environ.get("E2E_BARE"):
+        bare_script()
+    elif "RANK" in os.environ:
+        worker()
+    else:
+        if "--end-to-end" not in sys.argv and start(__file__) != 0:
+            sys.exit(1)
+        print("\n" + end_to_end())

@@ -58,6 +58,8 @@ def worker():
             if trainer.log_every and trainer.state.global_step % trainer.log_every == 0:
                 trainer.log_steps(1)
             trainer.stop.poll(trainer.state.global_step)
+            if trainer.stop.checked:
+                trainer.step_rows.send()
         profile.disable()
         trainer.close(None)
         comm.barrier()

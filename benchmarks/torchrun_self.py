@@ -11,7 +11,12 @@ def main(script: str, worker, nproc: int = 2) -> None:
     if "RANK" in os.environ:
         worker()
         return
+    sys.exit(start(script, nproc))
+
+
+def start(script: str, nproc: int = 2) -> int:
+    """torchrun on ``script`` with ``nproc`` workers; its exit status."""
     here = Path(script).resolve().parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
-    sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={nproc}", script], cwd=here.parent, env=env))
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={nproc}", script], cwd=here.parent, env=env)

@@ -45,7 +45,7 @@ class InMemoryBatches:
     def __init__(self, split: TensorSplit, sampler: order.GlobalBatchSampler, augment, seed: int, comm):
         self.split, self.sampler, self.augment, self.seed = split, sampler, augment, seed
         self.rank, self.world = comm.rank, comm.world
-        self._epoch, self._params = None, None
+        self._epoch, self._params, self._cut_cache = None, None, {}
 
     def start_epoch(self, epoch: int, first_step: int, stage) -> None:
         """Epoch ``epoch`` starts (or resumes) at ``first_step``: its augmentation table, once."""
@@ -63,13 +63,21 @@ class InMemoryBatches:
     def step(self, epoch: int, step: int, stage) -> tuple[int, list]:
         """(global batch size, [(x, y) per micro-batch of this rank]); one empty micro-batch when this
         rank has no sample of the batch (it still joins the gradient reduce)."""
-        idx = self.sampler.global_batch(epoch, step, stage.batch)
-        size = len(idx)
-        lo, hi = order.rank_bounds(size, self.rank, self.world)
+        perm, first = self.sampler.permutation(epoch), step * stage.batch
+        size = min(stage.batch, len(perm) - first)
         out = []
-        for a, b in order.micro_batches(lo, hi, stage.micro_batch):
-            x, y = self.split.gather(idx[a:b])
+        for a, b in self._cuts(size, stage.micro_batch):
+            idx = perm[first + a:first + b]          # this micro-batch's samples: one slice of the order
+            x, y = self.split.gather(idx)
             if self.augment is not None:
-                x = order.apply_augment(x, self._params[idx[a:b]], self.augment)
+                x = order.apply_augment(x, self._params[idx], self.augment)
             out.append((x, y))
         return size, out
+
+    def _cuts(self, size: int, micro: int) -> list[tuple[int, int]]:
+        """This rank's micro-batches [a, b) of a global batch of ``size`` (the same at every full step:
+        worked out once)."""
+        key = size, micro
+        if key not in self._cut_cache:
+            self._cut_cache[key] = order.micro_batches(*order.rank_bounds(size, self.rank, self.world), micro)
+        return self._cut_cache[key]

@@ -69,7 +69,7 @@ class DDPEngine:
         for p, chunk in zip(params, torch.split(flat, [g.numel() for g in grads])):
             p.grad = chunk.view_as(p).clone()
         if self.probe is not None:
-            self.probe.record_reduced(params, [p.grad for p in params])
+            self.probe.record_reduced([p.grad for p in params])
         self._reduced = True
 
     def discard_gradients(self) -> None:

@@ -56,18 +56,39 @@ def atomic_write_json(path: Path, obj, durable: bool = True) -> None:
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", durable)
 
 
-def append_line(path: Path, line: str, durable: bool = True) -> None:
-    """Append one line (and fsync it when ``durable``)."""
+def open_append(path: Path) -> int:
+    """An append-only descriptor of ``path`` (created if missing)."""
     try:
-        with os.fdopen(open_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
-            f.write(line + "\n")
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
+        return open_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     except OSError as exc:
         if disk_full(exc):
-            raise DiskFull(path, len(line.encode()) + 1) from exc
+            raise DiskFull(path, 0) from exc
         raise
+
+
+def write_line(fd: int, path: Path, line: str, durable: bool = True) -> None:
+    """Append one line to ``fd`` (open on ``path``, for messages), fsynced when ``durable``. Raw writes,
+    no text-file object: this runs at every log point of a training loop."""
+    data = (line + "\n").encode()
+    try:
+        rest = memoryview(data)
+        while rest:                         # a short write is followed by one that says why
+            rest = rest[os.write(fd, rest):]
+        if durable:
+            os.fsync(fd)
+    except OSError as exc:
+        if disk_full(exc):
+            raise DiskFull(path, len(data)) from exc
+        raise
+
+
+def append_line(path: Path, line: str, durable: bool = True) -> None:
+    """Append one line to ``path`` (and fsync it when ``durable``)."""
+    fd = open_append(path)
+    try:
+        write_line(fd, path, line, durable)
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -16,10 +16,11 @@ import json
 import os
 import sys
 import uuid
+import weakref
 from pathlib import Path
 
 from launcher.errors import one_line
-from launcher.run.files import append_line, atomic_write, read_jsonl
+from launcher.run.files import append_line, atomic_write, open_append, read_jsonl, write_line
 
 WALL_FIELDS = ("wall_time", "samples_per_s", "steps_per_s")
 
@@ -31,12 +32,19 @@ class MetricsLog:
 
     def __init__(self, path: Path, durable: bool = True):
         self.path, self.durable = Path(path), durable
+        self._fd = None          # a non-durable log keeps its file open: a log point costs one write
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._closer()
+            self._fd = None
 
     def rows(self) -> list[dict]:
         return read_jsonl(self.path)
 
     def keep(self, wanted) -> None:
         """Keep only the rows for which ``wanted(row)`` holds (the others will be computed again), atomically."""
+        self.close()                          # the file is replaced: appends go to the new one
         rows = self.rows()
         kept = [r for r in rows if wanted(r)]
         if len(kept) != len(rows) or (self.path.exists() and not self.path.read_text().endswith("\n")
@@ -44,7 +52,13 @@ class MetricsLog:
             atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept), durable=False)
 
     def append(self, row: dict) -> None:
-        append_line(self.path, json.dumps(row), durable=self.durable)
+        if self.durable:
+            append_line(self.path, json.dumps(row))
+            return
+        if self._fd is None:
+            self._fd = open_append(self.path)
+            self._closer = weakref.finalize(self, os.close, self._fd)     # closed with this object at the latest
+        write_line(self._fd, self.path, json.dumps(row), durable=False)
 
 
 def run_id(id_file: Path, from_checkpoint: str | None) -> str:
@@ -110,6 +124,10 @@ class Tracker:
             self.run = None
             _let_go_of_wandb()
             return None
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
 
     @property
     def files(self) -> str | None:

@@ -51,6 +51,30 @@ class Comm:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_sum_later(self, tensor: torch.Tensor, *also: torch.Tensor | None):
+        """Start summing ``tensor`` over ranks without waiting for it; returns a function that gives the
+        sum, and ``also`` (tensors of this rank, or None), on the host. Called a while later (the next log
+        point) it finds the all-reduce long done: no step waits for the other ranks or for the device.
+        On a GPU the all-reduce is ordered on the stream and the host copies are asynchronous, read after
+        their event; on a CPU (gloo) the all-reduce runs on gloo's own thread until waited for."""
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) if self.world > 1 else None
+        if self.device.type != "cuda":
+            def read():
+                if work is not None:
+                    work.wait()
+                return (tensor, *also)
+            return read
+        if work is not None:
+            work.wait()                  # NCCL: the stream waits for the collective, the host does not
+        copies = [t if t is None else t.to("cpu", non_blocking=True) for t in (tensor, *also)]
+        done = torch.cuda.Event()
+        done.record()
+
+        def read_cuda():
+            done.synchronize()
+            return tuple(copies)
+        return read_cuda
+
     def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.MIN)

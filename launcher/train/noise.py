@@ -14,13 +14,15 @@ ratio of the means (a mean of per-step ratios is biased; McCandlish A.1 says the
 
 Where the two squared norms come from:
 
-- several ranks under DDP: a comm hook reads each gradient bucket before its all-reduce (this rank's
-  sum, scaled by world/B by the loss) and after it (the global mean), then hands the bucket to DDP's own
-  all-reduce hook, which DDP documents as equal to no hook: the update is unchanged. It keeps one squared
-  norm per parameter and sums them in parameter order at the step's end: DDP rebuilds its buckets after
-  a process's first step, so per-bucket sums would round differently in a resumed process than in the
-  uninterrupted one, and resume must give the same rows bit for bit. The explicit-reduce path
-  (``max_micro_batch: auto``) records its gradients the same way on both sides of its all-reduce;
+- several ranks under DDP: a comm hook reads the norms of each gradient bucket before its all-reduce
+  (this rank's sum, scaled by world/B by the loss), then all-reduces it with DDP's own operations (divide
+  by the world size, sum), so the update is unchanged; once backward() returns, the step reads the
+  norms of the reduced gradients (the global mean) in the main thread, so the hook's way back runs no
+  Python beyond the one callback DDP requires. The squared norms are summed in parameter order at the
+  step's end: DDP rebuilds its buckets after a process's first step, so per-bucket sums would round
+  differently in a resumed process than in the uninterrupted one, and resume must give the same rows bit
+  for bit. The explicit-reduce path (``max_micro_batch: auto``) records its gradients the same way on
+  both sides of its all-reduce;
 - one process under accumulation: the gradient after the first micro-batch and after the last;
 - otherwise (one process and one micro-batch per step; DeepSpeed, whose ZeRO keeps gradients in its own
   partitioned buffers, out of reach of DDP's hooks) there is one batch size per step: null, said once.
@@ -50,30 +52,35 @@ def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads)).to(torch.float64).square().sum()
 
 
+def _bucket_result(fut):
+    return fut.value()[0]
+
+
 class NoiseProbe:
     """This rank's squared gradient norms of the step in progress, (small, big), on the device."""
 
     def __init__(self, kind: str | None, module: torch.nn.Module, world: int, device: torch.device):
         self.kind, self.module, self.world = kind, module, world
         self.squares = torch.zeros(2, dtype=torch.float64, device=device)
-        params = list(module.parameters())
-        self._position = {id(p): i for i, p in enumerate(params)}
-        self.per_parameter = torch.zeros(2, len(params), dtype=torch.float64, device=device)   # RANKS' squares
-        self._positions: dict[tuple, torch.Tensor] = {}        # a list of parameters -> their places
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self._position = {id(p): i for i, p in enumerate(self.trainable)}
+        self._local: list[tuple[list, list]] = []      # RANKS: (parameters, their norms) per bucket, this step
+        self._reduced: list | None = None              # RANKS: every gradient's norm after the all-reduce
+        self._orders: dict[tuple, torch.Tensor] = {}   # the buckets' parameters -> parameter order
         self.small_batch = 0                       # samples behind squares[0] in this step
         self._coefficients: dict[tuple[int, int], torch.Tensor] = {}
 
     def start_step(self) -> None:
         """Before a step's first micro-batch (and before a step that is redone)."""
         if self.kind is not None:
-            self.squares.zero_()
-            self.per_parameter.zero_()
-            self.small_batch = 0
+            self._local, self._reduced, self.small_batch = [], None, 0
 
     def micro_step_done(self, index: int, last: bool, samples: int) -> None:
         """After micro-batch ``index``'s backward, which had ``samples`` samples on this rank."""
         if self.kind == RANKS:
-            self.small_batch += samples            # the hook (or the explicit reduce) reads the norms
+            self.small_batch += samples            # the hook (or the explicit reduce) read the local norms
+            if last and self._local and self._reduced is None:       # the hook's: the reduce is done
+                self.record_reduced([p.grad for p in self.trainable])
         elif self.kind == FIRST_MICRO_BATCH and (index == 0 or last):
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             if index == 0:
@@ -88,43 +95,44 @@ class NoiseProbe:
         b = self.small_batch
         if self.kind is None or not 0 < b < size:
             return
-        if self.kind == RANKS:                     # the per-parameter squares, summed in parameter order
-            torch.sum(self.per_parameter, dim=1, out=self.squares)
+        if self.kind == RANKS:
+            self._sum_squares()
         key = (b, size)
         if key not in self._coefficients:
             self._coefficients[key] = coefficients(b, size, self.world if self.kind == RANKS else 1, self.squares.device)
         sums.add_noise(self._coefficients[key], self.squares)
 
+    def _sum_squares(self) -> None:
+        """squares = (sum of the local squared norms, of the reduced ones), each summed in parameter order:
+        DDP rebuilds its buckets after a process's first step, so per-bucket sums would round differently
+        in a resumed process than in the uninterrupted one, and resume must give the same rows bit for bit."""
+        key = tuple(id(p) for params, _ in self._local for p in params)
+        if key not in self._orders:
+            where = [self._position[k] for k in key]
+            order = sorted(range(len(where)), key=where.__getitem__)
+            self._orders[key] = torch.tensor(order, device=self.squares.device)
+        local = torch.stack([n for _, norms in self._local for n in norms])[self._orders[key]]
+        both = torch.stack([local, torch.stack(self._reduced)]).to(torch.float64)
+        torch.sum(both.square(), dim=1, out=self.squares)
+
     # the DDP side: a comm hook, and the explicit reduce's two reads
 
     def comm_hook(self, state, bucket):
-        """DDP's all-reduce hook with this rank's bucket read before it and the mean bucket after it
-        (``gradients()`` are views of the bucket, which the all-reduce overwrites in place)."""
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-        params = bucket.parameters()
-        self.record_local(params, bucket.gradients())
-
-        def reduced(fut):
-            out = fut.value()
-            self.record_reduced(params, bucket.gradients())
-            return out
-        return default_hooks.allreduce_hook(state, bucket).then(reduced)
+        """DDP's all-reduce with this rank's bucket read before it: the bucket divided by the world size
+        and summed over ranks, the same operations as DDP's own (its documented default hook), so the
+        update is bit for bit the one without the hook. One callback, no other Python on the way back:
+        the reduced gradients are read by the step once backward() returns."""
+        self.record_local(bucket.parameters(), bucket.gradients())
+        return torch.distributed.all_reduce(bucket.buffer().div_(self.world), group=state,
+                                            async_op=True).get_future().then(_bucket_result)
 
     def record_local(self, params: list, grads: list[torch.Tensor]) -> None:
-        """This rank's gradients of ``params``, before the all-reduce."""
-        self._record(0, params, grads)
+        """This rank's gradients of ``params`` (a bucket, or all), before the all-reduce: their norms."""
+        self._local.append((params, torch._foreach_norm(grads)))
 
-    def record_reduced(self, params: list, grads: list[torch.Tensor]) -> None:
-        """The all-reduced mean gradients of ``params``."""
-        self._record(1, params, grads)
-
-    def _record(self, which: int, params: list, grads: list[torch.Tensor]) -> None:
-        """Their squared norms, each in its parameter's place in row ``which`` of ``per_parameter``."""
-        key = tuple(id(p) for p in params)
-        if key not in self._positions:
-            self._positions[key] = torch.tensor([self._position[k] for k in key], device=self.squares.device)
-        norms = torch.stack(torch._foreach_norm(grads)).to(torch.float64)
-        self.per_parameter[which].index_copy_(0, self._positions[key], norms.square())
+    def record_reduced(self, grads: list[torch.Tensor]) -> None:
+        """The all-reduced mean gradients of every trainable parameter, in parameter order: their norms."""
+        self._reduced = torch._foreach_norm(grads)
 
 
 def coefficients(small: int, big: int, world: int, device: torch.device) -> torch.Tensor:

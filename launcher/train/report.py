@@ -15,6 +15,9 @@ from launcher.train.splits import EpochSplit
 from launcher.train.state import TrainState
 
 
+HEARTBEAT_EVERY_S = 10.0      # the run folder's lock touched at most this often (status trusts 600 s)
+
+
 def log_interval(recipe, splits: list[EpochSplit]) -> int:
     """Optimizer steps between two steps.jsonl rows: the recipe's, or about 2,000 rows over the run
     (at least 25 steps apart: each row reads the sums back from the device, across ranks)."""
@@ -30,6 +33,7 @@ class Reporter:
         self.tracker, self.bar = None, None
         self._clock = self._epoch_clock = self._log_clock = time.time()
         self._epoch_samples = self._log_samples = 0
+        self._heartbeat, self._epoch_seconds = 0.0, 0.0
 
     def open(self, state: TrainState) -> None:
         """After a resume: drop the rows past the checkpoint (they are computed again), open W&B under
@@ -52,6 +56,10 @@ class Reporter:
         self.bar = tqdm(total=split.steps, initial=state.step, desc=f"epoch {split.epoch} (batch {split.batch})",
                         leave=False, dynamic_ncols=True, file=sys.stderr) if show else None
 
+    def end_training(self) -> None:
+        """The epoch's training is done (what follows, evaluation, is not in its samples/s)."""
+        self._epoch_seconds = time.time() - self._epoch_clock
+
     def step_done(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -66,10 +74,12 @@ class Reporter:
         state.wall_time += now - self._clock
         self._clock = now
 
-    def row(self, split: EpochSplit, state: TrainState, sums: torch.Tensor, has_accuracy: bool) -> dict:
+    def row(self, split: EpochSplit, state: TrainState, sums, has_accuracy: bool) -> dict:
         """The fields both logs share: position, split, hyper-parameters, the training loss and accuracy
         and the gradient noise estimates over ``sums`` (laid out as :data:`EpochSums.FIELDS`)."""
-        loss, correct, count = (float(v) for v in sums[:3])
+        if isinstance(sums, torch.Tensor):
+            sums = sums.tolist()                    # one read of the device, not one per field
+        loss, correct, count = sums[:3]
         return {**noise.window_fields(sums[3:6]), "epoch": split.epoch, "step": state.global_step,
                 "samples": state.samples, "batch": split.batch, "micro_batch": split.micro_batch, "accum": split.accum, "world_size": self.comm.world,
                 "lr": split.lr, "beta": split.beta, "gamma": split.gamma, "train_loss": loss / max(count, 1),
@@ -78,7 +88,7 @@ class Reporter:
     def epoch_row(self, split: EpochSplit, state: TrainState, totals: torch.Tensor, has_accuracy: bool,
                   evaluated: dict, with_validation: bool) -> None:
         """The epoch's row: its training sums over all ranks and what evaluation measured."""
-        train_seconds = time.time() - self._epoch_clock
+        train_seconds = self._epoch_seconds
         self.close_bar()
         row = self.row(split, state, totals, has_accuracy)
         row.update(test_loss=None, test_acc=None, grad_norm=None)
@@ -106,21 +116,29 @@ class Reporter:
             self.metrics.append(row)
             self.tracker.log_row({k: v for k, v in row.items() if k != "mid_epoch"}, step=state.global_step)
 
-    def step_row(self, split: EpochSplit, state: TrainState, window: torch.Tensor, has_accuracy: bool,
-                 grad_norm) -> None:
-        """A steps.jsonl row for the window since the last one (and W&B, under step/, at this global step)."""
+    def log_point(self, state: TrainState) -> dict:
+        """The clock fields of a steps.jsonl row, read at its log point (its sums come back later)."""
         now = time.time()
-        row = self.row(split, state, window, has_accuracy)
-        row["samples_per_s"] = round((state.samples - self._log_samples) / max(now - self._log_clock, 1e-9), 1)
-        row["wall_time"] = round(state.wall_time + now - self._clock, 3)       # over restarts, as epoch rows
+        clocks = {"samples_per_s": round((state.samples - self._log_samples) / max(now - self._log_clock, 1e-9), 1),
+                  "wall_time": round(state.wall_time + now - self._clock, 3)}      # over restarts, as epoch rows
+        self._log_clock, self._log_samples = now, state.samples
+        return clocks
+
+    def step_row(self, split: EpochSplit, state: TrainState, window: list[float], has_accuracy: bool,
+                 grad_norm, clocks: dict) -> None:
+        """A steps.jsonl row for the window since the last one (and W&B, under step/, at this global step);
+        ``state`` and ``clocks`` as they were at the log point."""
+        row = {**self.row(split, state, window, has_accuracy), **clocks}
         if grad_norm is not None:      # one step's mini-batch gradient: not the epoch rows' full-gradient norm
             row["minibatch_grad_norm"] = float(grad_norm)
-        self._log_clock, self._log_samples = now, state.samples
         if self.comm.is_main:
             self.steps.append(row)
-            self.tracker.log_row({("step/" + k if k not in ("epoch", "samples", "step") else k): v
-                                  for k, v in row.items() if k != "step"}, step=row["step"])
-            self.folder.touch_heartbeat()
+            if self.tracker.active:
+                self.tracker.log_row({("step/" + k if k not in ("epoch", "samples", "step") else k): v
+                                      for k, v in row.items() if k != "step"}, step=row["step"])
+            if self._log_clock - self._heartbeat >= HEARTBEAT_EVERY_S:
+                self.folder.touch_heartbeat()
+                self._heartbeat = self._log_clock
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{split.lr:.3g}", refresh=False)
 
@@ -128,6 +146,7 @@ class Reporter:
         """W&B: a finished run gets its summary; a preempted one (or an elastic chain's segment) is marked
         preempting, so the next segment continues the same run id."""
         self.close_bar()
+        self.steps.close()
         if not self.comm.is_main:
             return
         if finished:

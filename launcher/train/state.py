@@ -88,22 +88,25 @@ class RankRNG:
 
 
 class EpochSums:
-    """This rank's sums over the epoch so far: loss and correct predictions (0-d tensors on the device,
-    so adding to them never waits for it: one small kernel each), samples (a host integer: the loop
-    knows it without asking), and the gradient noise estimates (:mod:`launcher.train.noise`: the sums of
-    each measured step's |G|^2 and tr(Sigma) estimates on the device, the count of those steps on the host).
+    """This rank's sums over the epoch so far: loss and correct predictions (on the device, so adding to
+    them never waits for it: one small kernel each), samples (a host integer: the loop knows it without
+    asking), and the gradient noise estimates (:mod:`launcher.train.noise`: the sums of each measured
+    step's |G|^2 and tr(Sigma) estimates on the device, the count of those steps on the host).
     ``has_accuracy`` turns False when the outputs are not class logits.
 
-    The sums since the last per-step log point (the *window*, which may span an epoch's end) are the
-    current sums plus ``offset``: a log point sets it to minus the current sums, an epoch's end adds the
-    epoch's sums to it before they are zeroed. All on the device, read only at log points."""
+    The device sums live in one float64 vector laid out as :data:`FIELDS` (``loss``, ``correct`` and
+    ``noise`` are views of it; the host counts are written into their places when it is read), so
+    reading them is one copy. The sums since the last per-step log point (the *window*, which may span
+    an epoch's end) are the current sums plus ``offset``: a log point sets it to minus the current sums,
+    an epoch's end adds the epoch's sums to it before they are zeroed. All on the device, read only at
+    log points."""
     FIELDS = ("loss", "correct", "samples", "grad_sq", "trace_cov", "noise_steps")   # as_tensor's layout
+    SAMPLES, NOISE_STEPS = FIELDS.index("samples"), FIELDS.index("noise_steps")
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.correct = torch.zeros((), dtype=torch.float64, device=device)
-        self.noise = torch.zeros(2, dtype=torch.float64, device=device)
+        self.values = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        self.loss, self.correct, self.noise = self.values[0], self.values[1], self.values[3:5]
         self.offset = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
         self.samples, self.noise_steps, self.has_accuracy = 0, 0, True
 
@@ -123,32 +126,34 @@ class EpochSums:
     def zero(self) -> None:
         """The epoch ended: its sums restart at zero; the window keeps what was not logged yet."""
         self.offset += self.as_tensor()
-        self.loss.zero_()
-        self.correct.zero_()
-        self.noise.zero_()
+        self.values.zero_()
         self.samples = self.noise_steps = 0
 
-    def window(self) -> torch.Tensor:
-        """:data:`FIELDS` since the last log point, on the device."""
-        return self.as_tensor() + self.offset
-
-    def start_window(self) -> None:
-        self.offset = -self.as_tensor()
+    def take_window(self) -> torch.Tensor:
+        """:data:`FIELDS` since the last log point, on the device; the next window starts here."""
+        current = self._with_counts()
+        window = current + self.offset
+        torch.neg(current, out=self.offset)
+        return window
 
     def as_tensor(self) -> torch.Tensor:
-        """:data:`FIELDS` as one float64 tensor on the device, ready to all-reduce."""
-        counts = torch.tensor([float(self.samples), float(self.noise_steps)], dtype=torch.float64, device=self.device)
-        return torch.cat([torch.stack([self.loss, self.correct]), counts[:1], self.noise, counts[1:]])
+        """:data:`FIELDS` as one float64 tensor on the device (a copy), ready to all-reduce."""
+        return self._with_counts().clone()
+
+    def _with_counts(self) -> torch.Tensor:
+        """``values`` with the host counts in their places (fills: nothing waits for the device)."""
+        self.values[self.SAMPLES] = self.samples
+        self.values[self.NOISE_STEPS] = self.noise_steps
+        return self.values
 
     def snapshot(self) -> tuple:
         """The sums as they are, on the device (no copy to the host): for a step that may be redone."""
-        return (self.loss.clone(), self.correct.clone(), self.noise.clone(), self.offset.clone(), self.samples,
-                self.noise_steps, self.has_accuracy)
+        return self.values.clone(), self.offset.clone(), self.samples, self.noise_steps, self.has_accuracy
 
     def restore(self, snap: tuple) -> None:
-        loss, correct, noise, offset, self.samples, self.noise_steps, self.has_accuracy = snap
-        for mine, saved in ((self.loss, loss), (self.correct, correct), (self.noise, noise), (self.offset, offset)):
-            mine.copy_(saved)
+        values, offset, self.samples, self.noise_steps, self.has_accuracy = snap
+        self.values.copy_(values)
+        self.offset.copy_(offset)
 
     def state_dict(self) -> dict:
         return {"values": torch.stack([self.loss, self.correct]).cpu(), "samples": self.samples,

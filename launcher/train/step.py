@@ -38,24 +38,25 @@ class StepRunner:
             needed = ceil_div(ceil_div(size, self.comm.world), split.micro_batch)
             micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
         self.noise.start_step()
+        model, scale, last_index = self.engine.model, self.comm.world / size, len(micro_batches) - 1
         for i, (x, y) in enumerate(micro_batches):
             if self.oom_at and self._inject_oom(epoch, step, i):
                 raise microbatch.injected_oom(f"epoch {epoch} step {step}")
-            empty, model = len(y) == 0, self.engine.model
-            if empty and not self.sync_bn:     # no samples here: join the gradient reduce with zeros,
+            samples, last = y.shape[0], i == last_index
+            empty = samples == 0 and not self.sync_bn
+            if empty:                          # no samples here: join the gradient reduce with zeros,
                 model.eval()                   # without touching batch-norm statistics
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             # a partial micro-batch is another shape: it runs eagerly, never compiled
-            with self.engine.micro_step(last=i == len(micro_batches) - 1), self.autocast, \
-                    self.stages.eager(len(y) != split.micro_batch):
+            with self.engine.micro_step(last), self.autocast, self.stages.eager(samples != split.micro_batch):
                 out = model(x)
                 loss = self.loss(out, y)
-                self.engine.backward(loss * (self.comm.world / size))
-            self.noise.micro_step_done(i, i == len(micro_batches) - 1, len(y))
-            if empty and not self.sync_bn:
+                self.engine.backward(loss * scale)
+            self.noise.micro_step_done(i, last, samples)
+            if empty:
                 model.train()
-            self.sums.add(loss, self.loss.correct(out, y), len(y))
+            self.sums.add(loss, self.loss.correct(out, y), samples)
         return size
 
     def _retrying(self, epoch: int, step: int) -> int:

@@ -20,6 +20,7 @@ from launcher.train.report import Reporter, log_interval
 from launcher.train.signals import Agreement, PreemptionFlag
 from launcher.train.splits import EpochSplit
 from launcher.train.stages import Stages
+from launcher.train.steprows import StepRows
 from launcher.train.step import StepRunner
 
 
@@ -40,12 +41,14 @@ class Trainer:
         self.stages = Stages(parts)
         self.step_runner = StepRunner(parts, self.stages)
         self.reporter = Reporter(r, self.comm, self.folder, self.log)
+        self.step_rows = StepRows(self.comm, self.reporter, self.stop_if_unfinished)
         self.stop = Agreement(self.comm, preempt, self.folder.preempt_request, log=self.log)
         self.log_every = log_interval(r, parts.splits)
         self.step_grad_norm = None
         # on the device, so watching for a non-finite loss never waits for it: the steps of this epoch whose
         # running loss sum was still finite (a non-finite loss stays in the sum, so the count stops there)
-        self.finite_steps = torch.zeros((), dtype=torch.int64, device=self.comm.device)
+        # (float64: it rides in a log point's window, whose sum over ranks is world x step while all is well)
+        self.finite_steps = torch.zeros(1, dtype=torch.float64, device=self.comm.device)
         self.step_delay = env.step_delay()
 
     def train(self) -> Outcome:
@@ -62,6 +65,8 @@ class Trainer:
                 if self.stop.poll(self.state.global_step):
                     self.save("preempted")
                     return Outcome.PREEMPTED
+                if self.stop.checked:          # a step every rank agreed on: the queued rows' sums leave
+                    self.step_rows.send()
                 if self.due(self.recipe.checkpoint.every_steps, split, step):
                     self.save(f"every {self.recipe.checkpoint.every_steps} steps")
             # no stop between the last step and the evaluation: the epoch row would then go to W&B in the
@@ -113,19 +118,16 @@ class Trainer:
         self.reporter.step_done()
 
     def log_steps(self, epoch: int) -> None:
-        """A steps.jsonl row: the only place the per-step sums are read back from the device, in one
-        all-reduce (with the count of ranks that saw a non-finite loss, which stops the run first)."""
-        unfinished = (self.finite_steps < self.state.step).to(torch.float64).reshape(1)
-        window = self.comm.all_reduce_sum(torch.cat([self.sums.window(), unfinished]))
-        if float(window[-1]):
-            self.check_finite()                   # names the step and raises
-        self.sums.start_window()
+        """A log point: the window's sums since the last one (and this rank's steps whose loss stayed
+        finite) queued on the device; its steps.jsonl row is written about a second later (see steprows.py)."""
         grad_norm, self.step_grad_norm = self.step_grad_norm, None
-        self.reporter.step_row(self.stages[epoch], self.state, window, self.sums.has_accuracy, grad_norm)
+        self.step_rows.take(self.stages[epoch], self.state, self.sums.has_accuracy,
+                            torch.cat([self.sums.take_window(), self.finite_steps]), grad_norm)
 
     def evaluate_mid_epoch(self, epoch: int) -> None:
         """eval.every_steps: a metrics.jsonl row inside the epoch (``mid_epoch: true``), so a target's
         crossing is not rounded to epochs. Before any save at this step, so a checkpoint follows its row."""
+        self.step_rows.flush()                     # W&B takes rows in step order
         with self.stages.eager():
             evaluated = evaluate_epoch(self.parts, epoch)
         self.reporter.mid_epoch_row(self.stages[epoch], self.state, evaluated)
@@ -133,6 +135,7 @@ class Trainer:
     def end_epoch(self, epoch: int) -> None:
         """The epoch's row: training sums over all ranks, evaluation, then the next position."""
         split = self.stages[epoch]                 # as split at the end (auto: maybe halved meanwhile)
+        self.reporter.end_training()
         self.check_finite()
         totals = self.comm.all_reduce_sum(self.sums.as_tensor())
         evaluated = {}
@@ -154,7 +157,14 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Stop (on every rank) if any rank's loss was not finite since the last check: before anything
-        is saved or logged, so no checkpoint ever holds what came of it."""
+        is saved or logged, so no checkpoint ever holds what came of it. The steps.jsonl rows are written
+        first: a checkpoint follows every row up to its step, and W&B takes rows in step order."""
+        self.step_rows.flush()
+        self.stop_if_unfinished()
+
+    def stop_if_unfinished(self) -> None:
+        """The all-reduce behind check_finite: raises, naming the first step, if some rank's loss was not
+        finite in this epoch (a collective: every rank calls it at the same step)."""
         finite = int(self.comm.all_reduce_min(self.finite_steps.clone()))
         if finite < self.state.step:
             first = self.state.global_step - self.state.step + finite + 1
@@ -177,6 +187,7 @@ class Trainer:
     def close(self, outcome: Outcome) -> None:
         """After train(): background checkpoint removal done, the stop agreement's last all-reduce in,
         W&B told how this process's part of the run ended."""
+        self.step_rows.flush()
         self.checkpoints.wait()
         self.stop.close()
         self.reporter.finish(self.state, finished=outcome is Outcome.FINISHED)

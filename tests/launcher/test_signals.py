@@ -59,7 +59,7 @@ def _paced(comm, seconds_per_step, signal_step):
 
 
 def test_the_check_interval_follows_the_slowest_rank_s_pace_and_every_rank_stops_at_the_same_step():
-    # 10 ms steps on rank 0, 100 ms on rank 1: the agreed interval is rank 1's 5 steps (0.5 s), not 32
+    # 10 ms steps on rank 0, 100 ms on rank 1: the agreed interval is rank 1's 5 steps (0.5 s), not 50
     out = run_ranks(_paced, 2, [0.01, 0.1], 200)
     (stop0, every0, lines0), (stop1, every1, _) = out
     assert stop0 == stop1 and every0 == every1 == [1, 5]
@@ -67,7 +67,7 @@ def test_the_check_interval_follows_the_slowest_rank_s_pace_and_every_rank_stops
     assert lines0 == [f"[qhm-launch] SIGUSR1: stopping after global step {stop0} (the next check), with a checkpoint"]
 
 
-def test_fast_steps_are_checked_every_32_and_slow_ones_every_step():
-    assert run_ranks(_paced, 2, [0.001, 0.001], 300)[0][1] == [1, 32]
+def test_fast_steps_are_checked_every_half_second_and_slow_ones_every_step():
+    assert run_ranks(_paced, 2, [0.001, 0.001], 300)[0][1] == [1, 500]            # 1 ms steps: every 500
     stop, every, _ = run_ranks(_paced, 2, [2.0, 2.0], 100)[0]
     assert every == [1] and stop == 102                          # a 2 s step: two steps, about 4 s

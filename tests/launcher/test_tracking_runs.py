@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from helpers import base_recipe, checkpoint_steps, cli, metric_rows, start, train_ranks, wait_for, write_recipe
+from helpers import (base_recipe, checkpoint_steps, cli, metric_rows, run_ranks, start, train_ranks, wait_for,
+                     write_recipe)
 from launcher.run.files import read_jsonl
 from launcher.run.tracking import WALL_FIELDS
 from wandb_records import history, of_kind, records
@@ -145,3 +146,39 @@ def test_status_refuses_what_is_not_a_run_and_finds_a_local_sweep_by_name(tmp_pa
     assert "s_seed=2 | not started |" in out
     (tmp_path / "s_seed=1" / "final_model.pt").write_bytes(b"x")
     assert main(["status", str(tmp_path / "s")]) == 0 and "s_seed=1 | done | 1 | 3 |" in capsys.readouterr().out
+
+
+def _count_collectives(comm, recipe: dict):
+    """Train ``recipe`` in this process, counting the launcher's all-reduces on the default group (DDP's
+    own gradient reduce is C++, not counted) and the stop checks."""
+    import torch.distributed as dist
+    from launcher import config
+    from launcher.train import signals, trainer
+    counts, all_reduce, poll = {"sent": 0, "checks": 0}, dist.all_reduce, signals.Agreement.poll
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        counts["sent"] += kwargs.get("group") is None
+        return all_reduce(tensor, *args, **kwargs)
+
+    def counting_poll(self, *args):
+        stop = poll(self, *args)
+        counts["checks"] += self.checked
+        return stop
+    dist.all_reduce, signals.Agreement.poll = counting_all_reduce, counting_poll
+    try:
+        done = trainer.run(config.from_dict(recipe), comm, log=lambda *a, **k: None)
+    finally:
+        dist.all_reduce, signals.Agreement.poll = all_reduce, poll
+    return counts, done.state.global_step
+
+
+def test_a_log_point_sends_no_collective_its_rows_leave_together_at_the_stop_checks(tmp_path):
+    """A row every step, yet the all-reduces that carry them go out at most once per stop check (plus
+    each epoch end's): a log point costs no collective. Every row is still written, in step order."""
+    recipe = base_recipe(epochs=2, **{"data.size": 480, "tracking.log_every_steps": 1, "checkpoint.every_steps": 0,
+                                      "eval.every_epochs": 100, "eval.full_grad_norm": False})
+    recipe["output"] = str(tmp_path / "runs")
+    (counts, steps), _ = run_ranks(_count_collectives, 2, recipe)
+    rows = step_rows(tmp_path / "runs" / recipe["name"])
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)) and steps > 20
+    assert counts["sent"] <= counts["checks"] + 5 * 2 < steps, (counts, steps)    # 5: an epoch end's
