@@ -149,15 +149,17 @@ def test_status_refuses_what_is_not_a_run_and_finds_a_local_sweep_by_name(tmp_pa
 
 
 def _count_collectives(comm, recipe: dict):
-    """Train ``recipe`` in this process, counting the launcher's all-reduces on the default group (DDP's
-    own gradient reduce is C++, not counted) and the stop checks."""
+    """Train ``recipe`` in this process, counting the launcher's all-reduces of its float64 sums on the
+    default group (not the gradient buckets, float32, which the noise-scale hook reduces) and the stop
+    checks."""
+    import torch
     import torch.distributed as dist
     from launcher import config
     from launcher.train import signals, trainer
     counts, all_reduce, poll = {"sent": 0, "checks": 0}, dist.all_reduce, signals.Agreement.poll
 
     def counting_all_reduce(tensor, *args, **kwargs):
-        counts["sent"] += kwargs.get("group") is None
+        counts["sent"] += kwargs.get("group") is None and tensor.dtype == torch.float64
         return all_reduce(tensor, *args, **kwargs)
 
     def counting_poll(self, *args):
