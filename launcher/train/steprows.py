@@ -24,6 +24,10 @@ class StepRows:
         self.comm, self.reporter, self.stop_if_unfinished = comm, reporter, stop_if_unfinished
         self.queued: list[tuple] = []      # (split, state, clocks, has_accuracy, window, grad_norm), not sent yet
         self.sent = None                   # (those rows, a read of their reduced windows) in flight
+        # the tensors of the last all-reduce, kept referenced from here: gloo's worker thread lets go of a
+        # finished work a moment after the wait returns, and a tensor whose last reference goes on that
+        # thread while the process exits needs the GIL there (an abort, seen once in 60 runs)
+        self.last_sent = None
 
     def take(self, split, state, has_accuracy: bool, window: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         """A log point: ``window`` (this rank's sums since the last one, on the device, its last field
@@ -36,8 +40,9 @@ class StepRows:
         if self.queued:
             rows, self.queued = self.queued, []
             norms = [r[5] for r in rows]
-            self.sent = rows, self.comm.all_reduce_sum_later(
-                torch.stack([r[4] for r in rows]), None if any(n is None for n in norms) else torch.stack(norms))
+            self.last_sent = (torch.stack([r[4] for r in rows]),
+                              None if any(n is None for n in norms) else torch.stack(norms))
+            self.sent = rows, self.comm.all_reduce_sum_later(*self.last_sent)
 
     def flush(self) -> None:
         """Every row up to now written (waits for the all-reduce; every rank calls it at the same step)."""

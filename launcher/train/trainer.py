@@ -55,24 +55,28 @@ class Trainer:
         """Train (or resume) to the end of the run, or of this segment."""
         self.resume()
         for epoch in range(self.state.epoch, self.until_epoch):
-            split = self.start_epoch(epoch)
+            split, stopping = self.start_epoch(epoch), False
             for step in range(self.state.step, split.steps):
                 self.train_step(epoch, step)
                 if self.log_every and self.state.global_step % self.log_every == 0:
                     self.log_steps(epoch)
                 if self.due(self.recipe.eval.every_steps, split, step):
                     self.evaluate_mid_epoch(epoch)
-                if self.stop.poll(self.state.global_step):
+                stopping = self.stop.poll(self.state.global_step)
+                if stopping and step + 1 < split.steps:
                     self.save("preempted")
                     return Outcome.PREEMPTED
                 if self.stop.checked:          # a step every rank agreed on: the queued rows' sums leave
                     self.step_rows.send()
                 if self.due(self.recipe.checkpoint.every_steps, split, step):
                     self.save(f"every {self.recipe.checkpoint.every_steps} steps")
-            # no stop between the last step and the evaluation: the epoch row would then go to W&B in the
-            # next segment, at a step the run already has, and be dropped
+            # no stop between an epoch's last step and its evaluation: the epoch row would then go to W&B
+            # in the next segment, at a step the run already has, and be dropped; a stop agreed at the
+            # last step comes after the epoch's row and save
             self.end_epoch(epoch)
             self.save("epoch end")
+            if stopping and epoch + 1 < self.until_epoch:
+                return Outcome.PREEMPTED
         return Outcome.FINISHED if self.until_epoch == self.recipe.epochs else Outcome.SEGMENT_DONE
 
     def resume(self) -> None:
