@@ -53,8 +53,8 @@ class Comm:
 
     def all_reduce_sum_later(self, tensor: torch.Tensor, *also: torch.Tensor | None):
         """Start summing ``tensor`` over ranks without waiting for it; returns a function that gives the
-        sum, and ``also`` (tensors of this rank, or None), on the host. Called a while later (the next log
-        point) it finds the all-reduce long done: no step waits for the other ranks or for the device.
+        sum, and ``also`` (tensors of this rank, or None), on the host. Called a while later (the next stop
+        check) it finds the all-reduce long done: no step waits for the other ranks or for the device.
         On a GPU the all-reduce is ordered on the stream and the host copies are asynchronous, read after
         their event; on a CPU (gloo) the all-reduce runs on gloo's own thread until waited for."""
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) if self.world > 1 else None

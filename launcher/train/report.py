@@ -20,7 +20,7 @@ HEARTBEAT_EVERY_S = 10.0      # the run folder's lock touched at most this often
 
 def log_interval(recipe, splits: list[EpochSplit]) -> int:
     """Optimizer steps between two steps.jsonl rows: the recipe's, or about 2,000 rows over the run
-    (at least 25 steps apart: each row reads the sums back from the device, across ranks)."""
+    (at least 25 steps apart: each row costs a few device operations, a JSON line and a W&B log)."""
     every = recipe.tracking.log_every_steps
     return max(25, sum(e.steps for e in splits) // 2000) if every is None else every
 
@@ -74,11 +74,9 @@ class Reporter:
         state.wall_time += now - self._clock
         self._clock = now
 
-    def row(self, split: EpochSplit, state: TrainState, sums, has_accuracy: bool) -> dict:
+    def row(self, split: EpochSplit, state: TrainState, sums: list[float], has_accuracy: bool) -> dict:
         """The fields both logs share: position, split, hyper-parameters, the training loss and accuracy
         and the gradient noise estimates over ``sums`` (laid out as :data:`EpochSums.FIELDS`)."""
-        if isinstance(sums, torch.Tensor):
-            sums = sums.tolist()                    # one read of the device, not one per field
         loss, correct, count = sums[:3]
         return {**noise.window_fields(sums[3:6]), "epoch": split.epoch, "step": state.global_step,
                 "samples": state.samples, "batch": split.batch, "micro_batch": split.micro_batch, "accum": split.accum, "world_size": self.comm.world,
@@ -90,7 +88,7 @@ class Reporter:
         """The epoch's row: its training sums over all ranks and what evaluation measured."""
         train_seconds = self._epoch_seconds
         self.close_bar()
-        row = self.row(split, state, totals, has_accuracy)
+        row = self.row(split, state, totals.tolist(), has_accuracy)      # one read of the device
         row.update(test_loss=None, test_acc=None, grad_norm=None)
         if with_validation:
             row.update(val_loss=None, val_acc=None)

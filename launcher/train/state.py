@@ -125,7 +125,7 @@ class EpochSums:
 
     def zero(self) -> None:
         """The epoch ended: its sums restart at zero; the window keeps what was not logged yet."""
-        self.offset += self.as_tensor()
+        self.offset += self._with_counts()
         self.values.zero_()
         self.samples = self.noise_steps = 0
 
