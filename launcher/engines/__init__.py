@@ -27,10 +27,12 @@ class Engine(Protocol):
     def gradient_norm(self) -> torch.Tensor | None: ...
 
 
-def build(recipe, module, optimizer, comm, first_stage) -> Engine:
-    """The engine the recipe names; ``first_stage`` (an EpochSplit) sizes DeepSpeed's initial config."""
+def build(recipe, module, optimizer, comm, first_stage, reads_local_gradients: bool = False) -> Engine:
+    """The engine the recipe names; ``first_stage`` (an EpochSplit) sizes DeepSpeed's initial config;
+    ``reads_local_gradients``: the noise scale reads each rank's gradient before DDP's reduce."""
     if recipe.distributed.engine == "deepspeed":
         from launcher.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(recipe, module, optimizer, comm, first_stage.micro_batch, first_stage.accum)
     from launcher.engines.ddp import DDPEngine
-    return DDPEngine(module, optimizer, comm, explicit_reduce=recipe.distributed.max_micro_batch == "auto")
+    return DDPEngine(module, optimizer, comm, explicit_reduce=recipe.distributed.max_micro_batch == "auto",
+                     reads_local_gradients=reads_local_gradients)

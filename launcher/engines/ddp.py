@@ -4,6 +4,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from torch.autograd import Variable
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
@@ -17,30 +18,43 @@ class DDPEngine:
     checkpoint_scope = "replicated"
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm,
-                 explicit_reduce: bool = False):
+                 explicit_reduce: bool = False, reads_local_gradients: bool = False):
+        """``reads_local_gradients``: the noise scale reads this rank's gradient at the end of the
+        synchronised backward, so ``.grad`` must not be a view of DDP's bucket (launcher.train.noise)."""
         self.module, self.optimizer, self.comm = module, optimizer, comm
+        distributed = torch.distributed.is_initialized()
+        self.explicit_reduce = explicit_reduce and distributed
+        bucket_view = not (reads_local_gradients and not self.explicit_reduce)
         self.model = DDP(module, device_ids=[comm.device.index] if comm.device.type == "cuda" else None,
-                         gradient_as_bucket_view=True) if torch.distributed.is_initialized() else module
-        self.explicit_reduce = explicit_reduce and self.model is not module
-        self._reduced = False
+                         gradient_as_bucket_view=bucket_view) if distributed else module
+        self._reduced = self._read_local = False
         self.probe = None
 
     def measure_noise(self, probe) -> None:
         """Read the gradient before and after its all-reduce for the noise scale (launcher.train.noise):
-        DDP's reduce through the probe's comm hook, or the explicit reduce's own flat gradient."""
+        at the end of the synchronised backward, before DDP's reduced gradient lands in ``.grad``, or in
+        the explicit reduce."""
         self.probe = probe
         if self.model is not self.module and not self.explicit_reduce:
-            self.model.register_comm_hook(None, probe.comm_hook)
+            probe.trainable[0].register_post_accumulate_grad_hook(self._queue_local_read)
 
     def set_stage(self, micro_batch: int, accum: int) -> None:
         """DDP needs nothing: the loop decides where each step's micro-batches end."""
 
     def micro_step(self, last: bool):
         synced = last and not self.explicit_reduce
+        self._read_local = synced and self.probe is not None and self.model is not self.module
         return nullcontext() if synced or self.model is self.module else self.model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def _queue_local_read(self, param: torch.Tensor) -> None:
+        """In a synchronised backward, once a parameter's gradient is complete: the probe's read of this
+        rank's gradients, queued to run at backward's end, before DDP's own final callback (which DDP
+        queues once every gradient is complete, this one included, and which lands the reduced ones)."""
+        if self._read_local:
+            Variable._execution_engine.queue_callback(self.probe.read_local)
 
     def step(self) -> None:
         if self.explicit_reduce and not self._reduced:
@@ -63,7 +77,7 @@ class DDPEngine:
         params = [p for p in self.module.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.probe is not None:
-            self.probe.record_local(params, grads)
+            self.probe.record_local(grads)
         flat = self.comm.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
         flat.div_(self.comm.world)
         for p, chunk in zip(params, torch.split(flat, [g.numel() for g in grads])):

@@ -130,9 +130,11 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     n = len(dataset.train)
     planned = splits.split_epochs(recipe, n, comm.world)
     module = build_module(recipe, dataset, comm, dtype)
-    engine = engines.build(recipe, module, build_optimizer(recipe, module), comm, planned[0])
+    noise_kind, why_not = noise.source(recipe, comm.world, any(s.accum > 1 for s in planned))
+    engine = engines.build(recipe, module, build_optimizer(recipe, module), comm, planned[0],
+                           reads_local_gradients=noise_kind == noise.RANKS)
     loss = losses.from_recipe(recipe.loss)
-    noise_probe = build_noise_probe(recipe, engine, module, comm, planned, log)
+    noise_probe = build_noise_probe(recipe, engine, module, comm, noise_kind, why_not, log)
     sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device)
     state, sums, rng = TrainState(), EpochSums(comm.device), RankRNG(recipe.seed, comm.rank, comm.device)
     checkpoints = CheckpointManager(folder, comm, recipe.checkpoint.keep, log)
@@ -150,10 +152,9 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
                  state=state, sums=sums, noise=noise_probe, growth=growth, rng=rng, checkpoints=checkpoints, log=log)
 
 
-def build_noise_probe(recipe, engine, module, comm: Comm, planned, log) -> noise.NoiseProbe:
-    """The gradient noise scale's probe, wired into the engine where several ranks measure it; where it
-    cannot be measured (or is off), one log line says why."""
-    kind, why = noise.source(recipe, comm.world, any(s.accum > 1 for s in planned))
+def build_noise_probe(recipe, engine, module, comm: Comm, kind, why, log) -> noise.NoiseProbe:
+    """The gradient noise scale's probe (``kind``, ``why``: noise.source's answer), wired into the engine
+    where several ranks measure it; where it cannot be measured (or is off), one log line says why."""
     probe = noise.NoiseProbe(kind, module, comm.world, comm.device)
     if kind == noise.RANKS:
         engine.measure_noise(probe)

@@ -9,20 +9,25 @@ E|g_b|^2 = |G|^2 + tr(Sigma)/b and E|g_B|^2 = |G|^2 + tr(Sigma)/B, so
     tr(Sigma) ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B)
 
 are unbiased. Each step adds both estimates to the epoch's running sums (:class:`EpochSums`) with one
-kernel, on the device; a steps.jsonl row reports the window's means and B_simple = tr(Sigma) / |G|^2, the
+product, on the device; a steps.jsonl row reports the window's means and B_simple = tr(Sigma) / |G|^2, the
 ratio of the means (a mean of per-step ratios is biased; McCandlish A.1 says the same).
 
 Where the two squared norms come from:
 
-- several ranks under DDP: a comm hook reads the norms of each gradient bucket before its all-reduce
-  (this rank's sum, scaled by world/B by the loss), then all-reduces it with DDP's own operations (divide
-  by the world size, sum), so the update is unchanged; once backward() returns, the step reads the
-  norms of the reduced gradients (the global mean) in the main thread, so the hook's way back runs no
-  Python beyond the one callback DDP requires. The squared norms are summed in parameter order at the
-  step's end: DDP rebuilds its buckets after a process's first step, so per-bucket sums would round
-  differently in a resumed process than in the uninterrupted one, and resume must give the same rows bit
-  for bit. The explicit-reduce path (``max_micro_batch: auto``) records its gradients the same way on
-  both sides of its all-reduce;
+- several ranks under DDP: this rank's accumulated gradient (its sum, scaled by world/B by the loss) is
+  read at the end of the step's synchronised backward, by a callback queued ahead of DDP's own (when the
+  first trainable parameter's gradient is complete): autograd runs its final callbacks in order, and DDP queues its
+  own once every gradient is complete; that one copies the all-reduced mean into ``.grad``. Until then
+  ``.grad`` is this rank's gradient, because DDP is built without ``gradient_as_bucket_view`` where the
+  noise scale is measured (it reduces a copy in its buckets: one more gradient's worth of memory and one
+  more copy per step). DDP's reduce stays DDP's built-in one, so the update is bit for bit the one
+  without measuring on any number of ranks (a Python comm hook that divided each bucket, as DDP's
+  documented default hook does, gave other bits on 3 ranks: the built-in reduce multiplies by 1/world),
+  and no Python runs on the communication thread. Once backward() returns, the step reads the norms of
+  the reduced gradients (the global mean). Both sides are read per parameter, in parameter order,
+  whatever DDP's buckets (it rebuilds them after a process's first step), so a resumed process gives
+  the same rows bit for bit. The explicit-reduce path (``max_micro_batch: auto``) records its gradients
+  the same way on both sides of its all-reduce;
 - one process under accumulation: the gradient after the first micro-batch and after the last;
 - otherwise (one process and one micro-batch per step; DeepSpeed, whose ZeRO keeps gradients in its own
   partitioned buffers, out of reach of DDP's hooks) there is one batch size per step: null, said once.
@@ -40,7 +45,7 @@ def source(recipe, world: int, accumulates: bool) -> tuple[str | None, str]:
     if not recipe.tracking.noise_scale:
         return None, "tracking.noise_scale is off"
     if recipe.distributed.engine == "deepspeed":
-        return None, "DeepSpeed keeps its gradients in its own partitioned buffers, out of reach of the hook"
+        return None, "DeepSpeed keeps its gradients in its own partitioned buffers, out of reach of the read"
     if world > 1:
         return RANKS, ""
     if accumulates or recipe.distributed.max_micro_batch == "auto":
@@ -52,10 +57,6 @@ def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads)).to(torch.float64).square().sum()
 
 
-def _bucket_result(fut):
-    return fut.value()[0]
-
-
 class NoiseProbe:
     """This rank's squared gradient norms of the step in progress, (small, big), on the device."""
 
@@ -63,23 +64,21 @@ class NoiseProbe:
         self.kind, self.module, self.world = kind, module, world
         self.squares = torch.zeros(2, dtype=torch.float64, device=device)
         self.trainable = [p for p in module.parameters() if p.requires_grad]
-        self._position = {id(p): i for i, p in enumerate(self.trainable)}
-        self._local: list[tuple[list, list]] = []      # RANKS: (parameters, their norms) per bucket, this step
-        self._reduced: list | None = None              # RANKS: every gradient's norm after the all-reduce
-        self._orders: dict[tuple, torch.Tensor] = {}   # the buckets' parameters -> parameter order
-        self.small_batch = 0                       # samples behind squares[0] in this step
-        self._coefficients: dict[tuple[int, int], torch.Tensor] = {}
+        self._local: tuple | None = None       # RANKS: every gradient's norm before the all-reduce, this step
+        self._reduced: tuple | None = None     # RANKS: every gradient's norm after it
+        self.small_batch = 0                   # samples behind the small batch's square in this step
+        self._matrices: dict[tuple[int, int], torch.Tensor] = {}    # (b, B) -> the step's coefficients
 
     def start_step(self) -> None:
         """Before a step's first micro-batch (and before a step that is redone)."""
         if self.kind is not None:
-            self._local, self._reduced, self.small_batch = [], None, 0
+            self._local, self._reduced, self.small_batch = None, None, 0
 
     def micro_step_done(self, index: int, last: bool, samples: int) -> None:
         """After micro-batch ``index``'s backward, which had ``samples`` samples on this rank."""
         if self.kind == RANKS:
-            self.small_batch += samples            # the hook (or the explicit reduce) read the local norms
-            if last and self._local and self._reduced is None:       # the hook's: the reduce is done
+            self.small_batch += samples            # the callback (or the explicit reduce) reads the local norms
+            if last and self._local is not None and self._reduced is None:    # DDP's reduce is done
                 self.record_reduced([p.grad for p in self.trainable])
         elif self.kind == FIRST_MICRO_BATCH and (index == 0 or last):
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
@@ -95,40 +94,31 @@ class NoiseProbe:
         b = self.small_batch
         if self.kind is None or not 0 < b < size:
             return
-        if self.kind == RANKS:
-            self._sum_squares()
         key = (b, size)
-        if key not in self._coefficients:
-            self._coefficients[key] = coefficients(b, size, self.world if self.kind == RANKS else 1, self.squares.device)
-        sums.add_noise(self._coefficients[key], self.squares)
+        matrix = self._matrices.get(key)
+        if matrix is None:
+            matrix = coefficients(b, size, self.world if self.kind == RANKS else 1, self.squares.device)
+            if self.kind == RANKS:                 # one column per norm: C's columns, once per parameter
+                matrix = matrix.repeat_interleave(len(self.trainable), dim=1)
+            self._matrices[key] = matrix
+        if self.kind == RANKS:
+            if self._reduced is None:              # no gradient was read in this step
+                return
+            # C @ (sum of the local squared norms, of the reduced ones), each in parameter order, as one
+            # product over the norms (squared in float64, where a float32's square is exact)
+            norms = torch.stack([*self._local, *self._reduced]).to(torch.float64)
+            sums.add_noise(matrix * norms, norms)
+        else:
+            sums.add_noise(matrix, self.squares)
 
-    def _sum_squares(self) -> None:
-        """squares = (sum of the local squared norms, of the reduced ones), each summed in parameter order:
-        DDP rebuilds its buckets after a process's first step, so per-bucket sums would round differently
-        in a resumed process than in the uninterrupted one, and resume must give the same rows bit for bit."""
-        key = tuple(id(p) for params, _ in self._local for p in params)
-        if key not in self._orders:
-            where = [self._position[k] for k in key]
-            order = sorted(range(len(where)), key=where.__getitem__)
-            self._orders[key] = torch.tensor(order, device=self.squares.device)
-        local = torch.stack([n for _, norms in self._local for n in norms])[self._orders[key]]
-        both = torch.stack([local, torch.stack(self._reduced)]).to(torch.float64)
-        torch.sum(both.square(), dim=1, out=self.squares)
+    def read_local(self) -> None:
+        """This rank's accumulated gradients, before DDP's reduce lands in them: their norms (a final
+        callback of the synchronised backward, see the module docstring)."""
+        self.record_local([p.grad for p in self.trainable])
 
-    # the DDP side: a comm hook, and the explicit reduce's two reads
-
-    def comm_hook(self, state, bucket):
-        """DDP's all-reduce with this rank's bucket read before it: the bucket divided by the world size
-        and summed over ranks, the same operations as DDP's own (its documented default hook), so the
-        update is bit for bit the one without the hook. One callback, no other Python on the way back:
-        the reduced gradients are read by the step once backward() returns."""
-        self.record_local(bucket.parameters(), bucket.gradients())
-        return torch.distributed.all_reduce(bucket.buffer().div_(self.world), group=state,
-                                            async_op=True).get_future().then(_bucket_result)
-
-    def record_local(self, params: list, grads: list[torch.Tensor]) -> None:
-        """This rank's gradients of ``params`` (a bucket, or all), before the all-reduce: their norms."""
-        self._local.append((params, torch._foreach_norm(grads)))
+    def record_local(self, grads: list[torch.Tensor]) -> None:
+        """This rank's gradients of every trainable parameter, in parameter order, before the all-reduce."""
+        self._local = torch._foreach_norm(grads)
 
     def record_reduced(self, grads: list[torch.Tensor]) -> None:
         """The all-reduced mean gradients of every trainable parameter, in parameter order: their norms."""

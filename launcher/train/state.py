@@ -118,9 +118,9 @@ class EpochSums:
             self.correct += correct
         self.samples += samples
 
-    def add_noise(self, coefficients: torch.Tensor, squares: torch.Tensor) -> None:
-        """One measured step: its (|G|^2, tr(Sigma)) estimates = coefficients @ squares, one kernel."""
-        self.noise.addmv_(coefficients, squares)
+    def add_noise(self, matrix: torch.Tensor, vector: torch.Tensor) -> None:
+        """One measured step: its (|G|^2, tr(Sigma)) estimates = matrix @ vector, one kernel."""
+        self.noise.addmv_(matrix, vector)
         self.noise_steps += 1
 
     def zero(self) -> None:
