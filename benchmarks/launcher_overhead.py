@@ -3,12 +3,19 @@
 2 processes on CPU (gloo), three configurations: a tiny model (two 3x3 convolutions of width 16: a step
 that is mostly host work) and the built-in small CNN at global batch 8 = micro 4 x accumulation 1 x 2
 ranks (the paper's first stage, where per-step overhead is what one waits for), and the small CNN at
-global batch 256 = micro 32 x accumulation 4 x 2. Rounds alternate between the loops; each reports
-training samples/s per epoch (evaluation excluded, the first epoch of each round dropped as warm-up);
-medians, the ratios, and the host time per step the launcher adds over the bare loop (us). Our
-trainer runs twice per round: with the gradient noise scale measured (the default: a DDP comm hook reads
-each bucket before and after its all-reduce) and without (``tracking.noise_scale: false``); the last
-column is what measuring costs. The hook also counts gradient all-reduces per optimizer step.
+global batch 256 = micro 32 x accumulation 4 x 2. Rounds alternate between the loops (which goes first
+rotates); our trainer runs twice per round: with the gradient noise scale measured (the default: each
+rank's gradient is read at the end of backward, before DDP's reduced one lands) and without
+(``tracking.noise_scale: false``).
+
+Two measures per epoch (the first epoch of each run dropped as warm-up), both reported as medians:
+
+- training samples/s (wall clock; evaluation excluded), and the ratio to the bare loop;
+- host time per step: the CPU time of the thread that issues the work (``time.thread_time`` over the
+  epoch's steps, log points and stop checks included, divided by its steps), and what the launcher adds
+  to the bare loop's. On this 2-core machine two ranks and their gloo threads share the cores, so wall
+  time moves by +-150 us a step between runs while the issuing thread's CPU time moves by a few us; the
+  host-time column is the one that resolves tens of microseconds.
 
 Then the same comparison end to end, for the tiny model at global batch 8: ``qhm-launch run`` (its
 own torchrun, the model from a factory, metrics from its metrics.jsonl) against the bare loop started by
@@ -55,10 +62,10 @@ def bare_loop(comm, epochs, model_name, batch, micro, n):
     model = DDP(build_model(model_name, ds.shape))
     opt = qhm.QHM(model.parameters(), lr=0.05, beta=0.9, gamma=0.7)
     per_rank = batch // comm.world
-    rates = []
+    rates, host = [], []
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
-        t0, seen = time.time(), 0
+        t0, cpu0, seen, steps = time.time(), time.thread_time(), 0, 0
         for start in range(0, n, batch):
             idx = perm[start:start + batch]
             mine = idx[comm.rank * per_rank:(comm.rank + 1) * per_rank]
@@ -70,9 +77,10 @@ def bare_loop(comm, epochs, model_name, batch, micro, n):
                     (loss * comm.world / len(idx)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            seen += len(idx)
+            seen, steps = seen + len(idx), steps + 1
         rates.append(seen / (time.time() - t0))
-    return rates[1:]
+        host.append((time.thread_time() - cpu0) / steps * 1e6)
+    return rates[1:], host[1:]
 
 
 def recipe(folder, world, epochs, model_name, batch, micro, n, noise) -> dict:
@@ -87,56 +95,80 @@ def recipe(folder, world, epochs, model_name, batch, micro, n, noise) -> dict:
 
 
 def ours(comm, epochs, folder, model_name, batch, micro, n, noise):
+    """Our trainer in this process: (samples/s, host us/step) of each epoch after the first."""
     from launcher import config as R
     from launcher.run.files import read_jsonl
     from launcher.train.trainer import run
+    HOST.clear()
     run(R.from_dict(recipe(folder, comm.world, epochs, model_name, batch, micro, n, noise)), comm,
         log=lambda *a, **k: None)
     rows = read_jsonl(Path(folder) / "bench" / "metrics.jsonl")
-    return [row["samples_per_s"] for row in rows][1:], rows[-1]["step"]
+    return [row["samples_per_s"] for row in rows][1:], HOST[1:]
+
+
+HOST: list = []        # our trainer's host us/step of each epoch of the run in progress
+
+
+def time_epochs() -> None:
+    """Wrap the trainer's epoch start and end to read the issuing thread's CPU time over each epoch's steps."""
+    from launcher.train.trainer import Trainer
+    start, end = Trainer.start_epoch, Trainer.end_epoch
+
+    def timed_start(self, epoch):
+        split = start(self, epoch)
+        self.bench_clock = (time.thread_time(), split.steps - self.state.step)
+        return split
+
+    def timed_end(self, epoch):
+        began, steps = self.bench_clock
+        HOST.append((time.thread_time() - began) / steps * 1e6)
+        return end(self, epoch)
+    Trainer.start_epoch, Trainer.end_epoch = timed_start, timed_end
+
+
+def every_rank(values: list) -> list:
+    """``values`` of every rank, concatenated."""
+    import torch.distributed as dist
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    return [v for rank_values in gathered for v in rank_values]
 
 
 def worker():
     from launcher.train import comm as comm_mod
-    from launcher.train import noise
     comm = comm_mod.init()
-    calls = {"n": 0}
-    original = noise.NoiseProbe.comm_hook
-
-    def counting_hook(self, state, bucket):
-        calls["n"] += 1
-        return original(self, state, bucket)
-    noise.NoiseProbe.comm_hook = counting_hook
+    time_epochs()
 
     def ours_in_tmp(model_name, batch, micro, n, measure):
         with tempfile.TemporaryDirectory() as tmp:
             folder = comm.broadcast(tmp if comm.is_main else None)
-            rates, steps = ours(comm, EPOCHS, folder, model_name, batch, micro, n, measure)
+            result = ours(comm, EPOCHS, folder, model_name, batch, micro, n, measure)
             comm.barrier()
-        return rates, steps
+        return result
 
     lines = []
     for model_name, batch, micro, n in CONFIGS:
-        bare, plain, measured, steps_total, calls["n"] = [], [], [], 0, 0
+        rates = {"bare": [], "plain": [], "measured": []}
+        host = {"bare": [], "plain": [], "measured": []}
         for r in range(ROUNDS):           # rotate which loop goes first: no order bias
             loops = ["bare", "plain", "measured"]
             for which in loops[r % 3:] + loops[:r % 3]:
                 if which == "bare":
-                    bare += bare_loop(comm, EPOCHS, model_name, batch, micro, n)
+                    got, cpu = bare_loop(comm, EPOCHS, model_name, batch, micro, n)
                 else:
-                    rates, steps = ours_in_tmp(model_name, batch, micro, n, which == "measured")
-                    (measured if which == "measured" else plain).extend(rates)
-                    steps_total += steps if which == "measured" else 0
-        b, p, m = (statistics.median(x) for x in (bare, plain, measured))
+                    got, cpu = ours_in_tmp(model_name, batch, micro, n, which == "measured")
+                rates[which] += got
+                host[which] += cpu
+        b, p, m = (statistics.median(rates[k]) for k in ("bare", "plain", "measured"))
+        hb, hp, hm = (statistics.median(every_rank(host[k])) for k in ("bare", "plain", "measured"))
         split = f"{micro} x {batch // micro // comm.world} x {comm.world}"
-        extra = lambda rate: 1e6 * batch / rate - 1e6 * batch / b      # noqa: E731 - us per step over the bare loop
-        lines.append(f"| {model_name} | {batch} = {split} | {b:,.0f} | {p:,.0f} | {m:,.0f} | {p / b:.3f} | {m / b:.3f} "
-                     f"| {extra(p):+.0f} | {extra(m):+.0f} | {calls['n'] / steps_total:.2f} |")
+        lines.append(f"| {model_name} | {batch} = {split} | {b:,.0f} | {p / b:.3f} | {m / b:.3f} "
+                     f"| {hb:,.0f} | {hp - hb:+.0f} | {hm - hb:+.0f} |")
     if comm.is_main:
-        print("| model | global batch (micro x accum x ranks) | bare DDP loop (samples/s) | qhm-launch, noise scale off "
-              "(samples/s) | qhm-launch, default (samples/s) | ratio off / bare | ratio default / bare "
-              "| extra us/step, off | extra us/step, default | gradient all-reduces per step |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| model | global batch (micro x accum x ranks) | bare DDP loop (samples/s) | ratio noise scale off "
+              "/ bare | ratio default / bare | bare loop host us/step | extra host us/step, off "
+              "| extra host us/step, default |")
+        print("|---|---|---|---|---|---|---|---|")
         print("\n".join(lines))
     comm.close()
 
@@ -148,7 +180,7 @@ def bare_script() -> None:
     """Under torchrun (E2E_BARE set): the bare loop as a job of its own; prints its rates as JSON."""
     from launcher.train import comm as comm_mod
     comm = comm_mod.init()
-    rates = bare_loop(comm, E2E_EPOCHS, "tiny", 8, 4, E2E_SAMPLES)
+    rates, _ = bare_loop(comm, E2E_EPOCHS, "tiny", 8, 4, E2E_SAMPLES)
     if comm.is_main:
         print("RATES " + json.dumps(rates), flush=True)
     comm.close()
