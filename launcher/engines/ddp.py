@@ -50,9 +50,9 @@ class DDPEngine:
         loss.backward()
 
     def _queue_local_read(self, param: torch.Tensor) -> None:
-        """In a synchronised backward, once a parameter's gradient is complete: the probe's read of this
-        rank's gradients, queued to run at backward's end, before DDP's own final callback (which DDP
-        queues once every gradient is complete, this one included, and which lands the reduced ones)."""
+        """In a synchronised backward, once the first trainable parameter's gradient is complete: the
+        probe's read of this rank's gradients, queued to run at backward's end before DDP's own final
+        callback (which DDP queues once every gradient is complete, and which lands the reduced ones)."""
         if self._read_local:
             Variable._execution_engine.queue_callback(self.probe.read_local)
 

@@ -16,18 +16,18 @@ Where the two squared norms come from:
 
 - several ranks under DDP: this rank's accumulated gradient (its sum, scaled by world/B by the loss) is
   read at the end of the step's synchronised backward, by a callback queued ahead of DDP's own (when the
-  first trainable parameter's gradient is complete): autograd runs its final callbacks in order, and DDP queues its
-  own once every gradient is complete; that one copies the all-reduced mean into ``.grad``. Until then
-  ``.grad`` is this rank's gradient, because DDP is built without ``gradient_as_bucket_view`` where the
-  noise scale is measured (it reduces a copy in its buckets: one more gradient's worth of memory and one
-  more copy per step). DDP's reduce stays DDP's built-in one, so the update is bit for bit the one
+  first trainable parameter's gradient is complete): autograd runs its final callbacks in order, and DDP
+  queues its own once every gradient is complete; that one copies the all-reduced mean into ``.grad``.
+  Until then ``.grad`` is this rank's gradient, because DDP is built without ``gradient_as_bucket_view``
+  where the noise scale is measured (it reduces a copy in its buckets: one more gradient's worth of memory
+  and one more copy per step). DDP's reduce stays DDP's built-in one, so the update is bit for bit the one
   without measuring on any number of ranks (a Python comm hook that divided each bucket, as DDP's
   documented default hook does, gave other bits on 3 ranks: the built-in reduce multiplies by 1/world),
-  and no Python runs on the communication thread. Once backward() returns, the step reads the norms of
-  the reduced gradients (the global mean). Both sides are read per parameter, in parameter order,
-  whatever DDP's buckets (it rebuilds them after a process's first step), so a resumed process gives
-  the same rows bit for bit. The explicit-reduce path (``max_micro_batch: auto``) records its gradients
-  the same way on both sides of its all-reduce;
+  and no Python runs on the communication thread. Once backward() returns, the step reads the norms of the
+  reduced gradients (the global mean). Both sides are read per parameter, in parameter order, whatever
+  DDP's buckets (it rebuilds them after a process's first step), so a resumed process gives the same rows
+  bit for bit. The explicit-reduce path (``max_micro_batch: auto``) records its gradients the same way on
+  both sides of its all-reduce;
 - one process under accumulation: the gradient after the first micro-batch and after the last;
 - otherwise (one process and one micro-batch per step; DeepSpeed, whose ZeRO keeps gradients in its own
   partitioned buffers, out of reach of DDP's hooks) there is one batch size per step: null, said once.
