@@ -14,8 +14,9 @@ Two measures per epoch (the first epoch of each run dropped as warm-up), both re
 - host time per step: the CPU time of the thread that issues the work (``time.thread_time`` over the
   epoch's steps, log points and stop checks included, divided by its steps), and what the launcher adds
   to the bare loop's. On this 2-core machine two ranks and their gloo threads share the cores, so wall
-  time moves by +-150 us a step between runs while the issuing thread's CPU time moves by a few us; the
-  host-time column is the one that resolves tens of microseconds.
+  time moves by +-150 us a step between runs while the issuing thread's CPU time moves by about 15 us
+  (tiny model; about 50 us for the small CNN, whose steps are longer); the host-time columns are the
+  ones that resolve tens of microseconds.
 
 Then the same comparison end to end, for the tiny model at global batch 8: ``qhm-launch run`` (its
 own torchrun, the model from a factory, metrics from its metrics.jsonl) against the bare loop started by

@@ -43,7 +43,7 @@ class DDPEngine:
 
     def micro_step(self, last: bool):
         synced = last and not self.explicit_reduce
-        self._read_local = synced and self.probe is not None and self.model is not self.module
+        self._read_local = synced            # read by the probe's hook, which only DDP with a probe has
         return nullcontext() if synced or self.model is self.module else self.model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -58,7 +58,8 @@ def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 class NoiseProbe:
-    """This rank's squared gradient norms of the step in progress, (small, big), on the device."""
+    """This rank's gradient norms of the step in progress, small batch and big, on the device: per
+    parameter under RANKS, as two squared sums (``squares``) under FIRST_MICRO_BATCH."""
 
     def __init__(self, kind: str | None, module: torch.nn.Module, world: int, device: torch.device):
         self.kind, self.module, self.world = kind, module, world
