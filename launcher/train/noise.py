@@ -8,9 +8,10 @@ E|g_b|^2 = |G|^2 + tr(Sigma)/b and E|g_B|^2 = |G|^2 + tr(Sigma)/B, so
     |G|^2     ~ (B |g_B|^2 - b |g_b|^2) / (B - b)
     tr(Sigma) ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B)
 
-are unbiased. Each step adds both estimates to the epoch's running sums (:class:`EpochSums`) with one
-product, on the device; a steps.jsonl row reports the window's means and B_simple = tr(Sigma) / |G|^2, the
-ratio of the means (a mean of per-step ratios is biased; McCandlish A.1 says the same).
+are unbiased. Each step's norms join the epoch's running sums (:class:`EpochSums`), which add the
+estimates of many steps with one product on the device; a steps.jsonl row reports the window's means and
+B_simple = tr(Sigma) / |G|^2, the ratio of the means (a mean of per-step ratios is biased; McCandlish A.1
+says the same).
 
 Where the two squared norms come from:
 
@@ -53,64 +54,52 @@ def source(recipe, world: int, accumulates: bool) -> tuple[str | None, str]:
     return None, "one process and no gradient accumulation: each step has one batch size"
 
 
-def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(torch._foreach_norm(grads)).to(torch.float64).square().sum()
-
-
 class NoiseProbe:
-    """This rank's gradient norms of the step in progress, small batch and big, on the device: per
-    parameter under RANKS, as two squared sums (``squares``) under FIRST_MICRO_BATCH."""
+    """This rank's gradient norms of the step in progress, small batch and big, per parameter (0-d
+    tensors on the device, as ``torch._foreach_norm`` gives them): under RANKS this rank's gradients
+    before the all-reduce and after it, under FIRST_MICRO_BATCH after the first micro-batch and after
+    the last. A measured step hands both to :meth:`EpochSums.add_noise` with the coefficients of their
+    squares, and issues no other kernel."""
 
     def __init__(self, kind: str | None, module: torch.nn.Module, world: int, device: torch.device):
-        self.kind, self.module, self.world = kind, module, world
-        self.squares = torch.zeros(2, dtype=torch.float64, device=device)
+        self.kind, self.module, self.world, self.device = kind, module, world, device
         self.trainable = [p for p in module.parameters() if p.requires_grad]
-        self._local: tuple | None = None       # RANKS: every gradient's norm before the all-reduce, this step
-        self._reduced: tuple | None = None     # RANKS: every gradient's norm after it
-        self.small_batch = 0                   # samples behind the small batch's square in this step
-        self._matrices: dict[tuple[int, int], torch.Tensor] = {}    # (b, B) -> the step's coefficients
+        self._small: tuple | None = None       # the small batch's norms, this step
+        self._big: tuple | None = None         # the big batch's (the global batch's) norms, this step
+        self.small_batch = 0                   # samples behind the small batch's gradient in this step
+        self._matrices: dict[tuple, torch.Tensor] = {}    # (b, B, norms of each) -> the step's coefficients
 
     def start_step(self) -> None:
         """Before a step's first micro-batch (and before a step that is redone)."""
         if self.kind is not None:
-            self._local, self._reduced, self.small_batch = None, None, 0
+            self._small, self._big, self.small_batch = None, None, 0
 
     def micro_step_done(self, index: int, last: bool, samples: int) -> None:
         """After micro-batch ``index``'s backward, which had ``samples`` samples on this rank."""
         if self.kind == RANKS:
             self.small_batch += samples            # the callback (or the explicit reduce) reads the local norms
-            if last and self._local is not None and self._reduced is None:    # DDP's reduce is done
+            if last and self._small is not None and self._big is None:    # DDP's reduce is done
                 self.record_reduced([p.grad for p in self.trainable])
         elif self.kind == FIRST_MICRO_BATCH and (index == 0 or last):
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norms = torch._foreach_norm([p.grad for p in self.module.parameters() if p.grad is not None])
             if index == 0:
-                self.small_batch = samples
-                self.squares[0] = squared_norm(grads)
+                self.small_batch, self._small = samples, norms
             if last:
-                self.squares[1] = squared_norm(grads)
+                self._big = norms
 
     def end_step(self, sums, size: int) -> None:
-        """After the update: the step's estimates into the running sums (a step with one batch size,
-        or none on this rank, adds nothing)."""
+        """After the update: the step's norms into the running sums (a step with one batch size, or none
+        on this rank, or whose gradients were not read, adds nothing)."""
         b = self.small_batch
-        if self.kind is None or not 0 < b < size:
+        if self.kind is None or self._big is None or not 0 < b < size:
             return
-        key = (b, size)
+        key = (b, size, len(self._small), len(self._big))
         matrix = self._matrices.get(key)
-        if matrix is None:
-            matrix = coefficients(b, size, self.world if self.kind == RANKS else 1, self.squares.device)
-            if self.kind == RANKS:                 # one column per norm: C's columns, once per parameter
-                matrix = matrix.repeat_interleave(len(self.trainable), dim=1)
+        if matrix is None:                         # C's first column once per small norm, its second per big
+            c = coefficients(b, size, self.world if self.kind == RANKS else 1, self.device)
+            matrix = c.repeat_interleave(torch.tensor(key[2:], device=self.device), dim=1)
             self._matrices[key] = matrix
-        if self.kind == RANKS:
-            if self._reduced is None:              # no gradient was read in this step
-                return
-            # C @ (sum of the local squared norms, of the reduced ones), each in parameter order, as one
-            # product over the norms (squared in float64, where a float32's square is exact)
-            norms = torch.stack([*self._local, *self._reduced]).to(torch.float64)
-            sums.add_noise(matrix * norms, norms)
-        else:
-            sums.add_noise(matrix, self.squares)
+        sums.add_noise(matrix, self._small + self._big)
 
     def read_local(self) -> None:
         """This rank's accumulated gradients, before DDP's reduce lands in them: their norms (a final
@@ -119,11 +108,11 @@ class NoiseProbe:
 
     def record_local(self, grads: list[torch.Tensor]) -> None:
         """This rank's gradients of every trainable parameter, in parameter order, before the all-reduce."""
-        self._local = torch._foreach_norm(grads)
+        self._small = torch._foreach_norm(grads)
 
     def record_reduced(self, grads: list[torch.Tensor]) -> None:
         """The all-reduced mean gradients of every trainable parameter, in parameter order: their norms."""
-        self._reduced = torch._foreach_norm(grads)
+        self._big = torch._foreach_norm(grads)
 
 
 def coefficients(small: int, big: int, world: int, device: torch.device) -> torch.Tensor:

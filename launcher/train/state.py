@@ -99,9 +99,15 @@ class EpochSums:
     reading them is one copy. The sums since the last per-step log point (the *window*, which may span
     an epoch's end) are the current sums plus ``offset``: a log point sets it to minus the current sums,
     an epoch's end adds the epoch's sums to it before they are zeroed. All on the device, read only at
-    log points."""
+    log points.
+
+    A measured step's gradient norms wait in ``pending`` (with their coefficients) until the sums are
+    read or :data:`FOLD_EVERY` steps wait: then one product adds all their estimates. Where that happens
+    depends only on the steps taken, and a checkpoint holds what waits, so a resumed run adds in the
+    same groups, bit for bit."""
     FIELDS = ("loss", "correct", "samples", "grad_sq", "trace_cov", "noise_steps")   # as_tensor's layout
     SAMPLES, NOISE_STEPS = FIELDS.index("samples"), FIELDS.index("noise_steps")
+    FOLD_EVERY = 64        # measured steps whose norms may wait: bounds what they hold (2 per parameter each)
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -109,6 +115,9 @@ class EpochSums:
         self.loss, self.correct, self.noise = self.values[0], self.values[1], self.values[3:5]
         self.offset = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
         self.samples, self.noise_steps, self.has_accuracy = 0, 0, True
+        self._norms: list[torch.Tensor] = []        # pending: the waiting steps' norms, 0-d, in order
+        self._columns: list[torch.Tensor] = []      # pending: each waiting step's coefficients, 2 x its norms
+        self._waiting = 0                           # pending: the steps behind them
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor | None, samples: int) -> None:
         self.loss += loss_sum.detach()
@@ -118,10 +127,21 @@ class EpochSums:
             self.correct += correct
         self.samples += samples
 
-    def add_noise(self, matrix: torch.Tensor, vector: torch.Tensor) -> None:
-        """One measured step: its (|G|^2, tr(Sigma)) estimates = matrix @ vector, one kernel."""
-        self.noise.addmv_(matrix, vector)
+    def add_noise(self, matrix: torch.Tensor, norms: tuple) -> None:
+        """One measured step: its (|G|^2, tr(Sigma)) estimates are matrix @ norms^2 (:func:`estimates`),
+        added with the other waiting steps' (no kernel here)."""
+        self._norms.extend(norms)
+        self._columns.append(matrix)
+        self._waiting += 1
         self.noise_steps += 1
+        if self._waiting == self.FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        """The waiting steps' estimates into ``noise``: one product over all their norms."""
+        if self._waiting:
+            self.noise += estimates(torch.cat(self._columns, dim=1), torch.stack(self._norms))
+            self._norms, self._columns, self._waiting = [], [], 0
 
     def zero(self) -> None:
         """The epoch ended: its sums restart at zero; the window keeps what was not logged yet."""
@@ -141,24 +161,38 @@ class EpochSums:
         return self._with_counts().clone()
 
     def _with_counts(self) -> torch.Tensor:
-        """``values`` with the host counts in their places (fills: nothing waits for the device)."""
+        """``values`` with the waiting estimates added and the host counts in their places (fills:
+        nothing waits for the device)."""
+        self._fold()
         self.values[self.SAMPLES] = self.samples
         self.values[self.NOISE_STEPS] = self.noise_steps
         return self.values
 
     def snapshot(self) -> tuple:
-        """The sums as they are, on the device (no copy to the host): for a step that may be redone."""
-        return self.values.clone(), self.offset.clone(), self.samples, self.noise_steps, self.has_accuracy
+        """The sums as they are, on the device (no copy to the host): for a step that may be redone
+        (which adds no noise estimate before it is agreed, so what waits is kept by its length)."""
+        return (self.values.clone(), self.offset.clone(), self.samples, self.noise_steps, self.has_accuracy,
+                len(self._norms), len(self._columns), self._waiting)
 
     def restore(self, snap: tuple) -> None:
-        values, offset, self.samples, self.noise_steps, self.has_accuracy = snap
+        values, offset, self.samples, self.noise_steps, self.has_accuracy, norms, columns, self._waiting = snap
         self.values.copy_(values)
         self.offset.copy_(offset)
+        del self._norms[norms:], self._columns[columns:]
 
     def state_dict(self) -> dict:
+        """Copies (on the CPU ``.cpu()`` is the tensor itself, which the next read adds to)."""
         return {"values": torch.stack([self.loss, self.correct]).cpu(), "samples": self.samples,
-                "noise": self.noise.cpu(), "noise_steps": self.noise_steps,
-                "offset": self.offset.cpu(), "has_accuracy": self.has_accuracy}
+                "noise": self.noise.cpu().clone(), "noise_steps": self.noise_steps,
+                "offset": self.offset.cpu().clone(), "has_accuracy": self.has_accuracy,
+                "noise_waiting": self._pending()}
+
+    def _pending(self) -> dict:
+        """What waits, as it is (not added: the uninterrupted run adds it later, in its own group)."""
+        if not self._waiting:
+            return {"steps": 0}
+        return {"steps": self._waiting, "norms": torch.stack(self._norms).cpu(),
+                "columns": torch.cat(self._columns, dim=1).cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         """Checkpoints from before the noise estimates (an offset of 3) read as zero for them."""
@@ -171,6 +205,10 @@ class EpochSums:
         self.offset.zero_()
         self.offset[:len(offset)].copy_(offset)
         self.has_accuracy = bool(state.get("has_accuracy", True))
+        waiting = state.get("noise_waiting", {"steps": 0})
+        self._waiting = int(waiting["steps"])
+        self._norms = list(waiting["norms"].to(self.device).unbind()) if self._waiting else []
+        self._columns = [waiting["columns"].to(self.device)] if self._waiting else []
 
     def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
         """Another world size: rank 0 carries the epoch's (and the window's) totals, the others start at 0."""
@@ -179,8 +217,21 @@ class EpochSums:
         padded = lambda t: torch.cat([t, zeros(width - len(t))])  # noqa: E731
         if rank == 0:
             return {"values": sum(s["values"] for s in saved), "samples": sum(int(s["samples"]) for s in saved),
-                    "noise": sum(s.get("noise", zeros(2)) for s in saved),
+                    "noise": sum(s.get("noise", zeros(2)) + waiting_estimates(s) for s in saved),
                     "noise_steps": sum(int(s.get("noise_steps", 0)) for s in saved),
                     "offset": sum(padded(s.get("offset", zeros(3))) for s in saved), "has_accuracy": accuracy}
         return {"values": zeros(2), "samples": 0, "noise": zeros(2), "noise_steps": 0, "offset": zeros(width),
                 "has_accuracy": accuracy}
+
+
+def estimates(columns: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """The (|G|^2, tr(Sigma)) estimates of some steps, added up: columns @ norms^2, squared in float64
+    (where a float32's square is exact)."""
+    norms = norms.to(torch.float64)
+    return columns @ (norms * norms)
+
+
+def waiting_estimates(saved: dict) -> torch.Tensor:
+    """A saved :class:`EpochSums`' waiting steps' estimates, added up (zeros if none)."""
+    waiting = saved.get("noise_waiting", {"steps": 0})
+    return estimates(waiting["columns"], waiting["norms"]) if waiting["steps"] else torch.zeros(2, dtype=torch.float64)

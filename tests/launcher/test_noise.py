@@ -102,3 +102,72 @@ def test_estimates_from_the_squares():
         {"grad_sq": grad_sq, "trace_cov": trace, "noise_scale": trace / grad_sq})
     assert noise.window_fields(torch.tensor([-1.0, 3.0, 1.0]))["noise_scale"] is None
     assert noise.window_fields(torch.tensor([1.0, -3.0, 1.0]))["noise_scale"] is None
+
+
+def _measured_steps(count: int, params: int = 5):
+    """Random per-parameter norms (float32, as torch._foreach_norm gives them) and coefficient columns of
+    ``count`` steps, two batch-size pairs alternating in runs."""
+    from launcher.train import noise
+    g = torch.Generator().manual_seed(0)
+    pairs = [noise.coefficients(8, 32, 2, torch.device("cpu")), noise.coefficients(4, 32, 2, torch.device("cpu"))]
+    steps = []
+    for s in range(count):
+        matrix = pairs[(s // 7) % 2].repeat_interleave(params, dim=1)
+        steps.append((matrix, tuple(torch.rand(2 * params, generator=g).unbind())))
+    return steps
+
+
+def test_waiting_estimates_add_up_to_the_formula_and_resume_in_the_same_groups():
+    """Steps' norms wait and are added many at a time: the windows equal the per-step formula summed in a
+    plain loop, and a run saved at any step and loaded into fresh sums gives the uninterrupted windows
+    bit for bit (what waits travels in the checkpoint, so it is added in the same groups)."""
+    from launcher.train.state import EpochSums
+    cpu = torch.device("cpu")
+    steps = _measured_steps(200)
+    log_at = {10, 30, 100, 171, 199}            # 100 -> 171: more than FOLD_EVERY steps between reads
+
+    def windows(save_at=None):
+        sums, out = EpochSums(cpu), []
+        for s, (matrix, norms) in enumerate(steps):
+            if s == save_at:
+                state = sums.state_dict()
+                sums = EpochSums(cpu)
+                sums.load_state_dict(state)
+            sums.add_noise(matrix, norms)
+            if s in log_at:
+                out.append(sums.take_window())
+        return out
+
+    uninterrupted = windows()
+    previous = 0
+    for s, window in zip(sorted(log_at), uninterrupted):
+        reference = torch.zeros(2, dtype=torch.float64)
+        for matrix, norms in steps[previous:s + 1]:
+            squares = torch.tensor([float(n) ** 2 for n in norms], dtype=torch.float64)
+            reference += matrix @ squares
+        assert window[3:5].tolist() == pytest.approx(reference.tolist(), rel=1e-12)
+        assert window[5] == s + 1 - previous
+        previous = s + 1
+    for save_at in (37, 64, 150):               # mid-group, at a group's end, many steps after a read
+        for resumed, expected in zip(windows(save_at), uninterrupted):
+            assert torch.equal(resumed, expected), save_at
+
+
+def test_waiting_estimates_survive_a_redo_and_another_world_size():
+    from launcher.train.state import EpochSums
+    cpu = torch.device("cpu")
+    steps = _measured_steps(20)
+    ranks = [EpochSums(cpu), EpochSums(cpu)]
+    for s, (matrix, norms) in enumerate(steps):
+        ranks[s % 2].add_noise(matrix, norms)
+    # a step redone (max_micro_batch: auto) restores what waited as well as the sums
+    snapshot = ranks[0].snapshot()
+    ranks[0].add_noise(*steps[0])
+    ranks[0].restore(snapshot)
+    saved = [r.state_dict() for r in ranks]
+    assert saved[0]["noise_waiting"]["steps"] == 10
+    total = sum(r.as_tensor() for r in ranks)
+    one = EpochSums(cpu)
+    one.load_state_dict(EpochSums(cpu).reshard(saved, 0, 1, 20))
+    assert one.as_tensor()[3:5].tolist() == pytest.approx(total[3:5].tolist(), rel=1e-12)
+    assert one.as_tensor()[5] == 20
