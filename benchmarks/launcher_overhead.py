@@ -161,10 +161,11 @@ def worker():
                 rates[which] += got
                 host[which] += cpu
         b, p, m = (statistics.median(rates[k]) for k in ("bare", "plain", "measured"))
-        hb, hp, hm = (statistics.median(every_rank(host[k])) for k in ("bare", "plain", "measured"))
+        hb, hp, hm = (every_rank(host[k]) for k in ("bare", "plain", "measured"))
+        extra = lambda ours: statistics.median(o - b for o, b in zip(ours, hb))   # noqa: E731  same round, rank, epoch
         split = f"{micro} x {batch // micro // comm.world} x {comm.world}"
         lines.append(f"| {model_name} | {batch} = {split} | {b:,.0f} | {p / b:.3f} | {m / b:.3f} "
-                     f"| {hb:,.0f} | {hp - hb:+.0f} | {hm - hb:+.0f} |")
+                     f"| {statistics.median(hb):,.0f} | {extra(hp):+.0f} | {extra(hm):+.0f} |")
     if comm.is_main:
         print("| model | global batch (micro x accum x ranks) | bare DDP loop (samples/s) | ratio noise scale off "
               "/ bare | ratio default / bare | bare loop host us/step | extra host us/step, off "
@@ -191,6 +192,15 @@ def bare_script() -> None:
     comm.close()
 
 
+def finished(command: list, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """``command`` run to its end; if it failed, its output's tail is printed before the error."""
+    out = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"{' '.join(command[1:])} exited {out.returncode}:\n" + (out.stdout + out.stderr)[-6000:], flush=True)
+        out.check_returncode()
+    return out
+
+
 def end_to_end() -> str:
     """``qhm-launch run`` against the bare loop as a torchrun script, each a fresh job, alternating."""
     import yaml
@@ -202,16 +212,15 @@ def end_to_end() -> str:
         for r in range(E2E_ROUNDS):
             for which in (["bare", "ours"] if r % 2 == 0 else ["ours", "bare"]):
                 if which == "bare":
-                    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                          "--nproc_per_node=2", str(Path(__file__).resolve())], cwd=here.parent,
-                                         env=dict(env, E2E_BARE="1"), capture_output=True, text=True, check=True)
+                    out = finished([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2", str(Path(__file__).resolve())], here.parent,
+                                   dict(env, E2E_BARE="1"))
                     bare += json.loads(out.stdout.split("RATES ", 1)[1].splitlines()[0])
                 else:
                     folder = Path(tmp) / f"round{r}"
                     path = Path(tmp) / f"round{r}.yaml"
                     path.write_text(yaml.safe_dump(recipe(folder, 2, E2E_EPOCHS, "tiny", 8, 4, E2E_SAMPLES, True)))
-                    subprocess.run([sys.executable, "-m", "launcher", "run", str(path)], cwd=here.parent, env=env,
-                                   capture_output=True, text=True, check=True)
+                    finished([sys.executable, "-m", "launcher", "run", str(path)], here.parent, env)
                     rows = [json.loads(line) for line in (folder / "bench" / "metrics.jsonl").read_text().splitlines()]
                     ours_rates += [row["samples_per_s"] for row in rows][1:]
     b, o = statistics.median(bare), statistics.median(ours_rates)

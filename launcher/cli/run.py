@@ -7,6 +7,7 @@ after saving a checkpoint (run the same command again to resume); anything else:
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -169,6 +170,13 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -
     except Exception as exc:            # a mistake only a worker meets (the user's code, a bug): one line too
         rc = report_failure(recipe, comm, exc, step=trainer.state.global_step + 1 if trainer else None)
     finally:
+        # DDP must be gone before its process group: a gloo group destroyed under a live DDP aborts the
+        # interpreter's teardown now and then ("terminate called without an active exception", exit -6
+        # after a finished run: 13 of 100 runs of a plain DDP script, 0 of 70 with DDP freed first)
+        if trainer is not None:           # a failed run did not close it
+            trainer.engine.close()
+        trainer = None
+        gc.collect()
         if joined:
             comm.close()
         if lock is not None:

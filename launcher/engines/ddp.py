@@ -28,7 +28,7 @@ class DDPEngine:
         self.model = DDP(module, device_ids=[comm.device.index] if comm.device.type == "cuda" else None,
                          gradient_as_bucket_view=bucket_view) if distributed else module
         self._reduced = self._read_local = False
-        self.probe = None
+        self.probe, self._hook = None, None
 
     def measure_noise(self, probe) -> None:
         """Read the gradient before and after its all-reduce for the noise scale (launcher.train.noise):
@@ -36,7 +36,14 @@ class DDPEngine:
         the explicit reduce."""
         self.probe = probe
         if self.model is not self.module and not self.explicit_reduce:
-            probe.trainable[0].register_post_accumulate_grad_hook(self._queue_local_read)
+            self._hook = probe.trainable[0].register_post_accumulate_grad_hook(self._queue_local_read)
+
+    def close(self) -> None:
+        """The hook goes: DDP's reducer holds the parameters from C++, so a parameter -> hook -> engine ->
+        DDP cycle is one the garbage collector cannot free, and DDP would outlive its process group."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def set_stage(self, micro_batch: int, accum: int) -> None:
         """DDP needs nothing: the loop decides where each step's micro-batches end."""

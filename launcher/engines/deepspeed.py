@@ -133,6 +133,9 @@ class DeepSpeedEngine:
         self.model.zero_grad()
         self._backwards = 0
 
+    def close(self) -> None:
+        """Nothing of ours hooks into DeepSpeed's engine."""
+
     # checkpoints: DeepSpeed writes model and (partitioned) optimizer state itself, into our folder
     def save_files(self, folder: Path) -> None:
         self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)

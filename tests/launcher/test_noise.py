@@ -3,7 +3,7 @@ the guarantee that measuring it leaves the updates bitwise unchanged."""
 import pytest
 import torch
 
-from helpers import assert_bitwise, base_recipe, final_params, train_ranks
+from helpers import assert_bitwise, base_recipe, final_params, run_ranks, train_ranks
 from launcher.run.files import read_jsonl
 
 N, BATCH = 1024, 64
@@ -171,3 +171,26 @@ def test_waiting_estimates_survive_a_redo_and_another_world_size():
     one.load_state_dict(EpochSums(cpu).reshard(saved, 0, 1, 20))
     assert one.as_tensor()[3:5].tolist() == pytest.approx(total[3:5].tolist(), rel=1e-12)
     assert one.as_tensor()[5] == 20
+
+
+def _live_ddp_after_training(comm, recipe: dict, cwd: str) -> tuple:
+    """(exit status, DDP objects the training left alive in this long-lived pool rank)."""
+    import gc
+    from helpers import _train_rank
+    from torch.nn.parallel import DistributedDataParallel
+
+    def live() -> int:
+        gc.collect()
+        return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    before = live()
+    code = _train_rank(comm, recipe, cwd, {})
+    return code, live() - before
+
+
+def test_a_finished_worker_leaves_no_ddp_behind_for_its_process_group(tmp_path):
+    """The probe's hook on a parameter (which DDP's reducer holds from C++) tied the engine and DDP into
+    a cycle no collector frees: DDP outlived the process group the worker destroys, and a gloo group
+    destroyed under a live DDP aborts the interpreter's teardown now and then (exit -6 after a finished
+    run). In the pool's long-lived ranks it was also a leak of one model per run."""
+    recipe = base_recipe(**{"epochs": 1, "data.size": 64, "checkpoint.every_steps": 0})
+    assert run_ranks(_live_ddp_after_training, 2, recipe, str(tmp_path)) == [(0, 0), (0, 0)]
