@@ -13,10 +13,10 @@ Two measures per epoch (the first epoch of each run dropped as warm-up), both re
 - training samples/s (wall clock; evaluation excluded), and the ratio to the bare loop;
 - host time per step: the CPU time of the thread that issues the work (``time.thread_time`` over the
   epoch's steps, log points and stop checks included, divided by its steps), and what the launcher adds
-  to the bare loop's. On this 2-core machine two ranks and their gloo threads share the cores, so wall
-  time moves by +-150 us a step between runs while the issuing thread's CPU time moves by about 15 us
-  (tiny model; about 50 us for the small CNN, whose steps are longer); the host-time columns are the
-  ones that resolve tens of microseconds.
+  to the bare loop's: the median of paired differences (same round, rank and epoch), so a drift of the
+  machine between rounds cancels. On this 2-core machine two ranks and their gloo threads share the
+  cores, so wall time moves by +-150 us a step between runs; the issuing thread's CPU time moved by about
+  15 us on a quiet day and by about 60 us on a noisy one (docs/benchmarks.md): compare runs of one day.
 
 Then the same comparison end to end, for the tiny model at global batch 8: ``qhm-launch run`` (its
 own torchrun, the model from a factory, metrics from its metrics.jsonl) against the bare loop started by
