@@ -173,9 +173,8 @@ def worker():
         print("|---|---|---|---|---|---|---|---|")
         print("\n".join(lines), flush=True)
     comm.close()
-    # the rounds leave dozens of DDP reducers and gloo contexts for the interpreter's teardown, which now
-    # and then aborts ("terminate called without an active exception"; 1 of 4 runs of the unchanged code
-    # too): the results are out, so leave without it
+    # the results are out: leave without the interpreter's teardown, which aborts now and then where a DDP
+    # outlived its gloo group (docs/benchmarks.md; before e949e2d every trainer's DDP here did)
     os._exit(0)
 
 
