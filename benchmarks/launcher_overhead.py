@@ -162,7 +162,7 @@ def worker():
                 host[which] += cpu
         b, p, m = (statistics.median(rates[k]) for k in ("bare", "plain", "measured"))
         hb, hp, hm = (every_rank(host[k]) for k in ("bare", "plain", "measured"))
-        extra = lambda ours: statistics.median(o - b for o, b in zip(ours, hb))   # noqa: E731  same round, rank, epoch
+        extra = lambda ours: statistics.median(o - base for o, base in zip(ours, hb))  # noqa: E731  same round, rank, epoch
         split = f"{micro} x {batch // micro // comm.world} x {comm.world}"
         lines.append(f"| {model_name} | {batch} = {split} | {b:,.0f} | {p / b:.3f} | {m / b:.3f} "
                      f"| {statistics.median(hb):,.0f} | {extra(hp):+.0f} | {extra(hm):+.0f} |")

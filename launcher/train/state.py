@@ -117,7 +117,6 @@ class EpochSums:
         self.samples, self.noise_steps, self.has_accuracy = 0, 0, True
         self._norms: list[torch.Tensor] = []        # pending: the waiting steps' norms, 0-d, in order
         self._columns: list[torch.Tensor] = []      # pending: each waiting step's coefficients, 2 x its norms
-        self._waiting = 0                           # pending: the steps behind them
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor | None, samples: int) -> None:
         self.loss += loss_sum.detach()
@@ -132,16 +131,15 @@ class EpochSums:
         added with the other waiting steps' (no kernel here)."""
         self._norms.extend(norms)
         self._columns.append(matrix)
-        self._waiting += 1
         self.noise_steps += 1
-        if self._waiting == self.FOLD_EVERY:
+        if len(self._columns) == self.FOLD_EVERY:
             self._fold()
 
     def _fold(self) -> None:
         """The waiting steps' estimates into ``noise``: one product over all their norms."""
-        if self._waiting:
-            self.noise += estimates(torch.cat(self._columns, dim=1), torch.stack(self._norms))
-            self._norms, self._columns, self._waiting = [], [], 0
+        if self._columns:
+            self.noise += estimates(self._columns, torch.stack(self._norms))
+            self._norms, self._columns = [], []
 
     def zero(self) -> None:
         """The epoch ended: its sums restart at zero; the window keeps what was not logged yet."""
@@ -172,10 +170,10 @@ class EpochSums:
         """The sums as they are, on the device (no copy to the host): for a step that may be redone
         (which adds no noise estimate before it is agreed, so what waits is kept by its length)."""
         return (self.values.clone(), self.offset.clone(), self.samples, self.noise_steps, self.has_accuracy,
-                len(self._norms), len(self._columns), self._waiting)
+                len(self._norms), len(self._columns))
 
     def restore(self, snap: tuple) -> None:
-        values, offset, self.samples, self.noise_steps, self.has_accuracy, norms, columns, self._waiting = snap
+        values, offset, self.samples, self.noise_steps, self.has_accuracy, norms, columns = snap
         self.values.copy_(values)
         self.offset.copy_(offset)
         del self._norms[norms:], self._columns[columns:]
@@ -189,10 +187,9 @@ class EpochSums:
 
     def _pending(self) -> dict:
         """What waits, as it is (not added: the uninterrupted run adds it later, in its own group)."""
-        if not self._waiting:
-            return {"steps": 0}
-        return {"steps": self._waiting, "norms": torch.stack(self._norms).cpu(),
-                "columns": torch.cat(self._columns, dim=1).cpu()}
+        if not self._columns:
+            return {}
+        return {"norms": torch.stack(self._norms).cpu(), "columns": [c.cpu() for c in self._columns]}
 
     def load_state_dict(self, state: dict) -> None:
         """Checkpoints from before the noise estimates (an offset of 3) read as zero for them."""
@@ -205,10 +202,9 @@ class EpochSums:
         self.offset.zero_()
         self.offset[:len(offset)].copy_(offset)
         self.has_accuracy = bool(state.get("has_accuracy", True))
-        waiting = state.get("noise_waiting", {"steps": 0})
-        self._waiting = int(waiting["steps"])
-        self._norms = list(waiting["norms"].to(self.device).unbind()) if self._waiting else []
-        self._columns = [waiting["columns"].to(self.device)] if self._waiting else []
+        waiting = state.get("noise_waiting", {})
+        self._columns = [c.to(self.device) for c in waiting.get("columns", [])]
+        self._norms = list(waiting["norms"].to(self.device).unbind()) if self._columns else []
 
     def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
         """Another world size: rank 0 carries the epoch's (and the window's) totals, the others start at 0."""
@@ -224,14 +220,14 @@ class EpochSums:
                 "has_accuracy": accuracy}
 
 
-def estimates(columns: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """The (|G|^2, tr(Sigma)) estimates of some steps, added up: columns @ norms^2, squared in float64
-    (where a float32's square is exact)."""
+def estimates(columns: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
+    """The (|G|^2, tr(Sigma)) estimates of some steps, added up: (their columns side by side) @ norms^2,
+    squared in float64 (where a float32's square is exact)."""
     norms = norms.to(torch.float64)
-    return columns @ (norms * norms)
+    return torch.cat(columns, dim=1) @ (norms * norms)
 
 
 def waiting_estimates(saved: dict) -> torch.Tensor:
     """A saved :class:`EpochSums`' waiting steps' estimates, added up (zeros if none)."""
-    waiting = saved.get("noise_waiting", {"steps": 0})
-    return estimates(waiting["columns"], waiting["norms"]) if waiting["steps"] else torch.zeros(2, dtype=torch.float64)
+    waiting = saved.get("noise_waiting", {})
+    return estimates(waiting["columns"], waiting["norms"]) if waiting.get("columns") else torch.zeros(2, dtype=torch.float64)
