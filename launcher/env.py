@@ -98,6 +98,46 @@ def load_libc():
         return None
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie is not: it has ended, its parent has not reaped it)."""
+    if os.path.isdir("/proc/self"):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            return False
+        return stat[stat.rindex(")") + 2] != "Z"         # the name may contain spaces and parentheses
+    try:                               # no /proc (not Linux): ask the kernel
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def exit_with(pid: int, poll_s: float = 0.25) -> None:
+    """End this process the moment process ``pid`` ends (now, if it already has), whoever our parent is:
+    a daemon thread waits on a pidfd (Linux 5.3+), else polls every ``poll_s`` seconds. For a process
+    whose parent outlives what it works for (a DataLoader worker, child of its rank's fork server)."""
+    import select
+    import threading
+
+    def wait() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):            # no pidfd here, or the process is gone already
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])             # readable once the process has ended
+        while fd is None and alive(pid):
+            time.sleep(poll_s)
+        os._exit(1)
+
+    if not alive(pid):
+        os._exit(1)
+    threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True).start()
+
+
 def die_with_parent(expected_parent: Optional[int] = None) -> None:
     """Ask Linux to SIGKILL this process when its parent dies; if the parent already died (this
     process was re-parented), exit now. Elsewhere than Linux this does nothing."""

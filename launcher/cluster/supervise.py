@@ -47,7 +47,7 @@ def arm_worker() -> None:
     """The first lines of a worker process, before any heavy import."""
     parent = os.getppid()
     launcher = os.environ.get(env.PARENT)
-    if parent == 1 or (launcher and not _alive(int(launcher))):
+    if parent == 1 or (launcher and not env.alive(int(launcher))):
         os._exit(1)                              # started by a launcher that is already gone
     die_with_parent(parent)
     record_early_signals()
@@ -67,16 +67,6 @@ def early_signals(wanted: list[str]) -> list[int]:
     wanted_early = [s for s in _early if s in numbers]
     _early.clear()                    # taken: a local sweep's next point must not take them again
     return wanted_early
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def children(pid: int) -> list[int]:

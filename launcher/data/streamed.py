@@ -11,12 +11,23 @@ keyed augmentation (crop, flip, rotation) is applied per sample in the worker.
 The workers persist across epochs and batch stages: a new epoch or stage only re-iterates the same
 loader with the sampler set to the new stage (the prefetched micro-batches of an abandoned iteration
 are dropped).
+
+The workers are forked from a fork server (one per rank, started with the rank's data), never from
+the rank itself: a rank runs gloo's threads, and when one of them frees a finished collective it takes
+the interpreter's thread-state lock without holding the GIL. A fork at that moment gives a child that
+waits for that lock forever, in ``PyOS_AfterFork_Child`` before any of its own code runs (CPython
+gh-112275; Python 3.11.7 has it). It was seen as a resumed run hanging at its first evaluation, one
+kill-and-resume in six on a loaded 2-core host. The server is single-threaded, so what it forks is
+clean. The dataset therefore reaches the workers pickled (:func:`unpicklable` is the launcher's check
+before any worker starts); tensors travel in shared memory, not copied.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing
 import os
+import pickle
 import random
 
 import numpy as np
@@ -112,6 +123,23 @@ class ShardSampler:
         return -(-(self.hi - self.lo) // self.size)
 
 
+# what the fork server imports once, so that each worker it forks starts with them loaded
+SERVER_PRELOAD = ["torch", "launcher.data.streamed"]
+
+
+def worker_start(workers: int):
+    """The multiprocessing context a loader of ``workers`` processes starts them from: the fork server
+    (started here, so that its import of torch overlaps the rest of the rank's start-up), or None
+    where no workers run (or no fork server exists: not Linux or macOS)."""
+    if workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(SERVER_PRELOAD)
+    from multiprocessing import forkserver
+    forkserver.ensure_running()
+    return context
+
+
 def die_with_rank():
     """A DataLoader's worker_init_fn: the worker is killed the moment its rank dies (torch's own watchdog
     notices only seconds later, and a worker stuck in a user's ``__getitem__`` never)."""
@@ -119,7 +147,33 @@ def die_with_rank():
 
 
 def _die_with(rank: int, worker_id: int) -> None:
-    env.die_with_parent(rank)
+    """The worker's parent is the rank's fork server, which lives as long as any worker it forked does:
+    the worker watches the rank itself."""
+    env.exit_with(rank)
+
+
+class _Discard:
+    def write(self, data) -> int:
+        return len(data)
+
+
+class _Probe(pickle.Pickler):
+    """Pickles everything but tensor and array contents (shared memory or plain bytes: always sendable),
+    into nothing: what a worker's start would pickle, at the cost of walking the objects only."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (torch.Tensor, np.ndarray)):
+            return tuple, ()
+        return NotImplemented
+
+
+def unpicklable(dataset) -> str | None:
+    """Why ``dataset`` cannot reach a worker process (the error pickling it raises), or None."""
+    try:
+        _Probe(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(dataset)
+    except Exception as exc:  # noqa: BLE001 - whatever pickling a user's object raises is the answer
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 class StreamedSplit:
@@ -142,6 +196,7 @@ class StreamedSplit:
         if self._loader is None:
             self._loader = DataLoader(self.base, batch_sampler=self._sampler, num_workers=self.workers,
                                       pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                                      multiprocessing_context=worker_start(self.workers),
                                       worker_init_fn=die_with_rank())
         self._sampler.lo, self._sampler.hi, self._sampler.size = lo, hi, batch_size
         a = lo
@@ -165,7 +220,7 @@ class StreamedBatches:
         self.loader = DataLoader(KeyedDataset(split.base, seed, augment, seeded), batch_sampler=self.sampler,
                                  num_workers=workers, pin_memory=split.device.type == "cuda",
                                  persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
-                                 worker_init_fn=die_with_rank())
+                                 multiprocessing_context=worker_start(workers), worker_init_fn=die_with_rank())
         x0, y0 = default_collate([split.base[0]])
         self.empty = split.to_device(x0[:0], y0[:0])
         self._it = None

@@ -125,7 +125,23 @@ def check_samples(recipe: Recipe) -> int:
         raise UserError(f"{where}: the loss of train[0] and test[0] is {float(value)} before any training; "
                         "allowed: finite inputs and targets")
     check_gradients(module, inputs, target, loss, model_key)
+    if dataset.streamed and recipe.data.workers > 0:
+        check_sendable(dataset, where, recipe.data.workers)
     return len(dataset.train)
+
+
+def check_sendable(dataset, where: str, workers: int) -> None:
+    """Each split's dataset must pickle: DataLoader workers get it from the rank's fork server (see
+    launcher/data/streamed.py), not by inheriting the rank's memory."""
+    from launcher.data.streamed import unpicklable
+    for name in ("train", "test", "validation", "train_eval"):
+        split = getattr(dataset, name)
+        why = None if split is None else unpicklable(split.base)
+        if why:
+            raise UserError(f"{where}: the {name} dataset cannot be sent to the data.workers: {workers} worker "
+                            f"processes, it does not pickle ({one_line(why)}); allowed: a dataset built from "
+                            "classes and functions defined at a module's top level (no lambdas, local functions, "
+                            "open files or locks), or data.workers: 0 (samples read in each rank itself)")
 
 
 def check_gradients(module, inputs, target, loss, model_key: str) -> None:

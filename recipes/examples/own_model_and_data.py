@@ -10,7 +10,9 @@ directory and PYTHONPATH are importable, in the launcher and in every worker):
 * ``data.factory(**kwargs)`` returns an object (or dict) with ``train`` and ``test``: map-style datasets
   whose item i is (input tensor, target); optionally ``train_eval`` (the training set without random
   transforms: the full-gradient norm uses it) and ``num_classes``. Random transforms inside a dataset
-  are fine: each sample is read with the RNGs seeded from (seed, epoch, index).
+  are fine: each sample is read with the RNGs seeded from (seed, epoch, index). With ``data.workers``
+  above 0 the datasets are pickled to the worker processes: build them from classes and functions
+  defined at a module's top level (no lambdas or local functions; open files lazily in __getitem__).
 * ``loss.factory(**kwargs)`` returns fn(output, target) -> one loss per sample (shape [batch]); the
   launcher sums it and divides by the global batch, so accumulation and uneven batches stay exact.
   Without it: cross-entropy. Accuracy is reported when outputs are class logits and targets class

@@ -1,6 +1,9 @@
 """Data order: a function of (seed, epoch, batch size) only; rank slices partition each batch;
 augmentation a function of (seed, epoch, sample index), the same per sample and per batch."""
 
+import os
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -104,3 +107,24 @@ def test_digits_ships_with_the_package_and_has_a_fixed_split():
     assert (len(ds.train), len(ds.test)) == D.SIZES["digits"] and ds.shape == (1, 8, 8)
     again = D.load(D.Data(dataset="digits"), torch.device("cpu"), torch.float32)
     assert torch.equal(ds.train.labels, again.train.labels)
+
+
+def _parent_and_threads(pid: int) -> tuple[int, int]:
+    status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+    return int(status["PPid"]), int(status["Threads"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_streamed_workers_come_from_a_single_threaded_fork_server_not_from_the_rank():
+    """A rank runs gloo's threads, and a fork of it can leave the child waiting forever for a lock one of
+    them held (CPython gh-112275: a resumed run hung at its first evaluation, 1 in 6 kill-and-resumes):
+    the workers are forked by a server with one thread, and still read the samples in order."""
+    from launcher.data.streamed import StreamedSplit
+    ds = torch.utils.data.TensorDataset(torch.arange(12.0).view(12, 1), torch.arange(12))
+    split = StreamedSplit(ds, torch.device("cpu"), torch.float32, workers=2)
+    read = list(split.shard(2, 12, 4))
+    assert [(a, b) for a, b, _, _ in read] == [(2, 6), (6, 10), (10, 12)]
+    assert torch.equal(torch.cat([x for _, _, x, _ in read]), ds.tensors[0][2:])
+    parents = {_parent_and_threads(w.pid)[0] for w in split._loader._iterator._workers}
+    assert len(parents) == 1 and os.getpid() not in parents
+    assert _parent_and_threads(parents.pop())[1] == 1

@@ -40,20 +40,34 @@ class Mapped(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.fn(*self.base[i])
 
-def spirals(fn, test_fn=None):
+# top-level functions: the datasets pickle, as data.workers needs (only `unpicklable` holds a lambda)
+def same(x, y):
+    return x, y
+def as_pil(x, y):
+    return Image.new("L", (8, 8)), y
+def plus_7(x, y):
+    return x, y + 7
+def as_string(x, y):
+    return x, "cat"
+def doubled(x, y):
+    return torch.cat([x, x]), y
+
+def spirals(fn=same, test_fn=None):
     return {"train": Mapped(Spirals(120, 3, 0), fn), "test": Mapped(Spirals(40, 3, 1), test_fn or fn), "num_classes": 3}
 
 def pil():
-    return spirals(lambda x, y: (Image.new("L", (8, 8)), y))
+    return spirals(as_pil)
 def labels_too_big():
-    return spirals(lambda x, y: (x, y + 7))
+    return spirals(plus_7)
 def string_labels():
-    return spirals(lambda x, y: (x, "cat"))
+    return spirals(as_string)
 def other_test_shape():
-    return spirals(lambda x, y: (x, y), lambda x, y: (torch.cat([x, x]), y))
+    return spirals(same, doubled)
 def pair():
-    d = spirals(lambda x, y: (x, y))
+    d = spirals()
     return d["train"], d["test"]
+def unpicklable():
+    return spirals(lambda x, y: (x, y))
 def two_outputs():
     return MLP(classes=2)
 def no_parameters():
@@ -88,17 +102,17 @@ class Trap(torch.utils.data.Dataset):
         return self.base[i]
 
 def bad_sample():
-    d = spirals(lambda x, y: (x, y))
+    d = spirals()
     return {**d, "train": Trap(d["train"], 77)}
 def hangs():
-    d = spirals(lambda x, y: (x, y))
+    d = spirals()
     return {**d, "train": Trap(d["train"], 50, hang=True)}
 def spawns():
     import os, subprocess
     child = subprocess.Popen(["sleep", "300"])
     with open(os.environ["QHM_TEST_PIDS"], "a") as f:
         f.write(f"{child.pid}\\n")
-    return spirals(lambda x, y: (x, y))
+    return spirals()
 """
 
 
@@ -178,10 +192,15 @@ BAD = [
                                                         "the loss (spare.weight, spare.bias); allowed:"),
     ({"model": {"factory": "mypkg.edge:wrong_input"}}, "model.factory: the forward pass of train[0] and test[0] "
                                                         "(inputs (2,), torch.float32) raised RuntimeError"),
+    # data workers get the dataset pickled (from the rank's fork server): a lambda inside cannot travel
+    ({"data": {"factory": "mypkg.edge:unpicklable", "workers": 2}},
+     "data.factory: 'mypkg.edge:unpicklable': the train dataset cannot be sent to the data.workers: 2 worker processes, "
+     "it does not pickle (AttributeError: Can't pickle local object 'unpicklable.<locals>.<lambda>'); allowed: a "
+     "dataset built from classes and functions defined at a module's top level"),
 ]
 
 
-def test_a_factory_may_return_a_train_test_pair(tmp_path, monkeypatch):
+def test_a_factory_may_return_a_train_test_pair_and_without_workers_its_data_need_not_pickle(tmp_path, monkeypatch):
     from launcher import config, data
     from launcher.train import preflight
     user_package(tmp_path)
@@ -189,9 +208,12 @@ def test_a_factory_may_return_a_train_test_pair(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = config.from_dict(base_recipe(**{"data": {"factory": "mypkg.edge:pair"},
                                              "model": {"factory": "mypkg.parts:build_model"}}))
+    read_in_ranks = config.from_dict(base_recipe(**{"data": {"factory": "mypkg.edge:unpicklable", "workers": 0},
+                                                    "model": {"factory": "mypkg.parts:build_model"}}))
     try:
         assert data.sizes(recipe.data) == (120, 40)
         preflight.preflight(recipe, 2)
+        preflight.preflight(read_in_ranks, 2)       # no worker processes: nothing needs to pickle
     finally:
         for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
             del sys.modules[name]
