@@ -118,13 +118,22 @@ def _parent_and_threads(pid: int) -> tuple[int, int]:
 def test_streamed_workers_come_from_a_single_threaded_fork_server_not_from_the_rank():
     """A rank runs gloo's threads, and a fork of it can leave the child waiting forever for a lock one of
     them held (CPython gh-112275: a resumed run hung at its first evaluation, 1 in 6 kill-and-resumes):
-    the workers are forked by a server with one thread, and still read the samples in order."""
-    from launcher.data.streamed import StreamedSplit
+    both loaders' workers (training batches, evaluation shards) are forked by a server with one thread,
+    and still read the samples in order."""
+    from types import SimpleNamespace
+    from launcher.data.streamed import StreamedBatches, StreamedSplit
     ds = torch.utils.data.TensorDataset(torch.arange(12.0).view(12, 1), torch.arange(12))
     split = StreamedSplit(ds, torch.device("cpu"), torch.float32, workers=2)
     read = list(split.shard(2, 12, 4))
     assert [(a, b) for a, b, _, _ in read] == [(2, 6), (6, 10), (10, 12)]
     assert torch.equal(torch.cat([x for _, _, x, _ in read]), ds.tensors[0][2:])
-    parents = {_parent_and_threads(w.pid)[0] for w in split._loader._iterator._workers}
-    assert len(parents) == 1 and os.getpid() not in parents
-    assert _parent_and_threads(parents.pop())[1] == 1
+    batches = StreamedBatches(split, seed=0, augment=None, comm=SimpleNamespace(rank=0, world=1), seeded=False)
+    stage = SimpleNamespace(batch=4, micro_batch=2, steps=3)
+    batches.start_epoch(0, 1, stage)
+    size, micro = batches.step(0, 1, stage)
+    order = O.GlobalBatchSampler(12, 0).permutation(0)
+    assert size == 4 and torch.equal(torch.cat([y for _, y in micro]), order[4:8])
+    for loader in (split._loader, batches.loader):
+        parents = {_parent_and_threads(w.pid)[0] for w in loader._iterator._workers}
+        assert len(parents) == 1 and os.getpid() not in parents
+        assert _parent_and_threads(parents.pop())[1] == 1
