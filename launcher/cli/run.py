@@ -174,7 +174,7 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -
         # interpreter's teardown now and then ("terminate called without an active exception", exit -6
         # after a finished run: 13 of 100 runs of a plain DDP script, 0 of 70 with DDP freed first)
         if trainer is not None:           # a failed run did not close it
-            trainer.engine.close()
+            trainer.parts.close()
         trainer = None
         gc.collect()
         if joined:

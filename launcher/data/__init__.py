@@ -50,6 +50,12 @@ class Dataset:
     def shape(self):
         return self.train.sample_shape
 
+    def close(self) -> None:
+        """End the data workers of every split's evaluation loader (streamed; nothing to do in memory)."""
+        for split in (self.train, self.test, self.validation, self.eval_train):
+            if isinstance(split, StreamedSplit):
+                split.close()
+
     def batches(self, sampler, seed: int, comm):
         if self.streamed:
             return StreamedBatches(self.train, seed, self.augment, comm, seeded=self.user)

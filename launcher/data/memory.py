@@ -60,6 +60,9 @@ class InMemoryBatches:
         idx = torch.arange(m, device=self.split.images.device) % len(self.split)
         return self.split.gather(idx)
 
+    def close(self) -> None:
+        """Nothing runs beside the rank here (the streamed counterpart ends its workers)."""
+
     def step(self, epoch: int, step: int, stage) -> tuple[int, list]:
         """(global batch size, [(x, y) per micro-batch of this rank]); one empty micro-batch when this
         rank has no sample of the batch (it still joins the gradient reduce)."""

@@ -204,6 +204,13 @@ class StreamedSplit:
             yield a, a + len(y), *self.to_device(x, y)
             a += len(y)
 
+    def close(self) -> None:
+        """End the workers now. Dropping the only reference runs the loader's shutdown while its queues
+        are alive; left to the garbage collector (the trainer's parts form cycles), the queues' feeder
+        threads are finalised first, the workers never get their stop message, and each join times out
+        after 5 s (a 3-epoch test run spent 30 of its 34 s there)."""
+        self._loader = None
+
     @property
     def sample_shape(self) -> tuple:
         return tuple(torch.as_tensor(self.base[0][0]).shape)
@@ -277,6 +284,11 @@ class StreamedBatches:
         _, lo, hi = self._bounds(step, stage)
         return [(x[a - lo:c - lo], y[a - lo:c - lo]) if c > a else self.empty
                 for a, c in order.micro_batches(lo, hi, stage.micro_batch)]
+
+    def close(self) -> None:
+        """End the workers now (see :meth:`StreamedSplit.close`)."""
+        self._it = self._held = self._ahead = None
+        self.loader = None
 
     def probe_batch(self, m: int):
         x, y = default_collate([self.split.base[i % len(self.split)] for i in range(m)])

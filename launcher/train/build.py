@@ -49,6 +49,13 @@ class Parts:
     checkpoints: CheckpointManager
     log: Callable[..., None]
 
+    def close(self) -> None:
+        """What must end before the process group does (the engine's hooks), and the data workers (now,
+        while their queues are alive: see StreamedSplit.close). Safe to call twice."""
+        self.engine.close()
+        self.batches.close()
+        self.dataset.close()
+
 
 def build_optimizer(recipe, module) -> qhm.QHM:
     s, kernel = recipe.schedule_spec(), recipe.optimizer.kernel

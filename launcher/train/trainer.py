@@ -191,12 +191,12 @@ class Trainer:
     def close(self, outcome: Outcome) -> None:
         """After train(): background checkpoint removal done, the stop agreement's last all-reduce in,
         W&B told how this process's part of the run ended, the engine's hooks gone (so DDP can be freed
-        before its process group is destroyed)."""
+        before its process group is destroyed), the data workers ended."""
         self.step_rows.flush()
         self.checkpoints.wait()
         self.stop.close()
         self.reporter.finish(self.state, finished=outcome is Outcome.FINISHED)
-        self.engine.close()
+        self.parts.close()
 
 
 def run(recipe, comm, preempt: PreemptionFlag | None = None, log=print, until_epoch: int | None = None) -> "Trainer":

@@ -119,7 +119,7 @@ def test_streamed_workers_come_from_a_single_threaded_fork_server_not_from_the_r
     """A rank runs gloo's threads, and a fork of it can leave the child waiting forever for a lock one of
     them held (CPython gh-112275: a resumed run hung at its first evaluation, 1 in 6 kill-and-resumes):
     both loaders' workers (training batches, evaluation shards) are forked by a server with one thread,
-    and still read the samples in order."""
+    still read the samples in order, and end cleanly when closed."""
     from types import SimpleNamespace
     from launcher.data.streamed import StreamedBatches, StreamedSplit
     ds = torch.utils.data.TensorDataset(torch.arange(12.0).view(12, 1), torch.arange(12))
@@ -133,7 +133,17 @@ def test_streamed_workers_come_from_a_single_threaded_fork_server_not_from_the_r
     size, micro = batches.step(0, 1, stage)
     order = O.GlobalBatchSampler(12, 0).permutation(0)
     assert size == 4 and torch.equal(torch.cat([y for _, y in micro]), order[4:8])
+    workers = []
     for loader in (split._loader, batches.loader):
+        workers += loader._iterator._workers
         parents = {_parent_and_threads(w.pid)[0] for w in loader._iterator._workers}
         assert len(parents) == 1 and os.getpid() not in parents
         assert _parent_and_threads(parents.pop())[1] == 1
+    # closed, the workers get their stop message and exit 0 (left to the garbage collector, their queues
+    # were finalised first: each join timed out and torch terminated them, exit -15)
+    del loader
+    split.close()
+    batches.close()
+    for w in workers:
+        w.join(timeout=20)
+    assert [w.exitcode for w in workers] == [0] * 4
