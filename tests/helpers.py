@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from launcher.config import keys
+from launcher.env import alive  # noqa: F401  tests import it from here: whether a PID runs (zombies do not)
 from launcher.run.files import read_jsonl
 from launcher.run.tracking import WALL_FIELDS
 
@@ -95,14 +96,6 @@ def wait_for(predicate, timeout=300, proc=None, what="condition", interval=0.05)
             raise AssertionError(f"process ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie is not: it has ended, only its parent has not reaped it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def processes_with(*entries: str, unless: str | None = None) -> list[int]:

@@ -50,9 +50,14 @@ class Dataset:
     def shape(self):
         return self.train.sample_shape
 
+    def named_splits(self) -> dict:
+        """Every split there is, by the name a data factory gives it (train_eval only when it differs)."""
+        named = {"train": self.train, "test": self.test, "validation": self.validation, "train_eval": self.eval_train}
+        return {name: split for name, split in named.items() if split is not None}
+
     def close(self) -> None:
         """End the data workers of every split's evaluation loader (streamed; nothing to do in memory)."""
-        for split in (self.train, self.test, self.validation, self.eval_train):
+        for split in self.named_splits().values():
             if isinstance(split, StreamedSplit):
                 split.close()
 

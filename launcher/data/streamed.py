@@ -167,12 +167,16 @@ class _Probe(pickle.Pickler):
         return NotImplemented
 
 
-def unpicklable(dataset) -> str | None:
-    """Why ``dataset`` cannot reach a worker process (the error pickling it raises), or None."""
-    try:
-        _Probe(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(dataset)
-    except Exception as exc:  # noqa: BLE001 - whatever pickling a user's object raises is the answer
-        return f"{type(exc).__name__}: {exc}"
+def unpicklable(datasets: dict) -> tuple[str, str] | None:
+    """The first of the named ``datasets`` that cannot reach a worker process, with the error pickling
+    it raises, or None. One pickler walks them all: its memo makes what they share (a validation
+    subset's base is the training set) walked once."""
+    probe = _Probe(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+    for name, dataset in datasets.items():
+        try:
+            probe.dump(dataset)
+        except Exception as exc:  # noqa: BLE001 - whatever pickling a user's object raises is the answer
+            return name, f"{type(exc).__name__}: {exc}"
     return None
 
 

@@ -134,14 +134,13 @@ def check_sendable(dataset, where: str, workers: int) -> None:
     """Each split's dataset must pickle: DataLoader workers get it from the rank's fork server (see
     launcher/data/streamed.py), not by inheriting the rank's memory."""
     from launcher.data.streamed import unpicklable
-    for name in ("train", "test", "validation", "train_eval"):
-        split = getattr(dataset, name)
-        why = None if split is None else unpicklable(split.base)
-        if why:
-            raise UserError(f"{where}: the {name} dataset cannot be sent to the data.workers: {workers} worker "
-                            f"processes, it does not pickle ({one_line(why)}); allowed: a dataset built from "
-                            "classes and functions defined at a module's top level (no lambdas, local functions, "
-                            "open files or locks), or data.workers: 0 (samples read in each rank itself)")
+    failed = unpicklable({name: split.base for name, split in dataset.named_splits().items()})
+    if failed:
+        name, why = failed
+        raise UserError(f"{where}: the {name} dataset cannot be sent to the data.workers: {workers} worker "
+                        f"processes, it does not pickle ({one_line(why)}); allowed: a dataset built from "
+                        "classes and functions defined at a module's top level (no lambdas, local functions, "
+                        "open files or locks), or data.workers: 0 (samples read in each rank itself)")
 
 
 def check_gradients(module, inputs, target, loss, model_key: str) -> None:
