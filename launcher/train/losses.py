@@ -36,11 +36,17 @@ class Loss:
         return losses.sum()
 
     @staticmethod
+    def predictions(out: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+        """The predicted classes, or None when accuracy has no meaning for these outputs."""
+        if out.dim() == 2 and target.dim() == 1 and not target.is_floating_point() and not target.is_complex():
+            return out.argmax(1)
+        return None
+
+    @staticmethod
     def correct(out: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
         """Correct predictions in the batch, or None when accuracy has no meaning for these outputs."""
-        if out.dim() == 2 and target.dim() == 1 and not target.is_floating_point() and not target.is_complex():
-            return (out.argmax(1) == target).sum()
-        return None
+        predicted = Loss.predictions(out, target)
+        return None if predicted is None else (predicted == target).sum()
 
 
 def from_recipe(spec) -> Loss:

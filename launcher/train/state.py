@@ -88,10 +88,11 @@ class RankRNG:
 
 
 class EpochSums:
-    """This rank's sums over the epoch so far: loss and correct predictions (on the device, so adding to
-    them never waits for it: one small kernel each), samples (a host integer: the loop knows it without
-    asking), and the gradient noise estimates (:mod:`launcher.train.noise`: the sums of each measured
-    step's |G|^2 and tr(Sigma) estimates on the device, the count of those steps on the host).
+    """This rank's sums over the epoch so far: loss and correct predictions (on the device), samples (a
+    host integer: the loop knows it without asking), the gradient noise estimates
+    (:mod:`launcher.train.noise`: the sums of each measured step's |G|^2 and tr(Sigma) estimates on the
+    device, the count of those steps on the host), and ``finite_steps``: the epoch's steps after which
+    the running loss sum was still finite (a non-finite loss stays in the sum, so the count stops there).
     ``has_accuracy`` turns False when the outputs are not class logits.
 
     The device sums live in one float64 vector laid out as :data:`FIELDS` (``loss``, ``correct`` and
@@ -101,30 +102,62 @@ class EpochSums:
     an epoch's end adds the epoch's sums to it before they are zeroed. All on the device, read only at
     log points.
 
-    A measured step's gradient norms wait in ``pending`` (with their coefficients) until the sums are
-    read or :data:`FOLD_EVERY` steps wait: then one product adds all their estimates. Where that happens
-    depends only on the steps taken, and a checkpoint holds what waits, so a resumed run adds in the
-    same groups, bit for bit."""
+    A step issues no kernel for its sums (on a small batch each kernel is host time the bare loop does
+    not spend): its micro-batches' loss sums, predicted classes and targets, and a measured step's
+    gradient norms (with their coefficients) wait in lists until the sums are read or
+    :data:`FOLD_EVERY` steps wait. Then a few kernels add them all: the losses by one running sum in
+    float64 (a cumulative sum, which on the CPU adds in order, as one addition per micro-batch would),
+    whose values at the steps' ends give the finite count; the correct predictions by one comparison;
+    the estimates by one product. Where that happens depends only on the steps taken, and a checkpoint
+    holds what waits, so a resumed run adds in the same groups, bit for bit."""
     FIELDS = ("loss", "correct", "samples", "grad_sq", "trace_cov", "noise_steps")   # as_tensor's layout
     SAMPLES, NOISE_STEPS = FIELDS.index("samples"), FIELDS.index("noise_steps")
-    FOLD_EVERY = 64        # measured steps whose norms may wait: bounds what they hold (2 per parameter each)
+    FOLD_EVERY = 64        # steps whose sums may wait: bounds what they hold (2 norms per parameter each)
 
     def __init__(self, device: torch.device):
         self.device = device
         self.values = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
         self.loss, self.correct, self.noise = self.values[0], self.values[1], self.values[3:5]
         self.offset = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        # float64: it rides in a log point's window, whose sum over ranks is world x step while all is well
+        self.finite_steps = torch.zeros(1, dtype=torch.float64, device=device)
         self.samples, self.noise_steps, self.has_accuracy = 0, 0, True
-        self._norms: list[torch.Tensor] = []        # pending: the waiting steps' norms, 0-d, in order
-        self._columns: list[torch.Tensor] = []      # pending: each waiting step's coefficients, 2 x its norms
+        self._losses: list[torch.Tensor] = []       # waiting: each micro-batch's loss sum, 0-d, in order
+        self._predicted: list[torch.Tensor] = []    # waiting: each micro-batch's predicted classes
+        self._targets: list[torch.Tensor] = []      # waiting: and its targets
+        self._correct: list[torch.Tensor] = []      # waiting: correct counts from a checkpoint, 0-d
+        self._ends: list[int] = []                  # waiting: len(_losses) at each waiting step's end
+        self._norms: list[torch.Tensor] = []        # waiting: the measured steps' norms, 0-d, in order
+        self._columns: list[torch.Tensor] = []      # waiting: each measured step's coefficients, 2 x its norms
 
-    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor | None, samples: int) -> None:
-        self.loss += loss_sum.detach()
-        if correct is None:
+    def start_epoch(self, step: int) -> None:
+        """Epoch entered at ``step`` (a checkpoint holds only finite steps; a waiting one counts when added)."""
+        self.finite_steps.fill_(step - len(self._ends))
+
+    def add(self, loss_sum: torch.Tensor, predicted: torch.Tensor | None, target: torch.Tensor,
+            samples: int) -> None:
+        """One micro-batch's summed loss and predicted classes (None: outputs that are not class
+        logits, so no accuracy): they wait (no kernel)."""
+        self._losses.append(loss_sum.detach())
+        if predicted is None:
             self.has_accuracy = False
         else:
-            self.correct += correct
+            self._predicted.append(predicted)
+            self._targets.append(target)
         self.samples += samples
+
+    def step_done(self) -> None:
+        """A step's micro-batches are all added (and its norms, if measured)."""
+        self._ends.append(len(self._losses))
+        if len(self._ends) == self.FOLD_EVERY:
+            self._fold()
+
+    def finite(self) -> torch.Tensor:
+        """``finite_steps`` with the waiting steps counted: a read, what waits stays waiting (a save
+        checks it, and a save where an uninterrupted run has none must not add in another group)."""
+        if not self._ends:
+            return self.finite_steps
+        return self.finite_steps + self._finite_waiting(self._running())
 
     def add_noise(self, matrix: torch.Tensor, norms: tuple) -> None:
         """One measured step: its (|G|^2, tr(Sigma)) estimates are matrix @ norms^2 (:func:`estimates`),
@@ -132,14 +165,37 @@ class EpochSums:
         self._norms.extend(norms)
         self._columns.append(matrix)
         self.noise_steps += 1
-        if len(self._columns) == self.FOLD_EVERY:
-            self._fold()
 
     def _fold(self) -> None:
-        """The waiting steps' estimates into ``noise``: one product over all their norms."""
+        """What waits into the sums."""
+        if self._losses:
+            running = self._running()
+            self.loss.copy_(running[-1])
+            if self._ends:
+                self.finite_steps += self._finite_waiting(running)
+        if self._predicted or self._correct:
+            self.correct += self._waiting_correct()
         if self._columns:
             self.noise += estimates(self._columns, torch.stack(self._norms))
-            self._norms, self._columns = [], []
+        for waiting in self._waiting():
+            waiting.clear()
+
+    def _running(self) -> torch.Tensor:
+        """The running loss sum before the first waiting micro-batch and after each, in float64."""
+        return torch.cat([self.loss.view(1), torch.stack(self._losses).to(torch.float64)]).cumsum(0)
+
+    def _finite_waiting(self, running: torch.Tensor) -> torch.Tensor:
+        """The waiting steps after which the running sum was finite. The steps' ends go to the device
+        without waiting for it (non_blocking; on the CPU no copy at all)."""
+        ends = torch.tensor(self._ends).to(self.device, non_blocking=True)
+        return torch.isfinite(running[ends]).sum()
+
+    def _waiting_correct(self) -> torch.Tensor:
+        """The waiting correct predictions, counted (0-d, on the device)."""
+        count = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self._predicted:
+            count += torch.eq(torch.cat(self._predicted), torch.cat(self._targets)).sum()
+        return sum(self._correct, count)
 
     def zero(self) -> None:
         """The epoch ended: its sums restart at zero; the window keeps what was not logged yet."""
@@ -168,28 +224,40 @@ class EpochSums:
 
     def snapshot(self) -> tuple:
         """The sums as they are, on the device (no copy to the host): for a step that may be redone
-        (which adds no noise estimate before it is agreed, so what waits is kept by its length)."""
+        (taken at its start; nothing is added up before it ends, so what waits is kept by its length and
+        a redo drops what the abandoned try appended)."""
         return (self.values.clone(), self.offset.clone(), self.samples, self.noise_steps, self.has_accuracy,
-                len(self._norms), len(self._columns))
+                tuple(map(len, self._waiting())))
 
     def restore(self, snap: tuple) -> None:
-        values, offset, self.samples, self.noise_steps, self.has_accuracy, norms, columns = snap
+        values, offset, self.samples, self.noise_steps, self.has_accuracy, lengths = snap
         self.values.copy_(values)
         self.offset.copy_(offset)
-        del self._norms[norms:], self._columns[columns:]
+        for waiting, length in zip(self._waiting(), lengths):
+            del waiting[length:]
+
+    def _waiting(self) -> tuple[list, ...]:
+        return self._losses, self._predicted, self._targets, self._correct, self._ends, self._norms, self._columns
 
     def state_dict(self) -> dict:
         """Copies (on the CPU ``.cpu()`` is the tensor itself, which the next read adds to)."""
         return {"values": torch.stack([self.loss, self.correct]).cpu(), "samples": self.samples,
                 "noise": self.noise.cpu().clone(), "noise_steps": self.noise_steps,
                 "offset": self.offset.cpu().clone(), "has_accuracy": self.has_accuracy,
-                "noise_waiting": self._pending()}
+                "noise_waiting": self._noise_pending(), "loss_waiting": self._loss_pending()}
 
-    def _pending(self) -> dict:
+    def _noise_pending(self) -> dict:
         """What waits, as it is (not added: the uninterrupted run adds it later, in its own group)."""
         if not self._columns:
             return {}
         return {"norms": torch.stack(self._norms).cpu(), "columns": [c.cpu() for c in self._columns]}
+
+    def _loss_pending(self) -> dict:
+        """The waiting losses as they are, the correct counts added up (integers: any order gives the same)."""
+        if not self._losses:
+            return {}
+        correct = self._waiting_correct().cpu() if self.has_accuracy else None
+        return {"losses": torch.stack(self._losses).cpu(), "ends": list(self._ends), "correct": correct}
 
     def load_state_dict(self, state: dict) -> None:
         """Checkpoints from before the noise estimates (an offset of 3) read as zero for them."""
@@ -205,6 +273,10 @@ class EpochSums:
         waiting = state.get("noise_waiting", {})
         self._columns = [c.to(self.device) for c in waiting.get("columns", [])]
         self._norms = list(waiting["norms"].to(self.device).unbind()) if self._columns else []
+        waiting = state.get("loss_waiting", {})
+        self._losses = list(waiting["losses"].to(self.device).unbind()) if waiting else []
+        self._ends = list(waiting["ends"]) if waiting else []
+        self._correct = [waiting["correct"].to(self.device)] if waiting and waiting["correct"] is not None else []
 
     def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
         """Another world size: rank 0 carries the epoch's (and the window's) totals, the others start at 0."""
@@ -212,7 +284,8 @@ class EpochSums:
         zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
         padded = lambda t: torch.cat([t, zeros(width - len(t))])  # noqa: E731
         if rank == 0:
-            return {"values": sum(s["values"] for s in saved), "samples": sum(int(s["samples"]) for s in saved),
+            return {"values": sum(s["values"] + waiting_sums(s) for s in saved),
+                    "samples": sum(int(s["samples"]) for s in saved),
                     "noise": sum(s.get("noise", zeros(2)) + waiting_estimates(s) for s in saved),
                     "noise_steps": sum(int(s.get("noise_steps", 0)) for s in saved),
                     "offset": sum(padded(s.get("offset", zeros(3))) for s in saved), "has_accuracy": accuracy}
@@ -225,6 +298,15 @@ def estimates(columns: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
     squared in float64 (where a float32's square is exact)."""
     norms = norms.to(torch.float64)
     return torch.cat(columns, dim=1) @ (norms * norms)
+
+
+def waiting_sums(saved: dict) -> torch.Tensor:
+    """A saved :class:`EpochSums`' waiting (loss, correct), added up (zeros if none)."""
+    waiting = saved.get("loss_waiting", {})
+    if not waiting:
+        return torch.zeros(2, dtype=torch.float64)
+    correct = waiting["correct"] if waiting["correct"] is not None else 0
+    return torch.stack([waiting["losses"].to(torch.float64).sum(), torch.as_tensor(correct, dtype=torch.float64)])
 
 
 def waiting_estimates(saved: dict) -> torch.Tensor:

@@ -56,7 +56,7 @@ class StepRunner:
             self.noise.micro_step_done(i, last, samples)
             if empty:
                 model.train()
-            self.sums.add(loss, self.loss.correct(out, y), samples)
+            self.sums.add(loss, self.loss.predictions(out, y), y, samples)
         return size
 
     def _retrying(self, epoch: int, step: int) -> int:

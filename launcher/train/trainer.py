@@ -45,10 +45,6 @@ class Trainer:
         self.stop = Agreement(self.comm, preempt, self.folder.preempt_request, log=self.log)
         self.log_every = log_interval(r, parts.splits)
         self.step_grad_norm = None
-        # on the device, so watching for a non-finite loss never waits for it: the steps of this epoch whose
-        # running loss sum was still finite (a non-finite loss stays in the sum, so the count stops there)
-        # (float64: it rides in a log point's window, whose sum over ranks is world x step while all is well)
-        self.finite_steps = torch.zeros(1, dtype=torch.float64, device=self.comm.device)
         self.step_delay = env.step_delay()
 
     def train(self) -> Outcome:
@@ -102,7 +98,7 @@ class Trainer:
         split = self.stages.enter(epoch)
         qhm.apply_hyperparams(self.engine.optimizer, split.lr, split.beta, split.gamma)
         self.parts.batches.start_epoch(epoch, self.state.step, split)
-        self.finite_steps.fill_(self.state.step)         # a checkpoint holds only finite steps
+        self.sums.start_epoch(self.state.step)
         self.parts.module.train()
         self.reporter.start_epoch(split, self.state)
         return split
@@ -114,7 +110,7 @@ class Trainer:
             self.step_grad_norm = self.engine.gradient_norm()      # read at the log point, not here
         self.engine.step()
         self.parts.noise.end_step(self.sums, size)
-        self.finite_steps += torch.isfinite(self.sums.loss)
+        self.sums.step_done()
         self.state.step, self.state.global_step = step + 1, self.state.global_step + 1
         self.state.samples += size
         if self.step_delay:
@@ -125,8 +121,9 @@ class Trainer:
         """A log point: the window's sums since the last one (and this rank's steps whose loss stayed
         finite) queued on the device; its steps.jsonl row is written about a second later (see steprows.py)."""
         grad_norm, self.step_grad_norm = self.step_grad_norm, None
+        window = self.sums.take_window()
         self.step_rows.take(self.stages[epoch], self.state, self.sums.has_accuracy,
-                            torch.cat([self.sums.take_window(), self.finite_steps]), grad_norm)
+                            torch.cat([window, self.sums.finite()]), grad_norm)
 
     def evaluate_mid_epoch(self, epoch: int) -> None:
         """eval.every_steps: a metrics.jsonl row inside the epoch (``mid_epoch: true``), so a target's
@@ -169,7 +166,7 @@ class Trainer:
     def stop_if_unfinished(self) -> None:
         """The all-reduce behind check_finite: raises, naming the first step, if some rank's loss was not
         finite in this epoch (a collective: every rank calls it at the same step)."""
-        finite = int(self.comm.all_reduce_min(self.finite_steps.clone()))
+        finite = int(self.comm.all_reduce_min(self.sums.finite().clone()))
         if finite < self.state.step:
             first = self.state.global_step - self.state.step + finite + 1
             saved = self.checkpoints.last_step
