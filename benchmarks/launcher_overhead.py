@@ -3,20 +3,21 @@
 2 processes on CPU (gloo), three configurations: a tiny model (two 3x3 convolutions of width 16: a step
 that is mostly host work) and the built-in small CNN at global batch 8 = micro 4 x accumulation 1 x 2
 ranks (the paper's first stage, where per-step overhead is what one waits for), and the small CNN at
-global batch 256 = micro 32 x accumulation 4 x 2. Rounds alternate between the loops (which goes first
-rotates); our trainer runs twice per round: with the gradient noise scale measured (the default: each
-rank's gradient is read at the end of backward, before DDP's reduced one lands) and without
-(``tracking.noise_scale: false``).
+global batch 256 = micro 32 x accumulation 4 x 2. Three loops live side by side in each process: the bare
+loop, our trainer with the gradient noise scale measured (the default: each rank's gradient is read at
+the end of backward, before DDP's reduced one lands) and our trainer without it
+(``tracking.noise_scale: false``). They take turns in short blocks of steps (which goes first rotates),
+each block after a barrier, so a drift of the machine reaches all three alike; epoch ends (our trainer's
+epoch row and the bare loop's new permutation) fall between blocks, outside the clocks.
 
-Two measures per epoch (the first epoch of each run dropped as warm-up), both reported as medians:
+Two measures per block, both reported as medians over the blocks of every rank:
 
-- training samples/s (wall clock; evaluation excluded), and the ratio to the bare loop;
-- host time per step: the CPU time of the thread that issues the work (``time.thread_time`` over the
-  epoch's steps, log points and stop checks included, divided by its steps), and what the launcher adds
-  to the bare loop's: the median of paired differences (same round, rank and epoch), so a drift of the
-  machine between rounds cancels. On this 2-core machine two ranks and their gloo threads share the
-  cores, so wall time moves by +-150 us a step between runs; the issuing thread's CPU time moved by about
-  15 us on a quiet day and by about 60 us on a noisy one (docs/benchmarks.md): compare runs of one day.
+- samples/s (wall clock), and the ratio to the bare loop's block of the same round;
+- host time per step: the CPU time of the thread that issues the work (``time.thread_time``, log points
+  and stop checks included), and what the launcher adds to the bare loop's: the median of the paired
+  differences (same round, same rank), with the mean and its standard error. On this 2-core machine two
+  ranks and their gloo threads share the cores, so a single block moves by +-100 us a step; the pairing
+  and a few hundred blocks bring the median's error to a few us (docs/benchmarks.md).
 
 Then the same comparison end to end, for the tiny model at global batch 8: ``qhm-launch run`` (its
 own torchrun, the model from a factory, metrics from its metrics.jsonl) against the bare loop started by
@@ -34,12 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROUNDS, EPOCHS = 6, 3
-CONFIGS = [  # (model, global batch, micro-batch, training samples): the tiny model's step is mostly host work
-    ("tiny", 8, 4, 2048),
-    ("small_cnn", 8, 4, 2048),
-    ("small_cnn", 256, 32, 4096),
+CONFIGS = [  # (model, global batch, micro-batch, steps per epoch, steps per block, rounds)
+    ("tiny", 8, 4, 256, 32, 300),
+    ("small_cnn", 8, 4, 256, 32, 150),
+    ("small_cnn", 256, 32, 16, 8, 40),
 ]
+WARM_UP_BLOCKS = 4
+LOOPS = ("bare", "off", "default")       # the bare loop; ours with the noise scale off; ours as it comes
 
 
 def build_model(name, shape):
@@ -52,36 +54,56 @@ def build_model(name, shape):
     return models.build(name, shape, 10, 0, torch.float32)
 
 
-def bare_loop(comm, epochs, model_name, batch, micro, n):
+class BareLoop:
     """The baseline: DDP, no_sync on all but the last micro-batch, a plain loop with QHM."""
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    import qhm
-    from launcher import data as D
-    ds = D.load(D.Data(dataset="synthetic", size=n, augment=False), comm.device, torch.float32)
-    model = DDP(build_model(model_name, ds.shape))
-    opt = qhm.QHM(model.parameters(), lr=0.05, beta=0.9, gamma=0.7)
-    per_rank = batch // comm.world
-    rates, host = [], []
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
-        t0, cpu0, seen, steps = time.time(), time.thread_time(), 0, 0
-        for start in range(0, n, batch):
-            idx = perm[start:start + batch]
+
+    def __init__(self, comm, model_name, batch, micro, n):
+        import torch
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        import qhm
+        from launcher import data as D
+        self.comm, self.batch, self.micro, self.n = comm, batch, micro, n
+        self.ds = D.load(D.Data(dataset="synthetic", size=n, augment=False), comm.device, torch.float32)
+        self.model = DDP(build_model(model_name, self.ds.shape))
+        self.opt = qhm.QHM(self.model.parameters(), lr=0.05, beta=0.9, gamma=0.7)
+        self.steps, self.epoch, self.step = n // batch, -1, n // batch
+
+    def next_epoch_if_done(self) -> None:
+        import torch
+        if self.step == self.steps:
+            self.epoch, self.step = self.epoch + 1, 0
+            self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch))
+
+    def run(self, count: int) -> None:
+        import torch
+        import torch.nn.functional as F
+        comm, model, per_rank = self.comm, self.model, self.batch // self.comm.world
+        for _ in range(count):
+            idx = self.perm[self.step * self.batch:(self.step + 1) * self.batch]
             mine = idx[comm.rank * per_rank:(comm.rank + 1) * per_rank]
-            chunks = mine.split(micro)
+            chunks = mine.split(self.micro)
             for i, c in enumerate(chunks):
                 ctx = model.no_sync() if i < len(chunks) - 1 else torch.enable_grad()
                 with ctx:
-                    loss = F.cross_entropy(model(ds.train.images[c]), ds.train.labels[c], reduction="sum")
+                    loss = F.cross_entropy(model(self.ds.train.images[c]), self.ds.train.labels[c], reduction="sum")
                     (loss * comm.world / len(idx)).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            seen, steps = seen + len(idx), steps + 1
-        rates.append(seen / (time.time() - t0))
-        host.append((time.thread_time() - cpu0) / steps * 1e6)
-    return rates[1:], host[1:]
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+
+    def close(self) -> None:
+        pass
+
+
+def bare_loop(comm, epochs, model_name, batch, micro, n) -> list:
+    """The bare loop for ``epochs`` epochs: samples/s of each epoch after the first."""
+    loop, rates = BareLoop(comm, model_name, batch, micro, n), []
+    for _ in range(epochs):
+        loop.next_epoch_if_done()
+        t0 = time.time()
+        loop.run(loop.steps)
+        rates.append(n / (time.time() - t0))
+    return rates[1:]
 
 
 def recipe(folder, world, epochs, model_name, batch, micro, n, noise) -> dict:
@@ -95,36 +117,34 @@ def recipe(folder, world, epochs, model_name, batch, micro, n, noise) -> dict:
             "tracking": {"wandb": {"mode": "disabled"}, "noise_scale": noise}}
 
 
-def ours(comm, epochs, folder, model_name, batch, micro, n, noise):
-    """Our trainer in this process: (samples/s, host us/step) of each epoch after the first."""
-    from launcher import config as R
-    from launcher.run.files import read_jsonl
-    from launcher.train.trainer import run
-    HOST.clear()
-    run(R.from_dict(recipe(folder, comm.world, epochs, model_name, batch, micro, n, noise)), comm,
-        log=lambda *a, **k: None)
-    rows = read_jsonl(Path(folder) / "bench" / "metrics.jsonl")
-    return [row["samples_per_s"] for row in rows][1:], HOST[1:]
+class OurLoop:
+    """Our trainer in this process, stepped as Trainer.train steps it (no evaluation, no checkpoints:
+    its last epoch, which evaluates, is never reached)."""
 
+    def __init__(self, comm, folder, model_name, batch, micro, n, noise):
+        from launcher import config as R
+        from launcher.train.build import build
+        from launcher.train.signals import PreemptionFlag
+        from launcher.train.trainer import Trainer
+        self.trainer = Trainer(build(R.from_dict(recipe(folder, comm.world, 1000, model_name, batch, micro, n,
+                                                        noise)), comm, lambda *a, **k: None), PreemptionFlag([]))
+        self.trainer.resume()
+        self.epoch, self.step, self.steps = -1, 0, 0
 
-HOST: list = []        # our trainer's host us/step of each epoch of the run in progress
+    def next_epoch_if_done(self) -> None:
+        if self.step == self.steps:
+            if self.epoch >= 0:
+                self.trainer.end_epoch(self.epoch)
+            self.epoch, self.step = self.epoch + 1, 0
+            self.steps = self.trainer.start_epoch(self.epoch).steps
 
+    def run(self, count: int) -> None:
+        from step_profile import loop_steps
+        loop_steps(self.trainer, self.epoch, range(self.step, self.step + count))
+        self.step += count
 
-def time_epochs() -> None:
-    """Wrap the trainer's epoch start and end to read the issuing thread's CPU time over each epoch's steps."""
-    from launcher.train.trainer import Trainer
-    start, end = Trainer.start_epoch, Trainer.end_epoch
-
-    def timed_start(self, epoch):
-        split = start(self, epoch)
-        self.bench_clock = (time.thread_time(), split.steps - self.state.step)
-        return split
-
-    def timed_end(self, epoch):
-        began, steps = self.bench_clock
-        HOST.append((time.thread_time() - began) / steps * 1e6)
-        return end(self, epoch)
-    Trainer.start_epoch, Trainer.end_epoch = timed_start, timed_end
+    def close(self) -> None:
+        self.trainer.close(None)
 
 
 def every_rank(values: list) -> list:
@@ -135,41 +155,50 @@ def every_rank(values: list) -> list:
     return [v for rank_values in gathered for v in rank_values]
 
 
+def compare(comm, folder, model_name, batch, micro, steps, block, rounds) -> str:
+    """One configuration's three loops in turns; its table row."""
+    n = steps * batch
+    loops = {"bare": BareLoop(comm, model_name, batch, micro, n),
+             "off": OurLoop(comm, Path(folder) / "off", model_name, batch, micro, n, False),
+             "default": OurLoop(comm, Path(folder) / "default", model_name, batch, micro, n, True)}
+    rate, host = {k: [] for k in LOOPS}, {k: [] for k in LOOPS}
+    for r in range(-WARM_UP_BLOCKS, rounds):
+        for k in LOOPS[r % 3:] + LOOPS[:r % 3]:                # rotate which loop goes first
+            loop = loops[k]
+            loop.next_epoch_if_done()
+            comm.barrier()
+            wall, cpu = time.perf_counter(), time.thread_time()
+            loop.run(block)
+            cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+            if r >= 0:
+                rate[k].append(block * batch / wall)
+                host[k].append(cpu / block * 1e6)
+    for loop in loops.values():
+        loop.close()
+    rate, host = ({k: every_rank(v[k]) for k in LOOPS} for v in (rate, host))
+    ratio = lambda k: statistics.median(o / b for o, b in zip(rate[k], rate["bare"]))  # noqa: E731
+    extra = {k: [o - b for o, b in zip(host[k], host["bare"])] for k in ("off", "default")}
+    shown = lambda d: (f"{statistics.median(d):+.0f} ({statistics.mean(d):+.0f} ± "  # noqa: E731
+                       f"{statistics.stdev(d) / len(d) ** 0.5:.0f})")
+    split = f"{micro} x {batch // micro // comm.world} x {comm.world}"
+    return (f"| {model_name} | {batch} = {split} | {statistics.median(rate['bare']):,.0f} | {ratio('off'):.3f} "
+            f"| {ratio('default'):.3f} | {statistics.median(host['bare']):,.0f} | {shown(extra['off'])} "
+            f"| {shown(extra['default'])} |")
+
+
 def worker():
     from launcher.train import comm as comm_mod
     comm = comm_mod.init()
-    time_epochs()
-
-    def ours_in_tmp(model_name, batch, micro, n, measure):
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = comm.broadcast(tmp if comm.is_main else None)
-            result = ours(comm, EPOCHS, folder, model_name, batch, micro, n, measure)
-            comm.barrier()
-        return result
-
     lines = []
-    for model_name, batch, micro, n in CONFIGS:
-        rates = {"bare": [], "plain": [], "measured": []}
-        host = {"bare": [], "plain": [], "measured": []}
-        for r in range(ROUNDS):           # rotate which loop goes first: no order bias
-            loops = ["bare", "plain", "measured"]
-            for which in loops[r % 3:] + loops[:r % 3]:
-                if which == "bare":
-                    got, cpu = bare_loop(comm, EPOCHS, model_name, batch, micro, n)
-                else:
-                    got, cpu = ours_in_tmp(model_name, batch, micro, n, which == "measured")
-                rates[which] += got
-                host[which] += cpu
-        b, p, m = (statistics.median(rates[k]) for k in ("bare", "plain", "measured"))
-        hb, hp, hm = (every_rank(host[k]) for k in ("bare", "plain", "measured"))
-        extra = lambda ours: statistics.median(o - base for o, base in zip(ours, hb))  # noqa: E731  same round, rank, epoch
-        split = f"{micro} x {batch // micro // comm.world} x {comm.world}"
-        lines.append(f"| {model_name} | {batch} = {split} | {b:,.0f} | {p / b:.3f} | {m / b:.3f} "
-                     f"| {statistics.median(hb):,.0f} | {extra(hp):+.0f} | {extra(hm):+.0f} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = comm.broadcast(tmp if comm.is_main else None)
+        for i, config in enumerate(CONFIGS):
+            lines.append(compare(comm, Path(folder) / str(i), *config))
+            comm.barrier()
     if comm.is_main:
         print("| model | global batch (micro x accum x ranks) | bare DDP loop (samples/s) | ratio noise scale off "
-              "/ bare | ratio default / bare | bare loop host us/step | extra host us/step, off "
-              "| extra host us/step, default |")
+              "/ bare | ratio default / bare | bare loop host us/step | extra host us/step, off: median (mean ± "
+              "s.e.) | extra host us/step, default |")
         print("|---|---|---|---|---|---|---|---|")
         print("\n".join(lines), flush=True)
     comm.close()
@@ -185,7 +214,7 @@ def bare_script() -> None:
     """Under torchrun (E2E_BARE set): the bare loop as a job of its own; prints its rates as JSON."""
     from launcher.train import comm as comm_mod
     comm = comm_mod.init()
-    rates, _ = bare_loop(comm, E2E_EPOCHS, "tiny", 8, 4, E2E_SAMPLES)
+    rates = bare_loop(comm, E2E_EPOCHS, "tiny", 8, 4, E2E_SAMPLES)
     if comm.is_main:
         print("RATES " + json.dumps(rates), flush=True)
     comm.close()

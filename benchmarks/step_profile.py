@@ -32,6 +32,18 @@ def tiny_recipe(folder: str, world: int, steps: int, batch: int = 8, micro: int 
             "tracking": {"wandb": {"mode": "disabled"}, "noise_scale": os.environ.get("NOISE", "1") == "1"}}
 
 
+def loop_steps(trainer, epoch: int, steps) -> None:
+    """What Trainer.train does at each of ``steps`` of ``epoch`` in a run without evaluation, checkpoints
+    or a stop: the step, its log point, the stop poll, the rows' sums sent at an agreed step."""
+    for step in steps:
+        trainer.train_step(epoch, step)
+        if trainer.log_every and trainer.state.global_step % trainer.log_every == 0:
+            trainer.log_steps(epoch)
+        trainer.stop.poll(trainer.state.global_step)
+        if trainer.stop.checked:
+            trainer.step_rows.send()
+
+
 def worker():
     from launcher import config as R
     from launcher.train import comm as comm_mod
@@ -46,20 +58,12 @@ def worker():
                           PreemptionFlag([]))
         trainer.resume()
         trainer.start_epoch(0)                       # warm-up epoch: not profiled
-        for step in range(steps):
-            trainer.train_step(0, step)
-            trainer.stop.poll(trainer.state.global_step)
+        loop_steps(trainer, 0, range(steps))
         trainer.end_epoch(0)
         split = trainer.start_epoch(1)
         profile = cProfile.Profile()
         profile.enable()
-        for step in range(split.steps):
-            trainer.train_step(1, step)
-            if trainer.log_every and trainer.state.global_step % trainer.log_every == 0:
-                trainer.log_steps(1)
-            trainer.stop.poll(trainer.state.global_step)
-            if trainer.stop.checked:
-                trainer.step_rows.send()
+        loop_steps(trainer, 1, range(split.steps))
         profile.disable()
         trainer.close(None)
         comm.barrier()
