@@ -125,7 +125,6 @@ class EpochSums:
         self._losses: list[torch.Tensor] = []       # waiting: each micro-batch's loss sum, 0-d, in order
         self._predicted: list[torch.Tensor] = []    # waiting: each micro-batch's predicted classes
         self._targets: list[torch.Tensor] = []      # waiting: and its targets
-        self._correct: list[torch.Tensor] = []      # waiting: correct counts from a checkpoint, 0-d
         self._ends: list[int] = []                  # waiting: len(_losses) at each waiting step's end
         self._norms: list[torch.Tensor] = []        # waiting: the measured steps' norms, 0-d, in order
         self._columns: list[torch.Tensor] = []      # waiting: each measured step's coefficients, 2 x its norms
@@ -173,7 +172,7 @@ class EpochSums:
             self.loss.copy_(running[-1])
             if self._ends:
                 self.finite_steps += self._finite_waiting(running)
-        if self._predicted or self._correct:
+        if self._predicted:
             self.correct += self._waiting_correct()
         if self._columns:
             self.noise += estimates(self._columns, torch.stack(self._norms))
@@ -190,12 +189,11 @@ class EpochSums:
         ends = torch.tensor(self._ends).to(self.device, non_blocking=True)
         return torch.isfinite(running[ends]).sum()
 
-    def _waiting_correct(self) -> torch.Tensor:
-        """The waiting correct predictions, counted (0-d, on the device)."""
-        count = torch.zeros((), dtype=torch.int64, device=self.device)
-        if self._predicted:
-            count += torch.eq(torch.cat(self._predicted), torch.cat(self._targets)).sum()
-        return sum(self._correct, count)
+    def _waiting_correct(self) -> torch.Tensor | int:
+        """The waiting correct predictions, counted (0-d, on the device; 0 if none wait)."""
+        if not self._predicted:
+            return 0
+        return torch.eq(torch.cat(self._predicted), torch.cat(self._targets)).sum()
 
     def zero(self) -> None:
         """The epoch ended: its sums restart at zero; the window keeps what was not logged yet."""
@@ -237,11 +235,14 @@ class EpochSums:
             del waiting[length:]
 
     def _waiting(self) -> tuple[list, ...]:
-        return self._losses, self._predicted, self._targets, self._correct, self._ends, self._norms, self._columns
+        return self._losses, self._predicted, self._targets, self._ends, self._norms, self._columns
 
     def state_dict(self) -> dict:
-        """Copies (on the CPU ``.cpu()`` is the tensor itself, which the next read adds to)."""
-        return {"values": torch.stack([self.loss, self.correct]).cpu(), "samples": self.samples,
+        """Copies (on the CPU ``.cpu()`` is the tensor itself, which the next read adds to). The waiting
+        correct predictions are saved counted into ``values``: integers, so adding them now or at the
+        next fold gives the same bits."""
+        return {"values": torch.stack([self.loss, self.correct + self._waiting_correct()]).cpu(),
+                "samples": self.samples,
                 "noise": self.noise.cpu().clone(), "noise_steps": self.noise_steps,
                 "offset": self.offset.cpu().clone(), "has_accuracy": self.has_accuracy,
                 "noise_waiting": self._noise_pending(), "loss_waiting": self._loss_pending()}
@@ -253,11 +254,10 @@ class EpochSums:
         return {"norms": torch.stack(self._norms).cpu(), "columns": [c.cpu() for c in self._columns]}
 
     def _loss_pending(self) -> dict:
-        """The waiting losses as they are, the correct counts added up (integers: any order gives the same)."""
+        """The waiting losses as they are, and where their steps end."""
         if not self._losses:
             return {}
-        correct = self._waiting_correct().cpu() if self.has_accuracy else None
-        return {"losses": torch.stack(self._losses).cpu(), "ends": list(self._ends), "correct": correct}
+        return {"losses": torch.stack(self._losses).cpu(), "ends": list(self._ends)}
 
     def load_state_dict(self, state: dict) -> None:
         """Checkpoints from before the noise estimates (an offset of 3) read as zero for them."""
@@ -276,7 +276,6 @@ class EpochSums:
         waiting = state.get("loss_waiting", {})
         self._losses = list(waiting["losses"].to(self.device).unbind()) if waiting else []
         self._ends = list(waiting["ends"]) if waiting else []
-        self._correct = [waiting["correct"].to(self.device)] if waiting and waiting["correct"] is not None else []
 
     def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
         """Another world size: rank 0 carries the epoch's (and the window's) totals, the others start at 0."""
@@ -301,12 +300,11 @@ def estimates(columns: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
 
 
 def waiting_sums(saved: dict) -> torch.Tensor:
-    """A saved :class:`EpochSums`' waiting (loss, correct), added up (zeros if none)."""
+    """A saved :class:`EpochSums`' waiting losses, added up, as (loss, correct) with correct 0 (the
+    waiting correct predictions are saved counted into its values)."""
     waiting = saved.get("loss_waiting", {})
-    if not waiting:
-        return torch.zeros(2, dtype=torch.float64)
-    correct = waiting["correct"] if waiting["correct"] is not None else 0
-    return torch.stack([waiting["losses"].to(torch.float64).sum(), torch.as_tensor(correct, dtype=torch.float64)])
+    loss = waiting["losses"].to(torch.float64).sum() if waiting else torch.zeros((), dtype=torch.float64)
+    return torch.stack([loss, torch.zeros((), dtype=torch.float64)])
 
 
 def waiting_estimates(saved: dict) -> torch.Tensor:
