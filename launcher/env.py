@@ -29,6 +29,7 @@ PARENT = "QHM_LAUNCH_PARENT"                      # the launcher's PID: workers 
 FORCE_RESUME = "QHM_FORCE_RESUME"                 # "1": --force-resume
 LOCKED_BY = "QHM_FOLDER_LOCKED_BY"                # the launcher holds the run folder's lock for its workers
 UNTIL_EPOCH = "QHM_UNTIL_EPOCH"                   # run --until-epoch (a segment of an elastic chain)
+UNTIL_STEP = "QHM_UNTIL_STEP"                     # run --until-step (a segment of a chain in steps, samples, tokens)
 FAILURE_NOTE = "QHM_FAILURE_NOTE"                 # file (the launcher's temp folder): a worker's failure when
                                                   # failed.json cannot be written (a full disk)
 DEBUG = "QHM_DEBUG"                               # "1": --debug (tracebacks instead of one line)

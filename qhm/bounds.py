@@ -35,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 
-from .plan import EpochTable, Schedule, StepSequences, epoch_table, inverse_batch_sums, step_sequences
+from .plan import EpochTable, Schedule, StepPlan, StepSequences, epoch_table, inverse_batch_sums, step_sequences
 
 __all__ = ["Theorem2", "Theorem4", "theorem2", "theorem4", "corollary3", "corollary5", "verdict",
            "Constants", "summary", "Order", "term_orders", "theorem4_condition"]
@@ -244,7 +244,8 @@ def term_orders(schedule: Schedule) -> dict:
     (decay); sum gamma_k beta_k is finite when beta or gamma decays in steps (or is 0), else ~K; an
     exponential batch makes sum 1/b_k finite; increasing beta has 1 - beta_k ~ k^(-3/4).
     """
-    lr = {"constant": "flat", "cosine": "flat", "polynomial": "flat"}.get(schedule.lr.kind, schedule.lr.kind)
+    lr = {"constant": "flat", "cosine": "flat", "polynomial": "flat", "wsd": "flat"}.get(schedule.lr.kind,
+                                                                                           schedule.lr.kind)
     beta, gamma = schedule.beta, schedule.gamma
     exp_bs = schedule.batch.kind == "exponential"
     increasing = beta.kind == "increasing"
@@ -263,19 +264,23 @@ def term_orders(schedule: Schedule) -> dict:
     return {"theorem2": t2, "theorem4": t4}
 
 
-def theorem4_condition(schedule: Schedule) -> bool:
-    """beta_k (alpha_k/2 + 1) <= 1 at every epoch of the run (Theorem 4's hypothesis)."""
+def theorem4_condition(schedule: Schedule, seq: StepSequences | None = None) -> bool:
+    """beta_k (alpha_k/2 + 1) <= 1 at every epoch of the run (Theorem 4's hypothesis); with ``seq``, at
+    every step it schedules."""
+    if seq is not None:
+        return bool(np.all(seq.beta * (seq.lr / 2 + 1) <= 1 + 1e-12))
     m = np.arange(schedule.epochs)
     return bool(np.all(schedule.beta.values(m) * (schedule.lr.values(m) / 2 + 1) <= 1 + 1e-12))
 
 
-def verdict(schedule: Schedule) -> str:
+def verdict(schedule: Schedule, seq: StepSequences | None = None) -> str:
     """The reading of Theorem 2 and Theorem 4 for this schedule family, in one line, from
-    :func:`term_orders` and Theorem 4's condition."""
+    :func:`term_orders` and Theorem 4's condition (over ``seq``'s steps where given). A piecewise batch
+    is read as its last batch, held: constant as K grows."""
     orders = term_orders(schedule)
     parts, best = [], None
     for theorem, terms in (("Theorem 2", orders["theorem2"]), ("Theorem 4", orders["theorem4"])):
-        if theorem == "Theorem 4" and not theorem4_condition(schedule):
+        if theorem == "Theorem 4" and not theorem4_condition(schedule, seq):
             parts.append("Theorem 4 does not apply (beta_k (alpha_k/2 + 1) <= 1 fails)")
             continue
         worst = max(terms.values())
@@ -292,24 +297,38 @@ def verdict(schedule: Schedule) -> str:
     return head + "; " + "; ".join(parts)
 
 
-def summary(schedule: Schedule, n: int, constants: Constants = Constants(), batches=None) -> dict:
+def summary(schedule: Schedule, n: int, constants: Constants = Constants(), batches=None,
+            plan: StepPlan | None = None) -> dict:
     """The terms at the end of training, the closed forms there, and the verdict (for the CLI).
     ``batches``: the batches a run actually used, per epoch trained (see :func:`epoch_table`); the terms
-    are then those of its K steps, and the corollaries (closed forms for eqs. 1 and 2) are left out."""
-    table = epoch_table(schedule, n, batches)
-    seq = step_sequences(table)
+    are then those of its K steps, and the corollaries (closed forms for eqs. 1 and 2) are left out.
+    ``plan``: the run's steps, where its schedules move inside epochs (units step, sample, token): the
+    terms are the theorems' sums over the steps it schedules, each at its own alpha_k, beta_k, gamma_k
+    and b_k; the corollaries, closed forms per epoch, are left out."""
+    if plan is not None:
+        seq = plan.sequences(schedule)
+        positions = plan.positions()
+        epochs = positions["epoch"]
+        nominal = np.bincount(epochs, weights=1.0 / positions["batch"])
+        actual = np.bincount(epochs, weights=1.0 / positions["size"])
+        batch_of = np.array([s.batch for s in plan.segments if s.first == 0])
+        total = plan.total_samples
+    else:
+        table = epoch_table(schedule, n, batches)
+        seq = step_sequences(table)
+        nominal, actual = inverse_batch_sums(table)
+        batch_of, total = table.batch, table.total_samples
     K = len(seq.lr)
     t2, t4 = theorem2(seq, constants), theorem4(seq, constants)
     last = lambda x: None if x is None else float(x[-1])  # noqa: E731
-    closed = batches is None
+    closed = batches is None and plan is None
     cor3 = {k: float(v[-1]) for k, v in corollary3(schedule, table, np.array([K])).items()} if closed else {}
     cor5 = {k: float(v[-1]) for k, v in corollary5(schedule, table, np.array([K])).items()} if closed else {}
-    nominal, actual = inverse_batch_sums(table)
     worst = int(np.argmax(actual / nominal))
     return {
-        "n": int(n), "K": K, "total_samples": table.total_samples,
+        "n": int(n), "K": K, "total_samples": total,
         "partial_batches": {"excess": float(actual.sum() / nominal.sum() - 1),
-                            "worst_epoch": worst, "worst_batch": int(table.batch[worst]),
+                            "worst_epoch": worst, "worst_batch": int(batch_of[worst]),
                             "worst_excess": float(actual[worst] / nominal[worst] - 1)},
         "theorem2": {"A_K": last(t2.A), "B_K": last(t2.B), "C_K": last(t2.C),
                      "sup_gamma_beta": t2.gamma_beta_sup, "alpha_max": t2.alpha_max,
@@ -317,5 +336,5 @@ def summary(schedule: Schedule, n: int, constants: Constants = Constants(), batc
         "theorem4": {"A_K": last(t4.A), "B'_K": last(t4.B), "C'_K": last(t4.C), "D'_K": last(t4.D),
                      "condition_holds": t4.condition_holds, "first_violation": t4.first_violation,
                      "bound": last(t4.bound), "note": t4.note, "corollary5": cor5},
-        "verdict": verdict(schedule),
+        "verdict": verdict(schedule, seq if plan is not None else None),
     }

@@ -2,6 +2,12 @@ r"""The schedule expanded over training: per epoch, and per step, as the paper d
 
 Epoch m runs T_m = ceil(n / b'_m) steps at (b'_m, alpha'_m, beta'_m, gamma'_m); the step-indexed
 sequences b_k, alpha_k, beta_k, gamma_k repeat each epoch's value T_m times, K = sum_m T_m.
+
+In the units step, sample and token the batch may change inside an epoch: :func:`plan_steps` walks the
+run as *segments*, the steps of one epoch at one batch. Global batch k of an epoch covers positions
+[c_k, c_k + b_k) of the epoch's permutation, c_k the samples the epoch consumed before it (the last one
+may be partial), so a change at any step keeps the order a function of the samples consumed alone. A
+schedule that changes only at epoch boundaries is one segment per epoch at offset 0: the paper's plan.
 """
 from __future__ import annotations
 
@@ -9,27 +15,59 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schedules import BatchSchedule, BetaSchedule, GammaSchedule, LRSchedule, ScheduleError
+from .schedules import BATCH_SCALINGS, UNITS, BatchSchedule, BetaSchedule, GammaSchedule, LRSchedule, ScheduleError
 
 __all__ = ["Schedule", "EpochTable", "StepSequences", "epoch_table", "step_sequences",
-           "apply_hyperparams", "inverse_batch_sums"]
+           "apply_hyperparams", "inverse_batch_sums", "Segment", "StepPlan", "plan_steps", "MAX_SEGMENTS",
+           "BatchTooLarge"]
+
+MAX_SEGMENTS = 5_000_000      # a plan with more segments (a batch changing at nearly every step) is refused
+
+
+class BatchTooLarge(ScheduleError):
+    """The batch passes the training set's ``n`` samples: ``batch`` at position ``position`` in ``unit``."""
+
+    def __init__(self, batch: int, n: int, unit: str, position: int):
+        super().__init__("batch", batch, f"at most the {n} training samples (it reaches {batch} at {unit} {position})")
+        self.batch, self.n, self.unit, self.position = batch, n, unit, position
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Batch, LR, beta and gamma schedules over ``epochs`` = M epochs."""
+    """Batch, LR, beta and gamma schedules over ``epochs`` = M epochs, each a function of the position in
+    ``unit`` (the epoch: the paper). ``batch_scaling``: the LR is multiplied by (b_k / b_0)^p, p 0 (none),
+    1/2 (sqrt) or 1 (linear), b_0 the batch at position 0."""
     epochs: int
     batch: BatchSchedule
     lr: LRSchedule
     beta: BetaSchedule
     gamma: GammaSchedule
+    unit: str = "epoch"
+    batch_scaling: str = "none"
 
     def __post_init__(self):
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
             raise ScheduleError("epochs", self.epochs, "an integer >= 1")
         if self.lr.epochs != self.epochs:
             raise ScheduleError("lr.epochs", self.lr.epochs, f"equal to epochs={self.epochs}")
-        self.batch.values(np.arange(self.epochs))       # raises if the batch outgrows an int64
+        if self.unit not in UNITS:
+            raise ScheduleError("unit", self.unit, "one of " + ", ".join(UNITS))
+        if self.lr.unit != self.unit:
+            raise ScheduleError("lr.unit", self.lr.unit, f"equal to unit={self.unit}")
+        if self.batch_scaling not in BATCH_SCALINGS:
+            raise ScheduleError("lr.batch_scaling", self.batch_scaling, "one of " + ", ".join(BATCH_SCALINGS))
+        if self.unit == "epoch":
+            self.batch.values(np.arange(self.epochs))       # raises if the batch outgrows an int64
+
+    def hyperparams(self, u, batch, first_batch: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(alpha, beta, gamma) at positions ``u`` for steps at batches ``batch`` (arrays alike);
+        ``first_batch``: b_0 of the LR's batch scaling (default: the schedule's batch at 0)."""
+        lr = self.lr.values(u)
+        power = BATCH_SCALINGS[self.batch_scaling]
+        if power:
+            base = float(first_batch if first_batch is not None else self.batch(0))
+            lr = lr * np.power(np.asarray(batch, dtype=np.float64) / base, power)
+        return lr, self.beta.values(u), self.gamma.values(u)
 
 
 @dataclass(frozen=True)
@@ -84,7 +122,11 @@ def epoch_table(schedule: Schedule, n: int, batches=None) -> EpochTable:
                       beta=schedule.beta.values(m), gamma=schedule.gamma.values(m), n=int(n))
 
 
-def step_sequences(table: EpochTable) -> StepSequences:
+def step_sequences(table) -> StepSequences:
+    """The per-step sequences: of an :class:`EpochTable` (each epoch's values repeated T_m times), or of a
+    :class:`StepPlan` with the schedule its steps follow (``table.sequences``)."""
+    if isinstance(table, StepPlan):
+        raise TypeError("a StepPlan: call plan.sequences(schedule)")
     rep = table.steps
     return StepSequences(lr=np.repeat(table.lr, rep), beta=np.repeat(table.beta, rep),
                          gamma=np.repeat(table.gamma, rep), batch=np.repeat(table.batch, rep))
@@ -103,3 +145,167 @@ def apply_hyperparams(optimizer, lr: float, beta: float, gamma: float) -> None:
     """Write one epoch's values into every param group (the one place schedules touch an optimizer)."""
     for group in optimizer.param_groups:
         group["lr"], group["beta"], group["gamma"] = float(lr), float(beta), float(gamma)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Steps [first, first + steps) of epoch ``epoch`` at batch ``batch``: the first covers positions
+    [offset, offset + batch) of the epoch's permutation, each next one the following ``batch`` (the last
+    of the epoch may be partial). ``global_step`` and ``samples``: steps and samples before its first step."""
+    epoch: int
+    first: int
+    steps: int
+    offset: int
+    batch: int
+    global_step: int
+    samples: int
+
+    @property
+    def end(self) -> int:
+        return self.first + self.steps
+
+    def start(self, step: int) -> int:
+        """Where step ``step`` of the epoch starts in the epoch's permutation."""
+        return self.offset + (step - self.first) * self.batch
+
+    def size(self, step: int, n: int) -> int:
+        """The samples of step ``step`` (the epoch's last may have fewer than the batch)."""
+        return min(self.batch, n - self.start(step))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A run's steps as segments (see the module docstring), with ``n`` samples per epoch and
+    ``tokens_per_sample`` tokens per sample (None: tokens are not counted)."""
+    segments: tuple
+    n: int
+    unit: str
+    tokens_per_sample: int | None = None
+
+    @property
+    def epochs(self) -> int:
+        """Epochs the run trains in (the last may be cut short by a duration in steps, samples or tokens)."""
+        return self.segments[-1].epoch + 1
+
+    @property
+    def total_steps(self) -> int:
+        last = self.segments[-1]
+        return last.global_step + last.steps
+
+    @property
+    def total_samples(self) -> int:
+        last = self.segments[-1]
+        return last.samples + min(last.steps * last.batch, self.n - last.offset)
+
+    @property
+    def total_tokens(self) -> int | None:
+        return None if self.tokens_per_sample is None else self.total_samples * self.tokens_per_sample
+
+    def length(self, unit: str) -> int:
+        """The run's length in ``unit``."""
+        return {"epoch": self.epochs, "step": self.total_steps, "sample": self.total_samples,
+                "token": self.total_samples * (self.tokens_per_sample or 1)}[unit]
+
+    def steps_in(self, epoch: int) -> int:
+        """The steps of epoch ``epoch`` in this plan."""
+        return max((s.end for s in self.segments if s.epoch == epoch), default=0)
+
+    def positions(self) -> dict:
+        """Per step k of the run (numpy arrays of length K): ``epoch``, ``step`` (= k), ``samples`` before
+        it, ``batch`` (scheduled b_k) and ``size`` (the samples it trains on)."""
+        parts = {key: [] for key in ("epoch", "step", "samples", "batch", "size")}
+        for s in self.segments:
+            i = np.arange(s.steps, dtype=np.int64)
+            parts["epoch"].append(np.full(s.steps, s.epoch, dtype=np.int64))
+            parts["step"].append(s.global_step + i)
+            parts["samples"].append(s.samples + i * s.batch)
+            parts["batch"].append(np.full(s.steps, s.batch, dtype=np.int64))
+            parts["size"].append(np.minimum(s.batch, self.n - (s.offset + i * s.batch)))
+        return {key: np.concatenate(v) for key, v in parts.items()}
+
+    def unit_positions(self, unit: str | None = None, positions: dict | None = None) -> np.ndarray:
+        """Each step's position in ``unit`` (default: the plan's): where its schedules are evaluated."""
+        p = positions if positions is not None else self.positions()
+        unit = unit or self.unit
+        if unit == "token":
+            return p["samples"] * (self.tokens_per_sample or 1)
+        return p[{"epoch": "epoch", "step": "step", "sample": "samples"}[unit]]
+
+    def sequences(self, schedule: Schedule, first_batch: int | None = None) -> StepSequences:
+        """alpha_k, beta_k, gamma_k, b_k over the run's steps: each step's hyper-parameters at its
+        position (in the epoch unit, its epoch's values, as :func:`step_sequences` of the epoch table)."""
+        p = self.positions()
+        lr, beta, gamma = schedule.hyperparams(self.unit_positions(positions=p), p["batch"], first_batch)
+        return StepSequences(lr=np.asarray(lr, dtype=np.float64), beta=np.asarray(beta, dtype=np.float64),
+                             gamma=np.asarray(gamma, dtype=np.float64), batch=p["batch"])
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class _Walk:
+    """Where the walk of :func:`plan_steps` stands: before global step ``step``, step ``in_epoch`` of
+    epoch ``epoch``, ``offset`` samples of it consumed, ``samples`` over the run."""
+    epoch: int = 0
+    in_epoch: int = 0
+    offset: int = 0
+    step: int = 0
+    samples: int = 0
+
+    def at(self, unit: str, tokens_per_sample: int) -> int:
+        return {"epoch": self.epoch, "step": self.step, "sample": self.samples,
+                "token": self.samples * tokens_per_sample}[unit]
+
+    def steps_to(self, unit: str, target: int, batch: int, tokens_per_sample: int) -> int:
+        """Full steps of ``batch`` until the position in ``unit`` is at least ``target`` (>= 1)."""
+        if unit == "step":
+            return max(1, target - self.step)
+        per_step = batch * (tokens_per_sample if unit == "token" else 1)
+        return max(1, _ceil_div(target - self.at(unit, tokens_per_sample), per_step))
+
+
+def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens_per_sample: int | None = None,
+               start: tuple | None = None) -> StepPlan:
+    """The run as segments, from its first step (or from ``start`` = (epoch, step in epoch, offset,
+    global step, samples)) to the end of ``duration`` = (unit, amount): M epochs, or steps, samples or
+    tokens, the run ending after the first step that reaches the amount.
+
+    ``batch_at(u)``: the batch of a step that starts at position u in ``unit``; ``next_change(u)``: the
+    first position after u where it may change (None: never). In the unit ``epoch`` the batch is the
+    epoch's. A batch above ``n`` raises ScheduleError("batch", ...) naming where."""
+    tps = tokens_per_sample or 1
+    d_unit, amount = duration
+    walk = _Walk(*start) if start is not None else _Walk()
+    segments: list[Segment] = []
+
+    def done() -> bool:
+        return walk.at(d_unit, tps) >= amount
+
+    while not done():
+        u = walk.at(unit, tps)
+        batch = int(batch_at(u))
+        if batch > n:
+            raise BatchTooLarge(batch, n, unit, u)
+        steps = _ceil_div(n - walk.offset, batch)            # to the epoch's end
+        if unit != "epoch":
+            change = next_change(u)
+            if change is not None:
+                steps = min(steps, walk.steps_to(unit, change, batch, tps))
+        if d_unit != "epoch":
+            steps = min(steps, walk.steps_to(d_unit, amount, batch, tps))
+        segments.append(Segment(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples))
+        if len(segments) > MAX_SEGMENTS:
+            raise ScheduleError("batch", batch, f"a schedule that changes the batch at most {MAX_SEGMENTS} times "
+                                "over the run")
+        consumed = min(steps * batch, n - walk.offset)
+        walk.in_epoch += steps
+        walk.step += steps
+        walk.offset += consumed
+        walk.samples += consumed
+        if walk.offset == n:
+            walk.epoch, walk.in_epoch, walk.offset = walk.epoch + 1, 0, 0
+    if not segments:
+        raise ScheduleError(d_unit, amount, "a duration of at least one step")
+    return StepPlan(tuple(segments), int(n), unit, tokens_per_sample)

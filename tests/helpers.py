@@ -128,6 +128,18 @@ def metric_rows(run_dir: Path, drop=WALL_FIELDS) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
 
 
+def killed_at_checkpoint(tmp_path: Path, recipe: dict, step: int, delay: str = "0.04") -> tuple[Path, Path]:
+    """Start ``qhm-launch run`` on ``recipe`` (steps slowed by ``delay`` s), kill -9 its whole process tree
+    once checkpoint ``step`` exists; (the recipe's path, the run folder), with no final model in it."""
+    path = write_recipe(tmp_path, recipe)
+    run = tmp_path / recipe.get("output", "runs") / recipe["name"]
+    proc = start(["run", str(path)], cwd=tmp_path, env={"QHM_TEST_STEP_DELAY": delay})
+    wait_for(lambda: step in checkpoint_steps(run), proc=proc, what=f"the checkpoint at global step {step}")
+    kill_group(proc)
+    assert not (run / "final_model.pt").exists()
+    return path, run
+
+
 def assert_bitwise(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:

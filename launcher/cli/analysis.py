@@ -34,7 +34,7 @@ LABELS = {"test_acc": "test accuracy", "grad_norm": "‖∇f(x)‖, full trainin
           "minibatch_grad_norm": "‖mini-batch gradient‖"}
 METRICS = tuple(LABELS)
 TIMING = ("samples_per_s", "wall_time")     # metrics whose curves never mix world sizes
-XS = ("epoch", "step", "samples")
+XS = ("epoch", "step", "samples", "tokens")
 LINE_STYLES = ("-", "--", ":", "-.")
 ROWS = ("epochs", "steps")
 # what never changes a plotted metric: a curve's runs may differ in these (and only these, and the seed)
@@ -169,13 +169,22 @@ def series(curve: dict, metric: str, x: str, rows: str = "epochs") -> tuple[np.n
 
 
 def bound_terms(run: dict, x: str) -> tuple[np.ndarray, dict]:
-    """Theorem 2's A_K, B_K, C_K at the end of every epoch the run trained, at the batches it used."""
+    """Theorem 2's A_K, B_K, C_K at the end of every epoch the run trained, at the batches it used (in
+    the units step, sample and token: over the steps its plan schedules)."""
     recipe = recipe_mod.from_dict(run["recipe"])
     n = data_mod.sizes(recipe.data)[0]
-    table = qhm.epoch_table(recipe.schedule_spec(), n, [r["batch"] for r in run["rows"]])
-    t2 = qhm.theorem2(qhm.step_sequences(table))
-    ends = np.cumsum(table.steps) - 1
-    xs = {"epoch": table.epoch + 1, "step": ends + 1, "samples": (table.epoch + 1) * n}[x]
+    if recipe.schedule.unit == "epoch" and recipe.duration()[0] == "epoch":
+        table = qhm.epoch_table(recipe.schedule_spec(), n, [r["batch"] for r in run["rows"]])
+        seq = qhm.step_sequences(table)
+    else:
+        from launcher.train import splits
+        planned = splits.plan(recipe, n, 1)
+        seq = planned.steps.sequences(planned.schedule)
+    t2 = qhm.theorem2(seq)
+    ends = np.array([min(r["step"], len(seq.lr)) - 1 for r in run["rows"]])
+    xs = {"epoch": np.array([r["epoch"] + 1 for r in run["rows"]]), "step": ends + 1,
+          "samples": np.array([r["samples"] for r in run["rows"]]),
+          "tokens": np.array([r.get("tokens", 0) for r in run["rows"]])}[x]
     return np.asarray(xs, dtype=float), {"A_K": t2.A[ends], "B_K": t2.B[ends], "C_K": t2.C[ends]}
 
 
@@ -197,7 +206,11 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
     from matplotlib.ticker import MaxNLocator
     plt.rcParams.update({"font.size": 10})
 
-    curves = group(load_runs(run_dirs), metric)
+    runs = load_runs(run_dirs)
+    if x == "tokens" and not any(r.get("tokens") is not None for run in runs for r in run["rows"] + run["step_rows"]):
+        raise UserError("--x: 'tokens' is not valid for these runs: none counted tokens; allowed: epoch, step or "
+                        "samples (or runs with data.tokens_per_sample, or token data)")
+    curves = group(runs, metric)
     with_bounds = metric == "min_grad_norm" and rows == "epochs"
     fig, axes = plt.subplots(1, 2 if with_bounds else 1, figsize=(12 if with_bounds else 7, 5), squeeze=False,
                              layout="constrained")
@@ -226,7 +239,8 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
                 axes[0][1].plot(bx, terms[name], style, color=colour,
                                 label=f"{name}: {c['label']}" if len(curves) < 4 or name == "B_K" else None)
             drawn[-1]["bounds"] = terms
-    ax.set_xlabel({"epoch": "epoch", "step": "optimizer steps", "samples": "samples trained (SFO)"}[x])
+    ax.set_xlabel({"epoch": "epoch", "step": "optimizer steps", "samples": "samples trained (SFO)",
+                   "tokens": "tokens trained"}[x])
     if x == "epoch":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(LABELS[metric])

@@ -8,7 +8,11 @@ import numpy as np
 from launcher.cli import analysis
 
 
-def scaling_figure(runs: list[dict], result: dict, out: str) -> None:
+WORDS = {"samples": "samples (SFO)", "tokens": "tokens", "steps": "optimizer steps"}
+
+
+def scaling_figure(runs: list[dict], result: dict, out: str, x: str = "samples") -> None:
+    """``x``: what the second panel counts to the target and the noise scale is drawn over."""
     analysis.check_out(out)
     import matplotlib
     matplotlib.use("Agg")
@@ -34,25 +38,31 @@ def scaling_figure(runs: list[dict], result: dict, out: str) -> None:
                title=f"steps to {result['target']}")
         ax.legend(fontsize=8, loc="upper right")
         ax = axes[1]
-        ax.loglog(b, sfo, "o", color="C0", label="runs (mean over seeds)")
-        if result["b_crit"] is not None:
-            ax.loglog(grid, result["e_min"] * (1 + grid / result["b_crit"]), "-", color="C1",
-                      label=f"fit: E_min {result['e_min']:,.3g} samples")
-        ax.set(xlabel="global batch size (samples)", ylabel="samples (SFO) to target", title=f"SFO to {result['target']}")
+        used = {"samples": sfo, "steps": steps, "tokens": np.array([p.get("tokens", np.nan) for p in points])}[x]
+        ax.loglog(b, used, "o", color="C0", label="runs (mean over seeds)")
+        per_sample = {"samples": 1.0, "steps": None, "tokens": float(np.nanmean(used / sfo))}[x]
+        if result["b_crit"] is not None and per_sample:
+            ax.loglog(grid, per_sample * result["e_min"] * (1 + grid / result["b_crit"]), "-", color="C1",
+                      label=f"fit: E_min {per_sample * result['e_min']:,.3g} {x}")
+        ax.set(xlabel="global batch size (samples)", ylabel=f"{WORDS[x]} to target", title=f"{WORDS[x]} to {result['target']}")
         ax.legend(fontsize=8, loc="upper left")
-    noise_panel(axes[-1], runs, result.get("b_crit"))
+    noise_panel(axes[-1], runs, result.get("b_crit"), X_FIELD[x])
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
     analysis.save(fig, out)
 
 
-def noise_panel(ax, runs: list[dict], b_crit: float | None) -> None:
+X_FIELD = {"samples": "samples", "tokens": "tokens", "steps": "step"}
+
+
+def noise_panel(ax, runs: list[dict], b_crit: float | None, field: str = "samples") -> None:
     """Each curve's measured noise scale per epoch (solid; its seeds' mean), over the samples trained, and
     a growing schedule's batch over it (dotted, same colour, each seed): where the batch stays below the noise
     scale, a step is still mostly noise and a larger batch would not waste samples."""
     drawn = 0
     for i, curve in enumerate(analysis.group(runs)):
-        per_run = [{r["samples"]: r["noise_scale"] for r in run["rows"] if r.get("noise_scale") is not None}
+        per_run = [{r[field]: r["noise_scale"] for r in run["rows"] if r.get("noise_scale") is not None
+                    and r.get(field) is not None}
                    for run in curve["runs"]]
         x = sorted(set.intersection(*(set(p) for p in per_run)))      # epochs every seed measured
         if not x:
@@ -60,12 +70,13 @@ def noise_panel(ax, runs: list[dict], b_crit: float | None) -> None:
         colour, name = f"C{i % 10}", analysis.describe_batch(curve["identity"])
         mean = np.mean([[p[k] for k in x] for p in per_run], axis=0)
         ax.plot(x, mean, "-", marker=".", color=colour, linewidth=1.2, label=name)
-        analysis.draw_batches(ax, curve, "samples", colour)
+        analysis.draw_batches(ax, curve, field, colour)
         drawn += 1
     if b_crit is not None:
         ax.axhline(b_crit, color="black", alpha=0.5, linewidth=1, linestyle=":", label="fitted B_crit")
     ax.set_yscale("log")
-    ax.set(xlabel="samples trained (SFO)", ylabel="noise scale B_simple = tr(Σ)/|G|² (samples)",
+    ax.set(xlabel={"samples": "samples trained (SFO)", "tokens": "tokens trained", "step": "optimizer steps"}[field],
+           ylabel="noise scale B_simple = tr(Σ)/|G|² (samples)",
            title="measured gradient noise scale, per epoch" + ("" if drawn else " (no run measured it)"))
     if drawn or b_crit is not None:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)

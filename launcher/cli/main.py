@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--rdzv-id", type=text, help="the rendezvous id, the same on every node (multi-node)")
     r.add_argument("--until-epoch", type=positive_int,
                    help="stop after this many epochs with a checkpoint (a segment of an elastic chain)")
+    r.add_argument("--until-step", type=positive_int,
+                   help="stop after this global step with a checkpoint (a segment of an elastic chain whose "
+                        "schedules are in steps, samples or tokens)")
 
     pl = command("plan", "the stage table: batch, steps, micro-batch x accumulation x world")
     recipe_args(pl)
@@ -89,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", help="FILE.png or FILE.pdf: steps and SFO to target vs batch with the fit, and the "
                     "measured noise scale over training")
     sc.add_argument("--json", action="store_true", help="print the result as JSON")
+    sc.add_argument("--x", default="samples", help="what the data used is counted in: samples | tokens | steps "
+                    "(the second panel and the noise scale's x axis; default samples)")
     st = command("status", "one row per run: done / running / preempted / failed / interrupted / not started")
     st.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or sweep folders (their points)")
     return p
@@ -163,7 +168,7 @@ def cmd_report(args) -> int:
 
 def cmd_scaling(args) -> int:
     from launcher.cli import scaling
-    print(scaling.scaling(args.runs, args.target, args.out, args.json))
+    print(scaling.scaling(args.runs, args.target, args.out, args.json, args.x))
     if args.out and not args.json:
         print(f"qhm-launch: figure -> {args.out}")
     return 0

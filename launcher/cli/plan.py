@@ -3,6 +3,7 @@ bounds`` (Theorem 2 / 4 terms and the verdict): printing only; the arithmetic li
 :mod:`launcher.train.splits` and :mod:`qhm`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,14 +23,14 @@ def cmd_plan(args) -> int:
     nproc = args.nproc if args.nproc is not None else preflight.resolve_nproc(
         recipe, preflight.visible_gpus(), log=lambda line: print(line.replace("[qhm-launch] ", "note: ")))
     n = _training_set_size(recipe, args.n)
-    epochs = splits.split_epochs(recipe, n, nproc * args.nnodes)
+    planned = splits.plan(recipe, n, nproc * args.nnodes)
     if args.elastic:
         print(elastic_report(recipe, n, nproc, args.nnodes, args.rate))
         return 0
     if recipe.schedule.batch.kind == "adaptive":
-        print(adaptive_plan(recipe, epochs, n, args.json))
+        print(adaptive_plan(recipe, planned, n, args.json))
     else:
-        print(json.dumps(splits.plan_json(epochs, n), indent=1) if args.json else splits.format_table(epochs, n))
+        print(json.dumps(splits.plan_json(planned), indent=1) if args.json else splits.format_table(planned))
     if recipe.distributed.max_micro_batch == "auto" and not args.json:
         print(f"note: max_micro_batch auto: each stage's micro x accum is chosen when it starts, by probing device "
               f"memory (the log and metrics rows say what); shown with the CPU cap, "
@@ -37,24 +38,31 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def adaptive_plan(recipe, epochs: list, n: int, as_json: bool) -> str:
+def adaptive_plan(recipe, planned, n: int, as_json: bool) -> str:
     """An adaptive batch: its first interval as planned, then what is decided at run time and the fewest
     and most steps the run can take."""
     from launcher.train import adaptive, splits
-    b, first = recipe.schedule.batch, epochs[:recipe.schedule.interval]
-    fewest, most = adaptive.step_range(recipe, n)
+    b, E, unit = recipe.schedule.batch, recipe.interval(), recipe.schedule.unit
+    position = lambda s: {"epoch": s.epoch, "step": s.global_step, "sample": s.samples,  # noqa: E731
+                          "token": s.samples * (recipe.data.tokens_per_sample or 1)}[unit]
+    first = [s for s in planned.stages if position(s) < E]
+    fewest, most = adaptive.step_range(recipe, n, planned.world)
     cap = adaptive.largest_batch(recipe, n)
-    rule = (f"at the end of every {recipe.schedule.interval} epoch(s), x{b.growth:g} when the noise scale measured "
+    rule = (f"at the end of every {E} {unit}(s), x{b.growth:g} when the noise scale measured "
             f"over them is >= {b.factor:g} x the batch, up to {cap}; otherwise it stays")
+    shown = dataclasses.replace(planned, stages=first)
     if as_json:
-        return json.dumps({**splits.plan_json(first, n), "total_steps": None, "total_samples": n * len(epochs),
-                           "decided_at_run_time": {"first_epoch": len(first), "rule": rule, "fewest_steps": fewest,
-                                                   "most_steps": most, "max_batch": cap}}, indent=1)
-    table = splits.format_table(first, n).splitlines()
-    table[0] = (f"n = {n} training samples, {len(epochs)} epochs, {fewest} to {most} optimizer steps (growing at "
-                f"every chance, or never), {n * len(epochs)} samples (SFO)")
-    if len(first) < len(epochs):
-        table.append(f"{len(first):>5}-{len(epochs) - 1:<5} decided at run time: {rule}")
+        return json.dumps({**splits.plan_json(shown), "total_steps": None, "total_samples": planned.total_samples,
+                           "decided_at_run_time": {"first_epoch": len(first) if unit == "epoch" else None,
+                                                   "rule": rule, "fewest_steps": fewest, "most_steps": most,
+                                                   "max_batch": cap}}, indent=1)
+    table = splits.format_table(shown).splitlines()
+    table[0] = (f"n = {n} training samples, {planned.epochs} epochs, {fewest} to {most} optimizer steps (growing at "
+                f"every chance, or never), {planned.total_samples} samples (SFO)")
+    if unit == "epoch" and len(first) < planned.epochs:
+        table.append(f"{len(first):>5}-{planned.epochs - 1:<5} decided at run time: {rule}")
+    elif unit != "epoch":
+        table.append(f"from {unit} {E:,} on, decided at run time: {rule}")
     return "\n".join(table)
 
 
@@ -62,18 +70,24 @@ def elastic_report(recipe, n: int, per_node: int, max_nodes: int, rate: float) -
     """The segments of an elastic chain, each one's plan, and the GPU-hours next to a fixed allocation."""
     from launcher.train import splits
     segments = splits.elastic_segments(recipe, n, per_node, max_nodes)
-    nodes_of = {m: s.nodes for s in segments for m in range(s.first, s.last + 1)}
-    epochs = [e for s in segments for e in splits.split_epochs(recipe, n, s.nodes * per_node)[s.first:s.last + 1]]
+    by = segments[0].by
+    key = (lambda s: s.epoch) if by == "epoch" else (lambda s: s.global_step)
+    stages = []
+    for seg in segments:
+        stages += [s for s in splits.plan(recipe, n, seg.nodes * per_node).stages if seg.first <= key(s) <= seg.last]
+    nodes_of = [next(seg.nodes for seg in segments if seg.first <= key(s) <= seg.last) for s in stages]
     floor = recipe.distributed.min_rank_batch
-    elastic = splits.gpu_hours(epochs, lambda m: nodes_of[m] * per_node, rate, floor)
-    fixed = splits.gpu_hours(splits.split_epochs(recipe, n, max_nodes * per_node), lambda m: max_nodes * per_node,
-                               rate, floor)
+    worlds = {id(s): w * per_node for s, w in zip(stages, nodes_of)}
+    elastic = splits.gpu_hours(stages, lambda s: worlds[id(s)], rate, floor)
+    fixed = splits.gpu_hours(splits.split_epochs(recipe, n, max_nodes * per_node), lambda s: max_nodes * per_node,
+                             rate, floor)
     lines = [f"elastic chain of {len(segments)} jobs (distributed.min_rank_batch = {floor} samples per rank):"]
-    for k, s in enumerate(segments):
-        first = epochs[s.first]
-        lines.append(f"  job {k + 1}: epochs {s.first}-{s.last} on {s.nodes} node(s) x {per_node} = {s.nodes * per_node} "
-                     f"ranks, batch {first.batch}..{epochs[s.last].batch}"
-                     + (f", then --until-epoch {s.last + 1}" if k < len(segments) - 1 else ""))
+    what, flag = ("epochs", "--until-epoch") if by == "epoch" else ("global steps", "--until-step")
+    for k, seg in enumerate(segments):
+        inside = [s for s in stages if seg.first <= key(s) <= seg.last]
+        lines.append(f"  job {k + 1}: {what} {seg.first}-{seg.last} on {seg.nodes} node(s) x {per_node} = "
+                     f"{seg.nodes * per_node} ranks, batch {inside[0].batch}..{inside[-1].batch}"
+                     + (f", then {flag} {seg.last + 1}" if k < len(segments) - 1 else ""))
     lines.append(f"estimate at {rate:g} samples/s per GPU (a rank with fewer than {floor} samples is no faster): "
                  f"elastic {elastic[0]:.1f} GPU-hours ({elastic[1]:.1f} h), fixed {max_nodes} node(s) "
                  f"{fixed[0]:.1f} GPU-hours ({fixed[1]:.1f} h): {elastic[0] / fixed[0]:.2f}x the GPU-hours")
@@ -100,8 +114,14 @@ def cmd_bounds(args) -> int:
         raise UserError("bounds: schedule.batch.kind adaptive decides its batches at run time; allowed: the run's "
                         "folder (qhm-launch bounds RUN_DIR), whose batches are known")
     n = _training_set_size(recipe, args.n)
-    out = qhm.summary(recipe.schedule_spec(), n, qhm.Constants(L=args.L, sigma2=args.sigma2, G=args.G,
-                                                               f_gap=args.f_gap), batches=used)
+    constants = qhm.Constants(L=args.L, sigma2=args.sigma2, G=args.G, f_gap=args.f_gap)
+    if recipe.schedule.unit == "epoch" and recipe.duration()[0] == "epoch":
+        out = qhm.summary(recipe.schedule_spec(), n, constants, batches=used)
+    else:                            # schedules that move inside epochs: the theorems' sums over the steps
+        from launcher.train import splits
+        planned = splits.plan(recipe, n, 1, decisions=_decisions(folder, recipe) if used is not None else None)
+        out = qhm.summary(planned.schedule, n, constants, plan=planned.steps)
+        out["unit"] = recipe.schedule.unit
     if used is not None:
         out["batches"] = used
     if recipe.schedule.batch.kind == "adaptive":       # its growth is not known in advance: read as constant
@@ -113,6 +133,9 @@ def cmd_bounds(args) -> int:
     g = lambda v: "-" if v is None else f"{v:.6g}"  # noqa: E731
     b4, c4, d4 = t4["B'_K"], t4["C'_K"], t4["D'_K"]
     lines = [f"K = {out['K']} steps over n = {n} samples; {out['verdict']}",
+             *([f"schedules in {out['unit']}s: the terms sum over the K steps as scheduled, each at its own "
+                "alpha_k, beta_k, gamma_k and b_k; the corollaries (closed forms per epoch) left out"]
+               if "unit" in out else []),
              *([f"batches as the run used them, epochs 0-{len(used) - 1}: {_runs_of(used)}; the corollaries "
                 "(closed forms for eqs. 1 and 2) left out"] if used is not None else []),
              f"Theorem 2: A_K={g(t2['A_K'])} B_K={g(t2['B_K'])} C_K={g(t2['C_K'])} "
@@ -131,6 +154,17 @@ def cmd_bounds(args) -> int:
                  "is not in f)")
     print("\n".join(lines))
     return 0
+
+
+def _decisions(folder, recipe) -> list[int] | None:
+    """An adaptive run's decisions, from its newest checkpoint (None: none, or not adaptive)."""
+    if recipe.schedule.batch.kind != "adaptive":
+        return None
+    from launcher.run.checkpoint import CheckpointManager, read_file
+    found = CheckpointManager(folder, log=lambda *a: None).find_latest_valid()
+    if found is None:
+        return None
+    return [int(b) for b in read_file(found.path / "state.pt")["batch_growth"]["batches"]]
 
 
 def _runs_of(batches: list[int]) -> str:

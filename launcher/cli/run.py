@@ -56,8 +56,8 @@ def cmd_run(args) -> int:
     recipe = recipe_mod.load(args.recipe, args.set)
     from launcher.train.comm import in_worker_env
     if in_worker_env():
-        until = int(os.environ[env.UNTIL_EPOCH]) if os.environ.get(env.UNTIL_EPOCH) else args.until_epoch
-        return run_worker(recipe, force=args.force_resume or env.flag(env.FORCE_RESUME), until_epoch=until)
+        return run_worker(recipe, force=args.force_resume or env.flag(env.FORCE_RESUME), until_epoch=args.until_epoch,
+                          until_step=args.until_step)
     from launcher.config import factories
     from launcher.train import preflight
     from launcher.cluster.supervise import AGENT_SIGNALS, supervise
@@ -88,7 +88,8 @@ def cmd_run(args) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", *topology, f"--nproc_per_node={nproc}", AGENT_SIGNALS,
            "-m", "launcher", "run", str(resolved)]
     worker_env = dict(os.environ, **{env.PARENT: str(os.getpid()), env.FORCE_RESUME: "1" if args.force_resume else "0",
-                              env.DEBUG: "1" if args.debug else "0", env.UNTIL_EPOCH: str(args.until_epoch or "")})
+                              env.DEBUG: "1" if args.debug else "0", env.UNTIL_EPOCH: str(args.until_epoch or ""),
+                              env.UNTIL_STEP: str(args.until_step or "")})
     if lock is not None:
         worker_env[env.LOCKED_BY] = str(os.getpid())
     if recipe.performance.deterministic:      # read when cuBLAS starts, before any code of ours could set it
@@ -142,7 +143,7 @@ def _signature(path) -> tuple | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -> int:
+def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None, until_step: int | None = None) -> int:
     """One worker's whole life: join the group (unless ``comm`` is one already joined), hold the folder
     (unless the launcher does), train, say how it ended (markers, final model) or why it failed (one
     line), leave the group it joined."""
@@ -153,6 +154,10 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -
     flag = PreemptionFlag(preemption_signals(recipe))
     for signum in supervise.early_signals(preemption_signals(recipe))[:1]:
         flag.adopt(signum)
+    if os.environ.get(env.UNTIL_EPOCH):        # the launcher's --until-epoch / --until-step, for its workers
+        until_epoch = int(os.environ[env.UNTIL_EPOCH])
+    if os.environ.get(env.UNTIL_STEP):
+        until_step = int(os.environ[env.UNTIL_STEP])
     joined = comm is None
     comm = comm_mod.init() if joined else comm
     lock, trainer = None, None
@@ -161,7 +166,7 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None) -
             lock = _take_lock(recipe, comm)
         if env.PARENT not in os.environ:          # nobody checked the recipe before us
             check_resume(recipe, force, comm.world, log=print if comm.is_main else (lambda *a: None))
-        trainer = Trainer(build.build(recipe, comm), flag, until_epoch=until_epoch)
+        trainer = Trainer(build.build(recipe, comm), flag, until_epoch=until_epoch, until_step=until_step)
         rc = conclude(trainer, trainer.train())
     except (UserError, RunFailed) as exc:
         if env.flag(env.DEBUG):
@@ -201,7 +206,7 @@ def conclude(trainer, outcome) -> int:
         torch.save(trainer.parts.module.state_dict(), buffer)
         atomic_write(folder.final_model, buffer.getvalue())
         folder.write_marker(folder.complete, {
-            "global_step": state.global_step, "samples": state.samples, "epochs": trainer.recipe.epochs,
+            "global_step": state.global_step, "samples": state.samples, "epochs": trainer.stages.epochs,
             "recipe_hash": recipe_mod.trajectory_hash(trainer.recipe.to_dict())})
         graphs = trainer.stages.graphs_compiled()
         if graphs is not None:
@@ -211,8 +216,8 @@ def conclude(trainer, outcome) -> int:
         log(f"[qhm-launch] preempted: checkpoint at global step {state.global_step}")
         return PREEMPTED
     if outcome is Outcome.SEGMENT_DONE:
-        log(f"[qhm-launch] segment done: epochs up to {trainer.until_epoch} saved; the next segment resumes "
-            f"from global step {state.global_step}")
+        upto = f"epochs up to {trainer.until_epoch}" if trainer.until_step is None else f"steps up to {trainer.until_step}"
+        log(f"[qhm-launch] segment done: {upto} saved; the next segment resumes from global step {state.global_step}")
     return 0
 
 

@@ -55,15 +55,35 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+AT = {"steps_to_target": "step", "sfo_to_target": "samples", "tokens_to_target": "tokens",
+      "seconds_to_target": "wall_time"}     # what a crossing reports, from which field of the rows
+
+
 def crossing(run: dict, target: Target) -> dict:
     """Where ``run`` first reached ``target``: from its step rows if they carry the metric (finer), else its
-    epoch rows with the evaluations inside epochs (eval.every_steps). Nulls when never reached; ``carried``
-    says whether any row had the metric at all."""
+    epoch rows with the evaluations inside epochs (eval.every, eval.every_steps). Between the last row
+    that had not reached it and the first that had, the crossing is interpolated linearly in the metric
+    (``interpolated``: True), so it is not rounded up to the next evaluation; at the first row, or where
+    the two rows are consecutive steps (the first step that reached it is known exactly), it is that
+    row's. Nulls when never reached; ``carried`` says whether any row had the metric at all."""
     rows = [r for r in run["step_rows"] if r.get(target.metric) is not None] or \
         [r for r in run["rows"] + run["mid_epoch_rows"] if r.get(target.metric) is not None]
-    hit = next((r for r in sorted(rows, key=lambda r: r["step"]) if target.reached(r[target.metric])), None)
-    return {"run": str(run["dir"]), "steps_to_target": hit and hit["step"], "sfo_to_target": hit and hit["samples"],
-            "seconds_to_target": hit and hit.get("wall_time"), "carried": bool(rows)}
+    rows = sorted(rows, key=lambda r: r["step"])
+    hit = next((i for i, r in enumerate(rows) if target.reached(r[target.metric])), None)
+    out = {"run": str(run["dir"]), **{key: None for key in AT}, "interpolated": False, "carried": bool(rows)}
+    if hit is None:
+        return out
+    after = rows[hit]
+    before = rows[hit - 1] if hit > 0 and rows[hit]["step"] - rows[hit - 1]["step"] > 1 else None
+    gap = None if before is None else after[target.metric] - before[target.metric]
+    share = (target.value - before[target.metric]) / gap if before is not None and gap else 1.0
+    for key, field in AT.items():
+        if after.get(field) is None:
+            continue
+        start = before.get(field) if before is not None else None
+        out[key] = after[field] if start is None or share == 1.0 else start + share * (after[field] - start)
+    out["interpolated"] = before is not None and share != 1.0
+    return out
 
 
 def _check_carried(target: Target, found: list[dict]) -> None:
@@ -82,28 +102,33 @@ def _spread(values: list) -> str:
 
 
 def target_report(run_dirs: list, target_text: str, as_json: bool = False) -> str:
-    """Per run, and per group of runs that differ only by seed (mean, min–max): the global step, SFO and
-    training seconds at which the target was first reached."""
+    """Per run, and per group of runs that differ only by seed (mean, min–max): the global step, SFO,
+    tokens (where counted) and training seconds at which the target was first reached, interpolated
+    between the two evaluations around the crossing (marked ~)."""
     target = parse_target(target_text)
     curves = analysis.group(analysis.load_runs(run_dirs))
     per_curve = [(c, [crossing(run, target) for run in c["runs"]]) for c in curves]
-    _check_carried(target, [f for _, found in per_curve for f in found])
+    found_all = [f for _, found in per_curve for f in found]
+    _check_carried(target, found_all)
+    keys = [k for k in AT if k != "tokens_to_target" or any(f[k] is not None for f in found_all)]
     if as_json:
         return json.dumps([{k: v for k, v in f.items() if k != "carried"} | {"group": c["label"]}
                            for c, found in per_curve for f in found], indent=1)
-    lines = [f"target {target}", "", "| run | steps to target | SFO to target | seconds to target |", "|---|---|---|---|"]
-    fmt = lambda v: "not reached" if v is None else f"{v:,.6g}"  # noqa: E731
+    names = {"steps_to_target": "steps", "sfo_to_target": "SFO", "tokens_to_target": "tokens",
+             "seconds_to_target": "seconds"}
+    head = " | ".join(f"{names[k]} to target" for k in keys)
+    lines = [f"target {target}", "", f"| run | {head} |", "|---|" + "---|" * len(keys)]
+    fmt = lambda v, f: "not reached" if v is None else ("~" if f["interpolated"] else "") + f"{v:,.6g}"  # noqa: E731
     for c, found in per_curve:
         for f in found:
-            lines.append(f"| {f['run']} | {fmt(f['steps_to_target'])} | {fmt(f['sfo_to_target'])} | "
-                         f"{fmt(f['seconds_to_target'])} |")
+            lines.append(f"| {f['run']} | " + " | ".join(fmt(f[k], f) for k in keys) + " |")
+    if any(f["interpolated"] for f in found_all):
+        lines += ["", "~: interpolated between the last evaluation before the crossing and the first at or past it"]
     if any(len(found) > 1 for _, found in per_curve):
-        lines += ["", "| group (seeds: mean, min–max) | runs | steps to target | SFO to target | seconds to target |",
-                  "|---|---|---|---|---|"]
+        lines += ["", f"| group (seeds: mean, min–max) | runs | {head} |", "|---|---|" + "---|" * len(keys)]
         for c, found in per_curve:
             lines.append(f"| {c['label']} | {len(found)} | " + " | ".join(
-                _spread([f[k] for f in found]) for k in ("steps_to_target", "sfo_to_target", "seconds_to_target"))
-                + " |")
+                _spread([f[k] for f in found]) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -126,6 +151,18 @@ def fit_tradeoff(batches, steps) -> dict:
             "e_min": float(slope) if ok else None}
 
 
+X_FIELDS = {"samples": "samples", "tokens": "tokens", "steps": "step"}    # scaling --x: the rows' field
+
+
+def check_x(x: str, runs: list[dict]) -> None:
+    """--x: one of X_FIELDS, and tokens only where the runs counted them."""
+    if x not in X_FIELDS:
+        raise UserError(f"--x: {x!r} is not valid; allowed: {' | '.join(X_FIELDS)}")
+    if x == "tokens" and not any(r.get("tokens") is not None for run in runs for r in run["rows"]):
+        raise UserError("--x: 'tokens' is not valid for these runs: none counted tokens; allowed: samples or steps "
+                        "(or runs with data.tokens_per_sample, or token data)")
+
+
 def _points(runs: list[dict], crossings: list[dict]) -> tuple[list[dict], list[str]]:
     """Constant-batch runs grouped by batch size (seeds averaged); the runs that never reached it."""
     by_batch: dict[int, list] = {}
@@ -140,7 +177,9 @@ def _points(runs: list[dict], crossings: list[dict]) -> tuple[list[dict], list[s
             by_batch.setdefault(b, []).append(hit)
     return [{"batch": b, "runs": [h["run"] for h in hits],
              "steps": statistics.fmean(h["steps_to_target"] for h in hits),
-             "sfo": statistics.fmean(h["sfo_to_target"] for h in hits)}
+             "sfo": statistics.fmean(h["sfo_to_target"] for h in hits),
+             **({"tokens": statistics.fmean(h["tokens_to_target"] for h in hits)}
+                if all(h["tokens_to_target"] is not None for h in hits) else {})}
             for b, hits in sorted(by_batch.items())], never
 
 
@@ -163,11 +202,13 @@ def throughput(runs: list[dict]) -> list[dict]:
     return out
 
 
-def scaling(run_dirs: list, target_text: str | None = None, out: str | None = None, as_json: bool = False) -> str:
+def scaling(run_dirs: list, target_text: str | None = None, out: str | None = None, as_json: bool = False,
+            x: str = "samples") -> str:
     target = parse_target(target_text) if target_text is not None else None
     if out is not None:
         analysis.check_out(out)
     runs = analysis.load_runs(run_dirs)
+    check_x(x, runs)
     result: dict = {}
     if target is not None:
         crossings = [crossing(run, target) for run in runs]
@@ -183,7 +224,7 @@ def scaling(run_dirs: list, target_text: str | None = None, out: str | None = No
     result["throughput"] = throughput(runs)
     if out is not None:
         from launcher.cli import figures
-        figures.scaling_figure(runs, result, out)
+        figures.scaling_figure(runs, result, out, x)
     return json.dumps(result, indent=1) if as_json else _scaling_text(result)
 
 

@@ -72,13 +72,12 @@ def sbatch_command(args, name: str, log: Path, script: Path, dependency: str | N
     return cmd + list(args.sbatch_arg) + [str(script)]
 
 
-def _launch(args, nodes: int, until_epoch: int | None) -> tuple[str, str]:
+def _launch(args, nodes: int, until: str = "") -> tuple[str, str]:
     """One ``qhm-launch run`` per node: it starts torchrun there (c10d rendezvous on the first node, an id
     and port from the job) and forwards the job's signals to its workers. On one node it runs right in
     the batch step, without srun: srun turns a SIGTERM it receives into a SIGKILL of its tasks, so a
     SIGTERM to every process of the job (preemption, scancel --full) would leave nothing time to save."""
     py = q(args.python or sys.executable)
-    until = f" --until-epoch {until_epoch}" if until_epoch else ""
     if nodes == 1:
         return "", f'{py} -m launcher run "$RECIPE"{until}'
     prelude = ('HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
@@ -92,8 +91,9 @@ def _launch(args, nodes: int, until_epoch: int | None) -> tuple[str, str]:
 
 
 def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: str | None,
-           submit_cmd: list[str], nodes: int, gpus_per_node: int, until_epoch: int | None = None) -> str:
-    prelude, launch = _launch(args, nodes, until_epoch)
+           submit_cmd: list[str], nodes: int, gpus_per_node: int, until: str = "") -> str:
+    """The job script; ``until``: where a segment of an elastic chain stops (" --until-epoch 3")."""
+    prelude, launch = _launch(args, nodes, until)
     if array:
         select = (f"RECIPES=({' '.join(q(str(p)) for p in recipes)})\n"
                   f"RUN_DIRS=({' '.join(q(str(p)) for p in run_dirs)})\n"
@@ -204,20 +204,21 @@ def _segments(recipe, nproc: int, args) -> list:
     from launcher import data
     from launcher.train import splits
     if not args.elastic:
-        return [splits.Segment(0, recipe.epochs - 1, recipe.slurm.nodes)]
+        return [splits.Segment(0, 0, recipe.slurm.nodes)]          # one job: it runs to the end
     return splits.elastic_segments(recipe, data.sizes(recipe.data)[0], nproc, recipe.slurm.nodes)
 
 
 def _chain(args, stem: Path, name: str, log: Path, segments: list, dependency: str, recipes: list[Path],
-           run_dirs: list[Path], cpus: int, array: str | None, gpus_per_node: int, epochs: int) -> list[tuple]:
+           run_dirs: list[Path], cpus: int, array: str | None, gpus_per_node: int) -> list[tuple]:
     """(script, sbatch command, script text) per segment: ``stem.sbatch``, then ``stem-2.sbatch``, ...,
     each after the one before (``dependency``: afterok for a run, aftercorr for an array's tasks) and
-    stopping at its segment's last epoch."""
+    stopping at its segment's last epoch (``--until-epoch``) or global step (``--until-step``); the last
+    runs to the end."""
     jobs = []
     for k, seg in enumerate(segments):
         script = stem.with_name(f"{stem.name}.sbatch" if k == 0 else f"{stem.name}-{k + 1}.sbatch")
         cmd = sbatch_command(args, name, log, script, f"{dependency}:{{previous}}" if k else None)
-        until = seg.last + 1 if seg.last + 1 < epochs else None
+        until = "" if k == len(segments) - 1 else f" --until-{seg.by} {seg.last + 1}"
         jobs.append((script, cmd, render(args, recipes, run_dirs, cpus, array, cmd, seg.nodes, gpus_per_node, until)))
     return jobs
 
@@ -232,7 +233,7 @@ def cmd_submit(args) -> int:
     first = next_free(folder.slurm, "submit", ".sbatch")
     scripts = _chain(args, first.with_suffix(""), recipe.name, folder.slurm / "slurm-%j.out", segments, "afterok",
                      [folder.recipe], [folder.path], _cpus(args, [cpus_needed(recipe, nproc)]), None,
-                     recipe.slurm.gpus_per_node, recipe.epochs)
+                     recipe.slurm.gpus_per_node)
     if args.dry_run:
         print("\n\n".join(text for _, _, text in scripts))
         return 0
@@ -242,7 +243,7 @@ def cmd_submit(args) -> int:
     for (script, cmd, text), seg in zip(scripts, segments):
         script.write_text(text)
         previous = _sbatch([c.replace("{previous}", previous or "") for c in cmd])
-        what = f" (epochs {seg.first}-{seg.last} on {seg.nodes} node(s))" if args.elastic else ""
+        what = f" ({seg.by}s {seg.first}-{seg.last} on {seg.nodes} node(s))" if args.elastic else ""
         print(f"qhm-launch: submitted job {previous}{what}: {script}\n  log: {folder.slurm / f'slurm-{previous}.out'}")
     return 0
 
@@ -287,7 +288,7 @@ def cmd_sweep(args, run_point=None) -> int:
         # task i of each chained array runs after task i of the previous one (aftercorr)
         jobs = _chain(args, folder.slurm / stem, spec["name"], folder.slurm / "slurm-%A_%a.out", list(segments.pop()),
                       "aftercorr", [r.folder.recipe for r, _ in group], [r.run_dir for r, _ in group],
-                      _cpus(args, [cpus_needed(r, nproc) for r, nproc in group]), array, gpus, group[0][0].epochs)
+                      _cpus(args, [cpus_needed(r, nproc) for r, nproc in group]), array, gpus)
         arrays.append(((nodes, gpus), members, array, jobs))
     if not args.local:
         limit, largest = max_array_size(), max(len(members) for _, members, _, _ in arrays)

@@ -22,6 +22,9 @@ OPTIMIZERS = tuple(qhm.PRESETS)            # qhm | sgd (gamma = 0) | nshb (gamma
 KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name of compiled
 ENGINES = ("ddp", "deepspeed")
 BATCH_KINDS = qhm.schedules.BATCH_KINDS + ("adaptive",)    # adaptive: decided at run time (launcher.train.adaptive)
+UNITS = qhm.schedules.UNITS                # what schedule positions count: epoch (the paper) | step | sample | token
+BATCH_SCALINGS = tuple(qhm.schedules.BATCH_SCALINGS)
+Amount = Union[int, float, str]            # a count in a unit: 500, "2.5K", "10M tokens" (launcher.config.units)
 WANDB_MODES = ("online", "offline", "disabled")
 GRAD_NORM_MODES = ("exact", "paper")
 BATCH_NORMS = ("local", "sync")
@@ -54,6 +57,7 @@ class Data:
     workers: int = 4                    # DataLoader worker processes per rank (the streamed path)
     stream: bool = False                # read a built-in dataset through DataLoader workers too
     image_size: Optional[int] = None    # imagefolder: resize and centre-crop to this (default 224)
+    tokens_per_sample: Optional[int] = None   # tokens in every sample (fixed length): tokens are counted
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Optimizer:
 @dataclass
 class Batch:
     kind: str = "exponential"           # constant {size} | exponential {initial, growth} |
+                                        # steps {points: [[position, batch], ...]}: piecewise, in schedule.unit |
                                         # adaptive {initial, growth, max, factor}: grows by growth at an interval's
                                         # end when the noise scale measured over it is >= factor x the batch
     size: Optional[int] = None
@@ -85,15 +90,18 @@ class Batch:
     growth: float = 2.0
     max: Optional[int] = None           # adaptive: the largest batch (null: the training set)
     factor: float = 1.0                 # adaptive: grow when noise scale >= factor x batch
+    points: list = field(default_factory=list)   # steps: [[0, 256], ["2B", 512], ...], positions in schedule.unit
 
 
 @dataclass
 class LR:
-    kind: str = "constant"              # constant | sqrt_decay | decay | cosine | polynomial
+    kind: str = "constant"              # constant | sqrt_decay | decay | cosine | polynomial | wsd
     max: float = 0.1
     min: float = 0.0
     power: float = 2.0
-    warmup: int = 0                     # linear warm-up epochs (0: the paper's schedules)
+    warmup: Amount = 0                  # linear warm-up over this many schedule units (0: the paper's schedules)
+    decay: Amount = 0                   # wsd: its final linear decay to min, over this many units
+    batch_scaling: str = "none"         # none | linear | sqrt: lr x (b_k / b_0)^p where the batch changes
 
 
 @dataclass
@@ -114,7 +122,8 @@ class Gamma:
 
 @dataclass
 class ScheduleConfig:
-    interval: int = 1                   # E, shared by the batch, beta and gamma step schedules
+    unit: str = "epoch"                 # what positions count: epoch (the paper) | step | sample | token
+    interval: Amount = 1                # E, shared by the batch, beta and gamma step schedules, in that unit
     batch: Batch = field(default_factory=Batch)
     lr: LR = field(default_factory=LR)
     beta: Beta = field(default_factory=Beta)
@@ -137,6 +146,7 @@ class Distributed:
 class Eval:
     every_epochs: int = 1
     every_steps: int = 0                # 0: at epoch ends only; k: also every k optimizer steps (mid-epoch rows)
+    every: Optional[Amount] = None      # also every N units: "10M tokens", "50K samples", or a count in schedule.unit
     full_grad_norm: bool = True
     grad_norm_mode: str = "exact"       # exact: un-augmented, eval mode | paper: as the paper's code
     batch_size: int = 500
@@ -145,6 +155,7 @@ class Eval:
 @dataclass
 class Checkpoint:
     every_steps: int = 0                # 0: only at epoch ends and on preemption
+    every: Optional[Amount] = None      # also every N units, as eval.every
     keep: int = 3
 
 
@@ -189,11 +200,27 @@ class Performance:
 
 
 @dataclass
+class Train:
+    """The run's length when it is not whole epochs: one of these (the run ends after the first step that
+    reaches it)."""
+    steps: Optional[Amount] = None
+    samples: Optional[Amount] = None
+    tokens: Optional[Amount] = None
+
+    def duration(self) -> tuple[str, Amount] | None:
+        """(unit, the amount as written) of the one set, None if none is."""
+        given = [(unit[:-1], v) for unit, v in (("steps", self.steps), ("samples", self.samples),
+                                                ("tokens", self.tokens)) if v is not None]
+        return given[0] if len(given) == 1 else None
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     output: str = "runs"
     seed: int = 0
-    epochs: int = 1
+    epochs: Optional[int] = None        # M; default 1 unless train gives another length
+    train: Train = field(default_factory=Train)
     data: Data = field(default_factory=Data)
     model: Union[str, ModelSpec] = "small_cnn"
     loss: LossSpec = field(default_factory=LossSpec)
@@ -219,20 +246,53 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def schedule_spec(self) -> qhm.Schedule:
-        """The qhm schedule this recipe describes (validated when the recipe is loaded)."""
-        s, E = self.schedule, self.schedule.interval
+    def duration(self) -> tuple[str, int]:
+        """The run's length: ("epoch", M), or (unit, count) of ``train`` (validated: one of them is set)."""
+        from launcher.config import units
+        given = self.train.duration()
+        if given is None:
+            return "epoch", self.epochs or 1
+        unit, value = given
+        return unit, units.in_unit(f"train.{unit}s", value, unit)
+
+    def batch_spec(self) -> qhm.BatchSchedule:
+        """The batch schedule in qhm's terms (adaptive: the initial batch, until decided otherwise)."""
+        from launcher.config import units
+        s = self.schedule
+        interval = self.interval()
+        if s.batch.kind == "steps":
+            points = tuple((units.in_unit(f"schedule.batch.points[{i}]", p[0], s.unit, minimum=0), p[1])
+                           for i, p in enumerate(s.batch.points))
+            return qhm.BatchSchedule("steps", points=points)
         size = s.batch.size if s.batch.kind == "constant" else s.batch.initial
         # adaptive: the plan before any decision is the initial batch throughout (launcher.train.adaptive)
         kind = "constant" if s.batch.kind == "adaptive" else s.batch.kind
+        return qhm.BatchSchedule(kind, size, growth=s.batch.growth, interval=interval)
+
+    def interval(self) -> int:
+        """schedule.interval as a count in schedule.unit."""
+        from launcher.config import units
+        return units.in_unit("schedule.interval", self.schedule.interval, self.schedule.unit)
+
+    def schedule_spec(self, epochs: int | None = None, length: int | None = None) -> qhm.Schedule:
+        """The qhm schedule this recipe describes (validated when the recipe is loaded). ``epochs`` and
+        ``length``: the epochs the run trains in and its length in schedule.unit, from its plan
+        (launcher.train.splits.plan); by default the recipe's epochs, whose length is all the epoch unit
+        needs."""
+        from launcher.config import units
+        s, E, unit = self.schedule, self.interval(), self.schedule.unit
+        epochs = epochs or self.epochs or 1
         gamma = s.gamma
         if self.optimizer.name != "qhm":          # sgd / nshb fix gamma, whatever the recipe says
             gamma = Gamma(kind="constant", max=qhm.PRESETS[self.optimizer.name]["gamma"])
+        warmup = units.in_unit("schedule.lr.warmup", s.lr.warmup, unit, minimum=0)
+        decay = units.in_unit("schedule.lr.decay", s.lr.decay, unit, minimum=0)
         return qhm.Schedule(
-            epochs=self.epochs,
-            batch=qhm.BatchSchedule(kind, size, growth=s.batch.growth, interval=E),
-            lr=qhm.LRSchedule(s.lr.kind, s.lr.max, s.lr.min, power=s.lr.power, epochs=self.epochs,
-                              warmup=s.lr.warmup),
+            epochs=epochs,
+            batch=self.batch_spec(),
+            lr=qhm.LRSchedule(s.lr.kind, s.lr.max, s.lr.min, power=s.lr.power, epochs=epochs, warmup=warmup,
+                              unit=unit, length=(length or 0) if unit != "epoch" else 0, decay=decay),
             beta=qhm.BetaSchedule(s.beta.kind, max=s.beta.max, min=s.beta.min, factor=s.beta.factor,
                                   interval=E, staged=s.beta.staged),
-            gamma=qhm.GammaSchedule(gamma.kind, max=gamma.max, factor=gamma.factor, interval=E))
+            gamma=qhm.GammaSchedule(gamma.kind, max=gamma.max, factor=gamma.factor, interval=E),
+            unit=unit, batch_scaling=s.lr.batch_scaling)

@@ -11,7 +11,7 @@ from launcher.config.schema import Recipe
 
 # Fields that change the trajectory: a checkpoint written under other values is refused on resume.
 # W&B, process count, micro-batch cap, eval, checkpoint cadence and paths may change freely.
-TRAJECTORY_FIELDS = ("seed", "epochs", "data.dataset", "data.factory", "data.kwargs", "data.augment", "data.size",
+TRAJECTORY_FIELDS = ("seed", "epochs", "train", "data.tokens_per_sample", "data.dataset", "data.factory", "data.kwargs", "data.augment", "data.size",
                      "data.shape", "data.classes", "data.image_size", "data.rotation", "data.validation", "model",
                      "loss", "precision", "optimizer", "schedule", "distributed.engine",
                      "distributed.zero_stage", "distributed.batch_norm", "performance.tf32",
@@ -32,8 +32,24 @@ def _merged(defaults: dict, given: dict) -> dict:
     return out
 
 
+# Keys added after hashes were first written, at the defaults that reproduce what came before: left out of
+# the hash when at those defaults, so a run folder completed earlier keeps its hash (and stays complete).
+ADDED_DEFAULTS = {"train": {"steps": None, "samples": None, "tokens": None}, "data.tokens_per_sample": None,
+                  "schedule.unit": "epoch", "schedule.batch.points": [], "schedule.lr.decay": 0,
+                  "schedule.lr.batch_scaling": "none"}
+
+
 def trajectory_hash(recipe_dict: dict) -> str:
-    return hashlib.sha256(json.dumps(trajectory(recipe_dict), sort_keys=True).encode()).hexdigest()[:16]
+    fields = json.loads(json.dumps(trajectory(recipe_dict)))
+    for key, default in ADDED_DEFAULTS.items():
+        holder, leaf = fields, key                     # a trajectory field itself ("train"), or inside one
+        if key not in fields:
+            *path, leaf = key.split(".")
+            for part in path:
+                holder = holder.get(part, {}) if isinstance(holder, dict) else {}
+        if isinstance(holder, dict) and leaf in holder and holder[leaf] == default:
+            del holder[leaf]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def trajectory_diff(old: dict, new: dict) -> list[str]:

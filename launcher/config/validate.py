@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import qhm
 
-from launcher.config import keys
-from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, COMPILE_MODES, DATASETS, DEEPSPEED_OWNED, ENGINES, GRAD_NORM_MODES,
-                                    KERNELS, MAX_DATA_WORKERS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS, PRECISIONS, SIGNALS,
-                                    SYNTHETIC_MAX, WANDB_MODES, Recipe)
+from launcher.config import keys, units
+from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, BATCH_SCALINGS, COMPILE_MODES, DATASETS, DEEPSPEED_OWNED, ENGINES,
+                                    GRAD_NORM_MODES, KERNELS, MAX_DATA_WORKERS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS,
+                                    PRECISIONS, SIGNALS, SYNTHETIC_MAX, UNITS, WANDB_MODES, Recipe)
 from launcher.errors import RecipeError
 
 def _one_of(path: str, value, allowed) -> None:
@@ -92,8 +92,10 @@ def validate(r: Recipe) -> Recipe:
                               "characters (W&B's limit)")
     if not r.output or not r.output.isprintable():
         raise RecipeError(f"output: {r.output!r} is not valid; allowed: a folder path without control characters")
-    _at_most("epochs", r.epochs, MAX_EPOCHS)
-    for path, value, low in (("seed", r.seed, 0), ("epochs", r.epochs, 1), ("schedule.interval", r.schedule.interval, 1),
+    check_duration(r)
+    epochs = 1 if r.epochs is None else r.epochs
+    _at_most("epochs", epochs, MAX_EPOCHS)
+    for path, value, low in (("seed", r.seed, 0), ("epochs", epochs, 1),
                              ("distributed.cpu_micro_batch", r.distributed.cpu_micro_batch, 1),
                              ("distributed.min_rank_batch", r.distributed.min_rank_batch, 1),
                              ("eval.every_epochs", r.eval.every_epochs, 1),
@@ -130,9 +132,12 @@ def validate(r: Recipe) -> Recipe:
     b = r.schedule.batch
     _one_of("schedule.batch.kind", b.kind, BATCH_KINDS)
     size_key = "size" if b.kind == "constant" else "initial"
-    if getattr(b, size_key) is None:
+    if b.kind == "steps":
+        check_points(r)
+    elif getattr(b, size_key) is None:
         raise RecipeError(f"schedule.batch.{size_key}: missing; allowed: an integer >= 1 "
                           f"(required for kind {b.kind})")
+    check_units(r)
     if b.kind == "adaptive":
         if b.max is not None and (isinstance(b.max, bool) or not isinstance(b.max, int) or b.max < b.initial):
             raise RecipeError(f"schedule.batch.max: {b.max!r} is not valid; allowed: an integer >= schedule.batch.initial "
@@ -140,12 +145,110 @@ def validate(r: Recipe) -> Recipe:
         if not b.factor > 0:
             raise RecipeError(f"schedule.batch.factor: {b.factor!r} is not valid; allowed: > 0")
     try:
-        r.schedule_spec()
+        r.schedule_spec(length=placeholder_length(r))
     except qhm.ScheduleError as exc:                # qhm names its field; the recipe's path is ours
-        key = {"batch.size": f"batch.{size_key}"}.get(exc.field, exc.field)
-        path = key if key == "epochs" else f"schedule.{key}"
-        raise RecipeError(f"{path}: {exc.value!r} is not valid; allowed: {exc.allowed}") from None
+        raise schedule_error(exc, size_key) from None
     return r
+
+
+def schedule_error(exc: qhm.ScheduleError, size_key: str = "initial") -> RecipeError:
+    """qhm's error about one of its fields as the recipe's one line, naming the recipe's key."""
+    key = {"batch.size": f"batch.{size_key}", "unit": "unit", "lr.unit": "unit"}.get(exc.field, exc.field)
+    path = key if key == "epochs" else f"schedule.{key}"
+    return RecipeError(f"{path}: {exc.value!r} is not valid; allowed: {exc.allowed}")
+
+
+def placeholder_length(r: Recipe) -> int | None:
+    """A length in schedule.unit that passes qhm's checks, for validating the recipe before its plan
+    (which needs the data) gives the real one; the plan checks warmup and decay against that."""
+    if r.schedule.unit == "epoch":
+        return None
+    unit = r.schedule.unit
+    return 1 + max(units.in_unit("schedule.lr.warmup", r.schedule.lr.warmup, unit, minimum=0),
+                   units.in_unit("schedule.lr.decay", r.schedule.lr.decay, unit, minimum=0))
+
+
+def check_duration(r: Recipe) -> None:
+    """``epochs: M`` or one of ``train.steps | samples | tokens``, a positive count."""
+    given = [f"train.{k}" for k in ("steps", "samples", "tokens") if getattr(r.train, k) is not None]
+    if len(given) > 1:
+        raise RecipeError(f"{given[1]}: {getattr(r.train, given[1][6:])!r} is not valid with {given[0]}; allowed: "
+                          "one duration (train.steps, train.samples or train.tokens, or epochs)")
+    if given:
+        units.in_unit(given[0], getattr(r.train, given[0][6:]), given[0][6:-1])
+    if given and r.epochs is not None:
+        raise RecipeError(f"epochs: {r.epochs!r} is not valid with {given[0]}; allowed: one duration (epochs, or "
+                          "one of train.steps, train.samples, train.tokens)")
+    if not given and r.epochs is None:
+        r.epochs = 1
+
+
+def check_points(r: Recipe) -> None:
+    """A piecewise batch: [[position, batch], ...], the first at 0, positions in schedule.unit strictly
+    increasing, batches integers >= 1."""
+    points, unit = r.schedule.batch.points, r.schedule.unit
+    if not points:
+        raise RecipeError("schedule.batch.points: missing; allowed: [[0, b_0], [position, batch], ...] (required "
+                          "for kind steps)")
+    named = set()
+    for i, point in enumerate(points):
+        path = f"schedule.batch.points[{i}]"
+        if not (isinstance(point, list) and len(point) == 2):
+            raise RecipeError(f"{path}: {point!r} is not valid; allowed: a pair [position, batch]")
+        named.add(units.parse(path, point[0], None, minimum=0)[0])
+        if not (isinstance(point[1], int) and not isinstance(point[1], bool) and point[1] >= 1):
+            raise RecipeError(f"{path}: {point!r} is not valid; allowed: [position, batch] with an integer batch >= 1 "
+                              "(any integer splits over any world size)")
+    named.discard(None)
+    if len(named) > 1:
+        raise RecipeError(f"schedule.batch.points: {points!r} mixes units ({', '.join(sorted(named))}); allowed: "
+                          f"positions in one unit, schedule.unit ({unit})")
+    try:
+        r.batch_spec()
+    except qhm.ScheduleError as exc:
+        raise schedule_error(exc) from None
+
+
+def check_units(r: Recipe) -> None:
+    """schedule.unit and every amount counted in a unit: interval, warmup and decay in the schedule's,
+    eval.every and checkpoint.every in any but the epoch, tokens only where a sample's tokens are known."""
+    s, unit = r.schedule, r.schedule.unit
+    _one_of("schedule.unit", unit, UNITS)
+    _one_of("schedule.lr.batch_scaling", s.lr.batch_scaling, BATCH_SCALINGS)
+    r.interval()
+    placeholder_length(r)
+    for path, value, other in (("eval.every", r.eval.every, "eval.every_steps"),
+                               ("checkpoint.every", r.checkpoint.every, "checkpoint.every_steps")):
+        if value is None:
+            continue
+        named, _ = units.parse(path, value, unit)
+        if keys.get(r.to_dict(), other):
+            raise RecipeError(f"{path}: {value!r} is not valid with {other}; allowed: one of the two")
+        if named == "epoch":
+            raise RecipeError(f"{path}: {value!r} is not valid; allowed: a count with its unit ('10M tokens', "
+                              f"'50K samples', '500 steps'){' (or eval.every_epochs)' if path[0] == 'e' else ''}")
+    if r.data.tokens_per_sample is not None:
+        _at_least("data.tokens_per_sample", r.data.tokens_per_sample, 1)
+    elif uses_tokens(r):
+        raise RecipeError(f"{uses_tokens(r)}: counted in tokens, and data.tokens_per_sample is not set; allowed: "
+                          "data.tokens_per_sample: T (the tokens of every sample), or another unit")
+    if s.batch.kind == "adaptive" and unit != "epoch" and s.lr.kind in ("cosine", "polynomial", "wsd") \
+            and r.duration()[0] != unit:
+        raise RecipeError(f"schedule.lr.kind: {s.lr.kind!r} is not valid with an adaptive batch in {unit}s and a "
+                          f"duration in {r.duration()[0]}s (the run's length in {unit}s follows decisions made while "
+                          f"it trains); allowed: train.{unit}s, or constant, sqrt_decay or decay")
+
+
+def uses_tokens(r: Recipe) -> str | None:
+    """The first key that counts tokens, or None."""
+    if r.schedule.unit == "token":
+        return "schedule.unit"
+    if r.train.tokens is not None:
+        return "train.tokens"
+    for path, value in (("eval.every", r.eval.every), ("checkpoint.every", r.checkpoint.every)):
+        if value is not None and units.parse(path, value, r.schedule.unit)[0] == "token":
+            return path
+    return None
 
 
 def check_raw_deepspeed_config(raw: dict) -> None:

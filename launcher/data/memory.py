@@ -66,7 +66,7 @@ class InMemoryBatches:
     def step(self, epoch: int, step: int, stage) -> tuple[int, list]:
         """(global batch size, [(x, y) per micro-batch of this rank]); one empty micro-batch when this
         rank has no sample of the batch (it still joins the gradient reduce)."""
-        perm, first = self.sampler.permutation(epoch), step * stage.batch
+        perm, first = self.sampler.permutation(epoch), order.batch_start(stage, step)
         size = min(stage.batch, len(perm) - first)
         out = []
         for a, b in self._cuts(size, stage.micro_batch):

@@ -1,7 +1,9 @@
 """Data order and augmentation parameters: pure functions of a key, never of a global RNG.
 
-* The order of epoch m is a permutation drawn from (seed, "order", m). Global batch k of epoch m at
-  batch size b is positions [k b, (k+1) b) of it (the last one may be partial: T_m = ceil(n/b)).
+* The order of epoch m is a permutation drawn from (seed, "order", m). Global batch k of epoch m covers
+  positions [c_k, c_k + b_k) of it, c_k the samples the epoch consumed before it and b_k its batch (the
+  last one may be partial): a batch that changes at any step keeps the order a function of the samples
+  consumed alone. At a constant batch b that is [k b, (k+1) b), T_m = ceil(n/b) steps.
 * Each rank takes a contiguous slice of a global batch (ceil or floor of size/world samples, possibly
   none) and cuts it into micro-batches.
 * The random augmentation of sample i in epoch m (crop offsets, flip, rotation angle) is a function of
@@ -9,7 +11,8 @@
 
 So the sequence of global batches and every augmented pixel are the same whatever the world size, the
 micro-batch x accumulation split, or the path the data takes (in memory, or streamed through
-DataLoader workers), and resuming at (epoch, step) needs no saved sampler or RNG state.
+DataLoader workers), and resuming at (epoch, step) needs no saved sampler or RNG state: the plan says
+where the step starts.
 """
 from __future__ import annotations
 
@@ -23,7 +26,10 @@ import torch.nn.functional as F
 
 # Purposes map to fixed numbers: str hashes are salted per process.
 PURPOSES = {"order": 1, "augment": 2, "gradnorm": 3, "rank_rng": 4, "validation": 5, "sample": 6}
-VERSION = 2        # 1: augmentation keyed on (seed, epoch, step, position in batch); 2: on (seed, epoch, index)
+# 1: augmentation keyed on (seed, epoch, step, position in batch); 2: on (seed, epoch, index); 3: batches keyed
+# on the samples consumed (a batch may change inside an epoch; at epoch boundaries the same order as 2)
+VERSION = 3
+READS = (1, 2, 3)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -83,7 +89,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 # Order
 
 class GlobalBatchSampler:
-    """Global batch k of epoch m at batch size b: positions [k b, (k+1) b) of epoch m's permutation.
+    """Epoch m's permutation, from which global batch k takes positions [c_k, c_k + b_k).
 
     Stateful only in what a resume must agree on (n, seed and the order version): the position itself
     lives in the train state. Loading a checkpoint of another dataset size or seed is refused.
@@ -101,15 +107,22 @@ class GlobalBatchSampler:
         return self._perm
 
     def global_batch(self, epoch: int, step: int, batch: int) -> torch.Tensor:
+        """Global batch ``step`` of epoch ``epoch`` at a constant ``batch``: [step b, (step + 1) b)."""
         return self.permutation(epoch)[step * batch:(step + 1) * batch]
 
     def state_dict(self) -> dict:
         return {"n": self.n, "seed": self.seed, "version": VERSION}
 
     def load_state_dict(self, state: dict) -> None:
-        """Refuse a checkpoint of other data. One written before the order was recorded (layout 1)
-        is accepted; from it on, augmentation is keyed per sample (see VERSION)."""
+        """Refuse a checkpoint of other data, or of an order this launcher does not know (a newer one).
+        One written before the order was recorded (layout 1) is accepted; from it on, augmentation is
+        keyed per sample, and orders 2 and 3 are the same wherever the batch changes at epoch boundaries,
+        the only changes order 2 had (see VERSION)."""
         from launcher.errors import UserError
+        version = state.get("version", 2)
+        if version not in READS:
+            raise UserError(f"checkpoint: its data order is version {version!r}, this launcher reads "
+                            f"{', '.join(map(str, READS))}; allowed: resume it with the launcher that wrote it")
         if state["n"] is None:
             return
         if state["n"] != self.n:
@@ -129,6 +142,17 @@ def rank_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
     q, r = divmod(size, world)
     lo = rank * q + min(rank, r)
     return lo, lo + q + (1 if rank < r else 0)
+
+
+def batch_start(stage, step: int) -> int:
+    """Where global batch ``step`` of a stage starts in its epoch's permutation: the stage's ``offset``
+    plus its steps before at ``batch`` each (a stage that is a whole epoch: first and offset 0)."""
+    return getattr(stage, "offset", 0) + (step - getattr(stage, "first", 0)) * stage.batch
+
+
+def stage_end(stage) -> int:
+    """The step of the epoch after a stage's last."""
+    return getattr(stage, "first", 0) + stage.steps
 
 
 def micro_batches(lo: int, hi: int, micro: int) -> list[tuple[int, int]]:

@@ -1,8 +1,9 @@
 """The streamed path: any map-style Dataset, read through DataLoader worker processes.
 
 The batch sampler hands the loader this rank's micro-batches of the same keyed global order the
-in-memory path uses (global batch k of epoch m = positions [k b, (k+1) b) of the permutation keyed on
-(seed, m)), as lists of keys (index, epoch), starting at any step: a resume starts at its saved
+in-memory path uses (global batch k of epoch m = positions [c_k, c_k + b_k) of the permutation keyed
+on (seed, m), c_k the samples the epoch consumed before it), as lists of keys (index, epoch), for one
+stage from any of its steps: a resume starts at its saved
 (epoch, step) directly, without replaying the loader. Each sample is read with the global RNGs seeded
 from (seed, epoch, index), so random transforms of the user's own dataset are a pure function of the
 key too (and of nothing else: not the worker it lands on, not the world size); the launcher's own
@@ -85,7 +86,7 @@ class KeyedDataset(torch.utils.data.Dataset):
 
 
 class KeyedBatchSampler:
-    """This rank's non-empty micro-batches, in order, for steps [first_step, T_m) of an epoch."""
+    """This rank's non-empty micro-batches, in order, for steps [first_step, the stage's end) of an epoch."""
 
     def __init__(self, n: int, seed: int, rank: int, world: int):
         self.order, self.n, self.rank, self.world = order.GlobalBatchSampler(n, seed), n, rank, world
@@ -95,10 +96,11 @@ class KeyedBatchSampler:
         self.epoch, self.first_step, self.stage = epoch, first_step, stage
 
     def __iter__(self):
-        b, micro = self.stage.batch, self.stage.micro_batch
+        stage, micro = self.stage, self.stage.micro_batch
         perm = self.order.permutation(self.epoch)
-        for step in range(self.first_step, self.stage.steps):
-            idx = perm[step * b:(step + 1) * b]
+        for step in range(self.first_step, order.stage_end(stage)):
+            start = order.batch_start(stage, step)
+            idx = perm[start:start + stage.batch]
             lo, hi = order.rank_bounds(len(idx), self.rank, self.world)
             for a, c in order.micro_batches(lo, hi, micro):
                 if c > a:      # one .tolist(), not a tensor element per sample (~30x faster at 512 indices)
@@ -264,14 +266,14 @@ class StreamedBatches:
         else:
             size, out = self._read(step, stage)
         self._held, self._ahead = (epoch, step, size, out), None
-        if self.copy_stream is not None and step + 1 < stage.steps:
+        if self.copy_stream is not None and step + 1 < order.stage_end(stage):
             with torch.cuda.stream(self.copy_stream):
                 self._ahead = (epoch, step + 1, *self._read(step + 1, stage))
         return size, out
 
     def _bounds(self, step: int, stage) -> tuple[int, int, int]:
         """(global batch size, this rank's [lo, hi) of it) for step ``step`` of ``stage``."""
-        size = min(stage.batch, len(self.split) - step * stage.batch)
+        size = min(stage.batch, len(self.split) - order.batch_start(stage, step))
         return (size, *order.rank_bounds(size, self.rank, self.world))
 
     def _read(self, step: int, stage) -> tuple[int, list]:

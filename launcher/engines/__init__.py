@@ -29,7 +29,7 @@ class Engine(Protocol):
 
 
 def build(recipe, module, optimizer, comm, first_stage, reads_local_gradients: bool = False) -> Engine:
-    """The engine the recipe names; ``first_stage`` (an EpochSplit) sizes DeepSpeed's initial config;
+    """The engine the recipe names; ``first_stage`` (a Stage) sizes DeepSpeed's initial config;
     ``reads_local_gradients``: the noise scale reads each rank's gradient before DDP's reduce."""
     if recipe.distributed.engine == "deepspeed":
         from launcher.engines.deepspeed import DeepSpeedEngine

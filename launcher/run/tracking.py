@@ -106,7 +106,7 @@ class Tracker:
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
                               name=recipe.name, mode=cfg.mode, dir=str(Path(wandb_dir).parent), id=rid,
                               resume="allow", config=recipe.to_dict(), settings=settings)
-        for axis in ("samples", "epoch"):             # usable as x-axes beside the step
+        for axis in ("samples", "tokens", "epoch"):   # usable as x-axes beside the step
             self.run.define_metric(axis)
         # an online resume knows what it already has: do not log those steps again
         self.last_step = int(self.run.step) - 1 if self.run.resumed else -1

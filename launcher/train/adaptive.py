@@ -9,6 +9,10 @@ otherwise it stays. It never decreases, so the paper's bounds hold for the batch
 ``qhm-launch bounds RUN_DIR`` computes them. Learning rate, beta and gamma follow their per-epoch
 schedules as for any batch.
 
+In the units step, sample and token the intervals are E units long and a decision is made at the first
+step at or past each multiple of E, inside an epoch: the epoch's sums so far are all-reduced there (every
+rank at the same step), and the interval's are the sums since the decision before.
+
 The decisions and the interval's running sums are a checkpointed part: a resume keeps the batches
 already chosen and, on the same world size, decides the rest bitwise alike. On another world size the
 next estimates come from the new split (another small batch per rank), so later decisions may differ.
@@ -18,7 +22,6 @@ from __future__ import annotations
 import qhm
 
 from launcher import env
-from launcher.train.splits import ceil_div
 from launcher.train.state import EpochSums
 
 GRAD_SQ, TRACE_COV = EpochSums.FIELDS.index("grad_sq"), EpochSums.FIELDS.index("trace_cov")
@@ -27,32 +30,66 @@ GRAD_SQ, TRACE_COV = EpochSums.FIELDS.index("grad_sq"), EpochSums.FIELDS.index("
 class BatchGrowth:
     """The batch of every interval entered so far, and the noise sums of the interval in progress."""
 
-    def __init__(self, recipe, n: int, log):
+    def __init__(self, recipe, n: int, comm, log):
         b = recipe.schedule.batch
         self.grown = qhm.BatchSchedule("exponential", b.initial, growth=b.growth, interval=1)   # b_0 growth^g
         self.factor, self.cap = b.factor, largest_batch(recipe, n)
-        self.interval, self.epochs, self.log = recipe.schedule.interval, recipe.epochs, log
+        self.interval, self.log, self.comm = recipe.interval(), log, comm
+        self.duration = recipe.duration()
+        self.unit, self.tokens_per_sample = recipe.schedule.unit, recipe.data.tokens_per_sample or 1
+        self.per_step = self.unit != "epoch"      # decisions inside epochs, at the steps past each multiple of E
         self.batches = [b.initial]            # interval k trains at batches[k]
         self.sums = [0.0, 0.0]                # grad_sq, trace_cov over the finished epochs of this interval
+        self.taken = [0.0, 0.0]               # per_step: the epoch's sums (all ranks) at the decision in it
         self.injected = env.noise_scales()    # test hook: the measured value of each decision, in order
 
     def state_dict(self) -> dict:
-        return {"batches": list(self.batches), "sums": list(self.sums)}
+        return {"batches": list(self.batches), "sums": list(self.sums), "taken": list(self.taken)}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches, self.sums = [int(b) for b in state["batches"]], [float(s) for s in state["sums"]]
+        self.taken = [float(s) for s in state.get("taken", [0.0, 0.0])]
 
-    def first_epochs(self) -> list[tuple[int, int]]:
-        """(first epoch, batch) of every interval entered so far."""
-        return [(k * self.interval, b) for k, b in enumerate(self.batches)]
+    def decide_at(self, stage, sums: EpochSums) -> bool:
+        """per_step, where a stage starts: if its first step is at or past the next multiple of E, the
+        interval's noise sums (this epoch's so far, all-reduced: a collective every rank makes at the same
+        step) decide the batch from here on. True when a decision was made."""
+        position = {"step": stage.global_step, "sample": stage.samples,
+                    "token": stage.samples * self.tokens_per_sample}[self.unit]
+        if position // self.interval < len(self.batches) or position >= self.duration_in_unit():
+            return False
+        totals = self.comm.all_reduce_sum(sums.as_tensor())
+        now = [float(totals[GRAD_SQ]), float(totals[TRACE_COV])]
+        self.sums = [self.sums[i] + now[i] - self.taken[i] for i in range(2)]
+        self.taken = now
+        self.decide(position, f"{self.unit} {position:,}")
+        while len(self.batches) <= position // self.interval:      # a step that spanned several intervals
+            self.batches.append(self.batches[-1])
+        return True
+
+    def duration_in_unit(self) -> float:
+        """The run's end in the decisions' unit, where known (no decision is made at or after it)."""
+        unit, amount = self.duration
+        return amount if unit == self.unit else float("inf")
+
+    def end_epoch_sums(self, totals) -> None:
+        """per_step: an epoch ended (``totals``: its sums over all ranks); its part since the last decision
+        joins the interval's."""
+        now = [float(totals[GRAD_SQ]), float(totals[TRACE_COV])]
+        self.sums = [self.sums[i] + now[i] - self.taken[i] for i in range(2)]
+        self.taken = [0.0, 0.0]
 
     def end_epoch(self, epoch: int, totals) -> int | None:
         """After epoch ``epoch``'s row (``totals``: its sums over all ranks, laid out as EpochSums.FIELDS):
         at an interval's end, the next interval's batch, decided and said in one line; else None."""
         self.sums = [self.sums[0] + float(totals[GRAD_SQ]), self.sums[1] + float(totals[TRACE_COV])]
         start = epoch + 1
-        if start % self.interval or start >= self.epochs:
+        if start % self.interval or (self.duration[0] == "epoch" and start >= self.duration[1]):
             return None
+        return self.decide(start, f"epoch {start}")
+
+    def decide(self, start: int, where_text: str) -> int:
+        """The next interval's batch from the interval's sums (then zeroed), said in one line."""
         grad_sq, trace_cov = self.sums
         self.sums = [0.0, 0.0]
         measured = trace_cov / grad_sq if grad_sq > 0 and trace_cov > 0 else None
@@ -62,10 +99,11 @@ class BatchGrowth:
         batch = self.batches[-1]
         growths = len(set(self.batches)) - 1
         larger = min(int(self.grown(growths + 1)), self.cap)
-        where = f"[qhm-launch] epoch {start}: "
+        where = f"[qhm-launch] {where_text}: "
         if measured is None:
-            self.log(where + f"noise scale not measured over epochs {start - self.interval}-{epoch}: "
-                             f"batch stays {batch}")
+            over = (f"epochs {start - self.interval}-{start - 1}" if not self.per_step else
+                    f"{self.unit}s {start - start % self.interval - self.interval:,}-{start - start % self.interval:,}")
+            self.log(where + f"noise scale not measured over {over}: batch stays {batch}")
         elif measured < self.factor * batch:
             self.log(where + f"noise scale {measured:.4g} < {self.factor:g} x {batch}: batch stays {batch}")
         elif larger <= batch:
@@ -83,9 +121,14 @@ def largest_batch(recipe, n: int) -> int:
     return min(recipe.schedule.batch.max or n, n)
 
 
-def step_range(recipe, n: int) -> tuple[int, int]:
+def step_range(recipe, n: int, world: int = 1) -> tuple[int, int]:
     """(fewest, most) optimizer steps an adaptive run can take: growing at every interval's end, or never."""
-    b, interval, cap = recipe.schedule.batch, recipe.schedule.interval, largest_batch(recipe, n)
-    grown = qhm.BatchSchedule("exponential", b.initial, growth=b.growth, interval=interval)
-    fewest = sum(ceil_div(n, min(int(grown(m)), cap)) for m in range(recipe.epochs))
-    return fewest, recipe.epochs * ceil_div(n, b.initial)
+    from launcher.train import splits
+    b, cap = recipe.schedule.batch, largest_batch(recipe, n)
+    grown = qhm.BatchSchedule("exponential", b.initial, growth=b.growth, interval=1)
+    always = [min(b.initial, cap)]
+    while always[-1] < cap:
+        always.append(min(int(grown(len(always))), cap))
+    fewest = splits.plan(recipe, n, world, decisions=always)
+    most = splits.plan(recipe, n, world, decisions=[b.initial])
+    return fewest.total_steps, most.total_steps

@@ -34,7 +34,7 @@ class Parts:
     comm: Comm
     folder: RunFolder
     dataset: data_mod.Dataset
-    splits: list[splits.EpochSplit]       # every epoch's split as planned (Stages may re-split a stage)
+    plan: splits.Plan                     # every stage's split as planned (Stages may re-split or re-plan)
     module: torch.nn.Module               # the bare model (saved, evaluated)
     engine: engines.Engine
     loss: losses.Loss
@@ -57,9 +57,10 @@ class Parts:
         self.dataset.close()
 
 
-def build_optimizer(recipe, module) -> qhm.QHM:
-    s, kernel = recipe.schedule_spec(), recipe.optimizer.kernel
-    return qhm.QHM(module.parameters(), lr=s.lr(0), beta=s.beta(0), gamma=s.gamma(0),
+def build_optimizer(recipe, module, plan: splits.Plan) -> qhm.QHM:
+    """The optimizer at its first step's hyper-parameters (the loop writes each stage's or step's)."""
+    first, kernel = plan.stages[0], recipe.optimizer.kernel
+    return qhm.QHM(module.parameters(), lr=first.lr, beta=first.beta, gamma=first.gamma,
                    weight_decay=recipe.optimizer.weight_decay, foreach=kernel == "foreach",
                    compiled=kernel in ("compiled", "fused") or None)
 
@@ -135,10 +136,10 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     dtype, folder = DTYPES[recipe.precision], recipe.folder
     dataset = load_data(recipe, comm, dtype)
     n = len(dataset.train)
-    planned = splits.split_epochs(recipe, n, comm.world)
+    planned = splits.plan(recipe, n, comm.world)
     module = build_module(recipe, dataset, comm, dtype)
-    noise_kind, why_not = noise.source(recipe, comm.world, any(s.accum > 1 for s in planned))
-    engine = engines.build(recipe, module, build_optimizer(recipe, module), comm, planned[0],
+    noise_kind, why_not = noise.source(recipe, comm.world, any(s.accum > 1 for s in planned.stages))
+    engine = engines.build(recipe, module, build_optimizer(recipe, module, planned), comm, planned.stages[0],
                            reads_local_gradients=noise_kind == noise.RANKS)
     loss = losses.from_recipe(recipe.loss)
     noise_probe = build_noise_probe(recipe, engine, module, comm, noise_kind, why_not, log)
@@ -149,11 +150,11 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
                               ("order", sampler, "replicated"), ("rng", rng, "per_rank"),
                               ("epoch_sums", sums, "per_rank")):
         checkpoints.register(name, part, scope)
-    growth = adaptive.BatchGrowth(recipe, n, log) if recipe.schedule.batch.kind == "adaptive" else None
+    growth = adaptive.BatchGrowth(recipe, n, comm, log) if recipe.schedule.batch.kind == "adaptive" else None
     if growth is not None:
         checkpoints.register("batch_growth", growth, "replicated")
     checkpoints.register_upgrade(1, upgrade_v1)
-    return Parts(recipe=recipe, comm=comm, folder=folder, dataset=dataset, splits=planned, module=module,
+    return Parts(recipe=recipe, comm=comm, folder=folder, dataset=dataset, plan=planned, module=module,
                  engine=engine, loss=loss, sampler=sampler,
                  batches=dataset.batches(sampler, recipe.seed, comm), autocast=autocast_for(recipe, comm.device),
                  state=state, sums=sums, noise=noise_probe, growth=growth, rng=rng, checkpoints=checkpoints, log=log)

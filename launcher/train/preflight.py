@@ -8,10 +8,10 @@ from pathlib import Path
 
 from launcher.config import Recipe
 from launcher.errors import UserError, one_line
-from launcher.train.splits import EpochSplit, micro_cap, split_batch, split_epochs
+from launcher.train.splits import Stage, micro_cap, split_batch, split_epochs
 
 
-def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[EpochSplit]:
+def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[Stage]:
     """What must hold before any worker starts: the output folder can be written, the data is there,
     the user's factories resolve and return what they must, and every stage splits."""
     from launcher import data
@@ -196,7 +196,7 @@ def _sample(split, name: str, where: str):
 GRAPH_MODES = ("reduce-overhead", "max-autotune")     # torch.compile modes that capture CUDA graphs
 
 
-def check_graphs(recipe: Recipe, splits: list[EpochSplit]) -> None:
+def check_graphs(recipe: Recipe, splits: list[Stage]) -> None:
     """CUDA graphs (performance.cuda_graphs, or compile modes that capture them) with gradient
     accumulation: a captured micro-step leaves its gradients in graph memory that the next micro-step
     overwrites, so a step over several micro-batches would be wrong. Refused in one line, naming the

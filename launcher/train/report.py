@@ -11,23 +11,24 @@ from tqdm import tqdm
 
 from launcher.run.tracking import MetricsLog, Tracker, run_id
 from launcher.train import noise
-from launcher.train.splits import EpochSplit
+from launcher.train.splits import Stage
 from launcher.train.state import TrainState
 
 
 HEARTBEAT_EVERY_S = 10.0      # the run folder's lock touched at most this often (status trusts 600 s)
 
 
-def log_interval(recipe, splits: list[EpochSplit]) -> int:
+def log_interval(recipe, total_steps: int) -> int:
     """Optimizer steps between two steps.jsonl rows: the recipe's, or about 2,000 rows over the run
     (at least 25 steps apart: each row costs a few device operations, a JSON line and a W&B log)."""
     every = recipe.tracking.log_every_steps
-    return max(25, sum(e.steps for e in splits) // 2000) if every is None else every
+    return max(25, total_steps // 2000) if every is None else every
 
 
 class Reporter:
-    def __init__(self, recipe, comm, folder, log):
+    def __init__(self, recipe, comm, folder, log, tokens_per_sample: int | None = None):
         self.recipe, self.comm, self.folder, self.log = recipe, comm, folder, log
+        self.tokens_per_sample = tokens_per_sample      # rows count tokens where it is known
         self.metrics = MetricsLog(folder.metrics)
         self.steps = MetricsLog(folder.steps, durable=False)
         self.tracker, self.bar = None, None
@@ -50,10 +51,10 @@ class Reporter:
         self._clock = self._log_clock = time.time()
         self._log_samples = state.samples
 
-    def start_epoch(self, split: EpochSplit, state: TrainState) -> None:
+    def start_epoch(self, split: Stage, steps: int, state: TrainState) -> None:
         self._epoch_clock, self._epoch_samples = time.time(), state.samples
         show = self.comm.is_main and sys.stderr.isatty()
-        self.bar = tqdm(total=split.steps, initial=state.step, desc=f"epoch {split.epoch} (batch {split.batch})",
+        self.bar = tqdm(total=steps, initial=state.step, desc=f"epoch {split.epoch} (batch {split.batch})",
                         leave=False, dynamic_ncols=True, file=sys.stderr) if show else None
 
     def end_training(self) -> None:
@@ -74,29 +75,42 @@ class Reporter:
         state.wall_time += now - self._clock
         self._clock = now
 
-    def row(self, split: EpochSplit, state: TrainState, sums: list[float], has_accuracy: bool) -> dict:
-        """The fields both logs share: position, split, hyper-parameters, the training loss and accuracy
-        and the gradient noise estimates over ``sums`` (laid out as :data:`EpochSums.FIELDS`)."""
+    def row(self, split: Stage, hyper: tuple, state: TrainState, sums: list[float], has_accuracy: bool) -> dict:
+        """The fields both logs share: position (and tokens, where counted), split, the hyper-parameters
+        of the last step (``hyper``: lr, beta, gamma as written into the optimizer), the training loss and
+        accuracy and the gradient noise estimates over ``sums`` (laid out as :data:`EpochSums.FIELDS`)."""
         loss, correct, count = sums[:3]
+        lr, beta, gamma = hyper
         return {**noise.window_fields(sums[3:6]), "epoch": split.epoch, "step": state.global_step,
-                "samples": state.samples, "batch": split.batch, "micro_batch": split.micro_batch, "accum": split.accum, "world_size": self.comm.world,
-                "lr": split.lr, "beta": split.beta, "gamma": split.gamma, "train_loss": loss / max(count, 1),
+                "samples": state.samples, **self.tokens(state), "batch": split.batch, "micro_batch": split.micro_batch,
+                "accum": split.accum, "world_size": self.comm.world,
+                "lr": lr, "beta": beta, "gamma": gamma, "train_loss": loss / max(count, 1),
                 "train_acc": correct / max(count, 1) if has_accuracy else None}
 
-    def epoch_row(self, split: EpochSplit, state: TrainState, totals: torch.Tensor, has_accuracy: bool,
+    def tokens(self, state: TrainState) -> dict:
+        """``tokens`` trained so far, where a sample's tokens are known (nothing otherwise)."""
+        return {"tokens": state.tokens} if self.tokens_per_sample else {}
+
+    def rates(self, samples: int, seconds: float) -> dict:
+        """samples/s (and tokens/s where tokens are counted) of ``samples`` trained in ``seconds``."""
+        out = {"samples_per_s": round(samples / max(seconds, 1e-9), 1)}
+        if self.tokens_per_sample:
+            out["tokens_per_s"] = round(samples * self.tokens_per_sample / max(seconds, 1e-9), 1)
+        return out
+
+    def epoch_row(self, split: Stage, hyper: tuple, state: TrainState, totals: torch.Tensor, has_accuracy: bool,
                   evaluated: dict, with_validation: bool) -> None:
         """The epoch's row: its training sums over all ranks and what evaluation measured."""
         train_seconds = self._epoch_seconds
         self.close_bar()
-        row = self.row(split, state, totals.tolist(), has_accuracy)      # one read of the device
+        row = self.row(split, hyper, state, totals.tolist(), has_accuracy)      # one read of the device
         row.update(test_loss=None, test_acc=None, grad_norm=None)
         if with_validation:
             row.update(val_loss=None, val_acc=None)
         row.update(evaluated)
         row["min_grad_norm"] = None if state.min_grad_norm == float("inf") else state.min_grad_norm
         self.account_time(state)
-        row.update(wall_time=round(state.wall_time, 3),
-                   samples_per_s=round((state.samples - self._epoch_samples) / max(train_seconds, 1e-9), 1))
+        row.update(wall_time=round(state.wall_time, 3), **self.rates(state.samples - self._epoch_samples, train_seconds))
         if self.comm.is_main:
             self.metrics.append(row)
             self.tracker.log_row(row, step=state.global_step)
@@ -105,9 +119,10 @@ class Reporter:
                      f"x{self.comm.world}) loss {row['train_loss']:.4f} test_acc {fmt(row['test_acc'], 4)} "
                      f"grad_norm {fmt(row['grad_norm'], 5)}")
 
-    def mid_epoch_row(self, split: EpochSplit, state: TrainState, evaluated: dict) -> None:
-        """eval.every_steps: what evaluation measured at this global step, inside epoch ``split.epoch``."""
-        row = {"epoch": split.epoch, "step": state.global_step, "samples": state.samples, "mid_epoch": True,
+    def mid_epoch_row(self, split: Stage, state: TrainState, evaluated: dict) -> None:
+        """eval.every / every_steps: what evaluation measured at this global step, inside epoch ``split.epoch``."""
+        row = {"epoch": split.epoch, "step": state.global_step, "samples": state.samples, **self.tokens(state),
+               "mid_epoch": True,
                "batch": split.batch, "world_size": self.comm.world, **evaluated,
                "wall_time": round(state.wall_time + time.time() - self._clock, 3)}
         if self.comm.is_main:
@@ -117,22 +132,22 @@ class Reporter:
     def log_point(self, state: TrainState) -> dict:
         """The clock fields of a steps.jsonl row, read at its log point (its sums come back later)."""
         now = time.time()
-        clocks = {"samples_per_s": round((state.samples - self._log_samples) / max(now - self._log_clock, 1e-9), 1),
+        clocks = {**self.rates(state.samples - self._log_samples, now - self._log_clock),
                   "wall_time": round(state.wall_time + now - self._clock, 3)}      # over restarts, as epoch rows
         self._log_clock, self._log_samples = now, state.samples
         return clocks
 
-    def step_row(self, split: EpochSplit, state: TrainState, window: list[float], has_accuracy: bool,
+    def step_row(self, split: Stage, hyper: tuple, state: TrainState, window: list[float], has_accuracy: bool,
                  grad_norm, clocks: dict) -> None:
         """A steps.jsonl row for the window since the last one (and W&B, under step/, at this global step);
-        ``state`` and ``clocks`` as they were at the log point."""
-        row = {**self.row(split, state, window, has_accuracy), **clocks}
+        ``state``, ``hyper`` and ``clocks`` as they were at the log point."""
+        row = {**self.row(split, hyper, state, window, has_accuracy), **clocks}
         if grad_norm is not None:      # one step's mini-batch gradient: not the epoch rows' full-gradient norm
             row["minibatch_grad_norm"] = float(grad_norm)
         if self.comm.is_main:
             self.steps.append(row)
             if self.tracker.active:
-                self.tracker.log_row({("step/" + k if k not in ("epoch", "samples", "step") else k): v
+                self.tracker.log_row({("step/" + k if k not in ("epoch", "samples", "tokens", "step") else k): v
                                       for k, v in row.items() if k != "step"}, step=row["step"])
             if self._log_clock - self._heartbeat >= HEARTBEAT_EVERY_S:
                 self.folder.touch_heartbeat()
@@ -167,7 +182,7 @@ def print_summary(recipe, state: TrainState, rows: list[dict], tracker, log=prin
     last = rows[-1] if rows else {}
     fmt = lambda v: "-" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v))  # noqa: E731
     folder = recipe.folder
-    items = [("epochs", recipe.epochs), ("optimizer steps", state.global_step), ("samples (SFO)", state.samples),
+    items = [("epochs", state.epoch), ("optimizer steps", state.global_step), ("samples (SFO)", state.samples),
              ("final train loss", last.get("train_loss")), ("final test acc", last.get("test_acc")),
              ("best test acc", state.best_test_acc),
              ("min grad norm", None if state.min_grad_norm == float("inf") else state.min_grad_norm),

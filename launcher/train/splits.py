@@ -1,4 +1,9 @@
-"""Each epoch's global batch split into micro-batch x accumulation over the world (the stage table).
+"""The stage table: the run's segments (steps of one epoch at one batch, :func:`qhm.plan_steps`), each
+split into micro-batch x accumulation over the world.
+
+In the epoch unit (the paper's) a stage is an epoch. In the units step, sample and token the batch may
+change inside an epoch, so an epoch may hold several stages; each knows where it starts in the epoch's
+permutation (``offset``), so global batch k covers [c_k, c_k + b_k), c_k the samples consumed before it.
 
 Any world size runs any schedule: a batch that divides over the world splits exactly (micro * accum *
 world == global batch); one that does not gives ranks ceil or floor of batch/world samples, and a batch
@@ -7,26 +12,75 @@ The micro-batch grows with the global batch up to ``max_micro_batch``; past it a
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import bisect
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 import qhm
 
 from launcher.errors import RecipeError
 from launcher.config import Recipe
+from launcher.config.validate import schedule_error
 
 
 @dataclass(frozen=True)
-class EpochSplit:
-    epoch: int
-    batch: int
-    steps: int
-    micro_batch: int
-    accum: int
-    world_size: int
-    data_ranks: int          # ranks that carry samples of a full batch (all, unless batch < world size)
-    lr: float
-    beta: float
-    gamma: float
+class Stage(qhm.Segment):
+    """A segment of the run (steps [first, first + steps) of epoch ``epoch`` at global batch ``batch``,
+    its first covering positions [offset, offset + batch) of the epoch's permutation), split as
+    micro_batch x accum over world_size ranks. lr, beta, gamma: at its first step (the epoch unit: the
+    epoch's)."""
+    micro_batch: int = 1
+    accum: int = 1
+    world_size: int = 1
+    data_ranks: int = 1      # ranks that carry samples of a full batch (all, unless batch < world size)
+    lr: float = 0.0
+    beta: float = 0.0
+    gamma: float = 0.0
+
+
+@dataclass
+class Plan:
+    """A run's stages, its step plan and the schedule they follow (with the run's length in its unit)."""
+    stages: list[Stage]
+    steps: qhm.StepPlan
+    schedule: qhm.Schedule
+    n: int
+    world: int
+    unit: str
+    _starts: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        self._starts = [(s.epoch, s.first) for s in self.stages]
+
+    @property
+    def epochs(self) -> int:
+        return self.steps.epochs
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps.total_steps
+
+    @property
+    def total_samples(self) -> int:
+        return self.steps.total_samples
+
+    @property
+    def total_tokens(self) -> int | None:
+        return self.steps.total_tokens
+
+    def steps_in(self, epoch: int) -> int:
+        """The steps of epoch ``epoch`` (the last epoch may stop early: train.steps/samples/tokens)."""
+        index = bisect.bisect_left(self._starts, (epoch + 1, 0)) - 1
+        return self.stages[index].end if index >= 0 and self.stages[index].epoch == epoch else 0
+
+    def index(self, epoch: int, step: int) -> int:
+        """The index of the stage holding step ``step`` of epoch ``epoch``."""
+        return bisect.bisect_right(self._starts, (epoch, step)) - 1
+
+    def epoch_rows(self) -> list[Stage]:
+        """One stage per epoch (its first), for per-epoch views."""
+        return [s for s in self.stages if s.first == 0]
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -52,28 +106,75 @@ def split_batch(batch: int, world: int, max_micro: int) -> tuple[int, int]:
     return micro, ceil_div(share, micro)
 
 
-def split_epochs(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None) -> list[EpochSplit]:
-    """Every epoch's batch, steps, split over ``world_size`` ranks and hyper-parameters. A batch larger
+def batch_function(recipe: Recipe, decisions: list[int] | None = None):
+    """(batch_at(u), next_change(u)) of the recipe's batch schedule in schedule.unit. An adaptive batch:
+    ``decisions[k]`` for positions in [k E, (k+1) E), the last one beyond the decisions made so far."""
+    if recipe.schedule.batch.kind != "adaptive":
+        spec = recipe.batch_spec()
+        return spec, spec.next_change
+    E, chosen = recipe.interval(), list(decisions or [recipe.schedule.batch.initial])
+
+    def batch_at(u: int) -> int:
+        return chosen[min(int(u) // E, len(chosen) - 1)]
+    return batch_at, lambda u: (int(u) // E + 1) * E
+
+
+def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, decisions: list[int] | None = None,
+         micro: dict | None = None) -> Plan:
+    """Every stage's batch, steps, split over ``world_size`` ranks and hyper-parameters. A batch larger
     than the training set is refused (its epochs would not be the schedule's: one step over fewer
-    samples), in one line naming the epoch."""
-    table = qhm.epoch_table(recipe.schedule_spec(), n)
-    too_big = [int(m) for m in table.epoch[table.batch > n]]
-    if too_big:
-        m = too_big[0]
-        raise RecipeError(f"schedule.batch: the batch reaches {int(table.batch[m])} at epoch {m}, more than the "
-                          f"{n} training samples; allowed: a schedule whose batch stays within the data (fewer "
-                          "epochs, a smaller growth or a longer interval)")
+    samples), in one line naming where. ``decisions``: an adaptive batch's so far; ``micro``: batch ->
+    the micro-batch cap a run chose for it (max_micro_batch auto, an out-of-memory halving)."""
+    unit = recipe.schedule.unit
+    batch_at, next_change = batch_function(recipe, decisions)
+    try:
+        steps = qhm.plan_steps(batch_at, next_change, unit, n, recipe.duration(), recipe.data.tokens_per_sample)
+    except qhm.BatchTooLarge as exc:
+        raise RecipeError(f"schedule.batch: the batch reaches {exc.batch} at {exc.unit} {exc.position:,}, more than the "
+                          f"{n} training samples; allowed: a schedule whose batch stays within the data (fewer epochs, "
+                          "a smaller growth or a longer interval)") from None
+    try:
+        schedule = recipe.schedule_spec(epochs=steps.epochs, length=steps.length(unit))
+    except qhm.ScheduleError as exc:
+        raise schedule_error(exc) from None
     max_micro = max_micro or micro_cap(recipe)
-    out, splits = [], {}
-    for m in range(len(table.epoch)):
-        b = int(table.batch[m])
+    micro = micro or {}
+    first_batch = int(batch_at(0))
+    segments = steps.segments
+    if unit == "epoch":        # each epoch's values, evaluated over all epochs at once as the paper's table is
+        m = np.arange(steps.epochs)
+        per_epoch = np.full(steps.epochs, first_batch, dtype=np.int64)
+        for seg in segments:
+            per_epoch[seg.epoch] = seg.batch
+        values = schedule.hyperparams(m, per_epoch, first_batch)
+        at = [seg.epoch for seg in segments]
+    else:
+        u = np.array([_position(seg, unit, recipe.data.tokens_per_sample) for seg in segments], dtype=np.int64)
+        values = schedule.hyperparams(u, np.array([seg.batch for seg in segments], dtype=np.int64), first_batch)
+        at = list(range(len(segments)))
+    lr, beta, gamma = (np.broadcast_to(v, (len(at) if unit != "epoch" else steps.epochs,)) for v in values)
+    splits: dict[int, tuple[int, int]] = {}
+    stages = []
+    for i, seg in zip(at, segments):
+        b = seg.batch
         if b not in splits:
-            splits[b] = split_batch(b, world_size, max_micro)
-        micro, accum = splits[b]
-        out.append(EpochSplit(epoch=m, batch=b, steps=int(table.steps[m]), micro_batch=micro, accum=accum,
-                             world_size=world_size, data_ranks=min(world_size, b), lr=float(table.lr[m]),
-                             beta=float(table.beta[m]), gamma=float(table.gamma[m])))
-    return out
+            splits[b] = split_batch(b, world_size, micro.get(b, max_micro))
+        mb, accum = splits[b]
+        stages.append(Stage(epoch=seg.epoch, batch=b, steps=seg.steps, micro_batch=mb, accum=accum,
+                            world_size=world_size, data_ranks=min(world_size, b), lr=float(lr[i]),
+                            beta=float(beta[i]), gamma=float(gamma[i]), first=seg.first, offset=seg.offset,
+                            global_step=seg.global_step, samples=seg.samples))
+    return Plan(stages, steps, schedule, n, world_size, unit)
+
+
+def _position(seg, unit: str, tokens_per_sample: int | None) -> int:
+    """A segment's first step's position in ``unit``."""
+    return {"step": seg.global_step, "sample": seg.samples, "token": seg.samples * (tokens_per_sample or 1)}[unit]
+
+
+def split_epochs(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None) -> list[Stage]:
+    """The stages of :func:`plan` (in the epoch unit, one per epoch)."""
+    return plan(recipe, n, world_size, max_micro).stages
 
 
 def micro_cap(recipe: Recipe) -> int:
@@ -84,80 +185,116 @@ def micro_cap(recipe: Recipe) -> int:
 
 @dataclass(frozen=True)
 class Segment:
-    """Epochs [first, last] of an elastic chain, on ``nodes`` nodes: one Slurm job."""
+    """Epochs [first, last] of an elastic chain (``by`` "step": global steps [first, last]), on ``nodes``
+    nodes: one Slurm job."""
     first: int
     last: int
     nodes: int
+    by: str = "epoch"
 
 
 def elastic_segments(recipe: Recipe, n: int, per_node: int, max_nodes: int) -> list[Segment]:
     """Cut the schedule where the nodes a stage can use well change: a stage of batch b gets the most
     nodes (up to ``max_nodes``) that still give every rank at least ``distributed.min_rank_batch``
-    samples, and at least one. An adaptive batch is refused: its stages are decided at run time."""
+    samples, and at least one. In the epoch unit the cuts fall between epochs, in the others between
+    global steps (the batch may change inside an epoch). An adaptive batch is refused: its stages are
+    decided at run time."""
     if recipe.schedule.batch.kind == "adaptive":
         raise RecipeError("--elastic: not valid with schedule.batch.kind adaptive (an elastic chain's segments follow "
                           "the batch, which is decided at run time); allowed: submit without --elastic, or a fixed "
                           "schedule (exponential)")
-    table = qhm.epoch_table(recipe.schedule_spec(), n)
+    by = "epoch" if recipe.schedule.unit == "epoch" else "step"
     floor = recipe.distributed.min_rank_batch
     segments: list[Segment] = []
-    for m, b in enumerate(int(x) for x in table.batch):
-        nodes = max(1, min(max_nodes, b // (floor * per_node)))
+    for stage in plan(recipe, n, per_node).stages:
+        nodes = max(1, min(max_nodes, stage.batch // (floor * per_node)))
+        first, last = ((stage.epoch, stage.epoch) if by == "epoch" else
+                       (stage.global_step, stage.global_step + stage.steps - 1))
         if segments and segments[-1].nodes == nodes:
-            segments[-1] = Segment(segments[-1].first, m, nodes)
+            segments[-1] = Segment(segments[-1].first, last, nodes, by)
         else:
-            segments.append(Segment(m, m, nodes))
+            segments.append(Segment(first, last, nodes, by))
     return segments
 
 
-def gpu_hours(epochs: list[EpochSplit], world_of, rate: float, floor: int) -> tuple[float, float]:
-    """(GPU-hours, wall hours) of training ``epochs``, epoch m on ``world_of(m)`` GPUs, if a GPU processes
+def gpu_hours(stages: list[Stage], world_of, rate: float, floor: int) -> tuple[float, float]:
+    """(GPU-hours, wall hours) of training ``stages``, each on ``world_of(stage)`` GPUs, if a GPU processes
     ``rate`` samples/s and a rank with fewer than ``floor`` samples of a batch is no faster (an estimate:
     evaluation and communication left out)."""
     gpu = wall = 0.0
-    for e in epochs:
-        world = world_of(e.epoch)
+    for e in stages:
+        world = world_of(e)
         seconds = e.steps * max(ceil_div(e.batch, world), floor) / rate
         wall += seconds
         gpu += world * seconds
     return gpu / 3600, wall / 3600
 
 
-def plan_json(epochs: list[EpochSplit], n: int) -> dict:
-    return {"epochs": [asdict(e) for e in epochs], "total_steps": sum(e.steps for e in epochs),
-            "total_samples": n * len(epochs), "n": n}
+def plan_json(p: Plan) -> dict:
+    """The plan as JSON: per epoch (the epoch unit) or per stage, with the totals."""
+    rows = [asdict(s) for s in p.stages]
+    if p.unit == "epoch":
+        for row in rows:                      # an epoch is a stage: where it starts says nothing
+            for key in ("first", "offset"):
+                row.pop(key)
+    out = {("epochs" if p.unit == "epoch" else "stages"): rows, "unit": p.unit, "total_steps": p.total_steps,
+           "total_samples": p.total_samples, "n": p.n, "epochs_trained": p.epochs}
+    if p.total_tokens is not None:
+        out["total_tokens"] = p.total_tokens
+        out["tokens_per_sample"] = p.steps.tokens_per_sample
+    if p.schedule.batch_scaling != "none":
+        out["batch_scaling"] = p.schedule.batch_scaling
+    return out
 
 
-def stage_rows(epochs: list[EpochSplit]) -> list[dict]:
-    """Consecutive epochs with the same batch split, for the human-readable table."""
+def stage_rows(stages: list[Stage]) -> list[dict]:
+    """Consecutive stages with the same batch split, for the human-readable table."""
     rows: list[dict] = []
-    for e in epochs:
-        if rows and rows[-1]["batch"] == e.batch:
+    for e in stages:
+        if rows and rows[-1]["batch"] == e.batch and rows[-1]["micro_batch"] == e.micro_batch:
             rows[-1]["last"] = e.epoch
+            rows[-1]["last_stage"] = e
             rows[-1]["steps_total"] += e.steps
             continue
         rows.append({"first": e.epoch, "last": e.epoch, "batch": e.batch, "steps": e.steps,
                      "steps_total": e.steps, "micro_batch": e.micro_batch, "accum": e.accum,
-                     "world_size": e.world_size, "data_ranks": e.data_ranks})
+                     "world_size": e.world_size, "data_ranks": e.data_ranks, "first_stage": e, "last_stage": e})
     return rows
 
 
-def idle_warnings(epochs: list[EpochSplit]) -> list[str]:
+def idle_warnings(stages: list[Stage]) -> list[str]:
     """One line per stage that leaves most ranks without data."""
     return [f"warning: epochs {s['first']}-{s['last']}: batch {s['batch']} gives data to {s['data_ranks']} of "
             f"{s['world_size']} ranks; the others idle (a larger initial batch, or fewer ranks for this stage: "
             "submit --elastic)"
-            for s in stage_rows(epochs) if s["data_ranks"] * 2 < s["world_size"]]
+            for s in stage_rows(stages) if s["data_ranks"] * 2 < s["world_size"]]
 
 
-def format_table(epochs: list[EpochSplit], n: int) -> str:
-    lines = [f"n = {n} training samples, {len(epochs)} epochs, {sum(e.steps for e in epochs)} optimizer steps, "
-             f"{n * len(epochs)} samples (SFO)",
-             f"{'epochs':>11} {'batch':>7} {'steps/ep':>8} {'micro':>6} {'accum':>6} {'world':>6} {'w/data':>6} "
-             f"{'lr (first..last)':>22} {'beta':>13} {'gamma':>13}"]
-    for s in stage_rows(epochs):
-        first, last = epochs[s["first"]], epochs[s["last"]]
-        lines.append(f"{s['first']:>5}-{s['last']:<5} {s['batch']:>7} {s['steps']:>8} {s['micro_batch']:>6} "
-                     f"{s['accum']:>6} {s['world_size']:>6} {s['data_ranks']:>6} {first.lr:>10.4g}..{last.lr:<10.4g} "
-                     f"{first.beta:>6.4g}..{last.beta:<5.4g} {first.gamma:>6.4g}..{last.gamma:<5.4g}")
-    return "\n".join(lines + idle_warnings(epochs))
+def format_table(p: Plan) -> str:
+    """The plan for a person: per stage of equal split, in the epoch unit by epochs, otherwise by global
+    steps with where each starts in samples (and tokens)."""
+    stages, n = p.stages, p.n
+    tokens = p.steps.tokens_per_sample
+    head = (f"n = {n} training samples, {p.epochs} epochs, {p.total_steps} optimizer steps, {p.total_samples} "
+            "samples (SFO)" + (f", {p.total_tokens} tokens ({tokens} per sample)" if tokens else ""))
+    if p.schedule.batch_scaling != "none":
+        head += f"; lr x (batch / {stages[0].batch})^{'1' if p.schedule.batch_scaling == 'linear' else '1/2'}"
+    if p.unit == "epoch":
+        lines = [head, f"{'epochs':>11} {'batch':>7} {'steps/ep':>8} {'micro':>6} {'accum':>6} {'world':>6} "
+                       f"{'w/data':>6} {'lr (first..last)':>22} {'beta':>13} {'gamma':>13}"]
+        for s in stage_rows(stages):
+            first, last = s["first_stage"], s["last_stage"]
+            lines.append(f"{s['first']:>5}-{s['last']:<5} {s['batch']:>7} {s['steps']:>8} {s['micro_batch']:>6} "
+                         f"{s['accum']:>6} {s['world_size']:>6} {s['data_ranks']:>6} {first.lr:>10.4g}..{last.lr:<10.4g} "
+                         f"{first.beta:>6.4g}..{last.beta:<5.4g} {first.gamma:>6.4g}..{last.gamma:<5.4g}")
+        return "\n".join(lines + idle_warnings(stages))
+    where = "tokens from" if tokens else "samples from"
+    lines = [head + f"; schedules in {p.unit}s, evaluated at each step",
+             f"{'steps':>15} {'epoch':>5} {where:>14} {'batch':>7} {'micro':>6} {'accum':>6} {'world':>6} "
+             f"{'w/data':>6} {'lr at start':>11} {'beta':>8} {'gamma':>8}"]
+    for s in stages:
+        start = s.samples * tokens if tokens else s.samples
+        lines.append(f"{s.global_step:>7}-{s.global_step + s.steps - 1:<7} {s.epoch:>5} {start:>14,} {s.batch:>7} "
+                     f"{s.micro_batch:>6} {s.accum:>6} {s.world_size:>6} {s.data_ranks:>6} {s.lr:>11.4g} "
+                     f"{s.beta:>8.4g} {s.gamma:>8.4g}")
+    return "\n".join(lines + idle_warnings(stages))

@@ -22,6 +22,7 @@ class TrainState:
     step: int = 0                       # optimizer steps done in that epoch
     global_step: int = 0
     samples: int = 0                    # SFO: per-sample gradients computed so far
+    tokens: int = 0                     # tokens trained on so far (counted where a sample's tokens are known)
     min_grad_norm: float = float("inf")
     best_test_acc: float = 0.0
     best_val_acc: float = 0.0

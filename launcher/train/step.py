@@ -32,7 +32,7 @@ class StepRunner:
         The summed loss is scaled by world/size: DDP averages over ranks, so the update is the mean
         gradient over the whole global batch, whatever its size (a partial last batch included) and split.
         """
-        split = self.stages[epoch]                     # as split now (an out-of-memory error halves it)
+        split = self.stages.at(epoch, step)            # as split now (an out-of-memory error halves it)
         size, micro_batches = self.batches.step(epoch, step, split)
         if self.sync_bn:              # every rank must join every batch-norm all-gather: as many micro-steps
             needed = ceil_div(ceil_div(size, self.comm.world), split.micro_batch)

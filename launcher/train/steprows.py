@@ -22,25 +22,28 @@ import torch
 class StepRows:
     def __init__(self, comm, reporter, stop_if_unfinished: Callable[[], None]):
         self.comm, self.reporter, self.stop_if_unfinished = comm, reporter, stop_if_unfinished
-        self.queued: list[tuple] = []      # (split, state, clocks, has_accuracy, window, grad_norm), not sent yet
+        self.queued: list[tuple] = []      # (split, hyper, state, clocks, has_accuracy, window, grad_norm), not sent
         self.sent = None                   # (those rows, a read of their reduced windows) in flight
         # the tensors of the last all-reduce, kept referenced from here: gloo's worker thread lets go of a
         # finished work a moment after the wait returns, and a tensor whose last reference goes on that
         # thread while the process exits needs the GIL there (an abort, seen once in 60 runs)
         self.last_sent = None
 
-    def take(self, split, state, has_accuracy: bool, window: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+    def take(self, split, hyper: tuple, state, has_accuracy: bool, window: torch.Tensor,
+             grad_norm: torch.Tensor | None) -> None:
         """A log point: ``window`` (this rank's sums since the last one, on the device, its last field
-        the epoch's steps whose loss was finite) queued with the position and clocks as they are now."""
-        self.queued.append((split, copy.copy(state), self.reporter.log_point(state), has_accuracy, window, grad_norm))
+        the epoch's steps whose loss was finite) queued with the position, hyper-parameters and clocks as
+        they are now."""
+        self.queued.append((split, hyper, copy.copy(state), self.reporter.log_point(state), has_accuracy, window,
+                            grad_norm))
 
     def send(self) -> None:
         """At a step every rank agreed on: write the rows that came back, send the queued ones."""
         self._write_returned()
         if self.queued:
             rows, self.queued = self.queued, []
-            norms = [r[5] for r in rows]
-            self.last_sent = (torch.stack([r[4] for r in rows]),
+            norms = [r[6] for r in rows]
+            self.last_sent = (torch.stack([r[5] for r in rows]),
                               None if any(n is None for n in norms) else torch.stack(norms))
             self.sent = rows, self.comm.all_reduce_sum_later(*self.last_sent)
 
@@ -55,8 +58,8 @@ class StepRows:
         (rows, read), self.sent = self.sent, None
         windows, norms = read()
         windows = windows.tolist()
-        for i, (split, state, clocks, has_accuracy, _, _) in enumerate(rows):
+        for i, (split, hyper, state, clocks, has_accuracy, _, _) in enumerate(rows):
             if windows[i][-1] < self.comm.world * state.step:    # some rank's loss was not finite:
                 self.stop_if_unfinished()                          # names the step and raises
-            self.reporter.step_row(split, state, windows[i][:-1], has_accuracy,
+            self.reporter.step_row(split, hyper, state, windows[i][:-1], has_accuracy,
                                    None if norms is None else norms[i], clocks)

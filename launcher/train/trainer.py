@@ -1,6 +1,6 @@
 """The training loop of one worker, over parts built elsewhere (:mod:`launcher.train.build`).
-:meth:`Trainer.train` reads top to bottom: resume, then for each epoch enter its stage, run its steps,
-end the epoch and save; it returns an :class:`Outcome`, which the CLI turns into markers, the final
+:meth:`Trainer.train` reads top to bottom: resume, then for each epoch enter its stage, run its steps
+(entering the next stage where the batch changes inside the epoch), end the epoch and save; it returns an :class:`Outcome`, which the CLI turns into markers, the final
 model and an exit status. No callbacks.
 """
 from __future__ import annotations
@@ -16,64 +16,80 @@ from launcher import config, env
 from launcher.errors import RunFailed
 from launcher.train.build import Parts
 from launcher.train.evaluation import evaluate_epoch
+from launcher.train.cadence import cadence
 from launcher.train.report import Reporter, log_interval
 from launcher.train.signals import Agreement, PreemptionFlag
-from launcher.train.splits import EpochSplit
 from launcher.train.stages import Stages
 from launcher.train.steprows import StepRows
 from launcher.train.step import StepRunner
 
 
 class Outcome(enum.Enum):
-    FINISHED = "finished"              # every epoch trained: the run is complete
-    SEGMENT_DONE = "segment done"      # an elastic chain's segment saved its last epoch (--until-epoch)
+    FINISHED = "finished"              # every step trained: the run is complete
+    SEGMENT_DONE = "segment done"      # an elastic chain's segment saved its last epoch or step (--until-*)
     PREEMPTED = "preempted"            # stopped on a preemption request, after a checkpoint
 
 
 class Trainer:
     """One worker's run of a recipe."""
 
-    def __init__(self, parts: Parts, preempt: PreemptionFlag, until_epoch: int | None = None):
+    def __init__(self, parts: Parts, preempt: PreemptionFlag, until_epoch: int | None = None,
+                 until_step: int | None = None):
         self.parts, r = parts, parts.recipe
         self.recipe, self.comm, self.state, self.sums, self.log = r, parts.comm, parts.state, parts.sums, parts.log
         self.engine, self.checkpoints, self.folder = parts.engine, parts.checkpoints, parts.folder
-        self.until_epoch = min(until_epoch or r.epochs, r.epochs)      # a segment of an elastic chain
+        self.until_epoch, self.until_step = until_epoch, until_step       # a segment of an elastic chain
         self.stages = Stages(parts)
         self.step_runner = StepRunner(parts, self.stages)
-        self.reporter = Reporter(r, self.comm, self.folder, self.log)
+        self.reporter = Reporter(r, self.comm, self.folder, self.log, parts.plan.steps.tokens_per_sample)
         self.step_rows = StepRows(self.comm, self.reporter, self.stop_if_unfinished)
         self.stop = Agreement(self.comm, preempt, self.folder.preempt_request, log=self.log)
-        self.log_every = log_interval(r, parts.splits)
+        self.log_every = log_interval(r, parts.plan.total_steps)
+        self.evaluate_every = cadence(r.eval.every, r.eval.every_steps, r)
+        self.save_every = cadence(r.checkpoint.every, r.checkpoint.every_steps, r)
         self.step_grad_norm = None
+        self.hyper = None                  # (lr, beta, gamma) of the last step, as written into the optimizer
+        self.last_size = 0                 # the last step's samples
+        self.tokens_per_sample = parts.plan.steps.tokens_per_sample or 0
         self.step_delay = env.step_delay()
+
+    def last_epoch(self) -> int:
+        """The epochs this process trains: the run's (an adaptive batch may change them), or its segment's."""
+        return min(self.until_epoch or self.stages.epochs, self.stages.epochs)
 
     def train(self) -> Outcome:
         """Train (or resume) to the end of the run, or of this segment."""
         self.resume()
-        for epoch in range(self.state.epoch, self.until_epoch):
-            split, stopping = self.start_epoch(epoch), False
-            for step in range(self.state.step, split.steps):
+        while self.state.epoch < self.last_epoch():
+            epoch, stopping = self.state.epoch, False
+            self.start_epoch(epoch)
+            while self.state.step < self.stages.steps_in(epoch):      # (an adaptive batch may re-plan the epoch)
+                step = self.state.step
+                if self.stages.starts_stage(epoch, step):      # the batch changes inside the epoch
+                    self.start_stage(epoch, step)
                 self.train_step(epoch, step)
+                last = step + 1 == self.stages.steps_in(epoch)
                 if self.log_every and self.state.global_step % self.log_every == 0:
                     self.log_steps(epoch)
-                if self.due(self.recipe.eval.every_steps, split, step):
+                if not last and self.evaluate_every.due(self.state, self.last_size):
                     self.evaluate_mid_epoch(epoch)
                 stopping = self.stop.poll(self.state.global_step)
-                if stopping and step + 1 < split.steps:
-                    self.save("preempted")
-                    return Outcome.PREEMPTED
+                segment_done = self.state.global_step == self.until_step
+                if (stopping or segment_done) and not last:
+                    self.save("preempted" if stopping else f"segment ends at global step {self.until_step}")
+                    return Outcome.PREEMPTED if stopping else Outcome.SEGMENT_DONE
                 if self.stop.checked:          # a step every rank agreed on: the queued rows' sums leave
                     self.step_rows.send()
-                if self.due(self.recipe.checkpoint.every_steps, split, step):
-                    self.save(f"every {self.recipe.checkpoint.every_steps} steps")
+                if not last and self.save_every.due(self.state, self.last_size):
+                    self.save(f"every {self.save_every}")
             # no stop between an epoch's last step and its evaluation: the epoch row would then go to W&B
             # in the next segment, at a step the run already has, and be dropped; a stop agreed at the
             # last step comes after the epoch's row and save
             self.end_epoch(epoch)
             self.save("epoch end")
-            if stopping and epoch + 1 < self.until_epoch:
-                return Outcome.PREEMPTED
-        return Outcome.FINISHED if self.until_epoch == self.recipe.epochs else Outcome.SEGMENT_DONE
+            if self.state.epoch < self.last_epoch() and (stopping or self.state.global_step == self.until_step):
+                return Outcome.PREEMPTED if stopping else Outcome.SEGMENT_DONE
+        return Outcome.FINISHED if self.state.epoch >= self.stages.epochs else Outcome.SEGMENT_DONE
 
     def resume(self) -> None:
         """Load the newest valid checkpoint (if any); open the logs and W&B where it left off."""
@@ -89,22 +105,36 @@ class Trainer:
                      f"(epoch {s.epoch}, step {s.step}, global step {s.global_step}, "
                      f"written by {manifest['world_size']} processes)")
         if self.parts.growth is not None:           # the batches an adaptive run already chose
-            for epoch, batch in self.parts.growth.first_epochs():
-                self.stages.set_batch(epoch, batch)
+            self.stages.set_decisions(self.parts.growth.batches)
         self.reporter.open(self.state)
 
-    def start_epoch(self, epoch: int) -> EpochSplit:
-        """Enter epoch ``epoch``'s stage: batch split, hyper-parameters, data, progress bar."""
-        split = self.stages.enter(epoch)
-        qhm.apply_hyperparams(self.engine.optimizer, split.lr, split.beta, split.gamma)
-        self.parts.batches.start_epoch(epoch, self.state.step, split)
+    def start_epoch(self, epoch: int) -> None:
+        """Enter epoch ``epoch`` (its stage at the step it starts from): batch split, hyper-parameters,
+        data, progress bar."""
+        self.start_stage(epoch, self.state.step)
         self.sums.start_epoch(self.state.step)
         self.parts.module.train()
-        self.reporter.start_epoch(split, self.state)
-        return split
+        self.reporter.start_epoch(self.stages.current, self.stages.steps_in(epoch), self.state)
+
+    def start_stage(self, epoch: int, step: int) -> None:
+        """A stage starts at step (epoch, step) (or the run resumes inside one): an adaptive batch decides
+        if a decision point has passed, then the stage's split, hyper-parameters and data."""
+        growth = self.parts.growth
+        if growth is not None and growth.per_step:
+            decided = growth.decide_at(self.stages.at(epoch, step), self.sums)
+            if decided:
+                self.stages.set_decisions(growth.batches)
+        stage = self.stages.enter(epoch, step)
+        if not self.stages.per_step:
+            self.hyper = (stage.lr, stage.beta, stage.gamma)
+            qhm.apply_hyperparams(self.engine.optimizer, *self.hyper)
+        self.parts.batches.start_epoch(epoch, step, stage)
 
     def train_step(self, epoch: int, step: int) -> None:
         """One optimizer step on global batch (epoch, step): this rank's micro-batches, one update."""
+        if self.stages.per_step:                    # schedules in steps, samples or tokens: every step its own
+            self.hyper = self.stages.hyperparams(epoch, step)
+            qhm.apply_hyperparams(self.engine.optimizer, *self.hyper)
         size = self.step_runner.run(epoch, step)
         if self.recipe.tracking.step_grad_norm and self.log_every and (self.state.global_step + 1) % self.log_every == 0:
             self.step_grad_norm = self.engine.gradient_norm()      # read at the log point, not here
@@ -113,6 +143,8 @@ class Trainer:
         self.sums.step_done()
         self.state.step, self.state.global_step = step + 1, self.state.global_step + 1
         self.state.samples += size
+        self.state.tokens += size * self.tokens_per_sample
+        self.last_size = size
         if self.step_delay:
             time.sleep(self.step_delay)
         self.reporter.step_done()
@@ -122,39 +154,39 @@ class Trainer:
         finite) queued on the device; its steps.jsonl row is written about a second later (see steprows.py)."""
         grad_norm, self.step_grad_norm = self.step_grad_norm, None
         window = self.sums.take_window()
-        self.step_rows.take(self.stages[epoch], self.state, self.sums.has_accuracy,
+        self.step_rows.take(self.stages.current, self.hyper, self.state, self.sums.has_accuracy,
                             torch.cat([window, self.sums.finite()]), grad_norm)
 
     def evaluate_mid_epoch(self, epoch: int) -> None:
-        """eval.every_steps: a metrics.jsonl row inside the epoch (``mid_epoch: true``), so a target's
-        crossing is not rounded to epochs. Before any save at this step, so a checkpoint follows its row."""
+        """eval.every / every_steps: a metrics.jsonl row inside the epoch (``mid_epoch: true``), so a
+        target's crossing is not rounded to epochs. Before any save at this step, so a checkpoint follows
+        its row."""
         self.step_rows.flush()                     # W&B takes rows in step order
         with self.stages.eager():
             evaluated = evaluate_epoch(self.parts, epoch)
-        self.reporter.mid_epoch_row(self.stages[epoch], self.state, evaluated)
+        self.reporter.mid_epoch_row(self.stages.current, self.state, evaluated)
 
     def end_epoch(self, epoch: int) -> None:
         """The epoch's row: training sums over all ranks, evaluation, then the next position."""
-        split = self.stages[epoch]                 # as split at the end (auto: maybe halved meanwhile)
+        stage = self.stages.current                # as split at the end (auto: maybe halved meanwhile)
         self.reporter.end_training()
         self.check_finite()
         totals = self.comm.all_reduce_sum(self.sums.as_tensor())
         evaluated = {}
-        if (epoch + 1) % self.recipe.eval.every_epochs == 0 or epoch == self.recipe.epochs - 1:
+        if (epoch + 1) % self.recipe.eval.every_epochs == 0 or epoch == self.stages.epochs - 1:
             with self.stages.eager():                # evaluation shapes vary: never compiled
                 evaluated = evaluate_epoch(self.parts, epoch)
-        self.reporter.epoch_row(split, self.state, totals, self.sums.has_accuracy, evaluated,
+        self.reporter.epoch_row(stage, self.hyper, self.state, totals, self.sums.has_accuracy, evaluated,
                                 self.parts.dataset.validation is not None)
         self.state.epoch, self.state.step = epoch + 1, 0
         self.sums.zero()
-        grown = self.parts.growth and self.parts.growth.end_epoch(epoch, totals)
-        if grown:                                   # adaptive: the next interval's batch, saved with this epoch
-            self.stages.set_batch(epoch + 1, grown)
-
-    def due(self, every: int, split: EpochSplit, step: int) -> bool:
-        """Every ``every`` global steps (0: never), except at an epoch's last step: the epoch's end
-        evaluates and saves anyway."""
-        return bool(every) and self.state.global_step % every == 0 and step + 1 < split.steps
+        growth = self.parts.growth
+        if growth is not None and not growth.per_step:
+            grown = growth.end_epoch(epoch, totals)
+            if grown:                               # adaptive: the next interval's batch, saved with this epoch
+                self.stages.set_decisions(growth.batches)
+        elif growth is not None:
+            growth.end_epoch_sums(totals)
 
     def check_finite(self) -> None:
         """Stop (on every rank) if any rank's loss was not finite since the last check: before anything
@@ -196,11 +228,13 @@ class Trainer:
         self.parts.close()
 
 
-def run(recipe, comm, preempt: PreemptionFlag | None = None, log=print, until_epoch: int | None = None) -> "Trainer":
+def run(recipe, comm, preempt: PreemptionFlag | None = None, log=print, until_epoch: int | None = None,
+        until_step: int | None = None) -> "Trainer":
     """Build the parts of this rank and train them, in this process (no markers, no final model: those
     are the CLI's). What benchmarks and in-process tests drive; the trainer is returned for what they
     read after training (its parts, state and stages)."""
     from launcher.train.build import build
-    trainer = Trainer(build(recipe, comm, log), preempt or PreemptionFlag([]), until_epoch=until_epoch)
+    trainer = Trainer(build(recipe, comm, log), preempt or PreemptionFlag([]), until_epoch=until_epoch,
+                      until_step=until_step)
     trainer.close(trainer.train())
     return trainer

@@ -10,8 +10,8 @@ import yaml
 
 import qhm
 
-from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group, metric_rows, start,
-                     train_ranks, wait_for, write_recipe)
+from helpers import (assert_bitwise, base_recipe, cli, final_params, killed_at_checkpoint,
+                     metric_rows, train_ranks, write_recipe)
 from launcher.cli.main import main
 
 N = 400
@@ -112,12 +112,7 @@ def test_kill_9_right_after_a_decision_resumes_bitwise(tmp_path, reference_runs)
     there, the same command resumes with the batch chosen and ends bitwise as the uninterrupted run."""
     recipe = adaptive("kill", batch={"factor": 4.0})
     reference = reference_runs(recipe)
-    path = write_recipe(tmp_path, recipe)
-    run = tmp_path / "runs" / "kill"
-    proc = start(["run", str(path)], cwd=tmp_path, env={"QHM_TEST_STEP_DELAY": "0.04"})
-    wait_for(lambda: 25 in checkpoint_steps(run), proc=proc, what="the checkpoint after the first decision")
-    kill_group(proc)
-    assert not (run / "final_model.pt").exists()
+    path, run = killed_at_checkpoint(tmp_path, recipe, 25)
     out = cli(["run", str(path)], cwd=tmp_path, check=0).stdout
     assert "resumed from" in out and "step-000000025" in out
     assert_bitwise(final_params(run), final_params(reference))

@@ -55,16 +55,19 @@ def test_report_target_per_run_and_per_group(tmp_path, capsys):
     assert main(["report", *map(str, runs), "--target", "train_loss<=0.5", "--json"]) == 0
     got = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
     assert got[str(runs[0])] | {"group": None} == {"run": str(runs[0]), "steps_to_target": 140, "sfo_to_target": 140 * 16,
-                                                   "seconds_to_target": 70.0, "group": None}
+                                                   "tokens_to_target": None, "seconds_to_target": 70.0,
+                                                   "interpolated": False, "group": None}
     assert got[str(runs[1])]["steps_to_target"] == 160
     assert got[str(runs[2])]["steps_to_target"] is None and got[str(runs[2])]["sfo_to_target"] is None
     assert main(["report", *map(str, runs), "--target", "train_loss<=0.5"]) == 0
     table = capsys.readouterr().out
     assert "| 150 (140–160) | 2,400 (2,240–2,560) | 75 (70–80) |" in table       # the two seeds: mean (min–max)
     assert f"| {runs[2]} | not reached | not reached | not reached |" in table
-    # epoch rows when the step rows do not carry the metric: test_acc 0.1 e at the end of epoch e (step 10(e+1))
+    # epoch rows when the step rows do not carry the metric: test_acc 0.1 e at the end of epoch e (step 10(e+1)),
+    # 0.3 at step 40 and 0.4 at step 50: 0.35 is crossed half-way, interpolated between the two evaluations
     assert main(["report", str(runs[0]), "--target", "test_acc>=0.35", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["steps_to_target"] == 50
+    got = json.loads(capsys.readouterr().out)[0]
+    assert got["steps_to_target"] == pytest.approx(45) and got["interpolated"]
 
 
 def test_evaluations_inside_epochs_refine_the_crossing_and_stay_out_of_epoch_curves(tmp_path, capsys):
