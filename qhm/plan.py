@@ -141,10 +141,13 @@ def inverse_batch_sums(table: EpochTable) -> tuple[np.ndarray, np.ndarray]:
     return table.steps / b, (table.steps - 1) / b + 1.0 / last
 
 
-def apply_hyperparams(optimizer, lr: float, beta: float, gamma: float) -> None:
-    """Write one epoch's values into every param group (the one place schedules touch an optimizer)."""
+def apply_hyperparams(optimizer, lr: float, beta: float | None, gamma: float | None) -> None:
+    """Write one epoch's (or step's) values into every param group (the one place schedules touch an
+    optimizer). beta and gamma None: an optimizer without them (the Adam family), whose lr alone moves."""
     for group in optimizer.param_groups:
-        group["lr"], group["beta"], group["gamma"] = float(lr), float(beta), float(gamma)
+        group["lr"] = float(lr)
+        if beta is not None:
+            group["beta"], group["gamma"] = float(beta), float(gamma)
 
 
 @dataclass(frozen=True)

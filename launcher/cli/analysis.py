@@ -31,9 +31,12 @@ LABELS = {"test_acc": "test accuracy", "grad_norm": "‖∇f(x)‖, full trainin
           "lr": "learning rate", "beta": "β (momentum)", "gamma": "γ (immediate discount)",
           "batch": "global batch size (samples)", "samples_per_s": "throughput (samples/s)",
           "wall_time": "training time (s)", "noise_scale": "gradient noise scale B_simple (samples)",
-          "minibatch_grad_norm": "‖mini-batch gradient‖"}
+          "minibatch_grad_norm": "‖mini-batch gradient‖", "train_ppl": "training perplexity",
+          "test_ppl": "test perplexity", "val_ppl": "validation perplexity", "tokens_per_s": "throughput (tokens/s)"}
 METRICS = tuple(LABELS)
-TIMING = ("samples_per_s", "wall_time")     # metrics whose curves never mix world sizes
+TIMING = ("samples_per_s", "tokens_per_s", "wall_time")     # metrics whose curves never mix world sizes
+LOG_SCALE = ("grad_norm", "min_grad_norm", "train_loss", "test_loss", "val_loss", "noise_scale", "minibatch_grad_norm",
+             "train_ppl", "test_ppl", "val_ppl")
 XS = ("epoch", "step", "samples", "tokens")
 LINE_STYLES = ("-", "--", ":", "-.")
 ROWS = ("epochs", "steps")
@@ -140,7 +143,32 @@ def group(runs: list[dict], metric: str | None = None) -> list[dict]:
     for c in curves:
         c["factors"] = [_words(f, c["identity"]) for f in _factors(differing)]
         c["label"] = "; ".join(c["factors"]) or c["runs"][0]["recipe"]["name"]
-    return curves
+    return sorted(curves, key=lambda c: tuple(_order(c["identity"], k) for k in differing))
+
+
+def _order(identity: dict, key: str):
+    """How curves sort by a differing key: numbers as numbers (batch 8 before 64), the rest as text."""
+    value = identity.get(key)
+    if key.startswith("schedule.batch.") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (2, 0.0, json.dumps(value, default=str))
+
+
+def has_accuracy(runs: list[dict]) -> bool:
+    """Whether any run's epoch rows carry an accuracy (a language model's never do)."""
+    return any(r.get(k) is not None for run in runs for r in run["rows"] for k in ("test_acc", "train_acc", "val_acc"))
+
+
+def default_metric(runs: list[dict]) -> str:
+    """test_acc where the runs measure accuracy, else test_loss (a language model, a regression)."""
+    return "test_acc" if has_accuracy(runs) else "test_loss"
+
+
+def seed_words(curve: dict) -> str:
+    seeds = sorted({r["recipe"].get("seed") for r in curve["runs"]}, key=lambda s: (s is None, s))
+    return "1 seed" if len(seeds) == 1 else f"{len(seeds)} seeds: {', '.join(map(str, seeds))}"
 
 
 def draw_batches(ax, curve: dict, x: str, colour: str) -> None:
@@ -188,13 +216,15 @@ def bound_terms(run: dict, x: str) -> tuple[np.ndarray, dict]:
     return np.asarray(xs, dtype=float), {"A_K": t2.A[ends], "B_K": t2.B[ends], "C_K": t2.C[ends]}
 
 
-def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = "plot.png",
+def plot(run_dirs: list, metric: str | None = None, x: str = "epoch", out: str = "plot.png",
          rows: str = "epochs") -> list[dict]:
     """Draw the figure (PNG or PDF, by the file name); returns what was drawn, per curve. ``rows``:
-    "epochs" (metrics.jsonl) or "steps" (steps.jsonl, per-step metrics)."""
+    "epochs" (metrics.jsonl) or "steps" (steps.jsonl, per-step metrics). ``metric`` None: test_acc where
+    the runs have an accuracy, else test_loss. A curve without a value of the metric is not drawn (and
+    has no legend entry); when no curve has one it is one line, not an empty figure."""
     if rows not in ROWS:
         raise UserError(f"--rows: {rows!r} is not valid; allowed: {' | '.join(ROWS)}")
-    if metric not in METRICS:
+    if metric is not None and metric not in METRICS:
         raise UserError(f"--metric: {metric!r} is not valid; allowed: {' | '.join(METRICS)}")
     if x not in XS:
         raise UserError(f"--x: {x!r} is not valid; allowed: {' | '.join(XS)}")
@@ -207,10 +237,16 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
     plt.rcParams.update({"font.size": 10})
 
     runs = load_runs(run_dirs)
+    metric = metric or default_metric(runs)
     if x == "tokens" and not any(r.get("tokens") is not None for run in runs for r in run["rows"] + run["step_rows"]):
         raise UserError("--x: 'tokens' is not valid for these runs: none counted tokens; allowed: epoch, step or "
                         "samples (or runs with data.tokens_per_sample, or token data)")
-    curves = group(runs, metric)
+    curves = [c for c in group(runs, metric) if len(series(c, metric, x, rows)[0])]
+    if not curves:
+        carried = sorted(k for k in METRICS if any(r.get(k) is not None for run in runs
+                                                   for r in run["rows" if rows == "epochs" else "step_rows"]))
+        raise UserError(f"--metric: {metric!r} has no value in any run's {rows} rows; allowed: a metric they carry "
+                        f"({', '.join(carried) or 'none'})" + (", or --rows steps" if rows == "epochs" else ""))
     with_bounds = metric == "min_grad_norm" and rows == "epochs"
     fig, axes = plt.subplots(1, 2 if with_bounds else 1, figsize=(12 if with_bounds else 7, 5), squeeze=False,
                              layout="constrained")
@@ -225,10 +261,10 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
         style = LINE_STYLES[second.index(c["factors"][1] if len(c["factors"]) > 1 else "") % len(LINE_STYLES)]
         seeds = len({r["recipe"].get("seed") for r in c["runs"]})           # distinct seeds, not runs
         seed_counts.add(seeds)
-        legend = f"{c['label']} ({seeds} seed{'s' if seeds != 1 else ''})"
+        legend = f"{c['label']} ({seed_words(c)})"
         ax.plot(xs, mean, style, color=colour, label=legend)
         ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, linewidth=0)
-        drawn.append({"label": c["label"], "legend": legend, "runs": [str(r["dir"]) for r in c["runs"]], "x": xs,
+        drawn.append({"label": c["label"], "legend": legend, "metric": metric, "runs": [str(r["dir"]) for r in c["runs"]], "x": xs,
                       "mean": mean,
                       "min": lo, "max": hi})
         if metric == "noise_scale" and rows == "epochs":
@@ -244,7 +280,7 @@ def plot(run_dirs: list, metric: str = "test_acc", x: str = "epoch", out: str = 
     if x == "epoch":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(LABELS[metric])
-    if metric in ("grad_norm", "min_grad_norm", "train_loss", "test_loss", "noise_scale", "minibatch_grad_norm"):
+    if metric in LOG_SCALE and all(np.all(d["min"] > 0) for d in drawn):   # a value <= 0 cannot be log-scaled
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     counts = "/".join(str(n) for n in sorted(seed_counts))
@@ -283,12 +319,15 @@ def check_out(out: str) -> None:
         raise UserError(f"--out: {out!r} is not valid; allowed: a .png or .pdf file name")
 
 
-def steady_throughput(run: dict) -> float | None:
-    """Median samples/s of the run's step rows after its first epoch (compilation, warm-up, the first
-    data pass), or of its epoch rows after the first where it logged no steps."""
-    rows = [r for r in run["step_rows"] if r.get("epoch", 0) >= 1 and r.get("samples_per_s")]
-    rows = rows or [r for r in run["rows"][1:] if r.get("samples_per_s")]
-    return statistics.median(r["samples_per_s"] for r in rows) if rows else None
+def steady_throughput(run: dict, field: str | None = None) -> float | None:
+    """Median samples/s (or ``field``, tokens_per_s) of the run's step rows after its first epoch
+    (compilation, warm-up, the first data pass; a run of one epoch: after its first quarter), or of its
+    epoch rows after the first where it logged no steps."""
+    field = field or "samples_per_s"
+    steps = [r for r in run["step_rows"] if r.get(field)]
+    rows = [r for r in steps if r.get("epoch", 0) >= 1] or steps[len(steps) // 4:]
+    rows = rows or [r for r in run["rows"][1:] if r.get(field)]
+    return statistics.median(r[field] for r in rows) if rows else None
 
 
 RANKS = ("best_val_acc", "best_test_acc", "final_test_acc", "final_min_grad_norm")
@@ -298,13 +337,17 @@ def report(run_dirs: list, rank: str | None = None) -> str:
     """One markdown row per run: final/best test (and validation) accuracy, final min grad norm, steps,
     SFO, wall time, processes and steady throughput (:func:`steady_throughput`); ``rank`` sorts the rows
     by a column, best first (a grid search ranks by best_val_acc, so it never picks hyper-parameters on the
-    test set)."""
+    test set). Runs without an accuracy (language models) get loss columns instead: final train and test
+    loss, the best test loss, the final test perplexity, and the tokens trained where counted."""
+    runs = load_runs(run_dirs)
+    if not has_accuracy(runs):
+        return loss_report(runs, rank)
     if rank is not None and rank not in RANKS:
         raise UserError(f"--rank: {rank!r} is not valid; allowed: {' | '.join(RANKS)}")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     best = lambda rows, k: max((r[k] for r in rows if r.get(k) is not None), default=None)  # noqa: E731
     entries = []
-    for run in load_runs(run_dirs):
+    for run in runs:
         rows, last = run["rows"], run["rows"][-1]
         entries.append({"name": run["recipe"]["name"] + ("" if run["complete"] else " (incomplete)"),
                         "epochs": len(rows), "final_test_acc": last.get("test_acc"),
@@ -322,4 +365,37 @@ def report(run_dirs: list, rank: str | None = None) -> str:
                      f"{fmt(e['best_test_acc'], '.4f')} | {fmt(e['best_val_acc'], '.4f')} | "
                      f"{fmt(e['final_min_grad_norm'], '.4g')} | {e['step']} | {e['samples']} | {fmt(e['wall'], '.1f')} | "
                      f"{e['world']} | {fmt(e['rate'], ',.0f')} |")
+    return "\n".join(lines)
+
+
+LOSS_RANKS = ("best_test_loss", "final_test_loss", "final_train_loss")
+
+
+def loss_report(runs: list[dict], rank: str | None) -> str:
+    """:func:`report` for runs without an accuracy: losses and perplexity, lower is better."""
+    if rank is not None and rank not in LOSS_RANKS:
+        raise UserError(f"--rank: {rank!r} is not valid for runs without an accuracy; allowed: {' | '.join(LOSS_RANKS)}")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    entries = []
+    for run in runs:
+        rows, last = run["rows"], run["rows"][-1]
+        evaluated = [r["test_loss"] for r in rows + run["mid_epoch_rows"] if r.get("test_loss") is not None]
+        entries.append({"name": run["recipe"]["name"] + ("" if run["complete"] else " (incomplete)"),
+                        "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
+                        "best_test_loss": min(evaluated, default=None), "ppl": last.get("test_ppl"),
+                        "step": last.get("step", "-"), "samples": last.get("samples", "-"),
+                        "tokens": last.get("tokens"), "wall": last.get("wall_time"), "world": world_size(run) or "-",
+                        "rate": steady_throughput(run, "tokens_per_s" if last.get("tokens") is not None else None)})
+    if rank is not None:
+        entries.sort(key=lambda e: (e[rank] is None, e[rank] or 0))
+    tokens = any(e["tokens"] is not None for e in entries)
+    per = "tokens/s" if tokens else "samples/s"
+    lines = ["| run | final train loss | final test loss | best test loss | final test ppl | total steps | total SFO | "
+             + ("total tokens | " if tokens else "") + f"wall time (s) | processes | {per} |",
+             "|---|---|---|---|---|---|---|" + ("---|" if tokens else "") + "---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e['name']} | {fmt(e['final_train_loss'], '.4f')} | {fmt(e['final_test_loss'], '.4f')} | "
+                     f"{fmt(e['best_test_loss'], '.4f')} | {fmt(e['ppl'], '.3f')} | {e['step']} | {e['samples']} | "
+                     + (f"{fmt(e['tokens'], ',')} | " if tokens else "")
+                     + f"{fmt(e['wall'], '.1f')} | {e['world']} | {fmt(e['rate'], ',.0f')} |")
     return "\n".join(lines)

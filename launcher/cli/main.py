@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     from launcher.cli.analysis import METRICS, RANKS, XS
     pt = command("plot", "curves of several runs: mean and min-max band over seeds")
     pt.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (those without metrics are listed)")
-    pt.add_argument("--metric", default="test_acc", help=f"what to draw: {' | '.join(METRICS)} (default test_acc)")
+    pt.add_argument("--metric", help=f"what to draw: {' | '.join(METRICS)} (default test_acc, or test_loss for "
+                    "runs without an accuracy)")
     pt.add_argument("--x", default="epoch", help=f"x axis: {' | '.join(XS)} (default epoch)")
     pt.add_argument("--out", default="plot.png", help="FILE.png or FILE.pdf (default plot.png)")
     pt.add_argument("--rows", default="epochs", help="epochs (metrics.jsonl) | steps (steps.jsonl) (default epochs)")
@@ -94,6 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", action="store_true", help="print the result as JSON")
     sc.add_argument("--x", default="samples", help="what the data used is counted in: samples | tokens | steps "
                     "(the second panel and the noise scale's x axis; default samples)")
+    tk = command("tokenize", "text files -> token files (train.bin, val.bin, meta.json) for data.dataset tokens")
+    tk.add_argument("text", nargs="+", metavar="TEXT", help="text files or globs, or 'stdlib' (the Python standard "
+                    "library's own sources: text every machine has)")
+    tk.add_argument("--out", required=True, type=text, help="the folder to write into")
+    tk.add_argument("--vocab", type=positive_int, help="a byte-level BPE of this many ids, trained here with the "
+                    "tokenizers library (default: byte-level ids, vocabulary 256)")
+    tk.add_argument("--validation", type=positive_float, default=0.1,
+                    help="the share of the tokens (the last) written as val.bin (default 0.1)")
+    tk.add_argument("--max-bytes", type=positive_int, help="read at most this many bytes of text (default: all; "
+                    "stdlib: 4,000,000)")
     st = command("status", "one row per run: done / running / preempted / failed / interrupted / not started")
     st.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or sweep folders (their points)")
     return p
@@ -151,7 +162,8 @@ def version() -> str:
 def cmd_plot(args) -> int:
     from launcher.cli import analysis
     drawn = analysis.plot(args.runs, args.metric, args.x, args.out, args.rows)
-    print(f"qhm-launch: {len(drawn)} curves from {len(args.runs)} runs -> {args.out}")
+    print(f"qhm-launch: {len(drawn)} curve(s) of {drawn[0]['metric']} from {sum(len(d['runs']) for d in drawn)} "
+          f"run(s) -> {args.out}")
     return 0
 
 
@@ -164,6 +176,11 @@ def cmd_report(args) -> int:
     else:
         print(analysis.report(args.runs, args.rank))
     return 0
+
+
+def cmd_tokenize(args) -> int:
+    from launcher.data import tokens
+    return tokens.cmd_tokenize(args)
 
 
 def cmd_scaling(args) -> int:
@@ -198,6 +215,7 @@ def main(argv=None) -> int:
     from launcher.cli.run import cmd_run
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
                 "sweep": cmd_sweep, "plot": cmd_plot, "report": cmd_report, "scaling": cmd_scaling,
+                "tokenize": cmd_tokenize,
                 "status": cmd_status}
     try:
         return commands[args.command](args)

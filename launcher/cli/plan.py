@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from launcher import config as recipe_mod
+from launcher.config.schema import ADAM_FAMILY
 from launcher.errors import UserError
 
 
@@ -124,6 +125,9 @@ def cmd_bounds(args) -> int:
         out["unit"] = recipe.schedule.unit
     if used is not None:
         out["batches"] = used
+    if recipe.optimizer.name in ADAM_FAMILY:
+        out["optimizer_note"] = (f"the theorems are QHM's (Algorithm 1); this recipe trains with {recipe.optimizer.name}, "
+                                 "which they do not cover: the terms are those of its schedules, as if QHM ran them")
     if recipe.schedule.batch.kind == "adaptive":       # its growth is not known in advance: read as constant
         out["verdict"] += "; the verdict reads an adaptive batch as constant (the terms are the run's own)"
     if args.json:
@@ -152,6 +156,8 @@ def cmd_bounds(args) -> int:
                      f"{pb['worst_batch']})")
     lines.append("note: grad_norm is the norm of the unregularised training loss's gradient (weight decay "
                  "is not in f)")
+    if "optimizer_note" in out:
+        lines.append("note: " + out["optimizer_note"])
     print("\n".join(lines))
     return 0
 

@@ -4,13 +4,13 @@ resolved here too (factories). Every problem is a :class:`RecipeError` whose mes
 naming the key path, the value and what is allowed; the CLI prints it and exits with status 2 before
 any worker starts."""
 from launcher.config.load import apply_overrides, dump, from_dict, load
-from launcher.config.schema import (Batch, Beta, Checkpoint, Data, Distributed, Eval, Gamma, LossSpec, LR, ModelSpec,
+from launcher.config.schema import (Batch, Beta, Checkpoint, Data, Distributed, Eval, Gamma, GPTSpec, LossSpec, LR, ModelSpec,
                                     Optimizer, Performance, Recipe, ScheduleConfig, Signals, Slurm, Tracking, Wandb)
 from launcher.config.trajectory import TRAJECTORY_FIELDS, trajectory, trajectory_diff, trajectory_hash
 from launcher.config.validate import validate
 from launcher.errors import RecipeError
 
 __all__ = ["Recipe", "Batch", "Beta", "Checkpoint", "Data", "Distributed", "Eval", "Gamma", "LossSpec", "LR",
-           "ModelSpec", "Optimizer", "Performance", "ScheduleConfig", "Signals", "Slurm", "Tracking", "Wandb",
+           "ModelSpec", "GPTSpec", "Optimizer", "Performance", "ScheduleConfig", "Signals", "Slurm", "Tracking", "Wandb",
            "load", "from_dict", "apply_overrides", "dump", "validate", "RecipeError",
            "TRAJECTORY_FIELDS", "trajectory", "trajectory_hash", "trajectory_diff"]

@@ -39,6 +39,11 @@ def _coerce(value, tp, path: str):
         inner = [t for t in typing.get_args(tp) if t is not type(None)]
         if value is None and type(None) in typing.get_args(tp):
             return None
+        if isinstance(value, dict):                  # a mapping: the dataclass it names the fields of
+            classes = [t for t in inner if dataclasses.is_dataclass(t)]
+            if len(classes) > 1:
+                known = lambda t: len(set(value) & {f.name for f in dataclasses.fields(t)})  # noqa: E731
+                return _build(max(reversed(classes), key=known), value, path)   # a tie: the last
         for i, t in enumerate(inner):
             try:
                 return _coerce(value, t, path)

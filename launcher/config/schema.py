@@ -15,10 +15,11 @@ import qhm
 from launcher.env import PREEMPTION_SIGNALS as SIGNALS  # noqa: F401  (signals.preempt allows these)
 from launcher.run.folder import RunFolder
 
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
-MODELS = ("small_cnn", "resnet18", "vit_tiny")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "tokens")
+MODELS = ("small_cnn", "resnet18", "vit_tiny", "gpt")
+ADAM_FAMILY = ("qhadam", "adamw")          # optimizers whose schedules drive the learning rate only
 PRECISIONS = ("fp32", "bf16", "fp64")
-OPTIMIZERS = tuple(qhm.PRESETS)            # qhm | sgd (gamma = 0) | nshb (gamma = 1)
+OPTIMIZERS = tuple(qhm.PRESETS) + ADAM_FAMILY   # qhm | sgd (gamma = 0) | nshb (gamma = 1) | qhadam | adamw
 KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name of compiled
 ENGINES = ("ddp", "deepspeed")
 BATCH_KINDS = qhm.schedules.BATCH_KINDS + ("adaptive",)    # adaptive: decided at run time (launcher.train.adaptive)
@@ -51,19 +52,35 @@ class Data:
     shape: Optional[list] = None        # synthetic only: one sample's shape, [C, H, W] (default [1, 8, 8])
     classes: Optional[int] = None       # synthetic only: classes (default 10)
     rotation: float = 0.0               # random rotation in [-r, r] degrees (the paper's CIFAR-100: 15)
-    validation: float = 0.0             # fraction of the training set held out for validation
+    validation: Union[float, str] = 0.0   # fraction of the training set held out for validation; tokens: a file
     factory: Optional[str] = None       # "package.module:callable" returning train and test datasets (streamed)
     kwargs: dict = field(default_factory=dict)
     workers: int = 4                    # DataLoader worker processes per rank (the streamed path)
     stream: bool = False                # read a built-in dataset through DataLoader workers too
     image_size: Optional[int] = None    # imagefolder: resize and centre-crop to this (default 224)
     tokens_per_sample: Optional[int] = None   # tokens in every sample (fixed length): tokens are counted
+    train: Optional[str] = None         # tokens: the training token file (.bin of uint16/uint32 ids, or .npy)
+    seq_len: Optional[int] = None       # tokens: a sample is a window of seq_len + 1 tokens (inputs, next tokens)
+    vocab: Optional[int] = None         # tokens: the vocabulary (default: the files' meta.json, else 65,536 / 2^32)
+    text: Union[str, list, None] = None   # tokens: what to tokenize into train/validation when they are missing
+                                        # ("stdlib": the Python standard library's sources; or file paths/globs)
 
 
 @dataclass
 class ModelSpec:
     factory: str = ""                   # "package.module:callable" returning an nn.Module
     kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class GPTSpec:
+    """The built-in GPT: pre-norm blocks, causal attention (scaled_dot_product_attention), tied embeddings."""
+    name: str = "gpt"
+    layers: int = 2
+    heads: int = 2
+    width: int = 64                     # the model dimension (a multiple of heads)
+    seq_len: Optional[int] = None       # default: data.seq_len
+    vocab: Optional[int] = None         # default: the data's vocabulary
 
 
 @dataclass
@@ -74,9 +91,15 @@ class LossSpec:
 
 @dataclass
 class Optimizer:
-    name: str = "qhm"
+    name: str = "qhm"                   # qhm | sgd | nshb (the paper's) | qhadam | adamw
     weight_decay: float = 0.0
     kernel: str = "foreach"             # foreach | compiled (torch.compile'd single pass, CPU) | loop
+    betas: list = field(default_factory=lambda: [0.9, 0.999])   # qhadam, adamw
+    nus: list = field(default_factory=lambda: [1.0, 1.0])       # qhadam: (1, 1) is Adam
+    eps: float = 1e-8                   # qhadam, adamw
+    decouple_weight_decay: Optional[bool] = None   # qhadam (null: true, AdamW's decoupled decay); adamw always
+    weight_decay_all: bool = False      # qhadam, adamw: decay biases, norms and embeddings too (default: not)
+    clip_grad_norm: Optional[float] = None   # clip the global gradient norm to this (every engine)
 
 
 @dataclass
@@ -222,7 +245,7 @@ class Recipe:
     epochs: Optional[int] = None        # M; default 1 unless train gives another length
     train: Train = field(default_factory=Train)
     data: Data = field(default_factory=Data)
-    model: Union[str, ModelSpec] = "small_cnn"
+    model: Union[str, GPTSpec, ModelSpec] = "small_cnn"
     loss: LossSpec = field(default_factory=LossSpec)
     precision: str = "fp32"
     optimizer: Optimizer = field(default_factory=Optimizer)
@@ -283,7 +306,7 @@ class Recipe:
         s, E, unit = self.schedule, self.interval(), self.schedule.unit
         epochs = epochs or self.epochs or 1
         gamma = s.gamma
-        if self.optimizer.name != "qhm":          # sgd / nshb fix gamma, whatever the recipe says
+        if self.optimizer.name in ("sgd", "nshb"):     # they fix gamma, whatever the recipe says
             gamma = Gamma(kind="constant", max=qhm.PRESETS[self.optimizer.name]["gamma"])
         warmup = units.in_unit("schedule.lr.warmup", s.lr.warmup, unit, minimum=0)
         decay = units.in_unit("schedule.lr.decay", s.lr.decay, unit, minimum=0)

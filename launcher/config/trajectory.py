@@ -11,7 +11,8 @@ from launcher.config.schema import Recipe
 
 # Fields that change the trajectory: a checkpoint written under other values is refused on resume.
 # W&B, process count, micro-batch cap, eval, checkpoint cadence and paths may change freely.
-TRAJECTORY_FIELDS = ("seed", "epochs", "train", "data.tokens_per_sample", "data.dataset", "data.factory", "data.kwargs", "data.augment", "data.size",
+TRAJECTORY_FIELDS = ("seed", "epochs", "train", "data.tokens_per_sample", "data.train", "data.seq_len", "data.vocab",
+                     "data.text", "data.dataset", "data.factory", "data.kwargs", "data.augment", "data.size",
                      "data.shape", "data.classes", "data.image_size", "data.rotation", "data.validation", "model",
                      "loss", "precision", "optimizer", "schedule", "distributed.engine",
                      "distributed.zero_stage", "distributed.batch_norm", "performance.tf32",
@@ -36,7 +37,10 @@ def _merged(defaults: dict, given: dict) -> dict:
 # the hash when at those defaults, so a run folder completed earlier keeps its hash (and stays complete).
 ADDED_DEFAULTS = {"train": {"steps": None, "samples": None, "tokens": None}, "data.tokens_per_sample": None,
                   "schedule.unit": "epoch", "schedule.batch.points": [], "schedule.lr.decay": 0,
-                  "schedule.lr.batch_scaling": "none"}
+                  "schedule.lr.batch_scaling": "none", "data.train": None, "data.seq_len": None, "data.vocab": None,
+                  "data.text": None, "optimizer.betas": [0.9, 0.999], "optimizer.nus": [1.0, 1.0], "optimizer.eps": 1e-8,
+                  "optimizer.decouple_weight_decay": None, "optimizer.weight_decay_all": False,
+                  "optimizer.clip_grad_norm": None}
 
 
 def trajectory_hash(recipe_dict: dict) -> str:

@@ -8,7 +8,8 @@ import qhm
 from launcher.config import keys, units
 from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, BATCH_SCALINGS, COMPILE_MODES, DATASETS, DEEPSPEED_OWNED, ENGINES,
                                     GRAD_NORM_MODES, KERNELS, MAX_DATA_WORKERS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS,
-                                    PRECISIONS, SIGNALS, SYNTHETIC_MAX, UNITS, WANDB_MODES, Recipe)
+                                    PRECISIONS, SIGNALS, SYNTHETIC_MAX, UNITS, WANDB_MODES, ADAM_FAMILY, GPTSpec,
+                                    Optimizer, Recipe)
 from launcher.errors import RecipeError
 
 def _one_of(path: str, value, allowed) -> None:
@@ -34,6 +35,12 @@ def validate(r: Recipe) -> Recipe:
         _one_of("data.dataset", r.data.dataset, DATASETS)
     if isinstance(r.model, str):
         _one_of("model", r.model, MODELS)
+        if r.model == "gpt":
+            r.model = GPTSpec()
+    if isinstance(r.model, GPTSpec):
+        check_gpt(r)
+    elif isinstance(r.model, str):
+        pass
     elif not r.model.factory:
         raise RecipeError("model.factory: missing; allowed: 'package.module:callable' (or a built-in model name: "
                           + " | ".join(MODELS) + ")")
@@ -127,8 +134,10 @@ def validate(r: Recipe) -> Recipe:
         raise RecipeError(f"data.classes: {r.data.classes!r} is not valid; allowed: an integer in [2, 100000]")
     if not 0.0 <= r.data.rotation <= 180.0:
         raise RecipeError(f"data.rotation: {r.data.rotation!r} is not valid; allowed: degrees in [0, 180]")
-    if not 0.0 <= r.data.validation < 1.0:
+    check_tokens_data(r)
+    if not isinstance(r.data.validation, str) and not 0.0 <= r.data.validation < 1.0:
         raise RecipeError(f"data.validation: {r.data.validation!r} is not valid; allowed: a fraction in [0, 1)")
+    check_optimizer(r)
     b = r.schedule.batch
     _one_of("schedule.batch.kind", b.kind, BATCH_KINDS)
     size_key = "size" if b.kind == "constant" else "initial"
@@ -166,6 +175,92 @@ def placeholder_length(r: Recipe) -> int | None:
     unit = r.schedule.unit
     return 1 + max(units.in_unit("schedule.lr.warmup", r.schedule.lr.warmup, unit, minimum=0),
                    units.in_unit("schedule.lr.decay", r.schedule.lr.decay, unit, minimum=0))
+
+
+def check_gpt(r: Recipe) -> None:
+    """The built-in GPT: positive sizes, width a multiple of heads, seq_len and vocab from the data
+    where not given."""
+    g = r.model
+    _one_of("model.name", g.name, ("gpt",))
+    for key in ("layers", "heads", "width"):
+        _at_least(f"model.{key}", getattr(g, key), 1)
+    if g.width % g.heads:
+        raise RecipeError(f"model.width: {g.width!r} is not valid; allowed: a multiple of model.heads ({g.heads})")
+    for key in ("seq_len", "vocab"):
+        if getattr(g, key) is not None:
+            _at_least(f"model.{key}", getattr(g, key), 2 if key == "vocab" else 1)
+    if r.data.factory is None and r.data.dataset != "tokens":
+        raise RecipeError(f"model.name: 'gpt' is not valid with data.dataset {r.data.dataset!r}; allowed: "
+                          "data.dataset tokens, or a data.factory giving (tokens, next tokens) windows")
+    if r.loss.factory is not None:
+        raise RecipeError(f"loss.factory: {r.loss.factory!r} is not valid with the built-in GPT; allowed: null (its "
+                          "loss is cross-entropy per token, masked targets -100 left out)")
+
+
+def check_tokens_data(r: Recipe) -> None:
+    """data.dataset tokens: a training file (or text to make it from), a validation file, seq_len; the
+    other datasets take none of these keys. Tokens are then counted: tokens_per_sample is seq_len."""
+    d = r.data
+    token_keys = ("train", "seq_len", "vocab", "text")
+    if d.dataset != "tokens":
+        for key in token_keys:
+            if getattr(d, key) is not None:
+                raise RecipeError(f"data.{key}: {getattr(d, key)!r} is not valid; allowed: null unless data.dataset "
+                                  "is tokens")
+        if isinstance(d.validation, str):
+            raise RecipeError(f"data.validation: {d.validation!r} is not valid; allowed: a fraction in [0, 1) (a "
+                              "file with data.dataset tokens)")
+        return
+    for key, allowed in (("train", "a token file (.bin or .npy), e.g. data/train.bin"),
+                         ("validation", "a token file for evaluation, e.g. data/val.bin")):
+        value = getattr(d, key)
+        if not isinstance(value, str) or not value.strip():
+            raise RecipeError(f"data.{key}: {value!r} is not valid; allowed: {allowed} (required for data.dataset "
+                              "tokens)")
+        if not value.endswith((".bin", ".npy")):
+            raise RecipeError(f"data.{key}: {value!r} is not valid; allowed: a .bin (flat uint16 or uint32 ids, as "
+                              "nanoGPT writes) or .npy token file")
+    if d.seq_len is None:
+        raise RecipeError("data.seq_len: missing; allowed: an integer >= 1 (the tokens of a sample; required for "
+                          "data.dataset tokens)")
+    _at_least("data.seq_len", d.seq_len, 1)
+    if d.vocab is not None:
+        _at_least("data.vocab", d.vocab, 2)
+    if d.text is not None and not (isinstance(d.text, str) or all(isinstance(t, str) for t in d.text)):
+        raise RecipeError(f"data.text: {d.text!r} is not valid; allowed: 'stdlib', or file paths or globs")
+    if d.tokens_per_sample not in (None, d.seq_len):
+        raise RecipeError(f"data.tokens_per_sample: {d.tokens_per_sample!r} is not valid with data.dataset tokens; "
+                          f"allowed: null (it is data.seq_len, {d.seq_len})")
+    d.tokens_per_sample = d.seq_len
+    if d.augment:
+        d.augment = False                      # token windows have no augmentation
+
+
+def check_optimizer(r: Recipe) -> None:
+    """The Adam family's keys in range (and only there), clipping positive."""
+    o = r.optimizer
+    if o.clip_grad_norm is not None and not o.clip_grad_norm > 0:
+        raise RecipeError(f"optimizer.clip_grad_norm: {o.clip_grad_norm!r} is not valid; allowed: a number > 0, or "
+                          "null (no clipping)")
+    for key, low, high, what in (("betas", 0.0, 1.0, "in [0, 1)"), ("nus", 0.0, 1.0, "in [0, 1]")):
+        value = getattr(o, key)
+        upper_ok = (lambda v: v < high) if key == "betas" else (lambda v: v <= high)
+        if not (len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v
+                                        and upper_ok(v) for v in value)):
+            raise RecipeError(f"optimizer.{key}: {value!r} is not valid; allowed: two numbers {what}")
+    _at_least("optimizer.eps", o.eps, 0.0)
+    if o.name not in ADAM_FAMILY:
+        defaults = Optimizer()
+        for key in ("betas", "nus", "eps", "decouple_weight_decay", "weight_decay_all"):
+            if getattr(o, key) != getattr(defaults, key):
+                raise RecipeError(f"optimizer.{key}: {getattr(o, key)!r} is not valid with optimizer.name {o.name!r}; "
+                                  f"allowed: its default, or optimizer.name qhadam or adamw")
+    elif o.name == "adamw" and o.decouple_weight_decay is False:
+        raise RecipeError("optimizer.decouple_weight_decay: False is not valid with optimizer.name adamw; allowed: "
+                          "null or true (AdamW's decay is decoupled; coupled L2: qhadam)")
+    if o.name in ADAM_FAMILY and o.kernel == "compiled":
+        raise RecipeError(f"optimizer.kernel: 'compiled' is not valid with optimizer.name {o.name!r}; allowed: "
+                          "foreach or loop (adamw: fused where torch has it)")
 
 
 def check_duration(r: Recipe) -> None:
@@ -256,4 +351,4 @@ def check_raw_deepspeed_config(raw: dict) -> None:
         if keys.has(raw, key):
             raise RecipeError(f"distributed.deepspeed_config.{key}: {keys.get(raw, key)!r} is not allowed; "
                               f"the launcher sets it from the recipe (schedule, precision, "
-                              f"distributed.zero_stage)")
+                              f"distributed.zero_stage, optimizer.clip_grad_norm)")

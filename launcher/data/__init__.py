@@ -6,8 +6,9 @@ validation split held out of the training set by a keyed draw, and the test spli
 order module and the loop:
 
 * in memory (the built-in datasets): the whole set as tensors on the device, the fast path on a GPU;
-* streamed (imagefolder, a ``data.factory``, or any built-in set with ``data.stream: true``): map-style
-  Datasets read through DataLoader workers (see streamed.py).
+* streamed (imagefolder, token files, a ``data.factory``, or any built-in set with ``data.stream: true``):
+  map-style Datasets read through DataLoader workers (see streamed.py); token files are memory-mapped
+  windows of tokens (tokens.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from launcher.data import order
 from launcher.errors import UserError
 from launcher.data.order import Augment  # noqa: F401  (re-exported: the augmentation settings of a dataset)
 from launcher.config import Data  # noqa: F401  (re-exported for callers that build a data config by hand)
-from launcher.data import builtin, imagefolder
+from launcher.data import builtin, imagefolder, tokens
 from launcher.data.builtin import SIZES  # noqa: F401
 from launcher.data.memory import InMemoryBatches, TensorSplit
 from launcher.data.streamed import StreamedBatches, StreamedSplit
@@ -35,6 +36,7 @@ class Dataset:
     validation: Any = None
     eval_train: Any = None             # the training set without augmentation, when it differs (a factory's)
     user: bool = False                 # a data factory's datasets: their transforms may draw from the RNGs
+    tokens_per_sample: Optional[int] = None   # token windows: every target a token (dense, none masked)
 
     @property
     def streamed(self) -> bool:
@@ -75,11 +77,20 @@ def validation_indices(n: int, fraction: float) -> tuple[torch.Tensor, torch.Ten
     return perm[held:].sort().values, perm[:held].sort().values
 
 
+def prepare(cfg) -> None:
+    """What a dataset must write before it can be read (token files from data.text; nothing otherwise):
+    one process does it, before the others read."""
+    if cfg.factory is None and cfg.dataset == "tokens":
+        tokens.prepare(cfg)
+
+
 def check_available(cfg) -> None:
     """Fail before any worker starts if the data is not where the recipe says."""
     if cfg.factory:
         return                                   # resolved (and called) by the launcher before workers
-    if cfg.dataset == "imagefolder":
+    if cfg.dataset == "tokens":
+        tokens.check_available(cfg)
+    elif cfg.dataset == "imagefolder":
         imagefolder.check_available(cfg)
     else:
         builtin.check_available(cfg)
@@ -90,6 +101,8 @@ def sizes(cfg) -> tuple[int, int]:
     if cfg.factory:
         obj = user_data(cfg)
         n, test = len(obj["train"]), len(obj["test"])
+    elif cfg.dataset == "tokens":
+        return tokens.sizes(cfg)                 # the validation file is its own: nothing held out
     elif cfg.dataset == "imagefolder":
         n, test = imagefolder.sizes(cfg)
     else:
@@ -118,13 +131,17 @@ def user_data(cfg) -> dict:
 
 def is_streamed(cfg) -> bool:
     """Read through DataLoader workers (``data.workers`` processes per rank), not held in memory."""
-    return bool(cfg.factory) or cfg.dataset == "imagefolder" or cfg.stream
+    return bool(cfg.factory) or cfg.dataset in ("imagefolder", "tokens") or cfg.stream
 
 
 def load(cfg, device: torch.device, dtype: torch.dtype, is_first: bool = True) -> Dataset:
     """The recipe's data, on ``device``: in memory for the built-in sets (CIFAR is 600 MB as float32:
     fine on any GPU), streamed otherwise. With ``download``, call it on one process first
     (``is_first``), then on the others after a barrier."""
+    if cfg.dataset == "tokens":
+        train, val, vocab = tokens.load(cfg)
+        split = lambda ds: StreamedSplit(ds, device, dtype, cfg.workers)  # noqa: E731
+        return Dataset(split(train), split(val), vocab, None, tokens_per_sample=cfg.seq_len)
     if cfg.factory or cfg.dataset == "imagefolder":
         return _streamed(cfg, device, dtype)
     (xtr, ytr), (xte, yte), classes, augment = builtin.load(cfg, is_first)

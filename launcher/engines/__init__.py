@@ -18,6 +18,7 @@ class Engine(Protocol):
     model: torch.nn.Module               # what the loop calls forward on (DDP / DeepSpeed wrapper)
     optimizer: torch.optim.Optimizer     # whose param_groups the schedules write
     checkpoint_scope: str                # "replicated" (state_dict) or "files" (save_files / load_files)
+    clipped: torch.Tensor | None         # optimizer.clip_grad_norm: the last step's global norm before clipping
 
     def set_stage(self, micro_batch: int, accum: int) -> None: ...
     def micro_step(self, last: bool) -> ContextManager: ...
@@ -36,4 +37,4 @@ def build(recipe, module, optimizer, comm, first_stage, reads_local_gradients: b
         return DeepSpeedEngine(recipe, module, optimizer, comm, first_stage.micro_batch, first_stage.accum)
     from launcher.engines.ddp import DDPEngine
     return DDPEngine(module, optimizer, comm, explicit_reduce=recipe.distributed.max_micro_batch == "auto",
-                     reads_local_gradients=reads_local_gradients)
+                     reads_local_gradients=reads_local_gradients, clip=recipe.optimizer.clip_grad_norm)

@@ -18,10 +18,13 @@ class DDPEngine:
     checkpoint_scope = "replicated"
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm,
-                 explicit_reduce: bool = False, reads_local_gradients: bool = False):
+                 explicit_reduce: bool = False, reads_local_gradients: bool = False, clip: float | None = None):
         """``reads_local_gradients``: the noise scale reads this rank's gradient at the end of the
-        synchronised backward, so ``.grad`` must not be a view of DDP's bucket (launcher.train.noise)."""
+        synchronised backward, so ``.grad`` must not be a view of DDP's bucket (launcher.train.noise).
+        ``clip``: the reduced gradient (the same on every rank) clipped to this global norm before each
+        update, as clip_grad_norm_ of the whole global batch's gradient on one process."""
         self.module, self.optimizer, self.comm = module, optimizer, comm
+        self.clip, self.clipped = clip, None
         distributed = torch.distributed.is_initialized()
         self.explicit_reduce = explicit_reduce and distributed
         bucket_view = not (reads_local_gradients and not self.explicit_reduce)
@@ -67,6 +70,9 @@ class DDPEngine:
         if self.explicit_reduce and not self._reduced:
             self._reduce()
         self._reduced = False
+        if self.clip is not None:
+            self.clipped = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None],
+                                                          self.clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sync_buffers_next_forward()

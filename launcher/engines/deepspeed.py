@@ -33,9 +33,10 @@ def build_config(recipe, micro: int, accum: int, world: int) -> dict:
     cfg = json.loads(json.dumps(recipe.distributed.deepspeed_config))
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage"] = recipe.distributed.zero_stage
+    clip = recipe.optimizer.clip_grad_norm
     cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
                train_batch_size=micro * accum * world, zero_allow_untested_optimizer=True,
-               bf16={"enabled": False}, gradient_clipping=0.0)
+               bf16={"enabled": False}, gradient_clipping=float(clip or 0.0))
     cfg.setdefault("steps_per_print", 1 << 30)
     cfg.setdefault("wall_clock_breakdown", False)
     # No host sync per micro-batch: DeepSpeed's throughput timer (on and synchronised by default) calls
@@ -44,9 +45,19 @@ def build_config(recipe, micro: int, accum: int, world: int) -> dict:
     throughput = cfg.setdefault("timers", {}).setdefault("throughput", {})
     throughput.setdefault("enabled", False)
     throughput.setdefault("synchronized", False)
-    if zero["stage"] in (1, 2):
-        zero.setdefault("compute_grad_norm", False)
+    if zero["stage"] in (1, 2) and knows_compute_grad_norm():
+        zero.setdefault("compute_grad_norm", bool(clip))    # clipping needs the norm; without it, no sync
     return cfg
+
+
+def knows_compute_grad_norm() -> bool:
+    """Whether this DeepSpeed's ZeRO config has ``compute_grad_norm`` (0.19 on): an older one refuses
+    the key ("Extra inputs are not permitted")."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        return False
+    return "compute_grad_norm" in getattr(DeepSpeedZeroConfig, "model_fields", {})
 
 
 def check_config(recipe) -> None:
@@ -103,6 +114,7 @@ class DeepSpeedEngine:
         self.model.checkpoint_engine = _safe_checkpoint_engine()
         self._backwards = 0
         self._step_log = env.step_log() if comm.is_main else None
+        self.clip = recipe.optimizer.clip_grad_norm
 
     def set_stage(self, micro_batch: int, accum: int) -> None:
         self.model.set_train_micro_batch_size(micro_batch)
@@ -124,6 +136,13 @@ class DeepSpeedEngine:
                                     "gas": self.model.gradient_accumulation_steps(),
                                     "micro": self.model.train_micro_batch_size_per_gpu()}) + "\n")
         self._backwards = 0
+
+    @property
+    def clipped(self) -> torch.Tensor | None:
+        """optimizer.clip_grad_norm: the norm DeepSpeed's own gradient_clipping measured at the last step
+        (read on demand: a log point's, not every step's)."""
+        norm = self.model.get_global_grad_norm() if self.clip is not None else None
+        return None if norm is None else torch.as_tensor(float(norm))
 
     def gradient_norm(self):
         """Not offered: ZeRO partitions the gradient (steps.jsonl leaves grad_norm out)."""

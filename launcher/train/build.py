@@ -57,9 +57,30 @@ class Parts:
         self.dataset.close()
 
 
-def build_optimizer(recipe, module, plan: splits.Plan) -> qhm.QHM:
+def param_groups(module: torch.nn.Module, o) -> list[dict]:
+    """The Adam family's groups: weight decay on matrices (weights of dimension >= 2), none on biases,
+    norms and embeddings (tied ones included), unless ``weight_decay_all``; one group without decay."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if o.weight_decay_all or o.weight_decay == 0:
+        return [{"params": params, "weight_decay": o.weight_decay}]
+    embedded = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    decayed = [p for p in params if p.dim() >= 2 and id(p) not in embedded]
+    kept = [p for p in params if p.dim() < 2 or id(p) in embedded]
+    return [g for g in ({"params": decayed, "weight_decay": o.weight_decay}, {"params": kept, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def build_optimizer(recipe, module, plan: splits.Plan) -> torch.optim.Optimizer:
     """The optimizer at its first step's hyper-parameters (the loop writes each stage's or step's)."""
-    first, kernel = plan.stages[0], recipe.optimizer.kernel
+    first, kernel, o = plan.stages[0], recipe.optimizer.kernel, recipe.optimizer
+    if o.name == "adamw":                      # torch's: fused on CUDA, foreach elsewhere (or the loop)
+        cuda = next(module.parameters()).device.type == "cuda"
+        return torch.optim.AdamW(param_groups(module, o), lr=first.lr, betas=tuple(o.betas), eps=o.eps,
+                                 foreach=kernel == "foreach" and not cuda, fused=cuda and kernel == "foreach" or None)
+    if o.name == "qhadam":
+        return qhm.QHAdam(param_groups(module, o), lr=first.lr, betas=tuple(o.betas), nus=tuple(o.nus),
+                          weight_decay=o.weight_decay, decouple_weight_decay=o.decouple_weight_decay is not False,
+                          eps=o.eps, foreach=kernel == "foreach")
     return qhm.QHM(module.parameters(), lr=first.lr, beta=first.beta, gamma=first.gamma,
                    weight_decay=recipe.optimizer.weight_decay, foreach=kernel == "foreach",
                    compiled=kernel in ("compiled", "fused") or None)
@@ -98,6 +119,8 @@ def load_data(recipe, comm: Comm, dtype: torch.dtype) -> data_mod.Dataset:
     """The recipe's data on this rank's device; with ``download``, rank 0 downloads first, the others wait."""
     if comm.is_main and recipe.data.download:
         data_mod.load(recipe.data, torch.device("cpu"), dtype, is_first=True)
+    if comm.is_main:
+        data_mod.prepare(recipe.data)
     comm.barrier()
     return data_mod.load(recipe.data, comm.device, dtype, is_first=False)
 
@@ -141,10 +164,11 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     noise_kind, why_not = noise.source(recipe, comm.world, any(s.accum > 1 for s in planned.stages))
     engine = engines.build(recipe, module, build_optimizer(recipe, module, planned), comm, planned.stages[0],
                            reads_local_gradients=noise_kind == noise.RANKS)
-    loss = losses.from_recipe(recipe.loss)
+    loss = losses.from_recipe(recipe.loss, losses.per_token(recipe))
     noise_probe = build_noise_probe(recipe, engine, module, comm, noise_kind, why_not, log)
     sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device)
-    state, sums, rng = TrainState(), EpochSums(comm.device), RankRNG(recipe.seed, comm.rank, comm.device)
+    state, rng = TrainState(), RankRNG(recipe.seed, comm.rank, comm.device)
+    sums = EpochSums(comm.device, count_tokens=loss.per_token)
     checkpoints = CheckpointManager(folder, comm, recipe.checkpoint.keep, log)
     for name, part, scope in (("engine", engine, engine.checkpoint_scope), ("train", state, "replicated"),
                               ("order", sampler, "replicated"), ("rng", rng, "per_rank"),

@@ -18,7 +18,8 @@ def _shard_batches(split, comm, batch_size: int):
 
 @torch.no_grad()
 def evaluate(module, split, comm, batch_size: int, autocast, loss_fn) -> tuple[float, float | None]:
-    """Mean loss and accuracy over ``split`` (accuracy None when the outputs are not class logits)."""
+    """Mean loss and accuracy over ``split`` (accuracy None when the outputs are not class logits; a
+    per-token loss is the mean over the split's tokens that count)."""
     module.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=comm.device)     # loss sum, correct, samples
     has_accuracy = True
@@ -31,7 +32,7 @@ def evaluate(module, split, comm, batch_size: int, autocast, loss_fn) -> tuple[f
             has_accuracy = False
         else:
             sums[1] += correct
-        sums[2] += b - a
+        sums[2] += loss_fn.count(y) if loss_fn.per_token else b - a
     comm.all_reduce_sum(sums)
     module.train()
     n = float(sums[2])
@@ -50,7 +51,10 @@ def full_grad_norm(module, dataset, comm, recipe, epoch: int, autocast, loss_fn)
     split = dataset.train_eval
     paper = recipe.eval.grad_norm_mode == "paper" and dataset.augment is not None
     total = [torch.zeros_like(p) for p in params]
+    terms = torch.zeros(1, dtype=torch.float64, device=comm.device)     # what f averages over: samples or tokens
     for a, b, x, y in _shard_batches(split, comm, recipe.eval.batch_size):
+        if loss_fn.per_token:
+            terms += loss_fn.count(y)
         if paper:
             params_ab = order.augment_params(recipe.seed, epoch, range(a, b), dataset.augment, "gradnorm")
             x = order.apply_augment(x, params_ab, dataset.augment)
@@ -61,6 +65,8 @@ def full_grad_norm(module, dataset, comm, recipe, epoch: int, autocast, loss_fn)
             t += g
     flat = comm.all_reduce_sum(torch.cat([t.reshape(-1) for t in total]).double())
     module.train()
+    if loss_fn.per_token:                      # f is the mean over the training tokens
+        return float(flat.div_(comm.all_reduce_sum(terms)).norm())
     return float(flat.div_(len(split)).norm())
 
 

@@ -21,14 +21,14 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
         splits = [] if recipe.data.factory else split_epochs(recipe, data.sizes(recipe.data)[0], world_size)
     else:
         data.check_available(recipe.data)
-        if recipe.data.factory or recipe.data.dataset == "imagefolder" or not isinstance(recipe.model, str):
+        if recipe.data.factory or recipe.data.dataset in ("imagefolder", "tokens") or not isinstance(recipe.model, str):
             # the user's own data or model: every factory called once, here, and a step's forward and loss
             # run on one sample; their errors are one line
             trained_on = check_samples_once(recipe)
             n = trained_on if recipe.data.factory else data.sizes(recipe.data)[0]
         else:
             n = data.sizes(recipe.data)[0]
-            losses.from_recipe(recipe.loss)
+            losses.from_recipe(recipe.loss, losses.per_token(recipe))
         splits = split_epochs(recipe, n, world_size)
     check_graphs(recipe, splits)
     check_adaptive(recipe, world_size)
@@ -78,28 +78,34 @@ def check_samples(recipe: Recipe) -> int:
     from launcher.train.build import DTYPES
     dtype = DTYPES[recipe.precision]
     dataset = data.load(recipe.data, torch.device("cpu"), dtype)
-    key = "data.factory" if recipe.data.factory else "data.root"
-    where = f"{key}: {recipe.data.factory or recipe.data.root!r}"
+    key = "data.factory" if recipe.data.factory else ("data.train" if recipe.data.dataset == "tokens" else "data.root")
+    where = f"{key}: {recipe.data.factory or recipe.data.train or recipe.data.root!r}"
     (x, y), (tx, ty) = (_sample(split, name, where) for split, name in ((dataset.train, "train"),
                                                                          (dataset.test, "test")))
     if x.shape != tx.shape:
         raise UserError(f"{where}: train[0] input has shape {tuple(x.shape)} and test[0] {tuple(tx.shape)}; "
                         "allowed: one input shape for every sample (resize or crop in the dataset's transform)")
-    model_key = "model.factory" if not isinstance(recipe.model, str) else "model"
+    model_key = "model.factory" if getattr(recipe.model, "factory", None) else "model"
     module = models.build(recipe.model, tuple(x.shape), dataset.num_classes, recipe.seed, dtype)
     if not any(p.requires_grad for p in module.parameters()):
         raise UserError(f"{model_key}: the model has no trainable parameters; allowed: a model with parameters")
     module.eval()
     inputs = torch.stack([x, tx]).to(dtype if x.is_floating_point() else x.dtype)
+    vocab = getattr(getattr(module, "tokens", None), "num_embeddings", None)     # the built-in GPT's
+    if vocab is not None and not inputs.is_floating_point() and int(inputs.max()) >= vocab:
+        raise UserError(f"{where}: a token id {int(inputs.max())} is out of range for the model's vocabulary of {vocab}; "
+                        f"allowed: ids in [0, {vocab}) (model.vocab, or the data's vocabulary, meta.json)")
     try:
         with torch.no_grad():
             out = module(inputs)
     except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: one line
         raise UserError(f"{model_key}: the forward pass of train[0] and test[0] (inputs {tuple(x.shape)}, {x.dtype}) "
                         f"raised {type(exc).__name__}: {one_line(exc)}") from exc
-    loss = losses.from_recipe(recipe.loss)
+    loss = losses.from_recipe(recipe.loss, losses.per_token(recipe))
     target = torch.stack([y, ty])
-    if loss.per_sample is None:             # cross-entropy: class logits and class indices in their range
+    if loss.per_token:                      # next-token logits (batch, seq, vocab) and token ids in range
+        check_next_tokens(out, target, model_key, where)
+    elif loss.per_sample is None:           # cross-entropy: class logits and class indices in their range
         if target.is_floating_point() or target.dtype == torch.bool:
             raise UserError(f"{where}: train[0] target is {y.tolist()!r} ({y.dtype}); allowed: an integer class "
                             "index for cross-entropy (or a loss.factory for other targets)")
@@ -128,6 +134,21 @@ def check_samples(recipe: Recipe) -> int:
     if dataset.streamed and recipe.data.workers > 0:
         check_sendable(dataset, where, recipe.data.workers)
     return len(dataset.train)
+
+
+def check_next_tokens(out, target, model_key: str, where: str) -> None:
+    """A language model's outputs and targets: logits (batch, seq, vocab), targets (batch, seq) of ids in
+    [0, vocab) or -100 (left out)."""
+    from launcher.train.losses import IGNORE
+    if out.dim() != 3 or target.shape != out.shape[:2]:
+        raise UserError(f"{model_key}: the model gives outputs of shape {tuple(out.shape)} for targets of shape "
+                        f"{tuple(target.shape)}; allowed: next-token logits (batch, seq, vocab) for targets (batch, seq)")
+    if target.is_floating_point():
+        raise UserError(f"{where}: targets are {target.dtype}; allowed: integer token ids (or -100, left out)")
+    vocab, counted = out.shape[-1], target[target != IGNORE]
+    if counted.numel() and not (0 <= int(counted.min()) and int(counted.max()) < vocab):
+        raise UserError(f"{where}: a target id {int(counted.max())} is out of range for the model's {vocab} outputs; "
+                        f"allowed: ids in [0, {vocab}) (model.vocab, or the data's vocabulary)")
 
 
 def check_sendable(dataset, where: str, workers: int) -> None:

@@ -3,6 +3,7 @@ schema and mirrored to W&B at the global step; the progress bar; the clocks (wal
 samples/s); the summary at the end. Rank 0 writes; every rank keeps the clocks."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -26,9 +27,10 @@ def log_interval(recipe, total_steps: int) -> int:
 
 
 class Reporter:
-    def __init__(self, recipe, comm, folder, log, tokens_per_sample: int | None = None):
+    def __init__(self, recipe, comm, folder, log, tokens_per_sample: int | None = None, per_token: bool = False):
         self.recipe, self.comm, self.folder, self.log = recipe, comm, folder, log
         self.tokens_per_sample = tokens_per_sample      # rows count tokens where it is known
+        self.per_token = per_token                      # a language model: losses per token, perplexities
         self.metrics = MetricsLog(folder.metrics)
         self.steps = MetricsLog(folder.steps, durable=False)
         self.tracker, self.bar = None, None
@@ -81,11 +83,15 @@ class Reporter:
         accuracy and the gradient noise estimates over ``sums`` (laid out as :data:`EpochSums.FIELDS`)."""
         loss, correct, count = sums[:3]
         lr, beta, gamma = hyper
-        return {**noise.window_fields(sums[3:6]), "epoch": split.epoch, "step": state.global_step,
-                "samples": state.samples, **self.tokens(state), "batch": split.batch, "micro_batch": split.micro_batch,
-                "accum": split.accum, "world_size": self.comm.world,
-                "lr": lr, "beta": beta, "gamma": gamma, "train_loss": loss / max(count, 1),
-                "train_acc": correct / max(count, 1) if has_accuracy else None}
+        row = {**noise.window_fields(sums[3:6]), "epoch": split.epoch, "step": state.global_step,
+               "samples": state.samples, **self.tokens(state), "batch": split.batch, "micro_batch": split.micro_batch,
+               "accum": split.accum, "world_size": self.comm.world,
+               "lr": lr, "beta": beta, "gamma": gamma, "train_loss": loss / max(count, 1),
+               "train_acc": correct / max(count, 1) if has_accuracy else None}
+        if self.per_token:                   # the mean over the tokens that count, not over samples
+            row.update(train_loss=loss / max(sums[6], 1), train_acc=None)
+            row["train_ppl"] = perplexity(row["train_loss"])
+        return row
 
     def tokens(self, state: TrainState) -> dict:
         """``tokens`` trained so far, where a sample's tokens are known (nothing otherwise)."""
@@ -108,19 +114,19 @@ class Reporter:
         if with_validation:
             row.update(val_loss=None, val_acc=None)
         row.update(evaluated)
+        with_perplexities(row, self.per_token)
         row["min_grad_norm"] = None if state.min_grad_norm == float("inf") else state.min_grad_norm
         self.account_time(state)
         row.update(wall_time=round(state.wall_time, 3), **self.rates(state.samples - self._epoch_samples, train_seconds))
         if self.comm.is_main:
             self.metrics.append(row)
             self.tracker.log_row(row, step=state.global_step)
-            fmt = lambda v, d: None if v is None else round(v, d)  # noqa: E731
             self.log(f"[qhm-launch] epoch {split.epoch}: batch {split.batch} ({split.micro_batch}x{split.accum}"
-                     f"x{self.comm.world}) loss {row['train_loss']:.4f} test_acc {fmt(row['test_acc'], 4)} "
-                     f"grad_norm {fmt(row['grad_norm'], 5)}")
+                     f"x{self.comm.world}) " + console_fields(row))
 
     def mid_epoch_row(self, split: Stage, state: TrainState, evaluated: dict) -> None:
         """eval.every / every_steps: what evaluation measured at this global step, inside epoch ``split.epoch``."""
+        evaluated = with_perplexities(dict(evaluated), self.per_token)
         row = {"epoch": split.epoch, "step": state.global_step, "samples": state.samples, **self.tokens(state),
                "mid_epoch": True,
                "batch": split.batch, "world_size": self.comm.world, **evaluated,
@@ -169,12 +175,53 @@ class Reporter:
         self.tracker.finish(preempted=not finished)
 
 
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss) of a per-token loss (in nats); None where there is none, inf past what a float holds."""
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 709 else float("inf")
+
+
+def with_perplexities(row: dict, per_token: bool) -> dict:
+    """A language model's row: ``*_ppl`` beside each evaluated ``*_loss`` (and no accuracy)."""
+    if per_token:
+        for split in ("test", "val"):
+            if f"{split}_loss" in row:
+                row[f"{split}_ppl"] = perplexity(row[f"{split}_loss"])
+                row.pop(f"{split}_acc", None)
+    return row
+
+
+def console_fields(row: dict) -> str:
+    """The console line's measurements: loss first; accuracy only where a run has one."""
+    fmt = lambda v, d: None if v is None else round(v, d)  # noqa: E731
+    parts = [f"loss {row['train_loss']:.4f}"]
+    if "test_ppl" in row:
+        parts += [f"test_loss {fmt(row.get('test_loss'), 4)}", f"test_ppl {fmt(row.get('test_ppl'), 2)}"]
+    elif row.get("test_acc") is not None or row.get("train_acc") is not None:
+        parts.append(f"test_acc {fmt(row.get('test_acc'), 4)}")
+    else:
+        parts.append(f"test_loss {fmt(row.get('test_loss'), 4)}")
+    return " ".join(parts + [f"grad_norm {fmt(row.get('grad_norm'), 5)}"])
+
+
+def has_accuracy(rows: list[dict]) -> bool:
+    """Whether any row measured an accuracy (a language model's, or a regression's, never do)."""
+    return any(r.get(k) is not None for r in rows for k in ("train_acc", "test_acc", "val_acc"))
+
+
 def summary_values(state: TrainState, rows: list[dict]) -> dict:
     last = rows[-1] if rows else {}
-    out = {f"final_{k}": last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "grad_norm")}
-    out.update(best_test_acc=state.best_test_acc, best_val_acc=state.best_val_acc or None,
-               min_grad_norm=None if state.min_grad_norm == float("inf") else state.min_grad_norm,
+    keys = ("train_loss", "train_acc", "test_loss", "test_acc", "test_ppl", "grad_norm")
+    out = {f"final_{k}": last.get(k) for k in keys}
+    if has_accuracy(rows):
+        out.update(best_test_acc=state.best_test_acc, best_val_acc=state.best_val_acc or None)
+    else:
+        out["best_test_loss"] = min((r["test_loss"] for r in rows if r.get("test_loss") is not None), default=None)
+    out.update(min_grad_norm=None if state.min_grad_norm == float("inf") else state.min_grad_norm,
                total_steps=state.global_step, total_sfo=state.samples)
+    if state.tokens:
+        out["total_tokens"] = state.tokens
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -182,9 +229,12 @@ def print_summary(recipe, state: TrainState, rows: list[dict], tracker, log=prin
     last = rows[-1] if rows else {}
     fmt = lambda v: "-" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v))  # noqa: E731
     folder = recipe.folder
+    measured = ([("final train loss", last.get("train_loss")), ("final test acc", last.get("test_acc")),
+                 ("best test acc", state.best_test_acc)] if has_accuracy(rows) else
+                [("final train loss", last.get("train_loss")), ("final test loss", last.get("test_loss")),
+                 *([("final test perplexity", last["test_ppl"])] if last.get("test_ppl") is not None else [])])
     items = [("epochs", state.epoch), ("optimizer steps", state.global_step), ("samples (SFO)", state.samples),
-             ("final train loss", last.get("train_loss")), ("final test acc", last.get("test_acc")),
-             ("best test acc", state.best_test_acc),
+             *([("tokens", state.tokens)] if state.tokens else []), *measured,
              ("min grad norm", None if state.min_grad_norm == float("inf") else state.min_grad_norm),
              ("wall time (s)", round(state.wall_time, 1))]
     width = max(len(k) for k, _ in items)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from launcher import env
+from launcher.config.schema import ADAM_FAMILY
 from launcher.errors import RunFailed
 from launcher.train import microbatch, splits
 from launcher.train.build import Parts
@@ -58,6 +59,7 @@ class Stages:
         self.decisions: list[int] | None = None    # an adaptive batch's, so far
         self.current: Stage | None = None      # the stage entered last
         self.per_step = self.plan.unit != "epoch"
+        self.momentum = p.recipe.optimizer.name not in ADAM_FAMILY   # QHM's beta and gamma (the Adam family: lr only)
         self.values = StepValues(self.plan)
         self.compile_mode = perf.compile if perf.compile != "off" else ("reduce-overhead" if perf.cuda_graphs else None)
         self.compiled, self.compiled_micro = False, None
@@ -91,10 +93,12 @@ class Stages:
         self.engine.set_stage(stage.micro_batch, stage.accum)
         return stage
 
-    def hyperparams(self, epoch: int, step: int) -> tuple[float, float, float]:
-        """(lr, beta, gamma) of step (epoch, step): its stage's in the epoch unit, the step's own otherwise."""
+    def hyperparams(self, epoch: int, step: int) -> tuple:
+        """(lr, beta, gamma) of step (epoch, step): its stage's in the epoch unit, the step's own otherwise;
+        beta and gamma None for an optimizer without them."""
         stage = self.at(epoch, step)
-        return self.values.at(stage, step) if self.per_step else (stage.lr, stage.beta, stage.gamma)
+        lr, beta, gamma = self.values.at(stage, step) if self.per_step else (stage.lr, stage.beta, stage.gamma)
+        return (lr, beta, gamma) if self.momentum else (lr, None, None)
 
     def replan(self) -> None:
         """The plan again with what was decided while running (the past stays as it was)."""

@@ -111,18 +111,26 @@ class EpochSums:
     whose values at the steps' ends give the finite count; the correct predictions by one comparison;
     the estimates by one product. Where that happens depends only on the steps taken, and a checkpoint
     holds what waits, so a resumed run adds in the same groups, bit for bit."""
-    FIELDS = ("loss", "correct", "samples", "grad_sq", "trace_cov", "noise_steps")   # as_tensor's layout
-    SAMPLES, NOISE_STEPS = FIELDS.index("samples"), FIELDS.index("noise_steps")
+    FIELDS = ("loss", "correct", "samples", "grad_sq", "trace_cov", "noise_steps", "tokens")   # as_tensor's layout
+    SAMPLES, NOISE_STEPS, TOKENS = FIELDS.index("samples"), FIELDS.index("noise_steps"), FIELDS.index("tokens")
     FOLD_EVERY = 64        # steps whose sums may wait: bounds what they hold (2 norms per parameter each)
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, count_tokens: bool = False):
+        """``count_tokens``: a per-token loss, whose tokens are the field ``tokens``; without it the vector
+        ends before that field (its length is what an all-reduce splits over ranks: on 3 gloo ranks another
+        length sums in another order, so the paper's runs keep theirs)."""
         self.device = device
-        self.values = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        self.width = len(self.FIELDS) if count_tokens else len(self.FIELDS) - 1
+        self.values = torch.zeros(self.width, dtype=torch.float64, device=device)
         self.loss, self.correct, self.noise = self.values[0], self.values[1], self.values[3:5]
-        self.offset = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        self.offset = torch.zeros(self.width, dtype=torch.float64, device=device)
         # float64: it rides in a log point's window, whose sum over ranks is world x step while all is well
         self.finite_steps = torch.zeros(1, dtype=torch.float64, device=device)
         self.samples, self.noise_steps, self.has_accuracy = 0, 0, True
+        # the tokens a per-token loss averages over: a host count (every position counts), or where a mask
+        # may vary it, the steps' counts on the device (None until the first)
+        self.tokens, self.token_counts = 0, None
+        self._token_counts: list[torch.Tensor] = []   # waiting: each step's counted tokens, 0-d
         self._losses: list[torch.Tensor] = []       # waiting: each micro-batch's loss sum, 0-d, in order
         self._predicted: list[torch.Tensor] = []    # waiting: each micro-batch's predicted classes
         self._targets: list[torch.Tensor] = []      # waiting: and its targets
@@ -135,10 +143,15 @@ class EpochSums:
         self.finite_steps.fill_(step - len(self._ends))
 
     def add(self, loss_sum: torch.Tensor, predicted: torch.Tensor | None, target: torch.Tensor,
-            samples: int) -> None:
+            samples: int, tokens=0) -> None:
         """One micro-batch's summed loss and predicted classes (None: outputs that are not class
-        logits, so no accuracy): they wait (no kernel)."""
+        logits, so no accuracy) and the tokens its loss sums over (an int, or a 0-d count on the device):
+        they wait (no kernel)."""
         self._losses.append(loss_sum.detach())
+        if isinstance(tokens, torch.Tensor):
+            self._token_counts.append(tokens)
+        else:
+            self.tokens += tokens
         if predicted is None:
             self.has_accuracy = False
         else:
@@ -177,6 +190,9 @@ class EpochSums:
             self.correct += self._waiting_correct()
         if self._columns:
             self.noise += estimates(self._columns, torch.stack(self._norms))
+        if self._token_counts:
+            counted = torch.stack(self._token_counts).to(torch.float64).sum()
+            self.token_counts = counted if self.token_counts is None else self.token_counts + counted
         for waiting in self._waiting():
             waiting.clear()
 
@@ -200,7 +216,8 @@ class EpochSums:
         """The epoch ended: its sums restart at zero; the window keeps what was not logged yet."""
         self.offset += self._with_counts()
         self.values.zero_()
-        self.samples = self.noise_steps = 0
+        self.samples = self.noise_steps = self.tokens = 0
+        self.token_counts = None
 
     def take_window(self) -> torch.Tensor:
         """:data:`FIELDS` since the last log point, on the device; the next window starts here."""
@@ -219,6 +236,12 @@ class EpochSums:
         self._fold()
         self.values[self.SAMPLES] = self.samples
         self.values[self.NOISE_STEPS] = self.noise_steps
+        if self.width <= self.TOKENS:
+            pass
+        elif self.token_counts is None:
+            self.values[self.TOKENS] = self.tokens
+        else:
+            self.values[self.TOKENS].copy_(self.token_counts + self.tokens)
         return self.values
 
     def snapshot(self) -> tuple:
@@ -226,17 +249,17 @@ class EpochSums:
         (taken at its start; nothing is added up before it ends, so what waits is kept by its length and
         a redo drops what the abandoned try appended)."""
         return (self.values.clone(), self.offset.clone(), self.samples, self.noise_steps, self.has_accuracy,
-                tuple(map(len, self._waiting())))
+                tuple(map(len, self._waiting())), self.tokens)
 
     def restore(self, snap: tuple) -> None:
-        values, offset, self.samples, self.noise_steps, self.has_accuracy, lengths = snap
+        values, offset, self.samples, self.noise_steps, self.has_accuracy, lengths, self.tokens = snap
         self.values.copy_(values)
         self.offset.copy_(offset)
         for waiting, length in zip(self._waiting(), lengths):
             del waiting[length:]
 
     def _waiting(self) -> tuple[list, ...]:
-        return self._losses, self._predicted, self._targets, self._ends, self._norms, self._columns
+        return self._losses, self._predicted, self._targets, self._ends, self._norms, self._columns, self._token_counts
 
     def state_dict(self) -> dict:
         """Copies (on the CPU ``.cpu()`` is the tensor itself, which the next read adds to). The waiting
@@ -246,7 +269,13 @@ class EpochSums:
                 "samples": self.samples,
                 "noise": self.noise.cpu().clone(), "noise_steps": self.noise_steps,
                 "offset": self.offset.cpu().clone(), "has_accuracy": self.has_accuracy,
-                "noise_waiting": self._noise_pending(), "loss_waiting": self._loss_pending()}
+                "noise_waiting": self._noise_pending(), "loss_waiting": self._loss_pending(),
+                "tokens": self.tokens + self._tokens_counted()}
+
+    def _tokens_counted(self) -> float:
+        """The device-counted tokens so far (waiting ones added: integers, exact in float64)."""
+        counted = float(self.token_counts) if self.token_counts is not None else 0.0
+        return counted + sum(float(c) for c in self._token_counts)
 
     def _noise_pending(self) -> dict:
         """What waits, as it is (not added: the uninterrupted run adds it later, in its own group)."""
@@ -267,7 +296,7 @@ class EpochSums:
         self.samples = int(state["samples"])
         self.noise.copy_(state.get("noise", torch.zeros(2, dtype=torch.float64)))
         self.noise_steps = int(state.get("noise_steps", 0))
-        offset = state.get("offset", torch.zeros(3, dtype=torch.float64))
+        offset = state.get("offset", torch.zeros(3, dtype=torch.float64))[:self.width]
         self.offset.zero_()
         self.offset[:len(offset)].copy_(offset)
         self.has_accuracy = bool(state.get("has_accuracy", True))
@@ -277,20 +306,23 @@ class EpochSums:
         waiting = state.get("loss_waiting", {})
         self._losses = list(waiting["losses"].to(self.device).unbind()) if waiting else []
         self._ends = list(waiting["ends"]) if waiting else []
+        # counted tokens are integers: saved as one number, they resume as a host count, exactly
+        self.tokens, self.token_counts, self._token_counts = int(state.get("tokens", 0)), None, []
 
     def reshard(self, saved: list[dict], rank: int, world: int, step: int) -> dict:
         """Another world size: rank 0 carries the epoch's (and the window's) totals, the others start at 0."""
-        width, accuracy = len(self.FIELDS), all(s.get("has_accuracy", True) for s in saved)
+        width, accuracy = self.width, all(s.get("has_accuracy", True) for s in saved)
         zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
-        padded = lambda t: torch.cat([t, zeros(width - len(t))])  # noqa: E731
+        padded = lambda t: torch.cat([t, zeros(width - len(t))])[:width]  # noqa: E731
         if rank == 0:
             return {"values": sum(s["values"] + waiting_sums(s) for s in saved),
                     "samples": sum(int(s["samples"]) for s in saved),
                     "noise": sum(s.get("noise", zeros(2)) + waiting_estimates(s) for s in saved),
                     "noise_steps": sum(int(s.get("noise_steps", 0)) for s in saved),
-                    "offset": sum(padded(s.get("offset", zeros(3))) for s in saved), "has_accuracy": accuracy}
+                    "offset": sum(padded(s.get("offset", zeros(3))) for s in saved), "has_accuracy": accuracy,
+                    "tokens": sum(s.get("tokens", 0) for s in saved)}
         return {"values": zeros(2), "samples": 0, "noise": zeros(2), "noise_steps": 0, "offset": zeros(width),
-                "has_accuracy": accuracy}
+                "has_accuracy": accuracy, "tokens": 0}
 
 
 def estimates(columns: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,9 @@ class StepRunner:
         self.noise = p.noise
         self.comm, self.module, self.autocast = p.comm, p.module, p.autocast
         self.channels_last = p.recipe.performance.channels_last
+        # a per-token loss over token files counts every position: the global batch's tokens are known on
+        # the host; elsewhere (a mask may leave some out) they are counted and all-reduced each step
+        self.tokens_per_sample = p.dataset.tokens_per_sample if self.loss.per_token else None
         self.sync_bn = p.recipe.distributed.batch_norm == "sync" and p.comm.world > 1
         self.oom_at, self._oom_fired = env.oom_at(), False     # a test hook, read once
 
@@ -31,6 +34,7 @@ class StepRunner:
 
         The summed loss is scaled by world/size: DDP averages over ranks, so the update is the mean
         gradient over the whole global batch, whatever its size (a partial last batch included) and split.
+        A per-token loss is scaled by world/tokens, the global batch's tokens that count.
         """
         split = self.stages.at(epoch, step)            # as split now (an out-of-memory error halves it)
         size, micro_batches = self.batches.step(epoch, step, split)
@@ -39,6 +43,13 @@ class StepRunner:
             micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
         self.noise.start_step()
         model, scale, last_index = self.engine.model, self.comm.world / size, len(micro_batches) - 1
+        counts = [None] * len(micro_batches)
+        if self.tokens_per_sample is not None:
+            scale = self.comm.world / (size * self.tokens_per_sample)
+        elif self.loss.per_token:            # one all-reduce of the counted tokens, before any backward
+            counts = [self.loss.count(y) for _, y in micro_batches]
+            total = self.comm.all_reduce_sum(torch.stack(counts).sum().to(torch.float64))
+            scale = self.comm.world / total.clamp(min=1)
         for i, (x, y) in enumerate(micro_batches):
             if self.oom_at and self._inject_oom(epoch, step, i):
                 raise microbatch.injected_oom(f"epoch {epoch} step {step}")
@@ -52,11 +63,12 @@ class StepRunner:
             with self.engine.micro_step(last), self.autocast, self.stages.eager(samples != split.micro_batch):
                 out = model(x)
                 loss = self.loss(out, y)
-                self.engine.backward(loss * scale)
+                self.engine.backward(loss * (scale.to(loss.dtype) if isinstance(scale, torch.Tensor) else scale))
             self.noise.micro_step_done(i, last, samples)
             if empty:
                 model.train()
-            self.sums.add(loss, self.loss.predictions(out, y), y, samples)
+            tokens = counts[i] if counts[i] is not None else samples * (self.tokens_per_sample or 0)
+            self.sums.add(loss, self.loss.predictions(out, y), y, samples, tokens)
         return size
 
     def _retrying(self, epoch: int, step: int) -> int:

@@ -41,7 +41,8 @@ class Trainer:
         self.until_epoch, self.until_step = until_epoch, until_step       # a segment of an elastic chain
         self.stages = Stages(parts)
         self.step_runner = StepRunner(parts, self.stages)
-        self.reporter = Reporter(r, self.comm, self.folder, self.log, parts.plan.steps.tokens_per_sample)
+        self.reporter = Reporter(r, self.comm, self.folder, self.log, parts.plan.steps.tokens_per_sample,
+                                 per_token=parts.loss.per_token)
         self.step_rows = StepRows(self.comm, self.reporter, self.stop_if_unfinished)
         self.stop = Agreement(self.comm, preempt, self.folder.preempt_request, log=self.log)
         self.log_every = log_interval(r, parts.plan.total_steps)
@@ -126,7 +127,7 @@ class Trainer:
                 self.stages.set_decisions(growth.batches)
         stage = self.stages.enter(epoch, step)
         if not self.stages.per_step:
-            self.hyper = (stage.lr, stage.beta, stage.gamma)
+            self.hyper = self.stages.hyperparams(epoch, step)
             qhm.apply_hyperparams(self.engine.optimizer, *self.hyper)
         self.parts.batches.start_epoch(epoch, step, stage)
 
@@ -136,9 +137,12 @@ class Trainer:
             self.hyper = self.stages.hyperparams(epoch, step)
             qhm.apply_hyperparams(self.engine.optimizer, *self.hyper)
         size = self.step_runner.run(epoch, step)
-        if self.recipe.tracking.step_grad_norm and self.log_every and (self.state.global_step + 1) % self.log_every == 0:
+        logged = self.log_every and (self.state.global_step + 1) % self.log_every == 0
+        if self.recipe.tracking.step_grad_norm and logged:
             self.step_grad_norm = self.engine.gradient_norm()      # read at the log point, not here
         self.engine.step()
+        if logged and self.engine.clipped is not None:    # clipping: the norm it clipped, at the log point
+            self.step_grad_norm = self.engine.clipped
         self.parts.noise.end_step(self.sums, size)
         self.sums.step_done()
         self.state.step, self.state.global_step = step + 1, self.state.global_step + 1

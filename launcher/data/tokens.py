@@ -1,0 +1,239 @@
+"""Token data: flat files of token ids, as nanoGPT writes them (``train.bin``: uint16 ids back to back;
+uint32 for a vocabulary past 65,536), or ``.npy`` arrays; ``meta.json`` beside them says the dtype and
+the vocabulary.
+
+Sample i of a file is the window of tokens [i T, i T + T + 1), T = ``data.seq_len``: its inputs are the
+first T tokens and its targets the T that follow each. Windows do not overlap, so an epoch is one pass
+over the file; their order is the launcher's keyed permutation like any dataset's, so (seed, epoch,
+position) alone say which tokens a step trains on, on any world size. The file is opened with
+``np.memmap`` in each process that reads it (never read whole, never copied per worker: a dataset
+pickles as its path).
+
+``qhm-launch tokenize`` (and a recipe's ``data.text``, where the files do not exist yet) writes them:
+byte-level ids (vocabulary 256, nothing to download), or a byte-level BPE trained here with the
+``tokenizers`` library (``--vocab N``), its ``tokenizer.json`` saved beside the files.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.errors import UserError
+
+META = "meta.json"
+STDLIB_BYTES = 4_000_000        # "stdlib": the first this many bytes of the standard library's sources
+
+
+def dtype_of(path: Path, vocab: int | None = None) -> np.dtype:
+    """The ids' dtype: a .npy file's own, else meta.json's, else uint16 (uint32 past 65,536 ids)."""
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r").dtype
+    meta = read_meta(path.parent)
+    if "dtype" in meta:
+        return np.dtype(meta["dtype"])
+    return np.dtype(np.uint16 if (vocab or 0) <= 2 ** 16 else np.uint32)
+
+
+def read_meta(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / META).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def open_ids(path: Path, dtype: np.dtype) -> np.ndarray:
+    """The file's ids, memory-mapped (read only)."""
+    if Path(path).suffix == ".npy":
+        return np.load(path, mmap_mode="r")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Windows of ``seq_len + 1`` tokens of a token file: ``[i]`` -> (inputs, targets), int64, shape (T,)."""
+
+    def __init__(self, path, seq_len: int, dtype: np.dtype):
+        self.path, self.seq_len, self.dtype = str(path), int(seq_len), np.dtype(dtype)
+        self._ids = None
+        self.tokens = len(self.ids)
+        self.n = max(0, (self.tokens - 1) // self.seq_len)
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is None:                 # opened in the process that reads (a worker, a rank)
+            self._ids = open_ids(Path(self.path), self.dtype)
+        return self._ids
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_ids": None}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        start = int(i) * self.seq_len
+        window = torch.from_numpy(np.asarray(self.ids[start:start + self.seq_len + 1], dtype=np.int64))
+        return window[:-1], window[1:]
+
+
+def files(cfg) -> tuple[Path, Path]:
+    return Path(cfg.train).expanduser(), Path(cfg.validation).expanduser()
+
+
+def vocabulary(cfg) -> int:
+    """The vocabulary: data.vocab, else the files' meta.json, else what their dtype can hold."""
+    if cfg.vocab:
+        return int(cfg.vocab)
+    train, _ = files(cfg)
+    meta = read_meta(train.parent)
+    if "vocab" in meta:
+        return int(meta["vocab"])
+    return int(np.iinfo(dtype_of(train)).max) + 1
+
+
+def check_available(cfg) -> None:
+    """The files are there (made from data.text first where they are not), each with at least one window."""
+    prepare(cfg)
+    for key, path in zip(("train", "validation"), files(cfg)):
+        if not path.is_file():
+            raise UserError(f"data.{key}: {str(path)!r} is not a file; allowed: a token file (qhm-launch tokenize "
+                            "TEXT... --out DIR writes train.bin and val.bin), or data.text to make it from")
+        windows = TokenWindows(path, cfg.seq_len, dtype_of(path, cfg.vocab))
+        if len(windows) < 1:
+            raise UserError(f"data.{key}: {str(path)!r} holds {windows.tokens} tokens, fewer than one window of "
+                            f"data.seq_len + 1 = {cfg.seq_len + 1}; allowed: more text, or a shorter seq_len")
+
+
+def sizes(cfg) -> tuple[int, int]:
+    """(training windows, validation windows)."""
+    prepare(cfg)
+    train, val = files(cfg)
+    return tuple(TokenWindows(p, cfg.seq_len, dtype_of(p, cfg.vocab)).n for p in (train, val))
+
+
+def load(cfg) -> tuple[TokenWindows, TokenWindows, int]:
+    """(training windows, validation windows, vocabulary)."""
+    prepare(cfg)
+    train, val = files(cfg)
+    return (TokenWindows(train, cfg.seq_len, dtype_of(train, cfg.vocab)),
+            TokenWindows(val, cfg.seq_len, dtype_of(val, cfg.vocab)), vocabulary(cfg))
+
+
+def prepare(cfg) -> None:
+    """data.text: write the two files from it when either is missing (byte level, or BPE of data.vocab)."""
+    train, val = files(cfg)
+    if cfg.text is None or (train.is_file() and val.is_file()):
+        return
+    if train.parent != val.parent:
+        raise UserError(f"data.text: the files it makes share one folder; data.train {str(train)!r} and "
+                        f"data.validation {str(val)!r} are in two; allowed: both in one folder")
+    sources = text_files(cfg.text, "data.text")
+    tokenize(sources, train.parent, vocab=cfg.vocab if cfg.vocab and cfg.vocab > 256 else None,
+             names=(train.name, val.name))
+
+
+def text_files(spec, key: str) -> list[Path]:
+    """The text files ``spec`` names: "stdlib" (the Python standard library's own sources: every machine
+    has them), or paths and globs, in sorted order."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    found: list[Path] = []
+    for item in specs:
+        if item == "stdlib":
+            root = Path(sysconfig.get_paths()["stdlib"])
+            found += sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+            continue
+        matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True) if Path(p).is_file())
+        if not matched:
+            raise UserError(f"{key}: {item!r} matches no file; allowed: text files or globs, or 'stdlib'")
+        found += matched
+    return found
+
+
+def read_text(paths: list[Path], limit: int | None) -> list[bytes]:
+    """The files' bytes, each ending in a newline, up to ``limit`` bytes in all (None: every byte)."""
+    out, total = [], 0
+    for path in paths:
+        data = path.read_bytes()
+        if limit is not None and total + len(data) >= limit:
+            out.append(data[:limit - total])
+            break
+        out.append(data if data.endswith(b"\n") else data + b"\n")
+        total += len(out[-1])
+        if limit is not None and total >= limit:
+            break
+    return out
+
+
+def tokenize(paths: list[Path], out: Path, vocab: int | None = None, validation: float = 0.1,
+             names: tuple[str, str] = ("train.bin", "val.bin"), limit: int | None = None, log=None) -> dict:
+    """Write the ids of ``paths``' text into ``out``: the last ``validation`` share of the tokens (at least
+    one window's worth is the caller's to check) as the validation file, the rest as training. Byte
+    level unless ``vocab`` (a BPE of that many ids, trained here on the same text). Returns meta.json's
+    contents."""
+    if not 0.0 < validation < 1.0:
+        raise UserError(f"--validation: {validation!r} is not valid; allowed: a fraction in (0, 1)")
+    stdlib = any(Path(sysconfig.get_paths()["stdlib"]) in p.parents for p in paths)
+    texts = read_text(paths, limit if limit is not None else (STDLIB_BYTES if stdlib else None))
+    if vocab is None:
+        ids = np.frombuffer(b"".join(texts), dtype=np.uint8).astype(np.uint16)
+        meta = {"tokenizer": "bytes", "vocab": 256}
+    else:
+        ids, meta = _bpe(texts, vocab, out)
+    dtype = np.uint16 if meta["vocab"] <= 2 ** 16 else np.uint32
+    ids = ids.astype(dtype)
+    cut = len(ids) - max(1, int(len(ids) * validation))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in ((names[0], ids[:cut]), (names[1], ids[cut:])):
+        _write(out / name, part.tobytes())
+    meta.update(dtype=np.dtype(dtype).name, files=len(texts), bytes=sum(map(len, texts)),
+                tokens={names[0]: int(cut), names[1]: int(len(ids) - cut)})
+    _write(out / META, (json.dumps(meta, indent=1) + "\n").encode())
+    if log:
+        log(f"qhm-launch: tokenized {meta['files']} file(s), {meta['bytes']:,} bytes -> {len(ids):,} tokens "
+            f"({meta['tokenizer']}, vocabulary {meta['vocab']:,}): {out / names[0]} ({cut:,}), "
+            f"{out / names[1]} ({len(ids) - cut:,})")
+    return meta
+
+
+def _bpe(texts: list[bytes], vocab: int, out: Path) -> tuple[np.ndarray, dict]:
+    """A byte-level BPE of ``vocab`` ids trained on ``texts`` with the tokenizers library (no download),
+    saved as tokenizer.json; the texts' ids."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise UserError("--vocab: a BPE needs the tokenizers package (pip install tokenizers); allowed: no --vocab "
+                        "(byte-level ids)") from None
+    if not 257 <= vocab <= 2 ** 32:
+        raise UserError(f"--vocab: {vocab!r} is not valid; allowed: an integer in [257, 2^32] (byte level: no --vocab)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    strings = [t.decode("utf-8", errors="replace") for t in texts]
+    tokenizer.train_from_iterator(strings, trainer=trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    ids = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(strings)])
+    return ids, {"tokenizer": "bpe (tokenizers, byte level)", "vocab": tokenizer.get_vocab_size()}
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomically: two runs preparing the same files never leave a half-written one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def cmd_tokenize(args) -> int:
+    """``qhm-launch tokenize TEXT... --out DIR [--vocab N] [--validation F]``."""
+    paths = text_files(args.text, "TEXT")
+    tokenize(paths, Path(args.out), vocab=args.vocab, validation=args.validation, limit=args.max_bytes,
+             log=lambda line: print(line, file=sys.stdout))
+    return 0

@@ -1,0 +1,300 @@
+"""Language models: token files as windows in the keyed order, the built-in GPT, the per-token loss over
+the global batch (masked positions left out), AdamW/QHAdam beside QHM, clipping, loss-first reports;
+each against an independent reference (a plain loop, a hand computation)."""
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, train_ranks,
+                     write_recipe)
+from launcher import config
+from launcher.cli.main import main
+from launcher.data import tokens
+from launcher.run.files import read_jsonl
+
+VOCAB, T = 48, 16
+
+
+@pytest.fixture(scope="module")
+def token_files(tmp_path_factory) -> dict:
+    """A training and a validation file of ids with structure to learn (each id mostly follows from the
+    one before), nanoGPT's layout: flat uint16, and a meta.json with the vocabulary."""
+    folder = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    ids = [0]
+    for _ in range(24_000):
+        ids.append((ids[-1] * 7 + 3) % VOCAB if rng.random() < 0.8 else int(rng.integers(VOCAB)))
+    ids = np.asarray(ids, dtype=np.uint16)
+    ids[:20_000].tofile(folder / "train.bin")
+    ids[20_000:].tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab": VOCAB, "dtype": "uint16"}))
+    return {"train": str(folder / "train.bin"), "validation": str(folder / "val.bin"), "ids": ids}
+
+
+def lm_recipe(token_files, name="lm", **over) -> dict:
+    r = base_recipe(name=name, epochs=None, **{
+        "data": {"dataset": "tokens", "train": token_files["train"], "validation": token_files["validation"],
+                 "seq_len": T, "workers": 0},
+        "model": {"name": "gpt", "layers": 2, "heads": 2, "width": 32},
+        "optimizer": {"name": "adamw", "weight_decay": 0.1, "clip_grad_norm": 0.5},
+        "train": {"tokens": "12K"}, "schedule.unit": "token",
+        "schedule.batch": {"kind": "steps", "points": [[0, 16], ["6K", 32]]},
+        "schedule.lr": {"kind": "wsd", "max": 3e-3, "min": 3e-4, "warmup": "1K", "decay": "4K"},
+        "eval.every": "4K tokens", "eval.full_grad_norm": False, "eval.batch_size": 64,
+        "checkpoint.every_steps": 0, "tracking.log_every_steps": 1})
+    for key, value in over.items():
+        config.keys.set_(r, key, value)
+    return r
+
+
+def test_windows_are_the_files_tokens_shifted_by_one(token_files, tmp_path):
+    ids = token_files["ids"][:20_000]
+    windows = tokens.TokenWindows(token_files["train"], T, np.uint16)
+    assert len(windows) == (20_000 - 1) // T
+    for i in (0, 1, 777, len(windows) - 1):
+        x, y = windows[i]
+        assert x.dtype == torch.int64 and x.tolist() == ids[i * T:i * T + T].tolist()
+        assert y.tolist() == ids[i * T + 1:i * T + T + 1].tolist()
+    assert windows._ids is not None and pickle.loads(pickle.dumps(windows))._ids is None   # pickles as a path
+    np.save(tmp_path / "t.npy", ids.astype(np.uint32))
+    assert tokens.TokenWindows(tmp_path / "t.npy", T, tokens.dtype_of(tmp_path / "t.npy"))[5][0].tolist() == \
+        windows[5][0].tolist()
+
+
+def test_tokenize_writes_bytes_or_a_local_bpe(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    assert main(["tokenize", str(text), "--out", str(tmp_path / "b")]) == 0
+    train = np.fromfile(tmp_path / "b" / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "b" / "val.bin", dtype=np.uint16)
+    assert bytes(np.concatenate([train, val]).astype(np.uint8)) == text.read_bytes()
+    assert len(val) == int(0.1 * len(text.read_bytes()))
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["vocab"] == 256
+    assert main(["tokenize", str(text), "--out", str(tmp_path / "bpe"), "--vocab", "300"]) == 0
+    meta = json.loads((tmp_path / "bpe" / "meta.json").read_text())
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tmp_path / "bpe" / "tokenizer.json"))
+    ids = np.concatenate([np.fromfile(tmp_path / "bpe" / n, dtype=np.uint16) for n in ("train.bin", "val.bin")])
+    assert meta["vocab"] <= 300 and ids.max() < meta["vocab"] and len(ids) < len(text.read_bytes()) / 2
+    assert tok.decode(ids.tolist()) == text.read_text()
+    capsys.readouterr()
+    assert main(["tokenize", str(tmp_path / "missing*.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert "TEXT: " in capsys.readouterr().err
+
+
+def test_one_process_micro16_equals_two_processes_micro4_accum2(token_files, tmp_path):
+    over = {"precision": "fp64", "schedule.batch": {"kind": "constant", "size": 16}}
+    one = train_ranks(lm_recipe(token_files, "one", **over, **{"distributed.nproc_per_node": 1,
+                                                               "distributed.max_micro_batch": 16}), tmp_path)
+    two = train_ranks(lm_recipe(token_files, "two", **over, **{"distributed.nproc_per_node": 2,
+                                                               "distributed.max_micro_batch": 4}), tmp_path)
+    pa, pb = final_params(one), final_params(two)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
+    rows = metric_rows(two)
+    assert {(r["micro_batch"], r["accum"]) for r in read_jsonl(two / "steps.jsonl")} == {(4, 2)}
+    assert rows[-1]["tokens"] == 16 * T * 47 and rows[-1]["test_ppl"] == pytest.approx(np.exp(rows[-1]["test_loss"]))
+    assert all("test_acc" not in r and r.get("train_acc") is None for r in rows)
+
+
+def test_a_resume_mid_epoch_is_bitwise(token_files, tmp_path):
+    recipe = lm_recipe(token_files, **{"checkpoint.every": "3K tokens", "checkpoint.keep": 100})
+    run = train_ranks(recipe, tmp_path)
+    reference = final_params(run), metric_rows(run)
+    for path in (run / "final_model.pt", run / "complete.json"):
+        path.unlink()
+    kept = checkpoint_steps(run)[0]
+    for step in checkpoint_steps(run)[1:]:
+        shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
+    resumed = train_ranks(recipe, tmp_path)
+    assert f"step-{kept:09d}" in resumed.output
+    assert_bitwise(final_params(resumed), reference[0])
+    assert metric_rows(resumed) == reference[1]
+
+
+MASKED = """
+import numpy as np
+import torch
+from launcher.data.tokens import TokenWindows
+
+
+class MaskedWindows(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.base = TokenWindows(path, {T}, np.uint16)
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        y = y.clone()
+        y[:(i * 5) % {T}] = -100                 # window i masks its first (5 i mod T) targets
+        return x, y
+
+
+def build():
+    return {{"train": MaskedWindows({train!r}), "test": MaskedWindows({validation!r}), "num_classes": {vocab}}}
+"""
+
+
+def test_the_loss_of_masked_tokens_is_their_mean_over_the_global_batch(token_files, tmp_path, monkeypatch):
+    """A data factory's windows with masked targets (-100), a different share in every window, so ranks
+    and micro-batches hold different numbers of tokens that count. A hand computation: the first step's
+    train_loss is the cross-entropy over the global batch's unmasked targets at the initial weights; 1
+    process and 2 (uneven counts per rank) update alike."""
+    (tmp_path / "masked_lm.py").write_text(MASKED.format(T=T, vocab=VOCAB, train=token_files["train"],
+                                                         validation=token_files["validation"]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    over = {"data": {"factory": "masked_lm:build", "workers": 0}, "precision": "fp64", "train": {"steps": 4},
+            "schedule.unit": "step", "schedule.batch": {"kind": "constant", "size": 16},
+            "schedule.lr": {"kind": "constant", "max": 1e-2}, "eval.every": None}
+    one = train_ranks(lm_recipe(token_files, "m1", **over, **{"distributed.nproc_per_node": 1}), tmp_path)
+    two = train_ranks(lm_recipe(token_files, "m2", **over, **{"distributed.nproc_per_node": 2,
+                                                              "distributed.max_micro_batch": 3}), tmp_path)
+    import masked_lm
+    from launcher.data import order
+    from launcher.train import models
+    first = order.GlobalBatchSampler(64, 3).permutation(0)[:16].tolist()       # the run's first global batch
+    data = masked_lm.build()["train"]
+    x = torch.stack([data[i][0] for i in first])
+    y = torch.stack([data[i][1] for i in first])
+    model = models.build(config.from_dict(lm_recipe(token_files, **over)).model, (T,), VOCAB, 3, torch.float64)
+    expect = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)      # mean over counted ones
+    assert int((y != -100).sum()) < 16 * T
+    for run in (one, two):
+        assert read_jsonl(run / "steps.jsonl")[0]["train_loss"] == pytest.approx(float(expect), rel=1e-12)
+    pa, pb = final_params(one), final_params(two)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
+
+
+def test_adamw_with_clipping_is_torchs_adamw_on_a_plain_loop(token_files, tmp_path):
+    """One process, constant batch and lr: the launcher's run equals a plain loop over the same windows
+    (the keyed order read by hand) with torch.optim.AdamW on the same groups (decay on matrices only)
+    and clip_grad_norm_ of the whole batch's gradient."""
+    over = {"precision": "fp64", "distributed.nproc_per_node": 1, "train": {"steps": 12}, "schedule.unit": "step",
+            "schedule.batch": {"kind": "constant", "size": 16}, "schedule.lr": {"kind": "constant", "max": 3e-3},
+            "optimizer.clip_grad_norm": 0.05}
+    recipe = lm_recipe(token_files, "plain", **over)
+    run = train_ranks(recipe, tmp_path)
+    from launcher.data import order
+    from launcher.train import models
+    resolved = config.from_dict(recipe)
+    model = models.build(resolved.model, (T,), VOCAB, 3, torch.float64)
+    matrices = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("tokens", "positions"))]
+    others = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith(("tokens", "positions")))]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                            lr=3e-3, betas=(0.9, 0.999), eps=1e-8)
+    windows = tokens.TokenWindows(token_files["train"], T, np.uint16)
+    perm = order.GlobalBatchSampler(len(windows), 3).permutation(0)
+    clipped = []
+    for k in range(12):
+        idx = perm[16 * k:16 * (k + 1)].tolist()
+        x, y = torch.stack([windows[i][0] for i in idx]), torch.stack([windows[i][1] for i in idx])
+        opt.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        clipped.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
+        opt.step()
+    mine = final_params(run)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(mine[name], p, rtol=1e-10, atol=1e-12)
+    rows = read_jsonl(run / "steps.jsonl")
+    assert [r["minibatch_grad_norm"] for r in rows] == pytest.approx(clipped, rel=1e-10)
+    assert all(c > 0.05 for c in clipped[:3])              # the clipping did act
+
+
+def test_qhadam_trains_through_the_launcher_as_qhm_qhadam(token_files, tmp_path):
+    import qhm
+    over = {"precision": "fp64", "distributed.nproc_per_node": 1, "train": {"steps": 6}, "schedule.unit": "step",
+            "schedule.batch": {"kind": "constant", "size": 8}, "schedule.lr": {"kind": "constant", "max": 1e-3},
+            "optimizer": {"name": "qhadam", "nus": [0.7, 1.0], "betas": [0.995, 0.999], "weight_decay": 0.0}}
+    run = train_ranks(lm_recipe(token_files, "qha", **over), tmp_path)
+    from launcher.data import order
+    from launcher.train import models
+    model = models.build(config.from_dict(lm_recipe(token_files, **over)).model, (T,), VOCAB, 3, torch.float64)
+    opt = qhm.QHAdam(model.parameters(), lr=1e-3, betas=(0.995, 0.999), nus=(0.7, 1.0))
+    windows = tokens.TokenWindows(token_files["train"], T, np.uint16)
+    perm = order.GlobalBatchSampler(len(windows), 3).permutation(0)
+    for k in range(6):
+        idx = perm[8 * k:8 * (k + 1)].tolist()
+        opt.zero_grad()
+        F.cross_entropy(model(torch.stack([windows[i][0] for i in idx])).flatten(0, 1),
+                        torch.stack([windows[i][1] for i in idx]).flatten()).backward()
+        opt.step()
+    mine = final_params(run)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(mine[name], p, rtol=1e-10, atol=1e-12)
+
+
+def test_reports_of_a_language_model_lead_with_the_loss(token_files, tmp_path, capsys):
+    run = train_ranks(lm_recipe(token_files, "rep"), tmp_path)
+    assert "best test acc" not in run.output and "final test perplexity" in run.output
+    assert "test_ppl" in run.output and "test_acc" not in run.output
+    out = tmp_path / "p.png"
+    assert main(["plot", str(run), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "1 curve(s) of test_loss from 1 run(s)" in said and out.stat().st_size > 10_000
+    assert main(["plot", str(run), "--metric", "test_acc", "--out", str(out)]) == 2
+    assert "--metric: 'test_acc' has no value in any run's epochs rows; allowed: a metric they carry" in \
+        capsys.readouterr().err
+    assert main(["report", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert "| final train loss | final test loss | best test loss | final test ppl |" in table
+    assert "acc" not in table and "total tokens" in table
+    assert main(["report", str(run), "--target", "test_loss<=10", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["tokens_to_target"] is not None
+
+
+def test_bounds_say_the_theory_is_qhms(token_files, tmp_path, capsys):
+    path = write_recipe(tmp_path, lm_recipe(token_files))
+    assert main(["bounds", str(path)]) == 0
+    assert "note: the theorems are QHM's (Algorithm 1); this recipe trains with adamw" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("over,expect", [
+    ({"data.seq_len": None}, "data.seq_len: missing; allowed: an integer >= 1"),
+    ({"data.train": "nowhere.bin"}, "data.train: 'nowhere.bin' is not a file"),
+    ({"data.train": "x.txt"}, "data.train: 'x.txt' is not valid; allowed: a .bin"),
+    ({"model.width": 30, "model.heads": 4}, "model.width: 30 is not valid; allowed: a multiple of model.heads (4)"),
+    ({"optimizer.betas": [0.9, 1.0]}, "optimizer.betas: [0.9, 1.0] is not valid; allowed: two numbers in [0, 1)"),
+    ({"optimizer.clip_grad_norm": 0}, "optimizer.clip_grad_norm: 0.0 is not valid; allowed: a number > 0"),
+    ({"optimizer": {"name": "qhm", "nus": [0.5, 1.0]}}, "optimizer.nus: [0.5, 1.0] is not valid with optimizer.name 'qhm'"),
+    ({"optimizer.decouple_weight_decay": False}, "optimizer.decouple_weight_decay: False is not valid with "
+                                                 "optimizer.name adamw"),
+    ({"loss.factory": "x:y"}, "loss.factory: 'x:y' is not valid with the built-in GPT"),
+    ({"model.vocab": 10}, "is out of range for the model's vocabulary of 10"),
+])
+def test_bad_language_model_recipes_are_one_line(token_files, tmp_path, capsys, over, expect):
+    from test_bad_input import one_clean_line, run_main
+    path = write_recipe(tmp_path, lm_recipe(token_files, **over))
+    one_clean_line(*run_main(["run", str(path)] if "vocabulary of" in expect or "not a file" in expect
+                             else ["plan", str(path)], capsys), expect)
+
+
+def test_a_gpt_on_image_data_is_refused(capsys):
+    from test_bad_input import SMOKE, one_clean_line, run_main
+    one_clean_line(*run_main(["plan", SMOKE, "--set", "model={name: gpt}"], capsys),
+                   "model.name: 'gpt' is not valid with data.dataset 'digits'")
+
+
+@pytest.mark.e2e
+def test_deepspeed_clips_with_its_own_gradient_clipping_as_ddp_does(token_files, tmp_path):
+    pytest.importorskip("deepspeed")
+    over = {"precision": "fp64", "train": {"steps": 8}, "schedule.unit": "step",
+            "schedule.batch": {"kind": "constant", "size": 16}, "schedule.lr": {"kind": "constant", "max": 3e-3},
+            "optimizer": {"name": "qhm", "clip_grad_norm": 0.05}, "eval.every": None}
+    ddp = train_ranks(lm_recipe(token_files, "cd", **over), tmp_path)
+    path = write_recipe(tmp_path, lm_recipe(token_files, "cz", **over, **{"distributed.engine": "deepspeed",
+                                                                          "distributed.zero_stage": 2}))
+    cli(["run", str(path)], cwd=tmp_path, check=0)                 # DeepSpeed through the real launcher
+    unclipped = train_ranks(lm_recipe(token_files, "cu", **{**over, "optimizer": {"name": "qhm"}}), tmp_path)
+    pa, pb, pc = final_params(ddp), final_params(tmp_path / "runs" / "cz"), final_params(unclipped)
+    # DeepSpeed measures its global norm in float32: the runs agree to its rounding, not to float64's
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-7)
+    assert max(float((pb[k] - pc[k]).abs().max()) for k in pa) > 1e-4      # and clipping changed the run
