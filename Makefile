@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
 export MPLBACKEND           ?= Agg
 
-.PHONY: demo test test-fast study scaling adaptive bench clean
+.PHONY: demo demo-lm test test-fast study scaling scaling-lm adaptive bench clean
 STUDY_RUNS = runs/study/study_*
 SCALING_RUNS = runs/scaling/scaling_*
 SCALING_TARGET = train_loss<=0.3
@@ -21,6 +21,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/qhm-launch run recipes/smoke.yaml
+
+# The language-model demo: tokenizes the Python standard library (byte level, offline), trains a small GPT
+# with a batch that warms up in tokens on 2 processes (about two minutes on 2 cores), draws its losses.
+demo-lm: $(VENV)/.installed
+	$(VENV)/bin/qhm-launch run recipes/lm/demo.yaml
+	$(VENV)/bin/qhm-launch plot runs/lm-demo --metric test_loss --x tokens --out runs/lm-demo/test_loss.png
+	$(VENV)/bin/qhm-launch plot runs/lm-demo --metric train_loss --rows steps --x tokens --out runs/lm-demo/train_loss.png
 
 # everything: unit tests, in-process gloo ranks, and the real process tree (torchrun, DeepSpeed, Slurm)
 test: $(VENV)/.installed
@@ -57,6 +64,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/launcher_overhead.py
 	$(PY) benchmarks/checkpoint_io.py
 	$(PY) benchmarks/engines.py
+	$(PY) benchmarks/lm_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache

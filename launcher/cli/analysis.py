@@ -185,9 +185,13 @@ def draw_batches(ax, curve: dict, x: str, colour: str) -> None:
 def series(curve: dict, metric: str, x: str, rows: str = "epochs") -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                            np.ndarray]:
     """(x, mean, min, max) over the curve's seeds, at the epochs (or logged steps) every seed has a
-    value for. ``rows``: "epochs" (metrics.jsonl) or "steps" (steps.jsonl)."""
+    value for. ``rows``: "epochs" (metrics.jsonl: with x step, samples or tokens, its evaluations inside
+    epochs as well) or "steps" (steps.jsonl)."""
     key, table = ("epoch", "rows") if rows == "epochs" else ("step", "step_rows")
-    per_run = [{r[key]: r for r in run[table] if r.get(metric) is not None} for run in curve["runs"]]
+    if rows == "epochs" and x != "epoch":      # evaluations inside epochs too: a run may be one epoch long
+        key = "step"
+    per_run = [{r[key]: r for r in (run[table] + (run["mid_epoch_rows"] if key == "step" and rows == "epochs" else []))
+                if r.get(metric) is not None} for run in curve["runs"]]
     points = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
     values = np.array([[p[e][metric] for e in points] for p in per_run], dtype=float).reshape(len(per_run), -1)
     first = per_run[0]
@@ -282,6 +286,11 @@ def plot(run_dirs: list, metric: str | None = None, x: str = "epoch", out: str =
     ax.set_ylabel(LABELS[metric])
     if metric in LOG_SCALE and all(np.all(d["min"] > 0) for d in drawn):   # a value <= 0 cannot be log-scaled
         ax.set_yscale("log")
+        low, high = min(float(d["min"].min()) for d in drawn), max(float(d["max"].max()) for d in drawn)
+        if high < 20 * low:                    # less than a decade or so: plain numbers on the ticks
+            from matplotlib.ticker import FormatStrFormatter
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     ax.grid(alpha=0.3)
     counts = "/".join(str(n) for n in sorted(seed_counts))
     ax.set_title(f"lines: mean over seeds; bands: min–max over {counts} seed{'s' if counts != '1' else ''}",

@@ -135,18 +135,21 @@ def prepare(cfg) -> None:
                         f"data.validation {str(val)!r} are in two; allowed: both in one folder")
     sources = text_files(cfg.text, "data.text")
     tokenize(sources, train.parent, vocab=cfg.vocab if cfg.vocab and cfg.vocab > 256 else None,
-             names=(train.name, val.name))
+             names=(train.name, val.name), log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def text_files(spec, key: str) -> list[Path]:
     """The text files ``spec`` names: "stdlib" (the Python standard library's own sources: every machine
-    has them), or paths and globs, in sorted order."""
+    has them, in an order drawn with a fixed seed, so a prefix of them, and the share held out for
+    validation, are samples of the whole library rather than its first and last folders), or paths and
+    globs, in sorted order."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     found: list[Path] = []
     for item in specs:
         if item == "stdlib":
             root = Path(sysconfig.get_paths()["stdlib"])
-            found += sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+            library = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+            found += [library[i] for i in np.random.default_rng(0).permutation(len(library))]
             continue
         matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True) if Path(p).is_file())
         if not matched:

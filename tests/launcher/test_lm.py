@@ -298,3 +298,18 @@ def test_deepspeed_clips_with_its_own_gradient_clipping_as_ddp_does(token_files,
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-7)
     assert max(float((pb[k] - pc[k]).abs().max()) for k in pa) > 1e-4      # and clipping changed the run
+
+
+@pytest.mark.e2e
+def test_the_embedded_demo_runs_offline_from_the_repository(tmp_path, capsys):
+    """recipes/lm/demo.yaml as `make demo-lm` runs it (shortened): the standard library tokenized into the
+    working folder, a GPT trained through torchrun on 2 processes, its loss figure drawn."""
+    from helpers import ROOT
+    done = cli(["run", str(ROOT / "recipes" / "lm" / "demo.yaml"), "--set", "train.tokens=60K", "--set",
+                "schedule.batch.points=[[0, 8], [20K, 16]]", "--set", "schedule.lr.decay=20K", "--set",
+                "eval.every=20K tokens", "--set", "schedule.lr.warmup=5K"], cwd=tmp_path, check=0)
+    assert "tokenized" in done.stderr and (tmp_path / "runs" / "lm-data" / "train.bin").stat().st_size > 1_000_000
+    run = tmp_path / "runs" / "lm-demo"
+    assert (run / "final_model.pt").exists() and "final test perplexity" in done.stdout
+    assert main(["plot", str(run), "--x", "tokens", "--out", str(tmp_path / "loss.png")]) == 0
+    assert "curve(s) of test_loss" in capsys.readouterr().out
