@@ -226,6 +226,20 @@ class StepPlan:
             parts["size"].append(np.minimum(s.batch, self.n - (s.offset + i * s.batch)))
         return {key: np.concatenate(v) for key, v in parts.items()}
 
+    def position_at(self, step: int) -> dict:
+        """Where global step ``step`` starts: {epoch, step (in the epoch), global_step, samples, tokens}
+        (``step`` = total_steps: the run's end)."""
+        for s in self.segments:
+            if s.global_step <= step < s.global_step + s.steps:
+                k = step - s.global_step
+                samples = s.samples + k * s.batch
+                return {"epoch": s.epoch, "step": s.first + k, "global_step": step, "samples": samples,
+                        "tokens": samples * (self.tokens_per_sample or 0)}
+        if step == self.total_steps:
+            return {"epoch": self.epochs, "step": 0, "global_step": step, "samples": self.total_samples,
+                    "tokens": self.total_samples * (self.tokens_per_sample or 0)}
+        raise ValueError(f"step {step} is not in the plan's {self.total_steps} steps")
+
     def unit_positions(self, unit: str | None = None, positions: dict | None = None) -> np.ndarray:
         """Each step's position in ``unit`` (default: the plan's): where its schedules are evaluated."""
         p = positions if positions is not None else self.positions()
@@ -270,14 +284,16 @@ class _Walk:
 
 
 def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens_per_sample: int | None = None,
-               start: tuple | None = None) -> StepPlan:
+               start: tuple | None = None, branch: tuple | None = None) -> StepPlan:
     """The run as segments, from its first step (or from ``start`` = (epoch, step in epoch, offset,
     global step, samples)) to the end of ``duration`` = (unit, amount): M epochs, or steps, samples or
     tokens, the run ending after the first step that reaches the amount.
 
     ``batch_at(u)``: the batch of a step that starts at position u in ``unit``; ``next_change(u)``: the
     first position after u where it may change (None: never). In the unit ``epoch`` the batch is the
-    epoch's. A batch above ``n`` raises ScheduleError("batch", ...) naming where."""
+    epoch's. ``branch`` = (global step S, factor f): from step S on every batch is f times the schedule's
+    (a branch of a run at S; the steps before S are the run's own). A batch above ``n`` raises
+    BatchTooLarge naming where."""
     tps = tokens_per_sample or 1
     d_unit, amount = duration
     walk = _Walk(*start) if start is not None else _Walk()
@@ -289,6 +305,8 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
     while not done():
         u = walk.at(unit, tps)
         batch = int(batch_at(u))
+        if branch is not None and walk.step >= branch[0]:
+            batch *= branch[1]
         if batch > n:
             raise BatchTooLarge(batch, n, unit, u)
         steps = _ceil_div(n - walk.offset, batch)            # to the epoch's end
@@ -298,6 +316,8 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
                 steps = min(steps, walk.steps_to(unit, change, batch, tps))
         if d_unit != "epoch":
             steps = min(steps, walk.steps_to(d_unit, amount, batch, tps))
+        if branch is not None and walk.step < branch[0]:
+            steps = min(steps, branch[0] - walk.step)
         segments.append(Segment(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples))
         if len(segments) > MAX_SEGMENTS:
             raise ScheduleError("batch", batch, f"a schedule that changes the batch at most {MAX_SEGMENTS} times "

@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", help="FILE.png or FILE.pdf: steps and SFO to target vs batch with the fit, and the "
                     "measured noise scale over training")
     sc.add_argument("--json", action="store_true", help="print the result as JSON")
+    sc.add_argument("--cbs", action="store_true", help="the critical batch size measured by branches (qhm-launch "
+                    "branch): the largest batch whose loss recovers the control's")
+    sc.add_argument("--tolerance", default="0.01", help="with --cbs: how close to the control's loss, absolute "
+                    "(0.01) or relative (2%%); default 0.01")
+    sc.add_argument("--loss", default="test", help="with --cbs: test (the final evaluation) | train (the mean over "
+                    "the last tenth of the branch)")
+    sc.add_argument("--seed", type=nonnegative_int, default=0, help="with --target: the bootstrap's seed")
     sc.add_argument("--x", default="samples", help="what the data used is counted in: samples | tokens | steps "
                     "(the second panel and the noise scale's x axis; default samples)")
     tk = command("tokenize", "text files -> token files (train.bin, val.bin, meta.json) for data.dataset tokens")
@@ -148,6 +155,19 @@ def slurm_commands(command) -> None:
     w.add_argument("--max-parallel", type=positive_int, default=4, help="P in --array=0-N%%P (default 4)")
     w.add_argument("--local", action="store_true", help="run the points one after another here, no Slurm")
     slurm_args(w)
+    br = command("branch", "short runs from a run's exact checkpoints at larger batches (the critical batch size)")
+    br.add_argument("run", metavar="RUN_DIR", help="the parent run's folder (never written)")
+    br.add_argument("--at", required=True, help="positions, e.g. 20,40 or 10M,50M: each branch starts at the parent's "
+                    "newest checkpoint at or before it (0: the start)")
+    br.add_argument("--batch", required=True, help="integer factors of the parent's batch, e.g. 1,2,4,8 (1 is always run)")
+    br.add_argument("--for", dest="for_", required=True, help="how long each branch trains, e.g. 30 or 5M")
+    br.add_argument("--unit", help="steps | samples | tokens: what --at and --for count (default: the parent's "
+                    "schedule.unit; steps for epochs)")
+    br.add_argument("--lr-rule", default="none", choices=("none", "linear", "sqrt"),
+                    help="the branch's learning rate: the parent's x factor^(0 | 1 | 1/2) (default none)")
+    br.add_argument("--max-parallel", type=positive_int, default=4, help="P in --array=0-N%%P (default 4)")
+    br.add_argument("--local", action="store_true", help="run the branches one after another here, no Slurm")
+    slurm_args(br)
 
 
 
@@ -185,7 +205,13 @@ def cmd_tokenize(args) -> int:
 
 def cmd_scaling(args) -> int:
     from launcher.cli import scaling
-    print(scaling.scaling(args.runs, args.target, args.out, args.json, args.x))
+    if args.cbs:
+        from launcher.cli import cbs
+        if args.target is not None:
+            raise UserError("--cbs: not valid with --target; allowed: one of the two (branches, or runs to a target)")
+        print(cbs.cbs(args.runs, args.tolerance, args.loss, args.out, args.json))
+    else:
+        print(scaling.scaling(args.runs, args.target, args.out, args.json, args.x, seed=args.seed))
     if args.out and not args.json:
         print(f"qhm-launch: figure -> {args.out}")
     return 0
@@ -195,6 +221,11 @@ def cmd_sweep(args) -> int:
     from launcher.cluster import slurm
     # --local: each point through the run command, in this process (no start-up of its own per point)
     return slurm.cmd_sweep(args, run_point=lambda recipe: main(["run", recipe]))
+
+
+def cmd_branch(args) -> int:
+    from launcher.cli import branch
+    return branch.cmd_branch(args, run_point=lambda recipe: main(["run", recipe]))
 
 
 def cmd_status(args) -> int:
@@ -215,7 +246,7 @@ def main(argv=None) -> int:
     from launcher.cli.run import cmd_run
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
                 "sweep": cmd_sweep, "plot": cmd_plot, "report": cmd_report, "scaling": cmd_scaling,
-                "tokenize": cmd_tokenize,
+                "tokenize": cmd_tokenize, "branch": cmd_branch,
                 "status": cmd_status}
     try:
         return commands[args.command](args)

@@ -34,6 +34,8 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
                         f"{saved['zero_stage']} optimizer state partitioned over {found.manifest['world_size']} "
                         f"processes and cannot be loaded on {world}; allowed: resume on "
                         f"{found.manifest['world_size']} processes (or convert it with DeepSpeed's ds_to_universal)")
+    if recipe_mod.is_branch_start(recipe, found.manifest):   # a branch's start: the parent's checkpoint, which differs by design
+        return
     diff = recipe_mod.trajectory_diff(found.manifest["recipe"], recipe.to_dict())
     if not diff:
         return

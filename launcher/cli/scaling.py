@@ -6,8 +6,10 @@ The fit is the trade-off of McCandlish et al. (2018) and Shallue et al. (2019),
 
     S(B) = S_min (1 + B_crit / B)       equivalently  E(B) = E_min (1 + B / B_crit),  E = S B,
 
-linear in (S_min, S_min B_crit) over 1/B, so ordinary least squares on the steps fits it exactly when the
-points lie on such a curve. E_min = S_min B_crit is the fewest samples (SFO) any batch can need.
+linear in (S_min, S_min B_crit) over 1/B, fitted in relative error (exact when the points lie on such a
+curve). E_min = S_min B_crit is the fewest samples (SFO) any batch can need. The trade-off assumes the
+learning rate tuned per batch: runs of one study differ only in batch, seed and LR, each batch takes its
+best LR, and the seeds' scatter gives an interval.
 """
 from __future__ import annotations
 
@@ -141,14 +143,97 @@ def constant_batch(recipe: dict) -> int | None:
 
 
 def fit_tradeoff(batches, steps) -> dict:
-    """Least squares of S = S_min + (S_min B_crit) / B; B_crit and E_min null when the points do not
-    fall on such a curve (S_min or S_min B_crit not positive)."""
+    """S = S_min + (S_min B_crit) / B fitted in relative error (least squares of (S_i - S(B_i)) / S_i: the
+    small batches, with the most steps, do not outweigh the rest, as they do in plain least squares);
+    exact on points that lie on such a curve. B_crit and E_min null, and ``degenerate`` saying why, when
+    the points do not fall on one (S_min or S_min B_crit not positive)."""
     x = 1.0 / np.asarray(batches, dtype=float)
-    design = np.stack([np.ones_like(x), x], axis=1)
-    (s_min, slope), *_ = np.linalg.lstsq(design, np.asarray(steps, dtype=float), rcond=None)
+    y = np.asarray(steps, dtype=float)
+    design = np.stack([np.ones_like(x), x], axis=1) / y[:, None]
+    (s_min, slope), *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
     ok = s_min > 0 and slope > 0
-    return {"s_min": float(s_min), "b_crit": float(slope / s_min) if ok else None,
-            "e_min": float(slope) if ok else None}
+    out = {"s_min": float(s_min), "b_crit": float(slope / s_min) if ok else None, "e_min": float(slope) if ok else None}
+    if slope <= 0:
+        out["degenerate"] = ("steps do not fall as the batch grows (every batch past B_crit, or an LR not tuned per "
+                             "batch): runs at smaller batches, where steps halve as the batch doubles, would fit it")
+    elif s_min <= 0:
+        out["degenerate"] = ("steps fall as fast as 1/B or faster (every batch below B_crit, perfect scaling): runs "
+                             "at larger batches, where steps stop falling, would fit it")
+    return out
+
+
+def _fits(batches, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fit_tradeoff`'s (S_min, S_min B_crit) for many rows of steps at once (R x batches)."""
+    x = 1.0 / np.asarray(batches, dtype=float)
+    w = 1.0 / steps                                     # the relative-error weights, per row
+    a11, a12, a22 = (w * w).sum(1), (w * w * x).sum(1), (w * w * x * x).sum(1)
+    b1, b2 = (w * w * steps).sum(1), (w * w * steps * x).sum(1)
+    det = a11 * a22 - a12 * a12
+    return (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+
+
+BOOTSTRAP = 2000
+
+
+def interval(batches, seeds_steps: list[list[float]], fit: dict, seed: int = 0, level: float = 0.9) -> dict | None:
+    """A ``level`` interval for B_crit, S_min and E_min from the seeds' scatter: a parametric bootstrap
+    around the fit, each batch's mean of log steps drawn with the within-batch variance pooled over every
+    batch, that variance itself drawn from its scaled inverse chi-square (so few seeds give wide
+    intervals rather than overconfident ones: with 2 seeds a naive bootstrap of the seeds covers the
+    truth about 57% of the time for a 90% interval). None with one seed per batch (no scatter to go on)."""
+    if fit["b_crit"] is None:
+        return None
+    logs = [np.log(np.asarray(v, dtype=float)) for v in seeds_steps]
+    dof = sum(len(v) - 1 for v in logs)
+    if dof < 1:
+        return None
+    pooled = sum(float(((v - v.mean()) ** 2).sum()) for v in logs) / dof
+    rng = np.random.default_rng(seed)
+    variance = pooled * dof / rng.chisquare(dof, BOOTSTRAP)
+    k = np.array([len(v) for v in logs], dtype=float)
+    centre = np.log(fit["s_min"] * (1 + fit["b_crit"] / np.asarray(batches, dtype=float)))
+    draws = np.exp(centre + rng.standard_normal((BOOTSTRAP, len(batches))) * np.sqrt(variance[:, None] / k))
+    s_min, slope = _fits(batches, draws)
+    ok = (s_min > 0) & (slope > 0)
+    tail = (1 - level) / 2 * 100
+    quantiles = lambda v: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]  # noqa: E731
+    b_crit = np.where(ok, slope / np.where(s_min > 0, s_min, 1), np.inf)
+    return {"level": level, "b_crit": quantiles(b_crit), "s_min": quantiles(s_min), "e_min": quantiles(np.where(ok, slope, np.inf)),
+            "degenerate_share": float(1 - ok.mean()), "seed": seed, "draws": BOOTSTRAP,
+            "relative_scatter": float(np.sqrt(pooled))}
+
+
+def _points(runs: list[dict], crossings: list[dict]) -> tuple[list[dict], list[str]]:
+    """Constant-batch runs by batch size: per batch, the runs at each learning rate, and the LR whose
+    seeds reach the target in the fewest steps on average (every seed of it must reach it: a seed that
+    misses is shown, and an LR with one is not the winner). The runs that never reached it, listed."""
+    by_batch: dict[int, dict] = {}
+    never = []
+    for run, hit in zip(runs, crossings):
+        b = constant_batch(run["recipe"])
+        if b is None:
+            continue
+        lr = run["recipe"].get("schedule", {}).get("lr", {}).get("max")
+        by_batch.setdefault(b, {}).setdefault(lr, []).append(hit)
+        if hit["steps_to_target"] is None:
+            never.append(str(run["dir"]))
+    points = []
+    for b, by_lr in sorted(by_batch.items()):
+        complete = {lr: hits for lr, hits in by_lr.items() if all(h["steps_to_target"] is not None for h in hits)}
+        missed = sum(h["steps_to_target"] is None for hits in by_lr.values() for h in hits)
+        if not complete:
+            points.append({"batch": b, "lr": None, "lrs_tried": sorted(by_lr, key=str), "missed": missed,
+                           "runs": [h["run"] for hits in by_lr.values() for h in hits], "fitted": False})
+            continue
+        lr, hits = min(complete.items(), key=lambda item: statistics.fmean(h["steps_to_target"] for h in item[1]))
+        points.append({"batch": b, "lr": lr, "lrs_tried": sorted(by_lr, key=str), "missed": missed,
+                       "runs": [h["run"] for h in hits], "fitted": True,
+                       "seeds_steps": [h["steps_to_target"] for h in hits],
+                       "steps": statistics.fmean(h["steps_to_target"] for h in hits),
+                       "sfo": statistics.fmean(h["sfo_to_target"] for h in hits),
+                       **({"tokens": statistics.fmean(h["tokens_to_target"] for h in hits)}
+                          if all(h["tokens_to_target"] is not None for h in hits) else {})})
+    return points, never
 
 
 X_FIELDS = {"samples": "samples", "tokens": "tokens", "steps": "step"}    # scaling --x: the rows' field
@@ -163,24 +248,18 @@ def check_x(x: str, runs: list[dict]) -> None:
                         "(or runs with data.tokens_per_sample, or token data)")
 
 
-def _points(runs: list[dict], crossings: list[dict]) -> tuple[list[dict], list[str]]:
-    """Constant-batch runs grouped by batch size (seeds averaged); the runs that never reached it."""
-    by_batch: dict[int, list] = {}
-    never = []
-    for run, hit in zip(runs, crossings):
-        b = constant_batch(run["recipe"])
-        if b is None:
-            continue
-        if hit["steps_to_target"] is None:
-            never.append(str(run["dir"]))
-        else:
-            by_batch.setdefault(b, []).append(hit)
-    return [{"batch": b, "runs": [h["run"] for h in hits],
-             "steps": statistics.fmean(h["steps_to_target"] for h in hits),
-             "sfo": statistics.fmean(h["sfo_to_target"] for h in hits),
-             **({"tokens": statistics.fmean(h["tokens_to_target"] for h in hits)}
-                if all(h["tokens_to_target"] is not None for h in hits) else {})}
-            for b, hits in sorted(by_batch.items())], never
+IDENTITY_FREE = ("schedule.batch.", "schedule.lr.max", "schedule.lr.min")   # what a scaling study may vary
+
+
+def check_one_study(runs: list[dict]) -> None:
+    """Runs that differ in anything but the batch, the seed, the learning rate and the resources answer
+    more than one question: refused, naming the keys."""
+    ids = [{k: v for k, v in analysis._identity(run).items() if not k.startswith(IDENTITY_FREE)} for run in runs]
+    differing = sorted(k for k in set().union(*ids) if len({json.dumps(i.get(k), default=str) for i in ids}) > 1)
+    if differing:
+        raise UserError(f"--target: the runs differ in {', '.join(differing)}; allowed: runs that differ only in the "
+                        "batch, the seed and the learning rate (schedule.lr.max, min) and resources (one scaling "
+                        "question per call)")
 
 
 def throughput(runs: list[dict]) -> list[dict]:
@@ -203,7 +282,7 @@ def throughput(runs: list[dict]) -> list[dict]:
 
 
 def scaling(run_dirs: list, target_text: str | None = None, out: str | None = None, as_json: bool = False,
-            x: str = "samples") -> str:
+            x: str = "samples", seed: int = 0) -> str:
     target = parse_target(target_text) if target_text is not None else None
     if out is not None:
         analysis.check_out(out)
@@ -211,16 +290,19 @@ def scaling(run_dirs: list, target_text: str | None = None, out: str | None = No
     check_x(x, runs)
     result: dict = {}
     if target is not None:
+        check_one_study(runs)
         crossings = [crossing(run, target) for run in runs]
         _check_carried(target, crossings)
-        points, never = _points(runs, crossings)
+        table, never = _points(runs, crossings)
+        points = [p for p in table if p["fitted"]]
         if len(points) < 3:
             raise UserError(f"--target: {target} was reached by constant-batch runs of {len(points)} batch size(s) "
                             f"({', '.join(str(p['batch']) for p in points) or 'none'}); allowed: runs of at least 3 "
                             "batch sizes (schedule.batch.kind constant) that reach it")
         fit = fit_tradeoff([p["batch"] for p in points], [p["steps"] for p in points])
         result = {"target": str(target), **fit, "sfo_best_batch": min(points, key=lambda p: p["sfo"])["batch"],
-                  "points": points, "not_reached": never}
+                  "points": points, "batches": table, "not_reached": never,
+                  "interval": interval([p["batch"] for p in points], [p["seeds_steps"] for p in points], fit, seed)}
     result["throughput"] = throughput(runs)
     if out is not None:
         from launcher.cli import figures
@@ -233,14 +315,33 @@ def _scaling_text(result: dict) -> str:
     g = lambda v: "-" if v is None else f"{v:,.4g}"  # noqa: E731
     if "points" in result:
         lines += [f"target {result['target']}", "",
-                  "| batch | runs | steps to target | SFO to target |", "|---|---|---|---|"]
-        lines += [f"| {p['batch']} | {len(p['runs'])} | {p['steps']:,.1f} | {p['sfo']:,.0f} |" for p in result["points"]]
-        lines += ["", f"fit S = S_min (1 + B_crit / B): S_min {g(result['s_min'])} steps, B_crit {g(result['b_crit'])}, "
-                      f"E_min {g(result['e_min'])} samples"
-                  + ("" if result["b_crit"] is not None else " (the points do not fall on the trade-off curve)"),
-                  f"fewest samples among the runs: batch {result['sfo_best_batch']} (the SFO-minimising batch)"]
+                  "| batch | LR (best of those tried) | seeds | steps to target | SFO to target | not reaching it |",
+                  "|---|---|---|---|---|---|"]
+        for p in result["batches"]:
+            tried = f"{g(p['lr'])} (of {', '.join(map(g, p['lrs_tried']))})" if len(p["lrs_tried"]) > 1 else g(p["lr"])
+            if p["fitted"]:
+                spread = f"{p['steps']:,.1f}" + (f" ({min(p['seeds_steps']):,.1f}–{max(p['seeds_steps']):,.1f})"
+                                                 if len(p["seeds_steps"]) > 1 else "")
+                lines.append(f"| {p['batch']} | {tried} | {len(p['seeds_steps'])} | {spread} | {p['sfo']:,.0f} | "
+                             f"{p['missed'] or '-'} |")
+            else:
+                lines.append(f"| {p['batch']} | - (of {', '.join(map(g, p['lrs_tried']))}) | {len(p['runs'])} | "
+                             f"not fitted: no LR with every seed reaching it | - | {p['missed']} |")
+        lines += ["", f"fit S = S_min (1 + B_crit / B), in relative error: S_min {g(result['s_min'])} steps, "
+                      f"B_crit {g(result['b_crit'])}, E_min {g(result['e_min'])} samples"
+                  + (f" (degenerate: {result['degenerate']})" if result.get("degenerate") else "")]
+        iv = result["interval"]
+        if iv is not None:
+            lines.append(f"{iv['level']:.0%} interval from the seeds' scatter ({iv['relative_scatter']:.1%} in steps, "
+                         f"pooled; bootstrap of {iv['draws']}, --seed {iv['seed']}): B_crit {g(iv['b_crit'][0])}–"
+                         f"{g(iv['b_crit'][1])}, S_min {g(iv['s_min'][0])}–{g(iv['s_min'][1])}, E_min "
+                         f"{g(iv['e_min'][0])}–{g(iv['e_min'][1])}"
+                         + (f" ({iv['degenerate_share']:.0%} of the draws fit no curve)" if iv["degenerate_share"] else ""))
+        elif result["b_crit"] is not None:
+            lines.append("no interval: one seed per batch (more seeds give one)")
+        lines.append(f"fewest samples among the runs: batch {result['sfo_best_batch']} (the SFO-minimising batch)")
         if result["not_reached"]:
-            lines.append(f"never reached the target (not fitted): {', '.join(result['not_reached'])}")
+            lines.append(f"never reached the target: {', '.join(result['not_reached'])}")
         lines.append("")
     lines += ["| world size | runs | samples/s | samples/s per process | scaling efficiency |", "|---|---|---|---|---|"]
     lines += [f"| {t['world_size']} | {len(t['runs'])} | {t['samples_per_s']:,.0f} | {t['samples_per_s_per_process']:,.0f} "

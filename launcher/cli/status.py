@@ -29,8 +29,8 @@ def is_run_folder(path: Path) -> bool:
 
 
 def run_folders(paths: list) -> list[Path]:
-    """Run folders: each path that is one, the points of a sweep folder (points.json), or a local
-    sweep's points (``sweep --local`` writes ``<output>/<name>_<point>`` folders and no ``<name>``).
+    """Run folders: each path that is one, the points of a sweep folder (points.json), the branches of a
+    ``<run>.branches`` folder (the run folders in it), or a local sweep's points (``sweep --local`` writes ``<output>/<name>_<point>`` folders and no ``<name>``).
     Anything else is a one-line error: "not started" is for a run that exists and has not started."""
     out = []
     for path in map(Path, paths):
@@ -42,6 +42,8 @@ def run_folders(paths: list) -> list[Path]:
                 raise UserError(f"runs: {str(points)!r} is not a sweep's list of points ({one_line(exc)})") from None
         elif is_run_folder(path):
             out.append(path)
+        elif path.is_dir() and any(is_run_folder(p) for p in path.iterdir()):     # a branch study's folder
+            out += sorted(p for p in path.iterdir() if is_run_folder(p))
         else:
             local = sorted(p for p in path.parent.glob(glob.escape(path.name) + "_*") if is_run_folder(p))
             if not local:

@@ -269,6 +269,12 @@ def cmd_sweep(args, run_point=None) -> int:
         raise UserError(f"sweep.grid: two points get the same run name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
                         "allowed: grid values that differ once made filesystem-safe")
     folder = RunFolder(Path(recipes[0][0].output) / spec["name"])
+    return submit_points(args, spec["name"], folder, points, recipes, run_point)
+
+
+def submit_points(args, name: str, folder: RunFolder, points: list[dict], recipes: list[tuple], run_point=None) -> int:
+    """Run or submit prepared points (a sweep's, a branch study's): ``recipes`` [(recipe, processes)], one
+    job array per resource shape (--elastic: chained arrays), or one after another here (--local)."""
     shapes: dict[tuple, list[int]] = {}           # (nodes, gpus per node) -> the points' indices, in order
     for i, (r, _) in enumerate(recipes):
         shapes.setdefault((r.slurm.nodes, r.slurm.gpus_per_node), []).append(i)
@@ -286,7 +292,7 @@ def cmd_sweep(args, run_point=None) -> int:
         stem = first.stem if len(shapes) == 1 else f"{first.stem}_{nodes}n" + (f"{gpus}g" if gpus else "")
         array = f"0-{len(members) - 1}%{args.max_parallel}"
         # task i of each chained array runs after task i of the previous one (aftercorr)
-        jobs = _chain(args, folder.slurm / stem, spec["name"], folder.slurm / "slurm-%A_%a.out", list(segments.pop()),
+        jobs = _chain(args, folder.slurm / stem, name, folder.slurm / "slurm-%A_%a.out", list(segments.pop()),
                       "aftercorr", [r.folder.recipe for r, _ in group], [r.run_dir for r, _ in group],
                       _cpus(args, [cpus_needed(r, nproc) for r, nproc in group]), array, gpus)
         arrays.append(((nodes, gpus), members, array, jobs))

@@ -6,11 +6,12 @@ any worker starts."""
 from launcher.config.load import apply_overrides, dump, from_dict, load
 from launcher.config.schema import (Batch, Beta, Checkpoint, Data, Distributed, Eval, Gamma, GPTSpec, LossSpec, LR, ModelSpec,
                                     Optimizer, Performance, Recipe, ScheduleConfig, Signals, Slurm, Tracking, Wandb)
-from launcher.config.trajectory import TRAJECTORY_FIELDS, trajectory, trajectory_diff, trajectory_hash
+from launcher.config.trajectory import (TRAJECTORY_FIELDS, is_branch_start, trajectory, trajectory_diff,
+                                       trajectory_hash)
 from launcher.config.validate import validate
 from launcher.errors import RecipeError
 
 __all__ = ["Recipe", "Batch", "Beta", "Checkpoint", "Data", "Distributed", "Eval", "Gamma", "LossSpec", "LR",
            "ModelSpec", "GPTSpec", "Optimizer", "Performance", "ScheduleConfig", "Signals", "Slurm", "Tracking", "Wandb",
            "load", "from_dict", "apply_overrides", "dump", "validate", "RecipeError",
-           "TRAJECTORY_FIELDS", "trajectory", "trajectory_hash", "trajectory_diff"]
+           "TRAJECTORY_FIELDS", "trajectory", "trajectory_hash", "trajectory_diff", "is_branch_start"]

@@ -22,7 +22,9 @@ PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = tuple(qhm.PRESETS) + ADAM_FAMILY   # qhm | sgd (gamma = 0) | nshb (gamma = 1) | qhadam | adamw
 KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name of compiled
 ENGINES = ("ddp", "deepspeed")
-BATCH_KINDS = qhm.schedules.BATCH_KINDS + ("adaptive",)    # adaptive: decided at run time (launcher.train.adaptive)
+# adaptive: decided at run time (launcher.train.adaptive); warmup_from: a piecewise schedule along the CBS measured
+# by branches, resolved into kind steps when the recipe is loaded
+BATCH_KINDS = qhm.schedules.BATCH_KINDS + ("adaptive", "warmup_from")
 UNITS = qhm.schedules.UNITS                # what schedule positions count: epoch (the paper) | step | sample | token
 BATCH_SCALINGS = tuple(qhm.schedules.BATCH_SCALINGS)
 Amount = Union[int, float, str]            # a count in a unit: 500, "2.5K", "10M tokens" (launcher.config.units)
@@ -114,6 +116,8 @@ class Batch:
     max: Optional[int] = None           # adaptive: the largest batch (null: the training set)
     factor: float = 1.0                 # adaptive: grow when noise scale >= factor x batch
     points: list = field(default_factory=list)   # steps: [[0, 256], ["2B", 512], ...], positions in schedule.unit
+    branches: Optional[str] = None      # warmup_from: the branch folders (qhm-launch branch) whose CBS it follows
+    tolerance: Union[float, str] = 0.01   # warmup_from: the CBS criterion's tolerance (0.01, or "2%")
 
 
 @dataclass
@@ -238,6 +242,20 @@ class Train:
 
 
 @dataclass
+class Branch:
+    """A short run branched from another's exact checkpoint (``qhm-launch branch`` writes it): the
+    parent's recipe, from its global step ``at_step`` on at ``factor`` times its batch (and the learning
+    rate times factor^p of ``lr_rule``), for ``length`` units; the parent's schedules otherwise, over the
+    parent's length."""
+    parent: Optional[str] = None        # the parent's run folder
+    parent_hash: Optional[str] = None   # the parent's trajectory hash: its checkpoint is where this starts
+    at_step: int = 0                    # the parent's global step the branch starts after
+    factor: int = 1                     # batch multiplier from at_step on
+    lr_rule: str = "none"               # none | sqrt | linear: lr x factor^(0 | 1/2 | 1) from at_step on
+    length: Optional[Amount] = None     # how long the branch trains, in its unit ("100K tokens", "30 steps")
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     output: str = "runs"
@@ -257,6 +275,7 @@ class Recipe:
     signals: Signals = field(default_factory=Signals)
     performance: Performance = field(default_factory=Performance)
     slurm: Slurm = field(default_factory=Slurm)
+    branch: Branch = field(default_factory=Branch)
 
     @property
     def run_dir(self) -> Path:

@@ -16,7 +16,7 @@ TRAJECTORY_FIELDS = ("seed", "epochs", "train", "data.tokens_per_sample", "data.
                      "data.shape", "data.classes", "data.image_size", "data.rotation", "data.validation", "model",
                      "loss", "precision", "optimizer", "schedule", "distributed.engine",
                      "distributed.zero_stage", "distributed.batch_norm", "performance.tf32",
-                     "performance.deterministic")
+                     "performance.deterministic", "branch")
 
 
 def trajectory(recipe_dict: dict) -> dict:
@@ -36,11 +36,12 @@ def _merged(defaults: dict, given: dict) -> dict:
 # Keys added after hashes were first written, at the defaults that reproduce what came before: left out of
 # the hash when at those defaults, so a run folder completed earlier keeps its hash (and stays complete).
 ADDED_DEFAULTS = {"train": {"steps": None, "samples": None, "tokens": None}, "data.tokens_per_sample": None,
-                  "schedule.unit": "epoch", "schedule.batch.points": [], "schedule.lr.decay": 0,
+                  "schedule.unit": "epoch", "schedule.batch.points": [], "schedule.batch.branches": None, "schedule.batch.tolerance": 0.01, "schedule.lr.decay": 0,
                   "schedule.lr.batch_scaling": "none", "data.train": None, "data.seq_len": None, "data.vocab": None,
                   "data.text": None, "optimizer.betas": [0.9, 0.999], "optimizer.nus": [1.0, 1.0], "optimizer.eps": 1e-8,
                   "optimizer.decouple_weight_decay": None, "optimizer.weight_decay_all": False,
-                  "optimizer.clip_grad_norm": None}
+                  "optimizer.clip_grad_norm": None, "branch": {"parent": None, "parent_hash": None, "at_step": 0,
+                                                                 "factor": 1, "lr_rule": "none", "length": None}}
 
 
 def trajectory_hash(recipe_dict: dict) -> str:
@@ -60,3 +61,11 @@ def trajectory_diff(old: dict, new: dict) -> list[str]:
     """Leaf-level differences ``key: old -> new`` between two recipes' trajectory fields."""
     a, b = keys.flatten(trajectory(old)), keys.flatten(trajectory(new))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def is_branch_start(recipe, manifest: dict) -> bool:
+    """Whether checkpoint ``manifest`` is where the branch ``recipe`` starts: its parent's, at the branch
+    step (a trajectory that differs from the branch's own by design)."""
+    b = recipe.branch
+    return (b.parent is not None and manifest.get("step") == b.at_step
+            and trajectory_hash(manifest.get("recipe", {})) == b.parent_hash)

@@ -141,12 +141,15 @@ def validate(r: Recipe) -> Recipe:
     b = r.schedule.batch
     _one_of("schedule.batch.kind", b.kind, BATCH_KINDS)
     size_key = "size" if b.kind == "constant" else "initial"
+    if b.kind == "warmup_from":
+        resolve_warmup(r)
     if b.kind == "steps":
         check_points(r)
     elif getattr(b, size_key) is None:
         raise RecipeError(f"schedule.batch.{size_key}: missing; allowed: an integer >= 1 "
                           f"(required for kind {b.kind})")
     check_units(r)
+    check_branch(r)
     if b.kind == "adaptive":
         if b.max is not None and (isinstance(b.max, bool) or not isinstance(b.max, int) or b.max < b.initial):
             raise RecipeError(f"schedule.batch.max: {b.max!r} is not valid; allowed: an integer >= schedule.batch.initial "
@@ -278,6 +281,24 @@ def check_duration(r: Recipe) -> None:
         r.epochs = 1
 
 
+def resolve_warmup(r: Recipe) -> None:
+    """kind warmup_from: the CBS its branches measured becomes a piecewise schedule (kind steps), written
+    into the resolved recipe, so the run is exact and resumable whatever happens to the branches later."""
+    from launcher.run import branches
+    b = r.schedule.batch
+    if not b.branches:
+        raise RecipeError("schedule.batch.branches: missing; allowed: the folder of a pilot's branches "
+                          "(qhm-launch branch writes <output>/<parent>.branches; required for kind warmup_from)")
+    if not branches.folders([b.branches]):
+        raise RecipeError(f"schedule.batch.branches: {b.branches!r} holds no branch folders; allowed: the folder "
+                          "qhm-launch branch wrote (<output>/<parent>.branches)")
+    unit, points = branches.warmup_points([b.branches], b.tolerance)
+    if r.schedule.unit != unit:
+        raise RecipeError(f"schedule.unit: {r.schedule.unit!r} is not valid with schedule.batch.kind warmup_from: its "
+                          f"branches count {unit}s; allowed: schedule.unit {unit}")
+    b.kind, b.points = "steps", points
+
+
 def check_points(r: Recipe) -> None:
     """A piecewise batch: [[position, batch], ...], the first at 0, positions in schedule.unit strictly
     increasing, batches integers >= 1."""
@@ -332,6 +353,24 @@ def check_units(r: Recipe) -> None:
         raise RecipeError(f"schedule.lr.kind: {s.lr.kind!r} is not valid with an adaptive batch in {unit}s and a "
                           f"duration in {r.duration()[0]}s (the run's length in {unit}s follows decisions made while "
                           f"it trains); allowed: train.{unit}s, or constant, sqrt_decay or decay")
+
+
+def check_branch(r: Recipe) -> None:
+    """A branch: a parent, a step >= 0, an integer factor >= 1, a rule, a length in a step unit."""
+    b = r.branch
+    if b.parent is None:
+        return
+    _at_least("branch.at_step", b.at_step, 0)
+    _at_least("branch.factor", b.factor, 1)
+    _one_of("branch.lr_rule", b.lr_rule, BATCH_SCALINGS)
+    if b.length is None:
+        raise RecipeError("branch.length: missing; allowed: how long the branch trains ('100K tokens', '30 steps')")
+    unit, _ = units.parse("branch.length", b.length, r.schedule.unit if r.schedule.unit != "epoch" else "step")
+    if unit == "epoch":
+        raise RecipeError(f"branch.length: {b.length!r} is not valid; allowed: a count of steps, samples or tokens")
+    if r.schedule.batch.kind == "adaptive":
+        raise RecipeError("branch.parent: a run whose batch is adaptive is not valid; allowed: a parent with a fixed "
+                          "batch schedule (the branch multiplies it)")
 
 
 def uses_tokens(r: Recipe) -> str | None:

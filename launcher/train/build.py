@@ -165,7 +165,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     engine = engines.build(recipe, module, build_optimizer(recipe, module, planned), comm, planned.stages[0],
                            reads_local_gradients=noise_kind == noise.RANKS)
     loss = losses.from_recipe(recipe.loss, losses.per_token(recipe))
-    noise_probe = build_noise_probe(recipe, engine, module, comm, noise_kind, why_not, log)
+    noise_probe = build_noise_probe(recipe, engine, module, comm, noise_kind, why_not, log, n)
     sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device)
     state, rng = TrainState(), RankRNG(recipe.seed, comm.rank, comm.device)
     sums = EpochSums(comm.device, count_tokens=loss.per_token)
@@ -184,10 +184,10 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
                  state=state, sums=sums, noise=noise_probe, growth=growth, rng=rng, checkpoints=checkpoints, log=log)
 
 
-def build_noise_probe(recipe, engine, module, comm: Comm, kind, why, log) -> noise.NoiseProbe:
+def build_noise_probe(recipe, engine, module, comm: Comm, kind, why, log, n: int | None = None) -> noise.NoiseProbe:
     """The gradient noise scale's probe (``kind``, ``why``: noise.source's answer), wired into the engine
     where several ranks measure it; where it cannot be measured (or is off), one log line says why."""
-    probe = noise.NoiseProbe(kind, module, comm.world, comm.device)
+    probe = noise.NoiseProbe(kind, module, comm.world, comm.device, n)
     if kind == noise.RANKS:
         engine.measure_noise(probe)
     elif kind is None and recipe.tracking.noise_scale:

@@ -37,6 +37,7 @@ class Stage(qhm.Segment):
     lr: float = 0.0
     beta: float = 0.0
     gamma: float = 0.0
+    lr_scale: float = 1.0    # a branch's learning-rate rule from its branch step on (1: the schedule's)
 
 
 @dataclass
@@ -125,16 +126,20 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
     than the training set is refused (its epochs would not be the schedule's: one step over fewer
     samples), in one line naming where. ``decisions``: an adaptive batch's so far; ``micro``: batch ->
     the micro-batch cap a run chose for it (max_micro_batch auto, an out-of-memory halving)."""
-    unit = recipe.schedule.unit
+    unit, tokens = recipe.schedule.unit, recipe.data.tokens_per_sample
     batch_at, next_change = batch_function(recipe, decisions)
     try:
-        steps = qhm.plan_steps(batch_at, next_change, unit, n, recipe.duration(), recipe.data.tokens_per_sample)
+        steps = whole = qhm.plan_steps(batch_at, next_change, unit, n, recipe.duration(), tokens)
+        b = recipe.branch
+        if b.parent is not None:               # the parent's steps to at_step, then factor x its batch
+            steps = qhm.plan_steps(batch_at, next_change, unit, n, branch_end(recipe, whole), tokens,
+                                   branch=(b.at_step, b.factor))
     except qhm.BatchTooLarge as exc:
         raise RecipeError(f"schedule.batch: the batch reaches {exc.batch} at {exc.unit} {exc.position:,}, more than the "
                           f"{n} training samples; allowed: a schedule whose batch stays within the data (fewer epochs, "
                           "a smaller growth or a longer interval)") from None
-    try:
-        schedule = recipe.schedule_spec(epochs=steps.epochs, length=steps.length(unit))
+    try:                  # a branch's schedules run over its parent's length, as the parent's did
+        schedule = recipe.schedule_spec(epochs=whole.epochs, length=whole.length(unit))
     except qhm.ScheduleError as exc:
         raise schedule_error(exc) from None
     max_micro = max_micro or micro_cap(recipe)
@@ -155,16 +160,32 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
     lr, beta, gamma = (np.broadcast_to(v, (len(at) if unit != "epoch" else steps.epochs,)) for v in values)
     splits: dict[int, tuple[int, int]] = {}
     stages = []
+    b = recipe.branch
+    rule = qhm.schedules.BATCH_SCALINGS[b.lr_rule] if b.parent is not None else 0.0
     for i, seg in zip(at, segments):
+        scale = float(b.factor) ** rule if rule and seg.global_step >= b.at_step else 1.0
         b = seg.batch
         if b not in splits:
             splits[b] = split_batch(b, world_size, micro.get(b, max_micro))
         mb, accum = splits[b]
         stages.append(Stage(epoch=seg.epoch, batch=b, steps=seg.steps, micro_batch=mb, accum=accum,
-                            world_size=world_size, data_ranks=min(world_size, b), lr=float(lr[i]),
+                            world_size=world_size, data_ranks=min(world_size, b), lr=float(lr[i]) * scale,
                             beta=float(beta[i]), gamma=float(gamma[i]), first=seg.first, offset=seg.offset,
-                            global_step=seg.global_step, samples=seg.samples))
+                            global_step=seg.global_step, samples=seg.samples, lr_scale=scale))
     return Plan(stages, steps, schedule, n, world_size, unit)
+
+
+def branch_end(recipe: Recipe, parent: qhm.StepPlan) -> tuple[str, int]:
+    """A branch's duration: branch.length after the parent's position at branch.at_step."""
+    from launcher.config import units
+    b = recipe.branch
+    if b.at_step > parent.total_steps:
+        raise RecipeError(f"branch.at_step: {b.at_step} is not valid; allowed: a step of the parent's plan (it has "
+                          f"{parent.total_steps})")
+    unit, length = units.parse("branch.length", b.length, recipe.schedule.unit if recipe.schedule.unit != "epoch"
+                               else "step")
+    at = parent.position_at(b.at_step)
+    return unit, {"step": b.at_step, "sample": at["samples"], "token": at["tokens"]}[unit] + length
 
 
 def _position(seg, unit: str, tokens_per_sample: int | None) -> int:

@@ -40,6 +40,8 @@ class StepValues:
             u = {"step": stage.global_step + k, "sample": stage.samples + k * stage.batch,
                  "token": (stage.samples + k * stage.batch) * tokens}[unit]
             lr, beta, gamma = self.plan.schedule.hyperparams(u, np.full(len(k), stage.batch), self.first_batch)
+            if stage.lr_scale != 1.0:                  # a branch's learning-rate rule
+                lr = lr * stage.lr_scale
             self._values = list(zip(np.broadcast_to(lr, k.shape).tolist(), np.broadcast_to(beta, k.shape).tolist(),
                                     np.broadcast_to(gamma, k.shape).tolist()))
             self._key = key

@@ -105,6 +105,11 @@ class Trainer:
             self.log(f"[qhm-launch] resumed from {self.folder.checkpoints / ('step-%09d' % manifest['step'])} "
                      f"(epoch {s.epoch}, step {s.step}, global step {s.global_step}, "
                      f"written by {manifest['world_size']} processes)")
+            if config.is_branch_start(self.recipe, manifest):    # a branch starts: its own W&B run, grouped under the parent
+                b = self.recipe.branch
+                s.wandb_id = ""
+                self.log(f"[qhm-launch] branch of {b.parent} at global step {b.at_step}: batch x{b.factor}, "
+                         f"lr rule {b.lr_rule}, for {b.length}")
         if self.parts.growth is not None:           # the batches an adaptive run already chose
             self.stages.set_decisions(self.parts.growth.batches)
         self.reporter.open(self.state)

@@ -23,8 +23,9 @@ def frozen_recipe(**over):
 def per_sample_reference(recipe: dict) -> tuple[float, float]:
     """(|G|^2, S) over the whole training set from per-sample gradients (torch.func), where G is the mean
     gradient and S = sum_i |g_i - G|^2 / (N - 1) the covariance's trace. Batches are drawn without
-    replacement from N samples, so the estimators' expectations are tr = S and |G|^2 - S/N (McCandlish's
-    derivation draws with replacement; the finite-population terms are these)."""
+    replacement from N samples (McCandlish's derivation draws with replacement): uncorrected, the |G|^2
+    estimate's expectation would be |G|^2 - S/N; the launcher adds its tr estimate over N back, so both
+    estimates' expectations are |G|^2 and S."""
     from launcher import config, data
     from launcher.train import models
     r = config.from_dict(recipe)
@@ -39,7 +40,7 @@ def per_sample_reference(recipe: dict) -> tuple[float, float]:
     flat = torch.cat([g.reshape(len(ds.train.labels), -1) for g in grads.values()], dim=1)
     mean = flat.mean(0)
     trace = float(((flat - mean) ** 2).sum() / (len(flat) - 1))
-    return float(mean @ mean) - trace / len(flat), trace
+    return float(mean @ mean), trace
 
 
 @pytest.mark.parametrize("world", [2, 1], ids=["ranks", "first-micro-batch"])
@@ -194,3 +195,31 @@ def test_a_finished_worker_leaves_no_ddp_behind_for_its_process_group(tmp_path):
     run). In the pool's long-lived ranks it was also a leak of one model per run."""
     recipe = base_recipe(**{"epochs": 1, "data.size": 64, "checkpoint.every_steps": 0})
     assert run_ranks(_live_ddp_after_training, 2, recipe, str(tmp_path)) == [(0, 0), (0, 0)]
+
+
+def test_the_estimates_are_unbiased_for_batches_drawn_without_replacement():
+    """A finite population of n = 64 per-sample gradients with B_simple = tr(S)/|G|^2 about 40 (near n,
+    where the uncorrected |G|^2 estimate's bias tr(S)/n is most of |G|^2): batches of 16 drawn as epochs
+    draw them (a permutation, the first 8 the small batch) and put through the coefficients. Corrected,
+    both estimates' means over 40,000 draws are |G|^2 and tr(S) within 2%; uncorrected, |G|^2's is
+    |G|^2 - tr(S)/n."""
+    from launcher.train import noise
+    n, d, b, B = 64, 12, 8, 16
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(n, d, generator=g, dtype=torch.float64) + 0.16
+    G = grads.mean(0)
+    S = float(((grads - G) ** 2).sum() / (n - 1))
+    true_sq = float(G @ G)
+    assert 20 < S / true_sq < 60
+    draws = 40_000
+    perms = torch.argsort(torch.rand(draws, n, generator=g), dim=1)
+    small = grads[perms[:, :b]].mean(1)
+    big = grads[perms[:, :B]].mean(1)
+    # the raw squares as one process under accumulation sees them: the small batch's gradient scaled by b/B
+    raw = torch.stack([(small * b / B).pow(2).sum(1), big.pow(2).sum(1)])
+    corrected = noise.coefficients(b, B, 1, torch.device("cpu"), n) @ raw
+    plain = noise.coefficients(b, B, 1, torch.device("cpu")) @ raw
+    assert float(corrected[0].mean()) == pytest.approx(true_sq, rel=0.02)
+    assert float(corrected[1].mean()) == pytest.approx(S, rel=0.02)
+    assert float(plain[0].mean()) == pytest.approx(true_sq - S / n, rel=0.02, abs=0.02 * true_sq)
+    assert abs(float(plain[0].mean()) - true_sq) > 0.3 * true_sq

@@ -1,0 +1,171 @@
+"""``qhm-launch branch RUN --at POSITIONS --batch FACTORS --for LENGTH``: the critical batch size measured
+directly (Merrill et al. 2025): short runs branched from the parent's exact checkpoints at larger batches.
+
+For each position, the parent's newest valid checkpoint at or before it is where the branches start
+(position 0: the parent's initial weights, no checkpoint). Each factor f (1 always, the control) is a
+branch: the parent's recipe with ``branch: {parent, at_step, factor, lr_rule, length}`` (see
+:class:`launcher.config.schema.Branch`): from the checkpoint's step on, f times the parent's batch
+(the keyed order continues from the samples the parent consumed: the branch's first batch is the
+parent's next f batches), the LR times f^p of the rule, for LENGTH units, every other schedule the
+parent's over the parent's length. So factor 1 with rule none continues the parent bit for bit.
+
+Branches are ordinary run folders, ``<output>/<parent>.branches/<parent>-at<pos><unit>-x<f>/`` (outside the
+parent's folder, which is never written: the checkpoint is linked, not moved), each with its
+``branch.json`` (parent, step, position, factor), its own W&B run in a group named after the parent. They
+run here one after another (``--local``) or as one Slurm job array; the same command again runs what
+is missing (a complete branch is skipped, an interrupted one resumes its own checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from launcher import config as recipe_mod
+from launcher.config import units
+from launcher.errors import UserError
+from launcher.run.checkpoint import CheckpointManager, check_manifest, step_name
+from launcher.run.folder import RunFolder
+
+UNIT_WORDS = {"steps": "step", "samples": "sample", "tokens": "token", "step": "step", "sample": "sample",
+              "token": "token"}
+SHORT = {"step": "s", "sample": "n", "token": "t"}
+
+
+def parent_of(run: str) -> tuple[RunFolder, dict]:
+    folder = RunFolder(Path(run))
+    if not folder.recipe.is_file():
+        raise UserError(f"branch: {run!r} is not a run folder (no recipe.yaml); allowed: the parent run's folder")
+    data = yaml.safe_load(folder.recipe.read_text())
+    recipe = recipe_mod.from_dict(data)
+    if recipe.branch.parent is not None:
+        raise UserError(f"branch: {run!r} is itself a branch; allowed: the run it branched from ({recipe.branch.parent})")
+    return folder, data
+
+
+def checkpoints(folder: RunFolder) -> list[dict]:
+    """The parent's valid checkpoints' manifests, oldest first (a checkpoint whose manifest does not check
+    out is left out; its files are checked when a branch loads it)."""
+    manager = CheckpointManager(folder, log=lambda *a: None)
+    found = []
+    for path in reversed(manager.candidates()):
+        try:
+            found.append(check_manifest(json.loads((path / "manifest.json").read_text())) | {"path": str(path)})
+        except (OSError, ValueError, Exception):  # noqa: BLE001 - not a valid checkpoint: not a branch point
+            continue
+    return found
+
+
+def position(manifest: dict, unit: str) -> int:
+    state = manifest["position"]
+    return {"step": state["global_step"], "sample": state["samples"], "token": state.get("tokens", 0)}[unit]
+
+
+def choose(found: list[dict], at: int, unit: str, tokens: bool) -> dict | None:
+    """The newest checkpoint at or before position ``at`` (None for 0: the start)."""
+    if unit == "token" and not tokens:
+        raise UserError("--unit: 'tokens' is not valid for this parent: it counts no tokens; allowed: steps or samples "
+                        "(or a parent with data.tokens_per_sample, or token data)")
+    if at == 0:
+        return None
+    before = [m for m in found if position(m, unit) <= at]
+    if not before:
+        have = ", ".join(str(position(m, unit)) for m in found) or "none"
+        raise UserError(f"--at: {at:,} {unit}s is before the parent's first checkpoint; allowed: 0, or a position at "
+                        f"or after one of its checkpoints ({unit}s: {have}; checkpoint.every places them)")
+    return before[-1]
+
+
+def plan_branches(args) -> tuple[list[dict], list]:
+    """The branch points and their recipes (resolved), writing nothing."""
+    parent, data = parent_of(args.run)
+    recipe = recipe_mod.from_dict(data)
+    unit = UNIT_WORDS.get(args.unit or recipe.schedule.unit)
+    if unit is None:
+        raise UserError(f"--unit: {args.unit!r} is not valid; allowed: steps | samples | tokens")
+    positions = [units.in_unit("--at", p.strip(), unit, minimum=0) for p in args.at.split(",") if p.strip()]
+    if not positions:
+        raise UserError(f"--at: {args.at!r} is not valid; allowed: positions separated by commas, e.g. 20,40")
+    factors = []
+    for f in args.batch.split(","):
+        if not f.strip().isdigit() or int(f) < 1:
+            raise UserError(f"--batch: {f.strip()!r} is not valid; allowed: integer factors >= 1 separated by commas "
+                            "(the branch's batch is factor x the parent's, a whole number of samples)")
+        factors.append(int(f))
+    factors = sorted(set(factors) | {1})                # factor 1 is always run: the control
+    length = units.in_unit("--for", args.for_, unit)
+    found = checkpoints(parent)
+    tokens = recipe.data.tokens_per_sample is not None
+    chosen = {}
+    for at in positions:
+        manifest = choose(found, at, unit, tokens)
+        chosen[manifest["step"] if manifest else 0] = manifest
+    out_dir = parent.path.parent / f"{parent.path.name}.branches"
+    parent_hash = recipe_mod.trajectory_hash(data)
+    points, recipes = [], []
+    for step, manifest in sorted(chosen.items()):
+        at = position(manifest, unit) if manifest else 0
+        for factor in factors:
+            name = f"{parent.path.name}-at{at}{SHORT[unit]}-x{factor}"
+            over = json.loads(json.dumps(data))
+            over.update(name=name, output=str(out_dir))
+            over["branch"] = {"parent": str(parent.path.resolve()), "parent_hash": parent_hash, "at_step": step,
+                              "factor": factor, "lr_rule": args.lr_rule, "length": f"{length} {unit}s"}
+            over.setdefault("tracking", {}).setdefault("wandb", {})["group"] = parent.path.name
+            branched = recipe_mod.from_dict(over, args.set)
+            points.append({"index": len(points), "seed": None, "label": f"at {at:,} {unit}s, batch x{factor}",
+                           "name": name, "step": step, "at": at, "unit": unit, "factor": factor,
+                           "checkpoint": manifest["path"] if manifest else None})
+            recipes.append(branched)
+    return points, recipes
+
+
+def prepare(point: dict, recipe) -> None:
+    """The branch's folder: branch.json, and the parent's checkpoint linked in where the branch has none of
+    its own yet (hard links: nothing of the parent is moved or written)."""
+    folder = recipe.folder
+    folder.create()
+    b = recipe.branch
+    (folder.path / "branch.json").write_text(json.dumps(
+        {"parent": b.parent, "at_step": b.at_step, "position": {point["unit"]: point["at"]}, "unit": point["unit"],
+         "factor": b.factor, "lr_rule": b.lr_rule, "length": b.length}, indent=1) + "\n")
+    source = point["checkpoint"]
+    if source is None or list(folder.checkpoints.glob("step-*")) or folder.read_json(folder.complete):
+        return
+    target = folder.checkpoints / step_name(point["step"])
+    folder.checkpoints.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = folder.checkpoints / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=_link_or_copy)
+    os.replace(tmp, target)
+    (folder.checkpoints / "latest").write_text(target.name + "\n")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:                  # another file system: a copy
+        shutil.copy2(source, target)
+
+
+def cmd_branch(args, run_point) -> int:
+    """Plan the branches, prepare their folders, run them here (--local) or as one Slurm job array."""
+    from launcher.cluster import slurm
+    points, recipes = plan_branches(args)
+    print(f"qhm-launch: {len(points)} branch(es) of {args.run}: " +
+          "; ".join(f"{p['name']} ({p['label']})" for p in points), flush=True)
+    if not args.dry_run:
+        for p, r in zip(points, recipes):
+            prepare(p, r)
+    if args.local and not args.dry_run:
+        from launcher.cluster import sweep
+        return sweep.run_locally(points, recipes, run_point)
+    slurm._check(args)
+    warnings: list[str] = []
+    prepared = [slurm._prepare(r, args, warnings) for r in recipes]
+    slurm._warn(warnings)
+    folder = RunFolder(Path(prepared[0][0].output))
+    return slurm.submit_points(args, f"{Path(args.run).name}.branches", folder, points, prepared, run_point)
