@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
 export MPLBACKEND           ?= Agg
 
-.PHONY: demo demo-lm test test-fast study scaling scaling-lm adaptive bench clean
+.PHONY: demo demo-lm test test-fast study scaling scaling-lm branch-study adaptive bench clean
 STUDY_RUNS = runs/study/study_*
 SCALING_RUNS = runs/scaling/scaling_*
 SCALING_TARGET = train_loss<=0.3
@@ -58,6 +58,25 @@ adaptive: $(VENV)/.installed
 	$(VENV)/bin/qhm-launch report $(ADAPTIVE_RUNS) --target '$(ADAPTIVE_TARGET)' >> docs/adaptive_report.md
 	$(VENV)/bin/qhm-launch plot $(ADAPTIVE_RUNS) --metric noise_scale --out docs/adaptive.png
 	$(VENV)/bin/qhm-launch plot $(ADAPTIVE_RUNS) --metric train_loss --out docs/adaptive_loss.png
+
+# The LM batch-size study: constant batches 8..64 at two LRs and a batch warmup, 2 seeds (about 20 minutes on 2
+# cores), then steps and tokens to a test loss, the fit with the best LR per batch, and figures in docs/.
+LM_RUNS = runs/lm-scaling/lm-scaling_*
+LM_TARGET = test_loss<=2.0
+scaling-lm: $(VENV)/.installed
+	$(VENV)/bin/qhm-launch sweep recipes/lm/sweep.yaml --local
+	$(VENV)/bin/qhm-launch report $(LM_RUNS) > docs/lm_report.md
+	echo >> docs/lm_report.md
+	$(VENV)/bin/qhm-launch report $(LM_RUNS) --target '$(LM_TARGET)' >> docs/lm_report.md
+	$(VENV)/bin/qhm-launch scaling $(LM_RUNS) --target '$(LM_TARGET)' --x tokens --out docs/lm_scaling.png > docs/lm_scaling_fit.md
+	$(VENV)/bin/qhm-launch plot $(LM_RUNS) --metric test_loss --x tokens --out docs/lm_test_loss.png
+
+# The critical batch size measured directly: a pilot, branches at 3 positions x factors 1, 2, 4, 8 for
+# 100K tokens each (about 6 minutes on 2 cores), the CBS table and figure in docs/.
+branch-study: $(VENV)/.installed
+	$(VENV)/bin/qhm-launch run recipes/lm/pilot.yaml
+	$(VENV)/bin/qhm-launch branch runs/lm-branch/lm-pilot --at 100K,300K,500K --batch 1,2,4,8 --for 100K --local
+	$(VENV)/bin/qhm-launch scaling runs/lm-branch/lm-pilot.branches --cbs --tolerance 2% --out docs/lm_cbs.png > docs/lm_cbs.md
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/optimizer_step.py

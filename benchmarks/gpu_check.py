@@ -2,8 +2,11 @@
 ``--smoke`` mode on any CPU (under 2 minutes; CI runs it, so the script cannot rot).
 
 1. QHM's CUDA kernels (foreach, compiled) against the CPU loop (float64).
-2. Host syncs in qhm-launch's steady-state step, under torch.cuda.set_sync_debug_mode("warn"): every
-   "called a synchronizing CUDA operation" warning counted (target 0; the mode's own notice is not).
+2. Host syncs in qhm-launch's steady-state steps of a default recipe (one process under accumulation, so
+   the noise scale is measured; step rows every few steps; the stop checks): under
+   torch.cuda.set_sync_debug_mode("warn") every "called a synchronizing CUDA operation" warning counted,
+   and what that mode cannot see counted by wrapping it (Event and Stream synchronize, copies from
+   pageable host memory with non_blocking) (target 0).
 3. Steps/s side by side at batch 8 and 1,024, ResNet-18 (CIFAR stem) on CIFAR-shaped random data (3x32x32,
    100 classes), bf16, channels_last, eager: the paper-style loop (per-parameter Python QHM with two
    buffers; a DataLoader with 2 workers over uint8 images and torchvision's RandomCrop/Flip/Rotation),
@@ -25,7 +28,12 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
+# Before torch starts: torch reads CUBLAS_WORKSPACE_CONFIG once, at the first cuBLAS call, and section 4
+# (performance.deterministic) needs it; set in the process after sections 2-3 ran cuBLAS, section 4's first
+# gemm raised "Deterministic behavior was enabled ... CUBLAS_WORKSPACE_CONFIG".
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,39 +116,87 @@ def correctness():
 SYNC_WARNING = "called a synchronizing cuda operation"      # the text of each counted event
 
 
+class Unseen:
+    """What set_sync_debug_mode does not report, counted while ``on``: Event and Stream synchronize, and a
+    non_blocking copy to the device from pageable (unpinned) host memory, which synchronises anyway."""
+
+    def __init__(self):
+        self.on, self.count, self.first = False, 0, None
+        self._event, self._stream, self._to = torch.cuda.Event.synchronize, torch.cuda.Stream.synchronize, torch.Tensor.to
+        unseen = self
+
+        def event(self_, *a, **k):
+            unseen.hit("Event.synchronize")
+            return unseen._event(self_, *a, **k)
+
+        def stream(self_, *a, **k):
+            unseen.hit("Stream.synchronize")
+            return unseen._stream(self_, *a, **k)
+
+        def to(self_, *a, **k):
+            target = next((x for x in a if isinstance(x, (torch.device, str))), k.get("device"))
+            if (unseen.on and k.get("non_blocking") and self_.device.type == "cpu" and target is not None
+                    and torch.device(target).type == "cuda" and not self_.is_pinned()):
+                unseen.hit("a non_blocking copy from pageable memory")
+            return unseen._to(self_, *a, **k)
+        torch.cuda.Event.synchronize, torch.cuda.Stream.synchronize, torch.Tensor.to = event, stream, to
+
+    def hit(self, what: str) -> None:
+        if self.on:
+            self.count += 1
+            if self.first is None:
+                import traceback
+                frame = traceback.extract_stack()[-3]
+                self.first = f"{what} at {frame.filename}:{frame.lineno}"
+
+    def restore(self) -> None:
+        torch.cuda.Event.synchronize, torch.cuda.Stream.synchronize, torch.Tensor.to = self._event, self._stream, self._to
+
+
 def host_syncs():
     t0 = section("2. Host syncs per steady-state step of qhm-launch")
-    steps, warm = (6, 2) if SMOKE else (120, 20)
+    steps, warm = (8, 2) if SMOKE else (120, 20)
+    batch = 32 if SMOKE else 128               # smoke: a small batch keeps the CPU time low on a loaded host
     counted = {"steps": 0, "syncs": 0, "first": None}
+    unseen = Unseen()
     with tempfile.TemporaryDirectory() as tmp:
         from launcher.train import comm as comm_mod
         from launcher.train.build import build
         from launcher.train.signals import PreemptionFlag
         from launcher.train.trainer import Trainer
-        trainer = Trainer(build(recipe(tmp, 128, 128 * steps, epochs=1), comm_mod.init(), log=lambda *a, **k: None),
-                          PreemptionFlag([]))
+        # the default per-step features on: noise scale (accumulation 2), step rows every 4 steps, stop checks
+        r = recipe(tmp, batch, batch * steps, epochs=1, **{"distributed.max_micro_batch": batch // 2,
+                                                            "tracking.log_every_steps": 4})
+        trainer = Trainer(build(r, comm_mod.init(), log=lambda *a, **k: None), PreemptionFlag([]))
         original = trainer.train_step
+        caught = warnings.catch_warnings(record=True)
 
         def watched(epoch, step):
-            if step < warm or DEVICE.type != "cuda":
-                return original(epoch, step)
-            with warnings.catch_warnings(record=True) as caught:
+            # the steady window: from step `warm` to the step before the epoch's last, whose end
+            # (the epoch row, evaluation) synchronises by design; log points and stop checks inside it
+            if step == warm and DEVICE.type == "cuda":
+                counted["log"] = caught.__enter__()
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    original(epoch, step)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            syncs = [w for w in caught if SYNC_WARNING in str(w.message).lower()]
-            counted["steps"] += 1
-            counted["syncs"] += len(syncs)
-            if syncs and counted["first"] is None:
-                counted["first"] = f"{syncs[0].filename}:{syncs[0].lineno}"
+                unseen.on = True
+            if step == steps - 1 and unseen.on:
+                torch.cuda.set_sync_debug_mode("default")
+                unseen.on = False
+                caught.__exit__(None, None, None)
+            if warm <= step < steps - 1:
+                counted["steps"] += 1
+            return original(epoch, step)
         trainer.train_step = watched
-        trainer.close(trainer.train())
-    where = f" (first at {counted['first']})" if counted["first"] else ""
-    print(f"host syncs in {counted['steps']} steady-state steps (batch 128, {PRECISION}): {counted['syncs']}{where}"
-          + (" [CPU: not counted]" if DEVICE.type != "cuda" else ""))
+        try:
+            trainer.close(trainer.train())
+        finally:
+            unseen.restore()
+    syncs = [w for w in counted.get("log", []) if SYNC_WARNING in str(w.message).lower()]
+    first = f"{syncs[0].filename}:{syncs[0].lineno}" if syncs else unseen.first
+    where = f" (first: {first})" if first else ""
+    print(f"host syncs in {counted['steps']} steady-state steps of the default path (batch {batch} = {batch // 2} x 2, noise "
+          f"scale, step rows every 4 steps, {PRECISION}): {len(syncs)} seen by set_sync_debug_mode, "
+          f"{unseen.count} it cannot see{where}" + (" [CPU: not counted]" if DEVICE.type != "cuda" else ""))
     done(t0)
 
 
@@ -270,7 +326,10 @@ def refused_on_one_gpu():
         from launcher import config as R
         r = recipe(tmp, 8, 64, **{"distributed.nproc_per_node": 2})
         path.write_text(R.dump(r))
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+        # the project importable wherever it is (installed or not): a bare "No module named launcher" exit 1
+        # must not read as a refusal
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="0",
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         if DEVICE.type != "cuda":                  # on CPU: the check itself, as if one GPU were visible
             from launcher.errors import UserError
             from launcher.train.preflight import check_devices
@@ -283,7 +342,10 @@ def refused_on_one_gpu():
         out = subprocess.run([sys.executable, "-m", "launcher", "run", str(path)], cwd=tmp, env=env,
                              capture_output=True, text=True, timeout=120)
         lines = [x for x in out.stderr.splitlines() if x.strip()]
+        words = "distributed.nproc_per_node: 2 processes asked, 1 GPU visible here"
+        ok = out.returncode == 2 and len(lines) == 1 and words in lines[0]
         print(f"exit {out.returncode}, {len(lines)} line(s) on stderr: {lines[-1] if lines else ''}")
+        print(f"refused as it should be (exit 2, one line with the refusal's words): {ok}")
     done(t0)
 
 

@@ -15,6 +15,12 @@ def main() -> int:
     try:
         from launcher.cli.main import main as cli_main
         return cli_main()
+    except BrokenPipeError:
+        # the reader went away (`qhm-launch plan --json | head -1`): nothing more to say, and nothing to
+        # say it to; stdout points at /dev/null so the interpreter's last flush does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        return 141                          # 128 + SIGPIPE, as a shell reports a pipe's writer killed by it
     finally:
         # a user's factory, called here by the checks before any worker, may have started processes
         # (``subprocess.Popen``), and what the workers left behind came here (the launcher is their

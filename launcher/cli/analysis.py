@@ -49,20 +49,37 @@ def load_runs(run_dirs: list) -> list[dict]:
     """The runs (sweep folders expanded) that have metrics; the others are listed in one line on
     stderr, since a sweep in progress leaves some without any yet."""
     from launcher.cli.status import run_folders
-    loaded, left_out = [], []
+    loaded, left_out = [], {"without metrics yet": [], "without a recipe.yaml": []}
     for d in run_folders(run_dirs):
         folder = RunFolder(d)
-        if folder.recipe.exists() and folder.metric_rows():
-            loaded.append(load_run(d))
+        if not folder.recipe.exists():
+            left_out["without a recipe.yaml"].append(str(d))
+        elif not folder.metric_rows():
+            left_out["without metrics yet"].append(str(d))
         else:
-            left_out.append(str(d))
-    if left_out:
-        print(f"qhm-launch: left out {len(left_out)} run(s) without metrics yet: {', '.join(left_out)}",
-              file=sys.stderr)
+            loaded.append(load_run(d))
+    for why, runs in left_out.items():
+        if runs:
+            print(f"qhm-launch: left out {len(runs)} run(s) {why}: {', '.join(runs)}", file=sys.stderr)
     if not loaded:
-        raise UserError(f"runs: none of {', '.join(map(str, run_dirs))} has metrics yet; allowed: run folders "
-                        "(see qhm-launch status)")
+        raise UserError(f"runs: none of {', '.join(map(str, run_dirs))} has a recipe.yaml and metrics; allowed: run "
+                        "folders that trained (see qhm-launch status)")
     return loaded
+
+
+def read_recipe(folder: RunFolder) -> dict:
+    """A run folder's recipe.yaml as a mapping, or one line saying what is wrong with it."""
+    try:
+        text = folder.recipe.read_text()
+        recipe = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        what = getattr(exc, "strerror", None) or type(exc).__name__
+        raise UserError(f"run: {str(folder.recipe)!r} cannot be read ({what}); allowed: the recipe.yaml a run "
+                        "wrote") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"run: {str(folder.recipe)!r} holds {type(recipe).__name__}, not a recipe; allowed: the "
+                        "recipe.yaml a run wrote")
+    return recipe
 
 
 def load_run(run_dir: Path) -> dict:
@@ -70,9 +87,8 @@ def load_run(run_dir: Path) -> dict:
     missing = [p.name for p in (folder.metrics, folder.recipe) if not p.exists()]
     if missing:
         raise UserError(f"run: {str(run_dir)!r} has no {' and no '.join(missing)}; allowed: run folders")
-    recipe = yaml.safe_load(folder.recipe.read_text())
     return {"dir": folder.path, "rows": folder.metric_rows(), "mid_epoch_rows": folder.mid_epoch_rows(),
-            "step_rows": folder.step_rows(), "recipe": recipe,
+            "step_rows": folder.step_rows(), "recipe": read_recipe(folder),
             "complete": folder.read_json(folder.complete)}
 
 
@@ -143,17 +159,21 @@ def group(runs: list[dict], metric: str | None = None) -> list[dict]:
     for c in curves:
         c["factors"] = [_words(f, c["identity"]) for f in _factors(differing)]
         c["label"] = "; ".join(c["factors"]) or c["runs"][0]["recipe"]["name"]
-    return sorted(curves, key=lambda c: tuple(_order(c["identity"], k) for k in differing))
+    kinds = list(dict.fromkeys(c["identity"].get("schedule.batch.kind") for c in curves))
+    numeric = [k for k in differing if not k.startswith(BATCH_KEYS)
+               and all(isinstance(c["identity"].get(k), (int, float, type(None))) for c in curves)]
+    # batch kinds in the order first seen; within a kind by its (first) batch, then by numeric factors (the
+    # LR), numbers as numbers: 8, 16, 128, not the run folders' 128, 16, 8; the rest stays as first seen
+    return sorted(curves, key=lambda c: (kinds.index(c["identity"].get("schedule.batch.kind")),
+                                         first_batch(c["identity"]),
+                                         *(float(c["identity"].get(k) or 0) for k in numeric)))
 
 
-def _order(identity: dict, key: str):
-    """How curves sort by a differing key: numbers as numbers (batch 8 before 64), the rest as text."""
-    value = identity.get(key)
-    if key.startswith("schedule.batch.") and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, float(value), "")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (1, float(value), "")
-    return (2, 0.0, json.dumps(value, default=str))
+def first_batch(identity: dict) -> float:
+    """A curve's batch schedule's first batch (constant: its size)."""
+    points = identity.get("schedule.batch.points") or []
+    value = identity.get("schedule.batch.size") or identity.get("schedule.batch.initial") or (points[0][1] if points else 0)
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def has_accuracy(runs: list[dict]) -> bool:
@@ -178,7 +198,8 @@ def draw_batches(ax, curve: dict, x: str, colour: str) -> None:
         return
     shift = 1 if x == "epoch" else 0
     for k, run in enumerate(curve["runs"]):
-        ax.step([r[x] + shift for r in run["rows"]], [r["batch"] for r in run["rows"]], ":", where="pre",
+        rows = [r for r in run["rows"] if r.get("batch") and r.get(x) is not None]
+        ax.step([r[x] + shift for r in rows], [r["batch"] for r in rows], ":", where="pre",
                 color=colour, label=f"its batch, each seed ({curve['label']})" if k == 0 else None)
 
 
@@ -191,7 +212,8 @@ def series(curve: dict, metric: str, x: str, rows: str = "epochs") -> tuple[np.n
     if rows == "epochs" and x != "epoch":      # evaluations inside epochs too: a run may be one epoch long
         key = "step"
     per_run = [{r[key]: r for r in (run[table] + (run["mid_epoch_rows"] if key == "step" and rows == "epochs" else []))
-                if r.get(metric) is not None} for run in curve["runs"]]
+                if r.get(metric) is not None and r.get(key) is not None and r.get(x) is not None}
+               for run in curve["runs"]]
     points = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
     values = np.array([[p[e][metric] for e in points] for p in per_run], dtype=float).reshape(len(per_run), -1)
     first = per_run[0]
@@ -206,16 +228,16 @@ def bound_terms(run: dict, x: str) -> tuple[np.ndarray, dict]:
     recipe = recipe_mod.from_dict(run["recipe"])
     n = data_mod.sizes(recipe.data)[0]
     if recipe.schedule.unit == "epoch" and recipe.duration()[0] == "epoch":
-        table = qhm.epoch_table(recipe.schedule_spec(), n, [r["batch"] for r in run["rows"]])
+        table = qhm.epoch_table(recipe.schedule_spec(), n, [r.get("batch") or 1 for r in run["rows"]])
         seq = qhm.step_sequences(table)
     else:
         from launcher.train import splits
         planned = splits.plan(recipe, n, 1)
         seq = planned.steps.sequences(planned.schedule)
     t2 = qhm.theorem2(seq)
-    ends = np.array([min(r["step"], len(seq.lr)) - 1 for r in run["rows"]])
+    ends = np.array([min(max(r.get("step", 1), 1), len(seq.lr)) - 1 for r in run["rows"]])
     xs = {"epoch": np.array([r["epoch"] + 1 for r in run["rows"]]), "step": ends + 1,
-          "samples": np.array([r["samples"] for r in run["rows"]]),
+          "samples": np.array([r.get("samples", 0) for r in run["rows"]]),
           "tokens": np.array([r.get("tokens", 0) for r in run["rows"]])}[x]
     return np.asarray(xs, dtype=float), {"A_K": t2.A[ends], "B_K": t2.B[ends], "C_K": t2.C[ends]}
 

@@ -1,7 +1,8 @@
 """``qhm-launch branch RUN --at POSITIONS --batch FACTORS --for LENGTH``: the critical batch size measured
 directly (Merrill et al. 2025): short runs branched from the parent's exact checkpoints at larger batches.
 
-For each position, the parent's newest valid checkpoint at or before it is where the branches start
+For each position, the parent's newest valid checkpoint at or before it (or within one step after it,
+where a cadence of N units saved it: at the first step that reached N) is where the branches start
 (position 0: the parent's initial weights, no checkpoint). Each factor f (1 always, the control) is a
 branch: the parent's recipe with ``branch: {parent, at_step, factor, lr_rule, length}`` (see
 :class:`launcher.config.schema.Branch`): from the checkpoint's step on, f times the parent's batch
@@ -25,7 +26,9 @@ from pathlib import Path
 import yaml
 
 from launcher import config as recipe_mod
+from launcher import data as data_mod
 from launcher.config import units
+from launcher.train import splits
 from launcher.errors import UserError
 from launcher.run.checkpoint import CheckpointManager, check_manifest, step_name
 from launcher.run.folder import RunFolder
@@ -64,14 +67,15 @@ def position(manifest: dict, unit: str) -> int:
     return {"step": state["global_step"], "sample": state["samples"], "token": state.get("tokens", 0)}[unit]
 
 
-def choose(found: list[dict], at: int, unit: str, tokens: bool) -> dict | None:
-    """The newest checkpoint at or before position ``at`` (None for 0: the start)."""
+def choose(found: list[dict], at: int, unit: str, tokens: bool, slack: int = 0) -> dict | None:
+    """The newest checkpoint at or before position ``at``, or within ``slack`` after it (one step of the
+    parent: a cadence of N units saves at the first step that reaches N); None for 0: the start."""
     if unit == "token" and not tokens:
         raise UserError("--unit: 'tokens' is not valid for this parent: it counts no tokens; allowed: steps or samples "
                         "(or a parent with data.tokens_per_sample, or token data)")
     if at == 0:
         return None
-    before = [m for m in found if position(m, unit) <= at]
+    before = [m for m in found if position(m, unit) <= at + slack]
     if not before:
         have = ", ".join(str(position(m, unit)) for m in found) or "none"
         raise UserError(f"--at: {at:,} {unit}s is before the parent's first checkpoint; allowed: 0, or a position at "
@@ -99,9 +103,12 @@ def plan_branches(args) -> tuple[list[dict], list]:
     length = units.in_unit("--for", args.for_, unit)
     found = checkpoints(parent)
     tokens = recipe.data.tokens_per_sample is not None
+    n = data_mod.sizes(recipe.data)[0]
+    step_units = max(s.batch for s in splits.plan(recipe, n, 1).stages) * {"step": 0, "sample": 1,
+                                                                         "token": recipe.data.tokens_per_sample or 1}[unit]
     chosen = {}
     for at in positions:
-        manifest = choose(found, at, unit, tokens)
+        manifest = choose(found, at, unit, tokens, slack=max(step_units - 1, 0))
         chosen[manifest["step"] if manifest else 0] = manifest
     out_dir = parent.path.parent / f"{parent.path.name}.branches"
     parent_hash = recipe_mod.trajectory_hash(data)

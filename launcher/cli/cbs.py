@@ -26,8 +26,8 @@ def parent_runs(result: dict) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = [f"critical batch size by branches: the largest batch whose {result['loss']} is within "
-             f"{result['tolerance']} of the control's (factor 1)", "",
+    lines = [f"critical batch size by branches: the largest batch whose {result['loss']} after the branch is "
+             f"within {result['tolerance']} (the control: factor 1, the parent's batch)", "",
              "| parent | position | parent batch | control loss | losses by factor | CBS |", "|---|---|---|---|---|---|"]
     for r in result["positions"]:
         (unit, value), = r["position"].items()
@@ -56,6 +56,10 @@ def figure(result: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     mean = np.array([np.mean(v) if v else np.nan for v in values])
     ax.plot(xs, mean, "o-", color="C0", label=f"CBS by branches ({len({r['parent'] for r in rows})} parent(s))")
+    bound = [x for x in sorted(by_position) if all(r["censored"] for r in rows if r["position"][unit] == x)]
+    if bound:                                  # the largest factor tried recovered: the CBS is at least this
+        ax.plot(bound, [mean[sorted(by_position).index(x)] for x in bound], "^", color="C0", markersize=11,
+                fillstyle="none", label="a lower bound (the largest factor tried recovered)")
     ax.fill_between(xs, [min(v) if v else np.nan for v in values], [max(v) if v else np.nan for v in values],
                     color="C0", alpha=0.2, linewidth=0)
     field = {"step": "step", "sample": "samples", "token": "tokens"}[unit]
@@ -65,7 +69,7 @@ def figure(result: dict, out: str) -> None:
         if points:
             px, py = zip(*points)
             ax.plot(px, py, ":", color="C1", alpha=0.7, label="parent's noise scale B_simple" if i == 0 else None)
-        batches = [(r[field], r["batch"]) for r in parent["step_rows"] if r.get(field) is not None]
+        batches = [(r[field], r["batch"]) for r in parent["step_rows"] if r.get(field) is not None and r.get("batch")]
         if batches:
             bx, by = zip(*batches)
             ax.step(bx, by, "-", where="post", color="grey", alpha=0.6, label="parent's batch" if i == 0 else None)

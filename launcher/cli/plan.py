@@ -24,6 +24,7 @@ def cmd_plan(args) -> int:
     nproc = args.nproc if args.nproc is not None else preflight.resolve_nproc(
         recipe, preflight.visible_gpus(), log=lambda line: print(line.replace("[qhm-launch] ", "note: ")))
     n = _training_set_size(recipe, args.n)
+    preflight.check_adaptive(recipe, nproc * args.nnodes)     # what run would refuse, plan refuses too
     planned = splits.plan(recipe, n, nproc * args.nnodes)
     if args.elastic:
         print(elastic_report(recipe, n, nproc, args.nnodes, args.rate))
@@ -108,7 +109,11 @@ def cmd_bounds(args) -> int:
             raise UserError(f"bounds: {args.recipe!r} is a folder without a recipe.yaml and epoch rows; allowed: a "
                             "recipe file, or a run folder that trained at least one epoch")
         recipe = recipe_mod.load(folder.recipe, args.set)
-        used = [r["batch"] for r in rows]
+        by_epoch = {r["epoch"]: r.get("batch") for r in rows}          # the last row of each epoch
+        used = [by_epoch.get(m) for m in range(len(by_epoch))]
+        if None in used or (recipe.epochs and len(used) > recipe.epochs):
+            raise UserError(f"bounds: {args.recipe!r} has epoch rows that are not one per epoch with its batch (epochs "
+                            f"{sorted(by_epoch)[:6]}); allowed: a run folder whose metrics.jsonl the launcher wrote")
     else:
         recipe = recipe_mod.load(args.recipe, args.set)
     if used is None and recipe.schedule.batch.kind == "adaptive":

@@ -175,7 +175,7 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None, u
             raise
         rc = report_failure(recipe, comm, exc)
     except Exception as exc:            # a mistake only a worker meets (the user's code, a bug): one line too
-        rc = report_failure(recipe, comm, exc, step=trainer.state.global_step + 1 if trainer else None)
+        rc = report_failure(recipe, comm, exc, where=trainer.where() if trainer else None)
     finally:
         # DDP must be gone before its process group: a gloo group destroyed under a live DDP aborts the
         # interpreter's teardown now and then ("terminate called without an active exception", exit -6
@@ -223,7 +223,7 @@ def conclude(trainer, outcome) -> int:
     return 0
 
 
-def report_failure(recipe, comm, exc: BaseException, step: int | None = None) -> int:
+def report_failure(recipe, comm, exc: BaseException, where: str | None = None) -> int:
     """A worker's one-line failure: into failed.json (the first rank to fail writes it), for the launcher
     to print and exit with; without a launcher, printed here. An unexpected exception (not a UserError or
     RunFailed, whose message is the line) is named by rank, global step and its last line, and its
@@ -239,9 +239,10 @@ def report_failure(recipe, comm, exc: BaseException, step: int | None = None) ->
     if not isinstance(exc, (UserError, RunFailed)):
         import traceback
         text = "".join(traceback.format_exception(exc))
-        where = f"at global step {step}" if step is not None else "before training"
-        line = one_line(f"rank {comm.rank} failed {where}: {traceback.format_exception_only(exc)[-1]} "
-                        f"(traceback in {recipe.folder.failure_log})")
+        where = where or "before training"
+        from launcher.data.streamed import worker_failure
+        what = worker_failure(exc) or traceback.format_exception_only(exc)[-1]
+        line = one_line(f"rank {comm.rank} failed {where}: {what} (traceback in {recipe.folder.failure_log})")
         try:
             recipe.folder.append_failure(f"rank {comm.rank} on {socket.gethostname()}, {where}:\n{text}")
         except (OSError, RunFailed):

@@ -70,7 +70,7 @@ def crossing(run: dict, target: Target) -> dict:
     row's. Nulls when never reached; ``carried`` says whether any row had the metric at all."""
     rows = [r for r in run["step_rows"] if r.get(target.metric) is not None] or \
         [r for r in run["rows"] + run["mid_epoch_rows"] if r.get(target.metric) is not None]
-    rows = sorted(rows, key=lambda r: r["step"])
+    rows = sorted((r for r in rows if r.get("step") is not None), key=lambda r: r["step"])
     hit = next((i for i, r in enumerate(rows) if target.reached(r[target.metric])), None)
     out = {"run": str(run["dir"]), **{key: None for key in AT}, "interpolated": False, "carried": bool(rows)}
     if hit is None:

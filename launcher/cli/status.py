@@ -80,7 +80,8 @@ def _lock_holder(folder: RunFolder) -> str | None:
 
 
 def _position(folder: RunFolder) -> tuple:
-    """(epoch, global step) reached: the newest checkpoint's, else the last metrics row's."""
+    """(epoch, global step) reached: the newest checkpoint's, else the last metrics row's, else the last
+    step row's (a run killed before its first checkpoint and epoch row has trained all the same)."""
     latest = folder.checkpoints / "latest"
     try:
         manifest = json.loads((folder.checkpoints / latest.read_text().strip() / "manifest.json").read_text())
@@ -88,7 +89,10 @@ def _position(folder: RunFolder) -> tuple:
         return position["epoch"], position["global_step"]
     except (OSError, ValueError, KeyError, TypeError):
         rows = folder.metric_rows()
-        return (rows[-1]["epoch"] + 1, rows[-1]["step"]) if rows else (None, None)
+        if rows:
+            return rows[-1]["epoch"] + 1, rows[-1].get("step")
+        steps = folder.step_rows()
+        return (steps[-1].get("epoch"), steps[-1]["step"]) if steps else (None, None)
 
 
 def run_status(path: Path) -> dict:

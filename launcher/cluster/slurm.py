@@ -40,10 +40,16 @@ def single_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+CPUS_PER_GPU_RANK = 4      # a GPU rank's threads: the main one, autograd's device thread, NCCL's proxy, compile
+
+
 def cpus_needed(recipe, nproc: int) -> int:
-    """What one node's task needs: every rank and each of its DataLoader workers (streamed data) a core."""
+    """What one node's task needs: each rank its cores (slurm.cpus_per_rank; by default 4 for a GPU rank,
+    whose threads would share one core on a site that binds CPUs, and 1 on CPU) and each of its
+    DataLoader workers (streamed data) one more."""
     from launcher import data
-    return nproc * (1 + (recipe.data.workers if data.is_streamed(recipe.data) else 0))
+    per_rank = recipe.slurm.cpus_per_rank or (CPUS_PER_GPU_RANK if recipe.slurm.gpus_per_node else 1)
+    return nproc * (per_rank + (recipe.data.workers if data.is_streamed(recipe.data) else 0))
 
 
 def _sbatch_lines(args, cpus: int, array: str | None, nodes: int, gpus_per_node: int) -> list[str]:
@@ -72,6 +78,16 @@ def sbatch_command(args, name: str, log: Path, script: Path, dependency: str | N
     return cmd + list(args.sbatch_arg) + [str(script)]
 
 
+# The c10d rendezvous port, chosen per job outside the kernel's ephemeral range (where an outgoing connection
+# of the node may already hold it: 20000 + id % 20000 fell inside 32768-60999 for a third of the jobs): below
+# its low end, or above its high end where the range starts low. QHM_PORT_RANGE: another file (tests).
+RENDEZVOUS_PORT = """read -r PORTS_LOW PORTS_HIGH < "${QHM_PORT_RANGE:-/proc/sys/net/ipv4/ip_local_port_range}" 2>/dev/null \\
+    || { PORTS_LOW=32768; PORTS_HIGH=60999; }
+if [ "$PORTS_LOW" -gt 11024 ]; then RDZV_PORT=$(( 10000 + SLURM_JOB_ID % (PORTS_LOW - 10000) ))
+elif [ "$PORTS_HIGH" -lt 64511 ]; then RDZV_PORT=$(( PORTS_HIGH + 1 + SLURM_JOB_ID % (65535 - PORTS_HIGH) ))
+else RDZV_PORT=$(( 10000 + SLURM_JOB_ID % 1000 )); fi"""
+
+
 def _launch(args, nodes: int, until: str = "") -> tuple[str, str]:
     """One ``qhm-launch run`` per node: it starts torchrun there (c10d rendezvous on the first node, an id
     and port from the job) and forwards the job's signals to its workers. On one node it runs right in
@@ -80,8 +96,7 @@ def _launch(args, nodes: int, until: str = "") -> tuple[str, str]:
     py = q(args.python or sys.executable)
     if nodes == 1:
         return "", f'{py} -m launcher run "$RECIPE"{until}'
-    prelude = ('HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-               'RDZV_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))')
+    prelude = 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n' + RENDEZVOUS_PORT
     # --cpus-per-task again: since Slurm 22.05 srun does not inherit it from the job, and on a site that
     # binds CPUs the node's launcher, its ranks and their data workers would share one core
     launch = (f'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 '
@@ -313,6 +328,11 @@ def submit_points(args, name: str, folder: RunFolder, points: list[dict], recipe
         return 0
     if args.local:
         return sweep.run_locally(points, [r for r, _ in recipes], run_point)
+    busy = [str(r.folder.path) for r, _ in recipes if r.folder.in_use()]
+    if busy:                                    # nothing is written into a folder another run holds
+        raise UserError(f"sweep: {len(busy)} point(s) are in use by a run ({', '.join(busy[:3])}"
+                        f"{', ...' if len(busy) > 3 else ''}); allowed: submit when they have finished (nothing "
+                        "was written or submitted)")
     folder.slurm.mkdir(parents=True, exist_ok=True)
     for r, _ in recipes:
         r.folder.write_recipe(recipe_mod.dump(r))

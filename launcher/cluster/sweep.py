@@ -31,6 +31,8 @@ def load_spec(path: Path) -> dict:
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise UserError(f"sweep.grid: {grid!r} is not valid; allowed: a mapping of KEY.PATH to non-empty lists")
+    if not isinstance(spec.get("set") or {}, dict):
+        raise UserError(f"sweep.set: {spec['set']!r} is not valid; allowed: a mapping of KEY.PATH to a value")
     seeds = spec.get("seeds", [None])
     if not isinstance(seeds, list) or not seeds:
         raise UserError(f"sweep.seeds: {seeds!r} is not valid; allowed: a non-empty list of integers")
@@ -94,7 +96,14 @@ def run_locally(points: list[dict], recipes: list, run_point) -> int:
     failed = []
     for p, r in zip(points, recipes):
         print(f"[qhm-launch] sweep point {p['index'] + 1}/{len(points)}: {r.name} ({p['label']})", flush=True)
-        rc = run_point(str(r.folder.write_recipe(recipe_mod.dump(r))))
+        try:
+            rc = run_point(str(r.folder.write_recipe(recipe_mod.dump(r)))) if not r.folder.in_use() else 2
+            if rc == 2 and r.folder.in_use():
+                print(f"qhm-launch: error: {r.folder.path} is in use by another run; its files are left as they "
+                      "are (allowed: run the sweep again when it has finished)", file=sys.stderr, flush=True)
+        except UserError as exc:                # this point's folder, not the sweep: the others run on
+            print(f"qhm-launch: error: {exc}", file=sys.stderr, flush=True)
+            rc = 2
         if rc == PREEMPTED:
             print(f"qhm-launch: sweep stopped at point {p['index'] + 1}/{len(points)} ({r.name}), preempted with a "
                   f"checkpoint; run the same command to resume (exit {PREEMPTED})", flush=True)

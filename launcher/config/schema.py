@@ -214,6 +214,9 @@ class Slurm:
     setup: list = field(default_factory=list)   # lines a job runs before training ("module load cuda/12.4")
     nodes: int = 1                      # nodes per job (submit/sweep --nodes wins); a sweep grid may vary it
     gpus_per_node: int = 0              # GPUs (= processes) per node; 0: CPU, processes from nproc_per_node
+    cpus_per_rank: Optional[int] = None   # cores a rank's task reserves; null: 4 per GPU rank (its main thread,
+                                        # autograd's device thread, NCCL's proxy, compile workers), 1 on CPU;
+                                        # each streamed-data worker adds one
 
 
 @dataclass

@@ -108,6 +108,7 @@ def validate(r: Recipe) -> Recipe:
                              ("eval.every_epochs", r.eval.every_epochs, 1),
                              ("eval.every_steps", r.eval.every_steps, 0),
                              ("slurm.nodes", r.slurm.nodes, 1), ("slurm.gpus_per_node", r.slurm.gpus_per_node, 0),
+                             ("slurm.cpus_per_rank", r.slurm.cpus_per_rank or 1, 1),
                              ("eval.batch_size", r.eval.batch_size, 1),
                              ("checkpoint.every_steps", r.checkpoint.every_steps, 0),
                              ("tracking.log_every_steps", r.tracking.log_every_steps or 0, 0),
@@ -126,8 +127,8 @@ def validate(r: Recipe) -> Recipe:
         if getattr(r.data, key) is not None and r.data.dataset != "synthetic":
             raise RecipeError(f"data.{key}: {getattr(r.data, key)!r} is not valid; allowed: null unless "
                               "data.dataset is synthetic")
-    if r.data.shape is not None and not (len(r.data.shape) == 3 and all(isinstance(v, int) and 1 <= v <= 4096
-                                                                           for v in r.data.shape)):
+    if r.data.shape is not None and not (len(r.data.shape) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in r.data.shape)):
         raise RecipeError(f"data.shape: {r.data.shape!r} is not valid; allowed: [channels, height, width], "
                           "integers in [1, 4096]")
     if r.data.classes is not None and not 2 <= r.data.classes <= 100_000:
@@ -150,7 +151,15 @@ def validate(r: Recipe) -> Recipe:
                           f"(required for kind {b.kind})")
     check_units(r)
     check_branch(r)
+    if b.kind != "adaptive":
+        for key, default in (("max", None), ("factor", 1.0)):
+            if getattr(b, key) != default:
+                raise RecipeError(f"schedule.batch.{key}: {getattr(b, key)!r} is not valid with kind {b.kind}; allowed: "
+                                  f"{default if default is not None else 'null'} ({key} is the adaptive kind's)")
     if b.kind == "adaptive":
+        if b.growth * b.initial > qhm.schedules.MAX_BATCH:
+            raise RecipeError(f"schedule.batch.growth: {b.growth!r} is not valid; allowed: small enough that "
+                              f"{b.initial} x growth stays below 2^62")
         if b.max is not None and (isinstance(b.max, bool) or not isinstance(b.max, int) or b.max < b.initial):
             raise RecipeError(f"schedule.batch.max: {b.max!r} is not valid; allowed: an integer >= schedule.batch.initial "
                               f"({b.initial}), or null for the training set's size")

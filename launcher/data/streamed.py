@@ -72,17 +72,39 @@ class KeyedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch = key
-        if self.seeded:
-            with keyed_rngs(order.sample_seed(self.seed, epoch, index)):
+        try:
+            if self.seeded:
+                with keyed_rngs(order.sample_seed(self.seed, epoch, index)):
+                    x, y = self.base[index]
+            else:
                 x, y = self.base[index]
-        else:
-            x, y = self.base[index]
+        except Exception as exc:  # noqa: BLE001 - named by its sample, whatever the user's dataset raised
+            raise SampleError(f"reading sample {index} (epoch {epoch}) raised {type(exc).__name__}: {exc}") from exc
         if self.augment is not None:
             if self._epoch != epoch:
                 self._params = order.augment_params(self.seed, epoch, range(len(self.base)), self.augment)
                 self._epoch = epoch
             x = order.apply_augment_one(torch.as_tensor(x), self._params[index], self.augment)
         return x, y
+
+
+class SampleError(RuntimeError):
+    """A dataset's ``[index]`` raised: which sample, and what it raised (one argument, so DataLoader can
+    carry it from a worker process to the rank)."""
+
+
+def worker_failure(exc: BaseException) -> str | None:
+    """A data worker's failure in one line -- "data worker 2: reading sample 17 (epoch 0) raised
+    ValueError: ..." -- from the exception DataLoader raises in the rank (its message holds the worker's
+    whole traceback); None for any other exception."""
+    text = str(exc)
+    marker = "in DataLoader worker process "
+    if marker not in text:
+        return None
+    worker = text.split(marker, 1)[1].split(".", 1)[0].strip()
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    cause = last.split("SampleError: ", 1)[1] if "SampleError: " in last else last.strip()
+    return f"data worker {worker}: {cause}"
 
 
 class KeyedBatchSampler:
@@ -241,12 +263,14 @@ class StreamedBatches:
         # computes (pinned memory, non_blocking), instead of on the compute stream just before use
         self.copy_stream = torch.cuda.Stream(split.device) if split.device.type == "cuda" else None
         self._held = self._ahead = None         # (epoch, step, size, micro-batches): this step's, the next's
+        self._probe = None                      # the memory probe's samples, for this stage
 
     def start_epoch(self, epoch: int, first_step: int, stage) -> None:
         """The loader from (epoch, first_step) on, split as ``stage`` says (workers are kept)."""
         self.sampler.set(epoch, first_step, stage)
         self._it = iter(self.loader)
         self._held = self._ahead = None
+        self._probe = None                    # a new stage probes anew (once)
 
     def step(self, epoch: int, step: int, stage) -> tuple[int, list]:
         """This rank's micro-batches of global batch (epoch, step). Asked again for the same step (redone
@@ -297,5 +321,9 @@ class StreamedBatches:
         self.loader = None
 
     def probe_batch(self, m: int):
-        x, y = default_collate([self.split.base[i % len(self.split)] for i in range(m)])
-        return self.split.to_device(x, y)
+        """``m`` samples for the memory probe: read once per stage for the largest size asked (the probe
+        asks for several), then sliced."""
+        if self._probe is None or len(self._probe[1]) < m:
+            x, y = default_collate([self.split.base[i % len(self.split)] for i in range(m)])
+            self._probe = self.split.to_device(x, y)
+        return self._probe[0][:m], self._probe[1][:m]

@@ -93,8 +93,11 @@ class DDPEngine:
             self.probe.record_local(grads)
         flat = self.comm.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
         flat.div_(self.comm.world)
-        for p, chunk in zip(params, torch.split(flat, [g.numel() for g in grads])):
-            p.grad = chunk.view_as(p).clone()
+        for p, g, chunk in zip(params, grads, torch.split(flat, [g.numel() for g in grads])):
+            # into the gradient itself: its memory format stays (channels_last weights keep channels_last
+            # gradients, so the optimizer's foreach kernels stay one launch per group), and no new tensor
+            g.copy_(chunk.view(g.shape))
+            p.grad = g
         if self.probe is not None:
             self.probe.record_reduced([p.grad for p in params])
         self._reduced = True

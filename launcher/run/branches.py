@@ -57,8 +57,8 @@ def final_loss(run: dict, which: str) -> float | None:
     """The branch's loss after its length: its last evaluation's test_loss, or its steps' mean train_loss
     over the last tenth of them."""
     if which == "test":
-        evaluated = sorted((r for r in run["rows"] + run["mid_epoch_rows"] if r.get("test_loss") is not None),
-                           key=lambda r: r["step"])
+        evaluated = sorted((r for r in run["rows"] + run["mid_epoch_rows"]
+                            if r.get("test_loss") is not None and r.get("step") is not None), key=lambda r: r["step"])
         return evaluated[-1]["test_loss"] if evaluated else None
     steps = [r for r in run["step_rows"] if r.get("train_loss") is not None]
     if not steps:
@@ -99,7 +99,7 @@ def measure(paths, tolerance="0.01", loss: str = "test") -> dict:
                      "cbs": base * best if base else None, "largest_factor": best, "tried": sorted(entry["factors"]),
                      "censored": best == max(entry["factors"]) and best > 1})
     return {"loss": "test_loss" if loss == "test" else "train_loss (mean over the last tenth of each branch)",
-            "tolerance": f"{eps * 100:g}% of the control's loss" if relative else f"{eps:g} (absolute)",
+            "tolerance": f"{eps * 100:g}% of the control's loss" if relative else f"{eps:g} of the control's loss",
             "positions": rows}
 
 

@@ -170,6 +170,11 @@ def check_manifest(manifest) -> dict:
     need("state.pt" in files, "files has no state.pt")
     for r in range(world):
         need(rank_file(r) in files, f"files has no {rank_file(r)}")
+    extra = [name for name in files if name.startswith("rank-") and name not in {rank_file(r) for r in range(world)}]
+    need(not extra, f"files has {extra[0] if extra else ''} beyond world_size {world}")
+    recipe = manifest["recipe"]
+    for section in ("distributed", "schedule", "data", "tracking"):
+        need(isinstance(recipe.get(section, {}), dict), f"recipe.{section} is not a mapping")
     return manifest
 
 
@@ -316,7 +321,12 @@ class CheckpointManager:
                 for name, expect in manifest["files"].items():
                     verify_file(path / name, expect)
             except (OSError, ValueError, CorruptCheckpoint) as exc:
-                reason = exc if isinstance(exc, CorruptCheckpoint) else f"unreadable manifest ({type(exc).__name__})"
+                if isinstance(exc, CorruptCheckpoint):
+                    reason = exc
+                elif isinstance(exc, OSError) and exc.filename and Path(exc.filename).name != "manifest.json":
+                    reason = f"{Path(exc.filename).name} cannot be read ({exc.strerror or type(exc).__name__})"
+                else:
+                    reason = f"unreadable manifest ({type(exc).__name__})"
                 problems.append(f"{path.name}: {reason}")
                 if path.name not in skip:
                     self.log(f"checkpoint {path.name} is not valid ({reason}); trying the previous one")

@@ -107,6 +107,66 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+INTEGER_FIELDS = {"epoch": 0, "step": 0, "samples": 0, "tokens": 0, "batch": 1, "micro_batch": 1, "accum": 1,
+                  "world_size": 1}      # integer fields of a row, and their least value
+
+
+def row_problem(row, required: tuple = ()) -> str | None:
+    """Why ``row`` is not a row the readers can use (None: it is): a JSON object with the ``required``
+    keys, integer counts (epoch, step, samples, batch, ...) and numbers (or null) wherever the launcher
+    writes numbers."""
+    if not isinstance(row, dict):
+        return f"{type(row).__name__}, not an object"
+    for key in required:
+        if key not in row:
+            return f"no {key!r}"
+    for key, value in row.items():
+        if key in INTEGER_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < INTEGER_FIELDS[key]:
+                return f"{key}={value!r}, not an integer >= {INTEGER_FIELDS[key]}"
+        elif key != "mid_epoch" and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key}={value!r}, not a number"
+    return None
+
+
+def read_rows(path: Path, warn=None, required: str = "epoch") -> list[dict]:
+    """A run's rows (metrics.jsonl, steps.jsonl) for the readers (report, plot, status, scaling, bounds):
+    every row that :func:`row_problem` accepts; each other line (not JSON, not UTF-8, a row of the wrong
+    shape) skipped with one line to ``warn`` naming the file and line (a torn last line, from a kill in
+    the middle of an append, and ``#`` comments silently). ``required``: the key every row has (epoch rows:
+    "epoch"; evaluation rows inside epochs and step rows: "step"). A file that cannot be read is one
+    UserError."""
+    from launcher.errors import UserError
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"runs: {str(path)!r} cannot be read ({exc.strerror or type(exc).__name__}); allowed: a run "
+                        "folder's files, readable") from None
+    lines = data.split(b"\n")
+    rows = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip() or raw.lstrip().startswith(b"#"):
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            need = ("step",) if isinstance(row, dict) and row.get("mid_epoch") else (required,)
+            problem = row_problem(row, need)
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except json.JSONDecodeError:
+            problem = None if number == len(lines) else "not JSON"       # the last, torn: a kill mid-append
+            if problem is None:
+                continue
+        if problem is None:
+            rows.append(row)
+        elif warn is not None:
+            warn(f"qhm-launch: warning: {path} line {number}: skipped ({problem})")
+    return rows
+
+
 def next_free(folder: Path, stem: str, suffix: str) -> Path:
     """``folder/stem-K.suffix`` for the smallest K >= 1 not taken, nor any ``stem-K-...`` or ``stem-K_...``
     (the scripts that come with it): never overwrite an earlier one."""

@@ -24,12 +24,14 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.run.files import DIR_MODE, append_line, atomic_write, atomic_write_json, next_free, open_fd, read_jsonl
+from launcher.run.files import (DIR_MODE, append_line, atomic_write, atomic_write_json, next_free, open_fd, read_jsonl,
+                                read_rows)
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,28 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
 
     def refuse_links(self) -> None:
-        """A symbolic link among the run's files (a shared output folder: anyone may plant one) would
-        make the run write through it; refused in one line before anything is written."""
+        """A symbolic link among the run's files (a shared output folder: anyone may plant one), or the
+        run folder itself a link, would make the run write through it; refused in one line before
+        anything is written. So are a run file that is not a plain file (a folder named metrics.jsonl)
+        and, where this user could not write them, the files and folders the run writes into: found now,
+        not at the first save after an hour of training."""
+        if self.path.is_symlink():
+            raise UserError(f"run folder {str(self.path)!r} is a symbolic link (to {os.readlink(self.path)!r}); allowed: "
+                            "a folder (the run's files are written into the folder itself, never through a link)")
+        if not self.path.is_dir():
+            return
+        for path in (self.recipe, self.metrics, self.steps, self.failed, self.preempted, self.complete, self.lock,
+                     self.wandb_id, self.final_model, self.failure_log):
+            if path.exists() and not path.is_symlink() and not path.is_file():
+                raise UserError(f"run folder {str(self.path)!r}: {path.name} is not a plain file (a folder?); allowed: "
+                                "the run's own files (move it aside, or use another name)")
+            if path.is_file() and not os.access(path, os.W_OK):
+                raise UserError(f"run folder {str(self.path)!r}: {path.name} is not writable; allowed: files this user "
+                                "can write (the run writes it; fix its permissions, or use another name)")
+        for folder in (self.path, self.checkpoints):
+            if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"run folder {str(self.path)!r}: {folder.name}/ is not writable; allowed: folders this "
+                                "user can write (the run saves there)")
         inside = [self.path / "checkpoints"] if (self.path / "checkpoints").is_dir() else []
         for folder in [self.path, *inside]:
             for entry in folder.iterdir():
@@ -148,15 +170,19 @@ class RunFolder:
             pass
 
     def metric_rows(self) -> list[dict]:
-        """The epoch rows of metrics.jsonl."""
-        return [r for r in read_jsonl(self.metrics) if not r.get("mid_epoch")]
+        """The epoch rows of metrics.jsonl (a line that is no row skipped, said once on stderr)."""
+        return [r for r in self._rows(self.metrics) if not r.get("mid_epoch")]
 
     def mid_epoch_rows(self) -> list[dict]:
         """The rows eval.every_steps wrote inside epochs (evaluation only, ``mid_epoch: true``)."""
-        return [r for r in read_jsonl(self.metrics) if r.get("mid_epoch")]
+        return [r for r in self._rows(self.metrics, quiet=True) if r.get("mid_epoch")]
 
     def step_rows(self) -> list[dict]:
-        return read_jsonl(self.steps)
+        return self._rows(self.steps, required="step")
+
+    def _rows(self, path: Path, quiet: bool = False, required: str = "epoch") -> list[dict]:
+        warn = None if quiet else (lambda line: print(line, file=sys.stderr))
+        return read_rows(path, warn, required)
 
     def clear_stale(self, started: float | None = None) -> None:
         """Remove what an earlier, killed process of this run may have left: its markers of a state that
@@ -173,12 +199,31 @@ class RunFolder:
         shutil.rmtree(self.path / ".pids", ignore_errors=True)
 
     # ---- one run per folder
+    def in_use(self) -> bool:
+        """Whether another live process holds the folder's lock (nothing may be written into it then)."""
+        try:
+            fd = os.open(self.lock, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
     def acquire_lock(self) -> "RunLock":
         """Hold the folder's advisory lock for this process's life (the kernel releases it on death).
         A second run of the same folder gets a one-line error."""
         self.create()
         self.refuse_links()
-        fd = open_fd(self.lock, os.O_RDWR | os.O_CREAT)
+        try:
+            fd = open_fd(self.lock, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:                  # a directory, or a file this user may not write
+            raise UserError(f"run folder {str(self.path)!r}: its lock file {self.lock.name} cannot be opened "
+                            f"({exc.strerror or type(exc).__name__}); allowed: a regular file this user can write "
+                            "(remove it if no run holds the folder)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -43,13 +43,32 @@ class MetricsLog:
         return read_jsonl(self.path)
 
     def keep(self, wanted) -> None:
-        """Keep only the rows for which ``wanted(row)`` holds (the others will be computed again), atomically."""
+        """Keep only the rows for which ``wanted(row)`` holds (the others will be computed again),
+        atomically. Lines that are not rows (a ``# comment`` someone added, anything not a JSON object)
+        are the user's and stay where they are; a torn last line (a kill mid-append) goes."""
         self.close()                          # the file is replaced: appends go to the new one
-        rows = self.rows()
-        kept = [r for r in rows if wanted(r)]
-        if len(kept) != len(rows) or (self.path.exists() and not self.path.read_text().endswith("\n")
-                                      and self.path.stat().st_size):
-            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept), durable=False)
+        if not self.path.exists():
+            return
+        text = self.path.read_bytes().decode("utf-8", errors="surrogateescape")
+        lines = text.split("\n")
+        torn = lines.pop() if lines else ""   # after the last newline: empty, or a torn row
+        out, changed = [], bool(torn)
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            try:
+                drop = isinstance(row, dict) and not wanted(row)
+            except (KeyError, TypeError):       # a row of another shape: the user's, kept
+                drop = False
+            if drop:
+                changed = True
+                continue
+            out.append(line)
+        if changed:
+            data = "".join(line + "\n" for line in out).encode("utf-8", errors="surrogateescape")
+            atomic_write(self.path, data, durable=False)
 
     def append(self, row: dict) -> None:
         if self.durable:
@@ -96,13 +115,18 @@ class Tracker:
         self.run, self.log, self.last_step = None, log, -1
         if cfg.mode == "disabled":
             return
-        import wandb
+        try:
+            import wandb
+        except Exception as exc:  # noqa: BLE001 - not installed, or broken: W&B is never in the way
+            print(f"[qhm-launch] W&B is not available ({type(exc).__name__}: {one_line(exc)[:160]}); training "
+                  "continues without it, metrics.jsonl and steps.jsonl stay complete", file=sys.stderr, flush=True)
+            return
         os.environ.setdefault("WANDB_SILENT", "true")
+        self._guard("init", lambda: self._init(wandb, cfg, recipe, wandb_dir, rid))
+
+    def _init(self, wandb, cfg, recipe, wandb_dir, rid):
         Path(wandb_dir).mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(x_disable_stats=not cfg.system_stats)
-        self._guard("init", lambda: self._init(wandb, cfg, recipe, wandb_dir, rid, settings))
-
-    def _init(self, wandb, cfg, recipe, wandb_dir, rid, settings):
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
                               name=recipe.name, mode=cfg.mode, dir=str(Path(wandb_dir).parent), id=rid,
                               resume="allow", config=recipe.to_dict(), settings=settings)

@@ -50,6 +50,18 @@ class BatchGrowth:
         self.batches, self.sums = [int(b) for b in state["batches"]], [float(s) for s in state["sums"]]
         self.taken = [float(s) for s in state.get("taken", [0.0, 0.0])]
 
+    def check(self, where: str) -> None:
+        """Restored decisions must be ones this rule can make: from the initial batch, never decreasing,
+        within the cap (a checkpoint edited by hand is refused naming the field)."""
+        from launcher.errors import UserError
+        b = self.batches
+        ok = (b and all(isinstance(x, int) and not isinstance(x, bool) for x in b) and b[0] == self.grown(0)
+              and all(x <= y for x, y in zip(b, b[1:])) and max(b) <= max(self.cap, b[0]))
+        if not ok:
+            raise UserError(f"{where}: batch_growth.batches {b!r} is not valid; allowed: decisions from "
+                            f"{self.grown(0)} that never decrease, up to {self.cap} (move this checkpoint aside to "
+                            "resume from the one before it)")
+
     def decide_at(self, stage, sums: EpochSums) -> bool:
         """per_step, where a stage starts: if its first step is at or past the next multiple of E, the
         interval's noise sums (this epoch's so far, all-reduced: a collective every rank makes at the same

@@ -51,13 +51,14 @@ def probe(module: torch.nn.Module, sample: Callable[[int], tuple], loss, autocas
             x, y = sample(m)
             with autocast:
                 loss(module(x), y).backward()
-            return True
+            fitted = True
         except torch.OutOfMemoryError:
-            return False
-        finally:
-            module.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            fitted = False
+        # past the except, where its traceback no longer holds the failed probe's tensors
+        module.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return fitted
 
     try:
         found = largest_fitting(fits, limit)

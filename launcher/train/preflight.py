@@ -45,6 +45,9 @@ def check_adaptive(recipe: Recipe, world_size: int) -> None:
     if b.kind != "adaptive":
         return
     kind, why = noise.source(recipe, world_size, split_batch(b.initial, world_size, micro_cap(recipe))[1] > 1)
+    if kind == noise.RANKS and b.initial < 2:
+        kind, why = None, (f"a batch of {b.initial} on {world_size} processes: no rank has fewer samples than the "
+                           "global batch, so no step has two batch sizes")
     if kind is None:
         raise UserError(f"schedule.batch.kind: 'adaptive' is not valid here: the noise scale it grows by cannot be "
                         f"measured ({why}); allowed: 2 or more processes, or one with accumulation "
@@ -105,6 +108,11 @@ def check_samples(recipe: Recipe) -> int:
     target = torch.stack([y, ty])
     if loss.per_token:                      # next-token logits (batch, seq, vocab) and token ids in range
         check_next_tokens(out, target, model_key, where)
+    elif (loss.per_sample is not None and dataset.num_classes and out.dim() == 2 and target.dim() == 1
+          and not target.is_floating_point() and out.shape[1] < dataset.num_classes):
+        raise UserError(f"{model_key}: the model gives {out.shape[1]} outputs and the data has {dataset.num_classes} "
+                        f"classes; allowed: a model with {dataset.num_classes} outputs (a loss.factory taking class "
+                        "indices indexes the outputs by them)")
     elif loss.per_sample is None:           # cross-entropy: class logits and class indices in their range
         if target.is_floating_point() or target.dtype == torch.bool:
             raise UserError(f"{where}: train[0] target is {y.tolist()!r} ({y.dtype}); allowed: an integer class "
@@ -249,6 +257,7 @@ def check_output(recipe: Recipe) -> None:
                             "allowed: a folder (or a path that does not exist yet)")
         if path.exists() and not path.is_dir():
             raise UserError(f"{key}: {str(path)!r} is a file; allowed: a folder (or a path that does not exist yet)")
+    recipe.folder.refuse_links()        # a link, a folder where a file goes, what this user cannot write
     probe = recipe.run_dir
     while not probe.exists():
         probe = probe.parent
@@ -292,6 +301,15 @@ def check_devices(recipe: Recipe, world: int, has_cuda: bool, visible: int | Non
                             f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; allowed: at most "
                             f"{visible} (one process per GPU), or auto")
         return
+    if recipe.slurm.gpus_per_node > 0:
+        import torch
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = (f"CUDA_VISIBLE_DEVICES={shown!r}" if shown is not None and not shown.strip() else
+               f"a driver older than this torch's CUDA {torch.version.cuda}, or a CPU-only torch"
+               if torch.version.cuda else "this torch is built without CUDA")
+        raise UserError(f"slurm.gpus_per_node: {recipe.slurm.gpus_per_node} GPU(s) per node asked, and torch sees no "
+                        f"GPU here ({why}); allowed: a node whose GPUs torch can use, or slurm.gpus_per_node: 0 "
+                        "for a CPU run (a rank on CPU would meet the other nodes' NCCL ranks with gloo and hang)")
     if recipe.distributed.batch_norm == "sync" and world > 1:
         raise UserError("distributed.batch_norm: 'sync' is not valid here; allowed: local (torch's "
                         "SyncBatchNorm needs CUDA devices, and this machine has none)")

@@ -60,7 +60,11 @@ class Reporter:
                         leave=False, dynamic_ncols=True, file=sys.stderr) if show else None
 
     def end_training(self) -> None:
-        """The epoch's training is done (what follows, evaluation, is not in its samples/s)."""
+        """The epoch's training is done (what follows, evaluation, is not in its samples/s). On a GPU the
+        host may be steps ahead of the device: the clock stops once the device has finished (one
+        synchronisation an epoch; the epoch's sums are read right after anyway)."""
+        if self.comm.device.type == "cuda":
+            torch.cuda.synchronize(self.comm.device)
         self._epoch_seconds = time.time() - self._epoch_clock
 
     def step_done(self) -> None:

@@ -81,8 +81,10 @@ class StepRunner:
                 size, ok = self._forward_backward(epoch, step), True
             except torch.OutOfMemoryError:
                 size, ok = 0, False
-                if self.comm.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if not ok and self.comm.device.type == "cuda":
+                # here, past the except: its traceback (and the failed step's tensors its frames hold) is
+                # gone, so what the cache frees is really free
+                torch.cuda.empty_cache()
             if self.comm.agree(ok):
                 return size
             snapshot.restore()

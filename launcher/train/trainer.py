@@ -13,7 +13,7 @@ import torch
 
 import qhm
 from launcher import config, env
-from launcher.errors import RunFailed
+from launcher.errors import RunFailed, UserError
 from launcher.train.build import Parts
 from launcher.train.evaluation import evaluate_epoch
 from launcher.train.cadence import cadence
@@ -53,6 +53,13 @@ class Trainer:
         self.last_size = 0                 # the last step's samples
         self.tokens_per_sample = parts.plan.steps.tokens_per_sample or 0
         self.step_delay = env.step_delay()
+        self.activity = "starting"        # what the worker is doing: the one-line failure says where it was
+
+    def where(self) -> str:
+        """Where this worker is, for a failure's line: in a step, or between steps (saving, evaluating)."""
+        g = self.state.global_step
+        return {"starting": "before training", "resuming": "while resuming",
+                "step": f"at global step {g + 1}"}.get(self.activity, f"after global step {g}")
 
     def last_epoch(self) -> int:
         """The epochs this process trains: the run's (an adaptive batch may change them), or its segment's."""
@@ -94,6 +101,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Load the newest valid checkpoint (if any); open the logs and W&B where it left off."""
+        self.activity = "resuming"
         if self.comm.is_main:
             self.folder.create()
             self.folder.clear_stale(started=env.STARTED if env.PARENT in os.environ else None)
@@ -111,8 +119,44 @@ class Trainer:
                 self.log(f"[qhm-launch] branch of {b.parent} at global step {b.at_step}: batch x{b.factor}, "
                          f"lr rule {b.lr_rule}, for {b.length}")
         if self.parts.growth is not None:           # the batches an adaptive run already chose
+            if manifest is not None:
+                self.parts.growth.check(f"checkpoint step-{manifest['step']:09d}")
             self.stages.set_decisions(self.parts.growth.batches)
+        if manifest is not None:
+            self.check_position(manifest)
         self.reporter.open(self.state)
+        self.activity = "between steps"
+
+    def check_position(self, manifest: dict) -> None:
+        """The restored position must be one of the run's plan (a checkpoint whose values were edited and
+        its hash recomputed is refused in one line naming the field, not trained from)."""
+        s, plan = self.state, self.stages.plan
+        where = f"checkpoint step-{manifest['step']:09d}"
+
+        def bad(field, value, allowed):
+            raise UserError(f"{where}: {field} {value!r} is not valid; allowed: {allowed} (move this checkpoint aside "
+                            "to resume from the one before it)")
+        for field in ("epoch", "step", "global_step", "samples"):
+            value = getattr(s, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                bad(f"train.{field}", value, "an integer >= 0")
+        if s.epoch > plan.epochs:
+            bad("train.epoch", s.epoch, f"an epoch of the run's plan (0 to {plan.epochs})")
+        steps = plan.steps_in(s.epoch) if s.epoch < plan.epochs else 0
+        if not (s.step < steps or s.step == 0):
+            bad("train.step", s.step, f"a step of epoch {s.epoch} (0 to {max(steps - 1, 0)})")
+        if manifest["step"] != s.global_step:
+            bad("train.global_step", s.global_step, f"the checkpoint's own step, {manifest['step']}")
+        if config.trajectory_hash(manifest.get("recipe", {})) != config.trajectory_hash(self.recipe.to_dict()):
+            return                                  # --force-resume, a branch's start: another plan wrote it
+        if s.epoch < plan.epochs:
+            stage = plan.stages[plan.index(s.epoch, s.step)]
+            global_step, samples = stage.global_step + s.step - stage.first, stage.samples + stage.start(s.step) - stage.offset
+        else:
+            global_step, samples = plan.total_steps, plan.total_samples
+        if (s.global_step, s.samples) != (global_step, samples):
+            bad("train.global_step/samples", (s.global_step, s.samples),
+                f"({global_step}, {samples}): where the plan puts epoch {s.epoch} step {s.step}")
 
     def start_epoch(self, epoch: int) -> None:
         """Enter epoch ``epoch`` (its stage at the step it starts from): batch split, hyper-parameters,
@@ -138,6 +182,7 @@ class Trainer:
 
     def train_step(self, epoch: int, step: int) -> None:
         """One optimizer step on global batch (epoch, step): this rank's micro-batches, one update."""
+        self.activity = "step"
         if self.stages.per_step:                    # schedules in steps, samples or tokens: every step its own
             self.hyper = self.stages.hyperparams(epoch, step)
             qhm.apply_hyperparams(self.engine.optimizer, *self.hyper)
@@ -154,6 +199,7 @@ class Trainer:
         self.state.samples += size
         self.state.tokens += size * self.tokens_per_sample
         self.last_size = size
+        self.activity = "between steps"
         if self.step_delay:
             time.sleep(self.step_delay)
         self.reporter.step_done()

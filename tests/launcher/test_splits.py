@@ -76,7 +76,7 @@ def test_every_shipped_recipe_plans_and_bounds(capsys, monkeypatch):
 def test_every_shipped_sweep_expands(capsys):
     expected = {"paper/sweep-qhm-grid.yaml": 108, "paper/sweep-nshb-grid.yaml": 36, "paper/sweep-figure1.yaml": 45,
                 "study/sweep.yaml": 18, "scaling/sweep.yaml": 14,
-                "adaptive/sweep.yaml": 4}
+                "adaptive/sweep.yaml": 4, "lm/sweep.yaml": 20}
     paths = sorted((ROOT / "recipes").rglob("sweep*.yaml"))
     assert {str(p.relative_to(ROOT / "recipes")) for p in paths} == set(expected)
     for path in paths:

@@ -1,0 +1,210 @@
+"""Branch studies: branches from exact checkpoints (factor 1 continues the parent bitwise, any world
+size), the parent's order continued, the CBS by hand on synthetic branch folders, and scaling --target
+with the best LR per batch, a relative-error fit and an interval whose coverage is checked."""
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from helpers import (base_recipe, checkpoint_steps, cli, final_params, kill_group, start, train_ranks, wait_for,
+                     write_recipe)
+from launcher import config
+from launcher.cli import branch, scaling
+from launcher.cli.main import main
+from launcher.run import branches
+from launcher.train import splits
+
+
+def parent_recipe(**over) -> dict:
+    return base_recipe(name="par", epochs=None, **{
+        "train.steps": 60, "schedule.unit": "step", "data.size": 400, "precision": "fp64",
+        "schedule.batch": {"kind": "constant", "size": 16},
+        "schedule.lr": {"kind": "cosine", "max": 0.05, "min": 0.005}, "eval.full_grad_norm": False,
+        "checkpoint.every_steps": 0, "checkpoint.every": "10 steps", "checkpoint.keep": 100, **over})
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("parent")
+    return train_ranks(parent_recipe(), folder)
+
+
+def branch_args(run, at="20", batch="2", length="10", **over):
+    defaults = dict(run=str(run), at=at, batch=batch, for_=length, unit=None, lr_rule="none", set=[], local=True,
+                    dry_run=False)
+    return argparse.Namespace(**{**defaults, **over})
+
+
+def checkpoint_model(run, step):
+    return torch.load(run / "checkpoints" / f"step-{step:09d}" / "state.pt", weights_only=True)["engine"]["model"]
+
+
+def train_branches(args, cwd, nproc=2):
+    """The branch command's recipes, trained on pool ranks (``nproc`` processes)."""
+    points, recipes = branch.plan_branches(args)
+    out = []
+    for p, r in zip(points, recipes):
+        branch.prepare(p, r)
+        data = r.to_dict()
+        data["distributed"]["nproc_per_node"] = nproc
+        out.append((p, train_ranks(data, cwd)))
+    return out
+
+
+def test_a_control_branch_continues_its_parent_bitwise_and_on_another_world_size(parent, tmp_path):
+    before = {p.relative_to(parent): p.stat().st_mtime_ns for p in parent.rglob("*") if p.is_file()}
+    done = train_branches(branch_args(parent, at="20,40", batch="2"), tmp_path)
+    controls = {p["step"]: run for p, run in done if p["factor"] == 1}
+    for step, run in controls.items():            # 10 steps from step 20 (40) are the parent's at 30 (50)
+        mine, theirs = final_params(run), checkpoint_model(parent, step + 10)
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+        assert json.loads((run / "branch.json").read_text())["factor"] == 1
+        assert "branch of" in run.output
+    # the parent is never written: the same files, untouched
+    assert {p.relative_to(parent): p.stat().st_mtime_ns for p in parent.rglob("*") if p.is_file()} == before
+    (tmp_path / "one").mkdir()
+    one = train_branches(branch_args(parent, at="20", batch="1", set=[f"output={tmp_path / 'one'}"]), tmp_path / "one",
+                         nproc=1)[0][1]
+    mine, theirs = final_params(one), checkpoint_model(parent, 30)
+    for k in theirs:                               # the checkpoint of 2 processes, resumed on 1
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-10, atol=1e-12)
+
+
+def test_a_branch_trains_on_the_parents_next_samples():
+    """Factor 2 from step 20 (320 samples into a 400-sample epoch): its first step covers the parent's
+    steps 20 and 21, [320, 352) of the same permutation; the epoch's end then comes at 400 as the parent's."""
+    recipe = parent_recipe()
+    parent_plan = splits.plan(config.from_dict(recipe), 400, 2)
+    branched = config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 20, "factor": 2,
+                                                      "length": "4 steps"}})
+    plan = splits.plan(branched, 400, 2)
+    first = plan.stages[plan.index(0, 20)]
+    own = parent_plan.stages[parent_plan.index(0, 20)]
+    assert (first.batch, first.start(20), first.epoch) == (32, own.start(20), 0) == (32, 320, 0)
+    assert own.start(21) == first.start(20) + 16 and first.start(21) == own.start(22)
+    assert [(s.epoch, s.batch) for s in plan.stages if s.global_step >= 20] == [(0, 32), (1, 32)]
+    # 4 steps, its learning rate over the parent's 60 (cosine: the parent's at every step it shares)
+    assert plan.total_steps == 24 and plan.schedule.lr.length == parent_plan.schedule.lr.length == 60
+
+
+def hand_branches(root, losses: dict, parent="p", unit="token") -> None:
+    """Branch folders whose final test_loss is set by hand: ``losses[(position, factor)]``."""
+    for (position, factor), loss in losses.items():
+        folder = root / f"b{position}x{factor}"
+        folder.mkdir(parents=True)
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(config.from_dict(base_recipe()).to_dict()))
+        (folder / "branch.json").write_text(json.dumps({"parent": parent, "at_step": position // 100,
+                                                        "position": {unit: position}, "unit": unit, "factor": factor}))
+        rows = [{"epoch": 0, "step": 5, "samples": 80, "batch": 16 * factor, "test_loss": loss + 1.0},
+                {"epoch": 0, "step": 10, "samples": 160, "batch": 16 * factor, "test_loss": loss}]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_cbs_is_the_largest_batch_that_recovers_the_controls_loss(tmp_path, capsys):
+    losses = {(1000, 1): 2.00, (1000, 2): 2.03, (1000, 4): 2.20, (1000, 8): 2.50,
+              (5000, 1): 1.50, (5000, 2): 1.49, (5000, 4): 1.52, (5000, 8): 1.56}
+    hand_branches(tmp_path / "p.branches", losses)
+    by = {r["position"]["token"]: r for r in branches.measure([tmp_path / "p.branches"], "0.05")["positions"]}
+    # within 0.05: at 1,000 tokens x2 (2.03 <= 2.05), not x4; at 5,000 x4 (1.52 <= 1.55), not x8 (1.56)
+    assert (by[1000]["cbs"], by[5000]["cbs"]) == (32, 64)
+    by = {r["position"]["token"]: r for r in branches.measure([tmp_path / "p.branches"], "4%")["positions"]}
+    # within 4%: 2.08 at 1,000 (x2), 1.56 at 5,000 (x8: the largest tried, a lower bound)
+    assert (by[1000]["cbs"], by[5000]["cbs"], by[5000]["censored"]) == (32, 128, True)
+    assert main(["scaling", str(tmp_path / "p.branches"), "--cbs", "--tolerance", "0.05",
+                 "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| p | 1,000 tokens | 16 | 2.0000 | x1: 2.0000, x2: 2.0300, x4: 2.2000, x8: 2.5000 | 32 |" in out
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    shutil.rmtree(tmp_path / "p.branches" / "b5000x1")
+    assert main(["scaling", str(tmp_path / "p.branches"), "--cbs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "have no control (factor 1)" in err
+
+
+def test_warmup_from_writes_the_measured_cbs_into_the_recipe(tmp_path):
+    hand_branches(tmp_path / "p.branches", {(0, 1): 2.0, (0, 2): 2.3, (2000, 1): 1.5, (2000, 2): 1.5,
+                                            (2000, 4): 1.5, (6000, 1): 1.2, (6000, 2): 1.5})
+    recipe = config.from_dict(base_recipe(epochs=None, **{
+        "data.tokens_per_sample": 10, "schedule.unit": "token", "train.tokens": "20K",
+        "schedule.batch": {"kind": "warmup_from", "branches": str(tmp_path / "p.branches"), "tolerance": 0.01}}))
+    # CBS 16 at 0, 64 at 2,000, 16 at 6,000: held at its largest, never decreasing
+    assert (recipe.schedule.batch.kind, recipe.schedule.batch.points) == ("steps", [[0, 16], [2000, 64]])
+    assert config.load(write_recipe(tmp_path, recipe.to_dict())).schedule.batch.points == [[0, 16], [2000, 64]]
+
+
+def runs_at(root, table: dict, beta=0.9):
+    """Constant-batch runs whose train_loss crosses 0.5 at the step given: ``table[(batch, lr, seed)]``."""
+    from test_scaling import fake_run
+    out = []
+    for (batch, lr, seed), steps in table.items():
+        run = fake_run(root, f"b{batch}_lr{lr}_s{seed}", batch, seed=seed, reach_at=steps)
+        data = yaml.safe_load((run / "recipe.yaml").read_text())
+        data["schedule"]["lr"]["max"] = lr
+        data["schedule"]["beta"]["max"] = beta
+        (run / "recipe.yaml").write_text(yaml.safe_dump(data))
+        out.append(run)
+    return out
+
+
+def test_scaling_takes_each_batchs_best_lr_and_refuses_runs_of_two_studies(tmp_path, capsys):
+    table = {(8, 0.1, 0): 200, (8, 0.1, 1): 210, (8, 0.3, 0): 150, (8, 0.3, 1): 160,     # 0.3 wins at 8
+             (32, 0.1, 0): 90, (32, 0.1, 1): 96, (32, 0.3, 0): 120, (32, 0.3, 1): 140,    # 0.1 wins at 32
+             (128, 0.1, 0): 70, (128, 0.1, 1): None, (128, 0.3, 0): 60, (128, 0.3, 1): 66}  # 0.1 misses a seed
+    runs = runs_at(tmp_path, table)
+    result = json.loads(scaling.scaling(runs, "train_loss<=0.5", as_json=True, seed=3))
+    won = {p["batch"]: (p["lr"], p["steps"], p["missed"]) for p in result["batches"]}
+    assert won == {8: (0.3, 155.0, 0), 32: (0.1, 93.0, 0), 128: (0.3, 63.0, 1)}
+    expect = scaling.fit_tradeoff([8, 32, 128], [155.0, 93.0, 63.0])
+    assert result["b_crit"] == pytest.approx(expect["b_crit"]) and result["interval"]["seed"] == 3
+    lo, hi = result["interval"]["b_crit"]
+    assert lo <= result["b_crit"] <= hi
+    assert json.loads(scaling.scaling(runs, "train_loss<=0.5", as_json=True, seed=3))["interval"] == result["interval"]
+    assert json.loads(scaling.scaling(runs, "train_loss<=0.5", as_json=True, seed=4))["interval"] != result["interval"]
+    text = scaling.scaling(runs, "train_loss<=0.5")
+    assert "| 128 | 0.3 (of 0.1, 0.3) | 2 | 63.0 (60.0–66.0) | 8,064 | 1 |" in text
+    other = runs_at(tmp_path / "other", {(16, 0.1, 0): 120}, beta=0.5)
+    assert main(["scaling", *map(str, runs + other), "--target", "train_loss<=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--target: the runs differ in schedule.beta.max; allowed: runs that differ only" in err
+
+
+def test_the_interval_covers_the_true_critical_batch_about_as_often_as_it_says():
+    """Synthetic studies with S = 50 (1 + 256/B) exactly, 10% lognormal scatter, 6 batches of 2 seeds:
+    the 90% interval holds B_crit = 256 in 85-95% of 200 studies (measured: 0.88 over 300)."""
+    rng = np.random.default_rng(1)
+    batches = [16, 32, 64, 128, 256, 512]
+    truth = 50 * (1 + 256 / np.asarray(batches, dtype=float))
+    covered = 0
+    for r in range(200):
+        steps = [list(t * np.exp(rng.normal(0, 0.1, 2))) for t in truth]
+        fit = scaling.fit_tradeoff(batches, [np.mean(s) for s in steps])
+        lo, hi = scaling.interval(batches, steps, fit, seed=r)["b_crit"]
+        covered += lo <= 256 <= hi
+    assert 0.85 <= covered / 200 <= 0.95
+
+
+def test_a_degenerate_fit_says_why():
+    assert "steps do not fall as the batch grows" in scaling.fit_tradeoff([8, 16, 32], [10, 20, 40])["degenerate"]
+    assert "steps fall as fast as 1/B or faster" in scaling.fit_tradeoff([8, 16, 32], [400, 180, 80])["degenerate"]
+
+
+@pytest.mark.e2e
+def test_a_branch_study_killed_midway_runs_only_what_is_missing(parent, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(parent, work / "runs" / "par")          # the parent alone (not the other tests' branches)
+    proc = start(["branch", str(work / "runs" / "par"), "--at", "20", "--batch", "2,4", "--for", "30", "--local"],
+                 cwd=work, env={"QHM_TEST_STEP_DELAY": "0.05"})
+    study = work / "runs" / "par.branches"
+    wait_for(lambda: (study / "par-at20s-x1" / "complete.json").exists() and
+             any((study / "par-at20s-x2" / "checkpoints").glob("step-*[1-9]")), proc=proc, what="one branch done")
+    kill_group(proc)
+    assert not (study / "par-at20s-x4" / "complete.json").exists()
+    again = cli(["branch", str(work / "runs" / "par"), "--at", "20", "--batch", "2,4", "--for", "30", "--local"],
+                cwd=work, check=0)
+    assert f"{study / 'par-at20s-x1'} is already complete" in again.stdout
+    assert "resumed from" in again.stdout
+    assert all((study / f"par-at20s-x{f}" / "complete.json").exists() for f in (1, 2, 4))
