@@ -70,18 +70,28 @@ def cmd_run(args) -> int:
         raise UserError(f"--nnodes: {nnodes} needs --rdzv-endpoint HOST:PORT and --rdzv-id ID (the same on every "
                         "node); allowed: 1 without them")
     factories.importable_from_cwd()          # the user's packages, here and in the workers
-    preflight.preflight(recipe, nproc * nnodes)
+    from launcher.train import splits
+    warnings = splits.zero_lr_warnings(preflight.preflight(recipe, nproc * nnodes), recipe.schedule.unit)
     preflight.check_devices(recipe, nproc * nnodes, gpus > 0, visible=gpus)
     slow = preflight.slow_precision_warning(recipe, gpus > 0)
     if slow:
         print(slow, file=sys.stderr, flush=True)
     # one run per folder: a single node holds the lock here; on several nodes, the first worker does
     lock = folder.acquire_lock() if nnodes == 1 else None
-    check_resume(recipe, args.force_resume, nproc * nnodes)
+    try:
+        check_resume(recipe, args.force_resume, nproc * nnodes)
+    except BaseException:                     # refused: the folder is free again (a sweep's next point may be it)
+        if lock is not None:
+            lock.release()
+        raise
     done = folder.read_json(folder.complete)
     if done and done.get("recipe_hash") == recipe_mod.trajectory_hash(recipe.to_dict()) and folder.final_model.is_file():
         print(f"qhm-launch: {folder.path} is already complete; nothing to do")
+        if lock is not None:
+            lock.release()
         return 0
+    for line in warnings:                     # every check passed: what it would be good to know, once
+        print(line.replace("warning: ", "qhm-launch: WARNING: "), file=sys.stderr, flush=True)
     resolved = folder.write_recipe(recipe_mod.dump(recipe))
     folder.preempted.unlink(missing_ok=True)
     topology = (["--standalone", "--nnodes=1"] if nnodes == 1 else

@@ -18,14 +18,10 @@ from launcher.data import order
 from launcher.run.checkpoint import CheckpointManager
 from launcher.run.folder import RunFolder
 from launcher.train import adaptive, losses, models, noise, preflight, splits
+from launcher.train.models import DTYPES
 from launcher.train.comm import Comm
 from launcher.train.state import EpochSums, RankRNG, TrainState
 
-DTYPES = {"fp32": torch.float32,
-          # bf16 is torch.autocast over fp32 weights and data: parameters, optimizer state, inputs and
-          # the loss stay fp32, only the matmuls and convolutions run in bf16 (both engines alike).
-          "bf16": torch.float32,
-          "fp64": torch.float64}
 
 
 @dataclass

@@ -42,6 +42,13 @@ def vit_tiny(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return model
 
 
+DTYPES = {"fp32": torch.float32,
+          # bf16 is torch.autocast over fp32 weights and data: parameters, optimizer state, inputs and
+          # the loss stay fp32, only the matmuls and convolutions run in bf16 (both engines alike).
+          "bf16": torch.float32,
+          "fp64": torch.float64}
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()

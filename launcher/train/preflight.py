@@ -78,7 +78,7 @@ def check_samples(recipe: Recipe) -> int:
     import torch
     from launcher import data
     from launcher.train import losses, models
-    from launcher.train.build import DTYPES
+    from launcher.train.models import DTYPES
     dtype = DTYPES[recipe.precision]
     dataset = data.load(recipe.data, torch.device("cpu"), dtype)
     key = "data.factory" if recipe.data.factory else ("data.train" if recipe.data.dataset == "tokens" else "data.root")

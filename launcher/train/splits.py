@@ -291,6 +291,19 @@ def idle_warnings(stages: list[Stage]) -> list[str]:
             for s in stage_rows(stages) if s["data_ranks"] * 2 < s["world_size"]]
 
 
+def zero_lr_warnings(stages: list[Stage], unit: str) -> list[str]:
+    """One line where whole epochs train at learning rate 0 (the paper's cosine with min 0 at its last
+    epoch, m = M - 1), naming the ways out."""
+    if unit != "epoch":
+        return []
+    zero = [s.epoch for s in stages if s.lr == 0.0 and s.first == 0]
+    if not zero:
+        return []
+    return [f"warning: epoch{'s' if len(zero) > 1 else ''} {', '.join(map(str, zero[:5]))} train{'' if len(zero) > 1 else 's'} "
+            f"at learning rate 0 (its steps change nothing but the momentum buffer); allowed: schedule.lr.min > 0, or "
+            "schedule.unit: step (the schedule then reaches its minimum at the run's last step)"]
+
+
 def format_table(p: Plan) -> str:
     """The plan for a person: per stage of equal split, in the epoch unit by epochs, otherwise by global
     steps with where each starts in samples (and tokens)."""
@@ -308,7 +321,7 @@ def format_table(p: Plan) -> str:
             lines.append(f"{s['first']:>5}-{s['last']:<5} {s['batch']:>7} {s['steps']:>8} {s['micro_batch']:>6} "
                          f"{s['accum']:>6} {s['world_size']:>6} {s['data_ranks']:>6} {first.lr:>10.4g}..{last.lr:<10.4g} "
                          f"{first.beta:>6.4g}..{last.beta:<5.4g} {first.gamma:>6.4g}..{last.gamma:<5.4g}")
-        return "\n".join(lines + idle_warnings(stages))
+        return "\n".join(lines + idle_warnings(stages) + zero_lr_warnings(stages, p.unit))
     where = "tokens from" if tokens else "samples from"
     lines = [head + f"; schedules in {p.unit}s, evaluated at each step",
              f"{'steps':>15} {'epoch':>5} {where:>14} {'batch':>7} {'micro':>6} {'accum':>6} {'world':>6} "

@@ -50,3 +50,34 @@ def test_the_relative_import_form_is_not_used():
     relative = [f"{p.relative_to(ROOT.parent)}:{n.lineno}" for p in ROOT.rglob("*.py")
                 for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom) and n.level > 0]
     assert relative == []
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    """Inside a layer too: a circle of imports between modules (a function-level import counts: it only
+    delays the circle) means two modules that are one, or a piece in the wrong one. A package's
+    ``__init__`` re-exporting its modules is how a package is made: not a node here."""
+    graph = {}
+    for path in ROOT.rglob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):       # "from launcher.train import build": build
+            names = ([node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for module in names:
+                if module.startswith("launcher.") and module != name and \
+                        (ROOT.parent / Path(*module.split("."))).with_suffix(".py").exists():
+                    graph[name].add(module)
+    circles = set()
+
+    def visit(node, trail):
+        for nxt in graph.get(node, ()):
+            if nxt in trail:
+                circles.add(" -> ".join(trail[trail.index(nxt):] + [nxt]))
+            elif len(trail) < 8:
+                visit(nxt, trail + [nxt])
+    for start in graph:
+        visit(start, [start])
+    assert sorted(circles) == []
