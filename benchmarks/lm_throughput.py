@@ -77,20 +77,25 @@ def bare(path: str) -> None:
     dist.destroy_process_group()
 
 
+def bench_recipe(folder: Path, data: Path, engine: str = "ddp", noise: bool = True, layers: int = LAYERS,
+                 width: int = WIDTH, steps: int = STEPS) -> dict:
+    """The measured run as a recipe (its run folder: ``folder``/bench)."""
+    return {"name": "bench", "output": str(folder), "seed": 0, "train": {"steps": steps},
+            "data": {"dataset": "tokens", "train": str(data), "validation": str(data.with_name("val.bin")),
+                     "seq_len": SEQ, "workers": 0},
+            "model": {"name": "gpt", "layers": layers, "heads": HEADS, "width": width},
+            "optimizer": {"name": "adamw", "weight_decay": 0.1, "betas": [0.9, 0.95], "clip_grad_norm": 1.0},
+            "schedule": {"unit": "step", "batch": {"kind": "constant", "size": BATCH},
+                         "lr": {"kind": "constant", "max": 1e-3}},
+            "distributed": {"engine": engine, "nproc_per_node": 2, "max_micro_batch": MICRO},
+            "eval": {"full_grad_norm": False, "batch_size": 64},
+            "tracking": {"wandb": {"mode": "disabled"}, "log_every_steps": 10, "noise_scale": noise}}
+
+
 def ours(folder: Path, data: Path, env: dict, noise: bool = True) -> float:
     """``qhm-launch run`` on the same problem; the median tokens/s of its steady step rows."""
     import yaml
-    recipe = {"name": "bench", "output": str(folder), "seed": 0, "train": {"steps": STEPS},
-              "data": {"dataset": "tokens", "train": str(data), "validation": str(data.with_name("val.bin")),
-                       "seq_len": SEQ, "workers": 0},
-              "model": {"name": "gpt", "layers": LAYERS, "heads": HEADS, "width": WIDTH},
-              "optimizer": {"name": "adamw", "weight_decay": 0.1, "betas": [0.9, 0.95], "clip_grad_norm": 1.0},
-              "schedule": {"unit": "step", "batch": {"kind": "constant", "size": BATCH},
-                           "lr": {"kind": "constant", "max": 1e-3}},
-              "distributed": {"nproc_per_node": 2, "max_micro_batch": MICRO},
-              "eval": {"full_grad_norm": False, "batch_size": 64}, "tracking": {"wandb": {"mode": "disabled"},
-                                                                               "log_every_steps": 10,
-                                                                               "noise_scale": noise}}
+    recipe = bench_recipe(folder, data, noise=noise)
     path = folder.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe))
     run([sys.executable, "-m", "launcher", "run", str(path)], env)
@@ -126,12 +131,17 @@ def main() -> None:
                     rates["bare"].append(json.loads(out.split("RATE ", 1)[1].splitlines()[0]))
                 else:
                     rates["ours"].append(ours(Path(tmp) / f"round{r}", data, env, args.noise_scale == "on"))
-    b, o = statistics.median(rates["bare"]), statistics.median(rates["ours"])
-    print(f"| GPT {LAYERS}x{WIDTH} (heads {HEADS}), seq {SEQ}, global batch {BATCH} = {MICRO} x "
-          f"{BATCH // 2 // MICRO} x 2, AdamW + clipping, 2 CPU processes, noise scale {args.noise_scale} | bare DDP loop {b:,.0f} tokens/s | "
-          f"`qhm-launch run` {o:,.0f} tokens/s | ratio {o / b:.3f} | rounds: bare "
-          f"{', '.join(f'{v:,.0f}' for v in rates['bare'])}; ours {', '.join(f'{v:,.0f}' for v in rates['ours'])} |")
+    print(side_by_side(f"GPT {LAYERS}x{WIDTH} (heads {HEADS}), seq {SEQ}, global batch {BATCH} = {MICRO} x "
+                       f"{BATCH // 2 // MICRO} x 2, AdamW + clipping, 2 CPU processes, noise scale {args.noise_scale}",
+                       {"bare DDP loop": rates["bare"], "`qhm-launch run`": rates["ours"]}))
 
+
+def side_by_side(label: str, rates: dict) -> str:
+    """A markdown row: the baseline's median tokens/s, the other's, their ratio, every round's."""
+    (a, ra), (b, rb) = rates.items()
+    ma, mb = statistics.median(ra), statistics.median(rb)
+    rounds = "; ".join(f"{name} {', '.join(f'{v:,.0f}' for v in vs)}" for name, vs in rates.items())
+    return f"| {label} | {a} {ma:,.0f} tokens/s | {b} {mb:,.0f} tokens/s | ratio {mb / ma:.3f} | rounds: {rounds} |"
 
 if __name__ == "__main__":
     if "--bare" in sys.argv:

@@ -211,11 +211,12 @@ def conclude(trainer, outcome) -> int:
     folder, state, log = trainer.folder, trainer.state, trainer.log
     if trainer.comm.is_main and outcome is Outcome.PREEMPTED:
         folder.write_marker(folder.preempted, {"signal": trainer.stop.flag.received, "global_step": state.global_step})
+    whole = trainer.engine.full_state_dict() if outcome is Outcome.FINISHED else None   # every rank (FSDP gathers)
     if trainer.comm.is_main and outcome is Outcome.FINISHED:
         import io
         import torch
         buffer = io.BytesIO()
-        torch.save(trainer.parts.module.state_dict(), buffer)
+        torch.save(whole, buffer)
         atomic_write(folder.final_model, buffer.getvalue())
         folder.write_marker(folder.complete, {
             "global_step": state.global_step, "samples": state.samples, "epochs": trainer.stages.epochs,

@@ -21,7 +21,7 @@ ADAM_FAMILY = ("qhadam", "adamw")          # optimizers whose schedules drive th
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = tuple(qhm.PRESETS) + ADAM_FAMILY   # qhm | sgd (gamma = 0) | nshb (gamma = 1) | qhadam | adamw
 KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name of compiled
-ENGINES = ("ddp", "deepspeed")
+ENGINES = ("ddp", "deepspeed", "fsdp")
 # adaptive: decided at run time (launcher.train.adaptive); warmup_from: a piecewise schedule along the CBS measured
 # by branches, resolved into kind steps when the recipe is loaded
 BATCH_KINDS = qhm.schedules.BATCH_KINDS + ("adaptive", "warmup_from")
@@ -158,6 +158,12 @@ class ScheduleConfig:
 
 
 @dataclass
+class FSDP:
+    shard: Union[str, list, None] = None   # the module class(es) that are FSDP units (default: the GPT's Block)
+    reshard_after_forward: bool = True  # free the gathered parameters after forward (gather again in backward)
+
+
+@dataclass
 class Distributed:
     engine: str = "ddp"
     nproc_per_node: Union[int, str] = 1    # or "auto": one per visible GPU (2 on a machine without GPUs)
@@ -167,6 +173,7 @@ class Distributed:
     deepspeed_config: dict = field(default_factory=dict)
     batch_norm: str = "local"           # local: statistics per micro-batch | sync: over all ranks (CUDA)
     min_rank_batch: int = 32            # the smallest per-rank share worth a rank (elastic chains, plan's estimate)
+    fsdp: FSDP = field(default_factory=FSDP)   # engine fsdp: what is sharded, and how
 
 
 @dataclass

@@ -55,7 +55,10 @@ def validate(r: Recipe) -> Recipe:
     _one_of("optimizer.name", r.optimizer.name, OPTIMIZERS)
     _one_of("optimizer.kernel", r.optimizer.kernel, KERNELS)
     _one_of("distributed.engine", r.distributed.engine, ENGINES)
-    _one_of("distributed.zero_stage", r.distributed.zero_stage, (0, 1, 2))
+    if r.distributed.zero_stage not in (0, 1, 2):
+        raise RecipeError(f"distributed.zero_stage: {r.distributed.zero_stage!r} is not valid; allowed: 0 | 1 | 2 (ZeRO-3 "
+                          "partitions the parameters themselves, which this launcher's evaluation, final model and "
+                          "lockstep micro-steps do not handle under DeepSpeed yet: distributed.engine fsdp shards them)")
     _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
     _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
     _one_of("distributed.batch_norm", r.distributed.batch_norm, BATCH_NORMS)
@@ -79,11 +82,13 @@ def validate(r: Recipe) -> Recipe:
     if r.distributed.engine == "deepspeed" and r.distributed.max_micro_batch == "auto":
         raise RecipeError("distributed.max_micro_batch: 'auto' is not valid with distributed.engine deepspeed; "
                           "allowed: an integer >= 1")
+    if r.distributed.engine == "fsdp":
+        check_fsdp(r)
     if r.distributed.engine == "deepspeed":
         check_raw_deepspeed_config(r.distributed.deepspeed_config)
     elif r.distributed.deepspeed_config:
-        raise RecipeError("distributed.deepspeed_config: not valid with distributed.engine ddp; allowed: {} "
-                          "(or set distributed.engine: deepspeed)")
+        raise RecipeError(f"distributed.deepspeed_config: not valid with distributed.engine {r.distributed.engine}; "
+                          "allowed: {} (or set distributed.engine: deepspeed)")
     for i, sig in enumerate(r.signals.preempt):
         _one_of(f"signals.preempt[{i}]", sig, SIGNALS)
     if not r.name.strip() or "/" in r.name or r.name in (".", "..") or not r.name.isprintable() or len(r.name) > MAX_NAME:
@@ -187,6 +192,28 @@ def placeholder_length(r: Recipe) -> int | None:
     unit = r.schedule.unit
     return 1 + max(units.in_unit("schedule.lr.warmup", r.schedule.lr.warmup, unit, minimum=0),
                    units.in_unit("schedule.lr.decay", r.schedule.lr.decay, unit, minimum=0))
+
+
+def check_fsdp(r: Recipe) -> None:
+    """engine fsdp: what needs a collective outside the lockstep of every rank's forwards is refused."""
+    why = {"distributed.batch_norm": (r.distributed.batch_norm == "sync", "'sync'", "local (FSDP shards the "
+                                      "model; SyncBatchNorm's collectives would interleave with its all-gathers)"),
+           "distributed.max_micro_batch": (r.distributed.max_micro_batch == "auto", "'auto'", "an integer (the "
+                                           "memory probe runs forwards on one rank alone: under FSDP each is a "
+                                           "collective)"),
+           "eval.full_grad_norm": (r.eval.full_grad_norm, "True", "false (it takes autograd.grad of the sharded "
+                                   "parameters, which FSDP's reduce-scatter never reaches)"),
+           "performance.cuda_graphs": (r.performance.cuda_graphs, "True", "false (FSDP's collectives are outside a "
+                                       "captured graph)")}
+    for key, (bad, value, allowed) in why.items():
+        if bad:
+            raise RecipeError(f"{key}: {value} is not valid with distributed.engine fsdp; allowed: {allowed}")
+    rule = r.distributed.fsdp.shard
+    if rule is not None and not (isinstance(rule, str) and rule.isidentifier() or
+                                 isinstance(rule, list) and rule and all(isinstance(x, str) and x.isidentifier()
+                                                                         for x in rule)):
+        raise RecipeError(f"distributed.fsdp.shard: {rule!r} is not valid; allowed: a module class name, e.g. Block, "
+                          "or a list of them")
 
 
 def check_gpt(r: Recipe) -> None:

@@ -19,6 +19,7 @@ class Engine(Protocol):
     optimizer: torch.optim.Optimizer     # whose param_groups the schedules write
     checkpoint_scope: str                # "replicated" (state_dict) or "files" (save_files / load_files)
     clipped: torch.Tensor | None         # optimizer.clip_grad_norm: the last step's global norm before clipping
+    lockstep: bool                       # every forward is a collective (FSDP): ranks run equal micro-steps
 
     def set_stage(self, micro_batch: int, accum: int) -> None: ...
     def micro_step(self, last: bool) -> ContextManager: ...
@@ -27,11 +28,15 @@ class Engine(Protocol):
     def discard_gradients(self) -> None: ...
     def gradient_norm(self) -> torch.Tensor | None: ...
     def close(self) -> None: ...         # drop the hooks whose references keep the wrapper alive
+    def full_state_dict(self) -> dict: ...   # the whole model for final_model.pt (a collective under FSDP)
 
 
 def build(recipe, module, optimizer, comm, first_stage, reads_local_gradients: bool = False) -> Engine:
     """The engine the recipe names; ``first_stage`` (a Stage) sizes DeepSpeed's initial config;
     ``reads_local_gradients``: the noise scale reads each rank's gradient before DDP's reduce."""
+    if recipe.distributed.engine == "fsdp":
+        from launcher.engines.fsdp import FSDPEngine
+        return FSDPEngine(module, optimizer, comm, clip=recipe.optimizer.clip_grad_norm)
     if recipe.distributed.engine == "deepspeed":
         from launcher.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(recipe, module, optimizer, comm, first_stage.micro_batch, first_stage.accum)

@@ -16,6 +16,7 @@ class DDPEngine:
     abandoned half-way (a CUDA out-of-memory error on one rank) then never leaves the other ranks
     waiting inside a collective. ``max_micro_batch: auto`` uses it."""
     checkpoint_scope = "replicated"
+    lockstep = False                     # micro-steps without a collective (no_sync) may differ per rank
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm,
                  explicit_reduce: bool = False, reads_local_gradients: bool = False, clip: float | None = None):
@@ -40,6 +41,10 @@ class DDPEngine:
         self.probe = probe
         if self.model is not self.module and not self.explicit_reduce:
             self._hook = probe.trainable[0].register_post_accumulate_grad_hook(self._queue_local_read)
+
+    def full_state_dict(self) -> dict:
+        """The whole model (every rank holds it)."""
+        return self.module.state_dict()
 
     def close(self) -> None:
         """The hook goes: DDP's reducer holds the parameters from C++, so a parameter -> hook -> engine ->

@@ -104,6 +104,7 @@ def _deepspeed_safe_globals() -> list:
 
 class DeepSpeedEngine:
     checkpoint_scope = "files"
+    lockstep = False                     # ZeRO 0/1/2 keep whole parameters on every rank
 
     def __init__(self, recipe, module, optimizer, comm, micro: int, accum: int):
         import deepspeed
@@ -151,6 +152,10 @@ class DeepSpeedEngine:
     def discard_gradients(self) -> None:
         self.model.zero_grad()
         self._backwards = 0
+
+    def full_state_dict(self) -> dict:
+        """The whole model (every rank holds it)."""
+        return self.module.state_dict()
 
     def close(self) -> None:
         """Nothing of ours hooks into DeepSpeed's engine."""

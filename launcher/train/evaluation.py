@@ -10,20 +10,33 @@ import torch
 from launcher.data import order
 
 
-def _shard_batches(split, comm, batch_size: int):
-    """(a, b, x, y) for this rank's shard of ``split``, ``batch_size`` samples at a time."""
+def _shard_batches(split, comm, batch_size: int, lockstep: bool = False):
+    """(a, b, x, y) for this rank's shard of ``split``, ``batch_size`` samples at a time. ``lockstep``
+    (FSDP: every forward a collective): as many batches on every rank, a shorter shard's last ones empty."""
     lo, hi = order.rank_bounds(len(split), comm.rank, comm.world)
-    return split.shard(lo, hi, batch_size)
+    empty = None
+    for a, b, x, y in split.shard(lo, hi, batch_size):
+        empty = (x[:0], y[:0])
+        yield a, b, x, y
+    if not lockstep:
+        return
+    largest = -(-len(split) // comm.world)
+    missing = -(-largest // batch_size) - -(-(hi - lo) // batch_size)
+    if missing and empty is None:                  # no sample here at all: an empty batch of the right kind
+        _, _, x, y = next(iter(split.shard(0, 1, 1)))
+        empty = (x[:0], y[:0])
+    for _ in range(missing):
+        yield hi, hi, *empty
 
 
 @torch.no_grad()
-def evaluate(module, split, comm, batch_size: int, autocast, loss_fn) -> tuple[float, float | None]:
+def evaluate(module, split, comm, batch_size: int, autocast, loss_fn, lockstep: bool = False) -> tuple[float, float | None]:
     """Mean loss and accuracy over ``split`` (accuracy None when the outputs are not class logits; a
     per-token loss is the mean over the split's tokens that count)."""
     module.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=comm.device)     # loss sum, correct, samples
     has_accuracy = True
-    for a, b, x, y in _shard_batches(split, comm, batch_size):
+    for a, b, x, y in _shard_batches(split, comm, batch_size, lockstep):
         with autocast:
             out = module(x)
         sums[0] += loss_fn(out, y).double()
@@ -76,12 +89,12 @@ def evaluate_epoch(parts, epoch: int) -> dict:
     p, state, r = parts, parts.state, parts.recipe
     row = {}
     row["test_loss"], row["test_acc"] = evaluate(p.module, p.dataset.test, p.comm, r.eval.batch_size, p.autocast,
-                                                 p.loss)
+                                                 p.loss, p.engine.lockstep)
     if row["test_acc"] is not None:
         state.best_test_acc = max(state.best_test_acc, row["test_acc"])
     if p.dataset.validation is not None:
         row["val_loss"], row["val_acc"] = evaluate(p.module, p.dataset.validation, p.comm, r.eval.batch_size,
-                                                   p.autocast, p.loss)
+                                                   p.autocast, p.loss, p.engine.lockstep)
         if row["val_acc"] is not None:
             state.best_val_acc = max(state.best_val_acc, row["val_acc"])
     if r.eval.full_grad_norm:

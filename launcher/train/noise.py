@@ -54,6 +54,9 @@ def source(recipe, world: int, accumulates: bool) -> tuple[str | None, str]:
         return None, "tracking.noise_scale is off"
     if recipe.distributed.engine == "deepspeed":
         return None, "DeepSpeed keeps its gradients in its own partitioned buffers, out of reach of the read"
+    if recipe.distributed.engine == "fsdp":
+        return None, ("FSDP reduce-scatters each gradient inside its backward, before any of it reaches .grad: a rank's "
+                      "own gradient is never there to read")
     if world > 1:
         return RANKS, ""
     if accumulates or recipe.distributed.max_micro_batch == "auto":

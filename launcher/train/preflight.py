@@ -32,10 +32,27 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
         splits = split_epochs(recipe, n, world_size)
     check_graphs(recipe, splits)
     check_adaptive(recipe, world_size)
+    if recipe.distributed.engine == "fsdp" and recipe.distributed.fsdp.shard and check_data:
+        check_shard_rule(recipe)
     if recipe.distributed.engine == "deepspeed":
         from launcher.engines import deepspeed
         deepspeed.check_config(recipe)
     return splits
+
+
+def check_shard_rule(recipe: Recipe) -> None:
+    """distributed.fsdp.shard must name module classes the model has (else FSDP would shard the root only)."""
+    import torch
+    from launcher import data
+    from launcher.train import models
+    dataset = data.load(recipe.data, torch.device("cpu"), torch.float32)
+    module = models.build(recipe.model, dataset.shape, dataset.num_classes, recipe.seed, torch.float32)
+    from launcher.engines.fsdp import shard_types
+    names = {type(m).__name__ for m in module.modules()}
+    missing = [t for t in shard_types(recipe) if t not in names]
+    if missing:
+        raise UserError(f"distributed.fsdp.shard: {recipe.distributed.fsdp.shard!r} names no module of the model "
+                        f"({', '.join(missing)}); allowed: a module class it has ({', '.join(sorted(names)[:12])})")
 
 
 def check_adaptive(recipe: Recipe, world_size: int) -> None:

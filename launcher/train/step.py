@@ -23,6 +23,9 @@ class StepRunner:
         # the host; elsewhere (a mask may leave some out) they are counted and all-reduced each step
         self.tokens_per_sample = p.dataset.tokens_per_sample if self.loss.per_token else None
         self.sync_bn = p.recipe.distributed.batch_norm == "sync" and p.comm.world > 1
+        # every rank must join every collective a forward makes (SyncBN's all-gathers, FSDP's): as many
+        # micro-steps on each, the ranks with fewer samples running empty ones
+        self.lockstep = (self.sync_bn or p.engine.lockstep) and p.comm.world > 1
         self.oom_at, self._oom_fired = env.oom_at(), False     # a test hook, read once
 
     def run(self, epoch: int, step: int) -> int:
@@ -38,7 +41,7 @@ class StepRunner:
         """
         split = self.stages.at(epoch, step)            # as split now (an out-of-memory error halves it)
         size, micro_batches = self.batches.step(epoch, step, split)
-        if self.sync_bn:              # every rank must join every batch-norm all-gather: as many micro-steps
+        if self.lockstep:             # every rank must join every forward's collectives: as many micro-steps
             needed = ceil_div(ceil_div(size, self.comm.world), split.micro_batch)
             micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
         self.noise.start_step()

@@ -26,7 +26,7 @@ def test_smoke_recipe_loads_with_the_issue_schema():
     ("schedule.interval", 0, "schedule.interval: 0"),
     ("data.dataset", "mnist", "data.dataset: 'mnist' is not valid; allowed: digits | synthetic | cifar10 | cifar100"),
     ("model", "resnet50", "model: 'resnet50' is not valid; allowed: small_cnn | resnet18 | vit_tiny"),
-    ("distributed.engine", "fsdp", "distributed.engine: 'fsdp'"),
+    ("distributed.engine", "horovod", "distributed.engine: 'horovod'"),
     ("epochs", "ten", "epochs: 'ten' is not valid; allowed: an integer"),
     ("schedule.lr.max", True, "schedule.lr.max: True is not valid; allowed: a number"),
     ("data.colour", 1, "data.colour: unknown key; allowed keys here: dataset, root, download, augment, size"),

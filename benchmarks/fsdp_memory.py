@@ -1,0 +1,103 @@
+"""What FSDP2 saves and costs against DDP, side by side in the same run, on the built-in GPT with AdamW:
+
+* **memory**: each rank's bytes of parameters, gradients and optimizer state after one real step of the
+  launcher's own parts (``launcher.train.build.build``: the engine, the optimizer on the shards), counted
+  tensor by tensor (a DTensor by its local shard): exact, not a noisy RSS;
+* **speed**: the median tokens/s of ``qhm-launch run`` with ``distributed.engine`` ddp and fsdp, each a
+  fresh torchrun job of 2 CPU processes (gloo), alternating, several rounds.
+
+On CPU/gloo the speed ratio measures the extra collectives (an all-gather per block per forward and
+backward, a reduce-scatter per step), not what NCCL on a GPU would show.
+
+    .venv/bin/python benchmarks/fsdp_memory.py [--rounds 3] [--width 256] [--layers 4]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from lm_throughput import BATCH, MICRO, SEQ, bench_recipe, run, side_by_side, token_file  # the same problem
+
+STEPS, WARM = 60, 15
+
+
+def recipe(folder: Path, data: Path, engine: str, layers: int, width: int) -> dict:
+    return {**bench_recipe(folder, data, engine, layers=layers, width=width, steps=STEPS), "checkpoint": {"every_steps": 0}}
+
+
+def measure(path: str) -> None:
+    """Under torchrun: one step of the launcher's parts; each rank prints its bytes as JSON."""
+    import torch
+    from launcher import config
+    from launcher.train import build, comm as comm_mod
+    comm = comm_mod.init()
+    parts = build.build(config.load(path), comm, log=lambda *a, **k: None)
+    engine, local = parts.engine, (lambda t: t.to_local() if hasattr(t, "to_local") else t)
+    vocab = parts.recipe.model.vocab or 256
+    x, y = torch.randint(vocab, (2, MICRO, SEQ), generator=torch.Generator().manual_seed(comm.rank))
+    with engine.micro_step(True):
+        out = engine.module(x)
+        engine.backward(torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten()))
+    size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)     # noqa: E731
+    params = list(parts.module.parameters())
+    grads = size(p.grad for p in params if p.grad is not None)
+    engine.step()
+    state = size(v for s in engine.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+    print("BYTES " + json.dumps({"rank": comm.rank, "params": size(params), "grads": grads, "optimizer": state}),
+          flush=True)
+    parts.close()
+    comm.close()
+
+
+def rate(folder: Path) -> float:
+    rows = [json.loads(line) for line in next(folder.glob("*/steps.jsonl")).read_text().splitlines()]
+    return statistics.median(r["tokens_per_s"] for r in rows if r["step"] > WARM)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    args = parser.parse_args()
+    here = Path(__file__).resolve()
+    import yaml
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), os.environ.get("PYTHONPATH", "")]),
+               WANDB_MODE="disabled")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = token_file(tmp / "data")
+        paths = {}
+        for engine in ("ddp", "fsdp"):
+            paths[engine] = tmp / f"{engine}.yaml"
+            paths[engine].write_text(yaml.safe_dump(recipe(tmp / f"m-{engine}", data, engine, args.layers, args.width)))
+        memory = {}
+        for engine, path in paths.items():
+            out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(here), "--measure", str(path)], env)
+            memory[engine] = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("BYTES ")]
+        rates = {"ddp": [], "fsdp": []}
+        for r in range(args.rounds):
+            for engine in (("ddp", "fsdp") if r % 2 == 0 else ("fsdp", "ddp")):
+                folder = tmp / f"round{r}-{engine}"
+                path = tmp / f"round{r}-{engine}.yaml"
+                path.write_text(yaml.safe_dump(recipe(folder, data, engine, args.layers, args.width)))
+                run([sys.executable, "-m", "launcher", "run", str(path)], env)
+                rates[engine].append(rate(folder))
+    mib = lambda b: b / 2 ** 20     # noqa: E731
+    for part in ("params", "grads", "optimizer"):
+        d, f = (max(m[part] for m in memory[e]) for e in ("ddp", "fsdp"))
+        print(f"| {part} per rank | DDP {mib(d):.2f} MiB | FSDP {mib(f):.2f} MiB | ratio {f / d:.3f} |")
+    d, f = (max(sum(m[k] for k in ("params", "grads", "optimizer")) for m in memory[e]) for e in ("ddp", "fsdp"))
+    print(f"| all three per rank | DDP {mib(d):.2f} MiB | FSDP {mib(f):.2f} MiB | ratio {f / d:.3f} |")
+    print(side_by_side(f"GPT {args.layers}x{args.width}, seq {SEQ}, batch {BATCH} = {MICRO} x 1 x 2, AdamW + "
+                       "clipping, 2 CPU processes", {"DDP": rates["ddp"], "FSDP": rates["fsdp"]}))
+
+if __name__ == "__main__":
+    if "--measure" in sys.argv:
+        measure(sys.argv[sys.argv.index("--measure") + 1])
+    else:
+        main()

@@ -1,0 +1,125 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) as an :class:`~launcher.engines.Engine`: each parameter
+sharded over the ranks (dim 0), gathered for a module's forward and backward and resharded after.
+
+* **Sharding**: every module of the ``distributed.fsdp.shard`` type (default: the built-in GPT's
+  blocks, else none) is a unit of its own, and the root always: one all-gather per unit per forward
+  (and, with ``reshard_after_forward``, again in backward: less memory, more communication).
+* **Accumulation**: ``set_requires_gradient_sync(False)`` on every micro-step but the last, so one
+  reduce-scatter per step, as DDP's ``no_sync``; the gradient is the mean over ranks, as DDP's.
+* **Lockstep**: every forward all-gathers, so every rank runs the same number of micro-steps (a rank with
+  fewer samples of a global batch runs empty ones) and of evaluation batches.
+* **Precision**: ``bf16`` is ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: parameters
+  gathered and computed in bf16, gradients reduced in fp32, the sharded master weights and the optimizer
+  state in fp32.
+* **Optimizers**: QHM, QHAdam and AdamW run their foreach kernels on the sharded (DTensor) parameters.
+* **Checkpoints**: ``torch.distributed.checkpoint`` (DCP) writes the sharded model and optimizer state,
+  each rank its own files, in parallel, into the manager's atomic folder (which checksums them); DCP
+  reshards on load, so a checkpoint of 2 processes resumes on 1 or 3. The final model is the full
+  (unsharded) state dict, gathered onto rank 0.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from launcher.errors import UserError
+
+FOLDER = "fsdp"
+
+
+def shard_types(recipe) -> tuple[str, ...]:
+    """The class names of the modules that are FSDP units of their own."""
+    rule = recipe.distributed.fsdp.shard
+    if rule:
+        return tuple(rule) if isinstance(rule, list) else (rule,)
+    return ("Block",) if getattr(recipe.model, "name", None) == "gpt" else ()
+
+
+def shard(recipe, module: torch.nn.Module, comm) -> torch.nn.Module:
+    """``module`` with ``fully_shard`` applied: each module of the shard rule's types, then the root.
+    A rule that names no module of the model is one line (it would shard nothing but the root)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if recipe.precision == "bf16" else MixedPrecisionPolicy())
+    reshard = recipe.distributed.fsdp.reshard_after_forward
+    types = shard_types(recipe)
+    units = [m for m in module.modules() if type(m).__name__ in types and m is not module]
+    if recipe.distributed.fsdp.shard and not units:
+        found = sorted({type(m).__name__ for m in module.modules()})
+        raise UserError(f"distributed.fsdp.shard: {recipe.distributed.fsdp.shard!r} names no module of the model; "
+                        f"allowed: a module class it has ({', '.join(found[:12])})")
+    for unit in reversed(units):                 # innermost first
+        fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(module, mp_policy=policy, reshard_after_forward=reshard)
+    return module
+
+
+class FSDPEngine:
+    checkpoint_scope = "files"
+    lockstep = True                      # every forward is a collective: ranks run the same micro-steps
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm, clip: float | None = None):
+        """``module``: already sharded (:func:`shard`; the optimizer was built on its DTensors)."""
+        self.module = self.model = module
+        self.optimizer, self.comm, self.clip, self.clipped = optimizer, comm, clip, None
+
+    def set_stage(self, micro_batch: int, accum: int) -> None:
+        """Nothing to do: the loop decides where a step's micro-batches end."""
+
+    def micro_step(self, last: bool):
+        self.module.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.clip is not None:        # DTensor gradients: the norm over every rank's shards, exact
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None],
+                                                  self.clip, foreach=True)
+            self.clipped = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def gradient_norm(self) -> torch.Tensor | None:
+        """||g|| of this step's reduced gradient: the sum of the shards' squares, all-reduced."""
+        grads = [p.grad.to_local() for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        square = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+        return self.comm.all_reduce_sum(square).sqrt()
+
+    def close(self) -> None:
+        """Nothing of ours hooks into FSDP."""
+
+    def full_state_dict(self) -> dict:
+        """The unsharded model, gathered onto rank 0 (a collective: every rank calls it; the others get {})."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    # checkpoints: DCP writes the shards, each rank its own, into the manager's folder
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model, optim = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optimizer": optim}
+
+    def save_files(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        dcp.save(self._state(), checkpoint_id=str(Path(folder) / FOLDER))
+
+    def check_files(self, folder: Path) -> None:
+        """DCP's metadata is there and readable (the manager has checked every file's size and hash)."""
+        from torch.distributed.checkpoint import FileSystemReader
+        FileSystemReader(str(Path(folder) / FOLDER)).read_metadata()
+
+    def load_files(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(Path(folder) / FOLDER))       # resharded onto this world size
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

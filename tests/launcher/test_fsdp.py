@@ -1,0 +1,141 @@
+"""FSDP2 (``fully_shard``) as an engine: the same updates as DDP (fp64 to 1e-10, fp32 to rounding), with
+batch growth by accumulation, clipping, AdamW, QHAdam and QHM; sharded DCP checkpoints that resume bitwise
+on the same world size and, resharded, on another; bad recipes refused in one line. Real gloo processes."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from helpers import (assert_bitwise, checkpoint_steps, cli, final_params, killed_at_checkpoint, metric_rows,
+                     train_ranks, write_recipe)
+from test_lm import lm_recipe, token_files  # noqa: F401  (the module's fixture)
+
+GROWTH = {"distributed.max_micro_batch": 4, "schedule.batch": {"kind": "steps", "points": [[0, 8], ["4K", 16]]},
+          "train.tokens": "8K"}
+
+
+def _close(a: dict, b: dict, rtol: float, atol: float) -> float:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("optimizer", [
+    {"name": "adamw", "weight_decay": 0.1, "clip_grad_norm": 0.5},
+    {"name": "qhadam", "clip_grad_norm": 0.5},
+    {"name": "qhm"},
+])
+def test_fsdp_is_ddp_in_fp64(token_files, tmp_path, optimizer):  # noqa: F811
+    """Sharded parameters, a reduce-scatter per step instead of an all-reduce, the clip norm over every
+    rank's shards: the same training as DDP, to fp64 rounding, through batch growth with accumulation."""
+    over = {**GROWTH, "precision": "fp64", "optimizer": optimizer}
+    if optimizer["name"] == "qhm":
+        over["schedule.lr"] = {"kind": "constant", "max": 0.3}
+    ddp = train_ranks(lm_recipe(token_files, "ddp", **over), tmp_path)
+    fsdp = train_ranks(lm_recipe(token_files, "fsdp", **over, **{"distributed.engine": "fsdp"}), tmp_path)
+    _close(final_params(fsdp), final_params(ddp), rtol=1e-10, atol=1e-12)
+    a, b = metric_rows(ddp), metric_rows(fsdp)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 2
+    for ra, rb in zip(a, b):
+        assert rb["test_loss"] == pytest.approx(ra["test_loss"], rel=1e-10)
+    steps = [json.loads(line) for line in (fsdp / "steps.jsonl").read_text().splitlines()]
+    assert {(s["micro_batch"], s["accum"]) for s in steps} == {(4, 1), (4, 2)}, "8 → 16 by accumulation"
+    model = torch.load(fsdp / "final_model.pt", weights_only=True)
+    assert not any(type(v).__name__ == "DTensor" for v in model.values()), "the final model is unsharded"
+
+
+def test_fsdp_is_ddp_in_fp32_to_rounding(token_files, tmp_path):  # noqa: F811
+    ddp = train_ranks(lm_recipe(token_files, "ddp", **GROWTH), tmp_path)
+    fsdp = train_ranks(lm_recipe(token_files, "fsdp", **GROWTH, **{"distributed.engine": "fsdp"}), tmp_path)
+    _close(final_params(fsdp), final_params(ddp), rtol=1e-4, atol=1e-5)
+    assert metric_rows(fsdp)[-1]["test_loss"] == pytest.approx(metric_rows(ddp)[-1]["test_loss"], rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_a_sharded_checkpoint_resumes_bitwise_and_on_another_world_size(token_files, tmp_path):  # noqa: F811
+    recipe = lm_recipe(token_files, **GROWTH, **{"distributed.engine": "fsdp", "precision": "fp64",
+                                                 "checkpoint.every": "3K tokens", "checkpoint.keep": 100})
+    run = train_ranks(recipe, tmp_path)
+    reference = final_params(run), metric_rows(run)
+    kept = checkpoint_steps(run)[0]
+    saved = run / "checkpoints" / f"step-{kept:09d}"
+    manifest = json.loads((saved / "manifest.json").read_text())
+    shards = [name for name in manifest["files"] if name.startswith("fsdp/")]
+    assert len([n for n in shards if n.endswith(".distcp")]) == 2, "each rank writes its own shard file"
+    assert "fsdp/.metadata" in shards, "every DCP file is in the manifest, checksummed"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(run, pristine)
+
+    def rewind(to_world: int):
+        shutil.rmtree(run)
+        shutil.copytree(pristine, run)
+        for path in (run / "final_model.pt", run / "complete.json"):
+            path.unlink()
+        for step in checkpoint_steps(run)[1:]:
+            shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
+        return {**recipe, "distributed": {**recipe["distributed"], "nproc_per_node": to_world}}
+
+    resumed = train_ranks(rewind(2), tmp_path)
+    assert f"step-{kept:09d}" in resumed.output
+    assert_bitwise(final_params(resumed), reference[0])
+    assert metric_rows(resumed) == reference[1]
+    for world in (1, 3):          # DCP reshards the model and optimizer; the sums' order alone differs
+        moved = train_ranks(rewind(world), tmp_path)
+        assert f"step-{kept:09d}" in moved.output
+        _close(final_params(moved), reference[0], rtol=1e-10, atol=1e-12)
+        assert [r["step"] for r in metric_rows(moved)] == [r["step"] for r in reference[1]]
+
+
+@pytest.mark.e2e
+def test_a_tampered_shard_is_not_loaded(token_files, tmp_path):  # noqa: F811
+    recipe = lm_recipe(token_files, **GROWTH, **{"distributed.engine": "fsdp", "precision": "fp64",
+                                                 "checkpoint.every": "3K tokens", "checkpoint.keep": 100})
+    run = train_ranks(recipe, tmp_path)
+    reference = final_params(run)
+    for path in (run / "final_model.pt", run / "complete.json"):
+        path.unlink()
+    steps = checkpoint_steps(run)
+    for step in steps[2:]:
+        shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
+    newest = run / "checkpoints" / f"step-{steps[1]:09d}"
+    shard = next((newest / "fsdp").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    resumed = train_ranks(recipe, tmp_path)
+    assert f"checkpoint {newest.name} is not valid" in resumed.output
+    assert f"step-{steps[0]:09d}" in resumed.output
+    assert_bitwise(final_params(resumed), reference)
+
+
+@pytest.mark.parametrize("over, expect", [
+    ({"distributed.batch_norm": "sync"}, "distributed.batch_norm: 'sync' is not valid with distributed.engine fsdp"),
+    ({"distributed.max_micro_batch": "auto"}, "distributed.max_micro_batch: 'auto' is not valid with distributed.engine fsdp"),
+    ({"eval.full_grad_norm": True}, "eval.full_grad_norm: True is not valid with distributed.engine fsdp"),
+    ({"distributed.fsdp.shard": "Conv9d"}, "distributed.fsdp.shard: 'Conv9d' names no module of the model"),
+    ({"distributed.fsdp.shard": "a b"}, "distributed.fsdp.shard: 'a b' is not valid; allowed: a module class name"),
+    ({"distributed.fsdp.reshard_after_forward": "yes"}, "distributed.fsdp.reshard_after_forward"),
+    ({"distributed.engine": "deepspeed", "distributed.zero_stage": 3}, "distributed.zero_stage: 3 is not valid"),
+    ({"schedule.batch": {"kind": "adaptive", "initial": 8, "growth": 2, "max": 64}}, "FSDP reduce-scatters"),
+])
+def test_bad_fsdp_recipes_are_one_line(token_files, tmp_path, capsys, over, expect):  # noqa: F811
+    from test_bad_input import one_clean_line, run_main
+    path = write_recipe(tmp_path, lm_recipe(token_files, **{"distributed.engine": "fsdp", **over}))
+    one_clean_line(*run_main(["run" if "names no module" in expect else "plan", str(path)], capsys), expect)
+
+
+@pytest.mark.e2e
+def test_kill_9_at_the_stage_change_resumes_bitwise(token_files, tmp_path, reference_runs):  # noqa: F811
+    """A real torchrun job under FSDP killed (kill -9, the whole tree) once the checkpoint at the step where
+    the batch doubles (8 → 16 sequences at 4K tokens: step 32) exists; the resumed run equals one that
+    never stopped, bit for bit."""
+    recipe = lm_recipe(token_files, "k", **GROWTH, **{"distributed.engine": "fsdp", "checkpoint.every_steps": 8})
+    reference = reference_runs(recipe)
+    path, run = killed_at_checkpoint(tmp_path, recipe, 32, delay="0.1")
+    newest = checkpoint_steps(run)[-1]
+    done = cli(["run", str(path)], cwd=tmp_path, check=0)
+    assert "resumed from" in done.stdout and f"step-{newest:09d}" in done.stdout and newest >= 32
+    assert_bitwise(final_params(run), final_params(reference))
+    assert metric_rows(run) == metric_rows(reference)
