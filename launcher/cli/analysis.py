@@ -122,9 +122,17 @@ def describe_batch(identity: dict) -> str:
     kind = identity.get("schedule.batch.kind", "constant")
     if kind == "constant":
         return f"constant batch {identity.get('schedule.batch.size')}"
+    unit = identity.get("schedule.unit") or "epoch"
+    if kind == "steps":                  # piecewise in the schedule's unit: "batch 8→16→64 at 60K, 150K tokens"
+        points = identity.get("schedule.batch.points") or []
+        sizes = "→".join(str(size) for _, size in points)
+        return f"batch {sizes} at {', '.join(str(at) for at, _ in points[1:])} {unit}s" if len(points) > 1 else \
+            f"constant batch {sizes}"
     initial, growth = identity.get("schedule.batch.initial"), identity.get("schedule.batch.growth", 2)
     interval, epochs = identity.get("schedule.interval", 1), identity.get("epochs", 1)
-    every = "every epoch" if interval == 1 else f"every {interval} epochs"
+    every = f"every {unit}" if interval == 1 else f"every {interval} {unit}s"
+    if unit != "epoch":                  # the final batch depends on the run's length in that unit
+        return f"{kind} from {initial}, ×{growth:g} {every}"
     if kind == "adaptive":
         return (f"adaptive from {initial}, ×{growth:g} when noise scale ≥ {identity.get('schedule.batch.factor', 1):g} × "
                 f"batch, {every}")
@@ -199,6 +207,8 @@ def draw_batches(ax, curve: dict, x: str, colour: str) -> None:
     shift = 1 if x == "epoch" else 0
     for k, run in enumerate(curve["runs"]):
         rows = [r for r in run["rows"] if r.get("batch") and r.get(x) is not None]
+        if len(rows) < 2 and x != "epoch":     # shorter than two epochs (a language model): its logged steps
+            rows = [r for r in run["step_rows"] if r.get("batch") and r.get(x) is not None]
         ax.step([r[x] + shift for r in rows], [r["batch"] for r in rows], ":", where="pre",
                 color=colour, label=f"its batch, each seed ({curve['label']})" if k == 0 else None)
 

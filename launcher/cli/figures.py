@@ -55,21 +55,38 @@ def scaling_figure(runs: list[dict], result: dict, out: str, x: str = "samples")
 X_FIELD = {"samples": "samples", "tokens": "tokens", "steps": "step"}
 
 
+def noise_points(run: dict, field: str) -> tuple[dict, str]:
+    """{position: noise scale} of one run: its epoch rows where it trained two epochs or more, else (a run
+    shorter than two epochs, as a language model's) its logged steps in about 20 windows, each window's
+    B_simple the ratio of its mean tr(Σ) to its mean |G|² (a ratio of sums, as an epoch's is)."""
+    epochs = {r[field]: r["noise_scale"] for r in run["rows"] if r.get("noise_scale") is not None
+              and r.get(field) is not None and not r.get("mid_epoch")}
+    if len(epochs) >= 2:
+        return epochs, "per epoch"
+    steps = [r for r in run["step_rows"] if r.get("grad_sq") is not None and r.get("trace_cov") is not None
+             and r.get(field) is not None]
+    size = max(1, len(steps) // 20)
+    windows = [steps[i:i + size] for i in range(0, len(steps) - size + 1, size)]
+    points = {w[-1][field]: sum(r["trace_cov"] for r in w) / sum(r["grad_sq"] for r in w)
+              for w in windows if sum(r["grad_sq"] for r in w) > 0}
+    return (points, "over logged steps") if points else (epochs, "per epoch")
+
+
 def noise_panel(ax, runs: list[dict], b_crit: float | None, field: str = "samples") -> None:
-    """Each curve's measured noise scale per epoch (solid; its seeds' mean), over the samples trained, and
-    a growing schedule's batch over it (dotted, same colour, each seed): where the batch stays below the noise
-    scale, a step is still mostly noise and a larger batch would not waste samples."""
-    drawn = 0
+    """Each curve's measured noise scale (solid; its seeds' mean) over training, and a growing schedule's
+    batch over it (dotted, same colour, each seed): where the batch stays below the noise scale, a step is
+    still mostly noise and a larger batch would not waste samples."""
+    drawn, how = 0, set()
     for i, curve in enumerate(analysis.group(runs)):
-        per_run = [{r[field]: r["noise_scale"] for r in run["rows"] if r.get("noise_scale") is not None
-                    and r.get(field) is not None}
-                   for run in curve["runs"]]
-        x = sorted(set.intersection(*(set(p) for p in per_run)))      # epochs every seed measured
+        measured = [noise_points(run, field) for run in curve["runs"]]
+        per_run = [points for points, _ in measured]
+        x = sorted(set.intersection(*(set(p) for p in per_run)))      # positions every seed measured
         if not x:
             continue
-        colour, name = f"C{i % 10}", analysis.describe_batch(curve["identity"])
+        how.update(h for _, h in measured)
+        colour = f"C{i % 10}"
         mean = np.mean([[p[k] for k in x] for p in per_run], axis=0)
-        ax.plot(x, mean, "-", marker=".", color=colour, linewidth=1.2, label=name)
+        ax.plot(x, mean, "-", marker=".", color=colour, linewidth=1.2, label=curve["label"])
         analysis.draw_batches(ax, curve, field, colour)
         drawn += 1
     if b_crit is not None:
@@ -77,6 +94,7 @@ def noise_panel(ax, runs: list[dict], b_crit: float | None, field: str = "sample
     ax.set_yscale("log")
     ax.set(xlabel={"samples": "samples trained (SFO)", "tokens": "tokens trained", "step": "optimizer steps"}[field],
            ylabel="noise scale B_simple = tr(Σ)/|G|² (samples)",
-           title="measured gradient noise scale, per epoch" + ("" if drawn else " (no run measured it)"))
+           title="measured gradient noise scale" + (f", {' and '.join(sorted(how))}" if drawn else
+                                                    " (no run measured it)"))
     if drawn or b_crit is not None:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)

@@ -127,3 +127,18 @@ def test_world_size_separates_curves_of_throughput_but_not_of_accuracy():
     assert len(analysis.group(runs, "test_acc")) == 1
     curves = analysis.group(runs, "samples_per_s")
     assert [(c["label"], len(c["runs"])) for c in curves] == [("world size 1", 2), ("world size 2", 1)]
+
+
+def test_batch_schedules_in_steps_or_tokens_are_labelled_in_their_unit():
+    """A study of constant batches beside a batch warmup in tokens (the LM sweep): each curve says its
+    batch in words, the warmup's sizes and the positions where it grows in the schedule's unit."""
+    from launcher import config as R
+    def run(batch, unit="token"):
+        over = {"epochs": None, "train.tokens": "300K", "schedule.unit": unit, "schedule.batch": batch,
+                "data.tokens_per_sample": 64}
+        return {"dir": str(batch), "rows": [], "recipe": R.from_dict(base_recipe(**over)).to_dict()}
+    warmup = {"kind": "steps", "points": [[0, 8], ["60K", 16], ["150K", 64]]}
+    curves = analysis.group([run({"kind": "constant", "size": 8}), run(warmup),
+                             run({"kind": "exponential", "initial": 8, "growth": 2}, )])
+    assert [c["label"] for c in curves] == ["constant batch 8", "batch 8→16→64 at 60K, 150K tokens",
+                                            "exponential from 8, ×2 every token"]

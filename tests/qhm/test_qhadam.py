@@ -43,18 +43,23 @@ def test_qhadam_equals_qhoptims_over_200_float64_steps(build, betas, nus, wd, de
                    foreach=foreach)
     b = qhoptim.QHAdam(theirs.parameters(), lr=3e-3, betas=betas, nus=nus, weight_decay=wd,
                        decouple_weight_decay=decouple)
-    g = torch.Generator().manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")             # qhoptim calls add_'s deprecated (Number, Tensor) form
-        for _ in range(200):
-            x = inputs(ours, g)
-            for model, opt in ((ours, a), (theirs, b)):
-                opt.zero_grad()
-                model(x).pow(2).mean().backward()
-                opt.step()
+        train_side_by_side((ours, a), (theirs, b), steps=200, seed=1)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-15, atol=1e-15)
 
+
+
+def train_side_by_side(*pairs, steps: int, seed: int) -> None:
+    """Each (model, optimizer) trains on the same inputs, step by step."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = inputs(pairs[0][0], g)
+        for model, opt in pairs:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
 
 def test_nus_one_is_torchs_adam_and_decoupled_decay_its_adamw():
     for decouple in (False, True):
@@ -63,13 +68,7 @@ def test_nus_one_is_torchs_adam_and_decoupled_decay_its_adamw():
         theirs.load_state_dict(ours.state_dict())
         a = qhm.QHAdam(ours.parameters(), lr=1e-2, weight_decay=0.05, decouple_weight_decay=decouple)
         b = (torch.optim.AdamW if decouple else torch.optim.Adam)(theirs.parameters(), lr=1e-2, weight_decay=0.05)
-        g = torch.Generator().manual_seed(2)
-        for _ in range(100):
-            x = inputs(ours, g)
-            for model, opt in ((ours, a), (theirs, b)):
-                opt.zero_grad()
-                model(x).pow(2).mean().backward()
-                opt.step()
+        train_side_by_side((ours, a), (theirs, b), steps=100, seed=2)
         for p, q in zip(ours.parameters(), theirs.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
