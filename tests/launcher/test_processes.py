@@ -219,7 +219,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes_bitwise_once_there
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        over = {"name": "full", "epochs": 2, "checkpoint.every_steps": 3}
+        over = {"name": "full", "epochs": 2, "checkpoint.every_steps": 3, "schedule.lr.min": 0.001}   # no LR-0 warning line
         path = write_recipe(tmp_path, recipe(output=str(disk), **over))
         filler = disk / "filler"
         filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 24 * 1024))

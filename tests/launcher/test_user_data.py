@@ -275,8 +275,10 @@ def test_a_sample_that_raises_in_one_worker_is_one_line_with_its_traceback_in_th
     launcher. One line names the rank, the step and the user's message; the traceback is kept."""
     import json
     user_package(tmp_path)
+    # lr.min > 0: the last epoch at learning rate 0 would add its warning line to stderr
     recipe = base_recipe(name="trap", **{"data": {"factory": "mypkg.edge:bad_sample", "workers": 0},
-                                         "model": {"factory": "mypkg.parts:build_model", "kwargs": {"classes": 3}}})
+                                         "model": {"factory": "mypkg.parts:build_model", "kwargs": {"classes": 3}},
+                                         "schedule.lr.min": 0.001})
     proc = cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, timeout=120)
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
