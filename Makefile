@@ -85,6 +85,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/engines.py
 	$(PY) benchmarks/lm_throughput.py
 	$(PY) benchmarks/fsdp_memory.py
+	$(PY) benchmarks/ddp_fixed_buckets.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -32,6 +32,8 @@ UNTIL_EPOCH = "QHM_UNTIL_EPOCH"                   # run --until-epoch (a segment
 UNTIL_STEP = "QHM_UNTIL_STEP"                     # run --until-step (a segment of a chain in steps, samples, tokens)
 FAILURE_NOTE = "QHM_FAILURE_NOTE"                 # file (the launcher's temp folder): a worker's failure when
                                                   # failed.json cannot be written (a full disk)
+AGENT_NOTE = "QHM_AGENT_NOTE"                     # file (the launcher's temp folder): the agent's word on a
+                                                  # worker that ended without its own (a signal, an exit status)
 DEBUG = "QHM_DEBUG"                               # "1": --debug (tracebacks instead of one line)
 BATCH_JOB = "QHM_BATCH_JOB"                       # "1": inside a generated Slurm script
 

@@ -60,6 +60,14 @@ def cmd_run(args) -> int:
     if in_worker_env():
         return run_worker(recipe, force=args.force_resume or env.flag(env.FORCE_RESUME), until_epoch=args.until_epoch,
                           until_step=args.until_step)
+    from launcher.cluster.keeper import Keeper
+    with Keeper():           # from here on, nothing the run starts outlives it (a kill -9 of this process included)
+        return launch(args, recipe)
+
+
+def launch(args, recipe) -> int:
+    """The launcher's side of ``run``: the checks, the folder's lock, torchrun under supervision, and the
+    markers its workers left turned into one line and an exit status."""
     from launcher.config import factories
     from launcher.train import preflight
     from launcher.cluster.supervise import AGENT_SIGNALS, supervise
@@ -97,7 +105,7 @@ def cmd_run(args) -> int:
     topology = (["--standalone", "--nnodes=1"] if nnodes == 1 else
                 [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}",
                  f"--rdzv_id={args.rdzv_id}"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", *topology, f"--nproc_per_node={nproc}", AGENT_SIGNALS,
+    cmd = [sys.executable, "-m", "launcher.cluster.agent", *topology, f"--nproc_per_node={nproc}", AGENT_SIGNALS,
            "-m", "launcher", "run", str(resolved)]
     worker_env = dict(os.environ, **{env.PARENT: str(os.getpid()), env.FORCE_RESUME: "1" if args.force_resume else "0",
                               env.DEBUG: "1" if args.debug else "0", env.UNTIL_EPOCH: str(args.until_epoch or ""),
@@ -117,6 +125,9 @@ def cmd_run(args) -> int:
     fd, note = tempfile.mkstemp(prefix="qhm-launch-failure-", suffix=".json")
     os.close(fd)
     worker_env[env.FAILURE_NOTE] = note
+    fd, agent_note = tempfile.mkstemp(prefix="qhm-launch-agent-", suffix=".json")
+    os.close(fd)
+    worker_env[env.AGENT_NOTE] = agent_note
 
     def worker_failed() -> bool:              # a failure written during this run (a rank may remove it later)
         if not seen and _signature(folder.failed) != before:
@@ -127,8 +138,17 @@ def cmd_run(args) -> int:
     try:
         rc = supervise(cmd, worker_env, preemption_signals(recipe), failed=worker_failed)
         worker_failed()
+        died = folder.read_json(Path(agent_note))
     finally:
         os.unlink(note)
+        os.unlink(agent_note)
+    unsaid = untold_end(folder, died, rc, told=bool(seen))
+    if unsaid is not None:                    # a worker (or the agent) ended without a word of its own
+        seen[:] = [unsaid]
+        try:
+            folder.write_marker(folder.failed, unsaid)
+        except (OSError, RunFailed):
+            pass
     if lock is not None:
         lock.release()
     failed = seen[0] if seen else folder.read_json(folder.failed)
@@ -145,6 +165,35 @@ def cmd_run(args) -> int:
               f"resume (exit {PREEMPTED})", flush=True)
         return PREEMPTED
     return rc
+
+
+# what a signal a worker died of most likely means, for the line that says so
+SIGNAL_CAUSES = {"SIGKILL": "what the kernel's out-of-memory killer sends: see the node's memory, e.g. `dmesg`",
+                 "SIGSEGV": "a crash in native code", "SIGBUS": "a crash in native code (or a full /dev/shm)",
+                 "SIGABRT": "an abort in native code"}
+
+
+def untold_end(folder, died: dict | None, rc: int, told: bool) -> dict | None:
+    """The failure marker for a run whose cause no worker could name: a worker killed by a signal (the
+    agent's note ``died``; its peers' errors are the consequence, so it outranks what they ``told``), a
+    worker that exited with a status of its own while none reported anything, or torchrun's agent itself
+    killed (``rc`` < 0, its workers dying with it). None when the workers' own report stands."""
+    from launcher.run.checkpoint import CheckpointManager
+    newest = CheckpointManager(folder, log=lambda *a: None).candidates()
+    again = ("run the same command again to resume from the newest checkpoint (global step "
+             f"{int(newest[0].name[5:])})" if newest else "no checkpoint was written: run the same command to start again")
+    if died is not None and (died.get("signal") or not told):
+        how = (f"was killed by {died['signal']} (signal {-died['exitcode']}"
+               + (f"; {SIGNAL_CAUSES[died['signal']]})" if died["signal"] in SIGNAL_CAUSES else ")")
+               if died.get("signal") else f"exited with status {died['exitcode']} without a word")
+        return {"error": f"rank {died['rank']} (pid {died['pid']} on {died['host']}) {how}; {again}",
+                "exit": FAILED, "rank": died["rank"], "signal": died.get("signal")}
+    if rc < 0 and not told:
+        import signal
+        name = signal.Signals(-rc).name if -rc in signal.valid_signals() else f"signal {-rc}"
+        return {"error": f"torchrun's agent was killed by {name} (signal {-rc}) and its workers ended with it; {again}",
+                "exit": FAILED, "signal": name}
+    return None
 
 
 def _signature(path) -> tuple | None:

@@ -160,7 +160,13 @@ def _exited(pid: int) -> bool:
 
 def _end_agent(proc: subprocess.Popen) -> None:
     """Kill the agent, its workers (and, through their death signals, their data workers), and what is
-    left in the agent's process group; reap the agent. Its PID (the group's id) is not reused before."""
+    left in the agent's process group; reap the agent. Its PID (the group's id) is not reused before.
+    The agent is stopped first: it must not see its workers die of the SIGKILL sent here and report
+    them as killed (:mod:`launcher.cluster.agent`)."""
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        pass
     signal_children(proc.pid, signal.SIGKILL, only_if_caught=False)
     try:
         os.killpg(proc.pid, signal.SIGKILL)

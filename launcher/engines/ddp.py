@@ -8,6 +8,26 @@ from torch.autograd import Variable
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
+class _FixedBuckets(torch.nn.Module):
+    """The model as DDP sees it on more than two ranks, where DDP's buckets must keep one layout for the
+    whole run. DDP rebuilds its buckets after a process's first backward (in the order the gradients
+    came), so a resumed process reduces its first step in the construction-time layout where the
+    uninterrupted run used the rebuilt one; on three or more ranks an element's place in the flat bucket
+    decides the order in which the ranks' values are added (gloo's and NCCL's rings), so the gradient
+    changes in its last bits (on two, a + b = b + a: no difference). DDP never rebuilds with
+    ``find_unused_parameters``; this wrapper adds the one parameter no forward uses, so DDP finds an
+    unused parameter and does not warn at every rank that the flag is not needed. Only DDP holds it:
+    the optimizer, the checkpoints and the final model see the user's module."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.never_used = torch.nn.Parameter(torch.zeros(1, device=next(module.parameters()).device))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
 class DDPEngine:
     """torch DDP: ``no_sync`` on all but the last micro-step, so one gradient all-reduce per step.
 
@@ -29,8 +49,10 @@ class DDPEngine:
         distributed = torch.distributed.is_initialized()
         self.explicit_reduce = explicit_reduce and distributed
         bucket_view = not (reads_local_gradients and not self.explicit_reduce)
-        self.model = DDP(module, device_ids=[comm.device.index] if comm.device.type == "cuda" else None,
-                         gradient_as_bucket_view=bucket_view) if distributed else module
+        fixed = distributed and comm.world > 2 and not self.explicit_reduce
+        self.model = DDP(_FixedBuckets(module) if fixed else module,
+                         device_ids=[comm.device.index] if comm.device.type == "cuda" else None,
+                         gradient_as_bucket_view=bucket_view, find_unused_parameters=fixed) if distributed else module
         self._reduced = self._read_local = False
         self.probe, self._hook = None, None
 

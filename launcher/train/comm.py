@@ -56,17 +56,21 @@ class Comm:
         sum, and ``also`` (tensors of this rank, or None), on the host. Called a while later (the next stop
         check) it finds the all-reduce long done: no step waits for the other ranks or for the device.
         On a GPU the all-reduce is ordered on the stream and the host copies are asynchronous, read after
-        their event; on a CPU (gloo) the all-reduce runs on gloo's own thread until waited for."""
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) if self.world > 1 else None
+        their event; on a CPU (gloo) the all-reduce runs on gloo's own thread until waited for.
+
+        On more than two ranks the sum is taken in rank order from an all-gather: an all-reduce adds an
+        element's values in an order set by its place in the tensor (the ring's chunks), and here the
+        place depends on how many rows were queued, which depends on timing; two ranks' a + b is exact."""
+        work, total = self._sum_started(tensor)
         if self.device.type != "cuda":
             def read():
                 if work is not None:
                     work.wait()
-                return (tensor, *also)
+                return (total(), *also)
             return read
         if work is not None:
             work.wait()                  # NCCL: the stream waits for the collective, the host does not
-        copies = [t if t is None else t.to("cpu", non_blocking=True) for t in (tensor, *also)]
+        copies = [t if t is None else t.to("cpu", non_blocking=True) for t in (total(), *also)]
         done = torch.cuda.Event()
         done.record()
 
@@ -74,6 +78,24 @@ class Comm:
             done.synchronize()
             return tuple(copies)
         return read_cuda
+
+    def _sum_started(self, tensor: torch.Tensor):
+        """(the collective's work or None, a function giving the sum once it is done): see
+        :meth:`all_reduce_sum_later`."""
+        if self.world == 1:
+            return None, lambda: tensor
+        if self.world == 2:
+            return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True), lambda: tensor
+        parts = torch.empty(self.world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        work = dist.all_gather_into_tensor(parts, tensor.reshape(-1).contiguous(), async_op=True)
+
+        def total() -> torch.Tensor:
+            ranks = parts.view(self.world, *tensor.shape)
+            out = ranks[0].clone()
+            for rank in ranks[1:]:
+                out += rank
+            return out
+        return work, total
 
     def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

@@ -18,7 +18,7 @@ GROWTH = {"distributed.max_micro_batch": 4, "schedule.batch": {"kind": "steps", 
 def _close(a: dict, b: dict, rtol: float, atol: float) -> float:
     assert sorted(a) == sorted(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
@@ -49,7 +49,9 @@ def test_fsdp_is_ddp_in_fp64(token_files, tmp_path, optimizer):  # noqa: F811
 def test_fsdp_is_ddp_in_fp32_to_rounding(token_files, tmp_path):  # noqa: F811
     ddp = train_ranks(lm_recipe(token_files, "ddp", **GROWTH), tmp_path)
     fsdp = train_ranks(lm_recipe(token_files, "fsdp", **GROWTH, **{"distributed.engine": "fsdp"}), tmp_path)
-    _close(final_params(fsdp), final_params(ddp), rtol=1e-4, atol=1e-5)
+    # fp32: the reduce-scatter and the all-reduce add in other orders, and 30 AdamW steps carry that
+    # rounding on; a bias near 0 ends ~1e-5 apart (the fp64 test above is the equivalence, to 1e-10)
+    _close(final_params(fsdp), final_params(ddp), rtol=1e-4, atol=5e-5)
     assert metric_rows(fsdp)[-1]["test_loss"] == pytest.approx(metric_rows(ddp)[-1]["test_loss"], rel=1e-4)
 
 

@@ -1,13 +1,15 @@
 """Exact resume: kill -9 at any point, signals, corrupt checkpoints, another world size."""
 import json
+import os
 import signal
+import socket
 import threading
 
 import pytest
 import torch
 
 from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
-                      metric_rows, start, wait_for, write_recipe)
+                      metric_rows, start, train_ranks, wait_for, write_recipe)
 
 # 400 samples, batches 16 -> 32 -> 64 -> 128: 25 + 13 + 7 + 4 = 49 steps, a checkpoint every 3
 STAGE_ENDS = [25, 38, 45, 49]
@@ -78,6 +80,74 @@ def test_kill_9_then_same_command_is_bitwise_the_uninterrupted_run(tmp_path, ref
     proc = cli(["run", str(path)], cwd=tmp_path, check=0)
     assert "resumed from" in proc.stdout
     assert_same_as_reference(run, reference)
+
+
+def _measured(rows):
+    """steps.jsonl rows without their clocks (wall time, throughput): what must be a function of the run."""
+    return [{k: v for k, v in r.items() if not any(w in k for w in ("time", "per_s", "elapsed", "wall"))} for r in rows]
+
+
+def test_kill_9_on_three_ranks_resumes_bitwise_and_the_step_rows_do_not_depend_on_timing(tmp_path):
+    """On 3 ranks the order in which an all-reduce adds the ranks' values depends on an element's place
+    in the reduced tensor: DDP's bucket layout must not change at a resume, and the queued step rows
+    (however many a stop check sends at once) must be summed in one order."""
+    three = {"distributed.nproc_per_node": 3, "tracking.log_every_steps": 1}
+    (tmp_path / "reference").mkdir()
+    ref = train_ranks(recipe("ref", **three), tmp_path / "reference")
+    path = write_recipe(tmp_path, recipe("ref", **three))
+    run = tmp_path / "runs" / "ref"
+    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
+    wait_for(lambda: any(7 <= s < 25 for s in checkpoint_steps(run)), proc=proc, what="a mid-epoch checkpoint")
+    kill_group(proc)
+    assert "resumed from" in cli(["run", str(path)], cwd=tmp_path, check=0).stdout
+    assert_bitwise(final_params(run), final_params(ref))
+    assert metric_rows(run) == metric_rows(ref)
+    steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    expect = [json.loads(x) for x in (ref / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == len(expect) > 10 and _measured(steps) == _measured(expect)
+
+
+def _agent_and_rank(launcher_pid, rank):
+    """torchrun's agent (the launcher's child running launcher.cluster.agent) and its worker of ``rank``."""
+    from pathlib import Path
+    from launcher.cluster.supervise import children
+    agent = [p for p in children(launcher_pid) if b"launcher.cluster.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    workers = [p for p in children(agent[0])
+               if f"RANK={rank}".encode() in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")]
+    return agent[0], workers[0]
+
+
+@pytest.mark.parametrize("victim", ["rank", "agent"])
+def test_a_rank_or_the_agent_killed_with_sigkill_is_one_line_naming_it_and_the_run_resumes(tmp_path, reference, victim):
+    """What the out-of-memory killer does: kill -9 of rank 1 alone (rank 0 then meets closed sockets in a
+    collective: its "Connection reset by peer" must not be the line), or of torchrun's agent."""
+    path = write_recipe(tmp_path, recipe("ref"))
+    run = tmp_path / "runs" / "ref"
+    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
+    try:
+        wait_for(lambda: any(7 <= s < 25 for s in checkpoint_steps(run)), proc=proc, what="a mid-epoch checkpoint")
+        agent, rank1 = _agent_and_rank(proc.pid, 1)
+        os.kill(rank1 if victim == "rank" else agent, signal.SIGKILL)
+        text = proc.communicate(timeout=60)[0]
+    finally:
+        kill_group(proc)
+    newest = checkpoint_steps(run)[-1]
+    errors = [x for x in text.splitlines() if "error" in x.lower() or "Traceback" in x or "Connection reset" in x]
+    assert proc.returncode == 1 and len(errors) == 1, text[-3000:]
+    again = f"run the same command again to resume from the newest checkpoint (global step {newest})"
+    if victim == "rank":
+        assert errors[0] == (f"qhm-launch: error: rank 1 (pid {rank1} on {socket.gethostname()}) was killed by SIGKILL "
+                             "(signal 9; what the kernel's out-of-memory killer sends: see the node's memory, e.g. "
+                             f"`dmesg`); {again}"), errors
+    else:
+        assert errors[0] == (f"qhm-launch: error: torchrun's agent was killed by SIGKILL (signal 9) and its workers "
+                             f"ended with it; {again}"), errors
+    marker = json.loads((run / "failed.json").read_text())
+    assert marker["signal"] == "SIGKILL" and marker.get("rank") == (1 if victim == "rank" else None)
+    assert "failed" in cli(["status", str(run)], cwd=tmp_path, check=0).stdout
+    if victim == "rank":
+        assert "resumed from" in cli(["run", str(path)], cwd=tmp_path, check=0).stdout
+        assert_same_as_reference(run, reference)
 
 
 # SIGTERM here; USR2 and TERM again on Slurm (test_slurm), USR1 through the same flag (test_signals)

@@ -2,7 +2,9 @@
 ImageFolder of generated PNGs, the streamed order proved to be the keyed order (against the in-memory
 path, and across world sizes), bitwise resume after kill -9, and every bad factory in one line."""
 import math
+import os
 import shutil
+import signal
 import sys
 
 import pytest
@@ -307,6 +309,30 @@ def test_processes_a_factory_starts_end_with_the_run(tmp_path):
         assert len(started) == 3                   # the launcher's check and two ranks
         wait_for(lambda: not any(map(alive, started)), timeout=10, what="the factory's children to end")
     finally:
+        _end([int(x) for x in pids.read_text().split()] if pids.exists() else [])
+
+
+@pytest.mark.e2e
+def test_processes_a_factory_starts_end_when_the_launcher_alone_is_killed_with_sigkill(tmp_path):
+    """kill -9 of the launcher's PID (not its group): its check's `sleep 300` was its own child, each
+    rank's is a child of a worker in a session of its own; death signals reach none of the three."""
+    pids = tmp_path / "pids"
+    user_package(tmp_path)
+    recipe = base_recipe(name="spawn", epochs=3, **{"data": {"factory": "mypkg.edge:spawns", "workers": 0},
+                                                   "model": {"factory": "mypkg.parts:build_model",
+                                                             "kwargs": {"classes": 3}}})
+    proc = start(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path,
+                 env={"QHM_TEST_PIDS": str(pids), "QHM_TEST_STEP_DELAY": "0.2"})
+    try:
+        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 3, timeout=120, proc=proc,
+                 what="the launcher's and both ranks' children")
+        started = [int(x) for x in pids.read_text().split()]
+        assert all(map(alive, started))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_for(lambda: not any(map(alive, started)), timeout=15, what="the factory's children to end")
+    finally:
+        kill_group(proc)
         _end([int(x) for x in pids.read_text().split()] if pids.exists() else [])
 
 
