@@ -46,6 +46,8 @@ OOM_AT = "QHM_TEST_OOM_AT"                        # "epoch:step[:micro]": raise 
 OOM_ABOVE = "QHM_TEST_OOM_ABOVE"                  # micro-batch size above which the memory probe "fails"
 NOISE_SCALES = "QHM_TEST_NOISE_SCALES"            # "v1,v2,...": the noise scale each adaptive batch decision
                                                   # takes, in order, instead of the measured one
+STALL_S = "QHM_TEST_STALL_S"                     # the watchdog's thresholds (launcher.train.signals), in seconds:
+STUCK_S = "QHM_TEST_STUCK_S"                      # a step worth a warning, a preempted run that is stuck
 COMPILE_BACKEND = "QHM_COMPILE_BACKEND"           # torch.compile's backend (default inductor; the GPU check's
                                                   # smoke mode and tests use eager: dynamo traces, nothing is built)
 

@@ -221,13 +221,14 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None, u
         until_step = int(os.environ[env.UNTIL_STEP])
     joined = comm is None
     comm = comm_mod.init() if joined else comm
-    lock, trainer = None, None
+    lock, trainer, watchdog = None, None, None
     try:
         if os.environ.get(env.LOCKED_BY) is None:      # nobody holds the folder for us: rank 0 does
             lock = _take_lock(recipe, comm)
         if env.PARENT not in os.environ:          # nobody checked the recipe before us
             check_resume(recipe, force, comm.world, log=print if comm.is_main else (lambda *a: None))
         trainer = Trainer(build.build(recipe, comm), flag, until_epoch=until_epoch, until_step=until_step)
+        watchdog = watch(trainer, flag)
         rc = conclude(trainer, trainer.train())
     except (UserError, RunFailed) as exc:
         if env.flag(env.DEBUG):
@@ -236,6 +237,8 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None, u
     except Exception as exc:            # a mistake only a worker meets (the user's code, a bug): one line too
         rc = report_failure(recipe, comm, exc, where=trainer.where() if trainer else None)
     finally:
+        if watchdog is not None:
+            watchdog.close()
         # DDP must be gone before its process group: a gloo group destroyed under a live DDP aborts the
         # interpreter's teardown now and then ("terminate called without an active exception", exit -6
         # after a finished run: 13 of 100 runs of a plain DDP script, 0 of 70 with DDP freed first)
@@ -250,6 +253,41 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None, u
     if rc == PREEMPTED and env.PARENT in os.environ:
         return 0                    # the parent turns the marker into the PREEMPTED status
     return rc
+
+
+def watch(trainer, flag):
+    """The worker's watchdog (launcher.train.signals.Watchdog): a step far slower than the ones before is
+    one warning; a preemption signal that meets a step that will not end (a data worker stuck in a
+    dataset's ``__getitem__``) ends the run as a preemption would, from the newest checkpoint, within the
+    signal's grace time, where it would otherwise wait until Slurm's SIGKILL."""
+    import signal
+    import time
+    from launcher.train.signals import STALL_MIN_S, STUCK_AFTER_S, Watchdog
+    rank, folder = trainer.comm.rank, trainer.folder
+
+    def warn(age: float, typical: float) -> None:
+        print(f"[qhm-launch] WARNING: rank {rank}: global step {trainer.state.global_step + 1} has taken {age:.0f} s "
+              f"(a step takes {typical:.2g} s): is a batch not coming (a data worker stuck in a dataset's "
+              "__getitem__, a file system that hangs)?", file=sys.stderr, flush=True)
+
+    def on_stuck(age: float) -> None:
+        step = trainer.checkpoints.last_step
+        if not folder.preempted.exists():            # the first rank to see it says it (each rank sees it)
+            name = signal.Signals(flag.received).name if flag.received else "a stop request"
+            print(f"[qhm-launch] {name}, and rank {rank} has made no progress for {age:.0f} s (at global step "
+                  f"{trainer.state.global_step + 1}): stopping without a new checkpoint; the run resumes from "
+                  + (f"global step {step}" if step is not None else "its start (no checkpoint yet)"),
+                  file=sys.stderr, flush=True)
+            try:
+                folder.write_marker(folder.preempted, {"signal": flag.received, "global_step": step or 0,
+                                                       "stuck": True})
+            except (OSError, RunFailed):
+                pass
+        time.sleep(2.0)            # the other ranks see the marker before their collectives fail on our exit
+        os._exit(0 if env.PARENT in os.environ else PREEMPTED)
+
+    stall = float(os.environ.get(env.STALL_S) or STALL_MIN_S)
+    return Watchdog(trainer, flag, warn, on_stuck, stall_s=stall, stuck_s=float(os.environ.get(env.STUCK_S) or STUCK_AFTER_S))
 
 
 def conclude(trainer, outcome) -> int:
@@ -292,6 +330,8 @@ def report_failure(recipe, comm, exc: BaseException, where: str | None = None) -
     Under the launcher the worker then exits 0, so torchrun prints no block of its own: the launcher,
     seeing failed.json, gives the other ranks a moment to end (they may be waiting in a collective for
     this one) and then ends them."""
+    if (recipe.folder.read_json(recipe.folder.preempted) or {}).get("stuck"):
+        return 0 if env.PARENT in os.environ else PREEMPTED   # a stuck peer ended the run: this is what followed
     if disk_full(exc):                        # a write we did not make ourselves (DeepSpeed's files, W&B)
         exc = DiskFull(exc.filename or recipe.folder.path / "?", None)
     status = exit_status(exc)

@@ -31,17 +31,18 @@ class PreemptionFlag:
 
     def __init__(self, names: list[str]):
         self.received: Optional[int] = None
+        self.at: Optional[float] = None          # when (time.monotonic)
         for name in names:
             signal.signal(getattr(signal, name), self._handler)
 
     def _handler(self, signum, frame):
         if self.received is None:
-            self.received = signum
+            self.received, self.at = signum, time.monotonic()
 
     def adopt(self, early: Optional[int]) -> None:
         """Take a signal that arrived before this flag existed (recorded by the worker's first lines)."""
         if early is not None and self.received is None:
-            self.received = early
+            self.received, self.at = early, time.monotonic()
 
 
 CHECK_EVERY_S = 0.5           # a check at least this often (at most once per step)
@@ -73,7 +74,7 @@ class Agreement:
     def _asked(self) -> bool:
         if self.flag.received is None and self.comm.is_main and self.request_file is not None \
                 and self.request_file.exists():
-            self.flag.received = 0        # the batch script of a Slurm job asked (all nodes see the file)
+            self.flag.received, self.flag.at = 0, time.monotonic()   # the batch script of a Slurm job asked
         return self.flag.received is not None
 
     def _proposal(self) -> int:
@@ -118,3 +119,59 @@ class Agreement:
         if self._work is not None:
             self._work.wait()
             self._work = None
+
+
+# a step this much longer than the steps before it (and at least STALL_MIN_S) is worth one warning
+STALL_FACTOR, STALL_MIN_S = 20, 30.0
+# a preemption signal this long ago, and no step ended since: the step will not end (a data worker stuck
+# in a dataset's __getitem__, a peer that never joins a collective); well inside Slurm's usual warning
+STUCK_AFTER_S = 20.0
+
+
+def watch_verdict(now: float, activity: str, progress: float, typical: Optional[float], signalled: Optional[float],
+                  stall_s: float = STALL_MIN_S, stuck_s: float = STUCK_AFTER_S) -> Optional[str]:
+    """What the watchdog makes of a worker at ``now``: "stuck" (a preemption signal at ``signalled`` and
+    no progress for ``stuck_s`` since it and since the last ``progress``, while training: the stop the
+    signal asks for will never come), "stall" (a step running far longer than the ``typical`` one), or
+    None. Saving and evaluating are progress of their own and never judged here."""
+    if activity not in ("step", "between steps"):
+        return None
+    if signalled is not None and now - max(signalled, progress) > stuck_s:
+        return "stuck"
+    if activity == "step" and typical is not None and now - progress > max(stall_s, STALL_FACTOR * typical):
+        return "stall"
+    return None
+
+
+class Watchdog:
+    """A daemon thread beside the training loop: one warning when a step takes far longer than the steps
+    before it, and, when a preemption signal meets a step that will not end, the run ended the way a
+    preemption ends it, without the checkpoint it cannot write: ``on_stuck()`` (the marker, the exit).
+    It reads the trainer's ``activity``, ``progress`` (when a step last started or ended) and
+    ``typical`` (seconds per step), which the loop writes as it goes; nothing is locked."""
+
+    def __init__(self, trainer, flag: PreemptionFlag, warn, on_stuck, stall_s: float = STALL_MIN_S,
+                 stuck_s: float = STUCK_AFTER_S, every_s: float = 0.5):
+        import threading
+        self.trainer, self.flag, self.warn, self.on_stuck = trainer, flag, warn, on_stuck
+        self.stall_s, self.stuck_s, self.every_s = stall_s, stuck_s, every_s
+        self._done = threading.Event()
+        self._warned_at = None                # the progress mark of the step already warned about
+        self._thread = threading.Thread(target=self._watch, name="qhm-watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.every_s):
+            t = self.trainer
+            progress, typical, now = t.progress, t.typical, time.monotonic()
+            verdict = watch_verdict(now, t.activity, progress, typical, self.flag.at, self.stall_s, self.stuck_s)
+            if verdict == "stuck":
+                self.on_stuck(now - progress)
+                return
+            if verdict == "stall" and self._warned_at != progress:
+                self._warned_at = progress
+                self.warn(now - progress, typical)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()

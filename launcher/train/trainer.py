@@ -54,6 +54,8 @@ class Trainer:
         self.tokens_per_sample = parts.plan.steps.tokens_per_sample or 0
         self.step_delay = env.step_delay()
         self.activity = "starting"        # what the worker is doing: the one-line failure says where it was
+        self.progress = time.monotonic()   # when a step last started or ended (the watchdog reads these two)
+        self.typical: float | None = None  # seconds a step takes, smoothed
 
     def where(self) -> str:
         """Where this worker is, for a failure's line: in a step, or between steps (saving, evaluating)."""
@@ -125,7 +127,7 @@ class Trainer:
         if manifest is not None:
             self.check_position(manifest)
         self.reporter.open(self.state)
-        self.activity = "between steps"
+        self.activity, self.progress = "between steps", time.monotonic()
 
     def check_position(self, manifest: dict) -> None:
         """The restored position must be one of the run's plan (a checkpoint whose values were edited and
@@ -179,9 +181,12 @@ class Trainer:
             self.hyper = self.stages.hyperparams(epoch, step)
             qhm.apply_hyperparams(self.engine.optimizer, *self.hyper)
         self.parts.batches.start_epoch(epoch, step, stage)
+        # a new batch shape: its first step may compile; no step time to judge it by until it ends
+        self.typical, self.progress = None, time.monotonic()
 
     def train_step(self, epoch: int, step: int) -> None:
         """One optimizer step on global batch (epoch, step): this rank's micro-batches, one update."""
+        started = self.progress = time.monotonic()
         self.activity = "step"
         if self.stages.per_step:                    # schedules in steps, samples or tokens: every step its own
             self.hyper = self.stages.hyperparams(epoch, step)
@@ -199,6 +204,9 @@ class Trainer:
         self.state.samples += size
         self.state.tokens += size * self.tokens_per_sample
         self.last_size = size
+        self.progress = time.monotonic()
+        took = self.progress - started
+        self.typical = took if self.typical is None else 0.8 * self.typical + 0.2 * took
         self.activity = "between steps"
         if self.step_delay:
             time.sleep(self.step_delay)
@@ -217,13 +225,16 @@ class Trainer:
         target's crossing is not rounded to epochs. Before any save at this step, so a checkpoint follows
         its row."""
         self.step_rows.flush()                     # W&B takes rows in step order
+        self.activity = "evaluating"
         with self.stages.eager():
             evaluated = evaluate_epoch(self.parts, epoch)
         self.reporter.mid_epoch_row(self.stages.current, self.state, evaluated)
+        self.activity, self.progress = "between steps", time.monotonic()
 
     def end_epoch(self, epoch: int) -> None:
         """The epoch's row: training sums over all ranks, evaluation, then the next position."""
         stage = self.stages.current                # as split at the end (auto: maybe halved meanwhile)
+        self.activity = "evaluating"
         self.reporter.end_training()
         self.check_finite()
         totals = self.comm.all_reduce_sum(self.sums.as_tensor())
@@ -242,6 +253,7 @@ class Trainer:
                 self.stages.set_decisions(growth.batches)
         elif growth is not None:
             growth.end_epoch_sums(totals)
+        self.activity, self.progress = "between steps", time.monotonic()
 
     def check_finite(self) -> None:
         """Stop (on every rank) if any rank's loss was not finite since the last check: before anything
@@ -264,6 +276,7 @@ class Trainer:
                             + (" to resume from there" if saved is not None else ""))
 
     def save(self, tag: str) -> None:
+        self.activity = "saving"
         self.check_finite()
         self.reporter.account_time(self.state)
         recipe = self.recipe.to_dict()
@@ -271,6 +284,7 @@ class Trainer:
             "position": self.state.state_dict(), "recipe": recipe, "recipe_hash": config.trajectory_hash(recipe),
             "wandb_id": self.state.wandb_id, "tag": tag})
         self.log(f"[qhm-launch] checkpoint {path.name} ({tag})")
+        self.activity, self.progress = "between steps", time.monotonic()
 
     def close(self, outcome: Outcome) -> None:
         """After train(): background checkpoint removal done, the stop agreement's last all-reduce in,

@@ -71,3 +71,21 @@ def test_fast_steps_are_checked_every_half_second_and_slow_ones_every_step():
     assert run_ranks(_paced, 2, [0.001, 0.001], 300)[0][1] == [1, 500]            # 1 ms steps: every 500
     stop, every, _ = run_ranks(_paced, 2, [2.0, 2.0], 100)[0]
     assert every == [1] and stop == 102                          # a 2 s step: two steps, about 4 s
+
+
+def test_the_watchdog_judges_a_stuck_step_only_after_a_signal_and_a_slow_one_against_the_steps_before():
+    from launcher.train.signals import STALL_FACTOR, STALL_MIN_S, STUCK_AFTER_S, watch_verdict
+    # no signal: a step 31 s long where steps take 0.1 s is a stall; 29 s is not (the floor); a 1 s step
+    # takes 20 s before a 21 s one is worth saying
+    assert watch_verdict(100.0, "step", 100.0 - 31, 0.1, None) == "stall"
+    assert watch_verdict(100.0, "step", 100.0 - (STALL_MIN_S - 1), 0.1, None) is None
+    assert watch_verdict(100.0, "step", 100.0 - 35, 2.0, None) is None and STALL_FACTOR * 2.0 == 40
+    assert watch_verdict(100.0, "step", 0.0, None, None) is None           # no step measured yet
+    # a signal: stuck once neither the signal nor the last progress is within STUCK_AFTER_S
+    assert watch_verdict(100.0, "step", 50.0, 0.1, 100.0 - STUCK_AFTER_S - 1) == "stuck"
+    assert watch_verdict(100.0, "between steps", 50.0, 0.1, 100.0 - STUCK_AFTER_S - 1) == "stuck"
+    assert watch_verdict(100.0, "step", 50.0, 0.1, 100.0 - STUCK_AFTER_S + 1) == "stall"   # not yet stuck
+    assert watch_verdict(100.0, "step", 100.0 - 1, 0.1, 50.0) is None       # steps still end: the stop comes
+    # saving and evaluating are progress of their own, however long they take
+    for busy in ("saving", "evaluating", "resuming", "starting"):
+        assert watch_verdict(1e6, busy, 0.0, 0.1, 0.0) is None

@@ -353,6 +353,40 @@ def test_a_data_worker_stuck_in_getitem_dies_with_a_killed_run(tmp_path):
         _end([int(x) for x in pids.read_text().split()] if pids.exists() else [])
 
 
+@pytest.mark.e2e
+def test_a_preemption_that_meets_a_stuck_data_worker_ends_as_a_preemption_from_the_newest_checkpoint(tmp_path):
+    """A data worker hangs in __getitem__: first a warning that a step takes far longer than the others;
+    then SIGTERM: the stop it asks for can never come (no step ends), so the run ends as preempted (exit
+    75) within the watchdog's time, without a new checkpoint, and resumes from the newest one."""
+    import json
+    import time
+    pids = tmp_path / "pids"
+    user_package(tmp_path)
+    recipe = base_recipe(name="hang", **{"data": {"factory": "mypkg.edge:hangs", "workers": 1},
+                                         "model": {"factory": "mypkg.parts:build_model", "kwargs": {"classes": 3}}})
+    proc = start(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path,
+                 env={"QHM_TEST_PIDS": str(pids), "QHM_TEST_STALL_S": "2", "QHM_TEST_STUCK_S": "5"})
+    run = tmp_path / "runs" / "hang"
+    try:
+        wait_for(lambda: pids.exists() and pids.read_text().strip(), timeout=120, proc=proc, what="a stuck read")
+        stuck = [int(x) for x in pids.read_text().split()]
+        time.sleep(4)
+        sent = time.time()
+        os.kill(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        took = time.time() - sent
+    finally:
+        kill_group(proc)
+        _end([int(x) for x in pids.read_text().split()] if pids.exists() else [])
+    newest = checkpoint_steps(run)[-1]
+    assert proc.returncode == 75 and 5 <= took < 20, (proc.returncode, took, out[-3000:])
+    assert "WARNING: rank" in out and "is a batch not coming" in out, out[-3000:]
+    assert f"stopping without a new checkpoint; the run resumes from global step {newest}" in out, out[-3000:]
+    assert json.loads((run / "preempted.json").read_text())["global_step"] == newest
+    assert "Traceback" not in out and "error:" not in out, out[-3000:]
+    wait_for(lambda: not any(map(alive, stuck)), timeout=20, what="the stuck data worker to end")
+
+
 # ---------------------------------------------------------------------------------------------- images
 
 def write_images(root, classes=3, per_class=(40, 12), size=32):
