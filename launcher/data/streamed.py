@@ -93,10 +93,24 @@ class SampleError(RuntimeError):
     carry it from a worker process to the rank)."""
 
 
+class DataWorkerLost(RuntimeError):
+    """A data worker ended without a word while the rank waited for its batch (killed by a signal: the
+    out-of-memory killer's SIGKILL above all). DataLoader says so as "exited unexpectedly", or, when the
+    worker died half-way through sending, as a ConnectionResetError or EOFError that names no worker."""
+
+
+def _lost_workers(it) -> str:
+    """The PIDs of the loader's workers that are gone (DataLoader's own list; empty if it has none)."""
+    gone = [str(w.pid) for w in getattr(it, "_workers", []) if not w.is_alive()]
+    return f" (pid {', '.join(gone)})" if gone else ""
+
+
 def worker_failure(exc: BaseException) -> str | None:
     """A data worker's failure in one line -- "data worker 2: reading sample 17 (epoch 0) raised
     ValueError: ..." -- from the exception DataLoader raises in the rank (its message holds the worker's
     whole traceback); None for any other exception."""
+    if isinstance(exc, DataWorkerLost):
+        return str(exc)
     text = str(exc)
     marker = "in DataLoader worker process "
     if marker not in text:
@@ -304,8 +318,21 @@ class StreamedBatches:
         size, lo, hi = self._bounds(step, stage)
         out = []
         for a, c in order.micro_batches(lo, hi, stage.micro_batch):
-            out.append(self.split.to_device(*next(self._it)) if c > a else self.empty)
+            out.append(self.split.to_device(*self._next()) if c > a else self.empty)
         return size, out
+
+    def _next(self):
+        try:
+            return next(self._it)
+        except (ConnectionError, EOFError) as exc:
+            lost = exc
+        except RuntimeError as exc:
+            if "exited unexpectedly" not in str(exc) and "is killed by signal" not in str(exc):
+                raise
+            lost = exc
+        raise DataWorkerLost(f"a data worker{_lost_workers(self._it)} ended without a word while loading this "
+                             "rank's batch: killed by a signal? (SIGKILL is what the out-of-memory killer sends; "
+                             "fewer data.workers need less memory)") from lost
 
     def _recut(self, read: list, step: int, stage) -> list:
         """The step's samples on this rank (``read``, in order) cut into ``stage``'s micro-batches."""

@@ -272,13 +272,16 @@ def _end(pids):
 
 
 @pytest.mark.e2e
-def test_a_sample_that_raises_in_one_worker_is_one_line_with_its_traceback_in_the_run_folder(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_sample_that_raises_in_one_worker_is_one_line_with_its_traceback_in_the_run_folder(tmp_path, workers):
     """Sample 77 is read by one rank only; the other waits for it in a collective and is ended by the
-    launcher. One line names the rank, the step and the user's message; the traceback is kept."""
+    launcher. One line names the rank, the step and the user's message; the traceback is kept. Read by
+    a data worker (workers: 1), the line names the worker too, and nothing else is said (no "leaked
+    semaphore" warnings from the ended ranks' resource trackers)."""
     import json
     user_package(tmp_path)
     # lr.min > 0: the last epoch at learning rate 0 would add its warning line to stderr
-    recipe = base_recipe(name="trap", **{"data": {"factory": "mypkg.edge:bad_sample", "workers": 0},
+    recipe = base_recipe(name="trap", **{"data": {"factory": "mypkg.edge:bad_sample", "workers": workers},
                                          "model": {"factory": "mypkg.parts:build_model", "kwargs": {"classes": 3}},
                                          "schedule.lr.min": 0.001})
     proc = cli(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path, timeout=120)
@@ -286,6 +289,7 @@ def test_a_sample_that_raises_in_one_worker_is_one_line_with_its_traceback_in_th
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     assert len(lines) == 1 and "ValueError: cannot decode sample 77" in lines[0], proc.stderr
     assert lines[0].startswith("qhm-launch: error: rank ") and " failed at global step " in lines[0]
+    assert ("data worker 0: reading sample 77" in lines[0]) == (workers == 1), lines[0]
     run = tmp_path / "runs" / "trap"
     failed = json.loads((run / "failed.json").read_text())
     assert failed["error"] in lines[0] and failed["exit"] == 1
@@ -385,6 +389,36 @@ def test_a_preemption_that_meets_a_stuck_data_worker_ends_as_a_preemption_from_t
     assert json.loads((run / "preempted.json").read_text())["global_step"] == newest
     assert "Traceback" not in out and "error:" not in out, out[-3000:]
     wait_for(lambda: not any(map(alive, stuck)), timeout=20, what="the stuck data worker to end")
+
+
+@pytest.mark.e2e
+def test_a_data_worker_killed_with_sigkill_is_one_line_naming_the_worker_and_its_rank(tmp_path):
+    """What the out-of-memory killer does to a data worker: DataLoader reports "exited unexpectedly" or,
+    when the worker dies half-way through sending, a ConnectionResetError that names no worker."""
+    import uuid
+    from helpers import processes_with
+    user_package(tmp_path)
+    mark = uuid.uuid4().hex
+    recipe = base_recipe(name="dw", epochs=4, **{"data": {"factory": "mypkg.parts:build_data",
+                                                          "kwargs": {"n": 300, "classes": 3}, "workers": 1},
+                                                 "model": {"factory": "mypkg.parts:build_model", "kwargs": {"classes": 3}},
+                                                 "schedule.lr.min": 0.001})
+    proc = start(["run", str(write_recipe(tmp_path, recipe))], cwd=tmp_path,
+                 env={"QHM_TEST_STEP_DELAY": "0.1", "QHM_TEST_MARK": mark})
+    try:
+        wait_for(lambda: checkpoint_steps(tmp_path / "runs" / "dw"), proc=proc, what="a first checkpoint")
+        servers = [p for p in processes_with(f"QHM_TEST_MARK={mark}", "RANK=1")
+                   if b"forkserver" in open(f"/proc/{p}/cmdline", "rb").read()]
+        parent = {p: int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]) for p in servers}
+        worker = [p for p in servers if parent[p] in servers][0]          # forked by rank 1's fork server
+        os.kill(worker, signal.SIGKILL)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        kill_group(proc)
+    errors = [x for x in out.splitlines() if "error" in x.lower() or "Traceback" in x]
+    assert proc.returncode == 1 and len(errors) == 1, out[-3000:]
+    assert errors[0].startswith("qhm-launch: error: rank 1 failed at global step ") and \
+        f"a data worker (pid {worker}) ended without a word" in errors[0] and "out-of-memory killer" in errors[0], errors
 
 
 # ---------------------------------------------------------------------------------------------- images
