@@ -178,10 +178,10 @@ def untold_end(folder, died: dict | None, rc: int, told: bool) -> dict | None:
     agent's note ``died``; its peers' errors are the consequence, so it outranks what they ``told``), a
     worker that exited with a status of its own while none reported anything, or torchrun's agent itself
     killed (``rc`` < 0, its workers dying with it). None when the workers' own report stands."""
-    from launcher.run.checkpoint import CheckpointManager
+    from launcher.run.checkpoint import CheckpointManager, step_of
     newest = CheckpointManager(folder, log=lambda *a: None).candidates()
     again = ("run the same command again to resume from the newest checkpoint (global step "
-             f"{int(newest[0].name[5:])})" if newest else "no checkpoint was written: run the same command to start again")
+             f"{step_of(newest[0])})" if newest else "no checkpoint was written: run the same command to start again")
     if died is not None and (died.get("signal") or not told):
         how = (f"was killed by {died['signal']} (signal {-died['exitcode']}"
                + (f"; {SIGNAL_CAUSES[died['signal']]})" if died["signal"] in SIGNAL_CAUSES else ")")
@@ -286,8 +286,8 @@ def watch(trainer, flag):
         time.sleep(2.0)            # the other ranks see the marker before their collectives fail on our exit
         os._exit(0 if env.PARENT in os.environ else PREEMPTED)
 
-    stall = float(os.environ.get(env.STALL_S) or STALL_MIN_S)
-    return Watchdog(trainer, flag, warn, on_stuck, stall_s=stall, stuck_s=float(os.environ.get(env.STUCK_S) or STUCK_AFTER_S))
+    return Watchdog(trainer, flag, warn, on_stuck, stall_s=float(os.environ.get(env.STALL_S) or STALL_MIN_S),
+                    stuck_s=float(os.environ.get(env.STUCK_S) or STUCK_AFTER_S))
 
 
 def conclude(trainer, outcome) -> int:

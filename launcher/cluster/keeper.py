@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.cluster.supervise import signal_if
 from launcher.env import PR_SET_PDEATHSIG, load_libc
 
 TREE = "QHM_LAUNCH_TREE"
@@ -54,17 +55,7 @@ def end_tree(token: str) -> list[int]:
         if not left or time.monotonic() > deadline:
             return left
         for pid in left:
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:
-                continue
-            try:
-                if _carries(pid, entry):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            signal_if(pid, signal.SIGKILL, lambda p: _carries(p, entry))
         time.sleep(0.02)
 
 

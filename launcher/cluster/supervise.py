@@ -101,21 +101,28 @@ def signal_children(parent: int, sig: int, only_if_caught: bool = True) -> tuple
     pidfd and checked to still be ``parent``'s child (and, with ``only_if_caught``, to have its handler
     for ``sig`` installed: a worker still starting up would otherwise die of it) before the signal goes
     through that pidfd, so a PID reused meanwhile is never hit."""
-    sent, kids = 0, children(parent)
-    for pid in kids:
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        try:
-            if pid in children(parent) and (not only_if_caught or catches(pid, sig)):
-                signal.pidfd_send_signal(fd, sig)
-                sent += 1
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    kids = children(parent)
+    sent = sum(signal_if(pid, sig, lambda p: p in children(parent) and (not only_if_caught or catches(p, sig)))
+               for pid in kids)
     return sent, len(kids)
+
+
+def signal_if(pid: int, sig: int, still) -> bool:
+    """Send ``sig`` to ``pid`` if ``still(pid)`` holds once the process is held open as a pidfd: the check
+    and the signal then concern one process, never one that reused the PID. Whether it was sent."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if still(pid):
+            signal.pidfd_send_signal(fd, sig)
+            return True
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return False
 
 
 def end_children() -> None:

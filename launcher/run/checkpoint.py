@@ -52,6 +52,13 @@ VERSION = 2                   # 1: state.pt held engine/train/wandb_id/running_t
 KNOWN_VERSIONS = (1, 2)
 Scope = Literal["replicated", "per_rank", "files"]
 STEP_DIR = re.compile(r"^step-(\d{9,})$")
+
+
+def step_of(path: Path) -> int:
+    """The global step a ``step-N`` checkpoint folder is named after."""
+    return int(path.name[5:])
+
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
@@ -302,7 +309,7 @@ class CheckpointManager:
     def candidates(self) -> list[Path]:
         """step-N folders, newest first (by step number, not by name)."""
         found = [p for p in self.dir.glob("step-*") if STEP_DIR.match(p.name) and p.is_dir()]
-        return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+        return sorted(found, key=step_of, reverse=True)
 
     def find_latest_valid(self, skip: Optional[dict] = None) -> Optional[Found]:
         """The newest checkpoint whose manifest and files check out; None when there is none at all.
@@ -316,7 +323,7 @@ class CheckpointManager:
                 if path.name in skip:
                     raise CorruptCheckpoint(skip[path.name])
                 manifest = check_manifest(json.loads((path / "manifest.json").read_text()))
-                if manifest["step"] != int(path.name[5:]):      # a folder renamed (or copied) under another step
+                if manifest["step"] != step_of(path):      # a folder renamed (or copied) under another step
                     raise CorruptCheckpoint(f"manifest: step {manifest['step']} in folder {path.name}")
                 for name, expect in manifest["files"].items():
                     verify_file(path / name, expect)
@@ -342,7 +349,7 @@ class CheckpointManager:
         earlier processes of this run (counted for ``keep``; their hashes are not re-read)."""
         out = []
         for path in self.candidates():
-            if int(path.name[5:]) >= found.step:
+            if step_of(path) >= found.step:
                 continue
             try:
                 manifest = check_manifest(json.loads((path / "manifest.json").read_text()))
@@ -350,7 +357,7 @@ class CheckpointManager:
                     out.append(path)
             except (OSError, ValueError, CorruptCheckpoint):
                 continue
-        return sorted(out, key=lambda p: int(p.name[5:]))
+        return sorted(out, key=step_of)
 
     # -------------------------------------------------------------------------- resuming
     def resume(self) -> Optional[dict]:

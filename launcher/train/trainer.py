@@ -57,6 +57,10 @@ class Trainer:
         self.progress = time.monotonic()   # when a step last started or ended (the watchdog reads these two)
         self.typical: float | None = None  # seconds a step takes, smoothed
 
+    def between_steps(self) -> None:
+        """Back in the loop after resuming, evaluating or saving: that was progress (the watchdog's clock)."""
+        self.activity, self.progress = "between steps", time.monotonic()
+
     def where(self) -> str:
         """Where this worker is, for a failure's line: in a step, or between steps (saving, evaluating)."""
         g = self.state.global_step
@@ -127,7 +131,7 @@ class Trainer:
         if manifest is not None:
             self.check_position(manifest)
         self.reporter.open(self.state)
-        self.activity, self.progress = "between steps", time.monotonic()
+        self.between_steps()
 
     def check_position(self, manifest: dict) -> None:
         """The restored position must be one of the run's plan (a checkpoint whose values were edited and
@@ -229,7 +233,7 @@ class Trainer:
         with self.stages.eager():
             evaluated = evaluate_epoch(self.parts, epoch)
         self.reporter.mid_epoch_row(self.stages.current, self.state, evaluated)
-        self.activity, self.progress = "between steps", time.monotonic()
+        self.between_steps()
 
     def end_epoch(self, epoch: int) -> None:
         """The epoch's row: training sums over all ranks, evaluation, then the next position."""
@@ -253,7 +257,7 @@ class Trainer:
                 self.stages.set_decisions(growth.batches)
         elif growth is not None:
             growth.end_epoch_sums(totals)
-        self.activity, self.progress = "between steps", time.monotonic()
+        self.between_steps()
 
     def check_finite(self) -> None:
         """Stop (on every rank) if any rank's loss was not finite since the last check: before anything
@@ -284,7 +288,7 @@ class Trainer:
             "position": self.state.state_dict(), "recipe": recipe, "recipe_hash": config.trajectory_hash(recipe),
             "wandb_id": self.state.wandb_id, "tag": tag})
         self.log(f"[qhm-launch] checkpoint {path.name} ({tag})")
-        self.activity, self.progress = "between steps", time.monotonic()
+        self.between_steps()
 
     def close(self, outcome: Outcome) -> None:
         """After train(): background checkpoint removal done, the stop agreement's last all-reduce in,
