@@ -34,6 +34,8 @@ FAILURE_NOTE = "QHM_FAILURE_NOTE"                 # file (the launcher's temp fo
                                                   # failed.json cannot be written (a full disk)
 AGENT_NOTE = "QHM_AGENT_NOTE"                     # file (the launcher's temp folder): the agent's word on a
                                                   # worker that ended without its own (a signal, an exit status)
+ELASTIC = "QHM_ELASTIC"                           # "1": --nnodes MIN:MAX (a worker that loses a peer exits
+                                                  # non-zero, for torchrun to restart the group on the nodes left)
 DEBUG = "QHM_DEBUG"                               # "1": --debug (tracebacks instead of one line)
 BATCH_JOB = "QHM_BATCH_JOB"                       # "1": inside a generated Slurm script
 

@@ -42,6 +42,16 @@ nonnegative_float = _typed("nonnegative_float", float, lambda v: math.isfinite(v
                            "a finite number >= 0")
 # a training set beyond a trillion samples is a typo; the bounds' float arithmetic needs it finite too
 sample_count = _typed("sample_count", int, lambda v: 1 <= v <= 10 ** 12, "an integer in [1, 10^12]")
+def _node_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    low, high = int(low), int(high or low)
+    if not 1 <= low <= high:
+        raise ValueError(text)
+    return low, high
+
+
+# --nnodes N, or MIN:MAX (torchrun's elastic membership: the run goes on while at least MIN nodes are left)
+node_range = _typed("node_range", _node_range, lambda v: True, "N or MIN:MAX, integers with 1 <= MIN <= MAX")
 text = _typed("text", str, lambda v: v.isprintable() and v != "", "text without control characters")
 
 

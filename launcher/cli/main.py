@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from launcher.cli.args import (Parser, add_debug, sample_count, nonnegative_float, nonnegative_int, positive_float, positive_int,
+from launcher.cli.args import (Parser, add_debug, node_range, sample_count, nonnegative_float, nonnegative_int, positive_float, positive_int,
                                text)
 from launcher.errors import BAD_INPUT, FAILED, DiskFull, RunFailed, UserError, disk_full, one_line
 
@@ -39,8 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(r)
     r.add_argument("--force-resume", action="store_true",
                    help="resume even if trajectory-changing recipe fields differ from the checkpoint's")
-    r.add_argument("--nnodes", type=positive_int, default=1,
-                   help="nodes of a multi-node run: run this command once on each (a Slurm script does)")
+    r.add_argument("--nnodes", type=node_range, default=(1, 1), metavar="N|MIN:MAX",
+                   help="nodes of a multi-node run: run this command once on each (a Slurm script does); MIN:MAX: "
+                        "elastic membership, the run goes on in place while at least MIN nodes are left")
+    r.add_argument("--max-restarts", type=nonnegative_int, default=None,
+                   help="times torchrun restarts the workers after a node is lost (with --nnodes MIN:MAX; default 3): "
+                        "they resume from the newest checkpoint on the nodes left")
+    r.add_argument("--rdzv-conf", type=text, metavar="KEY=VALUE,...",
+                   help="torchrun's rendezvous settings, e.g. last_call_timeout=10 (how long a re-rendezvous waits "
+                        "for more than MIN nodes; torchrun's default 30 s)")
     r.add_argument("--rdzv-endpoint", type=text, help="HOST:PORT of the rendezvous (multi-node; the first node)")
     r.add_argument("--rdzv-id", type=text, help="the rendezvous id, the same on every node (multi-node)")
     r.add_argument("--until-epoch", type=positive_int,

@@ -73,12 +73,23 @@ def launch(args, recipe) -> int:
     from launcher.cluster.supervise import AGENT_SIGNALS, supervise
     folder = recipe.folder
     gpus = preflight.visible_gpus()
-    nproc, nnodes = preflight.resolve_nproc(recipe, gpus), args.nnodes
+    nproc = preflight.resolve_nproc(recipe, gpus)
+    min_nodes, nnodes = args.nnodes
+    elastic = min_nodes < nnodes
+    nodes_text = f"{min_nodes}:{nnodes}" if elastic else str(nnodes)
     if nnodes > 1 and not (args.rdzv_endpoint and args.rdzv_id):
-        raise UserError(f"--nnodes: {nnodes} needs --rdzv-endpoint HOST:PORT and --rdzv-id ID (the same on every "
+        raise UserError(f"--nnodes: {nodes_text} needs --rdzv-endpoint HOST:PORT and --rdzv-id ID (the same on every "
                         "node); allowed: 1 without them")
+    if args.max_restarts is not None and not elastic:
+        raise UserError(f"--max-restarts: {args.max_restarts} restarts the workers when a node is lost, which needs "
+                        f"elastic membership; allowed: with --nnodes MIN:MAX (MIN < MAX; given {nodes_text})")
+    if elastic:
+        check_elastic(recipe, nodes_text)
     factories.importable_from_cwd()          # the user's packages, here and in the workers
     from launcher.train import splits
+    # every world size the membership may take must split the batches; the largest is the one the run starts on
+    for nodes in range(min_nodes, nnodes):
+        preflight.preflight(recipe, nproc * nodes)
     warnings = splits.zero_lr_warnings(preflight.preflight(recipe, nproc * nnodes), recipe.schedule.unit)
     preflight.check_devices(recipe, nproc * nnodes, gpus > 0, visible=gpus)
     slow = preflight.slow_precision_warning(recipe, gpus > 0)
@@ -102,16 +113,15 @@ def launch(args, recipe) -> int:
         print(line.replace("warning: ", "qhm-launch: WARNING: "), file=sys.stderr, flush=True)
     resolved = folder.write_recipe(recipe_mod.dump(recipe))
     folder.preempted.unlink(missing_ok=True)
-    topology = (["--standalone", "--nnodes=1"] if nnodes == 1 else
-                [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}",
-                 f"--rdzv_id={args.rdzv_id}"])
-    cmd = [sys.executable, "-m", "launcher.cluster.agent", *topology, f"--nproc_per_node={nproc}", AGENT_SIGNALS,
-           "-m", "launcher", "run", str(resolved)]
+    cmd = [sys.executable, "-m", "launcher.cluster.agent", *topology(args, nnodes, elastic), f"--nproc_per_node={nproc}",
+           AGENT_SIGNALS, "-m", "launcher", "run", str(resolved)]
     worker_env = dict(os.environ, **{env.PARENT: str(os.getpid()), env.FORCE_RESUME: "1" if args.force_resume else "0",
                               env.DEBUG: "1" if args.debug else "0", env.UNTIL_EPOCH: str(args.until_epoch or ""),
                               env.UNTIL_STEP: str(args.until_step or "")})
     if lock is not None:
         worker_env[env.LOCKED_BY] = str(os.getpid())
+    if elastic:                               # a worker that loses a peer exits non-zero: torchrun restarts the group
+        worker_env[env.ELASTIC] = "1"
     if recipe.performance.deterministic:      # read when cuBLAS starts, before any code of ours could set it
         from launcher.train.build import CUBLAS_DETERMINISTIC
         worker_env.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
@@ -165,6 +175,34 @@ def launch(args, recipe) -> int:
               f"resume (exit {PREEMPTED})", flush=True)
         return PREEMPTED
     return rc
+
+
+def topology(args, nnodes: int, elastic: bool) -> list[str]:
+    """torchrun's arguments for the nodes: standalone on one; else a c10d rendezvous on the first node,
+    with elastic membership (``--nnodes MIN:MAX`` and restarts) where asked."""
+    if nnodes == 1:
+        return ["--standalone", "--nnodes=1"]
+    low = args.nnodes[0]
+    rendezvous = ["--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}", f"--rdzv_id={args.rdzv_id}"]
+    if args.rdzv_conf:
+        rendezvous.append(f"--rdzv_conf={args.rdzv_conf}")
+    if not elastic:
+        return [f"--nnodes={nnodes}", *rendezvous]
+    restarts = DEFAULT_RESTARTS if args.max_restarts is None else args.max_restarts
+    return [f"--nnodes={low}:{nnodes}", f"--max_restarts={restarts}", *rendezvous]
+
+
+DEFAULT_RESTARTS = 3
+
+
+def check_elastic(recipe, nodes_text: str) -> None:
+    """Elastic membership resumes on whatever world size is left: an engine whose checkpoint only loads on
+    the world size that wrote it cannot take part."""
+    d = recipe.distributed
+    if d.engine == "deepspeed" and d.zero_stage > 0:
+        raise UserError(f"--nnodes: {nodes_text} (elastic membership) resumes on the nodes left, and DeepSpeed ZeRO "
+                        f"stage {d.zero_stage} partitions its optimizer state over the processes that wrote it; "
+                        "allowed: a fixed --nnodes N, or distributed.engine ddp or fsdp, or distributed.zero_stage 0")
 
 
 # what a signal a worker died of most likely means, for the line that says so
@@ -235,7 +273,11 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None, u
             raise
         rc = report_failure(recipe, comm, exc)
     except Exception as exc:            # a mistake only a worker meets (the user's code, a bug): one line too
-        rc = report_failure(recipe, comm, exc, where=trainer.where() if trainer else None)
+        where = trainer.where() if trainer else None
+        if env.flag(env.ELASTIC) and comm_mod.peer_lost(exc):
+            rc = report_lost_peer(recipe, comm, exc, where)
+        else:
+            rc = report_failure(recipe, comm, exc, where=where)
     finally:
         if watchdog is not None:
             watchdog.close()
@@ -365,6 +407,31 @@ def report_failure(recipe, comm, exc: BaseException, where: str | None = None) -
     if comm.is_main or not isinstance(exc, (UserError, RunFailed)):
         print(f"qhm-launch: error: {line}", file=sys.stderr)
     return status
+
+
+def report_lost_peer(recipe, comm, exc: BaseException, where: str | None) -> int:
+    """Under elastic membership, a collective that failed because a process of the run is gone (a node
+    lost): no failure marker, which would end the run, but exit 1, for torchrun's agent to restart this
+    node's workers on the nodes left (they resume from the newest checkpoint). One line from this node,
+    the traceback in failure.log."""
+    import traceback
+    try:
+        recipe.folder.append_failure(f"rank {comm.rank} on {socket.gethostname()}, {where or 'before training'} "
+                                     f"(a process of the run lost):\n{''.join(traceback.format_exception(exc))}")
+    except (OSError, RunFailed):
+        pass
+    if comm.local_rank == 0:
+        print(f"[qhm-launch] {socket.gethostname()}: a process of the run is gone ({where or 'before training'}, "
+              f"world size {comm.world}: {_gist(exc)}); torchrun "
+              "restarts the workers on the nodes left, from the newest checkpoint", file=sys.stderr, flush=True)
+    return 1
+
+
+def _gist(exc: BaseException) -> str:
+    """gloo's message without its source location and its advice: "Connection closed by peer [127.0.0.1]:35751"."""
+    import re
+    text = re.sub(r"^\[[^\]]*\] ", "", str(exc).strip())
+    return one_line(f"{type(exc).__name__}: {text.split('. ')[0]}")[:200]
 
 
 def preemption_signals(recipe) -> list[str]:

@@ -119,6 +119,22 @@ class Comm:
             dist.destroy_process_group()
 
 
+# what gloo's and NCCL's errors say when another process of the group is gone (its sockets closed)
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+             "NCCL communicator was aborted", "remote process exited")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective (or the store) failing because another process of the run is gone:
+    torch.distributed's own error types, or a RuntimeError in the words gloo and NCCL use for it."""
+    while exc is not None:
+        if isinstance(exc, dist.DistError) or (isinstance(exc, (RuntimeError, ConnectionError))
+                                               and any(words in str(exc) for words in PEER_GONE)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def init() -> Comm:
     """Join the process group torchrun describes: CUDA -> nccl, one device per local rank; else gloo."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -124,6 +124,11 @@ class Trainer:
                 s.wandb_id = ""
                 self.log(f"[qhm-launch] branch of {b.parent} at global step {b.at_step}: batch x{b.factor}, "
                          f"lr rule {b.lr_rule}, for {b.length}")
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+        if restarts:                                # elastic membership: torchrun restarted the workers
+            self.log(f"[qhm-launch] membership changed (torchrun's restart {restarts}): world size "
+                     + (f"{manifest['world_size']} -> {self.comm.world}, resumed from global step {self.state.global_step}"
+                        if manifest is not None else f"now {self.comm.world}, no checkpoint yet: starting from the beginning"))
         if self.parts.growth is not None:           # the batches an adaptive run already chose
             if manifest is not None:
                 self.parts.growth.check(f"checkpoint step-{manifest['step']:09d}")

@@ -1,0 +1,78 @@
+"""Elastic membership (``run --nnodes MIN:MAX``): two torchrun agents on this host as two nodes of one c10d
+rendezvous; a node lost mid-run (kill -9 of its launcher: its keeper ends its agent and worker) and the
+other goes on alone, in place, from the newest checkpoint."""
+import json
+import os
+import re
+import signal
+import socket
+import time
+
+import pytest
+import torch
+
+from helpers import base_recipe, checkpoint_steps, cli, final_params, processes_with, start, wait_for, write_recipe
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recipe(name):
+    # 400 samples, batches 16 -> 32 -> 64 -> 128 (49 steps), a checkpoint every 3; fp64 so that the world
+    # size's other sum order stays far below the tolerance; lr.min > 0: no warning line
+    return base_recipe(name=name, epochs=4, precision="fp64", **{
+        "data.size": 400, "distributed.nproc_per_node": 1, "tracking.log_every_steps": 1, "schedule.lr.min": 0.001})
+
+
+def test_a_lost_node_leaves_the_run_going_on_the_node_left_as_a_run_that_switched_world_size(tmp_path):
+    path = write_recipe(tmp_path, recipe("elastic"))
+    run = tmp_path / "runs" / "elastic"
+    nodes = ["run", str(path), "--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+             "--rdzv-id", "elastic-test", "--rdzv-conf", "last_call_timeout=3"]
+    slow = {"QHM_TEST_STEP_DELAY": "0.3"}
+    first = start(nodes, cwd=tmp_path, env={**slow, "QHM_TEST_NODE": "a"})   # hosts the rendezvous' store
+    time.sleep(2)
+    second = start(nodes, cwd=tmp_path, env={**slow, "QHM_TEST_NODE": "b"})
+    try:
+        wait_for(lambda: any(s >= 9 for s in checkpoint_steps(run)), proc=first, what="a checkpoint of the 2-node run")
+        assert len(processes_with("QHM_TEST_NODE=b")) >= 3       # the launcher, its agent and its worker (and keeper)
+        os.kill(second.pid, signal.SIGKILL)                        # the node is lost
+        second.wait(timeout=30)
+        out, _ = first.communicate(timeout=300)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert first.returncode == 0, out[-4000:]
+    wait_for(lambda: not processes_with("QHM_TEST_NODE=b"), timeout=30, what="the lost node's processes to end")
+    # one line for the loss, one for the restart: old and new world size, the step resumed from
+    lost = [line for line in out.splitlines() if "a process of the run is gone" in line]
+    assert len(lost) == 1 and "torchrun restarts the workers on the nodes left" in lost[0], out[-4000:]
+    said = re.findall(r"membership changed \(torchrun's restart 1\): world size 2 -> 1, resumed from global step (\d+)", out)
+    assert len(said) == 1, out[-4000:]
+    resumed = int(said[0])
+    assert resumed >= 9 and resumed % 3 == 0 or resumed == 25
+
+    # the reference: 2 processes up to that step, then 1 to the end, each uninterrupted
+    ref_path = write_recipe(tmp_path, {**recipe("reference"), "distributed": {
+        **recipe("reference")["distributed"], "nproc_per_node": 2}}, name="reference.yaml")
+    cli(["run", str(ref_path), "--until-step", str(resumed)], cwd=tmp_path, check=0)
+    cli(["run", str(ref_path), "--set", "distributed.nproc_per_node=1"], cwd=tmp_path, check=0)
+    got, want = final_params(run), final_params(tmp_path / "runs" / "reference")
+    assert got.keys() == want.keys()
+    worst = max(float((got[k].double() - want[k].double()).abs().max()) for k in got)
+    assert worst <= 1e-6, f"parameters {worst:.3g} apart"
+
+    # every step once, none missing, none twice; the epoch rows once each, on the world size that trained them
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines() if line.strip()]
+    counted = [r["step"] for r in steps]              # the global step
+    assert sorted(counted) == counted == list(range(1, 50))
+    assert [r["world_size"] for r in steps if r["step"] in (1, resumed + 1)] == [2, 1]
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
+    assert torch.load(run / "final_model.pt", weights_only=True).keys() == got.keys()
