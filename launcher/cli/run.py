@@ -87,10 +87,11 @@ def launch(args, recipe) -> int:
         check_elastic(recipe, nodes_text)
     factories.importable_from_cwd()          # the user's packages, here and in the workers
     from launcher.train import splits
-    # every world size the membership may take must split the batches; the largest is the one the run starts on
-    for nodes in range(min_nodes, nnodes):
-        preflight.preflight(recipe, nproc * nodes)
-    warnings = splits.zero_lr_warnings(preflight.preflight(recipe, nproc * nnodes), recipe.schedule.unit)
+    # every world size the membership may take must split the batches; the last, the largest, is the one the
+    # run starts on and warns about
+    for nodes in range(min_nodes, nnodes + 1):
+        planned = preflight.preflight(recipe, nproc * nodes)
+    warnings = splits.zero_lr_warnings(planned, recipe.schedule.unit)
     preflight.check_devices(recipe, nproc * nnodes, gpus > 0, visible=gpus)
     slow = preflight.slow_precision_warning(recipe, gpus > 0)
     if slow:
@@ -113,7 +114,7 @@ def launch(args, recipe) -> int:
         print(line.replace("warning: ", "qhm-launch: WARNING: "), file=sys.stderr, flush=True)
     resolved = folder.write_recipe(recipe_mod.dump(recipe))
     folder.preempted.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "launcher.cluster.agent", *topology(args, nnodes, elastic), f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "launcher.cluster.agent", *topology(args), f"--nproc_per_node={nproc}",
            AGENT_SIGNALS, "-m", "launcher", "run", str(resolved)]
     worker_env = dict(os.environ, **{env.PARENT: str(os.getpid()), env.FORCE_RESUME: "1" if args.force_resume else "0",
                               env.DEBUG: "1" if args.debug else "0", env.UNTIL_EPOCH: str(args.until_epoch or ""),
@@ -177,19 +178,19 @@ def launch(args, recipe) -> int:
     return rc
 
 
-def topology(args, nnodes: int, elastic: bool) -> list[str]:
-    """torchrun's arguments for the nodes: standalone on one; else a c10d rendezvous on the first node,
-    with elastic membership (``--nnodes MIN:MAX`` and restarts) where asked."""
-    if nnodes == 1:
+def topology(args) -> list[str]:
+    """torchrun's arguments for the nodes (``args.nnodes``: MIN, MAX): standalone on one; else a c10d
+    rendezvous on the first node, with elastic membership (MIN < MAX: ``--nnodes MIN:MAX`` and restarts)."""
+    low, high = args.nnodes
+    if high == 1:
         return ["--standalone", "--nnodes=1"]
-    low = args.nnodes[0]
     rendezvous = ["--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}", f"--rdzv_id={args.rdzv_id}"]
     if args.rdzv_conf:
         rendezvous.append(f"--rdzv_conf={args.rdzv_conf}")
-    if not elastic:
-        return [f"--nnodes={nnodes}", *rendezvous]
+    if low == high:
+        return [f"--nnodes={high}", *rendezvous]
     restarts = DEFAULT_RESTARTS if args.max_restarts is None else args.max_restarts
-    return [f"--nnodes={low}:{nnodes}", f"--max_restarts={restarts}", *rendezvous]
+    return [f"--nnodes={low}:{high}", f"--max_restarts={restarts}", *rendezvous]
 
 
 DEFAULT_RESTARTS = 3
@@ -380,15 +381,11 @@ def report_failure(recipe, comm, exc: BaseException, where: str | None = None) -
     line = one_line(exc)
     if not isinstance(exc, (UserError, RunFailed)):
         import traceback
-        text = "".join(traceback.format_exception(exc))
         where = where or "before training"
+        text = log_traceback(recipe, comm, exc, where)
         from launcher.data.streamed import worker_failure
         what = worker_failure(exc) or traceback.format_exception_only(exc)[-1]
         line = one_line(f"rank {comm.rank} failed {where}: {what} (traceback in {recipe.folder.failure_log})")
-        try:
-            recipe.folder.append_failure(f"rank {comm.rank} on {socket.gethostname()}, {where}:\n{text}")
-        except (OSError, RunFailed):
-            pass
         if env.flag(env.DEBUG):
             print(text, file=sys.stderr, flush=True)
     if not recipe.folder.failed.exists():     # the first rank to fail names the cause; the others follow it
@@ -414,17 +411,24 @@ def report_lost_peer(recipe, comm, exc: BaseException, where: str | None) -> int
     lost): no failure marker, which would end the run, but exit 1, for torchrun's agent to restart this
     node's workers on the nodes left (they resume from the newest checkpoint). One line from this node,
     the traceback in failure.log."""
-    import traceback
-    try:
-        recipe.folder.append_failure(f"rank {comm.rank} on {socket.gethostname()}, {where or 'before training'} "
-                                     f"(a process of the run lost):\n{''.join(traceback.format_exception(exc))}")
-    except (OSError, RunFailed):
-        pass
+    where = where or "before training"
+    log_traceback(recipe, comm, exc, f"{where} (a process of the run lost)")
     if comm.local_rank == 0:
-        print(f"[qhm-launch] {socket.gethostname()}: a process of the run is gone ({where or 'before training'}, "
+        print(f"[qhm-launch] {socket.gethostname()}: a process of the run is gone ({where}, "
               f"world size {comm.world}: {_gist(exc)}); torchrun "
               "restarts the workers on the nodes left, from the newest checkpoint", file=sys.stderr, flush=True)
     return 1
+
+
+def log_traceback(recipe, comm, exc: BaseException, where: str) -> str:
+    """``exc``'s traceback appended to the run folder's failure.log (as far as it can be written); the text."""
+    import traceback
+    text = "".join(traceback.format_exception(exc))
+    try:
+        recipe.folder.append_failure(f"rank {comm.rank} on {socket.gethostname()}, {where}:\n{text}")
+    except (OSError, RunFailed):
+        pass
+    return text
 
 
 def _gist(exc: BaseException) -> str:
