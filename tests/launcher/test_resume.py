@@ -87,18 +87,50 @@ def _measured(rows):
     return [{k: v for k, v in r.items() if not any(w in k for w in ("time", "per_s", "elapsed", "wall"))} for r in rows]
 
 
-def test_kill_9_on_three_ranks_resumes_bitwise_and_the_step_rows_do_not_depend_on_timing(tmp_path):
-    """On 3 ranks the order in which an all-reduce adds the ranks' values depends on an element's place
-    in the reduced tensor: DDP's bucket layout must not change at a resume, and the queued step rows
-    (however many a stop check sends at once) must be summed in one order."""
+def test_on_three_ranks_every_kind_of_stop_resumes_bitwise_and_the_step_rows_do_not_depend_on_timing(tmp_path):
+    """The kills and signals of the 2-rank tests, one after another in one run on 3 ranks: kill -9 mid-epoch,
+    at the stage switch and during a checkpoint write, rank 2 alone killed with SIGKILL, then SIGTERM; each
+    time the same command resumes, and the end is bitwise the uninterrupted 3-rank run. On 3 ranks the order
+    in which an all-reduce adds the ranks' values depends on an element's place in the reduced tensor: DDP's
+    bucket layout must not change at a resume, and the queued step rows (however many a stop check sends at
+    once) must be summed in one order."""
     three = {"distributed.nproc_per_node": 3, "tracking.log_every_steps": 1}
     (tmp_path / "reference").mkdir()
     ref = train_ranks(recipe("ref", **three), tmp_path / "reference")
     path = write_recipe(tmp_path, recipe("ref", **three))
     run = tmp_path / "runs" / "ref"
-    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
-    wait_for(lambda: any(7 <= s < 25 for s in checkpoint_steps(run)), proc=proc, what="a mid-epoch checkpoint")
+
+    def until(enough, what, env=None):
+        proc = start(["run", str(path)], cwd=tmp_path, env={**SLOW, **(env or {})})
+        out = Output(proc)
+        wait_for(lambda: enough(out), proc=proc, what=what)
+        return proc, out
+
+    def newer_than(step):
+        return lambda out: any(s > step for s in checkpoint_steps(run))
+
+    proc, _ = until(lambda out: any(7 <= s < 25 for s in checkpoint_steps(run)), "a mid-epoch checkpoint")
     kill_group(proc)
+    proc, out = until(lambda out: STAGE_ENDS[0] in checkpoint_steps(run), "the stage-switch checkpoint")
+    kill_group(proc)
+    assert out.has("resumed from")
+    proc, out = until(lambda out: out.has("pausing"), "a paused checkpoint write",
+                      {"QHM_TEST_PAUSE_BEFORE_SEAL": "60", "QHM_TEST_PAUSE_FROM_STEP": str(STAGE_ENDS[0] + 1)})
+    assert list((run / "checkpoints").glob(".tmp-step-*")), "the write is in progress"
+    kill_group(proc)
+    newest = checkpoint_steps(run)[-1]
+    proc, out = until(newer_than(newest), "a checkpoint after the interrupted write")
+    try:
+        os.kill(_agent_and_rank(proc.pid, 2)[1], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        kill_group(proc)
+    out.thread.join(timeout=10)
+    assert out.has("rank 2 (pid") and out.has("was killed by SIGKILL"), out.lines[-20:]
+    proc, out = until(newer_than(checkpoint_steps(run)[-1]), "a checkpoint after the rank's death")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    assert checkpoint_steps(run)[-1] < STAGE_ENDS[-1], "stopped before the end: the last leg trains"
     assert "resumed from" in cli(["run", str(path)], cwd=tmp_path, check=0).stdout
     assert_bitwise(final_params(run), final_params(ref))
     assert metric_rows(run) == metric_rows(ref)
@@ -201,8 +233,8 @@ def test_flipped_byte_is_caught_and_no_valid_checkpoint_deletes_nothing(tmp_path
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
-# 2 -> 1 here; 1 -> 2 as an elastic chain on two Slurm nodes (test_slurm)
-@pytest.mark.parametrize("first,second", [(2, 1)])
+# 2 -> 1 and 2 -> 3 here; 1 -> 2 as an elastic chain on two Slurm nodes (test_slurm)
+@pytest.mark.parametrize("first,second", [(2, 1), (2, 3)])
 def test_resume_on_another_world_size(tmp_path, reference, first, second):
     path = write_recipe(tmp_path, recipe("ref", precision="fp64", **{"distributed.nproc_per_node": first}))
     run = tmp_path / "runs" / "ref"
