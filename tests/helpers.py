@@ -140,6 +140,20 @@ def killed_at_checkpoint(tmp_path: Path, recipe: dict, step: int, delay: str = "
     return path, run
 
 
+def worst_gap_to_a_switched_run(run_dir: Path, recipe: dict, step: int, before: int, after: int, cwd: Path) -> float:
+    """How far ``run_dir``'s final parameters are from a reference that trained ``recipe`` on ``before``
+    processes up to global ``step`` and on ``after`` from there, each leg uninterrupted (the largest
+    absolute difference). The reference is run ``reference`` under ``cwd``."""
+    ref = {**recipe, "name": "reference", "distributed": {**recipe.get("distributed", {}), "nproc_per_node": before}}
+    path = write_recipe(cwd, ref, name="reference.yaml")
+    cli(["run", str(path), "--until-step", str(step)], cwd=cwd, check=0)
+    cli(["run", str(path), "--set", f"distributed.nproc_per_node={after}"], cwd=cwd, check=0)
+    got = final_params(run_dir)
+    want = final_params(cwd / ref.get("output", "runs") / "reference")
+    assert got.keys() == want.keys()
+    return max(float((got[k].double() - want[k].double()).abs().max()) for k in got)
+
+
 def assert_bitwise(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:

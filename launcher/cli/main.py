@@ -152,6 +152,12 @@ def slurm_commands(command) -> None:
         sp.add_argument("--elastic", action="store_true",
                         help="grow the allocation with the batch: one job per segment of stages, each on the "
                              "nodes its batch can use (distributed.min_rank_batch per rank), chained afterok")
+        sp.add_argument("--min-nodes", type=positive_int,
+                        help="keep the job going while at least this many of its nodes are left (torchrun's elastic "
+                             "membership, sbatch --no-kill): the workers restart on the nodes left, from the newest "
+                             "checkpoint")
+        sp.add_argument("--rdzv-conf", type=text, metavar="KEY=VALUE,...",
+                        help="torchrun's rendezvous settings for a multi-node job, e.g. last_call_timeout=10")
         sp.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
     s = command("submit", "write an sbatch script into the run folder and submit it")

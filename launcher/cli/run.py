@@ -83,14 +83,9 @@ def launch(args, recipe) -> int:
     if args.max_restarts is not None and not elastic:
         raise UserError(f"--max-restarts: {args.max_restarts} restarts the workers when a node is lost, which needs "
                         f"elastic membership; allowed: with --nnodes MIN:MAX (MIN < MAX; given {nodes_text})")
-    if elastic:
-        check_elastic(recipe, nodes_text)
     factories.importable_from_cwd()          # the user's packages, here and in the workers
     from launcher.train import splits
-    # every world size the membership may take must split the batches; the last, the largest, is the one the
-    # run starts on and warns about
-    for nodes in range(min_nodes, nnodes + 1):
-        planned = preflight.preflight(recipe, nproc * nodes)
+    planned = preflight.check_membership(recipe, nproc, args.nnodes, f"--nnodes: {nodes_text}")
     warnings = splits.zero_lr_warnings(planned, recipe.schedule.unit)
     preflight.check_devices(recipe, nproc * nnodes, gpus > 0, visible=gpus)
     slow = preflight.slow_precision_warning(recipe, gpus > 0)
@@ -185,8 +180,15 @@ def topology(args) -> list[str]:
     if high == 1:
         return ["--standalone", "--nnodes=1"]
     rendezvous = ["--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}", f"--rdzv_id={args.rdzv_id}"]
-    if args.rdzv_conf:
-        rendezvous.append(f"--rdzv_conf={args.rdzv_conf}")
+    conf = [args.rdzv_conf] if args.rdzv_conf else []
+    node = os.environ.get("SLURM_NODEID")
+    if os.environ.get(env.BATCH_JOB) and node is not None and "is_host" not in (args.rdzv_conf or ""):
+        # the job's --rdzv-endpoint is its first node: the store lives there. torchrun guesses by matching the
+        # endpoint against this host's names and addresses; where nodes share a host (containers, the test
+        # cluster) the first agent to bind hosts it, which need not be the first node's.
+        conf.append(f"is_host={'true' if node == '0' else 'false'}")
+    if conf:
+        rendezvous.append(f"--rdzv_conf={','.join(conf)}")
     if low == high:
         return [f"--nnodes={high}", *rendezvous]
     restarts = DEFAULT_RESTARTS if args.max_restarts is None else args.max_restarts
@@ -194,16 +196,6 @@ def topology(args) -> list[str]:
 
 
 DEFAULT_RESTARTS = 3
-
-
-def check_elastic(recipe, nodes_text: str) -> None:
-    """Elastic membership resumes on whatever world size is left: an engine whose checkpoint only loads on
-    the world size that wrote it cannot take part."""
-    d = recipe.distributed
-    if d.engine == "deepspeed" and d.zero_stage > 0:
-        raise UserError(f"--nnodes: {nodes_text} (elastic membership) resumes on the nodes left, and DeepSpeed ZeRO "
-                        f"stage {d.zero_stage} partitions its optimizer state over the processes that wrote it; "
-                        "allowed: a fixed --nnodes N, or distributed.engine ddp or fsdp, or distributed.zero_stage 0")
 
 
 # what a signal a worker died of most likely means, for the line that says so

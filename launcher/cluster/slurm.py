@@ -61,6 +61,8 @@ def _sbatch_lines(args, cpus: int, array: str | None, nodes: int, gpus_per_node:
              f"--cpus-per-task={args.cpus_per_task or cpus}"]
     if gpus_per_node:
         lines.append(f"--gpus-per-node={gpus_per_node}")
+    if args.min_nodes and nodes > 1:
+        lines.append("--no-kill")              # a failed node does not end the allocation: the others go on
     if array:
         lines.append(f"--array={array}")
     return ["#SBATCH " + line for line in lines]
@@ -88,27 +90,46 @@ elif [ "$PORTS_HIGH" -lt 64511 ]; then RDZV_PORT=$(( PORTS_HIGH + 1 + SLURM_JOB_
 else RDZV_PORT=$(( 10000 + SLURM_JOB_ID % 1000 )); fi"""
 
 
-def _launch(args, nodes: int, until: str = "") -> tuple[str, str]:
+# A lost node's task ends with a non-zero status (srun's too) while the nodes left finish the run: the job ends
+# well when this job completed the run
+LOST_NODE_ENDED_WELL = """if [ "$rc" != 0 ] && [ -f "${RUN_DIR}/${COMPLETE_FILE}" ] \\
+        && [ "$(stat -c %Y "${RUN_DIR}/${COMPLETE_FILE}")" -ge "$STARTED" ]; then
+    echo "[qhm-launch] the run completed on the nodes left (srun: exit $rc, a node's task ended early)"
+    rc=0
+fi"""
+
+
+def _launch(args, nodes: int, until: str = "") -> tuple[str, str, str]:
     """One ``qhm-launch run`` per node: it starts torchrun there (c10d rendezvous on the first node, an id
     and port from the job) and forwards the job's signals to its workers. On one node it runs right in
     the batch step, without srun: srun turns a SIGTERM it receives into a SIGKILL of its tasks, so a
-    SIGTERM to every process of the job (preemption, scancel --full) would leave nothing time to save."""
+    SIGTERM to every process of the job (preemption, scancel --full) would leave nothing time to save.
+    Returns the lines before the launch, the launch, and the lines after it (they may change ``rc``)."""
     py = q(args.python or sys.executable)
     if nodes == 1:
-        return "", f'{py} -m launcher run "$RECIPE"{until}'
+        return "", f'{py} -m launcher run "$RECIPE"{until}', ""
     prelude = 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n' + RENDEZVOUS_PORT
+    if args.min_nodes:
+        # torchrun's elastic membership: a node's task that ends (its node lost) must not end the others', whose
+        # agents restart their workers on the nodes left, from the newest checkpoint
+        kill, nnodes = "--no-kill --kill-on-bad-exit=0", f'--nnodes="{args.min_nodes}:$SLURM_JOB_NUM_NODES"'
+        prelude += "\nSTARTED=$(date +%s)"
+        after = LOST_NODE_ENDED_WELL
+    else:
+        kill, nnodes, after = "--kill-on-bad-exit=1", '--nnodes="$SLURM_JOB_NUM_NODES"', ""
+    rdzv_conf = f" --rdzv-conf {q(args.rdzv_conf)}" if args.rdzv_conf else ""
     # --cpus-per-task again: since Slurm 22.05 srun does not inherit it from the job, and on a site that
     # binds CPUs the node's launcher, its ranks and their data workers would share one core
-    launch = (f'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 '
+    launch = (f'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" {kill} '
               f'{py} -m launcher run "$RECIPE" '
-              f'--nnodes="$SLURM_JOB_NUM_NODES" --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="qhm-$JOB_ID"{until}')
-    return prelude, launch
+              f'{nnodes} --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="qhm-$JOB_ID"{rdzv_conf}{until}')
+    return prelude, launch, after
 
 
 def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: str | None,
            submit_cmd: list[str], nodes: int, gpus_per_node: int, until: str = "") -> str:
     """The job script; ``until``: where a segment of an elastic chain stops (" --until-epoch 3")."""
-    prelude, launch = _launch(args, nodes, until)
+    prelude, launch, after = _launch(args, nodes, until)
     if array:
         select = (f"RECIPES=({' '.join(q(str(p)) for p in recipes)})\n"
                   f"RUN_DIRS=({' '.join(q(str(p)) for p in run_dirs)})\n"
@@ -127,7 +148,7 @@ def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: st
                        "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, cpus, array, nodes, gpus_per_node)),
                        "{{submit}}": single_line(shlex.join(submit_cmd)), "{{setup}}": setup,
                        "{{workdir}}": workdir, "{{exports}}": exports,
-                       "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch,
+                       "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch, "{{after_launch}}": after,
                        "{{signal}}": args.signal, "{{signal_seconds}}": str(args.signal_seconds)}.items():
         text = text.replace(key, value)
     return text
@@ -149,7 +170,18 @@ def _prepare(recipe, args, warnings: list | None = None):
     if args.setup is None:
         args.setup = list(recipe.slurm.setup)
     nproc = recipe.distributed.nproc_per_node
-    epochs = preflight.preflight(recipe, nproc * recipe.slurm.nodes, check_data=not args.dry_run)
+    nodes = recipe.slurm.nodes
+    if args.min_nodes is not None:
+        if args.elastic:
+            raise UserError(f"--min-nodes: {args.min_nodes} keeps one job going on the nodes left, and --elastic chains "
+                            "jobs on more nodes as the batch grows; allowed: one of the two")
+        if not args.min_nodes < nodes:
+            allowed = f"1 to {nodes - 1}" if nodes > 1 else "--min-nodes with --nodes 2 or more"
+            raise UserError(f"--min-nodes: {args.min_nodes} is not fewer than the job's {nodes} node(s) (--nodes or "
+                            f"slurm.nodes); allowed: {allowed}")
+    membership = (args.min_nodes or nodes, nodes)
+    epochs = preflight.check_membership(recipe, nproc, membership, f"--min-nodes: {args.min_nodes} (of {nodes} nodes)",
+                                        check_data=not args.dry_run)
     if warnings is not None and not args.elastic:        # an elastic chain gives each stage its own nodes
         warnings += [line.replace("warning: ", "qhm-launch: WARNING: ") for line in splits.idle_warnings(epochs)]
     if warnings is not None and epochs:

@@ -40,6 +40,23 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
     return splits
 
 
+def check_membership(recipe: Recipe, nproc: int, nodes: tuple[int, int], option: str,
+                     check_data: bool = True) -> list[Stage]:
+    """:func:`preflight` for every world size torchrun's membership of ``nodes`` (MIN, MAX) may take: it
+    resumes on the nodes left, so each must split the batches, and an engine whose checkpoint loads only on
+    the world size that wrote it cannot take part. ``option``: what the user typed, for the refusal. The
+    plan on MAX nodes, the one the run starts on, is returned."""
+    low, high = nodes
+    d = recipe.distributed
+    if low < high and d.engine == "deepspeed" and d.zero_stage > 0:
+        raise UserError(f"{option} (elastic membership) resumes on the nodes left, and DeepSpeed ZeRO stage "
+                        f"{d.zero_stage} partitions its optimizer state over the processes that wrote it; allowed: "
+                        "a fixed number of nodes, or distributed.engine ddp or fsdp, or distributed.zero_stage 0")
+    for count in range(low, high + 1):
+        planned = preflight(recipe, nproc * count, check_data)
+    return planned
+
+
 def check_shard_rule(recipe: Recipe) -> None:
     """distributed.fsdp.shard must name module classes the model has (else FSDP would shard the root only)."""
     import torch

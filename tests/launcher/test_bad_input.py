@@ -81,6 +81,21 @@ ARGUMENTS = [
     (["submit", SMOKE, "--dry-run", "--account", "a\rb"], "argument --account:"),
     (["submit", SMOKE, "--dry-run", "--time", "1h"], "--time: '1h' is not valid; allowed: HH:MM:SS"),
     (["plot", "nope", "--metric", "nope"], "--metric: 'nope' is not valid"),
+    (["run", SMOKE, "--nnodes", "3:2"], "argument --nnodes: '3:2' is not valid; allowed: N or MIN:MAX"),
+    (["run", SMOKE, "--max-restarts", "2"], "--max-restarts: 2 restarts the workers when a node is lost, which needs "
+     "elastic membership; allowed: with --nnodes MIN:MAX (MIN < MAX; given 1)"),
+    (["run", SMOKE, "--nnodes", "1:2"], "--nnodes: 1:2 needs --rdzv-endpoint HOST:PORT and --rdzv-id ID"),
+    (["run", SMOKE, "--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-id", "x", "--set",
+      "distributed.engine=deepspeed", "--set", "distributed.zero_stage=2"],
+     "--nnodes: 1:2 (elastic membership) resumes on the nodes left, and DeepSpeed ZeRO stage 2 partitions"),
+    (["submit", SMOKE, "--dry-run", "--nodes", "2", "--min-nodes", "2"],
+     "--min-nodes: 2 is not fewer than the job's 2 node(s) (--nodes or slurm.nodes); allowed: 1 to 1"),
+    (["submit", SMOKE, "--dry-run", "--min-nodes", "1"], "allowed: --min-nodes with --nodes 2 or more"),
+    (["submit", SMOKE, "--dry-run", "--nodes", "2", "--min-nodes", "1", "--elastic"],
+     "--min-nodes: 1 keeps one job going on the nodes left, and --elastic chains jobs"),
+    (["submit", SMOKE, "--dry-run", "--nodes", "3", "--min-nodes", "1", "--set", "distributed.engine=deepspeed",
+      "--set", "distributed.zero_stage=1"], "--min-nodes: 1 (of 3 nodes) (elastic membership) resumes on the nodes left"),
+    (["submit", SMOKE, "--dry-run", "--min-nodes", "0"], "argument --min-nodes: '0' is not valid"),
 ]
 
 

@@ -1,6 +1,7 @@
 """Elastic membership (``run --nnodes MIN:MAX``): two torchrun agents on this host as two nodes of one c10d
 rendezvous; a node lost mid-run (kill -9 of its launcher: its keeper ends its agent and worker) and the
 other goes on alone, in place, from the newest checkpoint."""
+import argparse
 import json
 import os
 import re
@@ -8,12 +9,14 @@ import signal
 import socket
 import time
 
+import subprocess
+
 import pytest
-import torch
 
-from helpers import base_recipe, checkpoint_steps, cli, final_params, processes_with, start, wait_for, write_recipe
+from helpers import (base_recipe, checkpoint_steps, processes_with, start, wait_for, worst_gap_to_a_switched_run,
+                     write_recipe)
+from launcher.cli.main import main
 
-pytestmark = pytest.mark.e2e
 
 
 def free_port() -> int:
@@ -29,6 +32,7 @@ def recipe(name):
         "data.size": 400, "distributed.nproc_per_node": 1, "tracking.log_every_steps": 1, "schedule.lr.min": 0.001})
 
 
+@pytest.mark.e2e
 def test_a_lost_node_leaves_the_run_going_on_the_node_left_as_a_run_that_switched_world_size(tmp_path):
     path = write_recipe(tmp_path, recipe("elastic"))
     run = tmp_path / "runs" / "elastic"
@@ -59,13 +63,7 @@ def test_a_lost_node_leaves_the_run_going_on_the_node_left_as_a_run_that_switche
     assert resumed >= 9 and resumed % 3 == 0 or resumed == 25
 
     # the reference: 2 processes up to that step, then 1 to the end, each uninterrupted
-    ref_path = write_recipe(tmp_path, {**recipe("reference"), "distributed": {
-        **recipe("reference")["distributed"], "nproc_per_node": 2}}, name="reference.yaml")
-    cli(["run", str(ref_path), "--until-step", str(resumed)], cwd=tmp_path, check=0)
-    cli(["run", str(ref_path), "--set", "distributed.nproc_per_node=1"], cwd=tmp_path, check=0)
-    got, want = final_params(run), final_params(tmp_path / "runs" / "reference")
-    assert got.keys() == want.keys()
-    worst = max(float((got[k].double() - want[k].double()).abs().max()) for k in got)
+    worst = worst_gap_to_a_switched_run(run, recipe("elastic"), resumed, 2, 1, tmp_path)
     assert worst <= 1e-6, f"parameters {worst:.3g} apart"
 
     # every step once, none missing, none twice; the epoch rows once each, on the world size that trained them
@@ -75,4 +73,41 @@ def test_a_lost_node_leaves_the_run_going_on_the_node_left_as_a_run_that_switche
     assert [r["world_size"] for r in steps if r["step"] in (1, resumed + 1)] == [2, 1]
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
-    assert torch.load(run / "final_model.pt", weights_only=True).keys() == got.keys()
+
+
+def test_submit_min_nodes_keeps_the_job_going_on_the_nodes_left(tmp_path, capsys):
+    """The job's script: the allocation survives a failed node (--no-kill), one node's task ending does not end
+    the others' (srun --no-kill --kill-on-bad-exit=0), torchrun's membership is MIN:the job's nodes, and a
+    run that completed on the nodes left ends the job well although srun reports the lost task."""
+    path = write_recipe(tmp_path, recipe("elastic"))
+    assert main(["submit", str(path), "--nodes", "3", "--min-nodes", "2", "--rdzv-conf", "last_call_timeout=5",
+                 "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --nodes=3" in script and "#SBATCH --no-kill" in script
+    assert '--no-kill --kill-on-bad-exit=0' in script and "--kill-on-bad-exit=1" not in script
+    assert '--nnodes="2:$SLURM_JOB_NUM_NODES"' in script and "--rdzv-conf last_call_timeout=5" in script
+    assert "the run completed on the nodes left" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert main(["submit", str(path), "--nodes", "3", "--dry-run"]) == 0
+    fixed = capsys.readouterr().out
+    assert "--no-kill" not in fixed and "--kill-on-bad-exit=1" in fixed and '--nnodes="$SLURM_JOB_NUM_NODES"' in fixed
+    assert "the run completed on the nodes left" not in fixed
+
+
+def test_under_slurm_the_rendezvous_store_lives_on_the_first_node(monkeypatch):
+    """torchrun guesses which agent hosts the c10d store from host names; where two nodes share a host the
+    first to bind wins. In a generated job it is the first node's (the one --rdzv-endpoint names)."""
+    from launcher.cli.run import topology
+    from launcher import env
+    args = argparse.Namespace(nnodes=(1, 2), rdzv_endpoint="n1:12345", rdzv_id="qhm-7", rdzv_conf=None, max_restarts=None)
+    monkeypatch.setenv(env.BATCH_JOB, "1")
+    for node, host in (("0", "true"), ("1", "false")):
+        monkeypatch.setenv("SLURM_NODEID", node)
+        assert f"--rdzv_conf=is_host={host}" in topology(args)
+    args.rdzv_conf = "last_call_timeout=3,is_host=false"                  # the user's own choice stays
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    assert "--rdzv_conf=last_call_timeout=3,is_host=false" in topology(args)
+    monkeypatch.delenv(env.BATCH_JOB)                                       # not a generated job: torchrun guesses
+    args.rdzv_conf = None
+    assert not any(a.startswith("--rdzv_conf") for a in topology(args))
+    assert topology(args)[:2] == ["--nnodes=1:2", "--max_restarts=3"]

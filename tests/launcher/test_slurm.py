@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, processes_with,
-                      train_ranks, wait_for, write_recipe)
+                      train_ranks, wait_for, worst_gap_to_a_switched_run, write_recipe)
 from launcher.cli.main import main
 
 pytestmark = pytest.mark.e2e      # a real Slurm (two slurmd on this machine)
@@ -248,6 +248,36 @@ def test_a_node_killed_mid_run_ends_the_job_and_the_same_command_resumes(tmp_pat
     resumed = int(re.search(r"resumed from \S+step-(\d+)", log).group(1))
     assert resumed >= saved
     assert_bitwise(final_params(run), final_params(ref / "runs" / "dead"))
+
+
+def test_with_min_nodes_a_node_killed_mid_run_leaves_the_job_going_on_the_node_left(tmp_path, slurm_env):
+    """submit --nodes 2 --min-nodes 1, then kill -9 every process of the second node mid-run: the job goes on
+    on the first, in place (torchrun restarts its worker, which resumes from the newest checkpoint on world
+    size 1), completes, and ends within 1e-6 of a run that switched from 2 processes to 1 at that step."""
+    import signal
+    recipe = base_recipe(name="lost", epochs=3, precision="fp64", **{
+        "data.size": 640, "checkpoint.every_steps": 3, "distributed.nproc_per_node": 1, "schedule.lr.min": 0.001})
+    path = write_recipe(tmp_path, recipe)
+    run = tmp_path / "runs" / "lost"
+    env = {**slurm_env, **ONE_THREAD}
+    job = submit([str(path), "--nodes", "2", "--min-nodes", "1", "--rdzv-conf", "last_call_timeout=3"], tmp_path,
+                 {**env, "QHM_TEST_STEP_DELAY": "0.2"})
+    steps = lambda: max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
+    wait_for(lambda: steps() >= 6, timeout=180, interval=0.5, what="the 2-node job to train")
+    victims = job_processes(job, 1)
+    assert victims, "no process of the job found on the second node"
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    state = wait_done(job, slurm_env, timeout=300)
+    log = (run / "slurm" / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and (run / "complete.json").exists(), (state, log[-4000:])
+    said = re.findall(r"membership changed \(torchrun's restart 1\): world size 2 -> 1, resumed from global step (\d+)", log)
+    assert len(said) == 1 and "the run completed on the nodes left" in log, log[-4000:]
+    worst = worst_gap_to_a_switched_run(run, recipe, int(said[0]), 2, 1, tmp_path)
+    assert worst <= 1e-6, f"parameters {worst:.3g} apart"
 
 
 def test_four_ranks_on_two_nodes_from_batch_2_equal_one_process(tmp_path, slurm_env):
