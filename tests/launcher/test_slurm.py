@@ -211,20 +211,10 @@ def job_processes(job: str, node_id: int) -> list[int]:
     return processes_with(f"SLURM_JOB_ID={job}", f"SLURM_NODEID={node_id}", unless="SLURM_STEP_ID=batch")
 
 
-def test_a_node_killed_mid_run_ends_the_job_and_the_same_command_resumes(tmp_path, slurm_env):
-    """kill -9 every process of the second node mid-run (what a node's death does to the job): the first
-    node's processes end within a minute, the job ends (failed or requeued), and submitting the same
-    command again resumes from the newest checkpoint and ends where an uninterrupted 2-rank run ends."""
+def kill_the_second_node_after_checkpoint_6(job: str, run: Path) -> int:
+    """kill -9 every process of ``job``'s steps on its second node (what a node's death does to the job) once
+    the run has a checkpoint at global step 6 or later; that newest checkpoint's step."""
     import signal
-    over = {"epochs": 3, "data.size": 640, "checkpoint.every_steps": 3}
-    recipe = base_recipe(name="dead", **over, **{"distributed.nproc_per_node": 1})
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    train_ranks(base_recipe(name="dead", **over), ref)
-    path = write_recipe(tmp_path, recipe)
-    run = tmp_path / "runs" / "dead"
-    env = {**slurm_env, **ONE_THREAD}
-    job = submit([str(path), "--nodes", "2"], tmp_path, {**env, "QHM_TEST_STEP_DELAY": "0.2"})
     steps = lambda: max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
     wait_for(lambda: steps() >= 6, timeout=180, interval=0.5, what="the 2-node job to train")
     saved = steps()
@@ -235,6 +225,23 @@ def test_a_node_killed_mid_run_ends_the_job_and_the_same_command_resumes(tmp_pat
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return saved
+
+
+def test_a_node_killed_mid_run_ends_the_job_and_the_same_command_resumes(tmp_path, slurm_env):
+    """kill -9 every process of the second node mid-run (what a node's death does to the job): the first
+    node's processes end within a minute, the job ends (failed or requeued), and submitting the same
+    command again resumes from the newest checkpoint and ends where an uninterrupted 2-rank run ends."""
+    over = {"epochs": 3, "data.size": 640, "checkpoint.every_steps": 3}
+    recipe = base_recipe(name="dead", **over, **{"distributed.nproc_per_node": 1})
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    train_ranks(base_recipe(name="dead", **over), ref)
+    path = write_recipe(tmp_path, recipe)
+    run = tmp_path / "runs" / "dead"
+    env = {**slurm_env, **ONE_THREAD}
+    job = submit([str(path), "--nodes", "2"], tmp_path, {**env, "QHM_TEST_STEP_DELAY": "0.2"})
+    saved = kill_the_second_node_after_checkpoint_6(job, run)
     killed = time.time()
     wait_for(lambda: not job_processes(job, 0) and not job_processes(job, 1), timeout=60, interval=0.5,
              what="the first node's processes to end")
@@ -254,7 +261,6 @@ def test_with_min_nodes_a_node_killed_mid_run_leaves_the_job_going_on_the_node_l
     """submit --nodes 2 --min-nodes 1, then kill -9 every process of the second node mid-run: the job goes on
     on the first, in place (torchrun restarts its worker, which resumes from the newest checkpoint on world
     size 1), completes, and ends within 1e-6 of a run that switched from 2 processes to 1 at that step."""
-    import signal
     recipe = base_recipe(name="lost", epochs=3, precision="fp64", **{
         "data.size": 640, "checkpoint.every_steps": 3, "distributed.nproc_per_node": 1, "schedule.lr.min": 0.001})
     path = write_recipe(tmp_path, recipe)
@@ -262,15 +268,7 @@ def test_with_min_nodes_a_node_killed_mid_run_leaves_the_job_going_on_the_node_l
     env = {**slurm_env, **ONE_THREAD}
     job = submit([str(path), "--nodes", "2", "--min-nodes", "1", "--rdzv-conf", "last_call_timeout=3"], tmp_path,
                  {**env, "QHM_TEST_STEP_DELAY": "0.2"})
-    steps = lambda: max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
-    wait_for(lambda: steps() >= 6, timeout=180, interval=0.5, what="the 2-node job to train")
-    victims = job_processes(job, 1)
-    assert victims, "no process of the job found on the second node"
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_the_second_node_after_checkpoint_6(job, run)
     state = wait_done(job, slurm_env, timeout=300)
     log = (run / "slurm" / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED" and (run / "complete.json").exists(), (state, log[-4000:])
