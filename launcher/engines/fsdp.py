@@ -12,6 +12,11 @@ sharded over the ranks (dim 0), gathered for a module's forward and backward and
   gathered and computed in bf16, gradients reduced in fp32, the sharded master weights and the optimizer
   state in fp32.
 * **Optimizers**: QHM, QHAdam and AdamW run their foreach kernels on the sharded (DTensor) parameters.
+* **The noise scale** (:mod:`launcher.train.noise`): FSDP reduce-scatters each unit's gradient inside
+  backward, so this rank's own gradient never reaches ``.grad``. The reduce-scatter is FSDP's own, called
+  through a :class:`MeasuredReduceScatter` that first takes the norm of its input (this rank's unsharded
+  gradient of the unit, zero-padded: its norm is the gradient's); the reduced shards' squares, summed
+  over ranks (one 0-d all-reduce per step), are the global batch's. The update is untouched.
 * **Checkpoints**: ``torch.distributed.checkpoint`` (DCP) writes the sharded model and optimizer state,
   each rank its own files, in parallel, into the manager's atomic folder (which checksums them); DCP
   reshards on load, so a checkpoint of 2 processes resumes on 1 or 3. The final model is the full
@@ -23,10 +28,32 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter, _get_gradient_divide_factors
 
 from launcher.errors import UserError
 
 FOLDER = "fsdp"
+
+
+class MeasuredReduceScatter(DefaultReduceScatter):
+    """FSDP's default reduce-scatter (``FSDPModule.set_custom_reduce_scatter``), which first appends the
+    norm of its input to ``norms``: this rank's gradient of one unit before the reduce. Where FSDP
+    divided the input before calling (a reduce dtype other than fp32/bf16: fp64 here) the norm is taken
+    back to the undivided one, with FSDP's own rule for that factor."""
+
+    def __init__(self, norms: list):
+        super().__init__()
+        self.norms = norms
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        predivided = _get_gradient_divide_factors(group, None, input_tensor.dtype, input_tensor.device.type)[0]
+        norm = torch.linalg.vector_norm(input_tensor)
+        if predivided not in (None, 1):
+            norm = norm * predivided
+        if input_tensor.is_cuda:      # made on FSDP's reduce-scatter stream, read on the default one
+            norm.record_stream(torch.cuda.default_stream(input_tensor.device))
+        self.norms.append(norm)
+        return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
 def shard_types(recipe) -> tuple[str, ...]:
@@ -64,16 +91,31 @@ class FSDPEngine:
         """``module``: already sharded (:func:`shard`; the optimizer was built on its DTensors)."""
         self.module = self.model = module
         self.optimizer, self.comm, self.clip, self.clipped = optimizer, comm, clip, None
+        self.probe, self._local_norms, self._last = None, [], False
+
+    def measure_noise(self, probe) -> None:
+        """Each unit's reduce-scatter takes the norm of this rank's gradient before reducing it; the last
+        micro-step's backward hands those and the reduced gradient's norm to the probe."""
+        from torch.distributed.fsdp import FSDPModule
+        self.probe, comm = probe, MeasuredReduceScatter(self._local_norms)
+        for unit in self.module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.set_custom_reduce_scatter(comm)
 
     def set_stage(self, micro_batch: int, accum: int) -> None:
         """Nothing to do: the loop decides where a step's micro-batches end."""
 
     def micro_step(self, last: bool):
         self.module.set_requires_gradient_sync(last)
+        self._last = last
+        if last:
+            self._local_norms.clear()
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+        if self.probe is not None and self._last:   # every unit reduced: on every rank (lockstep), one all-reduce
+            self.probe.record_norms(tuple(self._local_norms), (self.gradient_norm(),))
 
     def step(self) -> None:
         if self.clip is not None:        # DTensor gradients: the norm over every rank's shards, exact

@@ -36,8 +36,14 @@ Where the two squared norms come from:
   DDP's buckets (it rebuilds them after a process's first step), so a resumed process gives the same rows
   bit for bit. The explicit-reduce path (``max_micro_batch: auto``) records its gradients the same way on
   both sides of its all-reduce;
+- several ranks under FSDP: the same two gradients, read where FSDP has them
+  (:class:`launcher.engines.fsdp.MeasuredReduceScatter`): each unit's reduce-scatter input is this rank's
+  accumulated gradient of the unit (zero-padded), whose norm FSDP's own reduce-scatter is called after;
+  the reduced gradient is sharded, so its squared norm is the sum of every rank's shards' squares (a 0-d
+  all-reduce per step, on every rank). The norms come per unit, not per parameter: squares add up the
+  same, to rounding (an FSDP run's rows equal a DDP run's to that, tests/launcher/test_fsdp.py);
 - one process under accumulation: the gradient after the first micro-batch and after the last;
-- otherwise (one process and one micro-batch per step; DeepSpeed, whose ZeRO keeps gradients in its own
+- otherwise (one process and one micro-batch per step, or FSDP on one process; DeepSpeed, whose ZeRO keeps gradients in its own
   partitioned buffers, out of reach of DDP's hooks) there is one batch size per step: null, said once.
 """
 from __future__ import annotations
@@ -54,9 +60,9 @@ def source(recipe, world: int, accumulates: bool) -> tuple[str | None, str]:
         return None, "tracking.noise_scale is off"
     if recipe.distributed.engine == "deepspeed":
         return None, "DeepSpeed keeps its gradients in its own partitioned buffers, out of reach of the read"
-    if recipe.distributed.engine == "fsdp":
-        return None, ("FSDP reduce-scatters each gradient inside its backward, before any of it reaches .grad: a rank's "
-                      "own gradient is never there to read")
+    if recipe.distributed.engine == "fsdp" and world == 1:
+        return None, ("FSDP on one process: accumulation keeps the step's gradient in FSDP's unsharded buffers until "
+                      "the last micro-batch, so .grad holds one batch size per step")
     if world > 1:
         return RANKS, ""
     if accumulates or recipe.distributed.max_micro_batch == "auto":
@@ -117,6 +123,11 @@ class NoiseProbe:
         """This rank's accumulated gradients, before DDP's reduce lands in them: their norms (a final
         callback of the synchronised backward, see the module docstring)."""
         self.record_local([p.grad for p in self.trainable])
+
+    def record_norms(self, small: tuple, big: tuple) -> None:
+        """Both sides at once, as norms of any pieces whose squares add up to each gradient's (FSDP's
+        units before the reduce-scatter; the reduced gradient's norm over every rank's shards)."""
+        self._small, self._big = small, big
 
     def record_local(self, grads: list[torch.Tensor]) -> None:
         """This rank's gradients of every trainable parameter, in parameter order, before the all-reduce."""

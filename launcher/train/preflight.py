@@ -85,8 +85,8 @@ def check_adaptive(recipe: Recipe, world_size: int) -> None:
     if kind is None:
         raise UserError(f"schedule.batch.kind: 'adaptive' is not valid here: the noise scale it grows by cannot be "
                         f"measured ({why}); allowed: 2 or more processes, or one with accumulation "
-                        "(distributed.max_micro_batch below schedule.batch.initial), on engine ddp with "
-                        "tracking.noise_scale true; or a fixed schedule (exponential, constant)")
+                        "(distributed.max_micro_batch below schedule.batch.initial), on engine ddp (fsdp: 2 or more "
+                        "processes) with tracking.noise_scale true; or a fixed schedule (exponential, constant)")
 
 
 _checked: dict[str, int] = {}

@@ -2,6 +2,7 @@
 batch growth by accumulation, clipping, AdamW, QHAdam and QHM; sharded DCP checkpoints that resume bitwise
 on the same world size and, resharded, on another; bad recipes refused in one line. Real gloo processes."""
 import json
+import re
 import shutil
 
 import pytest
@@ -120,7 +121,8 @@ def test_a_tampered_shard_is_not_loaded(token_files, tmp_path):  # noqa: F811
     ({"distributed.fsdp.shard": "a b"}, "distributed.fsdp.shard: 'a b' is not valid; allowed: a module class name"),
     ({"distributed.fsdp.reshard_after_forward": "yes"}, "distributed.fsdp.reshard_after_forward"),
     ({"distributed.engine": "deepspeed", "distributed.zero_stage": 3}, "distributed.zero_stage: 3 is not valid"),
-    ({"schedule.batch": {"kind": "adaptive", "initial": 8, "growth": 2, "max": 64}}, "FSDP reduce-scatters"),
+    ({"schedule.batch": {"kind": "adaptive", "initial": 8, "growth": 2, "max": 64}, "distributed.max_micro_batch": 4,
+      "distributed.nproc_per_node": 1}, "measured (FSDP on one process: accumulation keeps"),
 ])
 def test_bad_fsdp_recipes_are_one_line(token_files, tmp_path, capsys, over, expect):  # noqa: F811
     from test_bad_input import one_clean_line, run_main
@@ -141,3 +143,58 @@ def test_kill_9_at_the_stage_change_resumes_bitwise(token_files, tmp_path, refer
     assert "resumed from" in done.stdout and f"step-{newest:09d}" in done.stdout and newest >= 32
     assert_bitwise(final_params(run), final_params(reference))
     assert metric_rows(run) == metric_rows(reference)
+
+
+def _noise_rows(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "grad_sq", "trace_cov", "noise_scale")} for r in rows]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_noise_scale_under_fsdp_is_ddps(token_files, tmp_path, world):  # noqa: F811
+    """Each rank's gradient before the reduce, read in FSDP's reduce-scatter (per unit, zero-padded), and
+    the reduced gradient's squares over every rank's shards: the same estimates as DDP reads per
+    parameter, to fp64 rounding, every step (8 sequences, then 16 by accumulation; on 3 ranks split
+    unevenly, 3 + 3 + 2, and FSDP divides fp64 gradients by 2 before its reduce-scatter); and the
+    measuring leaves FSDP's updates bitwise what they are without it."""
+    over = {**GROWTH, "precision": "fp64", "tracking.noise_scale": True, "distributed.nproc_per_node": world}
+    ddp = train_ranks(lm_recipe(token_files, "ddp", **over), tmp_path)
+    fsdp = train_ranks(lm_recipe(token_files, "fsdp", **over, **{"distributed.engine": "fsdp"}), tmp_path)
+    a, b = _noise_rows(ddp), _noise_rows(fsdp)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 20
+    assert all(r["grad_sq"] is not None for r in a), "DDP measures every step"
+    for ra, rb in zip(a, b):
+        for key in ("grad_sq", "trace_cov"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-12), (ra, rb)
+    assert sum(r["noise_scale"] is not None for r in b) >= len(b) // 2
+    plain = train_ranks(lm_recipe(token_files, "plain", **{**over, "distributed.engine": "fsdp",
+                                                             "tracking.noise_scale": False}), tmp_path)
+    assert_bitwise(final_params(plain), final_params(fsdp))
+    assert all(r["grad_sq"] is None for r in _noise_rows(plain))
+
+
+def _decisions(run) -> list[tuple[int, float, int, int]]:
+    """(token, noise scale, batch before, batch after) of each logged decision."""
+    found = re.findall(r"token ([\d,]+): noise scale ([\d.e+-]+) [<>=]+ 1 x (\d+): batch (?:stays (\d+)|\d+ -> (\d+))",
+                       run.output)
+    return [(int(t.replace(",", "")), float(ns), int(b), int(stay or grown)) for t, ns, b, stay, grown in found]
+
+
+def test_an_adaptive_batch_under_fsdp_decides_as_under_ddp(token_files, tmp_path):  # noqa: F811
+    """schedule.batch.kind adaptive on 2 FSDP processes: every decision (every 2K tokens) is the rule applied
+    to the noise scale FSDP measured (x2 when it is at least 1 x the batch), and the one DDP makes on the same
+    recipe; the step rows' batches are DDP's. This data stays twice at 8, then grows to 16 and 32."""
+    over = {"precision": "fp64", "tracking.noise_scale": True, "distributed.max_micro_batch": 4,
+            "schedule.batch": {"kind": "adaptive", "initial": 8, "growth": 2, "max": 32, "factor": 1.0},
+            "schedule.interval": "2K", "train.tokens": "10K"}
+    ddp = train_ranks(lm_recipe(token_files, "ddp", **over), tmp_path)
+    fsdp = train_ranks(lm_recipe(token_files, "fsdp", **over, **{"distributed.engine": "fsdp"}), tmp_path)
+    made = _decisions(fsdp)
+    assert len(made) == 4 and [d[0] for d in made] == [d[0] for d in _decisions(ddp)]
+    for (_, measured, before, after), (_, theirs, _, their_after) in zip(made, _decisions(ddp)):
+        assert after == (2 * before if measured >= before else before)
+        assert after == their_after and measured == pytest.approx(theirs, rel=1e-3)   # as logged, 4 digits
+    assert {d[3] for d in made} == {8, 16, 32}
+    batches = [[json.loads(line)["batch"] for line in (run / "steps.jsonl").read_text().splitlines()]
+               for run in (ddp, fsdp)]
+    assert batches[0] == batches[1]
