@@ -9,6 +9,7 @@ pays none."""
 import atexit
 import contextlib
 import datetime
+import importlib
 import io
 import multiprocessing
 import os
@@ -279,6 +280,7 @@ def _train_rank(comm, recipe: dict, cwd: str, env: dict):
     os.chdir(cwd)
     before = dict(os.environ)
     os.environ.update(env)
+    os.environ.setdefault("LOCAL_RANK", str(comm.rank))   # as torchrun sets it (DeepSpeed asks for it)
     try:
         factories.importable_from_cwd()              # as `qhm-launch run` does for its workers
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.world))  # as `run` sets OMP_NUM_THREADS
@@ -290,6 +292,8 @@ def _train_rank(comm, recipe: dict, cwd: str, env: dict):
     finally:                                         # a test's hooks never reach the pool's next job
         os.environ.clear()
         os.environ.update(before)
+        if "deepspeed.utils.groups" in sys.modules:  # DeepSpeed caches this job's process groups in its globals
+            importlib.reload(sys.modules["deepspeed.utils.groups"])
 
 
 class Trained(type(Path())):

@@ -55,10 +55,8 @@ def validate(r: Recipe) -> Recipe:
     _one_of("optimizer.name", r.optimizer.name, OPTIMIZERS)
     _one_of("optimizer.kernel", r.optimizer.kernel, KERNELS)
     _one_of("distributed.engine", r.distributed.engine, ENGINES)
-    if r.distributed.zero_stage not in (0, 1, 2):
-        raise RecipeError(f"distributed.zero_stage: {r.distributed.zero_stage!r} is not valid; allowed: 0 | 1 | 2 (ZeRO-3 "
-                          "partitions the parameters themselves, which this launcher's evaluation, final model and "
-                          "lockstep micro-steps do not handle under DeepSpeed yet: distributed.engine fsdp shards them)")
+    if r.distributed.zero_stage not in (0, 1, 2, 3) or isinstance(r.distributed.zero_stage, bool):
+        raise RecipeError(f"distributed.zero_stage: {r.distributed.zero_stage!r} is not valid; allowed: 0 | 1 | 2 | 3")
     _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
     _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
     _one_of("distributed.batch_norm", r.distributed.batch_norm, BATCH_NORMS)
@@ -83,7 +81,10 @@ def validate(r: Recipe) -> Recipe:
         raise RecipeError("distributed.max_micro_batch: 'auto' is not valid with distributed.engine deepspeed; "
                           "allowed: an integer >= 1")
     if r.distributed.engine == "fsdp":
-        check_fsdp(r)
+        check_sharded(r, "distributed.engine fsdp")
+        check_shard_rule(r)
+    elif r.distributed.engine == "deepspeed" and r.distributed.zero_stage == 3:
+        check_sharded(r, "DeepSpeed ZeRO-3 (distributed.zero_stage 3)")
     if r.distributed.engine == "deepspeed":
         check_raw_deepspeed_config(r.distributed.deepspeed_config)
     elif r.distributed.deepspeed_config:
@@ -194,20 +195,24 @@ def placeholder_length(r: Recipe) -> int | None:
                    units.in_unit("schedule.lr.decay", r.schedule.lr.decay, unit, minimum=0))
 
 
-def check_fsdp(r: Recipe) -> None:
-    """engine fsdp: what needs a collective outside the lockstep of every rank's forwards is refused."""
-    why = {"distributed.batch_norm": (r.distributed.batch_norm == "sync", "'sync'", "local (FSDP shards the "
-                                      "model; SyncBatchNorm's collectives would interleave with its all-gathers)"),
+def check_sharded(r: Recipe, engine: str) -> None:
+    """FSDP and ZeRO-3 shard the parameters themselves, so every forward gathers them (a collective): what
+    needs a collective outside the lockstep of every rank's forwards is refused."""
+    why = {"distributed.batch_norm": (r.distributed.batch_norm == "sync", "'sync'", "local (the parameters are "
+                                      "sharded; SyncBatchNorm's collectives would interleave with their all-gathers)"),
            "distributed.max_micro_batch": (r.distributed.max_micro_batch == "auto", "'auto'", "an integer (the "
-                                           "memory probe runs forwards on one rank alone: under FSDP each is a "
-                                           "collective)"),
+                                           "memory probe runs forwards on one rank alone: with sharded parameters "
+                                           "each is a collective)"),
            "eval.full_grad_norm": (r.eval.full_grad_norm, "True", "false (it takes autograd.grad of the sharded "
-                                   "parameters, which FSDP's reduce-scatter never reaches)"),
-           "performance.cuda_graphs": (r.performance.cuda_graphs, "True", "false (FSDP's collectives are outside a "
-                                       "captured graph)")}
+                                   "parameters, outside the engine's own gradient reduce)"),
+           "performance.cuda_graphs": (r.performance.cuda_graphs, "True", "false (the gathers are collectives "
+                                       "outside a captured graph)")}
     for key, (bad, value, allowed) in why.items():
         if bad:
-            raise RecipeError(f"{key}: {value} is not valid with distributed.engine fsdp; allowed: {allowed}")
+            raise RecipeError(f"{key}: {value} is not valid with {engine}; allowed: {allowed}")
+
+
+def check_shard_rule(r: Recipe) -> None:
     rule = r.distributed.fsdp.shard
     if rule is not None and not (isinstance(rule, str) and rule.isidentifier() or
                                  isinstance(rule, list) and rule and all(isinstance(x, str) and x.isidentifier()

@@ -1,4 +1,4 @@
-"""DeepSpeed engine: the same loop on ZeRO 0/1/2, with QHM as the client optimizer.
+"""DeepSpeed engine: the same loop on ZeRO 0/1/2/3, with QHM as the client optimizer.
 
 We own the accumulation boundary. DeepSpeed's own boundary is ``(micro_steps + 1) % GAS`` and
 micro_steps is never reset, so changing GAS mid-run (a new batch stage) would make the first step
@@ -9,6 +9,11 @@ settings still follow the plan (``set_stage``), so its counters and logs agree w
 
 Mixed precision is torch.autocast over fp32 weights, as with DDP (DeepSpeed's bf16 mode is left off),
 so both engines compute the same updates.
+
+ZeRO-3 partitions the parameters too: each forward gathers them (a collective), so ranks run in lockstep
+(a rank with a smaller share of a global batch runs empty micro-steps, evaluation gives every rank as
+many batches), and the final model is gathered one parameter at a time. DeepSpeed keeps parameters
+below ``stage3_param_persistence_threshold`` elements whole on every rank; only the others are gathered.
 
 Checkpoints: DeepSpeed writes its own (partitioned) files into our atomic folder. It reads them back
 with ``torch.load`` and weights_only off, which runs whatever code a crafted file carries; we replace
@@ -104,11 +109,15 @@ def _deepspeed_safe_globals() -> list:
 
 class DeepSpeedEngine:
     checkpoint_scope = "files"
-    lockstep = False                     # ZeRO 0/1/2 keep whole parameters on every rank
 
     def __init__(self, recipe, module, optimizer, comm, micro: int, accum: int):
         import deepspeed
-        self.module, self.world = module, comm.world
+        self.module, self.world, self.comm = module, comm.world, comm
+        # ZeRO-2 reduce-scatters every micro-step's gradient into the partitions (a collective per backward)
+        # and ZeRO-3 gathers the parameters in every forward: ranks run as many micro-steps. ZeRO 0/1 reduce
+        # at the accumulation boundary only.
+        self.stage = recipe.distributed.zero_stage
+        self.lockstep = self.stage >= 2
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=build_config(recipe, micro, accum, comm.world),
             dist_init_required=False)
@@ -154,8 +163,19 @@ class DeepSpeedEngine:
         self._backwards = 0
 
     def full_state_dict(self) -> dict:
-        """The whole model (every rank holds it)."""
-        return self.module.state_dict()
+        """The whole model: under ZeRO 0/1/2 every rank holds it; under ZeRO-3 each partitioned parameter
+        is gathered in turn (a collective: every rank calls it) and copied to the host on rank 0 (the others
+        get {}), so no rank ever holds more than one whole parameter besides its shards."""
+        if self.stage < 3:
+            return self.module.state_dict()
+        from deepspeed.runtime.zero import GatheredParameters
+        whole = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            partitioned = hasattr(tensor, "ds_id")
+            with GatheredParameters([tensor]) if partitioned else nullcontext():
+                if self.comm.is_main:
+                    whole[name] = tensor.detach().to("cpu", copy=True)
+        return whole
 
     def close(self) -> None:
         """Nothing of ours hooks into DeepSpeed's engine."""

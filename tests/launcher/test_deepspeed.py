@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
-                      metric_rows, start, train_ranks, wait_for, write_recipe)
+                      killed_at_checkpoint, metric_rows, start, train_ranks, wait_for, write_recipe)
 from launcher import config as R
 from launcher.run.checkpoint import describe
 
@@ -163,3 +163,42 @@ def test_a_config_deepspeed_refuses_is_one_line_before_any_worker(tmp_path, monk
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("qhm-launch: error: " + expect), lines
     assert not (tmp_path / "runs").exists()
+
+
+UNEVEN = {"data.size": 209, "eval.full_grad_norm": False}
+
+
+def test_zero3_is_zero2_in_lockstep_and_writes_the_whole_model(tmp_path, reference_runs):
+    """ZeRO-3 partitions the parameters (the 1024 x 128 layer; DeepSpeed keeps those under 1e5 elements
+    whole): on 209 samples the last batch of each epoch splits unevenly (1 + 0 at batch 16, 9 + 8 at 32 and
+    64, micro-batch 8), so one rank runs an empty micro-step or one fewer, which under ZeRO 2 and 3 (a
+    collective in every backward, and in every forward) joins the other's in lockstep: before, ZeRO-2 hung
+    there. ZeRO-3's updates are ZeRO-2's, bit for bit; final_model.pt holds every parameter whole."""
+    zero2 = train_ranks(ds_recipe("z2", 2, **UNEVEN), tmp_path)
+    zero3 = reference_runs(ds_recipe("z3", 3, **UNEVEN))
+    a, b = final_params(zero2), final_params(zero3)
+    assert b["6.weight"].shape == (128, 1024), "the partitioned parameter is gathered whole"
+    assert_bitwise(b, a)
+    rows2, rows3 = metric_rows(zero2), metric_rows(zero3)
+    assert [(r["step"], r["samples"]) for r in rows3] == [(r["step"], r["samples"]) for r in rows2] and len(rows3) == 3
+    for r2, r3 in zip(rows2, rows3):
+        assert r3["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-6)
+        assert r3["test_loss"] == pytest.approx(r2["test_loss"], rel=1e-6)
+
+
+@pytest.mark.e2e
+def test_kill_9_at_the_stage_change_under_zero3_resumes_bitwise(tmp_path, reference_runs):
+    """The torchrun tree killed (kill -9) once the checkpoint at the end of epoch 0 (step 14, where the batch
+    doubles) exists: the same command resumes from DeepSpeed's partitioned files and ends bitwise the run
+    that never stopped; another process count is refused in one line (the partitions are per rank)."""
+    recipe = ds_recipe("k3", 3, **UNEVEN)
+    reference = reference_runs(recipe)
+    path, run = killed_at_checkpoint(tmp_path, recipe, 14, delay="0.1")
+    done = cli(["run", str(path)], cwd=tmp_path, check=0)
+    assert "resumed from" in done.stdout and "not valid" not in done.stdout
+    assert_bitwise(final_params(run), final_params(reference))
+    assert metric_rows(run) == metric_rows(reference)
+    (run / "complete.json").unlink()
+    moved = cli(["run", str(path), "--set", "distributed.nproc_per_node=1"], cwd=tmp_path)
+    assert moved.returncode == 2 and moved.stderr.count("\n") == 1
+    assert "ZeRO stage 3" in moved.stderr and "resume on 2 processes" in moved.stderr

@@ -120,7 +120,12 @@ def test_a_tampered_shard_is_not_loaded(token_files, tmp_path):  # noqa: F811
     ({"distributed.fsdp.shard": "Conv9d"}, "distributed.fsdp.shard: 'Conv9d' names no module of the model"),
     ({"distributed.fsdp.shard": "a b"}, "distributed.fsdp.shard: 'a b' is not valid; allowed: a module class name"),
     ({"distributed.fsdp.reshard_after_forward": "yes"}, "distributed.fsdp.reshard_after_forward"),
-    ({"distributed.engine": "deepspeed", "distributed.zero_stage": 3}, "distributed.zero_stage: 3 is not valid"),
+    ({"distributed.engine": "deepspeed", "distributed.zero_stage": 4},
+     "distributed.zero_stage: 4 is not valid; allowed: 0 | 1 | 2 | 3"),
+    ({"distributed.engine": "deepspeed", "distributed.zero_stage": 3, "distributed.batch_norm": "sync"},
+     "distributed.batch_norm: 'sync' is not valid with DeepSpeed ZeRO-3 (distributed.zero_stage 3); allowed: local"),
+    ({"distributed.engine": "deepspeed", "distributed.zero_stage": 3, "eval.full_grad_norm": True},
+     "eval.full_grad_norm: True is not valid with DeepSpeed ZeRO-3"),
     ({"schedule.batch": {"kind": "adaptive", "initial": 8, "growth": 2, "max": 64}, "distributed.max_micro_batch": 4,
       "distributed.nproc_per_node": 1}, "measured (FSDP on one process: accumulation keeps"),
 ])
