@@ -14,11 +14,18 @@ from launcher.train.splits import Stage, micro_cap, split_batch, split_epochs
 def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[Stage]:
     """What must hold before any worker starts: the output folder can be written, the data is there,
     the user's factories resolve and return what they must, and every stage splits."""
+    return preflight_worlds(recipe, [world_size], check_data)
+
+
+def preflight_worlds(recipe: Recipe, world_sizes: list[int], check_data: bool = True) -> list[Stage]:
+    """:func:`preflight` for each of ``world_sizes``: what does not depend on the world size (the folder,
+    the data, the factories' one-sample calls, the engine's config) once, the split and what depends on it
+    per world size. The plan on the last is returned."""
     from launcher import data
     from launcher.train import losses
     check_output(recipe)
     if not check_data:                      # submit --dry-run on a login node: no data, no factories
-        splits = [] if recipe.data.factory else split_epochs(recipe, data.sizes(recipe.data)[0], world_size)
+        n = None if recipe.data.factory else data.sizes(recipe.data)[0]
     else:
         data.check_available(recipe.data)
         if recipe.data.factory or recipe.data.dataset in ("imagefolder", "tokens") or not isinstance(recipe.model, str):
@@ -29,9 +36,10 @@ def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[
         else:
             n = data.sizes(recipe.data)[0]
             losses.from_recipe(recipe.loss, losses.per_token(recipe))
-        splits = split_epochs(recipe, n, world_size)
-    check_graphs(recipe, splits)
-    check_adaptive(recipe, world_size)
+    for world_size in world_sizes:
+        splits = [] if n is None else split_epochs(recipe, n, world_size)
+        check_graphs(recipe, splits)
+        check_adaptive(recipe, world_size)
     if recipe.distributed.engine == "fsdp" and recipe.distributed.fsdp.shard and check_data:
         check_shard_rule(recipe)
     if recipe.distributed.engine == "deepspeed":
@@ -52,9 +60,7 @@ def check_membership(recipe: Recipe, nproc: int, nodes: tuple[int, int], option:
         raise UserError(f"{option} (elastic membership) resumes on the nodes left, and DeepSpeed ZeRO stage "
                         f"{d.zero_stage} partitions its optimizer state over the processes that wrote it; allowed: "
                         "a fixed number of nodes, or distributed.engine ddp or fsdp, or distributed.zero_stage 0")
-    for count in range(low, high + 1):
-        planned = preflight(recipe, nproc * count, check_data)
-    return planned
+    return preflight_worlds(recipe, [nproc * count for count in range(low, high + 1)], check_data)
 
 
 def check_shard_rule(recipe: Recipe) -> None:

@@ -16,6 +16,7 @@ import pytest
 from helpers import (base_recipe, checkpoint_steps, processes_with, start, wait_for, worst_gap_to_a_switched_run,
                      write_recipe)
 from launcher.cli.main import main
+from launcher.errors import UserError
 
 
 
@@ -111,3 +112,24 @@ def test_under_slurm_the_rendezvous_store_lives_on_the_first_node(monkeypatch):
     args.rdzv_conf = None
     assert not any(a.startswith("--rdzv_conf") for a in topology(args))
     assert topology(args)[:2] == ["--nnodes=1:2", "--max_restarts=3"]
+
+
+def test_a_membership_range_checks_the_data_once_and_every_world_size(monkeypatch, tmp_path):
+    """run --nnodes 1:4 (and submit --min-nodes): the data and factories are checked once, the split and
+    what depends on the world size for each of the 4 world sizes; one that cannot train is refused."""
+    from launcher import config, data
+    from launcher.train import preflight
+    recipe = config.from_dict(base_recipe(output=str(tmp_path / "runs")))
+    checked, split = [], []
+    real_check, real_split = data.check_available, preflight.split_epochs
+    monkeypatch.setattr(data, "check_available", lambda d: checked.append(d) or real_check(d))
+    monkeypatch.setattr(preflight, "split_epochs", lambda r, n, w: split.append(w) or real_split(r, n, w))
+    planned = preflight.check_membership(recipe, 2, (1, 4), "--nnodes 1:4")
+    assert len(checked) == 1 and split == [2, 4, 6, 8]
+    assert planned == real_split(recipe, 200, 8), "the plan of the most nodes, the one the run starts on"
+    adaptive_fsdp = config.from_dict(base_recipe(output=str(tmp_path / "runs"), **{
+        "distributed.engine": "fsdp", "eval.full_grad_norm": False,
+        "schedule.batch": {"kind": "adaptive", "initial": 16, "growth": 2}}))
+    preflight.check_membership(adaptive_fsdp, 2, (1, 2), "--nnodes 1:2")       # 2 and 4 processes measure
+    with pytest.raises(UserError, match="FSDP on one process"):
+        preflight.check_membership(adaptive_fsdp, 1, (1, 2), "--nnodes 1:2")
