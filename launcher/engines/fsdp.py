@@ -28,14 +28,24 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter, _get_gradient_divide_factors
 
 from launcher.errors import UserError
+
+try:    # FSDP's reduce-scatter as a class a module can be handed (a recent torch; pyproject allows 2.6)
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter, _get_gradient_divide_factors
+except ImportError:
+    DefaultReduceScatter = None
 
 FOLDER = "fsdp"
 
 
-class MeasuredReduceScatter(DefaultReduceScatter):
+def can_measure_noise() -> bool:
+    """Whether this torch's FSDP takes a custom reduce-scatter (what the noise scale reads through)."""
+    from torch.distributed.fsdp import FSDPModule
+    return DefaultReduceScatter is not None and hasattr(FSDPModule, "set_custom_reduce_scatter")
+
+
+class MeasuredReduceScatter(DefaultReduceScatter or object):
     """FSDP's default reduce-scatter (``FSDPModule.set_custom_reduce_scatter``), which first appends the
     norm of its input to ``norms``: this rank's gradient of one unit before the reduce. Where FSDP
     divided the input before calling (a reduce dtype other than fp32/bf16: fp64 here) the norm is taken

@@ -63,6 +63,11 @@ def source(recipe, world: int, accumulates: bool) -> tuple[str | None, str]:
     if recipe.distributed.engine == "fsdp" and world == 1:
         return None, ("FSDP on one process: accumulation keeps the step's gradient in FSDP's unsharded buffers until "
                       "the last micro-batch, so .grad holds one batch size per step")
+    if recipe.distributed.engine == "fsdp":
+        from launcher.engines.fsdp import can_measure_noise
+        if not can_measure_noise():
+            return None, (f"this torch's FSDP ({torch.__version__}) has no set_custom_reduce_scatter, through which "
+                          "a rank's own gradient is read before the reduce")
     if world > 1:
         return RANKS, ""
     if accumulates or recipe.distributed.max_micro_batch == "auto":

@@ -203,3 +203,14 @@ def test_an_adaptive_batch_under_fsdp_decides_as_under_ddp(token_files, tmp_path
     batches = [[json.loads(line)["batch"] for line in (run / "steps.jsonl").read_text().splitlines()]
                for run in (ddp, fsdp)]
     assert batches[0] == batches[1]
+
+
+def test_a_torch_whose_fsdp_takes_no_custom_reduce_scatter_says_why_the_noise_scale_is_null(token_files, monkeypatch):  # noqa: F811
+    from launcher import config
+    from launcher.engines import fsdp
+    from launcher.train import noise
+    recipe = config.from_dict(lm_recipe(token_files, **{"distributed.engine": "fsdp", "tracking.noise_scale": True}))
+    assert noise.source(recipe, 2, True) == (noise.RANKS, "")
+    monkeypatch.setattr(fsdp, "DefaultReduceScatter", None)
+    kind, why = noise.source(recipe, 2, True)
+    assert kind is None and "has no set_custom_reduce_scatter" in why
