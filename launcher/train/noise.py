@@ -38,13 +38,14 @@ Where the two squared norms come from:
   both sides of its all-reduce;
 - several ranks under FSDP: the same two gradients, read where FSDP has them
   (:class:`launcher.engines.fsdp.MeasuredReduceScatter`): each unit's reduce-scatter input is this rank's
-  accumulated gradient of the unit (zero-padded), whose norm FSDP's own reduce-scatter is called after;
-  the reduced gradient is sharded, so its squared norm is the sum of every rank's shards' squares (a 0-d
+  accumulated gradient of the unit (zero-padded); its norm is taken before FSDP's own reduce-scatter runs.
+  The reduced gradient is sharded, so its squared norm is the sum of every rank's shards' squares (a 0-d
   all-reduce per step, on every rank). The norms come per unit, not per parameter: squares add up the
   same, to rounding (an FSDP run's rows equal a DDP run's to that, tests/launcher/test_fsdp.py);
 - one process under accumulation: the gradient after the first micro-batch and after the last;
-- otherwise (one process and one micro-batch per step, or FSDP on one process; DeepSpeed, whose ZeRO keeps gradients in its own
-  partitioned buffers, out of reach of DDP's hooks) there is one batch size per step: null, said once.
+- otherwise (one process and one micro-batch per step, or FSDP on one process; DeepSpeed, whose ZeRO
+  keeps gradients in its own partitioned buffers, out of reach of DDP's hooks) there is one batch size
+  per step: null, said once.
 """
 from __future__ import annotations
 

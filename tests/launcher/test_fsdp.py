@@ -10,6 +10,7 @@ import torch
 
 from helpers import (assert_bitwise, checkpoint_steps, cli, final_params, killed_at_checkpoint, metric_rows,
                      train_ranks, write_recipe)
+from launcher.run.files import read_jsonl
 from test_lm import lm_recipe, token_files  # noqa: F401  (the module's fixture)
 
 GROWTH = {"distributed.max_micro_batch": 4, "schedule.batch": {"kind": "steps", "points": [[0, 8], ["4K", 16]]},
@@ -41,7 +42,7 @@ def test_fsdp_is_ddp_in_fp64(token_files, tmp_path, optimizer):  # noqa: F811
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 2
     for ra, rb in zip(a, b):
         assert rb["test_loss"] == pytest.approx(ra["test_loss"], rel=1e-10)
-    steps = [json.loads(line) for line in (fsdp / "steps.jsonl").read_text().splitlines()]
+    steps = read_jsonl(fsdp / "steps.jsonl")
     assert {(s["micro_batch"], s["accum"]) for s in steps} == {(4, 1), (4, 2)}, "8 → 16 by accumulation"
     model = torch.load(fsdp / "final_model.pt", weights_only=True)
     assert not any(type(v).__name__ == "DTensor" for v in model.values()), "the final model is unsharded"
@@ -151,7 +152,7 @@ def test_kill_9_at_the_stage_change_resumes_bitwise(token_files, tmp_path, refer
 
 
 def _noise_rows(run) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run / "steps.jsonl")
     return [{k: r[k] for k in ("step", "grad_sq", "trace_cov", "noise_scale")} for r in rows]
 
 
@@ -200,8 +201,7 @@ def test_an_adaptive_batch_under_fsdp_decides_as_under_ddp(token_files, tmp_path
         assert after == (2 * before if measured >= before else before)
         assert after == their_after and measured == pytest.approx(theirs, rel=1e-3)   # as logged, 4 digits
     assert {d[3] for d in made} == {8, 16, 32}
-    batches = [[json.loads(line)["batch"] for line in (run / "steps.jsonl").read_text().splitlines()]
-               for run in (ddp, fsdp)]
+    batches = [[row["batch"] for row in read_jsonl(run / "steps.jsonl")] for run in (ddp, fsdp)]
     assert batches[0] == batches[1]
 
 
