@@ -13,6 +13,7 @@ import importlib
 import io
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,26 @@ def processes_with(*entries: str, unless: str | None = None) -> list[int]:
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def rewound(run: Path, pristine: Path, recipe: dict, world: int) -> dict:
+    """``run`` put back as ``pristine`` (a finished run's copy) with only its first checkpoint and no final
+    model, and ``recipe`` on ``world`` processes: training it again resumes from that checkpoint."""
+    shutil.rmtree(run)
+    shutil.copytree(pristine, run)
+    for path in (run / "final_model.pt", run / "complete.json"):
+        path.unlink()
+    for step in checkpoint_steps(run)[1:]:
+        shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
+    return {**recipe, "distributed": {**recipe["distributed"], "nproc_per_node": world}}
+
+
+def close_params(a: dict, b: dict, rtol: float, atol: float) -> float:
+    """Assert the two state dicts equal within the tolerances, key by key; the largest difference."""
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def final_params(run_dir: Path) -> dict:
@@ -305,7 +326,15 @@ def train_ranks(recipe: dict, cwd, env: dict | None = None) -> Trained:
     """Train ``recipe`` on ``distributed.nproc_per_node`` real gloo ranks of the pool, through the worker's
     own lifecycle (lock, resume, markers, final model), in folder ``cwd``; returns the run folder."""
     world = recipe["distributed"]["nproc_per_node"]
-    results = POOL.run(_train_rank, world, recipe, str(cwd), dict(env or {}))
+    try:
+        results = POOL.run(_train_rank, world, recipe, str(cwd), dict(env or {}))
+    finally:
+        d = recipe["distributed"]
+        if d.get("engine") == "deepspeed" and d.get("zero_stage") == 3:
+            # ZeRO-3 patches torch process-wide (F.linear, tensor constructors) and numbers modules from a
+            # process-wide counter that every rank must agree on: a later job mixing these processes with
+            # fresh ones (a larger world) would not be what torchrun's fresh workers run. They go.
+            POOL.close()
     codes = [code for code, _ in results]
     assert codes == [0] * world, f"exit statuses {codes}\n{results[0][1][-4000:]}"
     run = Trained(Path(cwd) / recipe.get("output", "runs") / recipe["name"])

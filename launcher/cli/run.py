@@ -29,11 +29,13 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
     if found is None:
         return
     saved = found.manifest["recipe"].get("distributed", {})
-    if saved.get("engine") == "deepspeed" and saved.get("zero_stage", 0) > 0 and found.manifest["world_size"] != world:
-        raise UserError(f"distributed.nproc_per_node: checkpoint {found.path} holds ZeRO stage "
-                        f"{saved['zero_stage']} optimizer state partitioned over {found.manifest['world_size']} "
-                        f"processes and cannot be loaded on {world}; allowed: resume on "
-                        f"{found.manifest['world_size']} processes (or convert it with DeepSpeed's ds_to_universal)")
+    if saved.get("engine") == "deepspeed" and found.manifest["world_size"] != world:
+        from launcher.engines.deepspeed import move_refusal
+        why = move_refusal(saved.get("zero_stage", 0), found.manifest["recipe"].get("optimizer", {}))
+        if why:
+            raise UserError(f"distributed.nproc_per_node: checkpoint {found.path} was written on "
+                            f"{found.manifest['world_size']} processes and cannot be loaded on {world}: {why}; "
+                            f"allowed: resume on {found.manifest['world_size']} processes")
     if recipe_mod.is_branch_start(recipe, found.manifest):   # a branch's start: the parent's checkpoint, which differs by design
         return
     diff = recipe_mod.trajectory_diff(found.manifest["recipe"], recipe.to_dict())

@@ -186,9 +186,11 @@ def _prepare(recipe, args, warnings: list | None = None):
         warnings += [line.replace("warning: ", "qhm-launch: WARNING: ") for line in splits.idle_warnings(epochs)]
     if warnings is not None and epochs:
         warnings += stop_latency_warning(recipe, epochs[0].batch, args.signal_seconds)
-    if args.elastic and recipe.distributed.engine == "deepspeed" and recipe.distributed.zero_stage > 0:
-        raise UserError(f"--elastic: not valid with DeepSpeed ZeRO stage {recipe.distributed.zero_stage} (its optimizer "
-                        "state cannot move to another world size here); allowed: ddp, or ZeRO 0")
+    if args.elastic and recipe.distributed.engine == "deepspeed":
+        from launcher.engines.deepspeed import move_refusal
+        why = move_refusal(recipe.distributed.zero_stage, vars(recipe.optimizer))
+        if why:
+            raise UserError(f"--elastic: not valid here: {why}; allowed: ddp or fsdp, ZeRO 0, or optimizer.name adamw")
     return recipe, nproc
 
 

@@ -56,10 +56,13 @@ def check_membership(recipe: Recipe, nproc: int, nodes: tuple[int, int], option:
     plan on MAX nodes, the one the run starts on, is returned."""
     low, high = nodes
     d = recipe.distributed
-    if low < high and d.engine == "deepspeed" and d.zero_stage > 0:
-        raise UserError(f"{option} (elastic membership) resumes on the nodes left, and DeepSpeed ZeRO stage "
-                        f"{d.zero_stage} partitions its optimizer state over the processes that wrote it; allowed: "
-                        "a fixed number of nodes, or distributed.engine ddp or fsdp, or distributed.zero_stage 0")
+    if low < high and d.engine == "deepspeed":
+        from launcher.engines.deepspeed import move_refusal
+        why = move_refusal(d.zero_stage, vars(recipe.optimizer))
+        if why:
+            raise UserError(f"{option} (elastic membership) resumes on the nodes left, and {why}; allowed: a fixed "
+                            "number of nodes, or distributed.engine ddp or fsdp, or distributed.zero_stage 0, or "
+                            "optimizer.name adamw (one parameter group under ZeRO-3)")
     return preflight_worlds(recipe, [nproc * count for count in range(low, high + 1)], check_data)
 
 

@@ -87,7 +87,9 @@ ARGUMENTS = [
     (["run", SMOKE, "--nnodes", "1:2"], "--nnodes: 1:2 needs --rdzv-endpoint HOST:PORT and --rdzv-id ID"),
     (["run", SMOKE, "--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-id", "x", "--set",
       "distributed.engine=deepspeed", "--set", "distributed.zero_stage=2"],
-     "--nnodes: 1:2 (elastic membership) resumes on the nodes left, and DeepSpeed ZeRO stage 2 partitions"),
+     "--nnodes: 1:2 (elastic membership) resumes on the nodes left, and ZeRO stage 2 partitions the optimizer "
+     "state over the processes that wrote it, and DeepSpeed's universal checkpoint, which moves it, carries Adam's "
+     "state only (exp_avg, exp_avg_sq), not qhm's"),
     (["submit", SMOKE, "--dry-run", "--nodes", "2", "--min-nodes", "2"],
      "--min-nodes: 2 is not fewer than the job's 2 node(s) (--nodes or slurm.nodes); allowed: 1 to 1"),
     (["submit", SMOKE, "--dry-run", "--min-nodes", "1"], "allowed: --min-nodes with --nodes 2 or more"),

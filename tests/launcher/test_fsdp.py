@@ -8,20 +8,13 @@ import shutil
 import pytest
 import torch
 
-from helpers import (assert_bitwise, checkpoint_steps, cli, final_params, killed_at_checkpoint, metric_rows,
-                     train_ranks, write_recipe)
+from helpers import (assert_bitwise, checkpoint_steps, cli, close_params, final_params, killed_at_checkpoint,
+                     metric_rows, rewound, train_ranks, write_recipe)
 from launcher.run.files import read_jsonl
 from test_lm import lm_recipe, token_files  # noqa: F401  (the module's fixture)
 
 GROWTH = {"distributed.max_micro_batch": 4, "schedule.batch": {"kind": "steps", "points": [[0, 8], ["4K", 16]]},
           "train.tokens": "8K"}
-
-
-def _close(a: dict, b: dict, rtol: float, atol: float) -> float:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.mark.parametrize("optimizer", [
@@ -37,7 +30,7 @@ def test_fsdp_is_ddp_in_fp64(token_files, tmp_path, optimizer):  # noqa: F811
         over["schedule.lr"] = {"kind": "constant", "max": 0.3}
     ddp = train_ranks(lm_recipe(token_files, "ddp", **over), tmp_path)
     fsdp = train_ranks(lm_recipe(token_files, "fsdp", **over, **{"distributed.engine": "fsdp"}), tmp_path)
-    _close(final_params(fsdp), final_params(ddp), rtol=1e-10, atol=1e-12)
+    close_params(final_params(fsdp), final_params(ddp), rtol=1e-10, atol=1e-12)
     a, b = metric_rows(ddp), metric_rows(fsdp)
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 2
     for ra, rb in zip(a, b):
@@ -53,7 +46,7 @@ def test_fsdp_is_ddp_in_fp32_to_rounding(token_files, tmp_path):  # noqa: F811
     fsdp = train_ranks(lm_recipe(token_files, "fsdp", **GROWTH, **{"distributed.engine": "fsdp"}), tmp_path)
     # fp32: the reduce-scatter and the all-reduce add in other orders, and 30 AdamW steps carry that
     # rounding on; a bias near 0 ends ~1e-5 apart (the fp64 test above is the equivalence, to 1e-10)
-    _close(final_params(fsdp), final_params(ddp), rtol=1e-4, atol=5e-5)
+    close_params(final_params(fsdp), final_params(ddp), rtol=1e-4, atol=5e-5)
     assert metric_rows(fsdp)[-1]["test_loss"] == pytest.approx(metric_rows(ddp)[-1]["test_loss"], rel=1e-4)
 
 
@@ -71,24 +64,14 @@ def test_a_sharded_checkpoint_resumes_bitwise_and_on_another_world_size(token_fi
     assert "fsdp/.metadata" in shards, "every DCP file is in the manifest, checksummed"
     pristine = tmp_path / "pristine"
     shutil.copytree(run, pristine)
-
-    def rewind(to_world: int):
-        shutil.rmtree(run)
-        shutil.copytree(pristine, run)
-        for path in (run / "final_model.pt", run / "complete.json"):
-            path.unlink()
-        for step in checkpoint_steps(run)[1:]:
-            shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
-        return {**recipe, "distributed": {**recipe["distributed"], "nproc_per_node": to_world}}
-
-    resumed = train_ranks(rewind(2), tmp_path)
+    resumed = train_ranks(rewound(run, pristine, recipe, 2), tmp_path)
     assert f"step-{kept:09d}" in resumed.output
     assert_bitwise(final_params(resumed), reference[0])
     assert metric_rows(resumed) == reference[1]
     for world in (1, 3):          # DCP reshards the model and optimizer; the sums' order alone differs
-        moved = train_ranks(rewind(world), tmp_path)
+        moved = train_ranks(rewound(run, pristine, recipe, world), tmp_path)
         assert f"step-{kept:09d}" in moved.output
-        _close(final_params(moved), reference[0], rtol=1e-10, atol=1e-12)
+        close_params(final_params(moved), reference[0], rtol=1e-10, atol=1e-12)
         assert [r["step"] for r in metric_rows(moved)] == [r["step"] for r in reference[1]]
 
 
@@ -214,3 +197,4 @@ def test_a_torch_whose_fsdp_takes_no_custom_reduce_scatter_says_why_the_noise_sc
     monkeypatch.setattr(fsdp, "DefaultReduceScatter", None)
     kind, why = noise.source(recipe, 2, True)
     assert kind is None and "has no set_custom_reduce_scatter" in why
+

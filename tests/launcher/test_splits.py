@@ -131,4 +131,7 @@ def test_elastic_submit_and_sweep_chain_one_job_per_segment(tmp_path, capsys):
     zero = write_recipe(tmp_path, base_recipe(name="z", **{"distributed.engine": "deepspeed",
                                                            "distributed.zero_stage": 2}), "z.yaml")
     assert main(["submit", str(zero), "--nodes", "2", "--elastic", "--dry-run"]) == 2
-    assert "--elastic: not valid with DeepSpeed ZeRO stage 2" in capsys.readouterr().err
+    assert "--elastic: not valid here: ZeRO stage 2 partitions the optimizer state" in capsys.readouterr().err
+    adamw = write_recipe(tmp_path, base_recipe(name="za", **{"distributed.engine": "deepspeed", "distributed.zero_stage": 2,
+                                                             "optimizer.name": "adamw"}), "za.yaml")
+    assert main(["submit", str(adamw), "--nodes", "2", "--elastic", "--dry-run"]) == 0, "adamw is converted"
