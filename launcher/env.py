@@ -46,6 +46,8 @@ PAUSE_FROM_STEP = "QHM_TEST_PAUSE_FROM_STEP"      # ...for checkpoints at or aft
 STEP_LOG = "QHM_TEST_STEP_LOG"                    # file: one JSON line per DeepSpeed optimizer step
 OOM_AT = "QHM_TEST_OOM_AT"                        # "epoch:step[:micro]": raise an out-of-memory error there once
 OOM_ABOVE = "QHM_TEST_OOM_ABOVE"                  # micro-batch size above which the memory probe "fails"
+DEVICE_MEMORY = "QHM_TEST_DEVICE_MEMORY"          # "base,per_sample,capacity[,capacity of rank 1,...]" bytes:
+                                                  # what the sharded engines' memory probe reads on CPU
 NOISE_SCALES = "QHM_TEST_NOISE_SCALES"            # "v1,v2,...": the noise scale each adaptive batch decision
                                                   # takes, in order, instead of the measured one
 STALL_S = "QHM_TEST_STALL_S"                     # the watchdog's thresholds (launcher.train.signals), in seconds:
@@ -84,6 +86,14 @@ def oom_at() -> tuple[int, ...] | None:
 def oom_above() -> int | None:
     text = os.environ.get(OOM_ABOVE)
     return int(text) if text else None
+
+
+def device_memory() -> tuple[int, int, list[int]] | None:
+    text = os.environ.get(DEVICE_MEMORY)
+    if not text:
+        return None
+    base, per_sample, *capacities = (int(x) for x in text.split(","))
+    return base, per_sample, capacities
 
 
 def noise_scales() -> list[float]:

@@ -78,8 +78,9 @@ def validate(r: Recipe) -> Recipe:
                           "memory mid-forward would leave the others waiting in them); allowed: local, or an "
                           "integer max_micro_batch")
     if r.distributed.engine == "deepspeed" and r.distributed.max_micro_batch == "auto":
-        raise RecipeError("distributed.max_micro_batch: 'auto' is not valid with distributed.engine deepspeed; "
-                          "allowed: an integer >= 1")
+        raise RecipeError("distributed.max_micro_batch: 'auto' is not valid with distributed.engine deepspeed "
+                          "(its backward reduces inside DeepSpeed's engine, where a probe or a redo cannot run); "
+                          "allowed: an integer >= 1, or distributed.engine ddp or fsdp")
     if r.distributed.engine == "fsdp":
         check_sharded(r, "distributed.engine fsdp")
         check_shard_rule(r)
@@ -200,9 +201,6 @@ def check_sharded(r: Recipe, engine: str) -> None:
     needs a collective outside the lockstep of every rank's forwards is refused."""
     why = {"distributed.batch_norm": (r.distributed.batch_norm == "sync", "'sync'", "local (the parameters are "
                                       "sharded; SyncBatchNorm's collectives would interleave with their all-gathers)"),
-           "distributed.max_micro_batch": (r.distributed.max_micro_batch == "auto", "'auto'", "an integer (the "
-                                           "memory probe runs forwards on one rank alone: with sharded parameters "
-                                           "each is a collective)"),
            "eval.full_grad_norm": (r.eval.full_grad_norm, "True", "false (it takes autograd.grad of the sharded "
                                    "parameters, outside the engine's own gradient reduce)"),
            "performance.cuda_graphs": (r.performance.cuda_graphs, "True", "false (the gathers are collectives "

@@ -48,6 +48,15 @@ class StepValues:
         return self._values[i]
 
 
+def unallocated_state(optimizer: torch.optim.Optimizer, per_parameter: int) -> int:
+    """Bytes of optimizer state that training will allocate and that do not exist yet (before the first
+    step): ``per_parameter`` tensors the size of each parameter (of its local shard)."""
+    if optimizer.state:
+        return 0
+    local = [p.to_local() if hasattr(p, "to_local") else p for g in optimizer.param_groups for p in g["params"]]
+    return per_parameter * sum(p.numel() * p.element_size() for p in local)
+
+
 class Stages:
     def __init__(self, parts: Parts):
         p, perf = parts, parts.recipe.performance
@@ -138,18 +147,27 @@ class Stages:
     def size_micro_batch(self, stage: Stage, epoch: int) -> None:
         """max_micro_batch auto: probe device memory once per batch (CPU: the recipe's cap)."""
         device = self.comm.device
-        if stage.batch in self.probed or not (device.type == "cuda" or env.oom_above() is not None):
+        hooked = env.oom_above() is not None or env.device_memory() is not None
+        if stage.batch in self.probed or not (device.type == "cuda" or hooked):
             return
         share = ceil_div(stage.batch, self.comm.world)
         with self.eager():     # every probe size compiled would be a graph (and a recompile) of its own
-            found, use = microbatch.probe(self.module, self.batches.probe_batch, self.loss, self.autocast, share, device)
+            if self.engine.lockstep:   # sharded: every pass is a collective, no rank may run out of memory
+                unallocated = unallocated_state(self.engine.optimizer, 1 if self.momentum else 2)
+                found, use, fit = microbatch.extrapolate(self.module, self.batches.probe_batch, self.loss,
+                                                         self.autocast, share, device, unallocated, self.comm.rank)
+                how = f"extrapolated from micro-batches 1 and 2 ({fit}; 10% kept free)"
+            else:
+                found, use = microbatch.probe(self.module, self.batches.probe_batch, self.loss, self.autocast, share,
+                                              device)
+                how = "with a 10% margin"
         agreed = int(self.comm.all_reduce_min(torch.tensor(use, device=device)))
         if agreed < 1:
             raise RunFailed(f"max_micro_batch auto: not even one sample fits in device memory at epoch {epoch}")
         self.probed[stage.batch] = agreed
         self.current = stage
         self.resplit(agreed, f"max_micro_batch auto: up to {found} samples fit here (of a share of {share}), "
-                             f"{agreed} over all ranks with a 10% margin")
+                             f"{agreed} over all ranks {how}")
 
     def compile_for(self, split: Stage) -> None:
         """performance.compile: the model is compiled in place (torch.compile, static shapes, inside DDP),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from launcher import env
+from launcher.errors import RunFailed
 from launcher.train import microbatch
 from launcher.train.build import Parts
 from launcher.train.splits import ceil_div
@@ -30,7 +31,18 @@ class StepRunner:
 
     def run(self, epoch: int, step: int) -> int:
         """Forward and backward of global batch (epoch, step) on this rank; returns the batch's size."""
-        return self._retrying(epoch, step) if self.stages.auto else self._forward_backward(epoch, step)
+        if not self.stages.auto:
+            return self._forward_backward(epoch, step)
+        if not self.engine.lockstep:
+            return self._retrying(epoch, step)
+        try:       # sharded: a step cannot be redone (the other ranks wait in a collective); torchrun stops them
+            return self._forward_backward(epoch, step)
+        except torch.OutOfMemoryError as exc:
+            micro = self.stages.at(epoch, step).micro_batch
+            raise RunFailed(f"CUDA out of memory at epoch {epoch} step {step} with the micro-batch of {micro} that "
+                            f"max_micro_batch auto extrapolated ({' '.join(str(exc).split())[:160]}); a sharded "
+                            f"engine cannot redo a step; allowed: distributed.max_micro_batch an integer below "
+                            f"{micro}") from None
 
     def _forward_backward(self, epoch: int, step: int) -> int:
         """This rank's micro-batches of global batch (epoch, step), forward and backward.

@@ -99,7 +99,6 @@ def test_a_tampered_shard_is_not_loaded(token_files, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("over, expect", [
     ({"distributed.batch_norm": "sync"}, "distributed.batch_norm: 'sync' is not valid with distributed.engine fsdp"),
-    ({"distributed.max_micro_batch": "auto"}, "distributed.max_micro_batch: 'auto' is not valid with distributed.engine fsdp"),
     ({"eval.full_grad_norm": True}, "eval.full_grad_norm: True is not valid with distributed.engine fsdp"),
     ({"distributed.fsdp.shard": "Conv9d"}, "distributed.fsdp.shard: 'Conv9d' names no module of the model"),
     ({"distributed.fsdp.shard": "a b"}, "distributed.fsdp.shard: 'a b' is not valid; allowed: a module class name"),
@@ -198,3 +197,41 @@ def test_a_torch_whose_fsdp_takes_no_custom_reduce_scatter_says_why_the_noise_sc
     kind, why = noise.source(recipe, 2, True)
     assert kind is None and "has no set_custom_reduce_scatter" in why
 
+
+MIB = 2 ** 20
+
+
+def memory_hook(base: int, per_sample: int, fit: list[int]) -> str:
+    """QHM_TEST_DEVICE_MEMORY readings under which rank r's extrapolation gives ``fit[r]`` samples within 90%
+    of its capacity (half a sample to spare, more than the optimizer state still to come)."""
+    capacities = [int((base + per_sample * (m + 0.5)) / 0.9) for m in fit]
+    return ",".join(str(x) for x in (base, per_sample, *capacities))
+
+
+def test_max_micro_batch_auto_under_fsdp_is_extrapolated_in_lockstep_and_changes_nothing(token_files, tmp_path):  # noqa: F811
+    """Every rank runs the probe's two passes (1 and 2 samples: all-gathers and reduce-scatters, in
+    lockstep), fits its peak, and the ranks agree on the smallest: rank 0 could take 6, rank 1 only 3, so 3,
+    in both stages (shares 8 and 16). The passes leave nothing behind: the run equals, bit for bit, one with
+    max_micro_batch 3."""
+    fixed = train_ranks(lm_recipe(token_files, "fixed3", **{"distributed.engine": "fsdp",
+                                                             "distributed.max_micro_batch": 3}), tmp_path)
+    auto = train_ranks(lm_recipe(token_files, "auto", **{"distributed.engine": "fsdp", "distributed.max_micro_batch": "auto"}),
+                       tmp_path, env={"QHM_TEST_DEVICE_MEMORY": memory_hook(200 * MIB, 10 * MIB, [6, 3])})
+    # rank 0's line: 8 fit in all of its memory, 6 within 90%; rank 1's 3 is agreed
+    assert "up to 8 samples fit here (of a share of 8), 3 over all ranks extrapolated from micro-batches 1 and 2" in auto.output
+    assert "(of a share of 16), 3 over all ranks" in auto.output
+    assert_bitwise(final_params(auto), final_params(fixed))
+    splits = [[(r["micro_batch"], r["accum"]) for r in read_jsonl(run / "steps.jsonl")] for run in (auto, fixed)]
+    assert splits[0] == splits[1] and set(splits[0]) == {(2, 4), (2, 8)}   # equal micro-batches under the cap 3
+
+
+def test_an_out_of_memory_error_under_fsdp_auto_fails_in_one_line(token_files, tmp_path):  # noqa: F811
+    """No back-off under FSDP (the others would wait in a collective): the run stops, naming the micro-batch."""
+    from helpers import POOL, _train_rank
+    recipe = lm_recipe(token_files, "oom", **{"distributed.engine": "fsdp", "distributed.max_micro_batch": "auto"})
+    results = POOL.run(_train_rank, 2, recipe, str(tmp_path), {
+        "QHM_TEST_DEVICE_MEMORY": memory_hook(200 * MIB, 10 * MIB, [4, 4]), "QHM_TEST_OOM_AT": "0:2"})
+    assert [code for code, _ in results] == [1, 1]
+    failed = json.loads((tmp_path / "runs" / "oom" / "failed.json").read_text())
+    assert "CUDA out of memory at epoch 0 step 2 with the micro-batch of 4 that max_micro_batch auto extrapolated" \
+        in failed["error"] and "allowed: distributed.max_micro_batch an integer below 4" in failed["error"]
