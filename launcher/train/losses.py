@@ -76,6 +76,14 @@ def from_recipe(spec, per_token: bool = False) -> Loss:
     if not callable(fn):
         raise UserError(f"loss.factory: {spec.factory!r} returned {type(fn).__name__}; allowed: a callable "
                         "(output, target) -> per-sample losses")
+    trained = [n for n, p in fn.named_parameters() if p.requires_grad] if isinstance(fn, torch.nn.Module) else []
+    if trained:
+        # the optimizer, DDP's reduce, FSDP's and ZeRO's shards and the checkpoint hold the model's parameters
+        # only: these would never train, differ per rank, and be lost on resume
+        raise UserError(f"loss.factory: {spec.factory!r} returned a module with {len(trained)} trainable "
+                        f"parameter(s) ({', '.join(trained[:4])}), which no engine sees (the optimizer, the gradient "
+                        "reduce, the shards and the checkpoint hold the model's only); allowed: a loss without "
+                        "parameters (move them into the model, or requires_grad=False)")
     return Loss(fn, spec.factory)
 
 

@@ -31,6 +31,14 @@ def user_package(folder):
 
 EDGE = """
 import torch
+class Temperature(torch.nn.Module):          # a loss with a parameter of its own
+    def __init__(self):
+        super().__init__()
+        self.log_t = torch.nn.Parameter(torch.zeros(()))
+    def forward(self, out, y):
+        return torch.nn.functional.cross_entropy(out / self.log_t.exp(), y, reduction="none")
+def tempered():
+    return Temperature()
 from PIL import Image
 from mypkg.parts import Spirals, MLP
 
@@ -174,6 +182,8 @@ BAD = [
     ({"data": {"factory": "mypkg.parts:build_model"}}, "data.factory: 'mypkg.parts:build_model' returned train=method"),
     ({"data": {"factory": "mypkg.parts:build_data", "kwargs": {"n": -5}}}, "data.factory: 'mypkg.parts:build_data' raised"),
     ({"loss": {"factory": "mypkg.parts:build_data"}}, "loss.factory: 'mypkg.parts:build_data' returned dict; allowed: a callable"),
+    ({"loss": {"factory": "mypkg.edge:tempered"}}, "loss.factory: 'mypkg.edge:tempered' returned a module with 1 "
+                                                   "trainable parameter(s) (log_t), which no engine sees"),
     ({"data": {"factory": "mypkg.parts:build_data", "dataset": "digits"}}, "data.dataset: 'digits' is not valid with data.factory"),
     ({"model": {"factory": "mypkg.cli:build_model"}}, "model.factory: 'mypkg.cli:build_model' raised SystemExit(0) "
                                                       "instead of returning"),
