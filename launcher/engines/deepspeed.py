@@ -66,10 +66,15 @@ def move_refusal(zero_stage: int, optimizer: dict) -> str | None:
     return None
 
 
-def build_config(recipe, micro: int, accum: int, world: int) -> dict:
+def build_config(recipe, micro: int, accum: int, world: int, parameters: int | None = None) -> dict:
+    """DeepSpeed's config for a stage (``parameters``: the model's element count, where known)."""
     cfg = json.loads(json.dumps(recipe.distributed.deepspeed_config))
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage"] = recipe.distributed.zero_stage
+    if zero["stage"] == 3 and parameters:
+        # ZeRO-3 allocates its gradient bucket whole, at reduce_bucket_size elements (default 5e8: 1.9 GiB in
+        # fp32, measured in benchmarks/fsdp_memory.py): never more than the model's parameters
+        zero.setdefault("reduce_bucket_size", min(500_000_000, parameters))
     clip = recipe.optimizer.clip_grad_norm
     cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
                train_batch_size=micro * accum * world, zero_allow_untested_optimizer=True,
@@ -151,7 +156,8 @@ class DeepSpeedEngine:
         self.stage = recipe.distributed.zero_stage
         self.lockstep = self.stage >= 2
         self.model, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=build_config(recipe, micro, accum, comm.world),
+            model=module, optimizer=optimizer,
+            config=build_config(recipe, micro, accum, comm.world, sum(p.numel() for p in module.parameters())),
             dist_init_required=False)
         self.model.checkpoint_engine = _safe_checkpoint_engine()
         self._backwards = 0

@@ -132,6 +132,14 @@ def test_owned_deepspeed_keys_cannot_be_overridden():
     cfg = build_config(ok, 8, 2, 2)
     assert cfg["zero_optimization"] == {"overlap_comm": False, "stage": 2, "compute_grad_norm": False}
     assert cfg["train_batch_size"] == 32
+    # ZeRO-3 allocates its gradient bucket whole: never larger than the model, unless the user says so
+    zero3 = R.from_dict(ds_recipe("x", 3, **UNEVEN))
+    assert build_config(zero3, 8, 2, 2, parameters=3_200_000)["zero_optimization"]["reduce_bucket_size"] == 3_200_000
+    assert build_config(zero3, 8, 2, 2, parameters=10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    mine = R.from_dict(ds_recipe("x", 3, **UNEVEN, **{"distributed.deepspeed_config": {"zero_optimization":
+                                                                            {"reduce_bucket_size": 1000}}}))
+    assert build_config(mine, 8, 2, 2, parameters=3_200_000)["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert "reduce_bucket_size" not in build_config(ok, 8, 2, 2, parameters=3_200_000)["zero_optimization"]
 
 
 def test_deepspeed_syncs_nothing_per_micro_batch_unless_the_user_asks():
