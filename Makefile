@@ -33,9 +33,9 @@ demo-lm: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# the edit-test loop (under 2 minutes): everything but the tests marked e2e
+# the edit-test loop: everything but the tests marked e2e (the process tree) or slow (heavy in-process)
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 # The CPU-sized study: 18 runs on digits (about 8 minutes on 2 cores), then the figures in docs/.
 study: $(VENV)/.installed

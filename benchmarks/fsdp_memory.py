@@ -1,17 +1,21 @@
-"""What FSDP2 saves and costs against DDP, side by side in the same run, on the built-in GPT with AdamW:
+"""What sharding saves and costs against DDP, side by side in the same run, on the built-in GPT with AdamW:
+FSDP2, and DeepSpeed ZeRO-2 and ZeRO-3.
 
-* **memory**: each rank's bytes of parameters, gradients and optimizer state after one real step of the
-  launcher's own parts (``launcher.train.build.build``: the engine, the optimizer on the shards), counted
-  tensor by tensor (a DTensor by its local shard): exact, not a noisy RSS;
-* **speed**: the median tokens/s of ``qhm-launch run`` with ``distributed.engine`` ddp and fsdp, each a
-  fresh torchrun job of 2 CPU processes (gloo), alternating, several rounds.
+* **memory**: after one real step of the launcher's own parts (``launcher.train.build.build``: the engine,
+  the optimizer on the shards), each rank's bytes of parameters, gradients and optimizer state counted
+  tensor by tensor (a DTensor by its local shard; DDP and FSDP, whose parameters are plain tensors), and,
+  for every engine, the bytes of every tensor alive in the process (``gc``, each storage once: what
+  DeepSpeed keeps in its own flat buffers included): exact, not a noisy RSS;
+* **speed**: the median tokens/s of ``qhm-launch run`` with each engine, each a fresh torchrun job of 2
+  CPU processes (gloo), alternating, several rounds.
 
 On CPU/gloo the speed ratio measures the extra collectives (an all-gather per block per forward and
 backward, a reduce-scatter per step), not what NCCL on a GPU would show.
 
-    .venv/bin/python benchmarks/fsdp_memory.py [--rounds 3] [--width 256] [--layers 4]
+    .venv/bin/python benchmarks/fsdp_memory.py [--rounds 3] [--width 256] [--layers 4] [--engines ddp,fsdp,zero2,zero3]
 """
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -24,8 +28,33 @@ from lm_throughput import BATCH, MICRO, SEQ, bench_recipe, run, side_by_side, to
 STEPS, WARM = 60, 15
 
 
+ENGINES = {"ddp": ("ddp", None), "fsdp": ("fsdp", None), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3)}
+NAMES = {"ddp": "DDP", "fsdp": "FSDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
+
+
 def recipe(folder: Path, data: Path, engine: str, layers: int, width: int) -> dict:
-    return {**bench_recipe(folder, data, engine, layers=layers, width=width, steps=STEPS), "checkpoint": {"every_steps": 0}}
+    name, stage = ENGINES[engine]
+    r = {**bench_recipe(folder, data, name, layers=layers, width=width, steps=STEPS), "checkpoint": {"every_steps": 0}}
+    if stage is not None:
+        r["distributed"] = {**r["distributed"], "zero_stage": stage}
+    if stage == 3:   # every parameter partitioned, as in a model large enough for ZeRO-3 (the default keeps
+        # parameters under 1e5 elements whole on every rank: most of this small GPT's)
+        r["distributed"]["deepspeed_config"] = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    return r
+
+
+def alive_bytes() -> int:
+    """Bytes of every tensor storage alive in this process, each once (views and wrappers share one)."""
+    import torch
+    seen = {}
+    for obj in gc.get_objects():
+        try:
+            if torch.is_tensor(obj) and obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        except Exception:  # noqa: BLE001 - a wrapper without storage (DTensor): its local tensor is counted
+            continue
+    return sum(seen.values())
 
 
 def measure(path: str) -> None:
@@ -39,15 +68,17 @@ def measure(path: str) -> None:
     vocab = parts.recipe.model.vocab or 256
     x, y = torch.randint(vocab, (2, MICRO, SEQ), generator=torch.Generator().manual_seed(comm.rank))
     with engine.micro_step(True):
-        out = engine.module(x)
+        out = engine.model(x)
         engine.backward(torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten()))
     size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)     # noqa: E731
     params = list(parts.module.parameters())
     grads = size(p.grad for p in params if p.grad is not None)
     engine.step()
     state = size(v for s in engine.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
-    print("BYTES " + json.dumps({"rank": comm.rank, "params": size(params), "grads": grads, "optimizer": state}),
-          flush=True)
+    del out, x, y
+    gc.collect()
+    print("BYTES " + json.dumps({"rank": comm.rank, "params": size(params), "grads": grads, "optimizer": state,
+                                 "alive": alive_bytes()}), flush=True)
     parts.close()
     comm.close()
 
@@ -62,7 +93,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--engines", default="ddp,fsdp,zero2,zero3")
     args = parser.parse_args()
+    engines = args.engines.split(",")
     here = Path(__file__).resolve()
     import yaml
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), os.environ.get("PYTHONPATH", "")]),
@@ -71,7 +104,7 @@ def main() -> None:
         tmp = Path(tmp)
         data = token_file(tmp / "data")
         paths = {}
-        for engine in ("ddp", "fsdp"):
+        for engine in engines:
             paths[engine] = tmp / f"{engine}.yaml"
             paths[engine].write_text(yaml.safe_dump(recipe(tmp / f"m-{engine}", data, engine, args.layers, args.width)))
         memory = {}
@@ -79,22 +112,29 @@ def main() -> None:
             out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                        str(here), "--measure", str(path)], env)
             memory[engine] = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("BYTES ")]
-        rates = {"ddp": [], "fsdp": []}
+        rates = {engine: [] for engine in engines}
         for r in range(args.rounds):
-            for engine in (("ddp", "fsdp") if r % 2 == 0 else ("fsdp", "ddp")):
+            for engine in (engines if r % 2 == 0 else engines[::-1]):
                 folder = tmp / f"round{r}-{engine}"
                 path = tmp / f"round{r}-{engine}.yaml"
                 path.write_text(yaml.safe_dump(recipe(folder, data, engine, args.layers, args.width)))
                 run([sys.executable, "-m", "launcher", "run", str(path)], env)
                 rates[engine].append(rate(folder))
     mib = lambda b: b / 2 ** 20     # noqa: E731
+    plain = [e for e in ("ddp", "fsdp") if e in engines]     # parameters that are tensors of their own
+    print("| per rank | " + " | ".join(NAMES[e] for e in engines) + " |")
+    print("|---|" + "---|" * len(engines))
     for part in ("params", "grads", "optimizer"):
-        d, f = (max(m[part] for m in memory[e]) for e in ("ddp", "fsdp"))
-        print(f"| {part} per rank | DDP {mib(d):.2f} MiB | FSDP {mib(f):.2f} MiB | ratio {f / d:.3f} |")
-    d, f = (max(sum(m[k] for k in ("params", "grads", "optimizer")) for m in memory[e]) for e in ("ddp", "fsdp"))
-    print(f"| all three per rank | DDP {mib(d):.2f} MiB | FSDP {mib(f):.2f} MiB | ratio {f / d:.3f} |")
-    print(side_by_side(f"GPT {args.layers}x{args.width}, seq {SEQ}, batch {BATCH} = {MICRO} x 1 x 2, AdamW + "
-                       "clipping, 2 CPU processes", {"DDP": rates["ddp"], "FSDP": rates["fsdp"]}))
+        print(f"| {part} | " + " | ".join(f"{mib(max(m[part] for m in memory[e])):.2f} MiB" if e in plain else "-"
+                                         for e in engines) + " |")
+    alive = {e: max(m["alive"] for m in memory[e]) for e in engines}
+    print("| every tensor alive | " + " | ".join(f"{mib(alive[e]):.2f} MiB" for e in engines) + " |")
+    base = engines[0]
+    print(f"| ... against {NAMES[base]} | " + " | ".join(f"{alive[e] / alive[base]:.3f}" for e in engines) + " |")
+    for other in engines[1:]:
+        print(side_by_side(f"GPT {args.layers}x{args.width}, seq {SEQ}, batch {BATCH} = {MICRO} x 1 x 2, AdamW + "
+                           "clipping, 2 CPU processes", {NAMES[base]: rates[base], NAMES[other]: rates[other]}))
+
 
 if __name__ == "__main__":
     if "--measure" in sys.argv:

@@ -1,8 +1,9 @@
 """Test tiers and shared fixtures. Helpers live in helpers.py (imported by the tests, not from here).
 
 Tiers: every test that starts the real process tree (``qhm-launch`` through torchrun, DeepSpeed's
-launcher, Slurm) is marked ``e2e``; ``make test-fast`` runs the rest (``-m "not e2e"``), which trains on
-real gloo ranks in-process (helpers.train_ranks). ``make test`` runs both."""
+launcher, Slurm) is marked ``e2e``, and the heaviest in-process ones ``slow``; ``make test-fast`` runs the
+rest (``-m "not e2e and not slow"``), which trains on real gloo ranks in-process (helpers.train_ranks).
+``make test`` runs everything."""
 import pytest
 
 import helpers
@@ -11,6 +12,8 @@ import helpers
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: starts the real process tree (torchrun, DeepSpeed, Slurm); "
                                        "left out of make test-fast")
+    config.addinivalue_line("markers", "slow: in-process but heavy (torch.compile, per-sample gradient references, "
+                                       "3-rank sharded runs); left out of make test-fast")
 
 
 def pytest_sessionfinish(session, exitstatus):

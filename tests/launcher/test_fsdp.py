@@ -138,7 +138,7 @@ def _noise_rows(run) -> list[dict]:
     return [{k: r[k] for k in ("step", "grad_sq", "trace_cov", "noise_scale")} for r in rows]
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_the_noise_scale_under_fsdp_is_ddps(token_files, tmp_path, world):  # noqa: F811
     """Each rank's gradient before the reduce, read in FSDP's reduce-scatter (per unit, zero-padded), and
     the reduced gradient's squares over every rank's shards: the same estimates as DDP reads per

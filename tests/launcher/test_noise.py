@@ -43,6 +43,7 @@ def per_sample_reference(recipe: dict) -> tuple[float, float]:
     return float(mean @ mean), trace
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 1], ids=["ranks", "first-micro-batch"])
 def test_noise_scale_agrees_with_per_sample_gradients(tmp_path, world):
     recipe = frozen_recipe(**{"distributed.nproc_per_node": world})

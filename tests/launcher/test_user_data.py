@@ -449,6 +449,7 @@ def write_images(root, classes=3, per_class=(40, 12), size=32):
     return root
 
 
+@pytest.mark.slow
 def test_imagefolder_trains_evaluates_on_val_and_measures_the_gradient_on_unaugmented_images(tmp_path):
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder

@@ -194,6 +194,7 @@ def test_invalid_value_written_by_a_schedule_raises_at_step():
         opt.step()
 
 
+@pytest.mark.slow
 def test_compiled_matches_loop_within_tolerance():
     """compiled=True: float64 within 1e-12 relative of the loop; float32 within 1e-5."""
     for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
