@@ -125,6 +125,10 @@ def launch(args, recipe) -> int:
         worker_env.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     # torchrun sets 1 thread per worker and prints a banner saying so; we choose the share of cores
     worker_env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    # a rank the agent ends (another one failed) leaves its data workers' semaphores to its resource tracker,
+    # which cleans them up and warns about them at exit: lines under the one that says what failed
+    worker_env["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"),
+                                                        "ignore:resource_tracker:UserWarning") if w)
     if lock is not None:                      # this process holds the folder: an earlier failure is history
         folder.failed.unlink(missing_ok=True)
     before = _signature(folder.failed)
