@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from launcher import env
-from launcher.errors import UserError
+from launcher.errors import UserError, one_line
 
 TAG = "deepspeed"
 # DeepSpeed's universal checkpoint writes each parameter's fp32 weights and Adam's two moments (exp_avg,
@@ -115,7 +115,7 @@ def check_config(recipe) -> None:
         DeepSpeedConfig(build_config(recipe, 1, 1, 1))
     except Exception as exc:  # noqa: BLE001 - DeepSpeed's own complaint, in one line
         raise UserError(f"distributed.deepspeed_config: DeepSpeed refuses it: {type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:400]}") from exc
+                        f"{one_line(exc)[:400]}") from exc
 
 
 def _safe_checkpoint_engine():
@@ -272,7 +272,7 @@ class DeepSpeedEngine:
                 with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                     ds_to_universal.main(args)
             except Exception as exc:  # noqa: BLE001 - reported on every rank, in one line
-                error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                error = f"{type(exc).__name__}: {one_line(exc)[:300]}"
         error = self.comm.broadcast(error)
         if error:
             raise RuntimeError(f"checkpoint {folder}: DeepSpeed's universal conversion (ds_to_universal) failed: {error}")

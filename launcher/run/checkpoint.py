@@ -44,7 +44,7 @@ import torch
 import xxhash
 
 from launcher import env
-from launcher.errors import DiskFull, UserError, disk_full
+from launcher.errors import DiskFull, UserError, disk_full, one_line
 from launcher.run.files import DIR_MODE, FILE_MODE, atomic_write, atomic_write_json, fsync_path, open_fd
 from launcher.run.folder import RunFolder
 
@@ -383,7 +383,7 @@ class CheckpointManager:
             except UserError as exc:
                 error = ("user", str(exc))
             except Exception as exc:  # noqa: BLE001 - any failure to load means "not valid"
-                error = ("corrupt", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+                error = ("corrupt", f"{type(exc).__name__}: {one_line(exc)[:200]}")
             errors = self.comm.gather(error)
             errors = self.comm.broadcast([e for e in errors if e] if errors else [])
             users = [msg for kind, msg in errors if kind == "user"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from launcher import env
-from launcher.errors import RunFailed
+from launcher.errors import RunFailed, one_line
 from launcher.train import microbatch
 from launcher.train.build import Parts
 from launcher.train.splits import ceil_div
@@ -40,7 +40,7 @@ class StepRunner:
         except torch.OutOfMemoryError as exc:
             micro = self.stages.at(epoch, step).micro_batch
             raise RunFailed(f"CUDA out of memory at epoch {epoch} step {step} with the micro-batch of {micro} that "
-                            f"max_micro_batch auto extrapolated ({' '.join(str(exc).split())[:160]}); a sharded "
+                            f"max_micro_batch auto extrapolated ({one_line(exc)[:160]}); a sharded "
                             f"engine cannot redo a step; allowed: distributed.max_micro_batch an integer below "
                             f"{micro}") from None
 
