@@ -13,6 +13,12 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 WANDB_MODE=disabled
 PY=python3
 [ -x .venv/bin/python ] && [ -z "${OUT:-}" ] && PY=.venv/bin/python      # here: the project's environment
+# The one package the project imports that the lent machine lacks (checked there: Python 3.12, torch 2.11):
+# xxhash, the checkpoint's hash. Without it section 2 stopped on "No module named 'xxhash'".
+if ! "$PY" -c "import xxhash" 2>/dev/null; then
+    echo "gpu_device.sh: python module xxhash is missing; carry its wheel in .whl (docs/benchmarks.md, The GPU check, step 1)" >&2
+    exit 2
+fi
 if [ -n "${OUT:-}" ]; then
     "$PY" benchmarks/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.txt"
 else
