@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from launcher.config import keys
-from launcher.env import alive  # noqa: F401  tests import it from here: whether a PID runs (zombies do not)
+from launcher.env import UNTIL_STEP, alive  # noqa: F401  alive: tests import it from here (whether a PID runs; zombies do not)
 from launcher.run.files import read_jsonl
 from launcher.run.tracking import WALL_FIELDS
 
@@ -165,11 +165,11 @@ def killed_at_checkpoint(tmp_path: Path, recipe: dict, step: int, delay: str = "
 def worst_gap_to_a_switched_run(run_dir: Path, recipe: dict, step: int, before: int, after: int, cwd: Path) -> float:
     """How far ``run_dir``'s final parameters are from a reference that trained ``recipe`` on ``before``
     processes up to global ``step`` and on ``after`` from there, each leg uninterrupted (the largest
-    absolute difference). The reference is run ``reference`` under ``cwd``."""
+    absolute difference). The reference is run ``reference`` under ``cwd``, trained on pool ranks (what the
+    run under test did through its process tree, the reference need not: two launches fewer)."""
     ref = {**recipe, "name": "reference", "distributed": {**recipe.get("distributed", {}), "nproc_per_node": before}}
-    path = write_recipe(cwd, ref, name="reference.yaml")
-    cli(["run", str(path), "--until-step", str(step)], cwd=cwd, check=0)
-    cli(["run", str(path), "--set", f"distributed.nproc_per_node={after}"], cwd=cwd, check=0)
+    train_ranks(ref, cwd, {UNTIL_STEP: str(step)})
+    train_ranks({**ref, "distributed": {**ref["distributed"], "nproc_per_node": after}}, cwd)
     got = final_params(run_dir)
     want = final_params(cwd / ref.get("output", "runs") / "reference")
     assert got.keys() == want.keys()
@@ -276,8 +276,9 @@ class RankPool:
                 conn.send(None)
             except OSError:
                 pass
+        deadline = time.time() + 10                  # one wait for all: they were told at once
         for proc, _ in self.workers:
-            proc.join(timeout=10)
+            proc.join(timeout=max(0.0, deadline - time.time()))
             if proc.is_alive():
                 proc.kill()                          # only our own pool processes, by their handle
                 proc.join()

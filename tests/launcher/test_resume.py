@@ -1,6 +1,7 @@
 """Exact resume: kill -9 at any point, signals, corrupt checkpoints, another world size."""
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -43,14 +44,22 @@ class Output:
         return any(text in line for line in self.lines)
 
 
-def killed_run(tmp_path, enough, what, **over):
-    """Start the recipe, wait until ``enough(checkpoint steps)``, kill -9 the whole process tree."""
-    path = write_recipe(tmp_path, recipe("ref", **over))
-    run = tmp_path / "runs" / "ref"
-    proc = start(["run", str(path)], cwd=tmp_path, env=SLOW)
-    wait_for(lambda: enough(checkpoint_steps(run)), proc=proc, what=what)
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """The recipe's run killed with kill -9 once two checkpoints after step 12 exist: a folder that the
+    tests which damage its checkpoints or change its recipe each get a copy of (one launch, not three)."""
+    folder = tmp_path_factory.mktemp("killed")
+    path, run = write_recipe(folder, recipe("ref")), folder / "runs" / "ref"
+    proc = start(["run", str(path)], cwd=folder, env=SLOW)
+    wait_for(lambda: len([s for s in checkpoint_steps(run) if s > 12]) >= 2, proc=proc, what="checkpoints")
     kill_group(proc)
-    return path, run
+    return folder
+
+
+def killed_run(tmp_path, killed):
+    """A copy of the killed run in ``tmp_path``: (its recipe's path, its run folder)."""
+    shutil.copytree(killed, tmp_path, dirs_exist_ok=True, symlinks=True)
+    return tmp_path / "recipe.yaml", tmp_path / "runs" / "ref"
 
 
 def assert_same_as_reference(run_dir, reference, precision="fp32"):
@@ -59,38 +68,16 @@ def assert_same_as_reference(run_dir, reference, precision="fp32"):
     assert metric_rows(run_dir) == rows
 
 
-@pytest.mark.parametrize("where", ["mid_epoch", "stage_switch", "checkpoint_write"])
-def test_kill_9_then_same_command_is_bitwise_the_uninterrupted_run(tmp_path, reference, where):
-    path = write_recipe(tmp_path, recipe("ref"))
-    run = tmp_path / "runs" / "ref"
-    env = dict(SLOW)
-    if where == "checkpoint_write":
-        env.update(QHM_TEST_PAUSE_BEFORE_SEAL="60", QHM_TEST_PAUSE_FROM_STEP="10")
-    proc = start(["run", str(path)], cwd=tmp_path, env=env)
-    out = Output(proc)
-    if where == "mid_epoch":
-        wait_for(lambda: any(7 <= s < 25 for s in checkpoint_steps(run)), proc=proc, what="a mid-epoch checkpoint")
-    elif where == "stage_switch":
-        wait_for(lambda: STAGE_ENDS[0] in checkpoint_steps(run), proc=proc, what="the stage-switch checkpoint")
-    else:
-        wait_for(lambda: out.has("pausing"), proc=proc, what="a paused checkpoint write")
-        assert list((run / "checkpoints").glob(".tmp-step-000000012")), "the write is in progress"
-    kill_group(proc)
-    assert not (run / "final_model.pt").exists()
-    proc = cli(["run", str(path)], cwd=tmp_path, check=0)
-    assert "resumed from" in proc.stdout
-    assert_same_as_reference(run, reference)
-
-
 def _measured(rows):
     """steps.jsonl rows without their clocks (wall time, throughput): what must be a function of the run."""
     return [{k: v for k, v in r.items() if not any(w in k for w in ("time", "per_s", "elapsed", "wall"))} for r in rows]
 
 
 def test_on_three_ranks_every_kind_of_stop_resumes_bitwise_and_the_step_rows_do_not_depend_on_timing(tmp_path):
-    """The kills and signals of the 2-rank tests, one after another in one run on 3 ranks: kill -9 mid-epoch,
-    at the stage switch and during a checkpoint write, rank 2 alone killed with SIGKILL, then SIGTERM; each
-    time the same command resumes, and the end is bitwise the uninterrupted 3-rank run. On 3 ranks the order
+    """Every kind of stop, one after another in one run on 3 ranks: kill -9 mid-epoch, at the stage switch
+    and during a checkpoint write, rank 2 alone killed with SIGKILL, then SIGTERM; each time the same command
+    resumes, and the end is bitwise the uninterrupted 3-rank run (on 2 ranks: the tests below, a rank's
+    SIGKILL and SIGTERM each resumed bitwise). On 3 ranks the order
     in which an all-reduce adds the ranks' values depends on an element's place in the reduced tensor: DDP's
     bucket layout must not change at a resume, and the queued step rows (however many a stop check sends at
     once) must be summed in one order."""
@@ -111,6 +98,7 @@ def test_on_three_ranks_every_kind_of_stop_resumes_bitwise_and_the_step_rows_do_
 
     proc, _ = until(lambda out: any(7 <= s < 25 for s in checkpoint_steps(run)), "a mid-epoch checkpoint")
     kill_group(proc)
+    assert not (run / "final_model.pt").exists()
     proc, out = until(lambda out: STAGE_ENDS[0] in checkpoint_steps(run), "the stage-switch checkpoint")
     kill_group(proc)
     assert out.has("resumed from")
@@ -204,8 +192,8 @@ def test_signal_to_launcher_saves_the_same_step_on_all_ranks_and_exits_preempted
     assert_same_as_reference(run, reference)
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
-    path, run = killed_run(tmp_path, lambda steps: len([s for s in steps if s > 12]) >= 2, "checkpoints")
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, killed):
+    path, run = killed_run(tmp_path, killed)
     steps = checkpoint_steps(run)
     newest = run / "checkpoints" / f"step-{steps[-1]:09d}"
     data = (newest / "state.pt").read_bytes()
@@ -218,8 +206,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     assert list((run / "checkpoints").glob(f"replaced-{newest.name}-*")), "the corrupt one was kept aside"
 
 
-def test_flipped_byte_is_caught_and_no_valid_checkpoint_deletes_nothing(tmp_path):
-    path, run = killed_run(tmp_path, lambda steps: len(steps) >= 2, "checkpoints")
+def test_flipped_byte_is_caught_and_no_valid_checkpoint_deletes_nothing(tmp_path, killed):
+    path, run = killed_run(tmp_path, killed)
     for folder in (run / "checkpoints").glob("step-*"):
         f = folder / "state.pt"
         data = bytearray(f.read_bytes())
@@ -254,8 +242,8 @@ def test_resume_on_another_world_size(tmp_path, reference, first, second):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-9)
 
 
-def test_changed_recipe_is_refused_and_force_resume_proceeds(tmp_path):
-    path, run = killed_run(tmp_path, lambda steps: len(steps) >= 1, "a checkpoint")
+def test_changed_recipe_is_refused_and_force_resume_proceeds(tmp_path, killed):
+    path, run = killed_run(tmp_path, killed)
     refused = cli(["run", str(path), "--set", "schedule.lr.max=0.2", "--set", "tracking.wandb.project=x"],
                   cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
