@@ -12,8 +12,9 @@ import helpers
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: starts the real process tree (torchrun, DeepSpeed, Slurm); "
                                        "left out of make test-fast")
-    config.addinivalue_line("markers", "slow: in-process but heavy (torch.compile, per-sample gradient references, "
-                                       "3-rank sharded runs); left out of make test-fast")
+    config.addinivalue_line("markers", "slow: heavy (torch.compile, per-sample gradient references, 3-rank "
+                                       "runs, ZeRO-3, a W&B service killed, a second variant of a path make "
+                                       "test-fast already trains); left out of make test-fast")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -178,6 +178,7 @@ def test_a_config_deepspeed_refuses_is_one_line_before_any_worker(tmp_path, monk
 UNEVEN = {"data.size": 209, "eval.full_grad_norm": False}
 
 
+@pytest.mark.slow       # ZeRO-3 ends the pool's processes (see helpers.train_ranks): the next test respawns them
 def test_zero3_is_zero2_in_lockstep_and_writes_the_whole_model(tmp_path, reference_runs):
     """ZeRO-3 partitions the parameters (the 1024 x 128 layer; DeepSpeed keeps those under 1e5 elements
     whole): on 209 samples the last batch of each epoch splits unevenly (1 + 0 at batch 16, 9 + 8 at 32 and

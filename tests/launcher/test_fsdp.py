@@ -19,8 +19,8 @@ GROWTH = {"distributed.max_micro_batch": 4, "schedule.batch": {"kind": "steps", 
 
 @pytest.mark.parametrize("optimizer", [
     {"name": "adamw", "weight_decay": 0.1, "clip_grad_norm": 0.5},
-    {"name": "qhadam", "clip_grad_norm": 0.5},
-    {"name": "qhm"},
+    pytest.param({"name": "qhadam", "clip_grad_norm": 0.5}, marks=pytest.mark.slow),   # adamw's path again
+    pytest.param({"name": "qhm"}, marks=pytest.mark.slow),
 ])
 def test_fsdp_is_ddp_in_fp64(token_files, tmp_path, optimizer):  # noqa: F811
     """Sharded parameters, a reduce-scatter per step instead of an all-reduce, the clip norm over every
@@ -208,6 +208,7 @@ def memory_hook(base: int, per_sample: int, fit: list[int]) -> str:
     return ",".join(str(x) for x in (base, per_sample, *capacities))
 
 
+@pytest.mark.slow
 def test_max_micro_batch_auto_under_fsdp_is_extrapolated_in_lockstep_and_changes_nothing(token_files, tmp_path):  # noqa: F811
     """Every rank runs the probe's two passes (1 and 2 samples: all-gathers and reduce-scatters, in
     lockstep), fits its peak, and the ranks agree on the smallest: rank 0 could take 6, rank 1 only 3, so 3,

@@ -64,7 +64,7 @@ def _updates(recipe, tmp_path, **over):
     return final_params(train_ranks(base_recipe(**{**recipe, **over}), tmp_path))
 
 
-@pytest.mark.parametrize("micro, world", [(8, 2), (8, 3), ("auto", 2)],
+@pytest.mark.parametrize("micro, world", [(8, 2), pytest.param(8, 3, marks=pytest.mark.slow), ("auto", 2)],
                          ids=["ddp-reduce", "ddp-reduce-3-ranks", "explicit-reduce"])
 def test_measuring_leaves_the_updates_bitwise_unchanged(tmp_path, micro, world):
     """A growing batch with accumulation and a partial last step: measuring (this rank's gradient read

@@ -57,6 +57,7 @@ print("trained on", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_wandb_killed_by_a_signal_is_one_line_and_nothing_raises(tmp_path):
     pytest.importorskip("wandb")
     out = subprocess.run([sys.executable, "-c", KILLED_SERVICE, str(tmp_path)], capture_output=True, text=True,

@@ -487,6 +487,7 @@ def close(a, b):
         torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_the_streamed_order_is_the_keyed_order(tmp_path):
     """The same data in memory and streamed (augmentation on): the same parameters; and the streamed
     path on 1 process x micro 32 and 2 processes x micro 4 x accumulation 4."""
