@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, kill_group,
-                      metric_rows, start, train_ranks, wait_for, write_recipe)
+                      killed_at_checkpoint, metric_rows, start, train_ranks, wait_for, write_recipe)
 
 # 400 samples, batches 16 -> 32 -> 64 -> 128: 25 + 13 + 7 + 4 = 49 steps, a checkpoint every 3
 STAGE_ENDS = [25, 38, 45, 49]
@@ -46,13 +46,10 @@ class Output:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
-    """The recipe's run killed with kill -9 once two checkpoints after step 12 exist: a folder that the
+    """The recipe's run killed with kill -9 once checkpoint 18 exists (and 15 before it): a folder that the
     tests which damage its checkpoints or change its recipe each get a copy of (one launch, not three)."""
     folder = tmp_path_factory.mktemp("killed")
-    path, run = write_recipe(folder, recipe("ref")), folder / "runs" / "ref"
-    proc = start(["run", str(path)], cwd=folder, env=SLOW)
-    wait_for(lambda: len([s for s in checkpoint_steps(run) if s > 12]) >= 2, proc=proc, what="checkpoints")
-    kill_group(proc)
+    killed_at_checkpoint(folder, recipe("ref"), 18, delay=SLOW["QHM_TEST_STEP_DELAY"])   # 15 and 18 kept
     return folder
 
 
