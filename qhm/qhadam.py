@@ -94,15 +94,20 @@ class QHAdam(Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            # the running normalisers: one value per group (its parameters step together), kept per
-            # parameter as qhoptim's state has them, so a state dict carries over either way
-            w1 = 1.0 + beta1 * states[0]["beta1_weight"]
-            w2 = 1.0 + beta2 * states[0]["beta2_weight"]
-            for s in states:
-                s["beta1_weight"], s["beta2_weight"] = w1, w2
-            qhadam(params, grads, averages, squares, lr=group["lr"], beta1_adj=1.0 - 1.0 / w1,
-                   beta2_adj=1.0 - 1.0 / w2, nus=group["nus"], weight_decay=group["weight_decay"],
-                   decouple_weight_decay=group["decouple_weight_decay"], eps=group["eps"], foreach=group["foreach"])
+            # the running normalisers, one pair per parameter as qhoptim keeps them: a parameter without a
+            # gradient at some step skips it and its own normaliser with it. Parameters whose normalisers
+            # agree (all of them, unless some skipped steps) share one kernel call.
+            by_weights: dict[tuple, list[int]] = {}
+            for i, s in enumerate(states):
+                s["beta1_weight"] = 1.0 + beta1 * s["beta1_weight"]
+                s["beta2_weight"] = 1.0 + beta2 * s["beta2_weight"]
+                by_weights.setdefault((s["beta1_weight"], s["beta2_weight"]), []).append(i)
+            for (w1, w2), index in by_weights.items():
+                pick = (lambda xs: xs) if len(index) == len(states) else (lambda xs: [xs[i] for i in index])
+                qhadam(pick(params), pick(grads), pick(averages), pick(squares), lr=group["lr"],
+                       beta1_adj=1.0 - 1.0 / w1, beta2_adj=1.0 - 1.0 / w2, nus=group["nus"],
+                       weight_decay=group["weight_decay"], decouple_weight_decay=group["decouple_weight_decay"],
+                       eps=group["eps"], foreach=group["foreach"])
         return loss
 
 

@@ -106,7 +106,6 @@ def _parser() -> argparse.ArgumentParser:
                     "(0.01) or relative (2%%); default 0.01")
     sc.add_argument("--loss", default="test", help="with --cbs: test (the final evaluation) | train (the mean over "
                     "the last tenth of the branch)")
-    sc.add_argument("--seed", type=nonnegative_int, default=0, help="with --target: the bootstrap's seed")
     sc.add_argument("--x", default="samples", help="what the data used is counted in: samples | tokens | steps "
                     "(the second panel and the noise scale's x axis; default samples)")
     tk = command("tokenize", "text files -> token files (train.bin, val.bin, meta.json) for data.dataset tokens")
@@ -224,7 +223,7 @@ def cmd_scaling(args) -> int:
             raise UserError("--cbs: not valid with --target; allowed: one of the two (branches, or runs to a target)")
         print(cbs.cbs(args.runs, args.tolerance, args.loss, args.out, args.json))
     else:
-        print(scaling.scaling(args.runs, args.target, args.out, args.json, args.x, seed=args.seed))
+        print(scaling.scaling(args.runs, args.target, args.out, args.json, args.x))
     if args.out and not args.json:
         print(f"qhm-launch: figure -> {args.out}")
     return 0

@@ -162,71 +162,105 @@ def fit_tradeoff(batches, steps) -> dict:
     return out
 
 
-def _fits(batches, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`fit_tradeoff`'s (S_min, S_min B_crit) for many rows of steps at once (R x batches)."""
-    x = 1.0 / np.asarray(batches, dtype=float)
-    w = 1.0 / steps                                     # the relative-error weights, per row
-    a11, a12, a22 = (w * w).sum(1), (w * w * x).sum(1), (w * w * x * x).sum(1)
-    b1, b2 = (w * w * steps).sum(1), (w * w * steps * x).sum(1)
-    det = a11 * a22 - a12 * a12
-    return (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+PROFILE_GRID = 4001          # B_crit values the profile is evaluated at, log-spaced over 6 decades either side
 
 
-BOOTSTRAP = 2000
-
-
-def interval(batches, seeds_steps: list[list[float]], fit: dict, seed: int = 0, level: float = 0.9) -> dict | None:
-    """A ``level`` interval for B_crit, S_min and E_min from the seeds' scatter: a parametric bootstrap
-    around the fit, each batch's mean of log steps drawn with the within-batch variance pooled over every
-    batch, that variance itself drawn from its scaled inverse chi-square (so few seeds give wide
-    intervals rather than overconfident ones: with 2 seeds a naive bootstrap of the seeds covers the
-    truth about 57% of the time for a 90% interval). None with one seed per batch (no scatter to go on)."""
-    if fit["b_crit"] is None:
+def interval(batches, seeds_steps: list[list[float]], level: float = 0.9) -> dict | None:
+    """A ``level`` interval for B_crit, S_min and E_min from every seed's steps: the profile likelihood
+    of log S = log S_min + log(1 + B_crit / B) + e, e normal with one variance for all (the seeds' scatter,
+    pooled, and any lack of fit with it). For each B_crit (0, a log-spaced grid from a thousandth of the
+    smallest batch to a thousand times the largest, and the limit B_crit -> infinity: perfect scaling,
+    S = E_min / B) the best S_min is the mean residual; B_crit is inside where the residual sum of squares
+    is within RSS_min (1 + F(1, N - 2; level) / (N - 2)), N the runs, the F test of a linear model, so few
+    seeds give wide intervals. S_min and E_min: their range over every (B_crit, S_min) inside that region
+    (the profile interval of each). B_crit's lower end is 0 where the data cannot tell it from no scaling
+    at all; its upper end None (unbounded) where they cannot tell it from perfect scaling. None with one
+    seed per batch (no scatter to go on)."""
+    from scipy.stats import f as f_dist
+    steps = [np.asarray(v, dtype=float) for v in seeds_steps]
+    if all(len(v) < 2 for v in steps):
         return None
-    logs = [np.log(np.asarray(v, dtype=float)) for v in seeds_steps]
-    dof = sum(len(v) - 1 for v in logs)
-    if dof < 1:
-        return None
-    pooled = sum(float(((v - v.mean()) ** 2).sum()) for v in logs) / dof
-    rng = np.random.default_rng(seed)
-    variance = pooled * dof / rng.chisquare(dof, BOOTSTRAP)
-    k = np.array([len(v) for v in logs], dtype=float)
-    centre = np.log(fit["s_min"] * (1 + fit["b_crit"] / np.asarray(batches, dtype=float)))
-    draws = np.exp(centre + rng.standard_normal((BOOTSTRAP, len(batches))) * np.sqrt(variance[:, None] / k))
-    s_min, slope = _fits(batches, draws)
-    ok = (s_min > 0) & (slope > 0)
-    tail = (1 - level) / 2 * 100
-    quantiles = lambda v: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]  # noqa: E731
-    b_crit = np.where(ok, slope / np.where(s_min > 0, s_min, 1), np.inf)
-    return {"level": level, "b_crit": quantiles(b_crit), "s_min": quantiles(s_min), "e_min": quantiles(np.where(ok, slope, np.inf)),
-            "degenerate_share": float(1 - ok.mean()), "seed": seed, "draws": BOOTSTRAP,
-            "relative_scatter": float(np.sqrt(pooled))}
+    y = np.log(np.concatenate(steps))
+    batch = np.repeat(np.asarray(batches, dtype=float), [len(v) for v in steps])
+    dof = len(y) - 2
+    grid = np.geomspace(batch.min() * 1e-3, batch.max() * 1e3, PROFILE_GRID)
+    # rows: B_crit = 0, the grid, infinity; the model's shape log(1 + B_crit/B) (at infinity: -log B, and
+    # the level it leaves is log E_min rather than log S_min)
+    shape = np.vstack([np.zeros_like(batch), np.log1p(grid[:, None] / batch), -np.log(batch)])
+    level_hat = (y - shape).mean(1)
+    rss = ((y - shape - level_hat[:, None]) ** 2).sum(1)
+    threshold = rss.min() * (1 + f_dist.ppf(level, 1, dof) / dof)
+    inside = rss <= threshold
+    half = np.sqrt(np.maximum(threshold - rss, 0) / len(y))      # the level's range at each B_crit inside
+    b_crit = np.concatenate([[0.0], grid, [np.inf]])
+    log_b = np.log(np.where((b_crit > 0) & np.isfinite(b_crit), b_crit, 1.0))
+    finite = inside & np.isfinite(b_crit)
+    log_s = level_hat[finite]                                   # S_min (finite B_crit): the level itself
+    log_e = (level_hat + log_b)[finite]                         # E_min = S_min B_crit
+    s_min = [float(np.exp((log_s - half[finite]).min())) if finite.any() else 0.0,
+             float(np.exp((log_s + half[finite]).max())) if finite.any() else 0.0]
+    e_min = [0.0 if inside[0] else float(np.exp((log_e - half[finite]).min())),
+             float(np.exp((log_e + half[finite]).max()))]
+    if inside[-1]:                         # perfect scaling fits: S_min down to 0, E_min the level's range
+        s_min[0] = 0.0
+        e_min = [min(e_min[0], float(np.exp(level_hat[-1] - half[-1]))),
+                 max(e_min[1], float(np.exp(level_hat[-1] + half[-1])))]
+    chosen = b_crit[inside]
+    return {"level": level, "b_crit": [float(chosen.min()), None if inside[-1] else float(chosen.max())],
+            "s_min": s_min, "e_min": e_min, "runs": len(y), "dof": dof,
+            "relative_scatter": float(np.sqrt(rss.min() / dof)) if dof else None,
+            "method": "profile likelihood (F test) of log steps"}
+
+
+def interval_text(iv: dict, unit: str = "") -> str:
+    """B_crit's interval as a person reads it: "a–b", "> a" where it is unbounded above."""
+    g = lambda v: f"{v:,.4g}"  # noqa: E731
+    lo, hi = iv["b_crit"]
+    return f"> {g(lo)}{unit}" if hi is None else f"{g(lo)}–{g(hi)}{unit}"
+
+
+def lr_settings(runs: list[dict]) -> tuple[list[str], list[str]]:
+    """Each run's learning-rate setting, every ``schedule.lr`` key (runs that differ in any of them are
+    different settings, never seeds of one), as (keys for grouping, labels naming the keys that vary:
+    the peak LR alone where only it does)."""
+    lrs = [run["recipe"].get("schedule", {}).get("lr", {}) for run in runs]
+    keys = [json.dumps(lr, sort_keys=True, default=str) for lr in lrs]
+    varying = sorted(k for k in set().union(*lrs) if len({json.dumps(lr.get(k), default=str) for lr in lrs}) > 1)
+    g = lambda v: f"{v:,.4g}" if isinstance(v, (int, float)) else str(v)  # noqa: E731
+    if set(varying) <= {"max"}:
+        return keys, [g(lr.get("max")) for lr in lrs]
+    return keys, [", ".join(f"{k} {g(lr.get(k))}" for k in varying) for lr in lrs]
 
 
 def _points(runs: list[dict], crossings: list[dict]) -> tuple[list[dict], list[str]]:
-    """Constant-batch runs by batch size: per batch, the runs at each learning rate, and the LR whose
-    seeds reach the target in the fewest steps on average (every seed of it must reach it: a seed that
-    misses is shown, and an LR with one is not the winner). The runs that never reached it, listed."""
+    """Constant-batch runs by batch size: per batch, the runs at each learning-rate setting (every
+    schedule.lr key), and the setting whose seeds reach the target in the fewest steps on average (every
+    seed of it must reach it: a seed that misses is shown, and a setting with one is not the winner). The
+    runs that never reached it, listed."""
     by_batch: dict[int, dict] = {}
     never = []
-    for run, hit in zip(runs, crossings):
+    keys, labels = lr_settings(runs)
+    label_of = dict(zip(keys, labels))
+    peak_of = {key: run["recipe"].get("schedule", {}).get("lr", {}).get("max") for key, run in zip(keys, runs)}
+    for run, hit, key in zip(runs, crossings, keys):
         b = constant_batch(run["recipe"])
         if b is None:
             continue
-        lr = run["recipe"].get("schedule", {}).get("lr", {}).get("max")
-        by_batch.setdefault(b, {}).setdefault(lr, []).append(hit)
+        by_batch.setdefault(b, {}).setdefault(key, []).append(hit)
         if hit["steps_to_target"] is None:
             never.append(str(run["dir"]))
     points = []
     for b, by_lr in sorted(by_batch.items()):
+        tried = sorted(by_lr, key=lambda k: (peak_of[k] if isinstance(peak_of[k], (int, float)) else 0, label_of[k]))
         complete = {lr: hits for lr, hits in by_lr.items() if all(h["steps_to_target"] is not None for h in hits)}
         missed = sum(h["steps_to_target"] is None for hits in by_lr.values() for h in hits)
+        common = {"batch": b, "lrs_tried": [label_of[k] for k in tried], "missed": missed}
         if not complete:
-            points.append({"batch": b, "lr": None, "lrs_tried": sorted(by_lr, key=str), "missed": missed,
+            points.append({**common, "lr": None, "lr_setting": None,
                            "runs": [h["run"] for hits in by_lr.values() for h in hits], "fitted": False})
             continue
         lr, hits = min(complete.items(), key=lambda item: statistics.fmean(h["steps_to_target"] for h in item[1]))
-        points.append({"batch": b, "lr": lr, "lrs_tried": sorted(by_lr, key=str), "missed": missed,
+        points.append({**common, "lr": peak_of[lr], "lr_setting": label_of[lr],
                        "runs": [h["run"] for h in hits], "fitted": True,
                        "seeds_steps": [h["steps_to_target"] for h in hits],
                        "steps": statistics.fmean(h["steps_to_target"] for h in hits),
@@ -248,7 +282,7 @@ def check_x(x: str, runs: list[dict]) -> None:
                         "(or runs with data.tokens_per_sample, or token data)")
 
 
-IDENTITY_FREE = ("schedule.batch.", "schedule.lr.max", "schedule.lr.min")   # what a scaling study may vary
+IDENTITY_FREE = ("schedule.batch.", "schedule.lr.")   # what a scaling study may vary
 
 
 def check_one_study(runs: list[dict]) -> None:
@@ -258,7 +292,7 @@ def check_one_study(runs: list[dict]) -> None:
     differing = sorted(k for k in set().union(*ids) if len({json.dumps(i.get(k), default=str) for i in ids}) > 1)
     if differing:
         raise UserError(f"--target: the runs differ in {', '.join(differing)}; allowed: runs that differ only in the "
-                        "batch, the seed and the learning rate (schedule.lr.max, min) and resources (one scaling "
+                        "batch, the seed and the learning rate (any schedule.lr key) and resources (one scaling "
                         "question per call)")
 
 
@@ -282,7 +316,7 @@ def throughput(runs: list[dict]) -> list[dict]:
 
 
 def scaling(run_dirs: list, target_text: str | None = None, out: str | None = None, as_json: bool = False,
-            x: str = "samples", seed: int = 0) -> str:
+            x: str = "samples") -> str:
     target = parse_target(target_text) if target_text is not None else None
     if out is not None:
         analysis.check_out(out)
@@ -302,7 +336,7 @@ def scaling(run_dirs: list, target_text: str | None = None, out: str | None = No
         fit = fit_tradeoff([p["batch"] for p in points], [p["steps"] for p in points])
         result = {"target": str(target), **fit, "sfo_best_batch": min(points, key=lambda p: p["sfo"])["batch"],
                   "points": points, "batches": table, "not_reached": never,
-                  "interval": interval([p["batch"] for p in points], [p["seeds_steps"] for p in points], fit, seed)}
+                  "interval": interval([p["batch"] for p in points], [p["seeds_steps"] for p in points])}
     result["throughput"] = throughput(runs)
     if out is not None:
         from launcher.cli import figures
@@ -318,25 +352,29 @@ def _scaling_text(result: dict) -> str:
                   "| batch | LR (best of those tried) | seeds | steps to target | SFO to target | not reaching it |",
                   "|---|---|---|---|---|---|"]
         for p in result["batches"]:
-            tried = f"{g(p['lr'])} (of {', '.join(map(g, p['lrs_tried']))})" if len(p["lrs_tried"]) > 1 else g(p["lr"])
+            sep = "; " if any(" " in t for t in p["lrs_tried"]) else ", "       # settings of several keys
+            tried = (f"{p['lr_setting'] or '-'} (of {sep.join(p['lrs_tried'])})" if len(p["lrs_tried"]) > 1
+                     else p["lr_setting"])
             if p["fitted"]:
                 spread = f"{p['steps']:,.1f}" + (f" ({min(p['seeds_steps']):,.1f}–{max(p['seeds_steps']):,.1f})"
                                                  if len(p["seeds_steps"]) > 1 else "")
                 lines.append(f"| {p['batch']} | {tried} | {len(p['seeds_steps'])} | {spread} | {p['sfo']:,.0f} | "
                              f"{p['missed'] or '-'} |")
             else:
-                lines.append(f"| {p['batch']} | - (of {', '.join(map(g, p['lrs_tried']))}) | {len(p['runs'])} | "
+                lines.append(f"| {p['batch']} | {tried} | {len(p['runs'])} | "
                              f"not fitted: no LR with every seed reaching it | - | {p['missed']} |")
         lines += ["", f"fit S = S_min (1 + B_crit / B), in relative error: S_min {g(result['s_min'])} steps, "
                       f"B_crit {g(result['b_crit'])}, E_min {g(result['e_min'])} samples"
                   + (f" (degenerate: {result['degenerate']})" if result.get("degenerate") else "")]
         iv = result["interval"]
         if iv is not None:
-            lines.append(f"{iv['level']:.0%} interval from the seeds' scatter ({iv['relative_scatter']:.1%} in steps, "
-                         f"pooled; bootstrap of {iv['draws']}, --seed {iv['seed']}): B_crit {g(iv['b_crit'][0])}–"
-                         f"{g(iv['b_crit'][1])}, S_min {g(iv['s_min'][0])}–{g(iv['s_min'][1])}, E_min "
-                         f"{g(iv['e_min'][0])}–{g(iv['e_min'][1])}"
-                         + (f" ({iv['degenerate_share']:.0%} of the draws fit no curve)" if iv["degenerate_share"] else ""))
+            lines.append(f"{iv['level']:.0%} interval ({iv['method']}, {iv['runs']} runs, scatter "
+                         f"{iv['relative_scatter']:.1%} in steps): B_crit {interval_text(iv)}, S_min "
+                         f"{g(iv['s_min'][0])}–{g(iv['s_min'][1])}, E_min {g(iv['e_min'][0])}–{g(iv['e_min'][1])}"
+                         + ("; unbounded above: the runs cannot tell it from perfect scaling (larger batches bound "
+                            "it)" if iv["b_crit"][1] is None else "")
+                         + ("; down to 0: the runs cannot tell it from no gain with the batch (smaller batches bound "
+                            "it)" if iv["b_crit"][0] == 0 else ""))
         elif result["b_crit"] is not None:
             lines.append("no interval: one seed per batch (more seeds give one)")
         lines.append(f"fewest samples among the runs: batch {result['sfo_best_batch']} (the SFO-minimising batch)")

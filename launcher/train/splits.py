@@ -160,16 +160,16 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
     lr, beta, gamma = (np.broadcast_to(v, (len(at) if unit != "epoch" else steps.epochs,)) for v in values)
     splits: dict[int, tuple[int, int]] = {}
     stages = []
-    b = recipe.branch
-    rule = qhm.schedules.BATCH_SCALINGS[b.lr_rule] if b.parent is not None else 0.0
+    branch = recipe.branch
+    rule = qhm.schedules.BATCH_SCALINGS[branch.lr_rule] if branch.parent is not None else 0.0
     for i, seg in zip(at, segments):
-        scale = float(b.factor) ** rule if rule and seg.global_step >= b.at_step else 1.0
-        b = seg.batch
-        if b not in splits:
-            splits[b] = split_batch(b, world_size, micro.get(b, max_micro))
-        mb, accum = splits[b]
-        stages.append(Stage(epoch=seg.epoch, batch=b, steps=seg.steps, micro_batch=mb, accum=accum,
-                            world_size=world_size, data_ranks=min(world_size, b), lr=float(lr[i]) * scale,
+        scale = float(branch.factor) ** rule if rule and seg.global_step >= branch.at_step else 1.0
+        batch = seg.batch
+        if batch not in splits:
+            splits[batch] = split_batch(batch, world_size, micro.get(batch, max_micro))
+        mb, accum = splits[batch]
+        stages.append(Stage(epoch=seg.epoch, batch=batch, steps=seg.steps, micro_batch=mb, accum=accum,
+                            world_size=world_size, data_ranks=min(world_size, batch), lr=float(lr[i]) * scale,
                             beta=float(beta[i]), gamma=float(gamma[i]), first=seg.first, offset=seg.offset,
                             global_step=seg.global_step, samples=seg.samples, lr_scale=scale))
     return Plan(stages, steps, schedule, n, world_size, unit)
