@@ -162,6 +162,9 @@ class Segment:
     batch: int
     global_step: int
     samples: int
+    # the schedule's batch where ``batch`` is cut short to end a branch exactly at its length (its last
+    # step, a partial one); None: ``batch`` is the schedule's
+    scheduled_batch: int | None = None
 
     @property
     def end(self) -> int:
@@ -292,8 +295,10 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
     ``batch_at(u)``: the batch of a step that starts at position u in ``unit``; ``next_change(u)``: the
     first position after u where it may change (None: never). In the unit ``epoch`` the batch is the
     epoch's. ``branch`` = (global step S, factor f): from step S on every batch is f times the schedule's
-    (a branch of a run at S; the steps before S are the run's own). A batch above ``n`` raises
-    BatchTooLarge naming where."""
+    (a branch of a run at S; the steps before S are the run's own), and a duration in samples or tokens
+    ends exactly at its amount: the last step takes only the samples left (a partial step, its segment's
+    ``scheduled_batch`` the batch it was cut from), so branches of every factor end at one position. A
+    batch above ``n`` raises BatchTooLarge naming where."""
     tps = tokens_per_sample or 1
     d_unit, amount = duration
     walk = _Walk(*start) if start is not None else _Walk()
@@ -309,16 +314,24 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
             batch *= branch[1]
         if batch > n:
             raise BatchTooLarge(batch, n, unit, u)
+        scheduled, left = None, None
+        if branch is not None and d_unit in ("sample", "token"):     # samples left to the branch's end
+            left = _ceil_div(amount - walk.at(d_unit, tps), tps if d_unit == "token" else 1)
+            if batch > left:
+                scheduled, batch = batch, left
         steps = _ceil_div(n - walk.offset, batch)            # to the epoch's end
         if unit != "epoch":
             change = next_change(u)
             if change is not None:
                 steps = min(steps, walk.steps_to(unit, change, batch, tps))
-        if d_unit != "epoch":
+        if left is not None:                                  # whole steps only: the rest is a partial step
+            steps = min(steps, max(1, left // batch))
+        elif d_unit != "epoch":
             steps = min(steps, walk.steps_to(d_unit, amount, batch, tps))
         if branch is not None and walk.step < branch[0]:
             steps = min(steps, branch[0] - walk.step)
-        segments.append(Segment(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples))
+        segments.append(Segment(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples,
+                                scheduled))
         if len(segments) > MAX_SEGMENTS:
             raise ScheduleError("batch", batch, f"a schedule that changes the batch at most {MAX_SEGMENTS} times "
                                 "over the run")

@@ -150,12 +150,13 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
         m = np.arange(steps.epochs)
         per_epoch = np.full(steps.epochs, first_batch, dtype=np.int64)
         for seg in segments:
-            per_epoch[seg.epoch] = seg.batch
+            per_epoch[seg.epoch] = seg.scheduled_batch or seg.batch
         values = schedule.hyperparams(m, per_epoch, first_batch)
         at = [seg.epoch for seg in segments]
     else:
         u = np.array([_position(seg, unit, recipe.data.tokens_per_sample) for seg in segments], dtype=np.int64)
-        values = schedule.hyperparams(u, np.array([seg.batch for seg in segments], dtype=np.int64), first_batch)
+        values = schedule.hyperparams(u, np.array([seg.scheduled_batch or seg.batch for seg in segments],
+                                                  dtype=np.int64), first_batch)
         at = list(range(len(segments)))
     lr, beta, gamma = (np.broadcast_to(v, (len(at) if unit != "epoch" else steps.epochs,)) for v in values)
     splits: dict[int, tuple[int, int]] = {}
@@ -171,7 +172,8 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
         stages.append(Stage(epoch=seg.epoch, batch=batch, steps=seg.steps, micro_batch=mb, accum=accum,
                             world_size=world_size, data_ranks=min(world_size, batch), lr=float(lr[i]) * scale,
                             beta=float(beta[i]), gamma=float(gamma[i]), first=seg.first, offset=seg.offset,
-                            global_step=seg.global_step, samples=seg.samples, lr_scale=scale))
+                            global_step=seg.global_step, samples=seg.samples, scheduled_batch=seg.scheduled_batch,
+                            lr_scale=scale))
     return Plan(stages, steps, schedule, n, world_size, unit)
 
 
@@ -254,6 +256,9 @@ def gpu_hours(stages: list[Stage], world_of, rate: float, floor: int) -> tuple[f
 def plan_json(p: Plan) -> dict:
     """The plan as JSON: per epoch (the epoch unit) or per stage, with the totals."""
     rows = [asdict(s) for s in p.stages]
+    for row in rows:                          # only a branch's partial last step has one
+        if row["scheduled_batch"] is None:
+            row.pop("scheduled_batch")
     if p.unit == "epoch":
         for row in rows:                      # an epoch is a stage: where it starts says nothing
             for key in ("first", "offset"):

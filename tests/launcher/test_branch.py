@@ -92,6 +92,59 @@ def test_a_branch_trains_on_the_parents_next_samples():
     assert plan.total_steps == 24 and plan.schedule.lr.length == parent_plan.schedule.lr.length == 60
 
 
+def test_every_factor_of_a_branch_set_ends_at_the_same_samples():
+    """100 samples from step 20 at batch 16 x 1, 2, 4, 8: x8 (128 a step) used to train one whole step,
+    128 samples (+28%), x2 4 steps (+28%), x1 7 steps (+12%). Each now ends at 320 + 100 = 420 exactly: whole
+    steps, then one partial step of the samples left, at the LR its scheduled batch has."""
+    recipe = parent_recipe()
+    ends = {}
+    for factor in (1, 2, 4, 8):
+        plan = splits.plan(config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 20,
+                                                                  "factor": factor, "length": "100 samples"}}), 400, 2)
+        ends[factor] = plan.total_samples
+        last = plan.stages[-1]
+        assert last.scheduled_batch in (None, 16 * factor) and last.batch <= 16 * factor
+        assert last.lr == pytest.approx(plan.stages[-2].lr, rel=0.2)      # the cosine's, not a smaller batch's
+    assert ends == {1: 420, 2: 420, 4: 420, 8: 420}
+    tokens = config.from_dict({**parent_recipe(**{"data.tokens_per_sample": 10}), "branch": {
+        "parent": "p", "parent_hash": "h", "at_step": 20, "factor": 8, "length": "1005 tokens"}})
+    assert splits.plan(tokens, 400, 2).total_samples == 320 + 101     # tokens: to the sample that holds the last
+
+
+@pytest.mark.parametrize("rule,power", [("none", 0.0), ("linear", 1.0), ("sqrt", 0.5)])
+def test_each_lr_rule_scales_the_parents_lr_by_the_factor_to_its_power(rule, power):
+    recipe = parent_recipe()
+    own = splits.plan(config.from_dict(recipe), 400, 2)
+    branched = splits.plan(config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 20,
+                                                                  "factor": 4, "lr_rule": rule,
+                                                                  "length": "64 samples"}}), 400, 2)
+    for stage in branched.stages:
+        if stage.global_step >= 20:
+            parents = float(own.schedule.lr.values(np.array([stage.global_step]))[0])   # the step unit
+            assert stage.lr == pytest.approx(parents * 4 ** power, rel=1e-12)
+            assert stage.lr_scale == 4 ** power
+
+
+def test_a_branch_with_a_partial_last_step_and_the_linear_rule_trains(parent, tmp_path):
+    """On pool ranks: x4 with the linear rule for 100 samples from step 20: 64 + 36 samples, every step's
+    logged LR the parent's at that step x 4, the run ending at the position its x1 control ends at."""
+    from launcher.run.files import read_jsonl
+    done = train_branches(branch_args(parent, at="320", unit="samples", batch="4", length="100", lr_rule="linear",
+                                      set=[f"output={tmp_path}", "tracking.log_every_steps=1"]), tmp_path)
+    schedule = splits.plan(config.from_dict(parent_recipe()), 400, 2).schedule
+    ends = {}
+    for point, run in done:
+        rows = read_jsonl(run / "steps.jsonl")           # a row per step; row k: the step that made k steps
+        ends[point["factor"]] = read_jsonl(run / "metrics.jsonl")[-1]["samples"]
+        assert len(rows) == {1: 7, 4: 3}[point["factor"]]
+        for r in rows:
+            parents = float(schedule.lr.values(np.array([r["step"] - 1]))[0])
+            assert r["lr"] == pytest.approx(parents * point["factor"], rel=1e-12)
+    assert ends[1] == ends[4] == 420
+    # x4: 64 samples, the 16 that end the epoch, then the 20 left (a partial step)
+    assert [r["samples"] for r in read_jsonl(done[-1][1] / "steps.jsonl")] == [384, 400, 420]
+
+
 def hand_branches(root, losses: dict, parent="p", unit="token") -> None:
     """Branch folders whose final test_loss is set by hand: ``losses[(position, factor)]``."""
     for (position, factor), loss in losses.items():
