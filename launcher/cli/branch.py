@@ -83,10 +83,25 @@ def choose(found: list[dict], at: int, unit: str, tokens: bool, slack: int = 0) 
     return before[-1]
 
 
+# The LR rule when --lr-rule is not given, per optimizer family: the square-root rule for the Adam family
+# (what Merrill et al. 2025 use for their AdamW branches, as OLMo-core's batch-size scheduler does: Malladi et
+# al. 2022's SDE argument for adaptive methods), the linear rule for SGD-like updates (QHM, SGD, NSHB: Goyal
+# et al. 2017; for QHM the step is alpha times a convex mix of g and d, an SGD-momentum step).
+DEFAULT_LR_RULE = {"adam": "sqrt", "sgd": "linear"}
+
+
+def lr_rule_for(recipe) -> str:
+    """The default LR rule of the recipe's optimizer family (see DEFAULT_LR_RULE)."""
+    from launcher.config.schema import ADAM_FAMILY
+    return DEFAULT_LR_RULE["adam" if recipe.optimizer.name in ADAM_FAMILY else "sgd"]
+
+
 def plan_branches(args) -> tuple[list[dict], list]:
     """The branch points and their recipes (resolved), writing nothing."""
     parent, data = parent_of(args.run)
     recipe = recipe_mod.from_dict(data)
+    rule = args.lr_rule or lr_rule_for(recipe)
+    seeds = getattr(args, "seeds", 1)
     unit = UNIT_WORDS.get(args.unit or recipe.schedule.unit)
     if unit is None:
         raise UserError(f"--unit: {args.unit!r} is not valid; allowed: steps | samples | tokens")
@@ -104,8 +119,9 @@ def plan_branches(args) -> tuple[list[dict], list]:
     found = checkpoints(parent)
     tokens = recipe.data.tokens_per_sample is not None
     n = data_mod.sizes(recipe.data)[0]
-    step_units = max(s.batch for s in splits.plan(recipe, n, 1).stages) * {"step": 0, "sample": 1,
-                                                                         "token": recipe.data.tokens_per_sample or 1}[unit]
+    parent_plan = splits.plan(recipe, n, 1)
+    step_units = max(s.batch for s in parent_plan.stages) * {"step": 0, "sample": 1,
+                                                             "token": recipe.data.tokens_per_sample or 1}[unit]
     chosen = {}
     for at in positions:
         manifest = choose(found, at, unit, tokens, slack=max(step_units - 1, 0))
@@ -115,19 +131,29 @@ def plan_branches(args) -> tuple[list[dict], list]:
     points, recipes = [], []
     for step, manifest in sorted(chosen.items()):
         at = position(manifest, unit) if manifest else 0
-        for factor in factors:
-            name = f"{parent.path.name}-at{at}{SHORT[unit]}-x{factor}"
+        batch = parent_batch(parent_plan, step)
+        for factor, draw in ((f, k) for f in factors for k in range(seeds)):
+            name = f"{parent.path.name}-at{at}{SHORT[unit]}-x{factor}" + (f"-s{draw}" if draw else "")
             over = json.loads(json.dumps(data))
             over.update(name=name, output=str(out_dir))
             over["branch"] = {"parent": str(parent.path.resolve()), "parent_hash": parent_hash, "at_step": step,
-                              "factor": factor, "lr_rule": args.lr_rule, "length": f"{length} {unit}s"}
+                              "factor": factor, "lr_rule": rule, "length": f"{length} {unit}s", "seed": draw}
             over.setdefault("tracking", {}).setdefault("wandb", {})["group"] = parent.path.name
             branched = recipe_mod.from_dict(over, args.set)
-            points.append({"index": len(points), "seed": None, "label": f"at {at:,} {unit}s, batch x{factor}",
-                           "name": name, "step": step, "at": at, "unit": unit, "factor": factor,
+            label = f"at {at:,} {unit}s, batch x{factor}" + (f", data order {draw}" if seeds > 1 else "")
+            points.append({"index": len(points), "seed": None, "label": label, "name": name, "step": step, "at": at,
+                           "unit": unit, "factor": factor, "draw": draw, "parent_batch": batch,
                            "checkpoint": manifest["path"] if manifest else None})
             recipes.append(branched)
     return points, recipes
+
+
+def parent_batch(p: splits.Plan, step: int) -> int:
+    """The parent's batch at global step ``step`` (its last stage's at its end)."""
+    if step >= p.total_steps:
+        return p.stages[-1].scheduled_batch or p.stages[-1].batch
+    stage = p.stages[max(i for i, s in enumerate(p.stages) if s.global_step <= step)]
+    return stage.scheduled_batch or stage.batch
 
 
 def prepare(point: dict, recipe) -> None:
@@ -138,7 +164,8 @@ def prepare(point: dict, recipe) -> None:
     b = recipe.branch
     (folder.path / "branch.json").write_text(json.dumps(
         {"parent": b.parent, "at_step": b.at_step, "position": {point["unit"]: point["at"]}, "unit": point["unit"],
-         "factor": b.factor, "lr_rule": b.lr_rule, "length": b.length}, indent=1) + "\n")
+         "factor": b.factor, "lr_rule": b.lr_rule, "length": b.length, "seed": b.seed,
+         "parent_batch": point["parent_batch"]}, indent=1) + "\n")
     source = point["checkpoint"]
     if source is None or list(folder.checkpoints.glob("step-*")) or folder.read_json(folder.complete):
         return

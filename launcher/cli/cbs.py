@@ -1,16 +1,12 @@
 """``qhm-launch scaling BRANCHES... --cbs``: the critical batch size measured directly from branches
-(``qhm-launch branch``), Merrill et al. 2025's local-recovery criterion (launcher/run/branches.py).
+(``qhm-launch branch``), Merrill et al. 2025's local-recovery criterion with seeds (launcher/run/branches.py
+says how a factor recovers, fails or stays uncertain, and how the CBS and its interval follow).
 
-At each position of a parent, the control is the branch at factor 1 (the parent's own batch); a branch
-at factor f "recovers" when its loss after the branch's length is within the tolerance of the
-control's: loss_f <= loss_1 + EPS (absolute), or <= loss_1 (1 + EPS) with ``--tolerance 2%``. The CBS
-there is the largest batch (parent's batch x f) that recovers; where none but the control does, it is
-the parent's batch (the measurement says only that the CBS is below the next factor tried).
-
-The loss is the branch's final evaluation (``test_loss``: the validation set's, at the branch's last
-step) or, with ``--loss train``, the mean ``train_loss`` of its step rows over the last tenth of its
-steps. Several parents that differ only by seed give one CBS per seed at each position: the table
-shows each and the figure their mean with a min-max band, beside the parents' measured noise scale.
+The table gives per position each factor's gap to the control (mean over seeds, its interval), its
+verdict and the position it was scored at, then the CBS with its interval and, where censored, the factor
+to add. Several parents that differ only by seed give one CBS per parent at each position: the figure
+shows their mean with a min-max band (and the seeds' interval where there is one), beside the parents'
+measured noise scale. Batches are in samples, and in tokens too where the branches count tokens.
 """
 from __future__ import annotations
 
@@ -18,6 +14,7 @@ import json
 from pathlib import Path
 
 from launcher.cli import analysis
+from launcher.errors import UserError
 from launcher.run import branches
 
 def parent_runs(result: dict) -> list[dict]:
@@ -25,19 +22,53 @@ def parent_runs(result: dict) -> list[dict]:
     return [analysis.load_run(Path(p)) for p in parents if (Path(p) / "recipe.yaml").is_file()]
 
 
-def table(result: dict) -> str:
-    lines = [f"critical batch size by branches: the largest batch whose {result['loss']} after the branch is "
-             f"within {result['tolerance']} (the control: factor 1, the parent's batch)", "",
-             "| parent | position | parent batch | control loss | losses by factor | CBS |", "|---|---|---|---|---|---|"]
+def _batch(value, tokens: int | None) -> str:
+    """A batch in samples, with its tokens where counted."""
+    return f"{value:,}" + (f" ({value * tokens:,} tokens)" if tokens else "")
+
+
+def _gap(v: dict, relative: bool) -> str:
+    if v["gap"] is None:
+        return "-"
+    fmt = (lambda x: f"{x * 100:+.2f}%") if relative else (lambda x: f"{x:+.4f}")  # noqa: E731
+    text = fmt(v["gap"]) + (f" [{fmt(v['interval'][0])}, {fmt(v['interval'][1])}]" if v["interval"] else "")
+    return f"{text} {v['verdict']}"
+
+
+def table(result: dict, tokens: int | None = None) -> str:
+    relative = "%" in result["tolerance"]
+    level = f"{result['level']:.0%}"
+    lines = [f"critical batch size by branches: the largest batch that, with every smaller factor tried, recovers "
+             f"the control's {result['loss']} within {result['tolerance']} (the control: factor 1, the parent's "
+             f"batch); gaps: mean over seeds [{level} interval], a factor recovers when the interval's upper end is "
+             "within the tolerance", "",
+             "| parent | position | parent batch | seeds | control loss | gap to the control by factor | scored at | CBS |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["positions"]:
         (unit, value), = r["position"].items()
-        by = ", ".join(f"x{f}: {'-' if v['loss'] is None else format(v['loss'], '.4f')}"
-                       for f, v in sorted(r["factors"].items()))
-        cbs = "-" if r["cbs"] is None else f"{r['cbs']:,}" + (" or more (the largest factor tried)" if r["censored"]
-                                                                 and r["largest_factor"] > 1 else "")
-        lines.append(f"| {Path(r['parent']).name} | {value:,} {unit}s | {r['parent_batch']} | {r['control_loss']:.4f} | "
-                     f"{by} | {cbs} |")
+        by = "; ".join(f"x{f}: {_gap(v, relative)}" for f, v in sorted(r["factors"].items()) if f > 1) or "-"
+        ends = sorted({e for v in r["factors"].values() for e in v["ends"]})
+        scored = ", ".join(f"{e:,}" for e in ends) + f" {branches.FIELDS[unit]}" if ends else "-"
+        lines.append(f"| {Path(r['parent']).name} | {value:,} {unit}s | {r['parent_batch']} | {r['seeds']} | "
+                     f"{r['control_loss']:.4f} | {by} | {scored} | {cbs_text(r, tokens)} |")
+    notes = [f"- {Path(r['parent']).name} at {next(iter(r['position'].values())):,}: {r['advice']}"
+             for r in result["positions"] if r.get("advice")]
+    lines += ([""] + notes if notes else []) + ([""] + [f"warning: {w}" for w in result["warnings"]]
+                                                if result["warnings"] else [])
     return "\n".join(lines)
+
+
+def cbs_text(r: dict, tokens: int | None = None) -> str:
+    """The CBS, its interval over seeds and what bounds it, as a person reads it."""
+    if r["cbs"] is None:
+        return "-"
+    text = _batch(r["cbs"], tokens) + (" or more (the largest factor tried)" if r["censored"] else "")
+    if r["cbs_interval"]:
+        lo, hi = r["cbs_interval"]
+        text += f"; interval {lo:,}–{hi:,}" + (" or more" if r["open_above"] else "")
+    if r["below"] and not r["open_above"]:
+        text += f"; below {r['below']:,}"
+    return text
 
 
 def figure(result: dict, out: str) -> None:
@@ -62,6 +93,11 @@ def figure(result: dict, out: str) -> None:
                 fillstyle="none", label="a lower bound (the largest factor tried recovered)")
     ax.fill_between(xs, [min(v) if v else np.nan for v in values], [max(v) if v else np.nan for v in values],
                     color="C0", alpha=0.2, linewidth=0)
+    seeded = [(r["position"][unit], *r["cbs_interval"]) for r in rows if r["cbs_interval"]]
+    if seeded:                                 # the CBS's interval over the branches' seeds
+        x, lo, hi = zip(*seeded)
+        ax.vlines(x, lo, hi, color="C0", linewidth=3, alpha=0.5,
+                  label=f"interval over seeds ({result['level']:.0%} per factor)")
     field = {"step": "step", "sample": "samples", "token": "tokens"}[unit]
     for i, parent in enumerate(parent_runs(result)):
         points = [(r[field], r["noise_scale"]) for r in parent["step_rows"]
@@ -81,11 +117,25 @@ def figure(result: dict, out: str) -> None:
     analysis.save(fig, out)
 
 
-def cbs(run_dirs: list, tolerance: str = "0.01", loss: str = "test", out: str | None = None,
-        as_json: bool = False) -> str:
+def cbs(run_dirs: list, tolerance: str | None = None, loss: str = "test", out: str | None = None,
+        as_json: bool = False, level: float = branches.LEVEL) -> str:
+    if not 0 < level < 1:
+        raise UserError(f"--confidence: {level!r} is not valid; allowed: a level between 0 and 1 (0.9)")
     if out is not None:
         analysis.check_out(out)
-    result = branches.measure(run_dirs, tolerance, loss)
+    result = branches.measure(run_dirs, tolerance, loss, level)
     if out is not None:
         figure(result, out)
-    return json.dumps(result, indent=1) if as_json else table(result)
+    tokens = tokens_per_sample(result)
+    if as_json:
+        return json.dumps(result, indent=1, default=sorted)
+    return table(result, tokens)
+
+
+def tokens_per_sample(result: dict) -> int | None:
+    """The parents' tokens per sample (every batch then also in tokens), None where they count none."""
+    for parent in parent_runs(result):
+        rows = [r for r in parent["step_rows"] + parent["rows"] if r.get("tokens") and r.get("samples")]
+        if rows:
+            return rows[-1]["tokens"] // rows[-1]["samples"]
+    return None

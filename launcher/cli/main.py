@@ -102,8 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", action="store_true", help="print the result as JSON")
     sc.add_argument("--cbs", action="store_true", help="the critical batch size measured by branches (qhm-launch "
                     "branch): the largest batch whose loss recovers the control's")
-    sc.add_argument("--tolerance", default="0.01", help="with --cbs: how close to the control's loss, absolute "
-                    "(0.01) or relative (2%%); default 0.01")
+    sc.add_argument("--tolerance", default=None, help="with --cbs: how close to the control's loss, absolute "
+                    "(0.01) or relative (2%%); default 2%% (as schedule.batch.kind warmup_from's)")
+    sc.add_argument("--confidence", type=float, default=0.9, help="with --cbs: the level of the gaps' intervals over "
+                    "seeds (default 0.9)")
     sc.add_argument("--loss", default="test", help="with --cbs: test (the final evaluation) | train (the mean over "
                     "the last tenth of the branch)")
     sc.add_argument("--x", default="samples", help="what the data used is counted in: samples | tokens | steps "
@@ -175,8 +177,12 @@ def slurm_commands(command) -> None:
     br.add_argument("--for", dest="for_", required=True, help="how long each branch trains, e.g. 30 or 5M")
     br.add_argument("--unit", help="steps | samples | tokens: what --at and --for count (default: the parent's "
                     "schedule.unit; steps for epochs)")
-    br.add_argument("--lr-rule", default="none", choices=("none", "linear", "sqrt"),
-                    help="the branch's learning rate: the parent's x factor^(0 | 1 | 1/2) (default none)")
+    br.add_argument("--lr-rule", default=None, choices=("none", "linear", "sqrt"),
+                    help="the branch's learning rate: the parent's x factor^(0 | 1 | 1/2); default sqrt for adamw and "
+                    "qhadam (Merrill et al. 2025's rule for AdamW), linear for qhm, sgd and nshb")
+    br.add_argument("--seeds", type=positive_int, default=1, help="continuations per factor that differ only in the "
+                    "data order after the branch point (the first is the parent's order); 3 or more give the CBS an "
+                    "interval (default 1)")
     br.add_argument("--max-parallel", type=positive_int, default=4, help="P in --array=0-N%%P (default 4)")
     br.add_argument("--local", action="store_true", help="run the branches one after another here, no Slurm")
     slurm_args(br)
@@ -221,7 +227,7 @@ def cmd_scaling(args) -> int:
         from launcher.cli import cbs
         if args.target is not None:
             raise UserError("--cbs: not valid with --target; allowed: one of the two (branches, or runs to a target)")
-        print(cbs.cbs(args.runs, args.tolerance, args.loss, args.out, args.json))
+        print(cbs.cbs(args.runs, args.tolerance, args.loss, args.out, args.json, args.confidence))
     else:
         print(scaling.scaling(args.runs, args.target, args.out, args.json, args.x))
     if args.out and not args.json:

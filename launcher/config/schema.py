@@ -117,7 +117,7 @@ class Batch:
     factor: float = 1.0                 # adaptive: grow when noise scale >= factor x batch
     points: list = field(default_factory=list)   # steps: [[0, 256], ["2B", 512], ...], positions in schedule.unit
     branches: Optional[str] = None      # warmup_from: the branch folders (qhm-launch branch) whose CBS it follows
-    tolerance: Union[float, str] = 0.01   # warmup_from: the CBS criterion's tolerance (0.01, or "2%")
+    tolerance: Union[float, str, None] = None   # warmup_from: the CBS criterion's tolerance (0.01, or "2%"); None: 2%
 
 
 @dataclass
@@ -263,6 +263,7 @@ class Branch:
     factor: int = 1                     # batch multiplier from at_step on
     lr_rule: str = "none"               # none | sqrt | linear: lr x factor^(0 | 1/2 | 1) from at_step on
     length: Optional[Amount] = None     # how long the branch trains, in its unit ("100K tokens", "30 steps")
+    seed: int = 0                       # the data order after at_step: 0 the parent's, k > 0 another (branch --seeds)
 
 
 @dataclass

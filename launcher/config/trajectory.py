@@ -40,13 +40,19 @@ ADDED_DEFAULTS = {"train": {"steps": None, "samples": None, "tokens": None}, "da
                   "schedule.lr.batch_scaling": "none", "data.train": None, "data.seq_len": None, "data.vocab": None,
                   "data.text": None, "optimizer.betas": [0.9, 0.999], "optimizer.nus": [1.0, 1.0], "optimizer.eps": 1e-8,
                   "optimizer.decouple_weight_decay": None, "optimizer.weight_decay_all": False,
-                  "optimizer.clip_grad_norm": None, "branch": {"parent": None, "parent_hash": None, "at_step": 0,
+                  "optimizer.clip_grad_norm": None, "branch.seed": 0,     # before "branch": its default lacks it
+                  "branch": {"parent": None, "parent_hash": None, "at_step": 0,
                                                                  "factor": 1, "lr_rule": "none", "length": None}}
+
+
+# Defaults that changed later, at the value that earlier versions wrote: left out of the hash too (warmup_from's
+# tolerance is resolved into the batch points when the recipe loads; an earlier recipe.yaml holds 0.01).
+CHANGED_DEFAULTS = {"schedule.batch.tolerance": None}
 
 
 def trajectory_hash(recipe_dict: dict) -> str:
     fields = json.loads(json.dumps(trajectory(recipe_dict)))
-    for key, default in ADDED_DEFAULTS.items():
+    for key, default in [*ADDED_DEFAULTS.items(), *CHANGED_DEFAULTS.items()]:
         holder, leaf = fields, key                     # a trajectory field itself ("train"), or inside one
         if key not in fields:
             *path, leaf = key.split(".")

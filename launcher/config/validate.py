@@ -402,6 +402,7 @@ def check_branch(r: Recipe) -> None:
     _at_least("branch.at_step", b.at_step, 0)
     _at_least("branch.factor", b.factor, 1)
     _one_of("branch.lr_rule", b.lr_rule, BATCH_SCALINGS)
+    _at_least("branch.seed", b.seed, 0)
     if b.length is None:
         raise RecipeError("branch.length: missing; allowed: how long the branch trains ('100K tokens', '30 steps')")
     unit, _ = units.parse("branch.length", b.length, r.schedule.unit if r.schedule.unit != "epoch" else "step")

@@ -65,7 +65,7 @@ class Dataset:
 
     def batches(self, sampler, seed: int, comm):
         if self.streamed:
-            return StreamedBatches(self.train, seed, self.augment, comm, seeded=self.user)
+            return StreamedBatches(self.train, seed, self.augment, comm, seeded=self.user, reorder=sampler.reorder)
         return InMemoryBatches(self.train, sampler, self.augment, seed, comm)
 
 

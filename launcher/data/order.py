@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 # Purposes map to fixed numbers: str hashes are salted per process.
-PURPOSES = {"order": 1, "augment": 2, "gradnorm": 3, "rank_rng": 4, "validation": 5, "sample": 6}
+PURPOSES = {"order": 1, "augment": 2, "gradnorm": 3, "rank_rng": 4, "validation": 5, "sample": 6, "reorder": 7}
 # 1: augmentation keyed on (seed, epoch, step, position in batch); 2: on (seed, epoch, index); 3: batches keyed
 # on the samples consumed (a batch may change inside an epoch; at epoch boundaries the same order as 2)
 VERSION = 3
@@ -88,21 +88,41 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # Order
 
+@dataclass(frozen=True)
+class Reorder:
+    """Another order of the same data from a point on (a branch's seed, ``qhm-launch branch --seeds``): from
+    position ``offset`` of epoch ``epoch``'s permutation on, the samples the epoch has left come in an
+    order drawn from (seed, "reorder", ``draw``, epoch), and every later epoch's permutation from the
+    same key. What came before is the run's own order, and each epoch still holds every sample once."""
+    epoch: int
+    offset: int
+    draw: int
+
+
 class GlobalBatchSampler:
     """Epoch m's permutation, from which global batch k takes positions [c_k, c_k + b_k).
 
     Stateful only in what a resume must agree on (n, seed and the order version): the position itself
     lives in the train state. Loading a checkpoint of another dataset size or seed is refused.
+    ``reorder``: another order from a point on (:class:`Reorder`); None: the seed's.
     """
 
-    def __init__(self, n: int, seed: int, device="cpu"):
-        self.n, self.seed, self.device = n, seed, torch.device(device)
+    def __init__(self, n: int, seed: int, device="cpu", reorder: Reorder | None = None):
+        self.n, self.seed, self.device, self.reorder = n, seed, torch.device(device), reorder
         self._epoch, self._perm = None, None
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """Epoch ``epoch``'s order, cached on ``device`` (one transfer per epoch, none per step)."""
         if self._epoch != epoch:
             perm = torch.randperm(self.n, generator=keyed_generator(self.seed, "order", epoch))
+            r = self.reorder
+            if r is not None and epoch >= r.epoch:
+                again = keyed_generator(self.seed, "reorder", r.draw, epoch)
+                if epoch > r.epoch:
+                    perm = torch.randperm(self.n, generator=again)
+                else:
+                    left = perm[r.offset:]
+                    perm = torch.cat([perm[:r.offset], left[torch.randperm(len(left), generator=again)]])
             self._perm, self._epoch = perm.to(self.device), epoch
         return self._perm
 

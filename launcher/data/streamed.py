@@ -124,8 +124,8 @@ def worker_failure(exc: BaseException) -> str | None:
 class KeyedBatchSampler:
     """This rank's non-empty micro-batches, in order, for steps [first_step, the stage's end) of an epoch."""
 
-    def __init__(self, n: int, seed: int, rank: int, world: int):
-        self.order, self.n, self.rank, self.world = order.GlobalBatchSampler(n, seed), n, rank, world
+    def __init__(self, n: int, seed: int, rank: int, world: int, reorder: order.Reorder | None = None):
+        self.order, self.n, self.rank, self.world = order.GlobalBatchSampler(n, seed, reorder=reorder), n, rank, world
         self.epoch, self.first_step, self.stage = 0, 0, None
 
     def set(self, epoch: int, first_step: int, stage) -> None:
@@ -261,9 +261,10 @@ class StreamedSplit:
 class StreamedBatches:
     """The streamed counterpart of InMemoryBatches (same calls)."""
 
-    def __init__(self, split: StreamedSplit, seed: int, augment, comm, seeded: bool = True, prefetch: int = 4):
+    def __init__(self, split: StreamedSplit, seed: int, augment, comm, seeded: bool = True, prefetch: int = 4,
+                 reorder: order.Reorder | None = None):
         self.split = split
-        self.sampler = KeyedBatchSampler(len(split), seed, comm.rank, comm.world)
+        self.sampler = KeyedBatchSampler(len(split), seed, comm.rank, comm.world, reorder)
         self.rank, self.world = comm.rank, comm.world
         workers = split.workers
         self.loader = DataLoader(KeyedDataset(split.base, seed, augment, seeded), batch_sampler=self.sampler,

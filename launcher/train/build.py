@@ -165,7 +165,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
                            reads_local_gradients=noise_kind == noise.RANKS)
     loss = losses.from_recipe(recipe.loss, losses.per_token(recipe))
     noise_probe = build_noise_probe(recipe, engine, module, comm, noise_kind, why_not, log, n)
-    sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device)
+    sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device, reorder=splits.branch_reorder(recipe, planned))
     state, rng = TrainState(), RankRNG(recipe.seed, comm.rank, comm.device)
     sums = EpochSums(comm.device, count_tokens=loss.per_token)
     checkpoints = CheckpointManager(folder, comm, recipe.checkpoint.keep, log)

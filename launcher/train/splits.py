@@ -190,6 +190,21 @@ def branch_end(recipe: Recipe, parent: qhm.StepPlan) -> tuple[str, int]:
     return unit, {"step": b.at_step, "sample": at["samples"], "token": at["tokens"]}[unit] + length
 
 
+def branch_reorder(recipe: Recipe, p: Plan):
+    """A branch's data order after its branch point (``branch.seed`` k > 0: the k-th other order of the
+    samples left, :class:`launcher.data.order.Reorder`); None for seed 0 (the parent's order, bit for bit)
+    and for a run that is no branch."""
+    from launcher.data.order import Reorder
+    b = recipe.branch
+    if b.parent is None or not b.seed:
+        return None
+    if b.at_step >= p.total_steps:
+        return Reorder(p.epochs, 0, b.seed)
+    stage = p.stages[bisect.bisect_right([s.global_step for s in p.stages], b.at_step) - 1]
+    step = stage.first + (b.at_step - stage.global_step)
+    return Reorder(stage.epoch, min(stage.start(step), p.n), b.seed)
+
+
 def _position(seg, unit: str, tokens_per_sample: int | None) -> int:
     """A segment's first step's position in ``unit``."""
     return {"step": seg.global_step, "sample": seg.samples, "token": seg.samples * (tokens_per_sample or 1)}[unit]

@@ -15,6 +15,7 @@ from helpers import (base_recipe, checkpoint_steps, cli, final_params, kill_grou
                      write_recipe)
 from launcher import config
 from launcher.cli import branch, scaling
+from launcher.cli import cbs as cbs_cli
 from launcher.cli.main import main
 from launcher.run import branches
 from launcher.train import splits
@@ -36,7 +37,7 @@ def parent(tmp_path_factory):
 
 def branch_args(run, at="20", batch="2", length="10", **over):
     defaults = dict(run=str(run), at=at, batch=batch, for_=length, unit=None, lr_rule="none", set=[], local=True,
-                    dry_run=False)
+                    dry_run=False, seeds=1)
     return argparse.Namespace(**{**defaults, **over})
 
 
@@ -92,6 +93,37 @@ def test_a_branch_trains_on_the_parents_next_samples():
     assert plan.total_steps == 24 and plan.schedule.lr.length == parent_plan.schedule.lr.length == 60
 
 
+def test_a_seeded_branch_reorders_only_what_its_epoch_has_left_and_what_follows():
+    from launcher.data import order
+    base = order.GlobalBatchSampler(400, 0)
+    again = order.GlobalBatchSampler(400, 0, reorder=order.Reorder(epoch=1, offset=320, draw=1))
+    other = order.GlobalBatchSampler(400, 0, reorder=order.Reorder(epoch=1, offset=320, draw=2))
+    assert torch.equal(again.permutation(0), base.permutation(0))             # before the branch's epoch
+    mine, theirs = again.permutation(1), base.permutation(1)
+    assert torch.equal(mine[:320], theirs[:320])                               # what the parent consumed
+    assert torch.equal(mine.sort().values, torch.arange(400))                  # still every sample once
+    assert set(mine[320:].tolist()) == set(theirs[320:].tolist()) and not torch.equal(mine[320:], theirs[320:])
+    assert not torch.equal(again.permutation(2), base.permutation(2))
+    assert not torch.equal(other.permutation(1)[320:], mine[320:])
+    recipe = parent_recipe()
+    plan = splits.plan(config.from_dict(recipe), 400, 2)
+    seeded = config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 45, "factor": 2,
+                                                    "length": "4 steps", "seed": 3}})
+    assert splits.branch_reorder(seeded, splits.plan(seeded, 400, 2)) == order.Reorder(1, 20 * 16, 3)
+    assert splits.branch_reorder(config.from_dict(recipe), plan) is None
+
+
+def test_seeds_of_a_control_differ_from_the_parent_only_after_the_branch(parent, tmp_path):
+    """branch --seeds 2 at factor 1: seed 0 is the parent bit for bit, seed 1 trains on another order."""
+    done = train_branches(branch_args(parent, at="20", batch="1", seeds=2, set=[f"output={tmp_path}"]), tmp_path)
+    assert [(p["factor"], p["draw"], run.name) for p, run in done] == [(1, 0, "par-at20s-x1"), (1, 1, "par-at20s-x1-s1")]
+    theirs = checkpoint_model(parent, 30)
+    same, other = final_params(done[0][1]), final_params(done[1][1])
+    assert all(torch.equal(same[k], theirs[k]) for k in theirs)
+    assert not all(torch.equal(other[k], theirs[k]) for k in theirs)
+    assert json.loads((done[1][1] / "branch.json").read_text())["seed"] == 1
+
+
 def test_every_factor_of_a_branch_set_ends_at_the_same_samples():
     """100 samples from step 20 at batch 16 x 1, 2, 4, 8: x8 (128 a step) used to train one whole step,
     128 samples (+28%), x2 4 steps (+28%), x1 7 steps (+12%). Each now ends at 320 + 100 = 420 exactly: whole
@@ -145,16 +177,21 @@ def test_a_branch_with_a_partial_last_step_and_the_linear_rule_trains(parent, tm
     assert [r["samples"] for r in read_jsonl(done[-1][1] / "steps.jsonl")] == [384, 400, 420]
 
 
-def hand_branches(root, losses: dict, parent="p", unit="token") -> None:
-    """Branch folders whose final test_loss is set by hand: ``losses[(position, factor)]``."""
-    for (position, factor), loss in losses.items():
-        folder = root / f"b{position}x{factor}"
+def hand_branches(root, losses: dict, parent="p", unit="token", steps=30) -> None:
+    """Branch folders whose final test_loss is set by hand: ``losses[(position, factor)]``, or
+    ``losses[(position, factor, seed)]``; each ends ``steps`` steps after its branch step."""
+    for key, loss in losses.items():
+        position, factor, seed = (*key, 0)[:3]
+        folder = root / (f"b{position}x{factor}" + (f"s{seed}" if seed else ""))
         folder.mkdir(parents=True)
         (folder / "recipe.yaml").write_text(yaml.safe_dump(config.from_dict(base_recipe()).to_dict()))
-        (folder / "branch.json").write_text(json.dumps({"parent": parent, "at_step": position // 100,
-                                                        "position": {unit: position}, "unit": unit, "factor": factor}))
-        rows = [{"epoch": 0, "step": 5, "samples": 80, "batch": 16 * factor, "test_loss": loss + 1.0},
-                {"epoch": 0, "step": 10, "samples": 160, "batch": 16 * factor, "test_loss": loss}]
+        at_step = position // 100
+        (folder / "branch.json").write_text(json.dumps({"parent": parent, "at_step": at_step, "seed": seed,
+                                                        "position": {unit: position}, "unit": unit, "factor": factor,
+                                                        "parent_batch": 16}))
+        rows = [{"epoch": 0, "step": at_step + steps // 2, "samples": 80, "batch": 16 * factor, "test_loss": loss + 1.0},
+                {"epoch": 0, "step": at_step + steps, "samples": 160, "tokens": 1600, "batch": 16 * factor,
+                 "test_loss": loss}]
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -168,15 +205,51 @@ def test_the_cbs_is_the_largest_batch_that_recovers_the_controls_loss(tmp_path, 
     by = {r["position"]["token"]: r for r in branches.measure([tmp_path / "p.branches"], "4%")["positions"]}
     # within 4%: 2.08 at 1,000 (x2), 1.56 at 5,000 (x8: the largest tried, a lower bound)
     assert (by[1000]["cbs"], by[5000]["cbs"], by[5000]["censored"]) == (32, 128, True)
+    assert "add factor 16" in by[5000]["advice"]
     assert main(["scaling", str(tmp_path / "p.branches"), "--cbs", "--tolerance", "0.05",
                  "--out", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
-    assert "| p | 1,000 tokens | 16 | 2.0000 | x1: 2.0000, x2: 2.0300, x4: 2.2000, x8: 2.5000 | 32 |" in out
+    assert ("| p | 1,000 tokens | 16 | 1 | 2.0000 | x2: +0.0300 recovers; x4: +0.2000 fails; x8: +0.5000 fails | "
+            "1,600 tokens | 32; below 64 |") in out
     assert (tmp_path / "c.png").stat().st_size > 10_000
     shutil.rmtree(tmp_path / "p.branches" / "b5000x1")
     assert main(["scaling", str(tmp_path / "p.branches"), "--cbs"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "have no control (factor 1)" in err
+
+
+def test_a_factor_past_one_that_failed_never_makes_the_cbs(tmp_path):
+    """x2 fails, x4 recovers by chance: the CBS is the parent's batch (x1), not x4's."""
+    hand_branches(tmp_path / "p.branches", {(1000, 1): 2.0, (1000, 2): 2.3, (1000, 4): 2.0})
+    (row,) = branches.measure([tmp_path / "p.branches"], "0.05")["positions"]
+    assert (row["cbs"], row["censored"], row["below"]) == (16, False, 32)
+
+
+def test_seeds_give_each_gap_an_interval_and_the_cbs_one(tmp_path, capsys):
+    """3 seeds per factor, gaps by hand: x2 +0.005 +-0.001 (recovers within 0.02), x4 +0.02 +-0.01 (its
+    interval straddles 0.02: uncertain), x8 +0.2 (fails). CBS 32, its interval 32-64, below 128; the
+    interval is Student's t over the 3 paired gaps."""
+    from scipy.stats import t
+    losses = {}
+    for seed, noise in enumerate((-1, 0, 1)):
+        control = 2.0 + 0.1 * seed
+        losses |= {(1000, 1, seed): control, (1000, 2, seed): control + 0.005 + 0.001 * noise,
+                   (1000, 4, seed): control + 0.02 + 0.01 * noise, (1000, 8, seed): control + 0.2}
+    hand_branches(tmp_path / "p.branches", losses, steps=10)
+    result = branches.measure([tmp_path / "p.branches"], "0.02")
+    (row,) = result["positions"]
+    half = t.ppf(0.95, 2) * 0.01 / 3 ** 0.5
+    assert row["factors"][4]["interval"] == pytest.approx((0.02 - half, 0.02 + half))
+    assert [row["factors"][f]["verdict"] for f in (2, 4, 8)] == ["recovers", "uncertain", "fails"]
+    assert (row["cbs"], row["cbs_interval"], row["below"], row["seeds"]) == (32, [32, 64], 128, 3)
+    assert "more seeds" in row["advice"]
+    assert any("10 steps, fewer than 20" in w and "b1000x1" in w for w in result["warnings"])
+    assert cbs_cli.cbs([tmp_path / "p.branches"], "0.02").count("interval 32–64; below 128") == 1
+
+
+def test_one_tolerance_default_everywhere():
+    assert branches.parse_tolerance(None) == (0.02, True)
+    assert config.from_dict(base_recipe()).schedule.batch.tolerance is None      # warmup_from: the same default
 
 
 def test_warmup_from_writes_the_measured_cbs_into_the_recipe(tmp_path):
