@@ -89,6 +89,15 @@ def noise_panel(ax, runs: list[dict], b_crit: float | None, field: str = "sample
         ax.plot(x, mean, "-", marker=".", color=colour, linewidth=1.2, label=curve["label"])
         analysis.draw_batches(ax, curve, field, colour)
         drawn += 1
+    for i, curve in enumerate(analysis.group(runs)):       # where an estimate is no measurement: marked apart
+        bounds = [(r[field], r["noise_scale_lower_bound"]) for run in curve["runs"] for r in run["rows"]
+                  if r.get("noise_scale_lower_bound") is not None and r.get(field) is not None]
+        if bounds:
+            from launcher.train import noise
+            bx, by = zip(*bounds)
+            ax.plot(bx, by, "^", color=f"C{i % 10}", fillstyle="none", markersize=6, linestyle="none",
+                    label=f"{curve['label']}: lower bound (B_simple >= n/{noise.TRUST_SHARE}, biased low)")
+            drawn += 1
     if b_crit is not None:
         ax.axhline(b_crit, color="black", alpha=0.5, linewidth=1, linestyle=":", label="fitted B_crit")
     ax.set_yscale("log")

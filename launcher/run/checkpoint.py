@@ -201,6 +201,7 @@ class _Part:
     name: str
     obj: object
     scope: Scope
+    optional: bool = False
 
 
 class CheckpointManager:
@@ -219,7 +220,9 @@ class CheckpointManager:
         self.last_step: Optional[int] = None       # the newest checkpoint written or resumed from
         self._pruner: Optional[threading.Thread] = None
 
-    def register(self, name: str, part, scope: Scope) -> None:
+    def register(self, name: str, part, scope: Scope, optional: bool = False) -> None:
+        """``optional``: a replicated part added after checkpoints were written: one without it loads, the
+        part left as built."""
         if any(p.name == name for p in self._parts):
             raise ValueError(f"checkpoint part {name!r} registered twice")
         needs = ("save_files", "check_files", "load_files") if scope == "files" else ("state_dict", "load_state_dict")
@@ -228,7 +231,7 @@ class CheckpointManager:
         missing = [m for m in needs if not callable(getattr(type(part), m, None))]
         if missing:
             raise TypeError(f"checkpoint part {name!r} ({type(part).__name__}) lacks {', '.join(missing)}")
-        self._parts.append(_Part(name, part, scope))
+        self._parts.append(_Part(name, part, scope, optional))
 
     def register_upgrade(self, version: int, upgrade: Callable[[dict, list], tuple[dict, list]]) -> None:
         """``upgrade(replicated, per_rank) -> (replicated, per_rank)`` turns the loaded files of a
@@ -418,6 +421,8 @@ class CheckpointManager:
     def _apply(self, found: Found, replicated: dict, per_rank: list) -> None:
         path, same_world = found.path, found.manifest["world_size"] == self.world
         for part in self._of("replicated"):
+            if part.optional and part.name not in replicated:
+                continue
             part.obj.load_state_dict(replicated[part.name])
         for part in self._of("per_rank"):
             saved = [s[part.name] for s in per_rank]

@@ -109,6 +109,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 INTEGER_FIELDS = {"epoch": 0, "step": 0, "samples": 0, "tokens": 0, "batch": 1, "micro_batch": 1, "accum": 1,
                   "world_size": 1}      # integer fields of a row, and their least value
+TEXT_FIELDS = ("noise_scale_reason",)   # fields a row holds as text (why a number is null)
 
 
 def row_problem(row, required: tuple = ()) -> str | None:
@@ -124,6 +125,9 @@ def row_problem(row, required: tuple = ()) -> str | None:
         if key in INTEGER_FIELDS:
             if isinstance(value, bool) or not isinstance(value, int) or value < INTEGER_FIELDS[key]:
                 return f"{key}={value!r}, not an integer >= {INTEGER_FIELDS[key]}"
+        elif key in TEXT_FIELDS:
+            if value is not None and not isinstance(value, str):
+                return f"{key}={value!r}, not text"
         elif key != "mid_epoch" and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{key}={value!r}, not a number"
     return None

@@ -160,7 +160,8 @@ class Tracker:
     def log_row(self, row: dict, step: int) -> None:
         """Log ``row`` at global optimizer step ``step`` (steps already in an online run are skipped)."""
         if self.run is not None and step > self.last_step:
-            self._guard("log", lambda: self.run.log({k: v for k, v in row.items() if v is not None}, step=step))
+            self._guard("log", lambda: self.run.log({k: v for k, v in row.items()              # text: why a value is null
+                                                     if v is not None and not isinstance(v, str)}, step=step))
 
     def summarise(self, values: dict) -> None:
         if self.run is not None:

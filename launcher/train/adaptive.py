@@ -22,6 +22,7 @@ from __future__ import annotations
 import qhm
 
 from launcher import env
+from launcher.train import noise
 from launcher.train.state import EpochSums
 
 GRAD_SQ, TRACE_COV = EpochSums.FIELDS.index("grad_sq"), EpochSums.FIELDS.index("trace_cov")
@@ -33,7 +34,7 @@ class BatchGrowth:
     def __init__(self, recipe, n: int, comm, log):
         b = recipe.schedule.batch
         self.grown = qhm.BatchSchedule("exponential", b.initial, growth=b.growth, interval=1)   # b_0 growth^g
-        self.factor, self.cap = b.factor, largest_batch(recipe, n)
+        self.factor, self.cap, self.n = b.factor, largest_batch(recipe, n), n
         self.interval, self.log, self.comm = recipe.interval(), log, comm
         self.duration = recipe.duration()
         self.unit, self.tokens_per_sample = recipe.schedule.unit, recipe.data.tokens_per_sample or 1
@@ -118,6 +119,12 @@ class BatchGrowth:
             self.log(where + f"noise scale not measured over {over}: batch stays {batch}")
         elif measured < self.factor * batch:
             self.log(where + f"noise scale {measured:.4g} < {self.factor:g} x {batch}: batch stays {batch}")
+        elif measured >= self.n / noise.TRUST_SHARE and larger > batch and decision >= len(self.injected):
+            # in this regime the estimate is biased low (launcher/train/noise.py): the truth is larger still,
+            # so growing on it is safe; said, so that the log does not present it as a measurement
+            self.log(where + f"noise scale >= {measured:.4g} (a lower bound at n/{noise.TRUST_SHARE} of the {self.n:,} "
+                             f"samples or more) >= {self.factor:g} x {batch}: batch {batch} -> {larger}")
+            batch = larger
         elif larger <= batch:
             self.log(where + f"noise scale {measured:.4g} >= {self.factor:g} x {batch}: batch stays {batch}, "
                              "its cap (schedule.batch.max or the training set)")

@@ -44,6 +44,7 @@ class Parts:
     rng: RankRNG
     checkpoints: CheckpointManager
     log: Callable[..., None]
+    noise_windows: noise.NoiseWindows | None = None   # the step rows' B_simple over enough windows
 
     def close(self) -> None:
         """What must end before the process group does (the engine's hooks), and the data workers (now,
@@ -176,11 +177,14 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     growth = adaptive.BatchGrowth(recipe, n, comm, log) if recipe.schedule.batch.kind == "adaptive" else None
     if growth is not None:
         checkpoints.register("batch_growth", growth, "replicated")
+    noise_windows = noise.NoiseWindows(n, comm.world)
+    checkpoints.register("noise_windows", noise_windows, "replicated", optional=True)
     checkpoints.register_upgrade(1, upgrade_v1)
     return Parts(recipe=recipe, comm=comm, folder=folder, dataset=dataset, plan=planned, module=module,
                  engine=engine, loss=loss, sampler=sampler,
                  batches=dataset.batches(sampler, recipe.seed, comm), autocast=autocast_for(recipe, comm.device),
-                 state=state, sums=sums, noise=noise_probe, growth=growth, rng=rng, checkpoints=checkpoints, log=log)
+                 state=state, sums=sums, noise=noise_probe, growth=growth, rng=rng, checkpoints=checkpoints, log=log,
+                 noise_windows=noise_windows)
 
 
 def build_noise_probe(recipe, engine, module, comm: Comm, kind, why, log, n: int | None = None) -> noise.NoiseProbe:

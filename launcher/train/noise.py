@@ -160,7 +160,29 @@ def coefficients(small: int, big: int, world: int, device: torch.device, n: int 
     return torch.tensor([grad_sq, trace], dtype=torch.float64, device=device)
 
 
-def window_fields(totals) -> dict:
+# Where the estimate cannot be trusted: a B_simple of n/TRUST_SHARE or more on a training set of n samples. An
+# epoch is a permutation, so a batch comes from the samples the epoch has left, against parameters the samples
+# before it shaped: the gradient over what is left outgrows the gradient over all n and |G|^2 comes out too large,
+# B_simple too small (least squares while training, SGD and QHM: 0.8x the truth at B_simple 0.09 n, 0.64x at
+# 0.2 n, 0.3x at n; at fixed parameters it is unbiased at any size). At n/8 the estimate is then a lower bound.
+TRUST_SHARE = 8
+TARGET_ERROR = 0.2         # a step row's B_simple: over the fewest recent log windows that reach this error
+MIN_WINDOWS = 6            # the error is the spread of the windows' own estimates: at least this many
+KEEP_WINDOWS = 1024        # the log windows kept to look back over (a bounded checkpoint part)
+
+
+def trust(noise_scale: float | None, n: int | None) -> dict:
+    """``noise_scale`` as a row gives it: itself, or null with ``noise_scale_lower_bound`` and the reason
+    where it is n/TRUST_SHARE or more (see TRUST_SHARE)."""
+    if noise_scale is None or not n or noise_scale < n / TRUST_SHARE:
+        return {"noise_scale": noise_scale}
+    return {"noise_scale": None, "noise_scale_lower_bound": noise_scale,
+            "noise_scale_reason": f"B_simple {noise_scale:.4g} >= n/{TRUST_SHARE} of the {n:,} training samples: "
+                                  "batches drawn from what an epoch has left overstate |G|^2 against parameters "
+                                  "the samples before them shaped, so this is a lower bound"}
+
+
+def window_fields(totals, n: int | None = None) -> dict:
     """``grad_sq``, ``trace_cov`` (means over the measured steps) and ``noise_scale`` from summed
     (grad_sq, trace_cov, steps); null where no step was measured, and the scale null unless both means
     are positive. Each is unbiased, not positive: over a short window either can fall below zero when
@@ -170,5 +192,90 @@ def window_fields(totals) -> dict:
     if steps == 0:
         return {"grad_sq": None, "trace_cov": None, "noise_scale": None}
     grad_sq, trace = grad_sq / steps, trace / steps
-    return {"grad_sq": grad_sq, "trace_cov": trace,
-            "noise_scale": trace / grad_sq if grad_sq > 0 and trace > 0 else None}
+    out = {"grad_sq": grad_sq, "trace_cov": trace}
+    if grad_sq > 0 and trace > 0:
+        return out | trust(trace / grad_sq, n)
+    return out | {"noise_scale": None, "noise_scale_reason": non_positive(grad_sq, int(steps))}
+
+
+def non_positive(grad_sq: float, steps: int) -> str:
+    """Why a window's estimates give no scale: one of them is not positive."""
+    which = "|G|^2" if grad_sq <= 0 else "tr(Sigma)"
+    return (f"the {which} estimate is <= 0 over {steps:,} step(s): the noise outweighs the gradient there "
+            "(a longer window: more steps)")
+
+
+def variance_margin(dof: int) -> float:
+    """sqrt(dof / chi2_0.1(dof)): a standard deviation from ``dof`` degrees of freedom widened to the 90%
+    upper bound of its variance (chi-square's 10% quantile by the Wilson-Hilferty cube, within 2% from 3
+    degrees of freedom on)."""
+    z, a = -1.2815516, 2.0 / (9.0 * dof)
+    return (1.0 / max(1.0 - a + z * a ** 0.5, 1e-3) ** 3) ** 0.5
+
+
+class NoiseWindows:
+    """The step rows' B_simple, each over the fewest recent log windows whose estimates reach TARGET_ERROR.
+
+    A log window's |G|^2 and tr(Sigma) means are noisy (their ratio more so: over 10 steps at B_simple near
+    the batch, a third of them are not even positive). So a step row's ``noise_scale`` is the ratio of the
+    means over the log windows ending at it, taking more windows (back to KEEP_WINDOWS) until its relative
+    error is at most TARGET_ERROR; ``noise_scale_error`` is that error and ``noise_scale_steps`` the steps it
+    spans. The error is the windows' batch means: the spread of each window's estimates around the span's
+    mean, weighted by its steps (the standard error of a mean, not assuming the steps independent within a
+    window), through the ratio's first-order error, widened to the 90% upper bound of a variance estimated
+    from k windows (a few windows that happen to agree state no false precision). A drifting scale widens
+    it too (conservative). Where no
+    span reaches the target, the row is null, with the reason and the best error found.
+
+    State: the windows' (|G|^2 sum, tr sum, steps) since the run began, newest last, as every rank has them
+    (a replicated checkpoint part: rows after a resume are the same)."""
+
+    def __init__(self, n: int | None = None, world: int = 1):
+        """``n``: the training samples an epoch permutes (see TRUST_SHARE); ``world``: the ranks whose
+        measured steps a window's count adds up."""
+        self.n, self.world = n, world
+        self.windows: list[tuple[float, float, int]] = []
+
+    def state_dict(self) -> dict:
+        return {"windows": [list(w) for w in self.windows], "version": 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.windows = [(float(g), float(t), int(k)) for g, t, k in state.get("windows", [])]
+
+    def add(self, totals) -> dict:
+        """A log window's summed (|G|^2, tr(Sigma), measured steps): the step row's noise fields."""
+        grad_sq, trace, steps = (float(v) for v in totals)
+        if steps == 0:
+            return {}
+        self.windows = (self.windows + [(grad_sq, trace, int(steps))])[-KEEP_WINDOWS:]
+        return self.estimate()
+
+    def estimate(self) -> dict:
+        """The newest span's B_simple (see the class docstring)."""
+        best = None
+        n_sum = g_sum = t_sum = 0.0                         # steps, and the estimates' sums, over the span
+        sq = {"n2": 0.0, "n2g": 0.0, "n2t": 0.0, "n2gg": 0.0, "n2tt": 0.0, "n2gt": 0.0}   # sums of w^2 x ...
+        for k, (g_total, t_total, steps) in enumerate(reversed(self.windows), start=1):
+            g, t, w = g_total / steps, t_total / steps, float(steps)       # the window's means, its weight
+            n_sum, g_sum, t_sum = n_sum + w, g_sum + g_total, t_sum + t_total
+            for key, value in (("n2", 1.0), ("n2g", g), ("n2t", t), ("n2gg", g * g), ("n2tt", t * t), ("n2gt", g * t)):
+                sq[key] += w * w * value
+            if k < MIN_WINDOWS:
+                continue
+            mg, mt = g_sum / n_sum, t_sum / n_sum
+            if mg <= 0 or mt <= 0:
+                continue
+            scale = k / (k - 1) / n_sum ** 2            # the weighted batch means' variance of the mean
+            var_g = scale * (sq["n2gg"] - 2 * mg * sq["n2g"] + mg * mg * sq["n2"])
+            var_t = scale * (sq["n2tt"] - 2 * mt * sq["n2t"] + mt * mt * sq["n2"])
+            cov = scale * (sq["n2gt"] - mg * sq["n2t"] - mt * sq["n2g"] + mg * mt * sq["n2"])
+            error = max(var_t / mt ** 2 + var_g / mg ** 2 - 2 * cov / (mt * mg), 0.0) ** 0.5 * variance_margin(k - 1)
+            if best is None or error < best[0]:
+                best = (error, mt / mg, int(n_sum) // self.world)
+            if error <= TARGET_ERROR:
+                return trust(mt / mg, self.n) | {"noise_scale_error": error, "noise_scale_steps": int(n_sum) // self.world}
+        if best is None:
+            return {"noise_scale": None, "noise_scale_reason": f"fewer than {MIN_WINDOWS} log windows with positive "
+                                                               "|G|^2 and tr(Sigma) means so far"}
+        return {"noise_scale": None, "noise_scale_reason": f"not precise: {best[0]:.0%} relative error at best "
+                                                           f"(over {best[2]:,} steps), more than {TARGET_ERROR:.0%}"}

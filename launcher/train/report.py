@@ -27,8 +27,10 @@ def log_interval(recipe, total_steps: int) -> int:
 
 
 class Reporter:
-    def __init__(self, recipe, comm, folder, log, tokens_per_sample: int | None = None, per_token: bool = False):
+    def __init__(self, recipe, comm, folder, log, tokens_per_sample: int | None = None, per_token: bool = False,
+                 noise_windows: noise.NoiseWindows | None = None):
         self.recipe, self.comm, self.folder, self.log = recipe, comm, folder, log
+        self.noise_windows = noise_windows or noise.NoiseWindows()      # the step rows' B_simple (and its n)
         self.tokens_per_sample = tokens_per_sample      # rows count tokens where it is known
         self.per_token = per_token                      # a language model: losses per token, perplexities
         self.metrics = MetricsLog(folder.metrics)
@@ -87,7 +89,7 @@ class Reporter:
         accuracy and the gradient noise estimates over ``sums`` (laid out as :data:`EpochSums.FIELDS`)."""
         loss, correct, count = sums[:3]
         lr, beta, gamma = hyper
-        row = {**noise.window_fields(sums[3:6]), "epoch": split.epoch, "step": state.global_step,
+        row = {**noise.window_fields(sums[3:6], self.noise_windows.n), "epoch": split.epoch, "step": state.global_step,
                "samples": state.samples, **self.tokens(state), "batch": split.batch, "micro_batch": split.micro_batch,
                "accum": split.accum, "world_size": self.comm.world,
                "lr": lr, "beta": beta, "gamma": gamma, "train_loss": loss / max(count, 1),
@@ -152,6 +154,10 @@ class Reporter:
         """A steps.jsonl row for the window since the last one (and W&B, under step/, at this global step);
         ``state``, ``hyper`` and ``clocks`` as they were at the log point."""
         row = {**self.row(split, hyper, state, window, has_accuracy), **clocks}
+        if window[5]:                 # measured steps: B_simple over enough recent windows, with its error
+            for key in ("noise_scale_reason", "noise_scale_lower_bound"):
+                row.pop(key, None)
+            row.update(self.noise_windows.add(window[3:6]))
         if grad_norm is not None:      # one step's mini-batch gradient: not the epoch rows' full-gradient norm
             row["minibatch_grad_norm"] = float(grad_norm)
         if self.comm.is_main:

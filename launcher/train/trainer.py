@@ -42,7 +42,7 @@ class Trainer:
         self.stages = Stages(parts)
         self.step_runner = StepRunner(parts, self.stages)
         self.reporter = Reporter(r, self.comm, self.folder, self.log, parts.plan.steps.tokens_per_sample,
-                                 per_token=parts.loss.per_token)
+                                 per_token=parts.loss.per_token, noise_windows=parts.noise_windows)
         self.step_rows = StepRows(self.comm, self.reporter, self.stop_if_unfinished)
         self.stop = Agreement(self.comm, preempt, self.folder.preempt_request, log=self.log)
         self.log_every = log_interval(r, parts.plan.total_steps)
