@@ -163,18 +163,23 @@ def coefficients(small: int, big: int, world: int, device: torch.device, n: int 
 # Where the estimate cannot be trusted: a B_simple of n/TRUST_SHARE or more on a training set of n samples. An
 # epoch is a permutation, so a batch comes from the samples the epoch has left, against parameters the samples
 # before it shaped: the gradient over what is left outgrows the gradient over all n and |G|^2 comes out too large,
-# B_simple too small (least squares while training, SGD and QHM: 0.8x the truth at B_simple 0.09 n, 0.64x at
-# 0.2 n, 0.3x at n; at fixed parameters it is unbiased at any size). At n/8 the estimate is then a lower bound.
-TRUST_SHARE = 8
+# B_simple too small (least squares while training under SGD, tests/launcher/test_noise_training.py: 0.96x the
+# truth at B_simple 0.07 n, 0.84x at 0.13 n, 0.55x at 0.35 n, 0.22x at 1.3 n, the estimate stalling near 0.2-0.3 n
+# whatever the truth; at fixed parameters it is unbiased at any size). From n/10 on it is a lower bound.
+TRUST_SHARE = 10
 TARGET_ERROR = 0.2         # a step row's B_simple: over the fewest recent log windows that reach this error
 MIN_WINDOWS = 6            # the error is the spread of the windows' own estimates: at least this many
 KEEP_WINDOWS = 1024        # the log windows kept to look back over (a bounded checkpoint part)
+REGIME_EPOCHS = 3          # the epochs whose estimate says whether a row can be trusted (TRUST_SHARE)
 
 
-def trust(noise_scale: float | None, n: int | None) -> dict:
+def trust(noise_scale: float | None, n: int | None, regime: float | None = None) -> dict:
     """``noise_scale`` as a row gives it: itself, or null with ``noise_scale_lower_bound`` and the reason
-    where it is n/TRUST_SHARE or more (see TRUST_SHARE)."""
-    if noise_scale is None or not n or noise_scale < n / TRUST_SHARE:
+    where the regime is n/TRUST_SHARE or more (see TRUST_SHARE). The regime is ``regime``, the last whole
+    epochs' estimate where there is one (a row judged by its own value would pass exactly where noise put
+    it low: the rows kept near the line would be biased low), else the row's own."""
+    judged = regime if regime is not None else noise_scale
+    if noise_scale is None or not n or judged < n / TRUST_SHARE:
         return {"noise_scale": noise_scale}
     return {"noise_scale": None, "noise_scale_lower_bound": noise_scale,
             "noise_scale_reason": f"B_simple {noise_scale:.4g} >= n/{TRUST_SHARE} of the {n:,} training samples: "
@@ -235,12 +240,27 @@ class NoiseWindows:
         measured steps a window's count adds up."""
         self.n, self.world = n, world
         self.windows: list[tuple[float, float, int]] = []
+        self.epochs: list[tuple[float, float]] = []   # the last REGIME_EPOCHS epochs' summed (|G|^2, tr(Sigma))
+
+    @property
+    def epoch_scale(self) -> float | None:
+        """B_simple over the last REGIME_EPOCHS whole epochs: the regime a row is judged in (None before
+        the first epoch ends, or where a mean is not positive)."""
+        grad_sq, trace = sum(g for g, _ in self.epochs), sum(t for _, t in self.epochs)
+        return trace / grad_sq if self.epochs and grad_sq > 0 and trace > 0 else None
 
     def state_dict(self) -> dict:
-        return {"windows": [list(w) for w in self.windows], "version": 1}
+        return {"windows": [list(w) for w in self.windows], "epochs": [list(e) for e in self.epochs], "version": 1}
 
     def load_state_dict(self, state: dict) -> None:
         self.windows = [(float(g), float(t), int(k)) for g, t, k in state.get("windows", [])]
+        self.epochs = [(float(g), float(t)) for g, t in state.get("epochs", [])]
+
+    def end_epoch(self, totals) -> None:
+        """An epoch's summed (|G|^2, tr(Sigma), measured steps) over all ranks, for the regime."""
+        grad_sq, trace, steps = (float(v) for v in totals)
+        if steps:
+            self.epochs = (self.epochs + [(grad_sq / steps, trace / steps)])[-REGIME_EPOCHS:]
 
     def add(self, totals) -> dict:
         """A log window's summed (|G|^2, tr(Sigma), measured steps): the step row's noise fields."""
@@ -273,9 +293,13 @@ class NoiseWindows:
             if best is None or error < best[0]:
                 best = (error, mt / mg, int(n_sum) // self.world)
             if error <= TARGET_ERROR:
-                return trust(mt / mg, self.n) | {"noise_scale_error": error, "noise_scale_steps": int(n_sum) // self.world}
+                return trust(mt / mg, self.n, self.epoch_scale) | {"noise_scale_error": error,
+                                                                    "noise_scale_steps": int(n_sum) // self.world}
+        if best is None and len(self.windows) < MIN_WINDOWS:
+            return {"noise_scale": None, "noise_scale_reason": f"fewer than {MIN_WINDOWS} log windows so far"}
         if best is None:
-            return {"noise_scale": None, "noise_scale_reason": f"fewer than {MIN_WINDOWS} log windows with positive "
-                                                               "|G|^2 and tr(Sigma) means so far"}
+            return {"noise_scale": None, "noise_scale_reason": non_positive(mg, len(self.windows)).replace(
+                "step(s)", f"log windows back from here ({int(n_sum) // self.world:,} steps), every span of "
+                           f"{MIN_WINDOWS} or more")}
         return {"noise_scale": None, "noise_scale_reason": f"not precise: {best[0]:.0%} relative error at best "
                                                            f"(over {best[2]:,} steps), more than {TARGET_ERROR:.0%}"}

@@ -115,7 +115,9 @@ class Reporter:
         """The epoch's row: its training sums over all ranks and what evaluation measured."""
         train_seconds = self._epoch_seconds
         self.close_bar()
-        row = self.row(split, hyper, state, totals.tolist(), has_accuracy)      # one read of the device
+        sums = totals.tolist()                                                  # one read of the device
+        row = self.row(split, hyper, state, sums, has_accuracy)
+        self.noise_windows.end_epoch(sums[3:6])
         row.update(test_loss=None, test_acc=None, grad_norm=None)
         if with_validation:
             row.update(val_loss=None, val_acc=None)

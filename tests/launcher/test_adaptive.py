@@ -65,7 +65,7 @@ def test_a_real_run_grows_and_stays_by_its_measured_noise_scale(tmp_path):
     epoch's sums are the interval's), and this problem (noise scale ~80-110) grows twice, then stays."""
     run = train_ranks(adaptive("real", batch={"factor": 4.0}), tmp_path)
     rows = metric_rows(run)
-    for before, after in zip(rows, rows[1:]):     # at n/8 of the 400 samples or more the row holds a lower bound
+    for before, after in zip(rows, rows[1:]):     # at n/10 of the 400 samples or more the row holds a lower bound
         ns, b = before["noise_scale"] or before.get("noise_scale_lower_bound"), before["batch"]
         assert after["batch"] == (2 * b if ns is not None and ns >= 4.0 * b else b), (before, after)
     batches = [r["batch"] for r in rows]
