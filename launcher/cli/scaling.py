@@ -212,9 +212,10 @@ def interval(batches, seeds_steps: list[list[float]], level: float = 0.9) -> dic
             "method": "profile likelihood (F test) of log steps"}
 
 
-def interval_text(iv: dict, unit: str = "") -> str:
-    """B_crit's interval as a person reads it: "a–b", "> a" where it is unbounded above."""
-    g = lambda v: f"{v:,.4g}"  # noqa: E731
+def interval_text(iv: dict, unit: str = "", times: int = 1) -> str:
+    """B_crit's interval as a person reads it: "a–b", "> a" where it is unbounded above (``times``: in
+    another unit, e.g. tokens per sample)."""
+    g = lambda v: f"{v * times:,.4g}"  # noqa: E731
     lo, hi = iv["b_crit"]
     return f"> {g(lo)}{unit}" if hi is None else f"{g(lo)}–{g(hi)}{unit}"
 
@@ -337,6 +338,8 @@ def scaling(run_dirs: list, target_text: str | None = None, out: str | None = No
         result = {"target": str(target), **fit, "sfo_best_batch": min(points, key=lambda p: p["sfo"])["batch"],
                   "points": points, "batches": table, "not_reached": never,
                   "interval": interval([p["batch"] for p in points], [p["seeds_steps"] for p in points])}
+    if x == "tokens":
+        result["tokens_per_sample"] = tokens_per_sample(runs)
     result["throughput"] = throughput(runs)
     if out is not None:
         from launcher.cli import figures
@@ -344,11 +347,23 @@ def scaling(run_dirs: list, target_text: str | None = None, out: str | None = No
     return json.dumps(result, indent=1) if as_json else _scaling_text(result)
 
 
+def tokens_per_sample(runs: list[dict]) -> int | None:
+    """The runs' tokens per sample (--x tokens prints every batch and size in tokens too), from a row that
+    counts both."""
+    for run in runs:
+        for r in run["rows"] + run["step_rows"]:
+            if r.get("tokens") and r.get("samples"):
+                return r["tokens"] // r["samples"]
+    return None
+
+
 def _scaling_text(result: dict) -> str:
     lines = []
     g = lambda v: "-" if v is None else f"{v:,.4g}"  # noqa: E731
+    tps = result.get("tokens_per_sample")
+    t = (lambda v: "" if v is None or not tps else f" ({v * tps:,.4g} tokens)")  # noqa: E731
     if "points" in result:
-        lines += [f"target {result['target']}", "",
+        lines += [f"target {result['target']}" + (f"; batches in samples of {tps} tokens" if tps else ""), "",
                   "| batch | LR (best of those tried) | seeds | steps to target | SFO to target | not reaching it |",
                   "|---|---|---|---|---|---|"]
         for p in result["batches"]:
@@ -358,26 +373,32 @@ def _scaling_text(result: dict) -> str:
             if p["fitted"]:
                 spread = f"{p['steps']:,.1f}" + (f" ({min(p['seeds_steps']):,.1f}–{max(p['seeds_steps']):,.1f})"
                                                  if len(p["seeds_steps"]) > 1 else "")
-                lines.append(f"| {p['batch']} | {tried} | {len(p['seeds_steps'])} | {spread} | {p['sfo']:,.0f} | "
+                lines.append(f"| {p['batch']}{t(p['batch'])} | {tried} | {len(p['seeds_steps'])} | {spread} | "
+                             f"{p['sfo']:,.0f}{t(p['sfo'])} | "
                              f"{p['missed'] or '-'} |")
             else:
-                lines.append(f"| {p['batch']} | {tried} | {len(p['runs'])} | "
+                lines.append(f"| {p['batch']}{t(p['batch'])} | {tried} | {len(p['runs'])} | "
                              f"not fitted: no LR with every seed reaching it | - | {p['missed']} |")
         lines += ["", f"fit S = S_min (1 + B_crit / B), in relative error: S_min {g(result['s_min'])} steps, "
-                      f"B_crit {g(result['b_crit'])}, E_min {g(result['e_min'])} samples"
+                      f"B_crit {g(result['b_crit'])}{t(result['b_crit'])}, E_min {g(result['e_min'])} samples"
+                      f"{t(result['e_min'])}"
                   + (f" (degenerate: {result['degenerate']})" if result.get("degenerate") else "")]
         iv = result["interval"]
         if iv is not None:
             lines.append(f"{iv['level']:.0%} interval ({iv['method']}, {iv['runs']} runs, scatter "
-                         f"{iv['relative_scatter']:.1%} in steps): B_crit {interval_text(iv)}, S_min "
-                         f"{g(iv['s_min'][0])}–{g(iv['s_min'][1])}, E_min {g(iv['e_min'][0])}–{g(iv['e_min'][1])}"
+                         f"{iv['relative_scatter']:.1%} in steps): B_crit {interval_text(iv)}"
+                         + (f" ({interval_text(iv, ' tokens', tps)})" if tps else "")
+                         + f", S_min {g(iv['s_min'][0])}–{g(iv['s_min'][1])}, E_min {g(iv['e_min'][0])}–"
+                           f"{g(iv['e_min'][1])}{' samples' if tps else ''}"
+                         + (f" ({g(iv['e_min'][0] * tps)}–{g(iv['e_min'][1] * tps)} tokens)" if tps else "")
                          + ("; unbounded above: the runs cannot tell it from perfect scaling (larger batches bound "
                             "it)" if iv["b_crit"][1] is None else "")
                          + ("; down to 0: the runs cannot tell it from no gain with the batch (smaller batches bound "
                             "it)" if iv["b_crit"][0] == 0 else ""))
         elif result["b_crit"] is not None:
             lines.append("no interval: one seed per batch (more seeds give one)")
-        lines.append(f"fewest samples among the runs: batch {result['sfo_best_batch']} (the SFO-minimising batch)")
+        lines.append(f"fewest samples among the runs: batch {result['sfo_best_batch']}{t(result['sfo_best_batch'])} "
+                     "(the SFO-minimising batch)")
         if result["not_reached"]:
             lines.append(f"never reached the target: {', '.join(result['not_reached'])}")
         lines.append("")

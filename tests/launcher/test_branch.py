@@ -314,6 +314,23 @@ def test_runs_differing_only_in_lr_min_are_two_lr_settings_never_seeds_of_one(tm
     assert len(by[8]["lrs_tried"]) == 2 and "min 0.0123" in by[8]["lr_setting"]
 
 
+def test_with_x_tokens_every_batch_and_size_is_in_tokens_too(tmp_path):
+    table = {(8, 0.1, 0): 200, (8, 0.1, 1): 210, (32, 0.1, 0): 90, (32, 0.1, 1): 96, (128, 0.1, 0): 70,
+             (128, 0.1, 1): 72}
+    runs = runs_at(tmp_path, table)
+    for run in runs:                    # 64 tokens a sample
+        for name in ("steps.jsonl", "metrics.jsonl"):
+            rows = [json.loads(line) for line in (run / name).read_text().splitlines()]
+            (run / name).write_text("".join(json.dumps({**r, "tokens": r["samples"] * 64}) + "\n" for r in rows))
+    result = json.loads(scaling.scaling(runs, "train_loss<=0.5", as_json=True, x="tokens"))
+    text = scaling.scaling(runs, "train_loss<=0.5", x="tokens")
+    assert result["tokens_per_sample"] == 64
+    assert f"B_crit {result['b_crit']:,.4g} ({result['b_crit'] * 64:,.4g} tokens)" in text
+    assert f"E_min {result['e_min']:,.4g} samples ({result['e_min'] * 64:,.4g} tokens)" in text
+    assert "| 128 (8,192 tokens) |" in text and "tokens)" in text.split("interval")[1]
+    assert "tokens" not in scaling.scaling(runs, "train_loss<=0.5")            # --x samples: samples only
+
+
 GRIDS = {"6 points": [16, 32, 64, 128, 256, 512], "4 points": [32, 64, 128, 256], "3 points": [32, 128, 512],
          "all below B_crit": [8, 16, 32], "all above B_crit": [1024, 2048, 4096]}
 
