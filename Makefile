@@ -75,7 +75,7 @@ scaling-lm: $(VENV)/.installed
 # 100K tokens each (about 6 minutes on 2 cores), the CBS table and figure in docs/.
 branch-study: $(VENV)/.installed
 	$(VENV)/bin/qhm-launch run recipes/lm/pilot.yaml
-	$(VENV)/bin/qhm-launch branch runs/lm-branch/lm-pilot --at 100K,300K,500K --batch 1,2,4,8 --for 100K --local
+	$(VENV)/bin/qhm-launch branch runs/lm-branch/lm-pilot --at 100K,300K,500K --batch 1,2,4,8 --for 100K --seeds 3 --local
 	$(VENV)/bin/qhm-launch scaling runs/lm-branch/lm-pilot.branches --cbs --tolerance 2% --out docs/lm_cbs.png > docs/lm_cbs.md
 
 bench: $(VENV)/.installed
