@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -110,18 +111,27 @@ def plan_branches(args) -> tuple[list[dict], list]:
         raise UserError(f"--at: {args.at!r} is not valid; allowed: positions separated by commas, e.g. 20,40")
     factors = []
     for f in args.batch.split(","):
-        if not f.strip().isdigit() or int(f) < 1:
+        if not re.fullmatch(r"[0-9]+", f.strip()) or int(f) < 1:       # isdigit() takes "²", which int() refuses
             raise UserError(f"--batch: {f.strip()!r} is not valid; allowed: integer factors >= 1 separated by commas "
                             "(the branch's batch is factor x the parent's, a whole number of samples)")
         factors.append(int(f))
     factors = sorted(set(factors) | {1})                # factor 1 is always run: the control
     length = units.in_unit("--for", args.for_, unit)
+    for key in ("name", "branch"):                  # what a branch is called and is: the command's to say
+        if any(str(item).split("=", 1)[0].strip() == key or str(item).startswith(key + ".") for item in args.set):
+            raise UserError(f"--set: {key} is not valid for branch; allowed: keys of the training itself, and output "
+                            f"(the branches are named by the command: <output>/{parent.path.name}.branches/)")
     found = checkpoints(parent)
     tokens = recipe.data.tokens_per_sample is not None
     n = data_mod.sizes(recipe.data)[0]
     parent_plan = splits.plan(recipe, n, 1)
     step_units = max(s.batch for s in parent_plan.stages) * {"step": 0, "sample": 1,
                                                              "token": recipe.data.tokens_per_sample or 1}[unit]
+    end = parent_plan.steps.length(unit)
+    for at in positions:
+        if at >= end:
+            raise UserError(f"--at: {at:,} {unit}s is not valid: the parent ends at {end:,}; allowed: positions before "
+                            "its end (a branch from there would train nothing to compare)")
     chosen = {}
     for at in positions:
         manifest = choose(found, at, unit, tokens, slack=max(step_units - 1, 0))
@@ -140,6 +150,7 @@ def plan_branches(args) -> tuple[list[dict], list]:
                               "factor": factor, "lr_rule": rule, "length": f"{length} {unit}s", "seed": draw}
             over.setdefault("tracking", {}).setdefault("wandb", {})["group"] = parent.path.name
             branched = recipe_mod.from_dict(over, args.set)
+            inside(branched.folder.path, parent.path)
             label = f"at {at:,} {unit}s, batch x{factor}" + (f", data order {draw}" if seeds > 1 else "")
             points.append({"index": len(points), "seed": None, "label": label, "name": name, "step": step, "at": at,
                            "unit": unit, "factor": factor, "draw": draw, "parent_batch": batch,
@@ -160,6 +171,7 @@ def prepare(point: dict, recipe) -> None:
     """The branch's folder: branch.json, and the parent's checkpoint linked in where the branch has none of
     its own yet (hard links: nothing of the parent is moved or written)."""
     folder = recipe.folder
+    check_own(folder, recipe)
     folder.create()
     b = recipe.branch
     (folder.path / "branch.json").write_text(json.dumps(
@@ -176,6 +188,32 @@ def prepare(point: dict, recipe) -> None:
     shutil.copytree(source, tmp, copy_function=_link_or_copy)
     os.replace(tmp, target)
     (folder.checkpoints / "latest").write_text(target.name + "\n")
+
+
+def inside(path: Path, parent: Path) -> None:
+    """A branch folder inside its parent's folder is refused: the parent is never written."""
+    if path.resolve().is_relative_to(parent.resolve()):
+        raise UserError(f"--set output: the branches would land in {path}, inside the parent's folder {parent}; allowed: "
+                        "an output outside it (the parent is never written)")
+
+
+def check_own(folder: RunFolder, recipe) -> None:
+    """A branch's folder is one this command made for this very branch, or new: a run folder without a
+    branch.json, or another branch's (another parent, point, factor or seed), is refused in one line."""
+    if not folder.path.exists() or not any(folder.path.iterdir()):
+        return
+    b = recipe.branch
+    mine = {"parent": b.parent, "at_step": b.at_step, "factor": b.factor, "seed": b.seed}
+    try:
+        theirs = json.loads((folder.path / "branch.json").read_text())
+        same = all(theirs.get(k, 0 if k == "seed" else None) == v for k, v in mine.items())
+    except (OSError, ValueError):
+        theirs, same = None, False
+    if not same:
+        what = "a run that is no branch" if theirs is None else f"another branch ({theirs.get('parent')}, step " \
+               f"{theirs.get('at_step')}, x{theirs.get('factor')})"
+        raise UserError(f"branch: {folder.path} holds {what}; allowed: a folder this command made for this branch, "
+                        "or none (move that folder aside to keep it)")
 
 
 def _link_or_copy(source: str, target: str) -> None:

@@ -19,6 +19,7 @@ end apart, or a branch shorter than MIN_STEPS steps, is warned of by name.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -41,8 +42,29 @@ def folders(paths) -> list[Path]:
 
 def load(path: Path) -> dict:
     folder = RunFolder(path)
-    return {"dir": path, "branch": json.loads((path / "branch.json").read_text()), "rows": folder.metric_rows(),
+    return {"dir": path, "branch": read_branch(path), "rows": folder.metric_rows(),
             "mid_epoch_rows": folder.mid_epoch_rows(), "step_rows": folder.step_rows()}
+
+
+def read_branch(path: Path) -> dict:
+    """A branch folder's branch.json, checked: an object naming its parent (text), a branch step and
+    factor (integers >= 0 and >= 1), a unit and a position in it. Raises ValueError saying what is wrong."""
+    try:
+        b = json.loads((Path(path) / "branch.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"branch.json does not read as JSON ({type(exc).__name__})") from None
+    if not isinstance(b, dict):
+        raise ValueError(f"branch.json holds a {type(b).__name__}, not an object")
+    integer = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    problems = [key for key, ok in (("parent", isinstance(b.get("parent"), str)), ("at_step", integer(b.get("at_step"), 0)),
+                                    ("factor", integer(b.get("factor"), 1)), ("seed", integer(b.get("seed", 0), 0)),
+                                    ("unit", b.get("unit") in FIELDS),
+                                    ("position", isinstance(b.get("position"), dict) and
+                                     integer(b.get("position", {}).get(b.get("unit")), 0)))
+                if not ok]
+    if problems:
+        raise ValueError(f"branch.json: {', '.join(f'{k}={b.get(k)!r}' for k in problems)} not valid")
+    return b
 
 
 DEFAULT_TOLERANCE = "2%"    # branch --cbs and schedule.batch.kind warmup_from alike
@@ -118,7 +140,11 @@ def measure(paths, tolerance=None, loss: str = "test", level: float = LEVEL) -> 
     at: dict[tuple, dict] = {}
     warnings = []
     for path in found:
-        run = load(path)
+        try:
+            run = load(path)
+        except ValueError as exc:          # a folder that is no readable branch: named, and left out
+            warnings.append(f"{path}: left out: {exc}")
+            continue
         b = run["branch"]
         entry = at.setdefault((b["parent"], b["at_step"]), {"parent": b["parent"], "at_step": b["at_step"],
                                                             "position": b["position"], "unit": b["unit"],
@@ -130,9 +156,16 @@ def measure(paths, tolerance=None, loss: str = "test", level: float = LEVEL) -> 
             warnings.append(f"{path.name}: {steps} steps, fewer than {MIN_STEPS}: its loss says little about its batch "
                             "(a longer --for)")
         factor = entry["factors"].setdefault(int(b["factor"]), {"losses": {}, "runs": [], "ends": set()})
-        factor["losses"][int(b.get("seed") or 0)] = final_loss(run, loss)
+        value = final_loss(run, loss)
+        if value is not None and not math.isfinite(value):
+            warnings.append(f"{path.name}: its {loss} loss is {value}: left out")
+            value = None
+        factor["losses"][int(b.get("seed") or 0)] = value
         factor["runs"].append(str(path))
         factor["ends"].add(last.get(FIELDS[b["unit"]]))
+    if not at:
+        raise UserError(f"--cbs: none of the {len(found)} branch folder(s) reads ({warnings[0]}); allowed: the folders "
+                        "qhm-launch branch writes, with their branch.json as written")
     rows = []
     for key in sorted(at):
         entry = at[key]

@@ -4,6 +4,7 @@ with the best LR per batch, a relative-error fit and an interval whose coverage 
 import argparse
 import itertools
 import json
+import re
 import shutil
 
 import numpy as np
@@ -175,6 +176,50 @@ def test_a_branch_with_a_partial_last_step_and_the_linear_rule_trains(parent, tm
     assert ends[1] == ends[4] == 420
     # x4: 64 samples, the 16 that end the epoch, then the 20 left (a partial step)
     assert [r["samples"] for r in read_jsonl(done[-1][1] / "steps.jsonl")] == [384, 400, 420]
+
+
+@pytest.mark.parametrize("over,expect", [
+    ({"set": ["name=par"]}, "--set: name is not valid for branch"),
+    ({"set": ["output=PARENT"]}, "inside the parent's folder"),
+    ({"set": ["branch.factor=3"]}, "--set: branch is not valid for branch"),
+    ({"at": "60"}, "--at: 60 steps is not valid: the parent ends at 60"),
+    ({"batch": "2,²"}, "--batch: '²' is not valid"),
+    ({"batch": "0"}, "--batch: '0' is not valid"),
+])
+def test_a_branch_set_that_would_write_elsewhere_or_train_nothing_is_one_line(parent, over, expect):
+    from launcher.errors import UserError
+    over = {k: [x.replace("PARENT", str(parent)) for x in v] if k == "set" else v for k, v in over.items()}
+    with pytest.raises(UserError, match=re.escape(expect)):
+        branch.plan_branches(branch_args(parent, **over))
+
+
+def test_a_branch_never_writes_into_a_folder_it_did_not_make(parent, tmp_path):
+    from launcher.errors import UserError
+    points, recipes = branch.plan_branches(branch_args(parent, at="20", batch="2", set=[f"output={tmp_path}"]))
+    occupied = recipes[1].folder.path
+    occupied.mkdir(parents=True)
+    (occupied / "recipe.yaml").write_text("name: mine\n")                # someone's run
+    with pytest.raises(UserError, match="holds a run that is no branch"):
+        branch.prepare(points[1], recipes[1])
+    assert (occupied / "recipe.yaml").read_text() == "name: mine\n" and not (occupied / "branch.json").exists()
+    branch.prepare(points[0], recipes[0])
+    branch.prepare(points[0], recipes[0])                                   # its own folder again: fine
+
+
+def test_unreadable_branch_folders_are_named_and_left_out(tmp_path, capsys):
+    hand_branches(tmp_path / "p.branches", {(1000, 1): 2.0, (1000, 2): 2.01, (1000, 4): 2.5})
+    bad = {"b1000x2": "{not json", "b1000x4": json.dumps({"parent": "p", "at_step": 10, "factor": "two",
+                                                          "unit": "token", "position": {"token": 1000}})}
+    for name, text in bad.items():
+        (tmp_path / "p.branches" / name / "branch.json").write_text(text)
+    result = branches.measure([tmp_path / "p.branches"])
+    assert [sorted(r["factors"]) for r in result["positions"]] == [[1]]
+    assert any("b1000x2: left out: branch.json does not read as JSON" in w for w in result["warnings"])
+    assert any("b1000x4: left out: branch.json: factor='two' not valid" in w for w in result["warnings"])
+    (tmp_path / "p.branches" / "b1000x1" / "branch.json").write_text("[]")
+    assert main(["scaling", str(tmp_path / "p.branches"), "--cbs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none of the 3 branch folder(s) reads" in err
 
 
 def hand_branches(root, losses: dict, parent="p", unit="token", steps=30) -> None:
