@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from launcher import config as recipe_mod
 from launcher import env
 from launcher.errors import FAILED, PREEMPTED, DiskFull, RunFailed, UserError, disk_full, exit_status, one_line
@@ -27,6 +29,7 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
     # quiet: the worker reports an invalid newest checkpoint itself when it resumes
     found = CheckpointManager(recipe.folder, log=lambda *a: None).find_latest_valid()
     if found is None:
+        check_no_other_results(recipe)
         return
     saved = found.manifest["recipe"].get("distributed", {})
     if saved.get("engine") == "deepspeed" and found.manifest["world_size"] != world:
@@ -47,6 +50,29 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
         return
     raise UserError(f"recipe differs from checkpoint {found.path}: {'; '.join(diff)} "
                     "(use another name, or --force-resume)")
+
+
+def check_no_other_results(recipe) -> None:
+    """A folder with no checkpoint to resume that holds another recipe's results (complete.json, the final
+    model, metrics or step rows: a finished run whose checkpoints were deleted, say) is never trained over:
+    refused in one line naming what is there. The same recipe starts again (it writes the same results)."""
+    folder = recipe.folder
+    results = [p.name for p in (folder.complete, folder.final_model, folder.metrics, folder.steps)
+               if p.is_file() and p.stat().st_size > 0]
+    if not results:
+        return
+    done = folder.read_json(folder.complete) or {}
+    theirs = done.get("recipe_hash")
+    if theirs is None and folder.recipe.is_file():
+        try:
+            theirs = recipe_mod.trajectory_hash(yaml.safe_load(folder.recipe.read_text()) or {})
+        except Exception:  # noqa: BLE001 - an unreadable recipe.yaml: the results are of an unknown recipe
+            theirs = "unknown (its recipe.yaml does not read)"
+    mine = recipe_mod.trajectory_hash(recipe.to_dict())
+    if theirs is not None and theirs != mine:
+        raise UserError(f"run folder {folder.path}: holds another recipe's results ({', '.join(results)}; its recipe "
+                        f"hash {theirs}, this recipe's {mine}) and no checkpoint to resume; allowed: another name "
+                        f"(--set name=...) or output, or move {folder.path} aside to keep what is there")
 
 
 def threads_per_rank(nproc: int) -> int:

@@ -1,4 +1,5 @@
 """The run folder: one place names every file; one run per folder (a lock the kernel releases on death)."""
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from helpers import base_recipe
 from launcher.errors import UserError
 from launcher.run.folder import RunFolder
 
@@ -105,3 +107,28 @@ def test_the_run_folder_and_its_files_are_the_owner_s_alone(tmp_path):
     assert oct(folder.path.stat().st_mode & 0o777) == oct(0o700)
     for path in (folder.recipe, folder.complete, folder.metrics, folder.lock):
         assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
+
+
+def test_a_finished_runs_results_are_never_trained_over_by_another_recipe(tmp_path, monkeypatch):
+    """A run completed, its checkpoints deleted to free disk, then run again with another seed: refused in
+    one line naming what is there; the same recipe may start again (it writes the same results)."""
+    from launcher import config
+    from launcher.cli.run import check_resume
+    from launcher.errors import UserError
+    monkeypatch.chdir(tmp_path)
+    finished = config.from_dict(base_recipe(name="done"))
+    folder = finished.folder
+    folder.create()
+    folder.write_recipe(config.dump(finished))
+    (folder.path / "final_model.pt").write_bytes(b"weights")
+    folder.metrics.write_text('{"epoch": 0, "step": 10}\n')
+    folder.complete.write_text(json.dumps({"recipe_hash": config.trajectory_hash(finished.to_dict())}))
+    before = {p.name: p.read_bytes() for p in folder.path.iterdir() if p.is_file()}
+    other = config.from_dict(base_recipe(name="done", seed=7))
+    with pytest.raises(UserError, match="holds another recipe's results .*complete.json, final_model.pt, metrics.jsonl"):
+        check_resume(other, False, 1)
+    assert {p.name: p.read_bytes() for p in folder.path.iterdir() if p.is_file()} == before
+    check_resume(finished, False, 1)                     # the same recipe: nothing to refuse
+    folder.complete.unlink()                             # no complete.json: recipe.yaml says whose results they are
+    with pytest.raises(UserError, match="metrics.jsonl"):
+        check_resume(other, False, 1)
