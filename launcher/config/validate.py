@@ -158,11 +158,10 @@ def validate(r: Recipe) -> Recipe:
                           f"(required for kind {b.kind})")
     check_units(r)
     check_branch(r)
-    if b.kind != "adaptive":
-        for key, default in (("max", None), ("factor", 1.0)):
-            if getattr(b, key) != default:
-                raise RecipeError(f"schedule.batch.{key}: {getattr(b, key)!r} is not valid with kind {b.kind}; allowed: "
-                                  f"{default if default is not None else 'null'} ({key} is the adaptive kind's)")
+    check_kind_keys(b)
+    if r.schedule.lr.decay != 0 and r.schedule.lr.kind != "wsd":
+        raise RecipeError(f"schedule.lr.decay: {r.schedule.lr.decay!r} is not valid with kind {r.schedule.lr.kind}; "
+                          "allowed: 0 (decay is the wsd kind's final decay; it would be ignored)")
     if b.kind == "adaptive":
         if b.growth * b.initial > qhm.schedules.MAX_BATCH:
             raise RecipeError(f"schedule.batch.growth: {b.growth!r} is not valid; allowed: small enough that "
@@ -392,6 +391,26 @@ def check_units(r: Recipe) -> None:
         raise RecipeError(f"schedule.lr.kind: {s.lr.kind!r} is not valid with an adaptive batch in {unit}s and a "
                           f"duration in {r.duration()[0]}s (the run's length in {unit}s follows decisions made while "
                           f"it trains); allowed: train.{unit}s, or constant, sqrt_decay or decay")
+
+
+# The keys of schedule.batch each kind reads (a resolved warmup_from is kind steps, and keeps where it came from)
+BATCH_KIND_KEYS = {"constant": ("size",), "exponential": ("initial", "growth"),
+                   "steps": ("points", "branches", "tolerance"), "warmup_from": ("branches", "tolerance"),
+                   "adaptive": ("initial", "growth", "max", "factor")}
+
+
+def check_kind_keys(b) -> None:
+    """A schedule.batch key its kind does not read, set to anything but its default, is refused (it was
+    silently ignored: kind constant with points)."""
+    from launcher.config.schema import Batch
+    defaults = Batch()
+    for key in ("size", "initial", "growth", "max", "factor", "points", "branches", "tolerance"):
+        if key not in BATCH_KIND_KEYS.get(b.kind, ()) and getattr(b, key) != getattr(defaults, key):
+            owners = [k for k, keys in BATCH_KIND_KEYS.items() if key in keys and k != "steps" or
+                      (k == "steps" and key == "points")]
+            raise RecipeError(f"schedule.batch.{key}: {getattr(b, key)!r} is not valid with kind {b.kind}; allowed: "
+                              f"{getattr(defaults, key)!r} (it would be ignored; {key} is read by kind "
+                              f"{' and '.join(owners)})")
 
 
 def check_branch(r: Recipe) -> None:

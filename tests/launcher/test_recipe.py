@@ -30,6 +30,15 @@ def test_smoke_recipe_loads_with_the_issue_schema():
     ("epochs", "ten", "epochs: 'ten' is not valid; allowed: an integer"),
     ("schedule.lr.max", True, "schedule.lr.max: True is not valid; allowed: a number"),
     ("data.colour", 1, "data.colour: unknown key; allowed keys here: dataset, root, download, augment, size"),
+    # a key its kind does not read was silently ignored
+    ("schedule.batch", {"kind": "constant", "size": 8, "points": [[0, 8], [10, 16]]},
+     "schedule.batch.points: [[0, 8], [10, 16]] is not valid with kind constant; allowed: [] (it would be ignored; "
+     "points is read by kind steps)"),
+    ("schedule.batch", {"kind": "exponential", "initial": 8, "size": 16}, "schedule.batch.size: 16 is not valid with "
+                                                                            "kind exponential"),
+    ("schedule.lr", {"kind": "cosine", "max": 0.1, "decay": 5}, "schedule.lr.decay: 5 is not valid with kind cosine"),
+    ("schedule.batch", {"kind": "exponential", "initial": 8, "max": 64}, "schedule.batch.max: 64 is not valid with "
+                                                                          "kind exponential; allowed: None"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, expect):
     with pytest.raises(R.RecipeError) as info:
