@@ -96,6 +96,27 @@ def check_available(cfg) -> None:
         builtin.check_available(cfg)
 
 
+class DataFingerprint:
+    """A checkpoint part: what the run's data files were when it was written (token files: each one's size
+    and a hash of three slices; other data: nothing, the recipe names it). A resume onto files that changed
+    since (new text tokenized into the same folder) is refused in one line naming the file."""
+
+    def __init__(self, cfg):
+        self.value = tokens.fingerprint(cfg) if cfg.factory is None and cfg.dataset == "tokens" else {}
+
+    def state_dict(self) -> dict:
+        return {"files": self.value, "version": 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("files", {})
+        for key, then in saved.items():
+            now = self.value.get(key)
+            if now != then:
+                raise UserError(f"data.{key}: the token file changed since the checkpoint was written ({then['bytes']:,} "
+                                f"bytes then, {now['bytes'] if now else 0:,} now, or other contents); allowed: the data "
+                                "the run trained on (put it back), or another run name to train on this data")
+
+
 def sizes(cfg) -> tuple[int, int]:
     """(training samples, test samples) as the run will see them (validation held out)."""
     if cfg.factory:

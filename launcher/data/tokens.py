@@ -110,6 +110,25 @@ def check_available(cfg) -> None:
                             f"data.seq_len + 1 = {cfg.seq_len + 1}; allowed: more text, or a shorter seq_len")
 
 
+FINGERPRINT_CHUNK = 1 << 20     # bytes hashed at each of a token file's start, middle and end
+
+
+def fingerprint(cfg) -> dict:
+    """Each token file's size and a hash of its first, middle and last MiB (xxh3: a few milliseconds for
+    any size): what a resume checks, so a file replaced under a run (tokenize --out onto it) is found."""
+    import xxhash
+    out = {}
+    for key, path in zip(("train", "validation"), files(cfg)):
+        size = path.stat().st_size
+        digest = xxhash.xxh3_64()
+        with open(path, "rb") as f:
+            for start in sorted({0, max(0, size // 2 - FINGERPRINT_CHUNK // 2), max(0, size - FINGERPRINT_CHUNK)}):
+                f.seek(start)
+                digest.update(f.read(FINGERPRINT_CHUNK))
+        out[key] = {"bytes": size, "xxh3": digest.hexdigest()}
+    return out
+
+
 def sizes(cfg) -> tuple[int, int]:
     """(training windows, validation windows)."""
     prepare(cfg)
@@ -234,9 +253,38 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+WRITES = ("train.bin", "val.bin", META, "tokenizer.json")     # what tokenize --out writes
+
+
+def check_out(out: Path) -> None:
+    """``tokenize --out``: a new or empty folder, or one without token files: never onto or through an
+    existing file (a run may be training on it: a resume would go on over other text), a link or a device."""
+    if out.is_symlink():
+        raise UserError(f"--out: {str(out)!r} is a symbolic link; allowed: a folder (the files are written into it, "
+                        "never through a link)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {str(out)!r} is not a folder; allowed: a new or existing folder")
+    there = [name for name in WRITES if (out / name).exists() or (out / name).is_symlink()]
+    if there:
+        raise UserError(f"--out: {str(out)!r} already holds {', '.join(there)} (token files a run may be training on); "
+                        "allowed: a new folder, or move them aside to write new ones")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--out: {str(out)!r} cannot be written ({exc.strerror or type(exc).__name__}); allowed: a "
+                        "folder this user can write") from None
+
+
 def cmd_tokenize(args) -> int:
     """``qhm-launch tokenize TEXT... --out DIR [--vocab N] [--validation F]``."""
     paths = text_files(args.text, "TEXT")
-    tokenize(paths, Path(args.out), vocab=args.vocab, validation=args.validation, limit=args.max_bytes,
+    out = Path(args.out).expanduser()
+    check_out(out)
+    if sum(p.stat().st_size for p in paths) == 0:
+        raise UserError(f"TEXT: {', '.join(map(str, args.text))} hold no text (0 bytes); allowed: files with text")
+    tokenize(paths, out, vocab=args.vocab, validation=args.validation, limit=args.max_bytes,
              log=lambda line: print(line, file=sys.stdout))
     return 0

@@ -179,6 +179,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
         checkpoints.register("batch_growth", growth, "replicated")
     noise_windows = noise.NoiseWindows(n, comm.world)
     checkpoints.register("noise_windows", noise_windows, "replicated", optional=True)
+    checkpoints.register("data", data_mod.DataFingerprint(recipe.data), "replicated", optional=True)
     checkpoints.register_upgrade(1, upgrade_v1)
     return Parts(recipe=recipe, comm=comm, folder=folder, dataset=dataset, plan=planned, module=module,
                  engine=engine, loss=loss, sampler=sampler,

@@ -4,6 +4,7 @@ each against an independent reference (a plain loop, a hand computation)."""
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,45 @@ def test_a_resume_mid_epoch_is_bitwise(token_files, tmp_path):
     assert f"step-{kept:09d}" in resumed.output
     assert_bitwise(final_params(resumed), reference[0])
     assert metric_rows(resumed) == reference[1]
+
+
+def test_a_resume_onto_changed_token_files_is_refused(token_files, tmp_path):
+    """kill -9 after a checkpoint, new text tokenized into the same files, the same command: refused in one
+    line naming the file (it went on over the new text, reporting complete)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.bin", "val.bin", "meta.json"):
+        shutil.copy(Path(token_files["train"]).parent / name, data / name)
+    recipe = lm_recipe({"train": str(data / "train.bin"), "validation": str(data / "val.bin")},
+                       **{"checkpoint.every": "3K tokens", "checkpoint.keep": 100})
+    run = train_ranks(recipe, tmp_path)
+    for path in (run / "final_model.pt", run / "complete.json"):
+        path.unlink()
+    ids = np.fromfile(data / "train.bin", dtype=np.uint16)
+    ids[5000:5100] = (ids[5000:5100] + 1) % VOCAB                       # the same size, other contents
+    ids.tofile(data / "train.bin")
+    with pytest.raises(AssertionError, match="exit statuses \\[2, 2\\]") as failed:
+        train_ranks(recipe, tmp_path)
+    assert "qhm-launch: error: data.train: the token file changed since the checkpoint was written" in str(failed.value)
+    assert not (run / "final_model.pt").exists() and not (run / "complete.json").exists()
+
+
+def test_tokenize_never_writes_onto_token_files_a_device_or_a_file(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("some text to tokenize\n" * 50)
+    assert main(["tokenize", str(text), "--out", str(tmp_path / "t")]) == 0
+    before = (tmp_path / "t" / "train.bin").read_bytes()
+    capsys.readouterr()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for out, expect in ((tmp_path / "t", "already holds train.bin, val.bin, meta.json"), (text, "is not a folder"),
+                        (Path("/dev/null"), "is not a folder")):
+        assert main(["tokenize", str(text), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expect in err, err
+    assert main(["tokenize", str(empty), "--out", str(tmp_path / "e")]) == 2
+    assert "hold no text (0 bytes)" in capsys.readouterr().err
+    assert (tmp_path / "t" / "train.bin").read_bytes() == before and text.read_text().startswith("some text")
 
 
 MASKED = """
