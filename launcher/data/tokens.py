@@ -25,27 +25,59 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher.errors import UserError
+from launcher.errors import UserError, one_line
 
 META = "meta.json"
 STDLIB_BYTES = 4_000_000        # "stdlib": the first this many bytes of the standard library's sources
 
 
 def dtype_of(path: Path, vocab: int | None = None) -> np.dtype:
-    """The ids' dtype: a .npy file's own, else meta.json's, else uint16 (uint32 past 65,536 ids)."""
+    """The ids' dtype: a .npy file's own, else meta.json's (beside the file a link points to), else uint16
+    (uint32 past 65,536 ids). Anything but an integer dtype, or a .npy that does not read, is one line."""
+    path = Path(path)
     if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r").dtype
-    meta = read_meta(path.parent)
-    if "dtype" in meta:
-        return np.dtype(meta["dtype"])
-    return np.dtype(np.uint16 if (vocab or 0) <= 2 ** 16 else np.uint32)
+        try:
+            dtype = np.load(path, mmap_mode="r").dtype
+        except (ValueError, OSError, EOFError) as exc:       # pickled objects, a truncated header
+            raise UserError(f"data: {str(path)!r} is not a readable .npy array of token ids ({one_line(exc)}); allowed: "
+                            "an integer .npy array, or a flat .bin of ids") from None
+        where = "its array"
+    else:
+        meta = read_meta(path.resolve().parent)
+        if "dtype" not in meta:
+            return np.dtype(np.uint16 if (vocab or 0) <= 2 ** 16 else np.uint32)
+        try:
+            dtype = np.dtype(meta["dtype"])
+        except (TypeError, ValueError):
+            dtype = None
+        where = "meta.json's dtype"
+    if dtype is None or dtype.kind not in "ui":
+        raise UserError(f"data: {str(path)!r}: {where} is {dtype.name if dtype is not None else repr(meta['dtype'])}; allowed: "
+                        "integer token ids (uint16, uint32, int32, int64, ...)")
+    return dtype
 
 
 def read_meta(folder: Path) -> dict:
+    """meta.json of a token folder ({} where there is none); one that is not an object is one line."""
     try:
-        return json.loads((Path(folder) / META).read_text())
+        meta = json.loads((Path(folder) / META).read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(meta, dict):
+        raise UserError(f"data: {str(Path(folder) / META)!r} holds a {type(meta).__name__}; allowed: an object "
+                        "({\"vocab\": N, \"dtype\": \"uint16\"})")
+    return meta
+
+
+def id_range(path: Path, dtype: np.dtype, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(smallest, largest) id in a token file, read in chunks (a vectorised scan, never the whole file at
+    once); (0, -1) for an empty one."""
+    ids = open_ids(path, dtype)
+    low, top = 0, -1
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        low, top = min(low, int(part.min())), max(top, int(part.max()))
+    return low, top
 
 
 def open_ids(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -86,28 +118,49 @@ def files(cfg) -> tuple[Path, Path]:
     return Path(cfg.train).expanduser(), Path(cfg.validation).expanduser()
 
 
-def vocabulary(cfg) -> int:
-    """The vocabulary: data.vocab, else the files' meta.json, else what their dtype can hold."""
+def vocabulary(cfg, say=None) -> int:
+    """The vocabulary: data.vocab, else the files' meta.json, else the largest id in either file + 1 (said
+    in one line to ``say``), never what the dtype could hold (65,536 for uint16 bytes: a 275x embedding)."""
     if cfg.vocab:
         return int(cfg.vocab)
-    train, _ = files(cfg)
-    meta = read_meta(train.parent)
+    train, val = files(cfg)
+    meta = read_meta(train.resolve().parent)
     if "vocab" in meta:
-        return int(meta["vocab"])
-    return int(np.iinfo(dtype_of(train)).max) + 1
+        vocab = meta["vocab"]
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+            raise UserError(f"data: {str(train.resolve().parent / META)!r}: vocab {vocab!r} is not valid; allowed: an "
+                            "integer >= 1")
+        return vocab
+    vocab = max(id_range(p, dtype_of(p))[1] for p in (train, val)) + 1
+    if say:
+        say(f"qhm-launch: data: no data.vocab and no vocab in meta.json: the vocabulary is {vocab:,}, the files' "
+            "largest id + 1")
+    return vocab
 
 
 def check_available(cfg) -> None:
     """The files are there (made from data.text first where they are not), each with at least one window."""
     prepare(cfg)
+    vocab = None
     for key, path in zip(("train", "validation"), files(cfg)):
         if not path.is_file():
             raise UserError(f"data.{key}: {str(path)!r} is not a file; allowed: a token file (qhm-launch tokenize "
                             "TEXT... --out DIR writes train.bin and val.bin), or data.text to make it from")
-        windows = TokenWindows(path, cfg.seq_len, dtype_of(path, cfg.vocab))
+        dtype = dtype_of(path, cfg.vocab)
+        size = path.stat().st_size
+        if path.suffix != ".npy" and (size == 0 or size % dtype.itemsize):
+            raise UserError(f"data.{key}: {str(path)!r} holds {size:,} bytes, not a whole number of {dtype.name} ids "
+                            f"(of {dtype.itemsize} bytes) and at least one; allowed: a token file of {dtype.name} ids "
+                            "(meta.json's dtype says which)")
+        windows = TokenWindows(path, cfg.seq_len, dtype)
         if len(windows) < 1:
             raise UserError(f"data.{key}: {str(path)!r} holds {windows.tokens} tokens, fewer than one window of "
                             f"data.seq_len + 1 = {cfg.seq_len + 1}; allowed: more text, or a shorter seq_len")
+        vocab = vocab or vocabulary(cfg, say=lambda line: print(line, file=sys.stderr, flush=True))
+        low, top = id_range(path, dtype)
+        if top >= vocab or low < 0:
+            raise UserError(f"data.{key}: {str(path)!r} holds the id {top:,} (or a negative one), outside the "
+                            f"vocabulary of {vocab:,}; allowed: ids in [0, {vocab:,}) (data.vocab, or meta.json's vocab)")
 
 
 FINGERPRINT_CHUNK = 1 << 20     # bytes hashed at each of a token file's start, middle and end

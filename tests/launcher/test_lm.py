@@ -353,3 +353,89 @@ def test_the_embedded_demo_runs_offline_from_the_repository(tmp_path, capsys):
     assert (run / "final_model.pt").exists() and "final test perplexity" in done.stdout
     assert main(["plot", str(run), "--x", "tokens", "--out", str(tmp_path / "loss.png")]) == 0
     assert "curve(s) of test_loss" in capsys.readouterr().out
+
+
+def _hostile(folder: Path, case: str) -> Path:
+    """A token folder made hostile one way; returns the train file the recipe names."""
+    folder.mkdir()
+    ids = np.arange(2_000, dtype=np.uint16) % 40
+    ids.tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab": 40, "dtype": "uint16"}))
+    train = folder / "train.bin"
+    if case == "empty":
+        train.write_bytes(b"")
+    elif case == "odd length":
+        train.write_bytes(ids.tobytes() + b"\x01")
+    elif case in ("float npy", "object npy", "truncated npy", "int32 npy past vocab"):
+        train = folder / "train.npy"
+        if case == "float npy":
+            np.save(train, ids.astype(np.float32))
+        elif case == "object npy":
+            np.save(train, np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True)
+        elif case == "truncated npy":
+            np.save(train, ids.astype(np.int32))
+            train.write_bytes(train.read_bytes()[:40])
+        else:
+            np.save(train, (ids.astype(np.int32) + 1000))
+    elif case == "bogus dtype":
+        ids.tofile(train)
+        (folder / "meta.json").write_text(json.dumps({"vocab": 40, "dtype": "uint17"}))
+    elif case == "float dtype":
+        ids.tofile(train)
+        (folder / "meta.json").write_text(json.dumps({"vocab": 40, "dtype": "float32"}))
+    elif case == "text vocab":
+        ids.tofile(train)
+        (folder / "meta.json").write_text(json.dumps({"vocab": "forty", "dtype": "uint16"}))
+    elif case == "meta a list":
+        ids.tofile(train)
+        (folder / "meta.json").write_text("[]")
+    elif case == "id past vocab":
+        bad = ids.copy()
+        bad[1_500] = 41
+        bad.tofile(train)
+    return train
+
+
+HOSTILE = {"empty": "holds 0 bytes, not a whole number of uint16 ids",
+           "odd length": "holds 4,001 bytes, not a whole number of uint16 ids",
+           "float npy": "its array is float32; allowed: integer token ids",
+           "object npy": "is not a readable .npy array of token ids",
+           "truncated npy": "is not a readable .npy array of token ids",
+           "int32 npy past vocab": "holds the id 1,039 (or a negative one), outside the vocabulary of 40",
+           "bogus dtype": "meta.json's dtype is 'uint17'", "float dtype": "meta.json's dtype is float32",
+           "text vocab": "vocab 'forty' is not valid", "meta a list": "holds a list; allowed: an object",
+           "id past vocab": "holds the id 41 (or a negative one), outside the vocabulary of 40"}
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
+def test_hostile_token_data_is_one_line_before_any_worker(tmp_path, capsys, case):
+    train = _hostile(tmp_path / "data", case)
+    recipe = lm_recipe({"train": str(train), "validation": str(tmp_path / "data" / "val.bin")})
+    recipe["model"]["vocab"] = None
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))
+    code = main(["run", str(path)])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert HOSTILE[case] in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_without_metadata_the_vocabulary_is_the_largest_id_plus_one_said_once(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    ids = np.arange(4_000, dtype=np.uint16) % 238            # nanoGPT's char-level layout, no meta.json
+    ids.tofile(folder / "train.bin")
+    ids[:1_000].tofile(folder / "val.bin")
+    cfg = config.from_dict(lm_recipe({"train": str(folder / "train.bin"),
+                                      "validation": str(folder / "val.bin")})).data
+    said = []
+    assert tokens.vocabulary(cfg, say=said.append) == 238
+    assert len(said) == 1 and "the vocabulary is 238, the files' largest id + 1" in said[0]
+    link = tmp_path / "elsewhere" / "train.bin"                # a link: meta.json is read beside its target
+    link.parent.mkdir()
+    link.symlink_to(folder / "train.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab": 256, "dtype": "uint16"}))
+    cfg = config.from_dict(lm_recipe({"train": str(link), "validation": str(folder / "val.bin")})).data
+    assert tokens.vocabulary(cfg) == 256
