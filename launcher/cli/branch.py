@@ -29,6 +29,7 @@ import yaml
 from launcher import config as recipe_mod
 from launcher import data as data_mod
 from launcher.config import units
+from launcher.config.validate import MAX_LENGTH
 from launcher.train import splits
 from launcher.errors import UserError
 from launcher.run.checkpoint import CheckpointManager, check_manifest, step_name
@@ -117,6 +118,8 @@ def plan_branches(args) -> tuple[list[dict], list]:
         factors.append(int(f))
     factors = sorted(set(factors) | {1})                # factor 1 is always run: the control
     length = units.in_unit("--for", args.for_, unit)
+    if length > MAX_LENGTH:
+        raise UserError(f"--for: {args.for_!r} is not valid; allowed: at most {MAX_LENGTH:.0e} {unit}s")
     for key in ("name", "branch"):                  # what a branch is called and is: the command's to say
         if any(str(item).split("=", 1)[0].strip() == key or str(item).startswith(key + ".") for item in args.set):
             raise UserError(f"--set: {key} is not valid for branch; allowed: keys of the training itself, and output "

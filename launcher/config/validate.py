@@ -363,6 +363,9 @@ def check_points(r: Recipe) -> None:
         raise schedule_error(exc) from None
 
 
+MAX_LENGTH = 10 ** 15          # a run's length in steps, samples or tokens (a quadrillion tokens: far past any run)
+
+
 def check_units(r: Recipe) -> None:
     """schedule.unit and every amount counted in a unit: interval, warmup and decay in the schedule's,
     eval.every and checkpoint.every in any but the epoch, tokens only where a sample's tokens are known."""
@@ -371,6 +374,10 @@ def check_units(r: Recipe) -> None:
     _one_of("schedule.lr.batch_scaling", s.lr.batch_scaling, BATCH_SCALINGS)
     r.interval()
     placeholder_length(r)
+    given = r.train.duration()
+    if given is not None and r.duration()[1] > MAX_LENGTH:
+        raise RecipeError(f"train.{given[0]}s: {given[1]!r} is not valid; allowed: at most {MAX_LENGTH:.0e} "
+                          f"{given[0]}s")
     for path, value, other in (("eval.every", r.eval.every, "eval.every_steps"),
                                ("checkpoint.every", r.checkpoint.every, "checkpoint.every_steps")):
         if value is None:
@@ -424,7 +431,8 @@ def check_branch(r: Recipe) -> None:
     _at_least("branch.seed", b.seed, 0)
     if b.length is None:
         raise RecipeError("branch.length: missing; allowed: how long the branch trains ('100K tokens', '30 steps')")
-    unit, _ = units.parse("branch.length", b.length, r.schedule.unit if r.schedule.unit != "epoch" else "step")
+    unit, length = units.parse("branch.length", b.length, r.schedule.unit if r.schedule.unit != "epoch" else "step")
+    _at_most("branch.length", length, MAX_LENGTH)
     if unit == "epoch":
         raise RecipeError(f"branch.length: {b.length!r} is not valid; allowed: a count of steps, samples or tokens")
     if r.schedule.batch.kind == "adaptive":

@@ -128,6 +128,7 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
     the micro-batch cap a run chose for it (max_micro_batch auto, an out-of-memory halving)."""
     unit, tokens = recipe.schedule.unit, recipe.data.tokens_per_sample
     batch_at, next_change = batch_function(recipe, decisions)
+    check_epochs(recipe, n, int(batch_at(0)))
     try:
         steps = whole = qhm.plan_steps(batch_at, next_change, unit, n, recipe.duration(), tokens)
         b = recipe.branch
@@ -175,6 +176,22 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
                             global_step=seg.global_step, samples=seg.samples, scheduled_batch=seg.scheduled_batch,
                             lr_scale=scale))
     return Plan(stages, steps, schedule, n, world_size, unit)
+
+
+def check_epochs(recipe: Recipe, n: int, first_batch: int) -> None:
+    """A length in steps, samples or tokens that means more epochs than MAX_EPOCHS of the ``n`` training
+    samples is refused naming the key, before a plan walks them one by one (1e11 tokens on a small corpus:
+    1.85M epochs, 275 s of planning)."""
+    from launcher.config.schema import MAX_EPOCHS
+    given = recipe.train.duration()
+    if given is None:
+        return
+    unit, amount = recipe.duration()
+    per_epoch = {"step": max(1, n // max(first_batch, 1)), "sample": n,
+                 "token": n * (recipe.data.tokens_per_sample or 1)}[unit]
+    if amount // per_epoch > MAX_EPOCHS:
+        raise RecipeError(f"train.{given[0]}s: {given[1]!r} is not valid: about {amount // per_epoch:,} epochs of the "
+                          f"{n:,} training samples; allowed: at most {MAX_EPOCHS:,} epochs' worth")
 
 
 def branch_end(recipe: Recipe, parent: qhm.StepPlan) -> tuple[str, int]:
