@@ -15,6 +15,11 @@ def in_worker_env() -> bool:
 
 
 @dataclass
+# torch 2.14 names it all_gather_single and warns (FutureWarning, above a failure's one line) at the old name,
+# which is all an older torch has
+GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class Comm:
     rank: int
     world: int
@@ -87,7 +92,7 @@ class Comm:
         if self.world == 2:
             return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True), lambda: tensor
         parts = torch.empty(self.world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-        work = dist.all_gather_into_tensor(parts, tensor.reshape(-1).contiguous(), async_op=True)
+        work = GATHER(parts, tensor.reshape(-1).contiguous(), async_op=True)
 
         def total() -> torch.Tensor:
             ranks = parts.view(self.world, *tensor.shape)
