@@ -14,12 +14,12 @@ def in_worker_env() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-@dataclass
 # torch 2.14 names it all_gather_single and warns (FutureWarning, above a failure's one line) at the old name,
 # which is all an older torch has
 GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+@dataclass
 class Comm:
     rank: int
     world: int
