@@ -117,14 +117,12 @@ class BatchGrowth:
             over = (f"epochs {start - self.interval}-{start - 1}" if not self.per_step else
                     f"{self.unit}s {start - start % self.interval - self.interval:,}-{start - start % self.interval:,}")
             self.log(where + f"noise scale not measured over {over}: batch stays {batch}")
+        elif measured >= self.n / noise.TRUST_SHARE and decision >= len(self.injected):
+            # no measurement in this regime (launcher/train/noise.py: biased low while training): skipped
+            self.log(where + f"noise scale {measured:.4g} is n/{noise.TRUST_SHARE} of the {self.n:,} training samples or "
+                             f"more, where training biases it low; not a measurement: batch stays {batch}")
         elif measured < self.factor * batch:
             self.log(where + f"noise scale {measured:.4g} < {self.factor:g} x {batch}: batch stays {batch}")
-        elif measured >= self.n / noise.TRUST_SHARE and larger > batch and decision >= len(self.injected):
-            # in this regime the estimate is biased low (launcher/train/noise.py): the truth is larger still,
-            # so growing on it is safe; said, so that the log does not present it as a measurement
-            self.log(where + f"noise scale >= {measured:.4g} (a lower bound at n/{noise.TRUST_SHARE} of the {self.n:,} "
-                             f"samples or more) >= {self.factor:g} x {batch}: batch {batch} -> {larger}")
-            batch = larger
         elif larger <= batch:
             self.log(where + f"noise scale {measured:.4g} >= {self.factor:g} x {batch}: batch stays {batch}, "
                              "its cap (schedule.batch.max or the training set)")
