@@ -30,6 +30,17 @@ from launcher.env import die_with_parent, load_libc
 
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 _early: list[int] = []
+_received: list[int] = []       # the preemption signals supervise() took since take_received() last looked
+
+
+def take_received() -> list[int]:
+    """The preemption signals that reached this process since the last call: those supervise() forwarded
+    (a run may still have finished: the signal came after its last step) and those recorded while no run
+    was under way (between a local sweep's points)."""
+    taken = _received + [s for s in _early]
+    _received.clear()
+    _early.clear()
+    return taken
 
 
 def _record(signum, frame) -> None:
@@ -206,6 +217,7 @@ def supervise(cmd: list[str], env: dict, forward: list[str], failed=None, log=pr
 
     def on_signal(signum, frame):
         pending.append(signum)
+        _received.append(signum)
         if signum == signal.SIGINT:
             interrupts.append(time.time())
     previous = {s: signal.signal(s, on_signal) for s in handled}

@@ -86,6 +86,18 @@ def grid_points(spec: dict, extra: list[str] = ()) -> list[dict]:
     return points
 
 
+def stop_requested(signals: list[int], point: dict, points: list[dict]) -> int | None:
+    """PREEMPTED, said in one line, where a preemption signal came in between points or as the point
+    before finished (that point is complete: nothing is lost); None otherwise."""
+    if not signals:
+        return None
+    import signal as signal_mod
+    name = signal_mod.Signals(signals[0]).name
+    print(f"qhm-launch: {name}: sweep stopped before point {point['index'] + 1}/{len(points)}; every point before it "
+          f"is complete; run the same command to resume (exit {PREEMPTED})", flush=True)
+    return PREEMPTED
+
+
 def run_locally(points: list[dict], recipes: list, run_point) -> int:
     """Each point through `qhm-launch run` (which resumes or skips completed runs), in order, in this
     process: ``run_point(recipe path)`` is the CLI's own run command, so a point does not pay a Python
@@ -93,8 +105,14 @@ def run_locally(points: list[dict], recipes: list, run_point) -> int:
     model and loss were already checked for every point). Each point still gets its own torchrun and
     process group: a failure or a kill in one cannot touch another. A preempted point (Ctrl-C, SIGTERM)
     stops the sweep; the same command resumes it there."""
+    from launcher.cluster import supervise
     failed = []
+    supervise.record_early_signals()       # between points a signal is recorded, never the process's death
+    supervise.take_received()
     for p, r in zip(points, recipes):
+        stopped = stop_requested(supervise.take_received(), p, points)
+        if stopped is not None:
+            return stopped
         print(f"[qhm-launch] sweep point {p['index'] + 1}/{len(points)}: {r.name} ({p['label']})", flush=True)
         try:
             rc = run_point(str(r.folder.write_recipe(recipe_mod.dump(r)))) if not r.folder.in_use() else 2
@@ -110,6 +128,7 @@ def run_locally(points: list[dict], recipes: list, run_point) -> int:
             return PREEMPTED
         if rc != 0:
             failed.append(f"{r.name} (exit {rc})")
+        supervise.record_early_signals()   # the run restored what it found; the sweep records again
     if failed:
         print(f"qhm-launch: {len(failed)} of {len(points)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -1,5 +1,9 @@
 """Sweep points: names that say what a point is and stay put when the grid is edited; seeds counted; a grid
 over resources as one job array per shape."""
+import os
+import signal
+
+import pytest
 import yaml
 
 from helpers import base_recipe, write_recipe
@@ -102,3 +106,40 @@ def test_submit_dry_run_warns_of_idle_ranks_and_of_a_stop_longer_than_the_signal
                    "(or a larger first batch)"]
     assert main(["submit", str(path), "--dry-run", "--signal-seconds", "120"]) == 0
     assert len([x for x in capsys.readouterr().err.splitlines() if x.strip()]) == 1     # the idle ranks only
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """The handlers a local sweep installs, put back after the test (this is pytest's own process)."""
+    from launcher import env
+    names = [getattr(signal, n) for n in env.PREEMPTION_SIGNALS]
+    before = {s: signal.getsignal(s) for s in names}
+    yield
+    for s, h in before.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("when", ["as the point ends", "between points"])
+def test_a_local_sweep_stops_on_a_signal_at_a_point_boundary(tmp_path, capsys, own_signal_handlers, when):
+    """SIGTERM right after a point's last step (the run forwarded it, then finished) or while no run is
+    under way: the sweep stops before the next point with exit 75 and one line; it died of it (-15) or
+    swallowed it and trained every point to exit 0."""
+    from launcher import config
+    from launcher.cluster import supervise
+    from launcher.cluster.sweep import run_locally
+    from launcher.errors import PREEMPTED
+    ran = []
+
+    def run_point(path):
+        ran.append(path)
+        if when == "as the point ends":
+            supervise._received.append(signal.SIGTERM)      # what supervise() records as it forwards it
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)             # nothing runs: the sweep's recorder takes it
+        return 0
+    recipes = [config.from_dict(base_recipe(name=f"p{i}", output=str(tmp_path))) for i in range(3)]
+    points = [{"index": i, "label": f"point {i}"} for i in range(3)]
+    assert run_locally(points, recipes, run_point) == PREEMPTED
+    assert len(ran) == 1
+    out = capsys.readouterr().out
+    assert "qhm-launch: SIGTERM: sweep stopped before point 2/3; every point before it is complete" in out
