@@ -162,7 +162,12 @@ class FSDPEngine:
 
     def save_files(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        dcp.save(self._state(), checkpoint_id=str(Path(folder) / FOLDER))
+        from torch.distributed.checkpoint.api import CheckpointException
+        state = self._state()
+        try:
+            dcp.save(state, checkpoint_id=str(Path(folder) / FOLDER))
+        except CheckpointException as exc:
+            raise dcp_failure(exc, Path(folder) / FOLDER, state) from None
 
     def check_files(self, folder: Path) -> None:
         """DCP's metadata is there and readable (the manager has checked every file's size and hash)."""
@@ -175,3 +180,35 @@ class FSDPEngine:
         state = self._state()
         dcp.load(state, checkpoint_id=str(Path(folder) / FOLDER))       # resharded onto this world size
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def dcp_failure(exc, where: Path, state: dict) -> Exception:
+    """DCP's CheckpointException (a BaseException: it went past every handler, 183 lines of each rank's
+    traceback on stderr, and no failed.json) as one of ours: DiskFull where a rank's write found no room
+    (or the disk has less than this rank's shards), else RunFailed naming the first rank's error."""
+    import shutil
+    from launcher.errors import DiskFull, RunFailed, disk_full, one_line
+    failures = [failure for failure, _ in getattr(exc, "failures", {}).values()]
+    needed = local_bytes(state)
+    try:
+        short = shutil.disk_usage(where.parent).free < needed
+    except OSError:
+        short = False
+    if short or any(disk_full(f) or "No space left" in str(f) for f in failures):
+        full = DiskFull(where.parent / f"{where.name} shards (DCP)", needed)      # the free space as it was
+        shutil.rmtree(where, ignore_errors=True)          # the shards written: room for failed.json
+        return full
+    first = failures[0] if failures else exc
+    return RunFailed(f"FSDP checkpoint {where.parent.name}: {type(first).__name__}: {one_line(first)}")
+
+
+def local_bytes(obj) -> int:
+    """The bytes this rank writes of ``obj``'s tensors (a DTensor's local shard, not its global size)."""
+    if isinstance(obj, torch.Tensor):
+        local = obj.to_local() if hasattr(obj, "to_local") else obj
+        return local.numel() * local.element_size()
+    if isinstance(obj, dict):
+        return sum(local_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(local_bytes(v) for v in obj)
+    return 0
