@@ -188,8 +188,9 @@ def dcp_failure(exc, where: Path, state: dict) -> Exception:
     (or the disk has less than this rank's shards), else RunFailed naming the first rank's error."""
     import shutil
     from launcher.errors import DiskFull, RunFailed, disk_full, one_line
+    from launcher.run.checkpoint import tensor_bytes
     failures = [failure for failure, _ in getattr(exc, "failures", {}).values()]
-    needed = local_bytes(state)
+    needed = tensor_bytes(state)
     try:
         short = shutil.disk_usage(where.parent).free < needed
     except OSError:
@@ -201,14 +202,3 @@ def dcp_failure(exc, where: Path, state: dict) -> Exception:
     first = failures[0] if failures else exc
     return RunFailed(f"FSDP checkpoint {where.parent.name}: {type(first).__name__}: {one_line(first)}")
 
-
-def local_bytes(obj) -> int:
-    """The bytes this rank writes of ``obj``'s tensors (a DTensor's local shard, not its global size)."""
-    if isinstance(obj, torch.Tensor):
-        local = obj.to_local() if hasattr(obj, "to_local") else obj
-        return local.numel() * local.element_size()
-    if isinstance(obj, dict):
-        return sum(local_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(local_bytes(v) for v in obj)
-    return 0

@@ -126,10 +126,11 @@ def write_file(path: Path, obj) -> dict:
 
 
 def tensor_bytes(obj) -> int:
-    """The bytes of the tensors in ``obj`` (nested dicts, lists, tuples): what a checkpoint file holds,
-    give or take its pickled structure."""
+    """The bytes of the tensors in ``obj`` (nested dicts, lists, tuples) this rank holds: what a checkpoint
+    file holds, give or take its pickled structure."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        local = obj.to_local() if hasattr(obj, "to_local") else obj      # a DTensor: this rank's shard
+        return local.numel() * local.element_size()
     if isinstance(obj, dict):
         return sum(tensor_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
