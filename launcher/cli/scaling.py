@@ -347,6 +347,11 @@ def scaling(run_dirs: list, target_text: str | None = None, out: str | None = No
     return json.dumps(result, indent=1) if as_json else _scaling_text(result)
 
 
+def tokens_text(v: float) -> str:
+    """A count of tokens as a person reads it: whole numbers with separators (1,565), 4 digits below 1,000."""
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.4g}"
+
+
 def tokens_per_sample(runs: list[dict]) -> int | None:
     """The runs' tokens per sample (--x tokens prints every batch and size in tokens too), from a row that
     counts both."""
@@ -361,7 +366,7 @@ def _scaling_text(result: dict) -> str:
     lines = []
     g = lambda v: "-" if v is None else f"{v:,.4g}"  # noqa: E731
     tps = result.get("tokens_per_sample")
-    t = (lambda v: "" if v is None or not tps else f" ({v * tps:,.4g} tokens)")  # noqa: E731
+    t = (lambda v: "" if v is None or not tps else f" ({tokens_text(v * tps)} tokens)")  # noqa: E731
     if "points" in result:
         lines += [f"target {result['target']}" + (f"; batches in samples of {tps} tokens" if tps else ""), "",
                   "| batch | LR (best of those tried) | seeds | steps to target | SFO to target | not reaching it |",
@@ -390,7 +395,8 @@ def _scaling_text(result: dict) -> str:
                          + (f" ({interval_text(iv, ' tokens', tps)})" if tps else "")
                          + f", S_min {g(iv['s_min'][0])}–{g(iv['s_min'][1])}, E_min {g(iv['e_min'][0])}–"
                            f"{g(iv['e_min'][1])}{' samples' if tps else ''}"
-                         + (f" ({g(iv['e_min'][0] * tps)}–{g(iv['e_min'][1] * tps)} tokens)" if tps else "")
+                         + (f" ({tokens_text(iv['e_min'][0] * tps)}–{tokens_text(iv['e_min'][1] * tps)} tokens)"
+                            if tps else "")
                          + ("; unbounded above: the runs cannot tell it from perfect scaling (larger batches bound "
                             "it)" if iv["b_crit"][1] is None else "")
                          + ("; down to 0: the runs cannot tell it from no gain with the batch (smaller batches bound "

@@ -370,8 +370,8 @@ def test_with_x_tokens_every_batch_and_size_is_in_tokens_too(tmp_path):
     result = json.loads(scaling.scaling(runs, "train_loss<=0.5", as_json=True, x="tokens"))
     text = scaling.scaling(runs, "train_loss<=0.5", x="tokens")
     assert result["tokens_per_sample"] == 64
-    assert f"B_crit {result['b_crit']:,.4g} ({result['b_crit'] * 64:,.4g} tokens)" in text
-    assert f"E_min {result['e_min']:,.4g} samples ({result['e_min'] * 64:,.4g} tokens)" in text
+    assert f"B_crit {result['b_crit']:,.4g} ({result['b_crit'] * 64:,.0f} tokens)" in text
+    assert f"E_min {result['e_min']:,.4g} samples ({result['e_min'] * 64:,.0f} tokens)" in text
     assert "| 128 (8,192 tokens) |" in text and "tokens)" in text.split("interval")[1]
     assert "tokens" not in scaling.scaling(runs, "train_loss<=0.5")            # --x samples: samples only
 
