@@ -63,7 +63,7 @@ def cbs_text(r: dict, tokens: int | None = None) -> str:
     if r["cbs"] is None:
         return "-"
     text = _batch(r["cbs"], tokens) + (" or more (the largest factor tried)" if r["censored"] else "")
-    if r["cbs_interval"]:
+    if r["cbs_interval"] and not r["censored"]:          # censored: the CBS is its own interval's lower end
         lo, hi = r["cbs_interval"]
         text += f"; interval {lo:,}–{hi:,}" + (" or more" if r["open_above"] else "")
     if r["below"] and not r["open_above"]:
