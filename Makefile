@@ -71,8 +71,8 @@ scaling-lm: $(VENV)/.installed
 	$(VENV)/bin/qhm-launch scaling $(LM_RUNS) --target '$(LM_TARGET)' --x tokens --out docs/lm_scaling.png > docs/lm_scaling_fit.md
 	$(VENV)/bin/qhm-launch plot $(LM_RUNS) --metric test_loss --x tokens --out docs/lm_test_loss.png
 
-# The critical batch size measured directly: a pilot, branches at 3 positions x factors 1, 2, 4, 8 for
-# 100K tokens each (about 6 minutes on 2 cores), the CBS table and figure in docs/.
+# The critical batch size measured directly: a pilot, branches at 3 positions x factors 1, 2, 4, 8 x 3 seeds for
+# 100K tokens each (about 15 minutes on 2 cores), the CBS table with its intervals and figure in docs/.
 branch-study: $(VENV)/.installed
 	$(VENV)/bin/qhm-launch run recipes/lm/pilot.yaml
 	$(VENV)/bin/qhm-launch branch runs/lm-branch/lm-pilot --at 100K,300K,500K --batch 1,2,4,8 --for 100K --seeds 3 --local
