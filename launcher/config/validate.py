@@ -415,9 +415,10 @@ def check_kind_keys(b) -> None:
         if key not in BATCH_KIND_KEYS.get(b.kind, ()) and getattr(b, key) != getattr(defaults, key):
             owners = [k for k, keys in BATCH_KIND_KEYS.items() if key in keys and k != "steps" or
                       (k == "steps" and key == "points")]
+            default = getattr(defaults, key)
+            allowed = "null" if default is None else repr(default)
             raise RecipeError(f"schedule.batch.{key}: {getattr(b, key)!r} is not valid with kind {b.kind}; allowed: "
-                              f"{getattr(defaults, key)!r} (it would be ignored; {key} is read by kind "
-                              f"{' and '.join(owners)})")
+                              f"{allowed} (it would be ignored; {key} is read by kind {' and '.join(owners)})")
 
 
 def check_branch(r: Recipe) -> None:

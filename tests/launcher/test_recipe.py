@@ -38,7 +38,7 @@ def test_smoke_recipe_loads_with_the_issue_schema():
                                                                             "kind exponential"),
     ("schedule.lr", {"kind": "cosine", "max": 0.1, "decay": 5}, "schedule.lr.decay: 5 is not valid with kind cosine"),
     ("schedule.batch", {"kind": "exponential", "initial": 8, "max": 64}, "schedule.batch.max: 64 is not valid with "
-                                                                          "kind exponential; allowed: None"),
+                                                                          "kind exponential; allowed: null"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, expect):
     with pytest.raises(R.RecipeError) as info:
