@@ -114,6 +114,7 @@ def test_a_seeded_branch_reorders_only_what_its_epoch_has_left_and_what_follows(
     assert splits.branch_reorder(config.from_dict(recipe), plan) is None
 
 
+@pytest.mark.slow
 def test_seeds_of_a_control_differ_from_the_parent_only_after_the_branch(parent, tmp_path):
     """branch --seeds 2 at factor 1: seed 0 is the parent bit for bit, seed 1 trains on another order."""
     done = train_branches(branch_args(parent, at="20", batch="1", seeds=2, set=[f"output={tmp_path}"]), tmp_path)
@@ -158,6 +159,7 @@ def test_each_lr_rule_scales_the_parents_lr_by_the_factor_to_its_power(rule, pow
             assert stage.lr_scale == 4 ** power
 
 
+@pytest.mark.slow
 def test_a_branch_with_a_partial_last_step_and_the_linear_rule_trains(parent, tmp_path):
     """On pool ranks: x4 with the linear rule for 100 samples from step 20: 64 + 36 samples, every step's
     logged LR the parent's at that step x 4, the run ending at the position its x1 control ends at."""

@@ -118,6 +118,7 @@ def test_a_resume_mid_epoch_is_bitwise(token_files, tmp_path):
     assert metric_rows(resumed) == reference[1]
 
 
+@pytest.mark.slow
 def test_a_resume_onto_changed_token_files_is_refused(token_files, tmp_path):
     """kill -9 after a checkpoint, new text tokenized into the same files, the same command: refused in one
     line naming the file (it went on over the new text, reporting complete)."""
