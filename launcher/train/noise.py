@@ -229,8 +229,8 @@ class NoiseWindows:
     mean, weighted by its steps (the standard error of a mean, not assuming the steps independent within a
     window), through the ratio's first-order error, widened to the 90% upper bound of a variance estimated
     from k windows (a few windows that happen to agree state no false precision). A drifting scale widens
-    it too (conservative). Where no
-    span reaches the target, the row is null, with the reason and the best error found.
+    it too (conservative). Where no span reaches the target, the row is null, with the reason and the best
+    error found.
 
     State: the windows' (|G|^2 sum, tr sum, steps) since the run began, newest last, as every rank has them
     (a replicated checkpoint part: rows after a resume are the same)."""
@@ -298,8 +298,9 @@ class NoiseWindows:
         if best is None and len(self.windows) < MIN_WINDOWS:
             return {"noise_scale": None, "noise_scale_reason": f"fewer than {MIN_WINDOWS} log windows so far"}
         if best is None:
-            return {"noise_scale": None, "noise_scale_reason": non_positive(mg, len(self.windows)).replace(
-                "step(s)", f"log windows back from here ({int(n_sum) // self.world:,} steps), every span of "
-                           f"{MIN_WINDOWS} or more")}
+            which = "|G|^2" if mg <= 0 else "tr(Sigma)"
+            return {"noise_scale": None, "noise_scale_reason": f"the {which} estimate's mean is <= 0 over every span of "
+                                                               f"{MIN_WINDOWS} to {len(self.windows)} log windows back "
+                                                               "from here: the noise outweighs the gradient"}
         return {"noise_scale": None, "noise_scale_reason": f"not precise: {best[0]:.0%} relative error at best "
                                                            f"(over {best[2]:,} steps), more than {TARGET_ERROR:.0%}"}
