@@ -209,9 +209,10 @@ def check_own(folder: RunFolder, recipe) -> None:
     mine = {"parent": b.parent, "at_step": b.at_step, "factor": b.factor, "seed": b.seed}
     try:
         theirs = json.loads((folder.path / "branch.json").read_text())
-        same = all(theirs.get(k, 0 if k == "seed" else None) == v for k, v in mine.items())
     except (OSError, ValueError):
-        theirs, same = None, False
+        theirs = None
+    theirs = theirs if isinstance(theirs, dict) else None
+    same = theirs is not None and all(theirs.get(k, 0 if k == "seed" else None) == v for k, v in mine.items())
     if not same:
         what = "a run that is no branch" if theirs is None else f"another branch ({theirs.get('parent')}, step " \
                f"{theirs.get('at_step')}, x{theirs.get('factor')})"
