@@ -47,9 +47,11 @@ IGNORED_KEYS = ("eval.batch_size", "distributed.nproc_per_node", "distributed.ma
 
 def load_runs(run_dirs: list) -> list[dict]:
     """The runs (sweep folders expanded) that have metrics; the others are listed in one line on
-    stderr, since a sweep in progress leaves some without any yet."""
+    stderr, since a sweep in progress leaves some without any yet (and one whose recipe.yaml does not
+    read is left out the same way, unless it is all there is: then its one-line error)."""
     from launcher.cli.status import run_folders
-    loaded, left_out = [], {"without metrics yet": [], "without a recipe.yaml": []}
+    loaded, unreadable = [], []
+    left_out = {"without metrics yet": [], "without a recipe.yaml": [], "whose recipe.yaml does not read": []}
     for d in run_folders(run_dirs):
         folder = RunFolder(d)
         if not folder.recipe.exists():
@@ -57,7 +59,14 @@ def load_runs(run_dirs: list) -> list[dict]:
         elif not folder.metric_rows():
             left_out["without metrics yet"].append(str(d))
         else:
-            loaded.append(load_run(d))
+            try:
+                loaded.append(load_run(d))
+            except UserError as exc:   # one bad folder among many: named, and the rest read on
+                if not unreadable:
+                    unreadable.append(exc)
+                left_out["whose recipe.yaml does not read"].append(str(d))
+    if not loaded and unreadable:      # nothing else to read: what is wrong with it, in one line
+        raise unreadable[0]
     for why, runs in left_out.items():
         if runs:
             print(f"qhm-launch: left out {len(runs)} run(s) {why}: {', '.join(runs)}", file=sys.stderr)

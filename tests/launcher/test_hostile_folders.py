@@ -136,3 +136,14 @@ def test_plan_into_a_closed_pipe_is_quiet(tmp_path):
     out = subprocess.run(f"{sys.executable} -m launcher plan {path} --json | head -1", shell=True, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "{" and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
+def test_a_folder_whose_recipe_does_not_read_is_left_out_of_many_with_one_warning(tmp_path, capsys):
+    good = make_run(tmp_path / "a")
+    bad = make_run(tmp_path / "b")
+    BROKEN["recipe not YAML"](bad)
+    for command in ("report", "plot"):
+        args = [command, str(good), str(bad)] + (["--out", str(tmp_path / "p.png")] if command == "plot" else [])
+        code, out = run(args, capsys)
+        lines = [x for x in out.err.splitlines() if x.strip() and "figure" not in x]
+        assert code == 0 and lines == [f"qhm-launch: left out 1 run(s) whose recipe.yaml does not read: {bad}"], out.err
