@@ -33,6 +33,7 @@ from launcher.config.validate import MAX_LENGTH
 from launcher.train import splits
 from launcher.errors import UserError
 from launcher.run.checkpoint import CheckpointManager, check_manifest, step_name
+from launcher.run import branches
 from launcher.run.folder import RunFolder
 
 UNIT_WORDS = {"steps": "step", "samples": "sample", "tokens": "token", "step": "step", "sample": "sample",
@@ -164,9 +165,7 @@ def plan_branches(args) -> tuple[list[dict], list]:
 
 def parent_batch(p: splits.Plan, step: int) -> int:
     """The parent's batch at global step ``step`` (its last stage's at its end)."""
-    if step >= p.total_steps:
-        return p.stages[-1].scheduled_batch or p.stages[-1].batch
-    stage = p.stages[max(i for i, s in enumerate(p.stages) if s.global_step <= step)]
+    stage = p.stage_at(step)
     return stage.scheduled_batch or stage.batch
 
 
@@ -208,10 +207,9 @@ def check_own(folder: RunFolder, recipe) -> None:
     b = recipe.branch
     mine = {"parent": b.parent, "at_step": b.at_step, "factor": b.factor, "seed": b.seed}
     try:
-        theirs = json.loads((folder.path / "branch.json").read_text())
-    except (OSError, ValueError):
+        theirs = branches.read_branch(folder.path)
+    except ValueError:
         theirs = None
-    theirs = theirs if isinstance(theirs, dict) else None
     same = theirs is not None and all(theirs.get(k, 0 if k == "seed" else None) == v for k, v in mine.items())
     if not same:
         what = "a run that is no branch" if theirs is None else f"another branch ({theirs.get('parent')}, step " \

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launcher.cli import analysis
+from launcher.cli import analysis, scaling
 from launcher.errors import UserError
 from launcher.run import branches
 
@@ -98,7 +98,7 @@ def figure(result: dict, out: str) -> None:
         x, lo, hi = zip(*seeded)
         ax.vlines(x, lo, hi, color="C0", linewidth=3, alpha=0.5,
                   label=f"interval over seeds ({result['level']:.0%} per factor)")
-    field = {"step": "step", "sample": "samples", "token": "tokens"}[unit]
+    field = branches.FIELDS[unit]
     for i, parent in enumerate(parent_runs(result)):
         points = [(r[field], r["noise_scale"]) for r in parent["step_rows"]
                   if r.get("noise_scale") is not None and r.get(field) is not None]
@@ -126,16 +126,8 @@ def cbs(run_dirs: list, tolerance: str | None = None, loss: str = "test", out: s
     result = branches.measure(run_dirs, tolerance, loss, level)
     if out is not None:
         figure(result, out)
-    tokens = tokens_per_sample(result)
+    tokens = scaling.tokens_per_sample(parent_runs(result))
     if as_json:
         return json.dumps(result, indent=1, default=sorted)
     return table(result, tokens)
 
-
-def tokens_per_sample(result: dict) -> int | None:
-    """The parents' tokens per sample (every batch then also in tokens), None where they count none."""
-    for parent in parent_runs(result):
-        rows = [r for r in parent["step_rows"] + parent["rows"] if r.get("tokens") and r.get("samples")]
-        if rows:
-            return rows[-1]["tokens"] // rows[-1]["samples"]
-    return None

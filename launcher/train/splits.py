@@ -79,6 +79,10 @@ class Plan:
         """The index of the stage holding step ``step`` of epoch ``epoch``."""
         return bisect.bisect_right(self._starts, (epoch, step)) - 1
 
+    def stage_at(self, global_step: int) -> Stage:
+        """The stage holding global step ``global_step`` (the last stage at or past the plan's end)."""
+        return self.stages[max(bisect.bisect_right([s.global_step for s in self.stages], global_step) - 1, 0)]
+
     def epoch_rows(self) -> list[Stage]:
         """One stage per epoch (its first), for per-epoch views."""
         return [s for s in self.stages if s.first == 0]
@@ -217,7 +221,7 @@ def branch_reorder(recipe: Recipe, p: Plan):
         return None
     if b.at_step >= p.total_steps:
         return Reorder(p.epochs, 0, b.seed)
-    stage = p.stages[bisect.bisect_right([s.global_step for s in p.stages], b.at_step) - 1]
+    stage = p.stage_at(b.at_step)
     step = stage.first + (b.at_step - stage.global_step)
     return Reorder(stage.epoch, min(stage.start(step), p.n), b.seed)
 
