@@ -41,6 +41,7 @@ BATCH_JOB = "QHM_BATCH_JOB"                       # "1": inside a generated Slur
 
 # test hooks
 STEP_DELAY = "QHM_TEST_STEP_DELAY"                # seconds to sleep after every optimizer step
+EVAL_DELAY = "QHM_TEST_EVAL_DELAY"                # seconds to sleep after every evaluation batch
 PAUSE_BEFORE_SEAL = "QHM_TEST_PAUSE_BEFORE_SEAL"  # seconds to pause before a checkpoint is sealed...
 PAUSE_FROM_STEP = "QHM_TEST_PAUSE_FROM_STEP"      # ...for checkpoints at or after this global step
 STEP_LOG = "QHM_TEST_STEP_LOG"                    # file: one JSON line per DeepSpeed optimizer step
@@ -66,6 +67,10 @@ def _float(name: str) -> float:
 
 def step_delay() -> float:
     return _float(STEP_DELAY)
+
+
+def eval_delay() -> float:
+    return _float(EVAL_DELAY)
 
 
 def pause_before_seal(step: int) -> float:

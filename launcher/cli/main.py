@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from launcher.cli.args import (Parser, add_debug, node_range, sample_count, nonnegative_float, nonnegative_int, positive_float, positive_int,
+from launcher.cli.args import (Parser, add_debug, endpoint, node_count, node_range, rdzv_conf, sample_count, nonnegative_float, nonnegative_int, positive_float, positive_int,
                                text)
 from launcher.errors import BAD_INPUT, FAILED, DiskFull, RunFailed, UserError, disk_full, one_line
 
@@ -45,10 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-restarts", type=nonnegative_int, default=None,
                    help="times torchrun restarts the workers after a node is lost (with --nnodes MIN:MAX; default 3): "
                         "they resume from the newest checkpoint on the nodes left")
-    r.add_argument("--rdzv-conf", type=text, metavar="KEY=VALUE,...",
+    r.add_argument("--rdzv-conf", type=rdzv_conf, metavar="KEY=VALUE,...",
                    help="torchrun's rendezvous settings, e.g. last_call_timeout=10 (how long a re-rendezvous waits "
                         "for more than MIN nodes; torchrun's default 30 s)")
-    r.add_argument("--rdzv-endpoint", type=text, help="HOST:PORT of the rendezvous (multi-node; the first node)")
+    r.add_argument("--rdzv-endpoint", type=endpoint, help="HOST:PORT of the rendezvous (multi-node; the first node)")
     r.add_argument("--rdzv-id", type=text, help="the rendezvous id, the same on every node (multi-node)")
     r.add_argument("--until-epoch", type=positive_int,
                    help="stop after this many epochs with a checkpoint (a segment of an elastic chain)")
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     pl = command("plan", "the stage table: batch, steps, micro-batch x accumulation x world")
     recipe_args(pl)
     pl.add_argument("--nproc", type=positive_int, help="processes per node (default: distributed.nproc_per_node)")
-    pl.add_argument("--nnodes", type=positive_int, default=1, help="nodes (default 1)")
+    pl.add_argument("--nnodes", type=node_count, default=1, help="nodes (default 1)")
     pl.add_argument("--n", type=sample_count, help="training-set size (default: the dataset's)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--elastic", action="store_true",
@@ -131,7 +131,7 @@ def slurm_commands(command) -> None:
     def slurm_args(sp):
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. schedule.lr.max=0.05 (repeatable)")
-        sp.add_argument("--nodes", type=positive_int, help="nodes per job (default: the recipe's slurm.nodes, 1)")
+        sp.add_argument("--nodes", type=node_count, help="nodes per job (default: the recipe's slurm.nodes, 1)")
         sp.add_argument("--gpus-per-node", type=nonnegative_int,
                         help="GPUs (= processes) per node; 0: CPU, processes from distributed.nproc_per_node "
                              "(default: the recipe's slurm.gpus_per_node, 0)")
@@ -153,11 +153,11 @@ def slurm_commands(command) -> None:
         sp.add_argument("--elastic", action="store_true",
                         help="grow the allocation with the batch: one job per segment of stages, each on the "
                              "nodes its batch can use (distributed.min_rank_batch per rank), chained afterok")
-        sp.add_argument("--min-nodes", type=positive_int,
+        sp.add_argument("--min-nodes", type=node_count,
                         help="keep the job going while at least this many of its nodes are left (torchrun's elastic "
                              "membership, sbatch --no-kill): the workers restart on the nodes left, from the newest "
                              "checkpoint")
-        sp.add_argument("--rdzv-conf", type=text, metavar="KEY=VALUE,...",
+        sp.add_argument("--rdzv-conf", type=rdzv_conf, metavar="KEY=VALUE,...",
                         help="torchrun's rendezvous settings for a multi-node job, e.g. last_call_timeout=10")
         sp.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 

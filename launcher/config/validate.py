@@ -11,6 +11,7 @@ from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, BATCH_SCALINGS, CO
                                     PRECISIONS, SIGNALS, SYNTHETIC_MAX, UNITS, WANDB_MODES, ADAM_FAMILY, GPTSpec,
                                     Optimizer, Recipe)
 from launcher.errors import RecipeError
+from launcher.limits import MAX_NODES
 
 def _one_of(path: str, value, allowed) -> None:
     if value not in allowed:
@@ -109,6 +110,7 @@ def validate(r: Recipe) -> Recipe:
     check_duration(r)
     epochs = 1 if r.epochs is None else r.epochs
     _at_most("epochs", epochs, MAX_EPOCHS)
+    _at_most("slurm.nodes", r.slurm.nodes, MAX_NODES)
     for path, value, low in (("seed", r.seed, 0), ("epochs", epochs, 1),
                              ("distributed.cpu_micro_batch", r.distributed.cpu_micro_batch, 1),
                              ("distributed.min_rank_batch", r.distributed.min_rank_batch, 1),

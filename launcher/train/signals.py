@@ -69,6 +69,7 @@ class Agreement:
         self._work, self._box, self._calls, self._next = None, None, 0, 1
         self._last: Optional[tuple[float, int]] = None      # (time, calls) at the previous check
         self._told = False
+        self._hurry = False
         self.checked = False              # whether the last poll was a check (a step every rank agreed on)
 
     def _asked(self) -> bool:
@@ -96,13 +97,15 @@ class Agreement:
             return False
         proposal = self._proposal()
         if self.comm.world == 1:
-            self.every, self._next = proposal, self._calls + proposal
+            self.every, self._hurry = (1 if self._hurry else proposal), False
+            self._next = self._calls + self.every
             return self._asked()
         stop = False
         if self._work is not None:
             self._work.wait()
             stop = bool(self._box[0] > 0)
-            self.every = max(1, int(-self._box[1]))
+            self.every = 1 if self._hurry else max(1, int(-self._box[1]))
+            self._hurry = False
         asked = self._asked()
         self._box = torch.tensor([1.0 if asked else 0.0, -float(proposal)])
         self._work = self.comm.all_reduce_max_async(self._box)
@@ -113,6 +116,17 @@ class Agreement:
             self.log(f"[qhm-launch] {what}: stopping after global step {global_step + self.every} "
                      "(the next check), with a checkpoint")
         return stop
+
+    def hurry(self) -> None:
+        """After something long between steps (a checkpoint write, an evaluation; every rank at the same
+        step): the next two polls are checks, so a signal that came meanwhile stops the run two steps on,
+        not an interval (measured before, at the steps' pace) later."""
+        self._next, self._hurry = self._calls + 1, True
+
+    def fresh(self) -> "Agreement":
+        """An agreement on the same flag with its own pace and count: for the batches of an evaluation,
+        whose pace is not the steps' (closed when the evaluation ends)."""
+        return Agreement(self.comm, self.flag, self.request_file, clock=self.clock, max_every=self.max_every)
 
     def close(self) -> None:
         """Wait for the outstanding all-reduce (every rank has one in flight): before the group goes."""

@@ -79,6 +79,12 @@ class Plan:
         """The index of the stage holding step ``step`` of epoch ``epoch``."""
         return bisect.bisect_right(self._starts, (epoch, step)) - 1
 
+    def end_of(self, epoch: int) -> tuple[int, int]:
+        """(global step, samples) once epoch ``epoch``'s steps are done."""
+        last = self.stages[self.index(epoch, self.steps_in(epoch) - 1)]
+        steps = last.end - last.first
+        return last.global_step + steps, last.samples + min(steps * last.batch, self.n - last.offset)
+
     def stage_at(self, global_step: int) -> Stage:
         """The stage holding global step ``global_step`` (the last stage at or past the plan's end)."""
         return self.stages[max(bisect.bisect_right([s.global_step for s in self.stages], global_step) - 1, 0)]

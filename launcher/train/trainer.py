@@ -15,7 +15,7 @@ import qhm
 from launcher import config, env
 from launcher.errors import RunFailed, UserError
 from launcher.train.build import Parts
-from launcher.train.evaluation import evaluate_epoch
+from launcher.train.evaluation import Interrupted, evaluate_epoch
 from launcher.train.cadence import cadence
 from launcher.train.report import Reporter, log_interval
 from launcher.train.signals import Agreement, PreemptionFlag
@@ -52,7 +52,8 @@ class Trainer:
         self.hyper = None                  # (lr, beta, gamma) of the last step, as written into the optimizer
         self.last_size = 0                 # the last step's samples
         self.tokens_per_sample = parts.plan.steps.tokens_per_sample or 0
-        self.step_delay = env.step_delay()
+        self.step_delay, self.eval_delay = env.step_delay(), env.eval_delay()
+        self.owed_evaluation = False       # a preemption interrupted this position's mid-epoch evaluation
         self.activity = "starting"        # what the worker is doing: the one-line failure says where it was
         self.progress = time.monotonic()   # when a step last started or ended (the watchdog reads these two)
         self.typical: float | None = None  # seconds a step takes, smoothed
@@ -60,7 +61,7 @@ class Trainer:
     def between_steps(self) -> None:
         """Back in the loop after resuming, evaluating or saving: that was progress (the watchdog's clock)."""
         self.activity, self.progress = "between steps", time.monotonic()
-
+        self.stop.hurry()
     def where(self) -> str:
         """Where this worker is, for a failure's line: in a step, or between steps (saving, evaluating)."""
         g = self.state.global_step
@@ -77,6 +78,8 @@ class Trainer:
         while self.state.epoch < self.last_epoch():
             epoch, stopping = self.state.epoch, False
             self.start_epoch(epoch)
+            if self.owed_evaluation and not self.evaluate_mid_epoch(epoch):
+                return self.interrupted()
             while self.state.step < self.stages.steps_in(epoch):      # (an adaptive batch may re-plan the epoch)
                 step = self.state.step
                 if self.stages.starts_stage(epoch, step):      # the batch changes inside the epoch
@@ -85,8 +88,9 @@ class Trainer:
                 last = step + 1 == self.stages.steps_in(epoch)
                 if self.log_every and self.state.global_step % self.log_every == 0:
                     self.log_steps(epoch)
-                if not last and self.evaluate_every.due(self.state, self.last_size):
-                    self.evaluate_mid_epoch(epoch)
+                if not last and self.evaluate_every.due(self.state, self.last_size) \
+                        and not self.evaluate_mid_epoch(epoch):
+                    return self.interrupted()
                 stopping = self.stop.poll(self.state.global_step)
                 segment_done = self.state.global_step == self.until_step
                 if (stopping or segment_done) and not last:
@@ -99,11 +103,20 @@ class Trainer:
             # no stop between an epoch's last step and its evaluation: the epoch row would then go to W&B
             # in the next segment, at a step the run already has, and be dropped; a stop agreed at the
             # last step comes after the epoch's row and save
-            self.end_epoch(epoch)
+            if not self.end_epoch(epoch):
+                return self.interrupted()
             self.save("epoch end")
             if self.state.epoch < self.last_epoch() and (stopping or self.state.global_step == self.until_step):
                 return Outcome.PREEMPTED if stopping else Outcome.SEGMENT_DONE
         return Outcome.FINISHED if self.state.epoch >= self.stages.epochs else Outcome.SEGMENT_DONE
+
+    def interrupted(self) -> Outcome:
+        """A preemption stopped an evaluation: saved where training stood, the evaluation owed (a resume
+        does it first, so its row is the one an uninterrupted run writes)."""
+        self.log(f"[qhm-launch] stop request: the evaluation at global step {self.state.global_step} stopped "
+                 "part-way; it is done again on resume")
+        self.save("preempted during an evaluation", owed_evaluation=True)
+        return Outcome.PREEMPTED
 
     def resume(self) -> None:
         """Load the newest valid checkpoint (if any); open the logs and W&B where it left off."""
@@ -135,6 +148,8 @@ class Trainer:
             self.stages.set_decisions(self.parts.growth.batches)
         if manifest is not None:
             self.check_position(manifest)
+            self.owed_evaluation = bool(manifest.get("evaluation_owed")) and self.state.step > 0 \
+                and self.state.step < self.stages.steps_in(self.state.epoch)   # an epoch's end: end_epoch does it
         self.reporter.open(self.state)
         self.between_steps()
 
@@ -154,13 +169,16 @@ class Trainer:
         if s.epoch > plan.epochs:
             bad("train.epoch", s.epoch, f"an epoch of the run's plan (0 to {plan.epochs})")
         steps = plan.steps_in(s.epoch) if s.epoch < plan.epochs else 0
-        if not (s.step < steps or s.step == 0):
-            bad("train.step", s.step, f"a step of epoch {s.epoch} (0 to {max(steps - 1, 0)})")
+        last = steps if manifest.get("evaluation_owed") else steps - 1    # trained, its evaluation interrupted
+        if not (s.step <= last or s.step == 0):
+            bad("train.step", s.step, f"a step of epoch {s.epoch} (0 to {max(last, 0)})")
         if manifest["step"] != s.global_step:
             bad("train.global_step", s.global_step, f"the checkpoint's own step, {manifest['step']}")
         if config.trajectory_hash(manifest.get("recipe", {})) != config.trajectory_hash(self.recipe.to_dict()):
             return                                  # --force-resume, a branch's start: another plan wrote it
-        if s.epoch < plan.epochs:
+        if s.step == steps > 0:                    # the epoch trained: where the next one starts
+            global_step, samples = plan.end_of(s.epoch)
+        elif s.epoch < plan.epochs:
             stage = plan.stages[plan.index(s.epoch, s.step)]
             global_step, samples = stage.global_step + s.step - stage.first, stage.samples + stage.start(s.step) - stage.offset
         else:
@@ -172,7 +190,7 @@ class Trainer:
     def start_epoch(self, epoch: int) -> None:
         """Enter epoch ``epoch`` (its stage at the step it starts from): batch split, hyper-parameters,
         data, progress bar."""
-        self.start_stage(epoch, self.state.step)
+        self.start_stage(epoch, min(self.state.step, self.stages.steps_in(epoch) - 1))   # (trained: its last stage)
         self.sums.start_epoch(self.state.step)
         self.parts.module.train()
         self.reporter.start_epoch(self.stages.current, self.stages.steps_in(epoch), self.state)
@@ -229,19 +247,38 @@ class Trainer:
         self.step_rows.take(self.stages.current, self.hyper, self.state, self.sums.has_accuracy,
                             torch.cat([window, self.sums.finite()]), grad_norm)
 
-    def evaluate_mid_epoch(self, epoch: int) -> None:
+    def evaluate(self, epoch: int) -> dict | None:
+        """The evaluation passes, or None when a preemption every rank agreed on stopped them part-way."""
+        self.activity, agreement = "evaluating", self.stop.fresh()
+
+        def stopped() -> bool:
+            if self.eval_delay:
+                time.sleep(self.eval_delay)
+            return agreement.poll()
+        try:
+            with self.stages.eager():                # evaluation shapes vary: never compiled
+                return evaluate_epoch(self.parts, epoch, stopped)
+        except Interrupted:
+            return None
+        finally:
+            agreement.close()
+
+    def evaluate_mid_epoch(self, epoch: int) -> bool:
         """eval.every / every_steps: a metrics.jsonl row inside the epoch (``mid_epoch: true``), so a
         target's crossing is not rounded to epochs. Before any save at this step, so a checkpoint follows
-        its row."""
+        its row. False: a preemption interrupted it."""
         self.step_rows.flush()                     # W&B takes rows in step order
-        self.activity = "evaluating"
-        with self.stages.eager():
-            evaluated = evaluate_epoch(self.parts, epoch)
+        evaluated = self.evaluate(epoch)
+        if evaluated is None:
+            return False
+        self.owed_evaluation = False
         self.reporter.mid_epoch_row(self.stages.current, self.state, evaluated)
         self.between_steps()
+        return True
 
-    def end_epoch(self, epoch: int) -> None:
-        """The epoch's row: training sums over all ranks, evaluation, then the next position."""
+    def end_epoch(self, epoch: int) -> bool:
+        """The epoch's row: training sums over all ranks, evaluation, then the next position. False: a
+        preemption interrupted the evaluation (nothing written, the position unchanged)."""
         stage = self.stages.current                # as split at the end (auto: maybe halved meanwhile)
         self.activity = "evaluating"
         self.reporter.end_training()
@@ -249,8 +286,9 @@ class Trainer:
         totals = self.comm.all_reduce_sum(self.sums.as_tensor())
         evaluated = {}
         if (epoch + 1) % self.recipe.eval.every_epochs == 0 or epoch == self.stages.epochs - 1:
-            with self.stages.eager():                # evaluation shapes vary: never compiled
-                evaluated = evaluate_epoch(self.parts, epoch)
+            evaluated = self.evaluate(epoch)
+            if evaluated is None:
+                return False
         self.reporter.epoch_row(stage, self.hyper, self.state, totals, self.sums.has_accuracy, evaluated,
                                 self.parts.dataset.validation is not None)
         self.state.epoch, self.state.step = epoch + 1, 0
@@ -263,6 +301,7 @@ class Trainer:
         elif growth is not None:
             growth.end_epoch_sums(totals)
         self.between_steps()
+        return True
 
     def check_finite(self) -> None:
         """Stop (on every rank) if any rank's loss was not finite since the last check: before anything
@@ -284,14 +323,14 @@ class Trainer:
                             "schedule.lr.max (or check the data) and rerun"
                             + (" to resume from there" if saved is not None else ""))
 
-    def save(self, tag: str) -> None:
+    def save(self, tag: str, owed_evaluation: bool = False) -> None:
         self.activity = "saving"
         self.check_finite()
         self.reporter.account_time(self.state)
         recipe = self.recipe.to_dict()
         path = self.checkpoints.save(self.state.global_step, {
             "position": self.state.state_dict(), "recipe": recipe, "recipe_hash": config.trajectory_hash(recipe),
-            "wandb_id": self.state.wandb_id, "tag": tag})
+            "wandb_id": self.state.wandb_id, "tag": tag, **({"evaluation_owed": True} if owed_evaluation else {})})
         self.log(f"[qhm-launch] checkpoint {path.name} ({tag})")
         self.between_steps()
 

@@ -82,6 +82,16 @@ ARGUMENTS = [
     (["submit", SMOKE, "--dry-run", "--time", "1h"], "--time: '1h' is not valid; allowed: HH:MM:SS"),
     (["plot", "nope", "--metric", "nope"], "--metric: 'nope' is not valid"),
     (["run", SMOKE, "--nnodes", "3:2"], "argument --nnodes: '3:2' is not valid; allowed: N or MIN:MAX"),
+    # a huge MAX planned every world size up to it (24 GB, OOM-killed); torchrun's own parsers gave tracebacks
+    (["run", SMOKE, "--nnodes", "1:99999999999999999999"], "argument --nnodes: '1:99999999999999999999' is not valid; "
+     "allowed: N or MIN:MAX, integers with 1 <= MIN <= MAX <= 4096"),
+    (["run", SMOKE, "--rdzv-conf", "garbage"], "argument --rdzv-conf: 'garbage' is not valid; allowed: KEY=VALUE,..."),
+    (["run", SMOKE, "--rdzv-conf", "last_call_timeout=-3"], "argument --rdzv-conf: 'last_call_timeout=-3' is not valid"),
+    (["run", SMOKE, "--rdzv-conf", "is_host=maybe"], "argument --rdzv-conf: 'is_host=maybe' is not valid"),
+    (["submit", SMOKE, "--rdzv-conf", "join_timeout=1,,"], "argument --rdzv-conf: 'join_timeout=1,,' is not valid"),
+    (["run", SMOKE, "--rdzv-endpoint", "not a host"], "argument --rdzv-endpoint: 'not a host' is not valid; allowed: "
+     "HOST:PORT"),
+    (["run", SMOKE, "--rdzv-endpoint", "localhost:99999"], "argument --rdzv-endpoint: 'localhost:99999' is not valid"),
     (["run", SMOKE, "--max-restarts", "2"], "--max-restarts: 2 restarts the workers when a node is lost, which needs "
      "elastic membership; allowed: with --nnodes MIN:MAX (MIN < MAX; given 1)"),
     (["run", SMOKE, "--nnodes", "1:2"], "--nnodes: 1:2 needs --rdzv-endpoint HOST:PORT and --rdzv-id ID"),

@@ -5,6 +5,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -187,6 +188,62 @@ def test_signal_to_launcher_saves_the_same_step_on_all_ranks_and_exits_preempted
     assert (run / "wandb_id").read_text().strip() == wandb_id
     assert len(list(run.glob(f"wandb/offline-run-*-{wandb_id}"))) == 2      # the same run id both times
     assert_same_as_reference(run, reference)
+
+
+def _row_of(run, step):
+    """Whether steps.jsonl has the row of global step ``step``: written when the step's epoch ends or an
+    evaluation starts (the rows wait about a second otherwise, never past either)."""
+    path = run / "steps.jsonl"
+    return path.exists() and any(json.loads(line).get("step") == step
+                                 for line in path.read_text().splitlines() if line.endswith("}"))
+
+
+@pytest.mark.parametrize("phase", ["epoch-end evaluation", "mid-epoch evaluation", "checkpoint write"])
+def test_sigterm_during_an_evaluation_or_a_checkpoint_write_stops_in_seconds_and_resumes_bitwise(
+        tmp_path, reference_runs, phase):
+    """An evaluation (here 1.5 s a batch, about 9 s a pass) is left part-way at the next agreed check: a
+    checkpoint where training stood, the evaluation owed, exit 75 within 6 s of the signal (it waited for the
+    whole pass before). A checkpoint write (each paused 4 s here) ends first and the stop follows two steps
+    on (it waited for an interval measured at the steps' pace before: 14 steps and four more paused writes).
+    The rerun evaluates again, and the run is bitwise the uninterrupted one, metrics.jsonl row for row."""
+    over = {"tracking.log_every_steps": 1, **({"eval.every_steps": 10} if phase.startswith("mid") else {})}
+    r = recipe("ref", **over)
+    if phase.startswith("mid"):                    # eval cadence is not in the trajectory: its own reference
+        (tmp_path / "reference").mkdir()
+        ref = train_ranks(r, tmp_path / "reference")
+    else:
+        ref = reference_runs(r)
+    path = write_recipe(tmp_path, r)
+    run = tmp_path / "runs" / "ref"
+    if phase == "checkpoint write":
+        env, limit = {"QHM_TEST_PAUSE_BEFORE_SEAL": "4", "QHM_TEST_PAUSE_FROM_STEP": str(STAGE_ENDS[0] + 1)}, 4 + 4 + 3
+    else:
+        env, limit = {"QHM_TEST_EVAL_DELAY": "1.5"}, 6
+    at = 10 if phase.startswith("mid") else STAGE_ENDS[0]
+    proc = start(["run", str(path)], cwd=tmp_path, env={**SLOW, **env})
+    out = Output(proc)
+    try:
+        wait_for((lambda: out.has("pausing")) if phase == "checkpoint write" else (lambda: _row_of(run, at)),
+                 proc=proc, what=f"the {phase}")
+        writing = [int(p.name.rsplit("-", 1)[1]) for p in (run / "checkpoints").glob(".tmp-step-*")]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 75
+        took = time.monotonic() - sent
+    finally:
+        kill_group(proc)
+    out.thread.join(timeout=10)
+    assert took < limit, (took, out.lines[-10:])
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    manifest = json.loads((latest / "manifest.json").read_text())
+    if phase == "checkpoint write":
+        assert manifest["tag"] == "preempted" and len(writing) == 1 and manifest["step"] == writing[0] + 2
+    else:
+        assert manifest["step"] == at and manifest["evaluation_owed"] and out.has("stopped part-way")
+        assert not [row for row in metric_rows(run) if row["step"] == at], "an interrupted evaluation writes no row"
+    assert "resumed from" in cli(["run", str(path)], cwd=tmp_path, check=0).stdout
+    assert_bitwise(final_params(run), final_params(ref))
+    assert metric_rows(run) == metric_rows(ref)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, killed):
