@@ -146,6 +146,9 @@ def launch(args, recipe) -> int:
         worker_env[env.LOCKED_BY] = str(os.getpid())
     if elastic:                               # a worker that loses a peer exits non-zero: torchrun restarts the group
         worker_env[env.ELASTIC] = "1"
+        # each round's workers meet in a store of their own: in the store torchrun shares across rounds, a
+        # restarted group read the last round's gloo addresses and never met (pytorch#135712): 600 s hangs
+        worker_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if recipe.performance.deterministic:      # read when cuBLAS starts, before any code of ours could set it
         from launcher.train.build import CUBLAS_DETERMINISTIC
         worker_env.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
@@ -245,6 +248,11 @@ def untold_end(folder, died: dict | None, rc: int, told: bool) -> dict | None:
     newest = CheckpointManager(folder, log=lambda *a: None).candidates()
     again = ("run the same command again to resume from the newest checkpoint (global step "
              f"{step_of(newest[0])})" if newest else "no checkpoint was written: run the same command to start again")
+    if died is not None and "rendezvous" in died:   # the node holding the rendezvous' store lost: all end
+        return {"error": f"{died['host']}: the rendezvous is gone ({died['rendezvous'][:160]}): the node at "
+                         "--rdzv-endpoint, which holds its store, was lost or ended, and the run ends on every node; "
+                         + again.replace("run the same command", "run the same command on every node"),
+                "exit": FAILED}
     if died is not None and (died.get("signal") or not told):
         how = (f"was killed by {died['signal']} (signal {-died['exitcode']}"
                + (f"; {SIGNAL_CAUSES[died['signal']]})" if died["signal"] in SIGNAL_CAUSES else ")")

@@ -6,13 +6,15 @@ torchrun prints a ``ChildFailedError`` block of some 40 lines and the surviving 
 dead one's closed sockets in a collective, blame themselves ("Connection reset by peer"). Here the
 agent writes what it knows instead, the rank, PID, exit status and signal of the first worker to fail,
 into the launcher's note (:data:`launcher.env.AGENT_NOTE`), and exits 1 in silence; the launcher turns
-the note into one line and the run folder's failed.json.
+the note into one line and the run folder's failed.json. A rendezvous that fails (its store's node lost)
+is such a note too, and a restart of the workers (elastic membership) kills them at once.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -20,23 +22,51 @@ from launcher import env
 
 
 def main(argv: list[str]) -> int:
+    # c10d's C++ warnings (a lost store's peer: 40 lines of stack frames each) are said in one line by the
+    # launcher; read when torch loads, inherited by the workers (errors still print)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     # its "failed (exitcode: -9) ..." and "Sending process ... closing signal" lines: said by the launcher
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic.rendezvous.dynamic_rendezvous").setLevel(logging.CRITICAL)
+    _end_workers_at_once_on_a_restart()
     try:
         torchrun.run(torchrun.parse_args(argv))
+    except RendezvousError as exc:            # the rendezvous' store is gone (its node lost), or it timed out
+        _write_note({"rendezvous": f"{type(exc).__name__}: {exc}".split("\n")[0][:300], "host": socket.gethostname()})
+        return 1
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         note = {"rank": rank, "pid": failure.pid, "exitcode": failure.exitcode, "host": socket.gethostname(),
                 "signal": failure.signal_name() if failure.exitcode < 0 else None}
-        path = os.environ.get(env.AGENT_NOTE)
-        if path is None:
+        if not _write_note(note):
             raise
-        with open(path, "w") as out:
-            json.dump(note, out)
         return 1
     return 0
+
+
+def _write_note(note: dict) -> bool:
+    """``note`` into the launcher's note file; False without a launcher (torchrun run by hand)."""
+    path = os.environ.get(env.AGENT_NOTE)
+    if path is None:
+        return False
+    with open(path, "w") as out:
+        json.dump(note, out)
+    return True
+
+
+def _end_workers_at_once_on_a_restart() -> None:
+    """torchrun restarts the workers (a node lost or joining) by sending them SIGTERM and waiting 30 s. To a
+    worker here SIGTERM is a preemption: it announced a stop that never came ("preempted" with no
+    preemption) while a worker blocked on a lost peer could not act on it, and the agent waited the 30 s
+    each round. A restart resumes from the newest checkpoint anyway: the workers are killed at once."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    def stop_workers(self, worker_group) -> None:
+        self._shutdown(death_sig=signal.SIGKILL)
+    LocalElasticAgent._stop_workers = stop_workers
 
 
 if __name__ == "__main__":

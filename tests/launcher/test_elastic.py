@@ -76,6 +76,92 @@ def test_a_lost_node_leaves_the_run_going_on_the_node_left_as_a_run_that_switche
     assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
 
 
+class Node:
+    """One node of a two-node run on this host: its launcher, its output collected in the background."""
+
+    def __init__(self, args, cwd, name):
+        import threading
+        self.name, self.lines = name, []
+        self.proc = start(args, cwd=cwd, env={"QHM_TEST_STEP_DELAY": "0.3", "QHM_TEST_NODE": name})
+        self.thread = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.thread.start()
+
+    def worker(self):
+        """The PID of this node's worker (the agent's child that is a rank)."""
+        from pathlib import Path
+        from launcher.cluster.supervise import children
+        agent = [p for p in children(self.proc.pid) if b"launcher.cluster.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        return [p for p in children(agent[0]) if b"RANK=" in Path(f"/proc/{p}/environ").read_bytes()][0]
+
+    def ended(self, timeout):
+        """Exit status within ``timeout`` s (all of the output read)."""
+        rc = self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return rc
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+
+@pytest.mark.e2e
+def test_two_nodes_survive_a_lost_rank_stop_together_and_end_in_one_line_when_the_store_goes(tmp_path):
+    """`run --nnodes 1:2` as two launchers on this host, one run through four events. (1) A rank killed on the
+    second node: both agents restart their workers at once (not after torchrun's 30 s SIGTERM wait, which
+    each worker took for a preemption) in a round of their own (torchrun's shared store gave the restarted
+    workers the last round's addresses: they never met, 600 s), and the run goes on on 2 processes. (2)
+    SIGTERM to the second node's launcher: both nodes stop at one checkpoint, exit 75. (3) A plain rerun, then
+    the first node (the rendezvous' store) killed with SIGKILL: the other ends in one line within 30 s, exit
+    1. (4) A plain rerun completes. Never a traceback."""
+    path = write_recipe(tmp_path, recipe("elastic"))
+    run = tmp_path / "runs" / "elastic"
+
+    def both():
+        args = ["run", str(path), "--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                "--rdzv-id", "elastic-events", "--rdzv-conf", "last_call_timeout=3"]
+        a = Node(args, tmp_path, "a")
+        time.sleep(2)                                     # the first node hosts the rendezvous' store
+        return a, Node(args, tmp_path, "b")
+
+    def after(step, nodes):
+        wait_for(lambda: any(s >= step for s in checkpoint_steps(run)), proc=nodes[0].proc, what=f"a checkpoint >= {step}")
+
+    nodes = both()
+    try:
+        after(9, nodes)
+        newest = max(checkpoint_steps(run))
+        os.kill(nodes[1].worker(), signal.SIGKILL)
+        after(max(checkpoint_steps(run)) + 6, nodes)      # trained on after the restart
+        nodes[1].proc.send_signal(signal.SIGTERM)
+        assert [n.ended(60) for n in nodes] == [75, 75], [n.output[-2000:] for n in nodes]
+        stopped = max(checkpoint_steps(run))
+        said = nodes[0].output + nodes[1].output         # rank 0's lines: on whichever node holds it
+        assert f"resumed from runs/elastic/checkpoints/step-{newest:09d}" in said and "written by 2 processes" in said
+        assert "stop request" not in said and said.count("SIGTERM: stopping") <= 1, "a restart is no preemption"
+        told = [n.output for n in nodes]
+
+        nodes = both()
+        after(stopped + 3, nodes)
+        os.kill(nodes[0].proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert nodes[1].ended(60) == 1 and time.monotonic() - killed < 30, nodes[1].output[-2000:]
+        nodes[0].ended(30)
+        errors = [line for line in nodes[1].lines if line.startswith("qhm-launch: error:")]
+        assert len(errors) == 1 and "the rendezvous is gone" in errors[0] and "on every node" in errors[0], errors
+        told += [n.output for n in nodes]
+
+        wait_for(lambda: not processes_with("QHM_TEST_NODE=a"), timeout=30, what="the killed node's processes to end")
+        nodes = both()
+        assert [n.ended(300) for n in nodes] == [0, 0], [n.output[-2000:] for n in nodes]
+        told += [n.output for n in nodes]
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                os.killpg(n.proc.pid, signal.SIGKILL)
+    assert (run / "final_model.pt").exists() and (run / "complete.json").exists()
+    assert not [t for t in told if "Traceback" in t or "frame #" in t], [t[-2000:] for t in told if "Traceback" in t]
+
+
 def test_submit_min_nodes_keeps_the_job_going_on_the_nodes_left(tmp_path, capsys):
     """The job's script: the allocation survives a failed node (--no-kill), one node's task ending does not end
     the others' (srun --no-kill --kill-on-bad-exit=0), torchrun's membership is MIN:the job's nodes, and a
