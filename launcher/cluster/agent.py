@@ -38,7 +38,9 @@ def main(argv: list[str]) -> int:
         _write_note({"rendezvous": f"{type(exc).__name__}: {exc}".split("\n")[0][:300], "host": socket.gethostname()})
         return 1
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        # a worker killed by a signal is the cause; its peers' exits (closed sockets) the consequence, and
+        # the agent may see both in one poll, where "first" is a tie (under load, the peer was named)
+        rank, failure = min(exc.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp, item[0]))
         note = {"rank": rank, "pid": failure.pid, "exitcode": failure.exitcode, "host": socket.gethostname(),
                 "signal": failure.signal_name() if failure.exitcode < 0 else None}
         if not _write_note(note):
