@@ -444,3 +444,41 @@ def test_a_branch_study_killed_midway_runs_only_what_is_missing(parent, tmp_path
     assert f"{study / 'par-at20s-x1'} is already complete" in again.stdout
     assert "resumed from" in again.stdout
     assert all((study / f"par-at20s-x{f}" / "complete.json").exists() for f in (1, 2, 4))
+
+
+@pytest.mark.e2e
+def test_sigterm_to_a_local_branch_set_at_a_point_boundary_stops_it_with_exit_75_and_the_rerun_completes(parent, tmp_path):
+    """A signal between two points (right after a point's final checkpoint, and right as the next point is
+    announced) used to be swallowed (the rest trained to exit 0) or to kill the process (exit -15, no line):
+    now the set stops with 75 and its line, and the same command finishes what is missing."""
+    import signal
+    import threading
+    work = tmp_path / "w"
+    shutil.copytree(parent, work / "runs" / "par")
+    args = ["branch", str(work / "runs" / "par"), "--at", "20", "--batch", "2,4", "--for", "30", "--local"]
+    study = work / "runs" / "par.branches"
+
+    def started():
+        proc = start(args, cwd=work, env={"QHM_TEST_STEP_DELAY": "0.05"})
+        lines: list = []
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        return proc, lines
+
+    proc, lines = started()
+    try:
+        wait_for(lambda: (study / "par-at20s-x1" / "complete.json").exists(), proc=proc, what="the first point done")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 75, "".join(lines)[-3000:]
+        assert not (study / "par-at20s-x4" / "complete.json").exists()
+        proc, lines = started()
+        wait_for(lambda: any("sweep point 2/3" in line for line in lines), proc=proc, what="the second point announced")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 75, "".join(lines)[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    said = "".join(lines)
+    assert "run the same command to resume (exit 75)" in said and "Traceback" not in said, said[-3000:]
+    assert not (study / "par-at20s-x4" / "complete.json").exists()
+    cli(args, cwd=work, check=0)
+    assert all((study / f"par-at20s-x{f}" / "complete.json").exists() for f in (1, 2, 4))
