@@ -155,9 +155,11 @@ def launch(args, recipe) -> int:
     # torchrun sets 1 thread per worker and prints a banner saying so; we choose the share of cores
     worker_env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     # a rank the agent ends (another one failed) leaves its data workers' semaphores to its resource tracker,
-    # which cleans them up and warns about them at exit: lines under the one that says what failed
+    # which cleans them up and warns about them at exit: lines under the one that says what failed; and
+    # DeepSpeed's ZeRO calls collectives torch has deprecated, a FutureWarning on every rank
     worker_env["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"),
-                                                        "ignore:resource_tracker:UserWarning") if w)
+                                                        "ignore:resource_tracker:UserWarning",
+                                                        "ignore::FutureWarning:torch.distributed.c10d_logger") if w)
     if lock is not None:                      # this process holds the folder: an earlier failure is history
         folder.failed.unlink(missing_ok=True)
     before = _signature(folder.failed)

@@ -148,6 +148,10 @@ class DeepSpeedEngine:
     checkpoint_scope = "files"
 
     def __init__(self, recipe, module, optimizer, comm, micro: int, accum: int):
+        import logging
+        # DeepSpeed's op builder imports torch's extension builder, which warns on every rank of a CPU host
+        # that it found no CUDA runtime: lines above the one a failure prints
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         import deepspeed
         self.module, self.world, self.comm = module, comm.world, comm
         # ZeRO-2 reduce-scatters every micro-step's gradient into the partitions (a collective per backward)
@@ -220,7 +224,16 @@ class DeepSpeedEngine:
 
     # checkpoints: DeepSpeed writes model and (partitioned) optimizer state itself, into our folder
     def save_files(self, folder: Path) -> None:
-        self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        try:
+            self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        except (OSError, RuntimeError) as exc:
+            # torch.save's writer reports a full disk as a RuntimeError ("write(): fd 20 failed with No space
+            # left on device"): the same line and failed.json as our own files get
+            from launcher.errors import DiskFull, disk_full
+            if not (disk_full(exc) or "No space left on device" in str(exc)):
+                raise
+            shutil.rmtree(Path(folder) / TAG, ignore_errors=True)      # what was written: room for failed.json
+            raise DiskFull(Path(folder) / f"{TAG} (DeepSpeed's shards)", None) from None
 
     def check_files(self, folder: Path) -> None:
         """Load every DeepSpeed file of the checkpoint the safe way, here, before DeepSpeed's own load

@@ -206,7 +206,7 @@ def test_a_non_finite_loss_stops_the_run_in_one_line_and_saves_nothing_after_it(
     assert not (run / "final_model.pt").exists() and (run / "failed.json").exists()
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])
 def test_a_full_disk_is_one_line_and_the_same_command_resumes_bitwise_once_there_is_room(tmp_path, engine):
     """A run folder on a 16 MiB tmpfs with 24 KiB left (FSDP: 300): the first checkpoint cannot be written. One line
     naming the folder and the bytes, exit 1, every rank ended; again while still full: the same; with
@@ -223,10 +223,12 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes_bitwise_once_there
         pytest.skip("cannot mount a tmpfs here")
     try:
         over = {"name": "full", "epochs": 2, "checkpoint.every_steps": 3, "schedule.lr.min": 0.001,  # no LR-0 warning
-                "distributed.engine": engine, **({"eval.full_grad_norm": False} if engine == "fsdp" else {})}
+                "distributed.engine": engine, **({"eval.full_grad_norm": False} if engine != "ddp" else {})}
+        if engine == "zero3":
+            over.update({"distributed.engine": "deepspeed", "distributed.zero_stage": 3, "optimizer.name": "adamw"})
         path = write_recipe(tmp_path, recipe(output=str(disk), **over))
         filler = disk / "filler"
-        room = {"ddp": 24, "fsdp": 300}[engine] * 1024     # FSDP: its small files fit, DCP's shards (1.3 MB) do not
+        room = {"ddp": 24, "fsdp": 300, "zero3": 300}[engine] * 1024   # sharded: small files fit, the shards do not
         filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - room))
         for attempt in range(2):
             proc = cli(["run", str(path)], cwd=tmp_path, timeout=120)
