@@ -5,7 +5,7 @@ from pathlib import Path
 
 import launcher
 
-LAYERS = ["errors", "env", "run", "config", "data", "engines", "train", "cluster", "cli"]
+LAYERS = ["errors", "limits", "env", "run", "config", "data", "engines", "train", "cluster", "cli"]
 ROOT = Path(launcher.__file__).parent
 
 
