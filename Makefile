@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
 export MPLBACKEND           ?= Agg
 
-.PHONY: demo demo-lm test test-fast study scaling scaling-lm branch-study adaptive bench clean
+.PHONY: demo demo-lm test test-fast lint typecheck study scaling scaling-lm branch-study adaptive bench clean
 STUDY_RUNS = runs/study/study_*
 SCALING_RUNS = runs/scaling/scaling_*
 SCALING_TARGET = train_loss<=0.3
@@ -32,6 +32,14 @@ demo-lm: $(VENV)/.installed
 # everything: unit tests, in-process gloo ranks, and the real process tree (torchrun, DeepSpeed, Slurm)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# ruff's rules (pyproject.toml: pyflakes, pycodestyle, bugbear, blind excepts, stale noqa) over all the code
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check qhm launcher tests benchmarks
+
+# mypy over the packages that are typed so far (pyproject.toml's [tool.mypy] files: qhm, launcher/config)
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
 
 # the edit-test loop: everything but the tests marked e2e (the process tree) or slow (heavy in-process)
 test-fast: $(VENV)/.installed

@@ -33,7 +33,7 @@ from pathlib import Path
 # gemm raised "Deterministic behavior was enabled ... CUBLAS_WORKSPACE_CONFIG".
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

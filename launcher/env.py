@@ -4,7 +4,8 @@ here and nowhere else) and the signal names a run may take as preemption. Stdlib
 of a worker import it before torch.
 
 The process tree's own: what ``qhm-launch run`` tells the workers it starts, and what a generated
-Slurm script tells the launcher. Then the test hooks, which only the test-suite sets: they let a test land a kill at a chosen moment (a slow step, a checkpoint write paused before it is
+Slurm script tells the launcher. Then the test hooks, which only the test-suite sets: they let a test
+land a kill at a chosen moment (a slow step, a slow evaluation, a checkpoint write paused before it is
 sealed), see what each DeepSpeed optimizer step spanned, or inject a CUDA out-of-memory error. A user
 never needs them; each does nothing unless set.
 """

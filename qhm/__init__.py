@@ -13,5 +13,6 @@ from .schedules import BatchSchedule, BetaSchedule, GammaSchedule, LRSchedule, S
 __all__ = ["QHM", "qhm", "QHAdam", "qhadam", "PRESETS", "from_torch_sgd", "to_torch_sgd",
            "BatchSchedule", "LRSchedule", "BetaSchedule", "GammaSchedule", "ScheduleError",
            "Schedule", "EpochTable", "StepSequences", "epoch_table", "step_sequences",
-           "apply_hyperparams", "inverse_batch_sums", "Segment", "StepPlan", "plan_steps", "BatchTooLarge", "Constants", "theorem2", "theorem4", "corollary3", "corollary5",
+           "apply_hyperparams", "inverse_batch_sums", "Segment", "StepPlan", "plan_steps", "BatchTooLarge",
+           "Constants", "theorem2", "theorem4", "corollary3", "corollary5",
            "verdict", "summary"]

@@ -49,8 +49,11 @@ class Constants:
     G: Optional[float] = None          # gradient bound
     f_gap: Optional[float] = None      # f(x_0) - f_star
 
-    def complete(self) -> bool:
-        return None not in (self.L, self.sigma2, self.G, self.f_gap)
+    def complete(self) -> tuple[float, float, float, float] | None:
+        """(L, sigma2, G, f_gap) when every one is given, else None."""
+        if self.L is None or self.sigma2 is None or self.G is None or self.f_gap is None:
+            return None
+        return self.L, self.sigma2, self.G, self.f_gap
 
 
 @dataclass
@@ -89,16 +92,16 @@ def theorem2(seq: StepSequences, constants: Constants = Constants()) -> Theorem2
     C = _over_sum_alpha(seq.gamma * seq.beta, sum_alpha)
     gb, a_max = float(np.max(seq.gamma * seq.beta)), float(np.max(seq.lr))
     out = Theorem2(A=A, B=B, C=C, gamma_beta_sup=gb, alpha_max=a_max)
-    if constants.complete():
-        L = constants.L
+    given = constants.complete()
+    if given is not None:
+        L, sigma2, G, f_gap = given
         if not a_max * L < 2:
             out.note = f"alpha_max={a_max} >= 2/L={2 / L}: Theorem 2 does not apply"
         elif not gb < 1:
             out.note = f"sup gamma*beta={gb} >= 1: Theorem 2 does not apply"
         else:
             D = (1 - gb) * (2 - a_max * L)
-            out.bound = (2 * constants.f_gap * A + L * constants.sigma2 * B
-                         + 2 * a_max * (1 + a_max * L) * constants.G ** 2 * C) / D
+            out.bound = (2 * f_gap * A + L * sigma2 * B + 2 * a_max * (1 + a_max * L) * G ** 2 * C) / D
     return out
 
 
@@ -117,9 +120,10 @@ def theorem4(seq: StepSequences, constants: Constants = Constants()) -> Theorem4
         k = out.first_violation
         out.note = (f"beta_k (alpha_k/2 + 1) <= 1 fails first at k={k} "
                     f"(beta={seq.beta[k]:.6g}, alpha={seq.lr[k]:.6g}): Theorem 4 does not apply")
-    elif constants.complete():
-        LG = constants.L ** 2 * constants.G ** 2
-        out.bound = 2 * constants.f_gap * A + 4 * constants.sigma2 * B + 5 * LG * C + 2 * LG * D
+    elif (given := constants.complete()) is not None:
+        L, sigma2, G, f_gap = given
+        LG = L ** 2 * G ** 2
+        out.bound = 2 * f_gap * A + 4 * sigma2 * B + 5 * LG * C + 2 * LG * D
     return out
 
 
@@ -135,7 +139,7 @@ def corollary3(schedule: Schedule, table: EpochTable, K: np.ndarray) -> dict:
     """Upper bounds of A_K, B_K, C_K (step-decay beta and gamma); keys absent where not covered."""
     a, c, p, T0, bs = _common(schedule, table)
     K = np.asarray(K, dtype=np.float64)
-    kind, out = schedule.lr.kind, {}
+    kind, out = schedule.lr.kind, dict[str, np.ndarray]()
     if schedule.lr.warmup:
         return out
     root = np.sqrt(K + 1) - 1

@@ -182,7 +182,7 @@ def _get_compiled_kernel():
     if _compiled_kernel is None and not _compile_failed:
         try:
             _compiled_kernel = torch.compile(_qhm_foreach_fusable_, fullgraph=True)
-        except Exception as exc:  # pragma: no cover - depends on the platform
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - any failure to compile: the eager kernels
             _fall_back(exc)
     return _compiled_kernel
 
@@ -220,7 +220,7 @@ def _compiled_qhm(params, grads, buffers, *, lr, beta, gamma, weight_decay, maxi
                            for v in (lr, beta, gamma, weight_decay, -1.0 if maximize else 1.0)]
                 kernel(device_params, device_grads, device_buffers, *scalars)
             return
-        except Exception as exc:  # pragma: no cover - e.g. no C++ compiler at the first call
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - e.g. no C++ compiler at the first call
             _fall_back(exc)
     _multi_tensor_qhm(params, grads, buffers, lr=lr, beta=beta, gamma=gamma,
                       weight_decay=weight_decay, maximize=maximize)

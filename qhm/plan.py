@@ -146,7 +146,7 @@ def apply_hyperparams(optimizer, lr: float, beta: float | None, gamma: float | N
     optimizer). beta and gamma None: an optimizer without them (the Adam family), whose lr alone moves."""
     for group in optimizer.param_groups:
         group["lr"] = float(lr)
-        if beta is not None:
+        if beta is not None and gamma is not None:
             group["beta"], group["gamma"] = float(beta), float(gamma)
 
 
@@ -219,7 +219,7 @@ class StepPlan:
     def positions(self) -> dict:
         """Per step k of the run (numpy arrays of length K): ``epoch``, ``step`` (= k), ``samples`` before
         it, ``batch`` (scheduled b_k) and ``size`` (the samples it trains on)."""
-        parts = {key: [] for key in ("epoch", "step", "samples", "batch", "size")}
+        parts: dict[str, list] = {key: [] for key in ("epoch", "step", "samples", "batch", "size")}
         for s in self.segments:
             i = np.arange(s.steps, dtype=np.int64)
             parts["epoch"].append(np.full(s.steps, s.epoch, dtype=np.int64))

@@ -103,7 +103,7 @@ class QHAdam(Optimizer):
                 s["beta2_weight"] = 1.0 + beta2 * s["beta2_weight"]
                 by_weights.setdefault((s["beta1_weight"], s["beta2_weight"]), []).append(i)
             for (w1, w2), index in by_weights.items():
-                pick = (lambda xs: xs) if len(index) == len(states) else (lambda xs: [xs[i] for i in index])
+                pick = (lambda xs: xs) if len(index) == len(states) else (lambda xs, index=index: [xs[i] for i in index])
                 qhadam(pick(params), pick(grads), pick(averages), pick(squares), lr=group["lr"],
                        beta1_adj=1.0 - 1.0 / w1, beta2_adj=1.0 - 1.0 / w2, nus=group["nus"],
                        weight_decay=group["weight_decay"], decouple_weight_decay=group["decouple_weight_decay"],

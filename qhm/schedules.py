@@ -67,6 +67,9 @@ def _step_decay(top: float, factor: float, m, interval: int):
 
 
 class _Scalar:
+    def values(self, m: np.ndarray) -> np.ndarray:       # each schedule's, over an array of positions
+        raise NotImplementedError
+
     def __call__(self, m: int):
         return self.values(np.asarray(m)).item()
 

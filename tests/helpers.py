@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from launcher.config import keys
-from launcher.env import UNTIL_STEP, alive  # noqa: F401  alive: tests import it from here (whether a PID runs; zombies do not)
+from launcher.env import UNTIL_STEP, alive
 from launcher.run.files import read_jsonl
 from launcher.run.tracking import WALL_FIELDS
 
@@ -138,7 +138,7 @@ def close_params(a: dict, b: dict, rtol: float, atol: float) -> float:
     """Assert the two state dicts equal within the tolerances, key by key; the largest difference."""
     assert sorted(a) == sorted(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
@@ -271,7 +271,7 @@ class RankPool:
         return [(v, out) for _, v, out in results]
 
     def close(self) -> None:
-        for proc, conn in self.workers:
+        for _, conn in self.workers:
             try:
                 conn.send(None)
             except OSError:

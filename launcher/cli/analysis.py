@@ -309,7 +309,8 @@ def plot(run_dirs: list, metric: str | None = None, x: str = "epoch", out: str =
         legend = f"{c['label']} ({seed_words(c)})"
         ax.plot(xs, mean, style, color=colour, label=legend)
         ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, linewidth=0)
-        drawn.append({"label": c["label"], "legend": legend, "metric": metric, "runs": [str(r["dir"]) for r in c["runs"]], "x": xs,
+        drawn.append({"label": c["label"], "legend": legend, "metric": metric,
+                      "runs": [str(r["dir"]) for r in c["runs"]], "x": xs,
                       "mean": mean,
                       "min": lo, "max": hi})
         if metric == "noise_scale" and rows == "epochs":

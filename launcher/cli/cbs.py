@@ -30,7 +30,7 @@ def _batch(value, tokens: int | None) -> str:
 def _gap(v: dict, relative: bool) -> str:
     if v["gap"] is None:
         return "-"
-    fmt = (lambda x: f"{x * 100:+.2f}%") if relative else (lambda x: f"{x:+.4f}")  # noqa: E731
+    fmt = (lambda x: f"{x * 100:+.2f}%") if relative else (lambda x: f"{x:+.4f}")
     text = fmt(v["gap"]) + (f" [{fmt(v['interval'][0])}, {fmt(v['interval'][1])}]" if v["interval"] else "")
     return f"{text} {v['verdict']}"
 

@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
-from launcher.cli.args import (Parser, add_debug, endpoint, node_count, node_range, rdzv_conf, sample_count, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                               text)
+from launcher.cli.args import (Parser, add_debug, endpoint, node_count, node_range, nonnegative_float, nonnegative_int,
+                               positive_float, positive_int, rdzv_conf, sample_count, text)
 from launcher.errors import BAD_INPUT, FAILED, DiskFull, RunFailed, UserError, disk_full, one_line
 
 
@@ -138,7 +138,8 @@ def slurm_commands(command) -> None:
         sp.add_argument("--time", type=text, default="01:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS")
         sp.add_argument("--partition", type=text, help="Slurm partition")
         sp.add_argument("--account", type=text, help="Slurm account")
-        sp.add_argument("--cpus-per-task", type=positive_int, help="CPUs per node's task (default: processes x (data.workers + 1))")
+        sp.add_argument("--cpus-per-task", type=positive_int,
+                        help="CPUs per node's task (default: processes x (data.workers + 1))")
         sp.add_argument("--signal", default="USR2", choices=slurm.SIGNALS,
                         help="preemption warning signal (default USR2: NCCL does not use it)")
         sp.add_argument("--signal-seconds", type=positive_int, default=120,

@@ -307,7 +307,7 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None, u
         if env.flag(env.DEBUG):
             raise
         rc = report_failure(recipe, comm, exc)
-    except Exception as exc:            # a mistake only a worker meets (the user's code, a bug): one line too
+    except Exception as exc:  # noqa: BLE001 - a mistake only a worker meets (the user's code, a bug): one line too
         where = trainer.where() if trainer else None
         if env.flag(env.ELASTIC) and comm_mod.peer_lost(exc):
             rc = report_lost_peer(recipe, comm, exc, where)

@@ -121,7 +121,7 @@ def target_report(run_dirs: list, target_text: str, as_json: bool = False) -> st
     head = " | ".join(f"{names[k]} to target" for k in keys)
     lines = [f"target {target}", "", f"| run | {head} |", "|---|" + "---|" * len(keys)]
     fmt = lambda v, f: "not reached" if v is None else ("~" if f["interpolated"] else "") + f"{v:,.6g}"  # noqa: E731
-    for c, found in per_curve:
+    for _, found in per_curve:
         for f in found:
             lines.append(f"| {f['run']} | " + " | ".join(fmt(f[k], f) for k in keys) + " |")
     if any(f["interpolated"] for f in found_all):

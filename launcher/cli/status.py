@@ -30,7 +30,8 @@ def is_run_folder(path: Path) -> bool:
 
 def run_folders(paths: list) -> list[Path]:
     """Run folders: each path that is one, the points of a sweep folder (points.json), the branches of a
-    ``<run>.branches`` folder (the run folders in it), or a local sweep's points (``sweep --local`` writes ``<output>/<name>_<point>`` folders and no ``<name>``).
+    ``<run>.branches`` folder (the run folders in it), or a local sweep's points (``sweep --local`` writes
+    ``<output>/<name>_<point>`` folders and no ``<name>``).
     Anything else is a one-line error: "not started" is for a run that exists and has not started."""
     out = []
     for path in map(Path, paths):

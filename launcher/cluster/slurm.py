@@ -2,10 +2,11 @@
 is :mod:`launcher.cluster.sweep`).
 
 Scripts come from ``launcher/cluster/templates/job.sbatch`` (package data, so an installed wheel has
-it); every value a user typed goes through ``shlex.quote``. One node: one ``srun`` of the launcher, which starts torchrun with G local processes. Several nodes: one task
-per node running torchrun with a c10d rendezvous on the allocation's first node, a per-job rendezvous id
-and port. Preemption: ``--signal=B:<SIG>@<s>``, ``--requeue``, ``--open-mode=append``; the batch shell
-asks the launcher to save, waits, and requeues on exit status 75 (array tasks as ARRAYJOB_TASK).
+it); every value a user typed goes through ``shlex.quote``. One node: one ``srun`` of the launcher, which
+starts torchrun with G local processes. Several nodes: one task per node running torchrun with a c10d
+rendezvous on the allocation's first node, a per-job rendezvous id and port. Preemption:
+``--signal=B:<SIG>@<s>``, ``--requeue``, ``--open-mode=append``; the batch shell asks the launcher to save,
+waits, and requeues on exit status 75 (array tasks as ARRAYJOB_TASK).
 """
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: st
                        "{{sbatch_lines}}": "\n".join(_sbatch_lines(args, cpus, array, nodes, gpus_per_node)),
                        "{{submit}}": single_line(shlex.join(submit_cmd)), "{{setup}}": setup,
                        "{{workdir}}": workdir, "{{exports}}": exports,
-                       "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch, "{{after_launch}}": after,
+                       "{{prelude}}": select + ("\n" + prelude if prelude else ""), "{{launch}}": launch,
+                       "{{after_launch}}": after,
                        "{{signal}}": args.signal, "{{signal_seconds}}": str(args.signal_seconds)}.items():
         text = text.replace(key, value)
     return text

@@ -111,7 +111,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides or []:
         path, value = _parse_override(text)
 
-        def conflict(prefix, node, path=".".join(path)):
+        def conflict(prefix, node, path=".".join(path)):  # noqa: B008 - bound to this override's path
             raise RecipeError(f"{prefix}: {node!r} is not a mapping; cannot set {path}")
         keys.set_(data, ".".join(path), value, on_conflict=conflict)
     return data

@@ -318,6 +318,7 @@ class Recipe:
                            for i, p in enumerate(s.batch.points))
             return qhm.BatchSchedule("steps", points=points)
         size = s.batch.size if s.batch.kind == "constant" else s.batch.initial
+        assert size is not None, "validated: every batch kind has its size or initial"
         # adaptive: the plan before any decision is the initial batch throughout (launcher.train.adaptive)
         kind = "constant" if s.batch.kind == "adaptive" else s.batch.kind
         return qhm.BatchSchedule(kind, size, growth=s.batch.growth, interval=interval)

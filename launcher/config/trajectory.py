@@ -36,7 +36,8 @@ def _merged(defaults: dict, given: dict) -> dict:
 # Keys added after hashes were first written, at the defaults that reproduce what came before: left out of
 # the hash when at those defaults, so a run folder completed earlier keeps its hash (and stays complete).
 ADDED_DEFAULTS = {"train": {"steps": None, "samples": None, "tokens": None}, "data.tokens_per_sample": None,
-                  "schedule.unit": "epoch", "schedule.batch.points": [], "schedule.batch.branches": None, "schedule.batch.tolerance": 0.01, "schedule.lr.decay": 0,
+                  "schedule.unit": "epoch", "schedule.batch.points": [], "schedule.batch.branches": None,
+                  "schedule.batch.tolerance": 0.01, "schedule.lr.decay": 0,
                   "schedule.lr.batch_scaling": "none", "data.train": None, "data.seq_len": None, "data.vocab": None,
                   "data.text": None, "optimizer.betas": [0.9, 0.999], "optimizer.nus": [1.0, 1.0], "optimizer.eps": 1e-8,
                   "optimizer.decouple_weight_decay": None, "optimizer.weight_decay_all": False,

@@ -165,6 +165,7 @@ def validate(r: Recipe) -> Recipe:
         raise RecipeError(f"schedule.lr.decay: {r.schedule.lr.decay!r} is not valid with kind {r.schedule.lr.kind}; "
                           "allowed: 0 (decay is the wsd kind's final decay; it would be ignored)")
     if b.kind == "adaptive":
+        assert b.initial is not None, "required for kind adaptive (checked above)"
         if b.growth * b.initial > qhm.schedules.MAX_BATCH:
             raise RecipeError(f"schedule.batch.growth: {b.growth!r} is not valid; allowed: small enough that "
                               f"{b.initial} x growth stays below 2^62")
@@ -224,6 +225,7 @@ def check_gpt(r: Recipe) -> None:
     """The built-in GPT: positive sizes, width a multiple of heads, seq_len and vocab from the data
     where not given."""
     g = r.model
+    assert isinstance(g, GPTSpec), "called for the built-in GPT only"
     _one_of("model.name", g.name, ("gpt",))
     for key in ("layers", "heads", "width"):
         _at_least(f"model.{key}", getattr(g, key), 1)
@@ -287,7 +289,7 @@ def check_optimizer(r: Recipe) -> None:
                           "null (no clipping)")
     for key, low, high, what in (("betas", 0.0, 1.0, "in [0, 1)"), ("nus", 0.0, 1.0, "in [0, 1]")):
         value = getattr(o, key)
-        upper_ok = (lambda v: v < high) if key == "betas" else (lambda v: v <= high)
+        upper_ok = (lambda v, high=high: v < high) if key == "betas" else (lambda v, high=high: v <= high)
         if not (len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v
                                         and upper_ok(v) for v in value)):
             raise RecipeError(f"optimizer.{key}: {value!r} is not valid; allowed: two numbers {what}")
@@ -357,7 +359,7 @@ def check_points(r: Recipe) -> None:
                               "(any integer splits over any world size)")
     named.discard(None)
     if len(named) > 1:
-        raise RecipeError(f"schedule.batch.points: {points!r} mixes units ({', '.join(sorted(named))}); allowed: "
+        raise RecipeError(f"schedule.batch.points: {points!r} mixes units ({', '.join(sorted(str(n) for n in named))}); allowed: "
                           f"positions in one unit, schedule.unit ({unit})")
     try:
         r.batch_spec()

@@ -75,7 +75,7 @@ def _check(root, where: str) -> None:
         visiting.add(key)
         total = 1
         if isinstance(node, yaml.MappingNode):
-            seen = {}
+            seen: dict = {}
             for k, v in node.value:
                 if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
                     if k.value in seen:

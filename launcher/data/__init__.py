@@ -19,7 +19,7 @@ import torch
 
 from launcher.data import order
 from launcher.errors import UserError
-from launcher.data.order import Augment  # noqa: F401  (re-exported: the augmentation settings of a dataset)
+from launcher.data.order import Augment
 from launcher.config import Data  # noqa: F401  (re-exported for callers that build a data config by hand)
 from launcher.data import builtin, imagefolder, tokens
 from launcher.data.builtin import SIZES  # noqa: F401

@@ -180,7 +180,7 @@ def measure(paths, tolerance=None, loss: str = "test", level: float = LEVEL) -> 
             warnings.append(f"{Path(entry['parent']).name} at step {entry['at_step']}: the factors end at different "
                             f"{FIELDS[entry['unit']]} ({', '.join(f'{e:,}' for e in sorted(e for e in ends if e is not None))}): "
                             "branches of an earlier version (run them again to compare at one position)")
-        for f, v in sorted(entry["factors"].items()):
+        for _, v in sorted(entry["factors"].items()):
             gaps = [(v["losses"][s] / control_losses[s] - 1 if relative else v["losses"][s] - control_losses[s])
                     for s in sorted(v["losses"]) if v["losses"][s] is not None and s in control_losses]
             v["gap"] = statistics.fmean(gaps) if gaps else None

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.run.files import (DIR_MODE, append_line, atomic_write, atomic_write_json, next_free, open_fd, read_jsonl,
-                                read_rows)
+from launcher.run.files import (DIR_MODE, append_line, atomic_write, atomic_write_json, next_free, open_fd, read_rows)
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ class Tracker:
             return None
         try:
             return call()
-        except BaseException as exc:  # noqa: BLE001 - W&B must never stop training
+        except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             print(f"[qhm-launch] W&B failed ({what}: {type(exc).__name__}: {one_line(exc)[:160]}); "

@@ -15,10 +15,10 @@ while the second's is tr(S). So the launcher adds the tr(Sigma) estimate over n 
 both are unbiased for the data the run samples from, and B_simple = tr(S)/|G|^2 means the same on a
 small dataset as on a large one (uncorrected, it is inflated by about 1/(1 - B_simple/n): measured at
 fixed parameters on 1,024 samples, the |G|^2 estimate's mean ratio was 0.98, 0.77, 0.53 and -0.25 at
-B_simple 22, 226, 464 and 1,241; corrected, 1.00-1.04). Each step's norms join the epoch's running sums (:class:`EpochSums`), which add the
-estimates of many steps with one product on the device; a steps.jsonl row reports the window's means and
-B_simple = tr(Sigma) / |G|^2, the ratio of the means (a mean of per-step ratios is biased; McCandlish A.1
-says the same).
+B_simple 22, 226, 464 and 1,241; corrected, 1.00-1.04). Each step's norms join the epoch's running sums
+(:class:`EpochSums`), which add the estimates of many steps with one product on the device; a steps.jsonl
+row reports the window's means and B_simple = tr(Sigma) / |G|^2, the ratio of the means (a mean of
+per-step ratios is biased; McCandlish A.1 says the same).
 
 Where the two squared norms come from:
 

@@ -144,7 +144,7 @@ def check_samples(recipe: Recipe) -> int:
     try:
         with torch.no_grad():
             out = module(inputs)
-    except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: one line
+    except Exception as exc:
         raise UserError(f"{model_key}: the forward pass of train[0] and test[0] (inputs {tuple(x.shape)}, {x.dtype}) "
                         f"raised {type(exc).__name__}: {one_line(exc)}") from exc
     loss = losses.from_recipe(recipe.loss, losses.per_token(recipe))
@@ -175,7 +175,7 @@ def check_samples(recipe: Recipe) -> int:
         value = loss(out.float(), target)
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise UserError(f"loss: on the model's outputs {tuple(out.shape)} and targets {tuple(target.shape)} it raised "
                         f"{type(exc).__name__}: {one_line(exc)}") from exc
     if not torch.isfinite(value):
@@ -226,7 +226,7 @@ def check_gradients(module, inputs, target, loss, model_key: str) -> None:
         if not isinstance(out, torch.Tensor):
             return
         loss(out.float(), target).sum().backward()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise UserError(f"{model_key}: a training step on train[0] and test[0] raised {type(exc).__name__}: "
                         f"{one_line(exc)}") from exc
     unused = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
@@ -245,7 +245,7 @@ def _sample(split, name: str, where: str):
         return split.images[0], split.labels[0]
     try:
         item = split.base[0]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise UserError(f"{where}: reading {name}[0] raised {type(exc).__name__}: {one_line(exc)}") from exc
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
         raise UserError(f"{where}: {name}[0] is {type(item).__name__}; allowed: a pair (input, target)")

@@ -1,7 +1,7 @@
 """The training loop of one worker, over parts built elsewhere (:mod:`launcher.train.build`).
 :meth:`Trainer.train` reads top to bottom: resume, then for each epoch enter its stage, run its steps
-(entering the next stage where the batch changes inside the epoch), end the epoch and save; it returns an :class:`Outcome`, which the CLI turns into markers, the final
-model and an exit status. No callbacks.
+(entering the next stage where the batch changes inside the epoch), end the epoch and save; it returns an
+:class:`Outcome`, which the CLI turns into markers, the final model and an exit status. No callbacks.
 """
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ def test_bad_arguments(args, expect, capsys):
 
 
 def test_debug_is_accepted_after_the_subcommand_too(capsys):
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - --debug shows the error's own traceback, whatever its class
         main(["plan", SMOKE, "--set", "seed=-1", "--debug"])
 
 

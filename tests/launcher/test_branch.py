@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import (base_recipe, checkpoint_steps, cli, final_params, kill_group, start, train_ranks, wait_for,
+from helpers import (base_recipe, cli, final_params, kill_group, start, train_ranks, wait_for,
                      write_recipe)
 from launcher import config
 from launcher.cli import branch, scaling

@@ -3,7 +3,6 @@ a GPU job where torch sees no GPU, DeepSpeed's grad-norm key by version, gradien
 explicit reduce, the rendezvous port outside the ephemeral range, CPUs per GPU rank, a run without wandb."""
 import os
 import subprocess
-import sys
 
 import pytest
 import torch

@@ -15,7 +15,7 @@ def test_largest_fitting_against_every_limit():
         for capacity in range(0, 80):
             calls = []
 
-            def fits(m):
+            def fits(m, calls=calls, capacity=capacity):
                 calls.append(m)
                 return m <= capacity
             assert largest_fitting(fits, limit) == min(capacity, limit)

@@ -230,7 +230,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes_bitwise_once_there
         filler = disk / "filler"
         room = {"ddp": 24, "fsdp": 300, "zero3": 300}[engine] * 1024   # sharded: small files fit, the shards do not
         filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - room))
-        for attempt in range(2):
+        for _ in range(2):
             proc = cli(["run", str(path)], cwd=tmp_path, timeout=120)
             lines = [x for x in proc.stderr.splitlines() if x.strip()]
             assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import base_recipe, checkpoint_steps, cli, train_ranks, write_recipe
+from helpers import base_recipe, checkpoint_steps, train_ranks, write_recipe
 from launcher.cli.main import main
 from launcher.run.checkpoint import describe
 from test_bad_input import one_clean_line, run_main

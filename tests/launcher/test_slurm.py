@@ -183,11 +183,15 @@ def test_two_nodes_preempted_by_warning_signal_then_sigterm_resume_bitwise(tmp_p
     run = tmp_path / "runs" / "two"
     job = submit([str(write_recipe(tmp_path, recipe)), "--nodes", "2"], tmp_path,
                  {**slurm_env, "QHM_TEST_STEP_DELAY": "0.2", **ONE_THREAD})
-    steps = lambda: max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
-    log = lambda: (run / "slurm" / f"slurm-{job}.out").read_text()
+    def steps():
+        return max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
+
+    def log():
+        return (run / "slurm" / f"slurm-{job}.out").read_text()
     wait_for(lambda: steps() >= 3, timeout=180, interval=0.5, what="the 2-node job to train")
     scancel(job, slurm_env, "--signal=USR2", "--batch")
-    restarts = lambda: int(job_state(job, slurm_env).get("Restarts", 0))
+    def restarts():
+        return int(job_state(job, slurm_env).get("Restarts", 0))
     wait_for(lambda: restarts() >= 1, timeout=180, interval=0.5, what="a requeue after USR2")
     wait_for(lambda: "resumed from" in log(), timeout=180, interval=0.5, what="the requeued job to resume")
     resumed_at = steps()
@@ -215,7 +219,8 @@ def kill_the_second_node_after_checkpoint_6(job: str, run: Path) -> int:
     """kill -9 every process of ``job``'s steps on its second node (what a node's death does to the job) once
     the run has a checkpoint at global step 6 or later; that newest checkpoint's step."""
     import signal
-    steps = lambda: max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
+    def steps():
+        return max(checkpoint_steps(run), default=0) if (run / "checkpoints").exists() else 0
     wait_for(lambda: steps() >= 6, timeout=180, interval=0.5, what="the 2-node job to train")
     saved = steps()
     victims = job_processes(job, 1)

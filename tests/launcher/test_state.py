@@ -57,8 +57,8 @@ def test_waiting_losses_add_as_one_addition_each_and_resume_in_the_same_groups()
     loss, correct, samples = torch.zeros((), dtype=torch.float64), 0, 0
     logged = (torch.zeros((), dtype=torch.float64), 0, 0)
     for s, micro in enumerate(steps):              # the reference: one float64 addition per micro-batch
-        for l, predicted, target, n in micro:
-            loss += l
+        for part, predicted, target, n in micro:
+            loss += part
             correct, samples = correct + int((predicted == target).sum()), samples + n
         if s in log_at:
             window, finite = windows[log_at.index(s)]

@@ -101,7 +101,8 @@ def test_submit_dry_run_warns_of_idle_ranks_and_of_a_stop_longer_than_the_signal
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "batch": 4, "samples_per_s": 0.5}) + "\n")
     assert main(["submit", str(path), "--dry-run", "--signal-seconds", "60"]) == 0
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert len(err) == 2 and err[1:] == ["qhm-launch: WARNING: a preemption may take 16 s before its checkpoint starts (steps of 8 s at batch "
+    assert len(err) == 2 and err[1:] == [
+                   "qhm-launch: WARNING: a preemption may take 16 s before its checkpoint starts (steps of 8 s at batch "
                    f"4 measured in {run}), more than a quarter of --signal-seconds 60; give --signal-seconds 65 or more "
                    "(or a larger first batch)"]
     assert main(["submit", str(path), "--dry-run", "--signal-seconds", "120"]) == 0

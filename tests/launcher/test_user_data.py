@@ -166,7 +166,8 @@ def test_accuracy_is_left_out_when_outputs_are_not_class_logits(tmp_path):
         "def squared():\n    return lambda out, y: (out - y.float()) ** 2\n")
     recipe = base_recipe(name="r", epochs=1, **{"distributed.nproc_per_node": 1,
                                                 "data": {"factory": "mypkg.parts:build_data", "kwargs": {"n": 120}, "workers": 0},
-                                                "model": {"factory": "mypkg.other:score"}, "loss": {"factory": "mypkg.other:squared"}})
+                                                "model": {"factory": "mypkg.other:score"},
+                                                "loss": {"factory": "mypkg.other:squared"}})
     row = metric_rows(train_ranks(recipe, tmp_path))[0]
     assert row["train_acc"] is None and row["test_acc"] is None and math.isfinite(row["train_loss"])
 
@@ -175,16 +176,19 @@ BAD = [
     ({"model": {"factory": "nope.mod:build"}}, "model.factory: 'nope.mod:build' is not valid; allowed: an importable module"),
     ({"model": {"factory": "mypkg.parts:missing"}}, "module 'mypkg.parts' has no attribute 'missing'"),
     ({"model": {"factory": "mypkg.parts:math"}}, "'math' is a module, not callable"),
-    ({"model": {"factory": "mypkg.parts:build_data"}}, "model.factory: 'mypkg.parts:build_data' returned dict; allowed: a torch.nn.Module"),
+    ({"model": {"factory": "mypkg.parts:build_data"}},
+     "model.factory: 'mypkg.parts:build_data' returned dict; allowed: a torch.nn.Module"),
     ({"model": {"factory": "mypkg.parts"}}, "model.factory: 'mypkg.parts' is not valid; allowed: 'package.module:callable'"),
     ({"model": {"factory": "mypkg.parts:build_model", "kwargs": {"colours": 3}}},
      "model.factory: 'mypkg.parts:build_model' raised TypeError: build_model() got an unexpected keyword argument 'colours'"),
     ({"data": {"factory": "mypkg.parts:build_model"}}, "data.factory: 'mypkg.parts:build_model' returned train=method"),
     ({"data": {"factory": "mypkg.parts:build_data", "kwargs": {"n": -5}}}, "data.factory: 'mypkg.parts:build_data' raised"),
-    ({"loss": {"factory": "mypkg.parts:build_data"}}, "loss.factory: 'mypkg.parts:build_data' returned dict; allowed: a callable"),
+    ({"loss": {"factory": "mypkg.parts:build_data"}},
+     "loss.factory: 'mypkg.parts:build_data' returned dict; allowed: a callable"),
     ({"loss": {"factory": "mypkg.edge:tempered"}}, "loss.factory: 'mypkg.edge:tempered' returned a module with 1 "
                                                    "trainable parameter(s) (log_t), which no engine sees"),
-    ({"data": {"factory": "mypkg.parts:build_data", "dataset": "digits"}}, "data.dataset: 'digits' is not valid with data.factory"),
+    ({"data": {"factory": "mypkg.parts:build_data", "dataset": "digits"}},
+     "data.dataset: 'digits' is not valid with data.factory"),
     ({"model": {"factory": "mypkg.cli:build_model"}}, "model.factory: 'mypkg.cli:build_model' raised SystemExit(0) "
                                                       "instead of returning"),
     ({"data": {"factory": "mypkg.cli:build_data"}}, "data.factory: 'mypkg.cli:build_data' raised SystemExit(2)"),
@@ -235,7 +239,8 @@ def test_a_factory_may_return_a_train_test_pair_and_without_workers_its_data_nee
 def test_every_bad_factory_is_one_line_before_any_worker(tmp_path, over, expect):
     from launcher.cli.main import main
     user_package(tmp_path)
-    recipe = base_recipe(name="bad", **{"data": {"factory": "mypkg.parts:build_data"}, "model": {"factory": "mypkg.parts:build_model"}})
+    recipe = base_recipe(name="bad", **{"data": {"factory": "mypkg.parts:build_data"},
+                                        "model": {"factory": "mypkg.parts:build_model"}})
     recipe.update(over)
     path = write_recipe(tmp_path, recipe)
     import os

@@ -198,7 +198,7 @@ def test_invalid_value_written_by_a_schedule_raises_at_step():
 def test_compiled_matches_loop_within_tolerance():
     """compiled=True: float64 within 1e-12 relative of the loop; float32 within 1e-5."""
     for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        def go(**kw):
+        def go(dtype=dtype, **kw):
             params = [torch.nn.Parameter(p.detach().to(dtype)) for p in make_params(0)]
             opt = QHM(params, lr=0.05, beta=0.9, gamma=0.7, weight_decay=1e-3, **kw)
             for k in range(50):
