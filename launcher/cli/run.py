@@ -32,9 +32,9 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
         check_no_other_results(recipe)
         return
     saved = found.manifest["recipe"].get("distributed", {})
-    if saved.get("engine") == "deepspeed" and found.manifest["world_size"] != world:
-        from launcher.engines.deepspeed import move_refusal
-        why = move_refusal(saved.get("zero_stage", 0), found.manifest["recipe"].get("optimizer", {}))
+    if found.manifest["world_size"] != world:
+        from launcher import engines
+        why = engines.move_refusal(saved, found.manifest["recipe"].get("optimizer", {}))
         if why:
             raise UserError(f"distributed.nproc_per_node: checkpoint {found.path} was written on "
                             f"{found.manifest['world_size']} processes and cannot be loaded on {world}: {why}; "

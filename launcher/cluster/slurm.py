@@ -188,9 +188,10 @@ def _prepare(recipe, args, warnings: list | None = None):
         warnings += [line.replace("warning: ", "qhm-launch: WARNING: ") for line in splits.idle_warnings(epochs)]
     if warnings is not None and epochs:
         warnings += stop_latency_warning(recipe, epochs[0].batch, args.signal_seconds)
-    if args.elastic and recipe.distributed.engine == "deepspeed":
-        from launcher.engines.deepspeed import move_refusal
-        why = move_refusal(recipe.distributed.zero_stage, vars(recipe.optimizer))
+    if args.elastic:
+        from launcher import engines
+        section = recipe.to_dict()
+        why = engines.move_refusal(section["distributed"], section["optimizer"])
         if why:
             raise UserError(f"--elastic: not valid here: {why}; allowed: ddp or fsdp, ZeRO 0, or optimizer.name adamw")
     return recipe, nproc

@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import qhm
 
+from launcher import engines
 from launcher.env import PREEMPTION_SIGNALS as SIGNALS  # noqa: F401  (signals.preempt allows these)
 from launcher.run.folder import RunFolder
 
@@ -21,7 +22,7 @@ ADAM_FAMILY = ("qhadam", "adamw")          # optimizers whose schedules drive th
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = tuple(qhm.PRESETS) + ADAM_FAMILY   # qhm | sgd (gamma = 0) | nshb (gamma = 1) | qhadam | adamw
 KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name of compiled
-ENGINES = ("ddp", "deepspeed", "fsdp")
+ENGINES = engines.NAMES             # launcher/engines: one module per engine
 # adaptive: decided at run time (launcher.train.adaptive); warmup_from: a piecewise schedule along the CBS measured
 # by branches, resolved into kind steps when the recipe is loaded
 BATCH_KINDS = qhm.schedules.BATCH_KINDS + ("adaptive", "warmup_from")
@@ -38,10 +39,6 @@ MAX_DATA_WORKERS = 64              # DataLoader processes per rank: a node has a
 MAX_NAME = 128                     # a run name is a folder name (and a W&B name)
 MAX_TAG = 64                       # W&B refuses longer tags
 SYNTHETIC_MAX = 10_000_000         # synthetic samples are generated in memory
-# Keys of a raw DeepSpeed config that the launcher derives from the recipe: a recipe may not set them.
-DEEPSPEED_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                   "zero_optimization.stage", "zero_allow_untested_optimizer", "optimizer", "scheduler", "bf16",
-                   "fp16", "gradient_clipping")
 
 
 @dataclass

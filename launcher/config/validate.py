@@ -6,10 +6,11 @@ from __future__ import annotations
 import qhm
 
 from launcher.config import keys, units
-from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, BATCH_SCALINGS, COMPILE_MODES, DATASETS, DEEPSPEED_OWNED, ENGINES,
+from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, BATCH_SCALINGS, COMPILE_MODES, DATASETS, ENGINES,
                                     GRAD_NORM_MODES, KERNELS, MAX_DATA_WORKERS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS,
                                     PRECISIONS, SIGNALS, SYNTHETIC_MAX, UNITS, WANDB_MODES, ADAM_FAMILY, GPTSpec,
                                     Optimizer, Recipe)
+from launcher import engines
 from launcher.errors import RecipeError
 from launcher.limits import MAX_NODES
 
@@ -70,28 +71,12 @@ def validate(r: Recipe) -> Recipe:
     else:
         _at_least("distributed.max_micro_batch", r.distributed.max_micro_batch, 1)
     _one_of("performance.compile", r.performance.compile, COMPILE_MODES)
-    if r.distributed.engine == "deepspeed" and (r.performance.compile != "off" or r.performance.cuda_graphs):
-        raise RecipeError(f"performance.compile: {r.performance.compile!r} is not valid with distributed.engine "
-                          "deepspeed; allowed: off (compile and CUDA graphs are for the ddp engine)")
+    engines.check_recipe(r)                   # each engine's own checks (launcher/engines/<name>.py)
     if r.distributed.batch_norm == "sync" and r.distributed.max_micro_batch == "auto":
         raise RecipeError("distributed.batch_norm: 'sync' is not valid with distributed.max_micro_batch auto (the "
                           "memory probe and an out-of-memory redo run SyncBatchNorm's collectives: one rank out of "
                           "memory mid-forward would leave the others waiting in them); allowed: local, or an "
                           "integer max_micro_batch")
-    if r.distributed.engine == "deepspeed" and r.distributed.max_micro_batch == "auto":
-        raise RecipeError("distributed.max_micro_batch: 'auto' is not valid with distributed.engine deepspeed "
-                          "(its backward reduces inside DeepSpeed's engine, where a probe or a redo cannot run); "
-                          "allowed: an integer >= 1, or distributed.engine ddp or fsdp")
-    if r.distributed.engine == "fsdp":
-        check_sharded(r, "distributed.engine fsdp")
-        check_shard_rule(r)
-    elif r.distributed.engine == "deepspeed" and r.distributed.zero_stage == 3:
-        check_sharded(r, "DeepSpeed ZeRO-3 (distributed.zero_stage 3)")
-    if r.distributed.engine == "deepspeed":
-        check_raw_deepspeed_config(r.distributed.deepspeed_config)
-    elif r.distributed.deepspeed_config:
-        raise RecipeError(f"distributed.deepspeed_config: not valid with distributed.engine {r.distributed.engine}; "
-                          "allowed: {} (or set distributed.engine: deepspeed)")
     for i, sig in enumerate(r.signals.preempt):
         _one_of(f"signals.preempt[{i}]", sig, SIGNALS)
     if not r.name.strip() or "/" in r.name or r.name in (".", "..") or not r.name.isprintable() or len(r.name) > MAX_NAME:
@@ -196,29 +181,6 @@ def placeholder_length(r: Recipe) -> int | None:
     unit = r.schedule.unit
     return 1 + max(units.in_unit("schedule.lr.warmup", r.schedule.lr.warmup, unit, minimum=0),
                    units.in_unit("schedule.lr.decay", r.schedule.lr.decay, unit, minimum=0))
-
-
-def check_sharded(r: Recipe, engine: str) -> None:
-    """FSDP and ZeRO-3 shard the parameters themselves, so every forward gathers them (a collective): what
-    needs a collective outside the lockstep of every rank's forwards is refused."""
-    why = {"distributed.batch_norm": (r.distributed.batch_norm == "sync", "'sync'", "local (the parameters are "
-                                      "sharded; SyncBatchNorm's collectives would interleave with their all-gathers)"),
-           "eval.full_grad_norm": (r.eval.full_grad_norm, "True", "false (it takes autograd.grad of the sharded "
-                                   "parameters, outside the engine's own gradient reduce)"),
-           "performance.cuda_graphs": (r.performance.cuda_graphs, "True", "false (the gathers are collectives "
-                                       "outside a captured graph)")}
-    for key, (bad, value, allowed) in why.items():
-        if bad:
-            raise RecipeError(f"{key}: {value} is not valid with {engine}; allowed: {allowed}")
-
-
-def check_shard_rule(r: Recipe) -> None:
-    rule = r.distributed.fsdp.shard
-    if rule is not None and not (isinstance(rule, str) and rule.isidentifier() or
-                                 isinstance(rule, list) and rule and all(isinstance(x, str) and x.isidentifier()
-                                                                         for x in rule)):
-        raise RecipeError(f"distributed.fsdp.shard: {rule!r} is not valid; allowed: a module class name, e.g. Block, "
-                          "or a list of them")
 
 
 def check_gpt(r: Recipe) -> None:
@@ -457,9 +419,3 @@ def uses_tokens(r: Recipe) -> str | None:
     return None
 
 
-def check_raw_deepspeed_config(raw: dict) -> None:
-    for key in DEEPSPEED_OWNED:
-        if keys.has(raw, key):
-            raise RecipeError(f"distributed.deepspeed_config.{key}: {keys.get(raw, key)!r} is not allowed; "
-                              f"the launcher sets it from the recipe (schedule, precision, "
-                              f"distributed.zero_stage, optimizer.clip_grad_norm)")

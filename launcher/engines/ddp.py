@@ -1,4 +1,5 @@
-"""torch DDP as an :class:`~launcher.engines.Engine`."""
+"""torch DDP as an :class:`~launcher.engines.Engine`: replicated, so it reads the noise scale from each
+rank's gradient and its checkpoints load on any world size."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -6,6 +7,33 @@ from contextlib import nullcontext
 import torch
 from torch.autograd import Variable
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from launcher.engines import refuse_deepspeed_config
+
+
+def check_recipe(r) -> None:
+    refuse_deepspeed_config(r)
+
+
+def preflight(recipe, check_data: bool, build_model) -> None:
+    """Nothing beyond what every engine gets checked."""
+
+
+def move_refusal(distributed: dict, optimizer: dict) -> str | None:
+    return None                          # every rank holds the whole state
+
+
+def noise_refusal(recipe, world: int) -> str | None:
+    return None
+
+
+def prepare(recipe, module: torch.nn.Module, comm) -> torch.nn.Module:
+    return module
+
+
+def build(recipe, module, optimizer, comm, first_stage, reads_local_gradients: bool) -> "DDPEngine":
+    return DDPEngine(module, optimizer, comm, explicit_reduce=recipe.distributed.max_micro_batch == "auto",
+                     reads_local_gradients=reads_local_gradients, clip=recipe.optimizer.clip_grad_norm)
 
 
 class _FixedBuckets(torch.nn.Module):

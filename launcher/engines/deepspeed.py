@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from launcher import env
-from launcher.errors import UserError, one_line
+from launcher.engines import refuse_outside_lockstep
+from launcher.errors import RecipeError, UserError, one_line
 
 TAG = "deepspeed"
 # DeepSpeed's universal checkpoint writes each parameter's fp32 weights and Adam's two moments (exp_avg,
@@ -45,10 +46,56 @@ TAG = "deepspeed"
 MOVABLE_OPTIMIZERS = ("adamw",)
 
 
-def move_refusal(zero_stage: int, optimizer: dict) -> str | None:
-    """Why a DeepSpeed checkpoint at ``zero_stage`` of ``optimizer`` (the recipe's section, as a mapping)
-    cannot load on another number of processes, or None where it can: ZeRO 0 holds everything on every
-    rank; adamw is converted to DeepSpeed's universal format."""
+# Keys of a raw DeepSpeed config that the launcher derives from the recipe: a recipe may not set them.
+OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+         "zero_optimization.stage", "zero_allow_untested_optimizer", "optimizer", "scheduler", "bf16",
+         "fp16", "gradient_clipping")
+
+
+def check_recipe(r) -> None:
+    d = r.distributed
+    if r.performance.compile != "off" or r.performance.cuda_graphs:
+        raise RecipeError(f"performance.compile: {r.performance.compile!r} is not valid with distributed.engine "
+                          "deepspeed; allowed: off (compile and CUDA graphs are for the ddp engine)")
+    if d.max_micro_batch == "auto":
+        raise RecipeError("distributed.max_micro_batch: 'auto' is not valid with distributed.engine deepspeed "
+                          "(its backward reduces inside DeepSpeed's engine, where a probe or a redo cannot run); "
+                          "allowed: an integer >= 1, or distributed.engine ddp or fsdp")
+    if d.zero_stage == 3:
+        refuse_outside_lockstep(r, "DeepSpeed ZeRO-3 (distributed.zero_stage 3)")
+    for key in OWNED:
+        node = d.deepspeed_config
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            raise RecipeError(f"distributed.deepspeed_config.{key}: {node!r} is not allowed; the launcher sets it "
+                              "from the recipe (schedule, precision, distributed.zero_stage, optimizer.clip_grad_norm)")
+
+
+_ABSENT = object()
+
+
+def preflight(recipe, check_data: bool, build_model) -> None:
+    check_config(recipe)
+
+
+def noise_refusal(recipe, world: int) -> str | None:
+    return "DeepSpeed keeps its gradients in its own partitioned buffers, out of reach of the read"
+
+
+def prepare(recipe, module: torch.nn.Module, comm) -> torch.nn.Module:
+    return module
+
+
+def build(recipe, module, optimizer, comm, first_stage, reads_local_gradients: bool) -> "DeepSpeedEngine":
+    return DeepSpeedEngine(recipe, module, optimizer, comm, first_stage.micro_batch, first_stage.accum)
+
+
+def move_refusal(distributed: dict, optimizer: dict) -> str | None:
+    """Why a DeepSpeed checkpoint written under ``distributed`` (the recipe's section, as a mapping) of
+    ``optimizer`` cannot load on another number of processes, or None where it can: ZeRO 0 holds
+    everything on every rank; adamw is converted to DeepSpeed's universal format."""
+    zero_stage = distributed.get("zero_stage", 0)
     name = optimizer.get("name", "qhm")
     if zero_stage == 0:
         return None

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from launcher.errors import UserError
+from launcher.engines import refuse_deepspeed_config, refuse_outside_lockstep
+from launcher.errors import RecipeError, UserError
 
 try:    # FSDP's reduce-scatter as a class a module can be handed (a recent torch; pyproject allows 2.6)
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter, _get_gradient_divide_factors
@@ -64,6 +65,51 @@ class MeasuredReduceScatter(DefaultReduceScatter or object):
             norm.record_stream(torch.cuda.default_stream(input_tensor.device))
         self.norms.append(norm)
         return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+
+def check_recipe(r) -> None:
+    refuse_outside_lockstep(r, "distributed.engine fsdp")
+    rule = r.distributed.fsdp.shard
+    if rule is not None and not (isinstance(rule, str) and rule.isidentifier() or
+                                 isinstance(rule, list) and rule and all(isinstance(x, str) and x.isidentifier()
+                                                                         for x in rule)):
+        raise RecipeError(f"distributed.fsdp.shard: {rule!r} is not valid; allowed: a module class name, e.g. Block, "
+                          "or a list of them")
+    refuse_deepspeed_config(r)
+
+
+def preflight(recipe, check_data: bool, build_model) -> None:
+    """distributed.fsdp.shard must name module classes the model has (else FSDP would shard the root only)."""
+    if not (recipe.distributed.fsdp.shard and check_data):
+        return
+    names = {type(m).__name__ for m in build_model().modules()}
+    missing = [t for t in shard_types(recipe) if t not in names]
+    if missing:
+        raise UserError(f"distributed.fsdp.shard: {recipe.distributed.fsdp.shard!r} names no module of the model "
+                        f"({', '.join(missing)}); allowed: a module class it has ({', '.join(sorted(names)[:12])})")
+
+
+def move_refusal(distributed: dict, optimizer: dict) -> str | None:
+    return None                          # DCP reshards on load
+
+
+def noise_refusal(recipe, world: int) -> str | None:
+    if world == 1:
+        return ("FSDP on one process: accumulation keeps the step's gradient in FSDP's unsharded buffers until "
+                "the last micro-batch, so .grad holds one batch size per step")
+    if not can_measure_noise():
+        return (f"this torch's FSDP ({torch.__version__}) has no set_custom_reduce_scatter, through which "
+                "a rank's own gradient is read before the reduce")
+    return None
+
+
+def prepare(recipe, module: torch.nn.Module, comm) -> torch.nn.Module:
+    """Sharded before the optimizer is built: it steps the shards (DTensors)."""
+    return shard(recipe, module, comm)
+
+
+def build(recipe, module, optimizer, comm, first_stage, reads_local_gradients: bool) -> "FSDPEngine":
+    return FSDPEngine(module, optimizer, comm, clip=recipe.optimizer.clip_grad_norm)
 
 
 def shard_types(recipe) -> tuple[str, ...]:

@@ -159,9 +159,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     planned = splits.plan(recipe, n, comm.world)
     module = build_module(recipe, dataset, comm, dtype)
     noise_kind, why_not = noise.source(recipe, comm.world, any(s.accum > 1 for s in planned.stages))
-    if recipe.distributed.engine == "fsdp":     # sharded before the optimizer: it steps the shards (DTensors)
-        from launcher.engines.fsdp import shard
-        module = shard(recipe, module, comm)
+    module = engines.prepare(recipe, module, comm)      # FSDP: sharded, for the optimizer to step the shards
     engine = engines.build(recipe, module, build_optimizer(recipe, module, planned), comm, planned.stages[0],
                            reads_local_gradients=noise_kind == noise.RANKS)
     loss = losses.from_recipe(recipe.loss, losses.per_token(recipe))

@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import torch
 
+from launcher import engines
+
 RANKS, FIRST_MICRO_BATCH = "ranks", "first micro-batch"
 
 
@@ -59,16 +61,9 @@ def source(recipe, world: int, accumulates: bool) -> tuple[str | None, str]:
     stage of the plan runs more than one micro-batch per step."""
     if not recipe.tracking.noise_scale:
         return None, "tracking.noise_scale is off"
-    if recipe.distributed.engine == "deepspeed":
-        return None, "DeepSpeed keeps its gradients in its own partitioned buffers, out of reach of the read"
-    if recipe.distributed.engine == "fsdp" and world == 1:
-        return None, ("FSDP on one process: accumulation keeps the step's gradient in FSDP's unsharded buffers until "
-                      "the last micro-batch, so .grad holds one batch size per step")
-    if recipe.distributed.engine == "fsdp":
-        from launcher.engines.fsdp import can_measure_noise
-        if not can_measure_noise():
-            return None, (f"this torch's FSDP ({torch.__version__}) has no set_custom_reduce_scatter, through which "
-                          "a rank's own gradient is read before the reduce")
+    why = engines.noise_refusal(recipe, world)
+    if why is not None:
+        return None, why
     if world > 1:
         return RANKS, ""
     if accumulates or recipe.distributed.max_micro_batch == "auto":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from launcher import engines
 from launcher.config import Recipe
 from launcher.errors import UserError, one_line
 from launcher.train.splits import Stage, micro_cap, split_batch, split_epochs
@@ -40,11 +41,7 @@ def preflight_worlds(recipe: Recipe, world_sizes: list[int], check_data: bool = 
         splits = [] if n is None else split_epochs(recipe, n, world_size)
         check_graphs(recipe, splits)
         check_adaptive(recipe, world_size)
-    if recipe.distributed.engine == "fsdp" and recipe.distributed.fsdp.shard and check_data:
-        check_shard_rule(recipe)
-    if recipe.distributed.engine == "deepspeed":
-        from launcher.engines import deepspeed
-        deepspeed.check_config(recipe)
+    engines.preflight(recipe, check_data, lambda: cpu_model(recipe))
     return splits
 
 
@@ -55,10 +52,9 @@ def check_membership(recipe: Recipe, nproc: int, nodes: tuple[int, int], option:
     the world size that wrote it cannot take part. ``option``: what the user typed, for the refusal. The
     plan on MAX nodes, the one the run starts on, is returned."""
     low, high = nodes
-    d = recipe.distributed
-    if low < high and d.engine == "deepspeed":
-        from launcher.engines.deepspeed import move_refusal
-        why = move_refusal(d.zero_stage, vars(recipe.optimizer))
+    if low < high:
+        section = recipe.to_dict()
+        why = engines.move_refusal(section["distributed"], section["optimizer"])
         if why:
             raise UserError(f"{option} (elastic membership) resumes on the nodes left, and {why}; allowed: a fixed "
                             "number of nodes, or distributed.engine ddp or fsdp, or distributed.zero_stage 0, or "
@@ -66,19 +62,13 @@ def check_membership(recipe: Recipe, nproc: int, nodes: tuple[int, int], option:
     return preflight_worlds(recipe, [nproc * count for count in range(low, high + 1)], check_data)
 
 
-def check_shard_rule(recipe: Recipe) -> None:
-    """distributed.fsdp.shard must name module classes the model has (else FSDP would shard the root only)."""
+def cpu_model(recipe: Recipe):
+    """The recipe's model on the CPU in float32 (for an engine's check of its modules)."""
     import torch
     from launcher import data
     from launcher.train import models
     dataset = data.load(recipe.data, torch.device("cpu"), torch.float32)
-    module = models.build(recipe.model, dataset.shape, dataset.num_classes, recipe.seed, torch.float32)
-    from launcher.engines.fsdp import shard_types
-    names = {type(m).__name__ for m in module.modules()}
-    missing = [t for t in shard_types(recipe) if t not in names]
-    if missing:
-        raise UserError(f"distributed.fsdp.shard: {recipe.distributed.fsdp.shard!r} names no module of the model "
-                        f"({', '.join(missing)}); allowed: a module class it has ({', '.join(sorted(names)[:12])})")
+    return models.build(recipe.model, dataset.shape, dataset.num_classes, recipe.seed, torch.float32)
 
 
 def check_adaptive(recipe: Recipe, world_size: int) -> None:

@@ -250,13 +250,18 @@ def test_a_zero_checkpoint_of_adamw_moves_to_another_world_size_through_the_univ
 def test_which_deepspeed_checkpoints_move_to_another_world_size():
     """ZeRO 0 always; ZeRO 1-3 through the universal format, which carries Adam's moments only; ZeRO-3's
     universal load restores one parameter group (measured: two groups 1e-3 off within 3 steps)."""
-    from launcher.engines.deepspeed import move_refusal
+    from launcher.engines import move_refusal
+
+    def zero(stage):
+        return {"engine": "deepspeed", "zero_stage": stage}
     adamw = {"name": "adamw", "weight_decay": 0.1, "weight_decay_all": False}
-    assert move_refusal(0, {"name": "qhm"}) is None
+    assert move_refusal(zero(0), {"name": "qhm"}) is None
     for stage in (1, 2):
-        assert move_refusal(stage, adamw) is None
-        assert "not qhm's" in move_refusal(stage, {"name": "qhm"})
-        assert "not qhadam's" in move_refusal(stage, {**adamw, "name": "qhadam"})
-    assert "restores a second parameter group wrongly" in move_refusal(3, adamw)
-    assert move_refusal(3, {**adamw, "weight_decay_all": True}) is None
-    assert move_refusal(3, {**adamw, "weight_decay": 0.0}) is None
+        assert move_refusal(zero(stage), adamw) is None
+        assert "not qhm's" in move_refusal(zero(stage), {"name": "qhm"})
+        assert "not qhadam's" in move_refusal(zero(stage), {**adamw, "name": "qhadam"})
+    assert "restores a second parameter group wrongly" in move_refusal(zero(3), adamw)
+    assert move_refusal(zero(3), {**adamw, "weight_decay_all": True}) is None
+    assert move_refusal(zero(3), {**adamw, "weight_decay": 0.0}) is None
+    for engine in ("ddp", "fsdp"):                  # replicated, or resharded by DCP: always
+        assert move_refusal({"engine": engine, "zero_stage": 0}, {"name": "qhm"}) is None

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import launcher
 
-LAYERS = ["errors", "limits", "env", "run", "config", "data", "engines", "train", "cluster", "cli"]
+LAYERS = ["errors", "limits", "env", "run", "engines", "config", "data", "train", "cluster", "cli"]
 ROOT = Path(launcher.__file__).parent
 
 
@@ -81,3 +81,24 @@ def test_no_modules_import_each_other_in_a_circle():
     for start in graph:
         visit(start, [start])
     assert sorted(circles) == []
+
+
+def _compared_strings(tree):
+    """(string, line) of every string constant an ``==``, ``!=``, ``in`` or ``not in`` compares with."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for operand in [node.left, *node.comparators]:
+                items = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+                for item in items:
+                    if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                        yield item.value, node.lineno
+
+
+def test_no_engine_name_is_compared_outside_the_engines():
+    """An engine is one module of launcher/engines/ and one registry line: a name compared elsewhere (there
+    were 14) is engine-specific behaviour living outside its engine."""
+    from launcher.engines import NAMES
+    found = [f"{path.relative_to(ROOT.parent)}:{line} {name!r}"
+             for path in ROOT.rglob("*.py") if "engines" not in path.relative_to(ROOT).parts
+             for name, line in _compared_strings(ast.parse(path.read_text())) if name in NAMES]
+    assert found == [], f"engine names compared outside launcher/engines: {found}"
