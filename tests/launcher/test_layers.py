@@ -102,3 +102,13 @@ def test_no_engine_name_is_compared_outside_the_engines():
              for path in ROOT.rglob("*.py") if "engines" not in path.relative_to(ROOT).parts
              for name, line in _compared_strings(ast.parse(path.read_text())) if name in NAMES]
     assert found == [], f"engine names compared outside launcher/engines: {found}"
+
+
+def test_every_sub_package_and_module_appears_in_the_layer_table_of_the_development_docs():
+    """docs/development.md's table is how a newcomer finds a concept's home: a package it does not name (the
+    table once said "DDP and DeepSpeed" and missed whole layers) is a stale map."""
+    text = (ROOT.parent / "docs" / "development.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| `")]
+    named = " ".join(line.split("|")[1] for line in table)
+    missing = [name for name in LAYERS if f"`{name}/`" not in named and f"`{name}.py`" not in named]
+    assert missing == [], f"layers missing from docs/development.md's table: {missing}"
