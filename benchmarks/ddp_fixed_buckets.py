@@ -24,7 +24,7 @@ def worker(rounds: int) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     from launcher.engines.ddp import _FixedBuckets
-    from launcher.train.models import GPT
+    from launcher.models.gpt import GPT
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)

@@ -42,7 +42,7 @@ def bare(path: str) -> None:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
     from launcher.data import order, tokens
-    from launcher.train.models import GPT
+    from launcher.models.gpt import GPT
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

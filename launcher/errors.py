@@ -62,3 +62,19 @@ def exit_status(exc: BaseException) -> int:
 def one_line(text: object) -> str:
     """``text`` folded onto one line (a user's own exception message may span several)."""
     return " ".join(str(text).split())
+
+
+def one_of(path: str, value, allowed) -> None:
+    """A recipe key's value must be one of ``allowed``: else the one line naming the key, the value, what is allowed."""
+    if value not in allowed:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: {' | '.join(map(str, allowed))}")
+
+
+def at_least(path: str, value, low) -> None:
+    if value < low:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: >= {low}")
+
+
+def at_most(path: str, value, high) -> None:
+    if value > high:
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: <= {high}")

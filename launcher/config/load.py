@@ -33,17 +33,31 @@ def _describe(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _named_class(classes: list, value: dict, path: str):
+    """The dataclass a mapping stands for: the one whose ``name`` default its ``name`` key gives (a model
+    family's settings), else the one that has every key it gives (a factory's spec), else the most of them."""
+    names = {f.default: t for t in classes for f in dataclasses.fields(t) if f.name == "name"}
+    if "name" in value:
+        if not isinstance(value["name"], str) or value["name"] not in names:
+            raise RecipeError(f"{path}.name: {value['name']!r} is not valid; allowed: {' | '.join(map(str, names))}")
+        return names[value["name"]]
+
+    def fields(t) -> set:
+        return {f.name for f in dataclasses.fields(t)}
+    fitting = [t for t in classes if set(value) <= fields(t)]
+    return fitting[0] if len(fitting) == 1 else max(reversed(classes), key=lambda t: len(set(value) & fields(t)))
+
+
 def _coerce(value, tp, path: str):
     origin = typing.get_origin(tp)
     if origin is typing.Union:                       # Optional[X], or X | Y: the first type that takes it
         inner = [t for t in typing.get_args(tp) if t is not type(None)]
         if value is None and type(None) in typing.get_args(tp):
             return None
-        if isinstance(value, dict):                  # a mapping: the dataclass it names the fields of
+        if isinstance(value, dict):                  # a mapping: the dataclass it names, or whose fields it gives
             classes = [t for t in inner if dataclasses.is_dataclass(t)]
             if len(classes) > 1:
-                known = lambda t: len(set(value) & {f.name for f in dataclasses.fields(t)})  # noqa: E731
-                return _build(max(reversed(classes), key=known), value, path)   # a tie: the last
+                return _build(_named_class(classes, value, path), value, path)
         for i, t in enumerate(inner):
             try:
                 return _coerce(value, t, path)

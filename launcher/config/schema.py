@@ -12,12 +12,13 @@ from typing import Optional, Union
 
 import qhm
 
-from launcher import engines
+from launcher import engines, models
+from launcher.models.gpt import Settings as GPTSpec
 from launcher.env import PREEMPTION_SIGNALS as SIGNALS  # noqa: F401  (signals.preempt allows these)
 from launcher.run.folder import RunFolder
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "tokens")
-MODELS = ("small_cnn", "resnet18", "vit_tiny", "gpt")
+MODELS = models.NAMES               # launcher/models: one module per model family
 ADAM_FAMILY = ("qhadam", "adamw")          # optimizers whose schedules drive the learning rate only
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = tuple(qhm.PRESETS) + ADAM_FAMILY   # qhm | sgd (gamma = 0) | nshb (gamma = 1) | qhadam | adamw
@@ -69,17 +70,6 @@ class Data:
 class ModelSpec:
     factory: str = ""                   # "package.module:callable" returning an nn.Module
     kwargs: dict = field(default_factory=dict)
-
-
-@dataclass
-class GPTSpec:
-    """The built-in GPT: pre-norm blocks, causal attention (scaled_dot_product_attention), tied embeddings."""
-    name: str = "gpt"
-    layers: int = 2
-    heads: int = 2
-    width: int = 64                     # the model dimension (a multiple of heads)
-    seq_len: Optional[int] = None       # default: data.seq_len
-    vocab: Optional[int] = None         # default: the data's vocabulary
 
 
 @dataclass

@@ -8,69 +8,53 @@ import qhm
 from launcher.config import keys, units
 from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, BATCH_SCALINGS, COMPILE_MODES, DATASETS, ENGINES,
                                     GRAD_NORM_MODES, KERNELS, MAX_DATA_WORKERS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS,
-                                    PRECISIONS, SIGNALS, SYNTHETIC_MAX, UNITS, WANDB_MODES, ADAM_FAMILY, GPTSpec,
+                                    PRECISIONS, SIGNALS, SYNTHETIC_MAX, UNITS, WANDB_MODES, ADAM_FAMILY, ModelSpec,
                                     Optimizer, Recipe)
-from launcher import engines
-from launcher.errors import RecipeError
+from launcher import engines, models
+from launcher.errors import RecipeError, at_least, at_most, one_of
 from launcher.limits import MAX_NODES
-
-def _one_of(path: str, value, allowed) -> None:
-    if value not in allowed:
-        raise RecipeError(f"{path}: {value!r} is not valid; allowed: {' | '.join(map(str, allowed))}")
-
-
-def _at_least(path: str, value, low) -> None:
-    if value < low:
-        raise RecipeError(f"{path}: {value!r} is not valid; allowed: >= {low}")
-
-
-def _at_most(path: str, value, high) -> None:
-    if value > high:
-        raise RecipeError(f"{path}: {value!r} is not valid; allowed: <= {high}")
-
 
 def validate(r: Recipe) -> Recipe:
     if r.data.factory is not None and r.data.dataset is not None:
         raise RecipeError(f"data.dataset: {r.data.dataset!r} is not valid with data.factory; allowed: one of the two")
     if r.data.factory is None:
         r.data.dataset = r.data.dataset or "digits"
-        _one_of("data.dataset", r.data.dataset, DATASETS)
+        one_of("data.dataset", r.data.dataset, DATASETS)
     if isinstance(r.model, str):
-        _one_of("model", r.model, MODELS)
-        if r.model == "gpt":
-            r.model = GPTSpec()
-    if isinstance(r.model, GPTSpec):
-        check_gpt(r)
-    elif isinstance(r.model, str):
-        pass
+        one_of("model", r.model, MODELS)
+        settings = models.settings_for(r.model)
+        if settings is not None:              # a family with settings, named alone: its defaults
+            r.model = settings()
+    if not isinstance(r.model, ModelSpec):
+        models.check(r)                       # the family's own checks (launcher/models/<family>.py)
     elif not r.model.factory:
         raise RecipeError("model.factory: missing; allowed: 'package.module:callable' (or a built-in model name: "
                           + " | ".join(MODELS) + ")")
-    _at_least("data.workers", r.data.workers, 0)
+    at_least("data.workers", r.data.workers, 0)
     if r.data.workers > MAX_DATA_WORKERS:
         raise RecipeError(f"data.workers: {r.data.workers!r} is not valid; allowed: an integer in [0, {MAX_DATA_WORKERS}] "
                           "(DataLoader processes per rank, each with its own copy of the dataset object: more than a "
                           "node's cores per rank only costs memory)")
     if r.data.image_size is not None and not 8 <= r.data.image_size <= 4096:
         raise RecipeError(f"data.image_size: {r.data.image_size!r} is not valid; allowed: an integer in [8, 4096]")
-    _one_of("precision", r.precision, PRECISIONS)
-    _one_of("optimizer.name", r.optimizer.name, OPTIMIZERS)
-    _one_of("optimizer.kernel", r.optimizer.kernel, KERNELS)
-    _one_of("distributed.engine", r.distributed.engine, ENGINES)
+    one_of("precision", r.precision, PRECISIONS)
+    one_of("optimizer.name", r.optimizer.name, OPTIMIZERS)
+    one_of("optimizer.kernel", r.optimizer.kernel, KERNELS)
+    one_of("distributed.engine", r.distributed.engine, ENGINES)
     if r.distributed.zero_stage not in (0, 1, 2, 3) or isinstance(r.distributed.zero_stage, bool):
         raise RecipeError(f"distributed.zero_stage: {r.distributed.zero_stage!r} is not valid; allowed: 0 | 1 | 2 | 3")
-    _one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
-    _one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
-    _one_of("distributed.batch_norm", r.distributed.batch_norm, BATCH_NORMS)
+    one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
+    one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
+    one_of("distributed.batch_norm", r.distributed.batch_norm, BATCH_NORMS)
     if isinstance(r.distributed.nproc_per_node, str):
-        _one_of("distributed.nproc_per_node", r.distributed.nproc_per_node, ("auto",))
+        one_of("distributed.nproc_per_node", r.distributed.nproc_per_node, ("auto",))
     else:
-        _at_least("distributed.nproc_per_node", r.distributed.nproc_per_node, 1)
+        at_least("distributed.nproc_per_node", r.distributed.nproc_per_node, 1)
     if isinstance(r.distributed.max_micro_batch, str):
-        _one_of("distributed.max_micro_batch", r.distributed.max_micro_batch, ("auto",))
+        one_of("distributed.max_micro_batch", r.distributed.max_micro_batch, ("auto",))
     else:
-        _at_least("distributed.max_micro_batch", r.distributed.max_micro_batch, 1)
-    _one_of("performance.compile", r.performance.compile, COMPILE_MODES)
+        at_least("distributed.max_micro_batch", r.distributed.max_micro_batch, 1)
+    one_of("performance.compile", r.performance.compile, COMPILE_MODES)
     engines.check_recipe(r)                   # each engine's own checks (launcher/engines/<name>.py)
     if r.distributed.batch_norm == "sync" and r.distributed.max_micro_batch == "auto":
         raise RecipeError("distributed.batch_norm: 'sync' is not valid with distributed.max_micro_batch auto (the "
@@ -78,7 +62,7 @@ def validate(r: Recipe) -> Recipe:
                           "memory mid-forward would leave the others waiting in them); allowed: local, or an "
                           "integer max_micro_batch")
     for i, sig in enumerate(r.signals.preempt):
-        _one_of(f"signals.preempt[{i}]", sig, SIGNALS)
+        one_of(f"signals.preempt[{i}]", sig, SIGNALS)
     if not r.name.strip() or "/" in r.name or r.name in (".", "..") or not r.name.isprintable() or len(r.name) > MAX_NAME:
         raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name of at most {MAX_NAME} "
                           "characters, without '/' or control characters")
@@ -94,8 +78,8 @@ def validate(r: Recipe) -> Recipe:
         raise RecipeError(f"output: {r.output!r} is not valid; allowed: a folder path without control characters")
     check_duration(r)
     epochs = 1 if r.epochs is None else r.epochs
-    _at_most("epochs", epochs, MAX_EPOCHS)
-    _at_most("slurm.nodes", r.slurm.nodes, MAX_NODES)
+    at_most("epochs", epochs, MAX_EPOCHS)
+    at_most("slurm.nodes", r.slurm.nodes, MAX_NODES)
     for path, value, low in (("seed", r.seed, 0), ("epochs", epochs, 1),
                              ("distributed.cpu_micro_batch", r.distributed.cpu_micro_batch, 1),
                              ("distributed.min_rank_batch", r.distributed.min_rank_batch, 1),
@@ -110,13 +94,13 @@ def validate(r: Recipe) -> Recipe:
                              ("optimizer.weight_decay", r.optimizer.weight_decay, 0.0),
                              ("schedule.lr.max", r.schedule.lr.max, 0.0),
                              ("schedule.lr.min", r.schedule.lr.min, 0.0)):
-        _at_least(path, value, low)
+        at_least(path, value, low)
     if r.data.size is not None:
         if r.data.dataset != "synthetic":
             raise RecipeError(f"data.size: {r.data.size!r} is not valid; allowed: null unless "
                               "data.dataset is synthetic")
-        _at_least("data.size", r.data.size, 4)
-        _at_most("data.size", r.data.size, SYNTHETIC_MAX)
+        at_least("data.size", r.data.size, 4)
+        at_most("data.size", r.data.size, SYNTHETIC_MAX)
     for key in ("shape", "classes"):
         if getattr(r.data, key) is not None and r.data.dataset != "synthetic":
             raise RecipeError(f"data.{key}: {getattr(r.data, key)!r} is not valid; allowed: null unless "
@@ -134,7 +118,7 @@ def validate(r: Recipe) -> Recipe:
         raise RecipeError(f"data.validation: {r.data.validation!r} is not valid; allowed: a fraction in [0, 1)")
     check_optimizer(r)
     b = r.schedule.batch
-    _one_of("schedule.batch.kind", b.kind, BATCH_KINDS)
+    one_of("schedule.batch.kind", b.kind, BATCH_KINDS)
     size_key = "size" if b.kind == "constant" else "initial"
     if b.kind == "warmup_from":
         resolve_warmup(r)
@@ -183,27 +167,6 @@ def placeholder_length(r: Recipe) -> int | None:
                    units.in_unit("schedule.lr.decay", r.schedule.lr.decay, unit, minimum=0))
 
 
-def check_gpt(r: Recipe) -> None:
-    """The built-in GPT: positive sizes, width a multiple of heads, seq_len and vocab from the data
-    where not given."""
-    g = r.model
-    assert isinstance(g, GPTSpec), "called for the built-in GPT only"
-    _one_of("model.name", g.name, ("gpt",))
-    for key in ("layers", "heads", "width"):
-        _at_least(f"model.{key}", getattr(g, key), 1)
-    if g.width % g.heads:
-        raise RecipeError(f"model.width: {g.width!r} is not valid; allowed: a multiple of model.heads ({g.heads})")
-    for key in ("seq_len", "vocab"):
-        if getattr(g, key) is not None:
-            _at_least(f"model.{key}", getattr(g, key), 2 if key == "vocab" else 1)
-    if r.data.factory is None and r.data.dataset != "tokens":
-        raise RecipeError(f"model.name: 'gpt' is not valid with data.dataset {r.data.dataset!r}; allowed: "
-                          "data.dataset tokens, or a data.factory giving (tokens, next tokens) windows")
-    if r.loss.factory is not None:
-        raise RecipeError(f"loss.factory: {r.loss.factory!r} is not valid with the built-in GPT; allowed: null (its "
-                          "loss is cross-entropy per token, masked targets -100 left out)")
-
-
 def check_tokens_data(r: Recipe) -> None:
     """data.dataset tokens: a training file (or text to make it from), a validation file, seq_len; the
     other datasets take none of these keys. Tokens are then counted: tokens_per_sample is seq_len."""
@@ -230,9 +193,9 @@ def check_tokens_data(r: Recipe) -> None:
     if d.seq_len is None:
         raise RecipeError("data.seq_len: missing; allowed: an integer >= 1 (the tokens of a sample; required for "
                           "data.dataset tokens)")
-    _at_least("data.seq_len", d.seq_len, 1)
+    at_least("data.seq_len", d.seq_len, 1)
     if d.vocab is not None:
-        _at_least("data.vocab", d.vocab, 2)
+        at_least("data.vocab", d.vocab, 2)
     if d.text is not None and not (isinstance(d.text, str) or all(isinstance(t, str) for t in d.text)):
         raise RecipeError(f"data.text: {d.text!r} is not valid; allowed: 'stdlib', or file paths or globs")
     if d.tokens_per_sample not in (None, d.seq_len):
@@ -255,7 +218,7 @@ def check_optimizer(r: Recipe) -> None:
         if not (len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v
                                         and upper_ok(v) for v in value)):
             raise RecipeError(f"optimizer.{key}: {value!r} is not valid; allowed: two numbers {what}")
-    _at_least("optimizer.eps", o.eps, 0.0)
+    at_least("optimizer.eps", o.eps, 0.0)
     if o.name not in ADAM_FAMILY:
         defaults = Optimizer()
         for key in ("betas", "nus", "eps", "decouple_weight_decay", "weight_decay_all"):
@@ -336,8 +299,8 @@ def check_units(r: Recipe) -> None:
     """schedule.unit and every amount counted in a unit: interval, warmup and decay in the schedule's,
     eval.every and checkpoint.every in any but the epoch, tokens only where a sample's tokens are known."""
     s, unit = r.schedule, r.schedule.unit
-    _one_of("schedule.unit", unit, UNITS)
-    _one_of("schedule.lr.batch_scaling", s.lr.batch_scaling, BATCH_SCALINGS)
+    one_of("schedule.unit", unit, UNITS)
+    one_of("schedule.lr.batch_scaling", s.lr.batch_scaling, BATCH_SCALINGS)
     r.interval()
     placeholder_length(r)
     given = r.train.duration()
@@ -355,7 +318,7 @@ def check_units(r: Recipe) -> None:
             raise RecipeError(f"{path}: {value!r} is not valid; allowed: a count with its unit ('10M tokens', "
                               f"'50K samples', '500 steps'){' (or eval.every_epochs)' if path[0] == 'e' else ''}")
     if r.data.tokens_per_sample is not None:
-        _at_least("data.tokens_per_sample", r.data.tokens_per_sample, 1)
+        at_least("data.tokens_per_sample", r.data.tokens_per_sample, 1)
     elif uses_tokens(r):
         raise RecipeError(f"{uses_tokens(r)}: counted in tokens, and data.tokens_per_sample is not set; allowed: "
                           "data.tokens_per_sample: T (the tokens of every sample), or another unit")
@@ -392,14 +355,14 @@ def check_branch(r: Recipe) -> None:
     b = r.branch
     if b.parent is None:
         return
-    _at_least("branch.at_step", b.at_step, 0)
-    _at_least("branch.factor", b.factor, 1)
-    _one_of("branch.lr_rule", b.lr_rule, BATCH_SCALINGS)
-    _at_least("branch.seed", b.seed, 0)
+    at_least("branch.at_step", b.at_step, 0)
+    at_least("branch.factor", b.factor, 1)
+    one_of("branch.lr_rule", b.lr_rule, BATCH_SCALINGS)
+    at_least("branch.seed", b.seed, 0)
     if b.length is None:
         raise RecipeError("branch.length: missing; allowed: how long the branch trains ('100K tokens', '30 steps')")
     unit, length = units.parse("branch.length", b.length, r.schedule.unit if r.schedule.unit != "epoch" else "step")
-    _at_most("branch.length", length, MAX_LENGTH)
+    at_most("branch.length", length, MAX_LENGTH)
     if unit == "epoch":
         raise RecipeError(f"branch.length: {b.length!r} is not valid; allowed: a count of steps, samples or tokens")
     if r.schedule.batch.kind == "adaptive":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from launcher import models
 from launcher.engines import refuse_deepspeed_config, refuse_outside_lockstep
 from launcher.errors import RecipeError, UserError
 
@@ -117,7 +118,7 @@ def shard_types(recipe) -> tuple[str, ...]:
     rule = recipe.distributed.fsdp.shard
     if rule:
         return tuple(rule) if isinstance(rule, list) else (rule,)
-    return ("Block",) if getattr(recipe.model, "name", None) == "gpt" else ()
+    return models.shard_units(recipe.model)
 
 
 def shard(recipe, module: torch.nn.Module, comm) -> torch.nn.Module:

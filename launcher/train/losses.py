@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from launcher import models
+
 
 IGNORE = -100         # a target position that is not trained on (torch's cross_entropy ignore_index)
 
@@ -89,4 +91,4 @@ def from_recipe(spec, per_token: bool = False) -> Loss:
 
 def per_token(recipe) -> bool:
     """Whether the recipe trains a language model: token data, or the built-in GPT."""
-    return recipe.data.dataset == "tokens" or getattr(recipe.model, "name", None) == "gpt"
+    return recipe.data.dataset == "tokens" or models.language_model(recipe.model)

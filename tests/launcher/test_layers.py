@@ -5,7 +5,7 @@ from pathlib import Path
 
 import launcher
 
-LAYERS = ["errors", "limits", "env", "run", "engines", "config", "data", "train", "cluster", "cli"]
+LAYERS = ["errors", "limits", "env", "run", "models", "engines", "config", "data", "train", "cluster", "cli"]
 ROOT = Path(launcher.__file__).parent
 
 
@@ -112,3 +112,13 @@ def test_every_sub_package_and_module_appears_in_the_layer_table_of_the_developm
     named = " ".join(line.split("|")[1] for line in table)
     missing = [name for name in LAYERS if f"`{name}/`" not in named and f"`{name}.py`" not in named]
     assert missing == [], f"layers missing from docs/development.md's table: {missing}"
+
+
+def test_no_model_name_is_compared_outside_the_model_families():
+    """A model family is one module of launcher/models/ and one registry line: `== "gpt"` in three modules
+    was the GPT's behaviour living outside it."""
+    from launcher.models import NAMES
+    found = [f"{path.relative_to(ROOT.parent)}:{line} {name!r}"
+             for path in ROOT.rglob("*.py") if "models" not in path.relative_to(ROOT).parts[:1]
+             for name, line in _compared_strings(ast.parse(path.read_text())) if name in NAMES]
+    assert found == [], f"model names compared outside launcher/models: {found}"

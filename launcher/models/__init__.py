@@ -1,0 +1,50 @@
+"""Model families: each one module that owns everything about it, and :data:`FAMILIES` names them.
+
+A family module has ``NAMES`` (the ``model`` names it builds), ``Settings`` (its dataclass, chosen by the
+mapping's ``name`` key; None: named by a string alone), ``LANGUAGE_MODEL`` (its loss is per token),
+``SHARD_UNITS`` (the module classes FSDP wraps one by one), ``check(recipe)`` (its recipe checks) and
+``build(settings or name, shape, classes or vocabulary)``. Nothing outside this package compares a model's
+name (tests/launcher/test_layers.py). Adding a family: one module, one line below.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+FAMILIES = ("launcher.models.vision", "launcher.models.gpt")
+
+
+def _families() -> list[ModuleType]:
+    return [importlib.import_module(name) for name in FAMILIES]
+
+
+NAMES = tuple(name for family in _families() for name in family.NAMES)
+SETTINGS = tuple(family.Settings for family in _families() if family.Settings is not None)
+
+
+def family_of(model) -> ModuleType | None:
+    """The family of ``model`` (a recipe's: a name, a family's settings, or a factory's spec: None)."""
+    name = model if isinstance(model, str) else getattr(model, "name", None)
+    return next((family for family in _families() if name in family.NAMES), None)
+
+
+def settings_for(name: str):
+    """The settings class of the family that builds ``name`` (None: a name alone, or no such family)."""
+    family = family_of(name)
+    return None if family is None else family.Settings
+
+
+def language_model(model) -> bool:
+    family = family_of(model)
+    return family is not None and family.LANGUAGE_MODEL
+
+
+def shard_units(model) -> tuple[str, ...]:
+    family = family_of(model)
+    return () if family is None else family.SHARD_UNITS
+
+
+def check(recipe) -> None:
+    family = family_of(recipe.model)
+    if family is not None:
+        family.check(recipe)

@@ -1,0 +1,116 @@
+"""The built-in GPT (``model: {name: gpt, ...}``): pre-norm blocks, causal attention (scaled_dot_product_attention),
+tied embeddings; a language model, so its loss is cross-entropy per token."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launcher.errors import RecipeError, at_least, one_of
+
+NAMES = ("gpt",)
+LANGUAGE_MODEL = True                    # a loss per token, masked targets (-100) left out; no accuracy
+SHARD_UNITS = ("Block",)                 # FSDP: each block a unit of its own, then the root
+
+
+@dataclass
+class Settings:
+    """The built-in GPT: pre-norm blocks, causal attention (scaled_dot_product_attention), tied embeddings."""
+    name: str = "gpt"
+    layers: int = 2
+    heads: int = 2
+    width: int = 64                     # the model dimension (a multiple of heads)
+    seq_len: Optional[int] = None       # default: data.seq_len
+    vocab: Optional[int] = None         # default: the data's vocabulary
+
+
+def check(r) -> None:
+    """Positive sizes, width a multiple of heads, seq_len and vocab from the data where not given; token data
+    (or a factory's windows) and its own loss."""
+    g = r.model
+    one_of("model.name", g.name, NAMES)
+    for key in ("layers", "heads", "width"):
+        at_least(f"model.{key}", getattr(g, key), 1)
+    if g.width % g.heads:
+        raise RecipeError(f"model.width: {g.width!r} is not valid; allowed: a multiple of model.heads ({g.heads})")
+    for key in ("seq_len", "vocab"):
+        if getattr(g, key) is not None:
+            at_least(f"model.{key}", getattr(g, key), 2 if key == "vocab" else 1)
+    if r.data.factory is None and r.data.dataset != "tokens":
+        raise RecipeError(f"model.name: 'gpt' is not valid with data.dataset {r.data.dataset!r}; allowed: "
+                          "data.dataset tokens, or a data.factory giving (tokens, next tokens) windows")
+    if r.loss.factory is not None:
+        raise RecipeError(f"loss.factory: {r.loss.factory!r} is not valid with the built-in GPT; allowed: null (its "
+                          "loss is cross-entropy per token, masked targets -100 left out)")
+
+
+def build(settings: Settings, shape: tuple, vocab: int | None) -> "GPT":
+    """The recipe's GPT: its seq_len and vocabulary default to the data's (a sample's length, its ids)."""
+    return GPT(vocab=settings.vocab or vocab, seq_len=settings.seq_len or shape[0], layers=settings.layers,
+               heads=settings.heads, width=settings.width)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attention(norm(x)), then x + MLP(norm(x)) (4x width, GELU)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(width), CausalSelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder: token and learned position embeddings, ``layers`` pre-norm blocks, a final
+    norm, and the output projection tied to the token embedding. Inputs (B, T) token ids, outputs (B, T,
+    vocab) logits. GPT-2's initialisation: normal(0, 0.02) weights, zero biases, and the projections into
+    the residual stream scaled by 1/sqrt(2 layers) (each block adds two). ``blocks`` is what a sharded
+    engine wraps one by one."""
+
+    def __init__(self, vocab: int, seq_len: int, layers: int = 2, heads: int = 2, width: int = 64):
+        super().__init__()
+        self.seq_len = seq_len
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(seq_len, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.tokens.weight                  # tied
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif param.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("attn.proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(param, 0.0, std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        if T > self.seq_len:
+            raise ValueError(f"a sequence of {T} tokens is longer than the model's seq_len {self.seq_len}")
+        x = self.tokens(ids) + self.positions(torch.arange(T, device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
