@@ -308,7 +308,7 @@ def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None, u
             raise
         rc = report_failure(recipe, comm, exc)
     except Exception as exc:  # noqa: BLE001 - a mistake only a worker meets (the user's code, a bug): one line too
-        where = trainer.where() if trainer else None
+        where = trainer.pace.where(trainer.state.global_step) if trainer else None
         if env.flag(env.ELASTIC) and comm_mod.peer_lost(exc):
             rc = report_lost_peer(recipe, comm, exc, where)
         else:
@@ -363,7 +363,7 @@ def watch(trainer, flag):
         time.sleep(2.0)            # the other ranks see the marker before their collectives fail on our exit
         os._exit(0 if env.PARENT in os.environ else PREEMPTED)
 
-    return Watchdog(trainer, flag, warn, on_stuck, stall_s=float(os.environ.get(env.STALL_S) or STALL_MIN_S),
+    return Watchdog(trainer.pace, flag, warn, on_stuck, stall_s=float(os.environ.get(env.STALL_S) or STALL_MIN_S),
                     stuck_s=float(os.environ.get(env.STUCK_S) or STUCK_AFTER_S))
 
 

@@ -80,6 +80,20 @@ class BatchGrowth:
             self.batches.append(self.batches[-1])
         return True
 
+    def at_stage_start(self, stages, epoch: int, step: int, sums: EpochSums) -> None:
+        """Where a stage starts (or the run resumes inside one): per_step, decide if a decision point has
+        passed, and re-plan from it."""
+        if self.per_step and self.decide_at(stages.at(epoch, step), sums):
+            stages.set_decisions(self.batches)
+
+    def at_epoch_end(self, epoch: int, totals, stages) -> None:
+        """After epoch ``epoch``'s row (``totals``: its sums over all ranks): per epoch, the next interval's
+        batch at an interval's end (saved with this epoch), re-planned; per_step, the epoch's sums kept."""
+        if self.per_step:
+            self.end_epoch_sums(totals)
+        elif self.end_epoch(epoch, totals):
+            stages.set_decisions(self.batches)
+
     def duration_in_unit(self) -> float:
         """The run's end in the decisions' unit, where known (no decision is made at or after it)."""
         unit, amount = self.duration

@@ -10,6 +10,8 @@ of it kept; the trainer saves where training stood and a resume evaluates again.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from launcher.data import order
@@ -133,3 +135,18 @@ def evaluate_epoch(parts, epoch: int, stopped=_never) -> dict:
     if "grad_norm" in row:
         state.min_grad_norm = min(state.min_grad_norm, row["grad_norm"])
     return row
+
+
+def evaluate_unless_stopped(parts, epoch: int, agreement, delay: float = 0.0) -> dict | None:
+    """:func:`evaluate_epoch`, asking ``agreement`` (an Agreement of its own, closed here) after every batch;
+    None when the ranks agreed to stop part-way. ``delay``: seconds slept per batch (a test's slow evaluation)."""
+    def stopped() -> bool:
+        if delay:
+            time.sleep(delay)
+        return agreement.poll()
+    try:
+        return evaluate_epoch(parts, epoch, stopped)
+    except Interrupted:
+        return None
+    finally:
+        agreement.close()

@@ -157,17 +157,48 @@ def watch_verdict(now: float, activity: str, progress: float, typical: Optional[
     return None
 
 
+class Activity:
+    """What a worker is doing (``activity``), when a step last started or ended (``progress``) and the seconds
+    a step takes, smoothed (``typical``): the loop writes them, the watchdog's thread reads them, unlocked;
+    a failure's line says where the worker was."""
+
+    def __init__(self):
+        self.activity, self.progress, self.typical = "starting", time.monotonic(), None
+
+    def step_started(self) -> float:
+        self.activity, self.progress = "step", time.monotonic()
+        return self.progress
+
+    def step_ended(self, started: float) -> None:
+        self.progress = time.monotonic()
+        took = self.progress - started
+        self.typical = took if self.typical is None else 0.8 * self.typical + 0.2 * took
+        self.activity = "between steps"
+
+    def between_steps(self) -> None:
+        """Back in the loop after resuming, evaluating or saving: that was progress."""
+        self.activity, self.progress = "between steps", time.monotonic()
+
+    def new_shape(self) -> None:
+        """A new batch shape: its first step may compile; no step time to judge it by until it ends."""
+        self.typical, self.progress = None, time.monotonic()
+
+    def where(self, global_step: int) -> str:
+        """For a failure's line: in a step, or between steps (saving, evaluating), or before either."""
+        return {"starting": "before training", "resuming": "while resuming",
+                "step": f"at global step {global_step + 1}"}.get(self.activity, f"after global step {global_step}")
+
+
 class Watchdog:
     """A daemon thread beside the training loop: one warning when a step takes far longer than the steps
     before it, and, when a preemption signal meets a step that will not end, the run ended the way a
     preemption ends it, without the checkpoint it cannot write: ``on_stuck()`` (the marker, the exit).
-    It reads the trainer's ``activity``, ``progress`` (when a step last started or ended) and
-    ``typical`` (seconds per step), which the loop writes as it goes; nothing is locked."""
+    It reads the loop's :class:`Activity`, which the loop writes as it goes; nothing is locked."""
 
-    def __init__(self, trainer, flag: PreemptionFlag, warn, on_stuck, stall_s: float = STALL_MIN_S,
+    def __init__(self, activity: Activity, flag: PreemptionFlag, warn, on_stuck, stall_s: float = STALL_MIN_S,
                  stuck_s: float = STUCK_AFTER_S, every_s: float = 0.5):
         import threading
-        self.trainer, self.flag, self.warn, self.on_stuck = trainer, flag, warn, on_stuck
+        self.pace, self.flag, self.warn, self.on_stuck = activity, flag, warn, on_stuck
         self.stall_s, self.stuck_s, self.every_s = stall_s, stuck_s, every_s
         self._done = threading.Event()
         self._warned_at = None                # the progress mark of the step already warned about
@@ -176,7 +207,7 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._done.wait(self.every_s):
-            t = self.trainer
+            t = self.pace
             progress, typical, now = t.progress, t.typical, time.monotonic()
             verdict = watch_verdict(now, t.activity, progress, typical, self.flag.at, self.stall_s, self.stuck_s)
             if verdict == "stuck":

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from launcher.data import order
+from launcher.errors import RunFailed
 
 
 @dataclass
@@ -28,6 +29,12 @@ class TrainState:
     best_val_acc: float = 0.0
     wall_time: float = 0.0              # seconds trained so far, over all restarts
     wandb_id: str = ""                  # the W&B run this trajectory belongs to
+
+    def advance(self, samples: int, tokens_per_sample: int) -> None:
+        """One optimizer step of ``samples`` done."""
+        self.step, self.global_step = self.step + 1, self.global_step + 1
+        self.samples += samples
+        self.tokens += samples * tokens_per_sample
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -171,6 +178,18 @@ class EpochSums:
         if not self._ends:
             return self.finite_steps
         return self.finite_steps + self._finite_waiting(self._running())
+
+    def raise_unless_finite(self, comm, state, last_saved: int | None) -> None:
+        """Raise, naming the first step, if some rank's loss was not finite in this epoch (an all-reduce:
+        every rank calls it at the same step)."""
+        finite = int(comm.all_reduce_min(self.finite().clone()))
+        if finite < state.step:
+            first = state.global_step - state.step + finite + 1
+            since = (f"nothing was saved after global step {last_saved}" if last_saved is not None else
+                     "no checkpoint had been saved yet")
+            raise RunFailed(f"the training loss is not finite at global step {first}; stopped, {since}; lower "
+                            "schedule.lr.max (or check the data) and rerun"
+                            + (" to resume from there" if last_saved is not None else ""))
 
     def add_noise(self, matrix: torch.Tensor, norms: tuple) -> None:
         """One measured step: its (|G|^2, tr(Sigma)) estimates are matrix @ norms^2 (:func:`estimates`),

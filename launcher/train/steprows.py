@@ -29,13 +29,13 @@ class StepRows:
         # thread while the process exits needs the GIL there (an abort, seen once in 60 runs)
         self.last_sent = None
 
-    def take(self, split, hyper: tuple, state, has_accuracy: bool, window: torch.Tensor,
-             grad_norm: torch.Tensor | None) -> None:
-        """A log point: ``window`` (this rank's sums since the last one, on the device, its last field
-        the epoch's steps whose loss was finite) queued with the position, hyper-parameters and clocks as
-        they are now."""
-        self.queued.append((split, hyper, copy.copy(state), self.reporter.log_point(state), has_accuracy, window,
-                            grad_norm))
+    def take(self, split, hyper: tuple, state, sums, grad_norm: torch.Tensor | None) -> None:
+        """A log point: the window of ``sums`` (this rank's since the last one, on the device, with the
+        epoch's steps whose loss was finite as its last field) queued with the position, hyper-parameters
+        and clocks as they are now."""
+        window = torch.cat([sums.take_window(), sums.finite()])
+        self.queued.append((split, hyper, copy.copy(state), self.reporter.log_point(state), sums.has_accuracy,
+                            window, grad_norm))
 
     def send(self) -> None:
         """At a step every rank agreed on: write the rows that came back, send the queued ones."""

@@ -189,14 +189,14 @@ def test_an_epoch_at_learning_rate_0_is_warned_of(tmp_path, capsys):
 def test_a_failure_while_resuming_does_not_name_a_step_not_yet_trained(stopped, tmp_path):
     """A corrupt dataset met while resuming: the line says where the worker was, not global step 13."""
     recipe, run = stopped
-    from launcher.train.trainer import Trainer
-    from types import SimpleNamespace
-    trainer = SimpleNamespace(activity="resuming", state=SimpleNamespace(global_step=12))
-    assert Trainer.where(trainer) == "while resuming"
-    trainer.activity = "between steps"
-    assert Trainer.where(trainer) == "after global step 12"        # a failed final save: not step 13
-    trainer.activity = "step"
-    assert Trainer.where(trainer) == "at global step 13"
+    from launcher.train.signals import Activity
+    pace = Activity()
+    pace.activity = "resuming"
+    assert pace.where(12) == "while resuming"
+    pace.between_steps()
+    assert pace.where(12) == "after global step 12"        # a failed final save: not step 13
+    pace.step_started()
+    assert pace.where(12) == "at global step 13"
 
 
 def test_a_data_workers_failure_is_one_line_naming_the_worker_and_the_sample():
