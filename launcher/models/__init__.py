@@ -2,9 +2,10 @@
 
 A family module has ``NAMES`` (the ``model`` names it builds), ``Settings`` (its dataclass, chosen by the
 mapping's ``name`` key; None: named by a string alone), ``LANGUAGE_MODEL`` (its loss is per token),
-``SHARD_UNITS`` (the module classes FSDP wraps one by one), ``check(recipe)`` (its recipe checks) and
-``build(settings or name, shape, classes or vocabulary)``. Nothing outside this package compares a model's
-name (tests/launcher/test_layers.py). Adding a family: one module, one line below.
+``SHARD_UNITS`` (the module classes FSDP wraps one by one), ``check(recipe)`` (its recipe checks),
+``build(settings or name, shape, classes or vocabulary)`` and, where known, ``flops_per_token(module)``.
+Nothing outside this package compares a model's name (tests/launcher/test_layers.py). Adding a family: one
+module, one line below.
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def language_model(model) -> bool:
 def shard_units(model) -> tuple[str, ...]:
     family = family_of(model)
     return () if family is None else family.SHARD_UNITS
+
+
+def flops_per_token(model, module) -> float | None:
+    """Training FLOPs per token of the built ``module`` of ``model``, where its family counts them (MFU)."""
+    family = family_of(model)
+    count = getattr(family, "flops_per_token", None)
+    return None if count is None else float(count(module))
 
 
 def check(recipe) -> None:

@@ -48,6 +48,15 @@ def check(r) -> None:
                           "loss is cross-entropy per token, masked targets -100 left out)")
 
 
+def flops_per_token(model: "GPT") -> float:
+    """Training FLOPs per token (forward and backward) of the built ``model``: 6 N for the N parameters that
+    multiply (every one but the position embedding, which is only added; the tied embedding counts once, as
+    the output projection) plus 12 L T d for attention's two products over the T positions (PaLM's
+    appendix B; nanoGPT's estimate_mfu), T the model's seq_len."""
+    n = sum(p.numel() for p in model.parameters()) - model.positions.weight.numel()
+    return 6 * n + 12 * len(model.blocks) * model.seq_len * model.tokens.weight.shape[1]
+
+
 def build(settings: Settings, shape: tuple, vocab: int | None) -> "GPT":
     """The recipe's GPT: its seq_len and vocabulary default to the data's (a sample's length, its ids)."""
     return GPT(vocab=settings.vocab or vocab, seq_len=settings.seq_len or shape[0], layers=settings.layers,

@@ -14,6 +14,7 @@ import torch
 import qhm
 from launcher import data as data_mod
 from launcher import engines
+from launcher import models as launcher_models
 from launcher.data import order
 from launcher.run.checkpoint import CheckpointManager
 from launcher.run.folder import RunFolder
@@ -45,6 +46,7 @@ class Parts:
     checkpoints: CheckpointManager
     log: Callable[..., None]
     noise_windows: noise.NoiseWindows | None = None   # the step rows' B_simple over enough windows
+    flops_per_token: float | None = None  # training FLOPs per token of the model, where its family counts them
 
     def close(self) -> None:
         """What must end before the process group does (the engine's hooks), and the data workers (now,
@@ -159,6 +161,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     planned = splits.plan(recipe, n, comm.world)
     module = build_module(recipe, dataset, comm, dtype)
     noise_kind, why_not = noise.source(recipe, comm.world, any(s.accum > 1 for s in planned.stages))
+    flops = launcher_models.flops_per_token(recipe.model, module)   # counted on the whole model, before sharding
     module = engines.prepare(recipe, module, comm)      # FSDP: sharded, for the optimizer to step the shards
     engine = engines.build(recipe, module, build_optimizer(recipe, module, planned), comm, planned.stages[0],
                            reads_local_gradients=noise_kind == noise.RANKS)
@@ -183,7 +186,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
                  engine=engine, loss=loss, sampler=sampler,
                  batches=dataset.batches(sampler, recipe.seed, comm), autocast=autocast_for(recipe, comm.device),
                  state=state, sums=sums, noise=noise_probe, growth=growth, rng=rng, checkpoints=checkpoints, log=log,
-                 noise_windows=noise_windows)
+                 noise_windows=noise_windows, flops_per_token=flops)
 
 
 def build_noise_probe(recipe, engine, module, comm: Comm, kind, why, log, n: int | None = None) -> noise.NoiseProbe:

@@ -28,16 +28,17 @@ def log_interval(recipe, total_steps: int) -> int:
 
 class Reporter:
     def __init__(self, recipe, comm, folder, log, tokens_per_sample: int | None = None, per_token: bool = False,
-                 noise_windows: noise.NoiseWindows | None = None):
+                 noise_windows: noise.NoiseWindows | None = None, flops_per_token: float | None = None):
         self.recipe, self.comm, self.folder, self.log = recipe, comm, folder, log
         self.noise_windows = noise_windows or noise.NoiseWindows()      # the step rows' B_simple (and its n)
         self.tokens_per_sample = tokens_per_sample      # rows count tokens where it is known
         self.per_token = per_token                      # a language model: losses per token, perplexities
+        self.flops_per_token = flops_per_token          # where known: the step rows' TFLOP/s
         self.metrics = MetricsLog(folder.metrics)
         self.steps = MetricsLog(folder.steps, durable=False)
         self.tracker, self.bar = None, None
         self._clock = self._epoch_clock = self._log_clock = time.time()
-        self._epoch_samples = self._log_samples = 0
+        self._epoch_samples = self._log_samples = self._log_steps = 0
         self._heartbeat, self._epoch_seconds = 0.0, 0.0
 
     def open(self, state: TrainState) -> None:
@@ -142,13 +143,20 @@ class Reporter:
         if self.comm.is_main:
             self.metrics.append(row)
             self.tracker.log_row({k: v for k, v in row.items() if k != "mid_epoch"}, step=state.global_step)
+            self.log(f"[qhm-launch] evaluation at step {state.global_step} ({position(row)}): " + " ".join(
+                f"{k} {row[k]:.4g}" for k in EVALUATED if row.get(k) is not None))
 
     def log_point(self, state: TrainState) -> dict:
         """The clock fields of a steps.jsonl row, read at its log point (its sums come back later)."""
         now = time.time()
-        clocks = {**self.rates(state.samples - self._log_samples, now - self._log_clock),
+        seconds, steps = max(now - self._log_clock, 1e-9), state.global_step - self._log_steps
+        clocks = {**self.rates(state.samples - self._log_samples, seconds),
                   "wall_time": round(state.wall_time + now - self._clock, 3)}      # over restarts, as epoch rows
-        self._log_clock, self._log_samples = now, state.samples
+        if steps > 0:
+            clocks["ms_per_step"] = round(1000 * seconds / steps, 2)
+        if self.flops_per_token and "tokens_per_s" in clocks:
+            clocks["tflops_per_s"] = round(clocks["tokens_per_s"] * self.flops_per_token / 1e12, 4)
+        self._log_clock, self._log_samples, self._log_steps = now, state.samples, state.global_step
         return clocks
 
     def step_row(self, split: Stage, hyper: tuple, state: TrainState, window: list[float], has_accuracy: bool,
@@ -172,6 +180,8 @@ class Reporter:
                 self._heartbeat = self._log_clock
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{split.lr:.3g}", refresh=False)
+            else:                      # not a terminal (torchrun, a Slurm log): a line per log point
+                self.log(step_line(row, self.comm.world))
 
     def finish(self, state: TrainState, finished: bool) -> None:
         """W&B: a finished run gets its summary; a preempted one (or an elastic chain's segment) is marked
@@ -202,6 +212,37 @@ def with_perplexities(row: dict, per_token: bool) -> dict:
                 row[f"{split}_ppl"] = perplexity(row[f"{split}_loss"])
                 row.pop(f"{split}_acc", None)
     return row
+
+
+EVALUATED = ("test_loss", "test_ppl", "test_acc", "val_loss", "val_ppl", "val_acc", "grad_norm")
+
+
+def amount(n: float) -> str:
+    """1,234 -> 1.23K, 5,000,000 -> 5M: a count as a person reads it."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
+
+
+def position(row: dict) -> str:
+    """Where a row is in the run: its tokens where counted, else its samples."""
+    return f"{amount(row['tokens'])} tokens" if row.get("tokens") is not None else f"{amount(row['samples'])} samples"
+
+
+def step_line(row: dict, world: int) -> str:
+    """The console line of a steps.jsonl row: step, position, loss, LR, gradient norm, throughput (global and
+    per device), ms per step, TFLOP/s where the model's FLOPs are known."""
+    parts = [f"step {row['step']}", position(row), f"loss {row['train_loss']:.4f}", f"lr {row['lr']:.3g}"]
+    if row.get("minibatch_grad_norm") is not None:
+        parts.append(f"grad_norm {row['minibatch_grad_norm']:.3g}")
+    rate, what = (row["tokens_per_s"], "tokens/s") if "tokens_per_s" in row else (row["samples_per_s"], "samples/s")
+    parts.append(f"{amount(rate)} {what} ({amount(rate / world)}/device)")
+    if row.get("ms_per_step") is not None:
+        parts.append(f"{row['ms_per_step']:.1f} ms/step")
+    if row.get("tflops_per_s") is not None:
+        parts.append(f"{row['tflops_per_s'] / world:.3g} TFLOP/s/device")
+    return "[qhm-launch] " + " | ".join(parts)
 
 
 def console_fields(row: dict) -> str:

@@ -40,7 +40,8 @@ class Trainer:
         self.stages = Stages(parts)
         self.step_runner = StepRunner(parts, self.stages)
         self.reporter = Reporter(r, self.comm, self.folder, self.log, parts.plan.steps.tokens_per_sample,
-                                 per_token=parts.loss.per_token, noise_windows=parts.noise_windows)
+                                 per_token=parts.loss.per_token, noise_windows=parts.noise_windows,
+                                 flops_per_token=parts.flops_per_token)
         self.step_rows = StepRows(self.comm, self.reporter, lambda: self.sums.raise_unless_finite(
             self.comm, self.state, self.checkpoints.last_step))
         self.stop = Agreement(self.comm, preempt, self.folder.preempt_request, log=self.log)

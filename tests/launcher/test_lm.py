@@ -101,6 +101,28 @@ def test_one_process_micro16_equals_two_processes_micro4_accum2(token_files, tmp
     assert {(r["micro_batch"], r["accum"]) for r in read_jsonl(two / "steps.jsonl")} == {(4, 2)}
     assert rows[-1]["tokens"] == 16 * T * 47 and rows[-1]["test_ppl"] == pytest.approx(np.exp(rows[-1]["test_loss"]))
     assert all("test_acc" not in r and r.get("train_acc") is None for r in rows)
+    # the console, captured (not a terminal): a line per log point with loss, tokens/s, ms/step and TFLOP/s
+    lines = [x for x in two.output.splitlines() if x.startswith("[qhm-launch] step ")]
+    steps = read_jsonl(two / "steps.jsonl")
+    assert len(lines) == len(steps) == 47, two.output[-2000:]
+    for line, row in zip(lines, steps):
+        assert line.startswith(f"[qhm-launch] step {row['step']} | ") and f"loss {row['train_loss']:.4f}" in line
+        assert "tokens/s (" in line and "/device)" in line and " ms/step" in line and "TFLOP/s/device" in line
+    assert all(r["ms_per_step"] > 0 and r["tflops_per_s"] > 0 for r in steps[1:])
+    said = [x for x in two.output.splitlines() if x.startswith("[qhm-launch] evaluation at step ")]
+    assert len(said) == len([r for r in rows if r.get("mid_epoch")]) > 0 and "test_loss" in said[0]
+
+
+def test_the_gpts_flops_per_token_are_a_hand_count():
+    """6 N + 12 L T d (PaLM's appendix B, nanoGPT's estimate_mfu), against a count of every matmul by hand:
+    per token and layer q/k/v (3 d^2 multiply-adds), the attention output (d^2) and the two MLP matrices
+    (8 d^2), 2 x 12 d^2 FLOPs; the two attention products over T positions (2 x 2 T d); the output projection
+    (2 d V); the backward twice the forward. Biases and norms are the N it also counts (under 1% here)."""
+    from launcher.models.gpt import GPT, flops_per_token
+    L, d, V, seq = 2, 256, 256, 64
+    model = GPT(vocab=V, seq_len=seq, layers=L, heads=4, width=d)
+    forward = L * (2 * 12 * d * d + 2 * 2 * seq * d) + 2 * d * V
+    assert flops_per_token(model) == pytest.approx(3 * forward, rel=0.01)
 
 
 def test_a_resume_mid_epoch_is_bitwise(token_files, tmp_path):
