@@ -113,6 +113,7 @@ class Tracker:
     def __init__(self, recipe, wandb_dir: Path, rid: str, log=print):
         cfg = recipe.tracking.wandb
         self.run, self.log, self.last_step = None, log, -1
+        self.owed_step: int | None = None      # a row a preemption left to the resume (see owe)
         if cfg.mode == "disabled":
             return
         try:
@@ -157,8 +158,17 @@ class Tracker:
     def files(self) -> str | None:
         return None if self.run is None else str(Path(self.run.dir).parent)
 
+    def owe(self, step: int) -> None:
+        """The evaluation at ``step`` was interrupted by a preemption and is done again after the resume: its row
+        was never logged, though an online run already has rows at that step (which W&B would drop it behind)."""
+        self.owed_step = step
+
     def log_row(self, row: dict, step: int) -> None:
-        """Log ``row`` at global optimizer step ``step`` (steps already in an online run are skipped)."""
+        """Log ``row`` at global optimizer step ``step`` (steps already in an online run are skipped, but for the
+        row owed at one of them: it goes right after the run's last step, its own samples/tokens/epoch fields
+        placing it on those axes)."""
+        if step == self.owed_step and step <= self.last_step:
+            step, self.owed_step = self.last_step + 1, None
         if self.run is not None and step > self.last_step:
             self._guard("log", lambda: self.run.log({k: v for k, v in row.items()              # text: why a value is null
                                                      if v is not None and not isinstance(v, str)}, step=step))

@@ -41,9 +41,10 @@ class Reporter:
         self._epoch_samples = self._log_samples = self._log_steps = 0
         self._heartbeat, self._epoch_seconds = 0.0, 0.0
 
-    def open(self, state: TrainState) -> None:
+    def open(self, state: TrainState, owed_row: bool = False) -> None:
         """After a resume: drop the rows past the checkpoint (they are computed again), open W&B under
-        the run's one id, start the clocks."""
+        the run's one id (``owed_row``: the evaluation at this step was interrupted, its row is owed), start the
+        clocks."""
         if self.comm.is_main:
             # epoch rows by epoch (a save at an epoch's last step comes before its row); the rows of
             # eval.every_steps by step (each is written before any save at its step)
@@ -52,9 +53,11 @@ class Reporter:
             self.steps.keep(lambda r: r["step"] <= state.global_step)
             state.wandb_id = run_id(self.folder.wandb_id, state.wandb_id or None)
             self.tracker = Tracker(self.recipe, self.folder.wandb, state.wandb_id, self.log)
+            if owed_row:
+                self.tracker.owe(state.global_step)
         state.wandb_id = self.comm.broadcast(state.wandb_id)
         self._clock = self._log_clock = time.time()
-        self._log_samples = state.samples
+        self._log_samples, self._log_steps = state.samples, state.global_step
 
     def start_epoch(self, split: Stage, steps: int, state: TrainState) -> None:
         self._epoch_clock, self._epoch_samples = time.time(), state.samples

@@ -48,8 +48,8 @@ class Trainer:
         self.log_every = log_interval(r, parts.plan.total_steps)
         self.evaluate_every = cadence(r.eval.every, r.eval.every_steps, r)
         self.save_every = cadence(r.checkpoint.every, r.checkpoint.every_steps, r)
-        self.hyper, self.last_size = None, 0   # the last step's (lr, beta, gamma), as written, and its samples
-        self.step_grad_norm = None
+        # the last step's (lr, beta, gamma) as written, its samples, and its gradient norm for the log point
+        self.hyper, self.last_size, self.step_grad_norm = None, 0, None
         self.tokens_per_sample = parts.plan.steps.tokens_per_sample or 0
         self.step_delay, self.eval_delay = env.step_delay(), env.eval_delay()
         self.owed_evaluation = False       # a preemption interrupted this position's mid-epoch evaluation
@@ -114,8 +114,9 @@ class Trainer:
     def resume(self) -> None:
         """Load the newest valid checkpoint (if any); open the logs and W&B where it left off."""
         self.pace.activity = "resuming"
-        self.owed_evaluation = owes_mid_epoch_evaluation(restore(self.parts, self.stages, self.log), self.state, self.stages)
-        self.reporter.open(self.state)
+        manifest = restore(self.parts, self.stages, self.log)
+        self.owed_evaluation = owes_mid_epoch_evaluation(manifest, self.state, self.stages)
+        self.reporter.open(self.state, owed_row=manifest is not None and bool(manifest.get("evaluation_owed")))
         self.between_steps()
 
     def start_epoch(self, epoch: int) -> None:

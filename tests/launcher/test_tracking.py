@@ -66,3 +66,21 @@ def test_wandb_killed_by_a_signal_is_one_line_and_nothing_raises(tmp_path):
     lines = [x for x in out.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("[qhm-launch] W&B failed (") and "training continues" in lines[0]
     assert "Traceback" not in out.stderr        # not even from W&B's own exit hook
+
+
+def test_an_online_resume_logs_the_owed_evaluation_row_after_its_last_step_and_skips_the_others():
+    """An online W&B run resumed at global step 25 already has rows up to 25 (W&B's own rule: a step at or
+    below the last is dropped). The evaluation a preemption interrupted at 25 was never logged: its row goes
+    at 26 instead of being lost; any other row at or below 25 (a repeat) stays skipped."""
+    from types import SimpleNamespace
+    from launcher.run.tracking import Tracker
+    logged = []
+    tracker = Tracker.__new__(Tracker)
+    tracker.run, tracker.log, tracker.last_step, tracker.owed_step = SimpleNamespace(
+        log=lambda row, step: logged.append((step, row))), print, 25, None
+    tracker.owe(25)
+    tracker.log_row({"train_loss": 1.0}, step=24)            # a repeat: skipped
+    tracker.log_row({"test_loss": 2.0, "epoch": 0}, step=25)  # the owed row: right after the run's last step
+    tracker.log_row({"test_loss": 3.0}, step=25)              # owed once only
+    tracker.log_row({"train_loss": 0.5}, step=27)
+    assert logged == [(26, {"test_loss": 2.0, "epoch": 0}), (27, {"train_loss": 0.5})]
