@@ -40,7 +40,7 @@ def resolve(key: str, path: str) -> Callable:
         where = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != os.getcwd()]
         raise UserError(f"{key}: {path!r} is not valid; allowed: an importable module ({one_line(exc)}; looked in the "
                         f"working directory and PYTHONPATH: {os.pathsep.join(where)}, then the installed packages)") from None
-    except Exception as exc:
+    except Exception as exc:  # the user's module failed while importing: say so in one line
         raise UserError(f"{key}: importing {module_name!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
     target: Any = module
     for part in attribute.split("."):
@@ -77,7 +77,7 @@ def call(key: str, path: str, kwargs: dict, *args):
         raise UserError(f"{key}: {path!r} raised {type(exc).__name__}({one_line(exc)}) instead of returning; "
                         "allowed: a factory that returns (a command-line parser or sys.exit in it ends the run "
                         "as if it had succeeded)") from exc
-    except Exception as exc:
+    except Exception as exc:  # reported in one line, chained for --debug
         raise UserError(f"{key}: {path!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
     finally:
         timer.cancel()

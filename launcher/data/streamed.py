@@ -78,7 +78,7 @@ class KeyedDataset(torch.utils.data.Dataset):
                     x, y = self.base[index]
             else:
                 x, y = self.base[index]
-        except Exception as exc:
+        except Exception as exc:  # named by its sample, whatever the user's dataset raised
             raise SampleError(f"reading sample {index} (epoch {epoch}) raised {type(exc).__name__}: {exc}") from exc
         if self.augment is not None:
             if self._epoch != epoch:

@@ -160,7 +160,7 @@ def check_config(recipe) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
     try:    # as one process: DeepSpeed reads the world size from the process group, which the launcher has not
         DeepSpeedConfig(build_config(recipe, 1, 1, 1))
-    except Exception as exc:
+    except Exception as exc:  # DeepSpeed's own complaint, in one line
         raise UserError(f"distributed.deepspeed_config: DeepSpeed refuses it: {type(exc).__name__}: "
                         f"{one_line(exc)[:400]}") from exc
 

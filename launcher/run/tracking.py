@@ -141,7 +141,7 @@ class Tracker:
             return None
         try:
             return call()
-        except BaseException as exc:
+        except BaseException as exc:  # W&B must never stop training
             if isinstance(exc, KeyboardInterrupt):
                 raise
             print(f"[qhm-launch] W&B failed ({what}: {type(exc).__name__}: {one_line(exc)[:160]}); "

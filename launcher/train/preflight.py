@@ -134,7 +134,7 @@ def check_samples(recipe: Recipe) -> int:
     try:
         with torch.no_grad():
             out = module(inputs)
-    except Exception as exc:
+    except Exception as exc:  # the user's model on the user's data: one line
         raise UserError(f"{model_key}: the forward pass of train[0] and test[0] (inputs {tuple(x.shape)}, {x.dtype}) "
                         f"raised {type(exc).__name__}: {one_line(exc)}") from exc
     loss = losses.from_recipe(recipe.loss, losses.per_token(recipe))
