@@ -26,16 +26,22 @@ def _never() -> bool:
 
 
 def _shard_batches(split, comm, batch_size: int, stopped=_never):
+    """:func:`_padded_shard`, with :class:`Interrupted` after any batch where ``stopped()``."""
+    for batch in _padded_shard(split, comm, batch_size):
+        yield batch
+        if stopped():
+            raise Interrupted
+
+
+def _padded_shard(split, comm, batch_size: int):
     """(a, b, x, y) for this rank's shard of ``split``, ``batch_size`` samples at a time, and as many
     batches on every rank: a shorter shard's last ones empty (a == b; under FSDP every forward is a
-    collective, and ``stopped`` may be one). After each, :class:`Interrupted` if ``stopped()``."""
+    collective, and the stop check after each batch may be one)."""
     lo, hi = order.rank_bounds(len(split), comm.rank, comm.world)
     empty = None
     for a, b, x, y in split.shard(lo, hi, batch_size):
         empty = (x[:0], y[:0])
         yield a, b, x, y
-        if stopped():
-            raise Interrupted
     largest = -(-len(split) // comm.world)
     missing = -(-largest // batch_size) - -(-(hi - lo) // batch_size)
     if missing and empty is None:                  # no sample here at all: an empty batch of the right kind
@@ -43,8 +49,6 @@ def _shard_batches(split, comm, batch_size: int, stopped=_never):
         empty = (x[:0], y[:0])
     for _ in range(missing):
         yield hi, hi, *empty
-        if stopped():
-            raise Interrupted
 
 
 @torch.no_grad()

@@ -97,15 +97,14 @@ class Agreement:
             return False
         proposal = self._proposal()
         if self.comm.world == 1:
-            self.every, self._hurry = (1 if self._hurry else proposal), False
+            self._agree(proposal)
             self._next = self._calls + self.every
             return self._asked()
         stop = False
         if self._work is not None:
             self._work.wait()
             stop = bool(self._box[0] > 0)
-            self.every = 1 if self._hurry else max(1, int(-self._box[1]))
-            self._hurry = False
+            self._agree(max(1, int(-self._box[1])))
         asked = self._asked()
         self._box = torch.tensor([1.0 if asked else 0.0, -float(proposal)])
         self._work = self.comm.all_reduce_max_async(self._box)
@@ -116,6 +115,10 @@ class Agreement:
             self.log(f"[qhm-launch] {what}: stopping after global step {global_step + self.every} "
                      "(the next check), with a checkpoint")
         return stop
+
+    def _agree(self, every: int) -> None:
+        """The interval to the next check: the agreed one, or 1 right after :meth:`hurry`."""
+        self.every, self._hurry = (1 if self._hurry else every), False
 
     def hurry(self) -> None:
         """After something long between steps (a checkpoint write, an evaluation; every rank at the same
