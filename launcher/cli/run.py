@@ -31,10 +31,9 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
     if found is None:
         check_no_other_results(recipe)
         return
-    saved = found.manifest["recipe"].get("distributed", {})
     if found.manifest["world_size"] != world:
         from launcher import engines
-        why = engines.move_refusal(saved, found.manifest["recipe"].get("optimizer", {}))
+        why = engines.move_refusal(found.manifest["recipe"])
         if why:
             raise UserError(f"distributed.nproc_per_node: checkpoint {found.path} was written on "
                             f"{found.manifest['world_size']} processes and cannot be loaded on {world}: {why}; "

@@ -190,8 +190,7 @@ def _prepare(recipe, args, warnings: list | None = None):
         warnings += stop_latency_warning(recipe, epochs[0].batch, args.signal_seconds)
     if args.elastic:
         from launcher import engines
-        section = recipe.to_dict()
-        why = engines.move_refusal(section["distributed"], section["optimizer"])
+        why = engines.move_refusal(recipe.to_dict())
         if why:
             raise UserError(f"--elastic: not valid here: {why}; allowed: ddp or fsdp, ZeRO 0, or optimizer.name adamw")
     return recipe, nproc

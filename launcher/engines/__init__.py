@@ -8,10 +8,10 @@ its own (partitioned) files, so its scope is ``files``.
 
 An engine is one module that owns everything engine-specific, and :data:`REGISTRY` names it: besides its
 engine class, each module has ``check_recipe(recipe)`` (its recipe checks, when the recipe loads),
-``preflight(recipe, check_data, build_model)`` (the heavier checks before any worker starts), ``move_refusal(distributed,
-optimizer)`` (why its checkpoint cannot load on another world size, or None), ``noise_refusal(recipe,
-world)`` (why the noise scale cannot be read from it, or None), ``prepare(recipe, module, comm)`` (the
-model before the optimizer is built on it) and ``build(...)``. Nothing outside this package compares an
+``preflight(recipe, check_data, build_model)`` (the heavier checks before any worker starts),
+``move_refusal(distributed, optimizer)`` (why its checkpoint cannot load on another world size, or None),
+``noise_refusal(recipe, world)`` (why the noise scale cannot be read from it, or None), ``prepare(recipe,
+module, comm)`` (the model before the optimizer is built on it) and ``build(...)``. Nothing outside this package compares an
 engine's name (tests/launcher/test_layers.py). Adding an engine: one module, one line below.
 """
 from __future__ import annotations
@@ -83,9 +83,10 @@ def preflight(recipe, check_data: bool, build_model) -> None:
     module_of(recipe.distributed.engine).preflight(recipe, check_data, build_model)
 
 
-def move_refusal(distributed: dict, optimizer: dict) -> str | None:
-    """Why a checkpoint written under ``distributed`` (a recipe's section, as a mapping) with ``optimizer``
-    cannot load on another number of processes, or None where it can."""
+def move_refusal(recipe: dict) -> str | None:
+    """Why a checkpoint written under ``recipe`` (as a mapping: a manifest's, or ``Recipe.to_dict()``) cannot
+    load on another number of processes, or None where it can."""
+    distributed, optimizer = recipe.get("distributed", {}), recipe.get("optimizer", {})
     return module_of(distributed.get("engine", "ddp")).move_refusal(distributed, optimizer)
 
 

@@ -9,24 +9,18 @@ module, one line below.
 """
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-FAMILIES = ("launcher.models.vision", "launcher.models.gpt")
+from launcher.models import gpt, vision
 
-
-def _families() -> list[ModuleType]:
-    return [importlib.import_module(name) for name in FAMILIES]
-
-
-NAMES = tuple(name for family in _families() for name in family.NAMES)
-SETTINGS = tuple(family.Settings for family in _families() if family.Settings is not None)
+FAMILIES = (vision, gpt)
+NAMES = tuple(name for family in FAMILIES for name in family.NAMES)
 
 
 def family_of(model) -> ModuleType | None:
     """The family of ``model`` (a recipe's: a name, a family's settings, or a factory's spec: None)."""
     name = model if isinstance(model, str) else getattr(model, "name", None)
-    return next((family for family in _families() if name in family.NAMES), None)
+    return next((family for family in FAMILIES if name in family.NAMES), None)
 
 
 def settings_for(name: str):

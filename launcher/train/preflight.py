@@ -53,8 +53,7 @@ def check_membership(recipe: Recipe, nproc: int, nodes: tuple[int, int], option:
     plan on MAX nodes, the one the run starts on, is returned."""
     low, high = nodes
     if low < high:
-        section = recipe.to_dict()
-        why = engines.move_refusal(section["distributed"], section["optimizer"])
+        why = engines.move_refusal(recipe.to_dict())
         if why:
             raise UserError(f"{option} (elastic membership) resumes on the nodes left, and {why}; allowed: a fixed "
                             "number of nodes, or distributed.engine ddp or fsdp, or distributed.zero_stage 0, or "

@@ -250,10 +250,13 @@ def test_a_zero_checkpoint_of_adamw_moves_to_another_world_size_through_the_univ
 def test_which_deepspeed_checkpoints_move_to_another_world_size():
     """ZeRO 0 always; ZeRO 1-3 through the universal format, which carries Adam's moments only; ZeRO-3's
     universal load restores one parameter group (measured: two groups 1e-3 off within 3 steps)."""
-    from launcher.engines import move_refusal
+    from launcher import engines
 
     def zero(stage):
         return {"engine": "deepspeed", "zero_stage": stage}
+
+    def move_refusal(distributed, optimizer):     # a recipe's sections, as its mapping holds them
+        return engines.move_refusal({"distributed": distributed, "optimizer": optimizer})
     adamw = {"name": "adamw", "weight_decay": 0.1, "weight_decay_all": False}
     assert move_refusal(zero(0), {"name": "qhm"}) is None
     for stage in (1, 2):
