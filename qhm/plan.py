@@ -170,6 +170,10 @@ class Segment:
     def end(self) -> int:
         return self.first + self.steps
 
+    def consumed(self, n: int) -> int:
+        """The samples its steps train on, of an epoch of ``n`` (the last step of an epoch may be partial)."""
+        return min(self.steps * self.batch, n - self.offset)
+
     def start(self, step: int) -> int:
         """Where step ``step`` of the epoch starts in the epoch's permutation."""
         return self.offset + (step - self.first) * self.batch
@@ -201,7 +205,7 @@ class StepPlan:
     @property
     def total_samples(self) -> int:
         last = self.segments[-1]
-        return last.samples + min(last.steps * last.batch, self.n - last.offset)
+        return last.samples + last.consumed(self.n)
 
     @property
     def total_tokens(self) -> int | None:
@@ -330,12 +334,12 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
             steps = min(steps, walk.steps_to(d_unit, amount, batch, tps))
         if branch is not None and walk.step < branch[0]:
             steps = min(steps, branch[0] - walk.step)
-        segments.append(Segment(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples,
-                                scheduled))
+        segment = Segment(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples, scheduled)
+        segments.append(segment)
         if len(segments) > MAX_SEGMENTS:
             raise ScheduleError("batch", batch, f"a schedule that changes the batch at most {MAX_SEGMENTS} times "
                                 "over the run")
-        consumed = min(steps * batch, n - walk.offset)
+        consumed = segment.consumed(n)
         walk.in_epoch += steps
         walk.step += steps
         walk.offset += consumed

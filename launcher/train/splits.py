@@ -82,8 +82,7 @@ class Plan:
     def end_of(self, epoch: int) -> tuple[int, int]:
         """(global step, samples) once epoch ``epoch``'s steps are done."""
         last = self.stages[self.index(epoch, self.steps_in(epoch) - 1)]
-        steps = last.end - last.first
-        return last.global_step + steps, last.samples + min(steps * last.batch, self.n - last.offset)
+        return last.global_step + last.steps, last.samples + last.consumed(self.n)
 
     def stage_at(self, global_step: int) -> Stage:
         """The stage holding global step ``global_step`` (the last stage at or past the plan's end)."""
