@@ -85,7 +85,7 @@ def recipe(folder, batch: int, n: int, epochs: int = 2, compile_mode: str = "off
          "eval": {"every_epochs": 1000, "full_grad_norm": False, "batch_size": 1000},
          "checkpoint": {"every_steps": 0, "keep": 2},
          "tracking": {"wandb": {"mode": "disabled"}, "log_every_steps": 0}}
-    from launcher.config import keys
+    from launcher import keys
     for key, value in over.items():
         keys.set_(r, key, value)
     return R.from_dict(r)

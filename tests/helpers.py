@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from launcher.config import keys
+from launcher import keys
 from launcher.env import UNTIL_STEP, alive
 from launcher.run.files import read_jsonl
 from launcher.run.tracking import WALL_FIELDS

@@ -20,7 +20,7 @@ import yaml
 import qhm
 
 from launcher import data as data_mod
-from launcher.config import keys
+from launcher import keys
 from launcher import config as recipe_mod
 from launcher.run.folder import RunFolder
 from launcher.errors import UserError

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import yaml
 
-from launcher.config import keys, yamlfile
+from launcher import keys
+from launcher.config import yamlfile
 from launcher.config.schema import MAX_INT, Recipe
 from launcher.config.validate import validate
 from launcher.errors import RecipeError

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 
-from launcher.config import keys
+from launcher import keys
 from launcher.config.schema import Recipe
 
 # Fields that change the trajectory: a checkpoint written under other values is refused on resume.

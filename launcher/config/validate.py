@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import qhm
 
-from launcher.config import keys, units
+from launcher import keys
+from launcher.config import units
 from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, BATCH_SCALINGS, COMPILE_MODES, DATASETS, ENGINES,
                                     GRAD_NORM_MODES, KERNELS, MAX_DATA_WORKERS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS,
                                     PRECISIONS, SIGNALS, SYNTHETIC_MAX, UNITS, WANDB_MODES, ADAM_FAMILY, ModelSpec,

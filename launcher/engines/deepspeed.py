@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from launcher import env
+from launcher import env, keys
 from launcher.engines import refuse_outside_lockstep
 from launcher.errors import RecipeError, UserError, one_line
 
@@ -64,15 +64,10 @@ def check_recipe(r) -> None:
     if d.zero_stage == 3:
         refuse_outside_lockstep(r, "DeepSpeed ZeRO-3 (distributed.zero_stage 3)")
     for key in OWNED:
-        node = d.deepspeed_config
-        for part in key.split("."):
-            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-        if node is not _ABSENT:
-            raise RecipeError(f"distributed.deepspeed_config.{key}: {node!r} is not allowed; the launcher sets it "
-                              "from the recipe (schedule, precision, distributed.zero_stage, optimizer.clip_grad_norm)")
-
-
-_ABSENT = object()
+        if keys.has(d.deepspeed_config, key):
+            raise RecipeError(f"distributed.deepspeed_config.{key}: {keys.get(d.deepspeed_config, key)!r} is not "
+                              "allowed; the launcher sets it from the recipe (schedule, precision, "
+                              "distributed.zero_stage, optimizer.clip_grad_norm)")
 
 
 def preflight(recipe, check_data: bool, build_model) -> None:

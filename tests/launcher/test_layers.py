@@ -5,7 +5,7 @@ from pathlib import Path
 
 import launcher
 
-LAYERS = ["errors", "limits", "env", "run", "models", "engines", "config", "data", "train", "cluster", "cli"]
+LAYERS = ["errors", "limits", "keys", "env", "run", "models", "engines", "config", "data", "train", "cluster", "cli"]
 ROOT = Path(launcher.__file__).parent
 
 

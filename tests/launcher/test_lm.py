@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, train_ranks,
                      write_recipe)
-from launcher import config
+from launcher import config, keys
 from launcher.cli.main import main
 from launcher.data import tokens
 from launcher.run.files import read_jsonl
@@ -49,7 +49,7 @@ def lm_recipe(token_files, name="lm", **over) -> dict:
         "eval.every": "4K tokens", "eval.full_grad_norm": False, "eval.batch_size": 64,
         "checkpoint.every_steps": 0, "tracking.log_every_steps": 1})
     for key, value in over.items():
-        config.keys.set_(r, key, value)
+        keys.set_(r, key, value)
     return r
 
 

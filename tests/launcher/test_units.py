@@ -12,7 +12,7 @@ import torch
 import qhm
 from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, killed_at_checkpoint,
                      metric_rows, train_ranks, write_recipe)
-from launcher import config
+from launcher import config, keys
 from launcher.cli.main import main
 from launcher.config import units
 from launcher.run.files import read_jsonl
@@ -257,7 +257,7 @@ def test_bad_schedules_are_one_line_before_any_worker(tmp_path, capsys, over, ex
     recipe = base_recipe(epochs=None, **{"train.steps": 100, "schedule.unit": "step",
                                          "schedule.batch": {"kind": "constant", "size": 16}})
     for key, value in over.items():
-        config.keys.set_(recipe, key, value)
+        keys.set_(recipe, key, value)
     if "train" in over and isinstance(over["train"], dict):
         recipe["train"] = over["train"]
     path = write_recipe(tmp_path, recipe)
