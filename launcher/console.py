@@ -3,6 +3,7 @@ run may take as preemption are caught first, and only then is the CLI imported (
 SIGTERM during start-up is a preemption (exit 75), never a death (143). Stdlib only up to that import."""
 import os
 
+from launcher import env
 from launcher.cluster import supervise
 
 
@@ -11,7 +12,7 @@ def main() -> int:
         supervise.arm_worker()
         from launcher.cli.main import main as cli_main
         return cli_main()
-    supervise.record_early_signals()
+    env.record_early_signals()
     try:
         from launcher.cli.main import main as cli_main
         return cli_main()

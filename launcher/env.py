@@ -170,3 +170,41 @@ def die_with_parent(expected_parent: Optional[int] = None) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(1)
+
+
+# ---- signals that arrive before the code that handles them (a worker imports torch for seconds first)
+
+_early: list[int] = []
+
+
+def _record(signum, frame) -> None:
+    _early.append(signum)
+
+
+def record_early_signals() -> None:
+    """Record (rather than die of) the signals a run may treat as preemption, from the first line of
+    the process on: importing torch takes seconds, and a preemption that lands meanwhile must count."""
+    for name in PREEMPTION_SIGNALS:
+        signal.signal(getattr(signal, name), _record)
+
+
+def take_early_signals() -> list[int]:
+    """The signals recorded so far, forgotten here (a local sweep's next point must not take them again)."""
+    taken = list(_early)
+    _early.clear()
+    return taken
+
+
+def early_signals(wanted: list[str]) -> list[int]:
+    """The signals received before their real handler existed that are among ``wanted``, in order.
+    The other early signals get their default action now (as if no recorder had been there), and
+    signals not wanted get their default disposition back."""
+    numbers = {getattr(signal, n) for n in wanted}
+    for name in PREEMPTION_SIGNALS:
+        if getattr(signal, name) not in numbers:
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    taken = take_early_signals()
+    for signum in taken:
+        if signum not in numbers:
+            os.kill(os.getpid(), signum)
+    return [s for s in taken if s in numbers]

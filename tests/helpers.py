@@ -297,7 +297,7 @@ def run_ranks(fn, world: int, *args) -> list:
 
 def _train_rank(comm, recipe: dict, cwd: str, env: dict):
     from launcher import config
-    from launcher.cli.run import run_worker
+    from launcher.train.worker import run_worker
     from launcher.config import factories
     os.chdir(cwd)
     before = dict(os.environ)

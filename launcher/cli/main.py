@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from launcher.cluster import slurm
-    from launcher.cluster.supervise import early_signals
+    from launcher.env import early_signals
     if args.command != "run" and not (args.command == "sweep" and args.local):
         early_signals([])                   # only a run (and a local sweep's runs) checkpoints on a signal
     from launcher.cli.plan import cmd_bounds, cmd_plan

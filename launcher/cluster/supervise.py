@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 from launcher import env
-from launcher.env import die_with_parent, load_libc
+from launcher.env import die_with_parent, early_signals, load_libc
 
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
-_early: list[int] = []
 _received: list[int] = []       # the preemption signals supervise() took since take_received() last looked
 
 
@@ -37,21 +36,9 @@ def take_received() -> list[int]:
     """The preemption signals that reached this process since the last call: those supervise() forwarded
     (a run may still have finished: the signal came after its last step) and those recorded while no run
     was under way (between a local sweep's points)."""
-    taken = _received + [s for s in _early]
+    taken = _received + env.take_early_signals()
     _received.clear()
-    _early.clear()
     return taken
-
-
-def _record(signum, frame) -> None:
-    _early.append(signum)
-
-
-def record_early_signals() -> None:
-    """Record (rather than die of) the signals a run may treat as preemption, from the first line of
-    the process on: importing torch takes seconds, and a preemption that lands meanwhile must count."""
-    for name in env.PREEMPTION_SIGNALS:
-        signal.signal(getattr(signal, name), _record)
 
 
 def arm_worker() -> None:
@@ -61,23 +48,7 @@ def arm_worker() -> None:
     if parent == 1 or (launcher and not env.alive(int(launcher))):
         os._exit(1)                              # started by a launcher that is already gone
     die_with_parent(parent)
-    record_early_signals()
-
-
-def early_signals(wanted: list[str]) -> list[int]:
-    """The signals received before their real handler existed that are among ``wanted``, in order.
-    The other early signals get their default action now (as if no recorder had been there), and
-    signals not wanted get their default disposition back."""
-    numbers = {getattr(signal, n) for n in wanted}
-    for name in env.PREEMPTION_SIGNALS:
-        if getattr(signal, name) not in numbers:
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
-    for signum in _early:
-        if signum not in numbers:
-            os.kill(os.getpid(), signum)
-    wanted_early = [s for s in _early if s in numbers]
-    _early.clear()                    # taken: a local sweep's next point must not take them again
-    return wanted_early
+    env.record_early_signals()
 
 
 def children(pid: int) -> list[int]:

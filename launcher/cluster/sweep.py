@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from launcher import config as recipe_mod
+from launcher import env
 from launcher.config import yamlfile
 from launcher.errors import PREEMPTED, UserError
 
@@ -107,7 +108,7 @@ def run_locally(points: list[dict], recipes: list, run_point) -> int:
     stops the sweep; the same command resumes it there."""
     from launcher.cluster import supervise
     failed = []
-    supervise.record_early_signals()       # between points a signal is recorded, never the process's death
+    env.record_early_signals()       # between points a signal is recorded, never the process's death
     supervise.take_received()
     for p, r in zip(points, recipes):
         stopped = stop_requested(supervise.take_received(), p, points)
@@ -128,7 +129,7 @@ def run_locally(points: list[dict], recipes: list, run_point) -> int:
             return PREEMPTED
         if rc != 0:
             failed.append(f"{r.name} (exit {rc})")
-        supervise.record_early_signals()   # the run restored what it found; the sweep records again
+        env.record_early_signals()   # the run restored what it found; the sweep records again
     if failed:
         print(f"qhm-launch: {len(failed)} of {len(points)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1

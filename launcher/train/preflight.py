@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
+from launcher import config as recipe_mod
 from launcher import engines
 from launcher.config import Recipe
 from launcher.errors import UserError, one_line
@@ -369,3 +372,55 @@ def slow_precision_warning(recipe: Recipe, has_cuda: bool, cpuinfo: Path = Path(
     return ("qhm-launch: WARNING: precision bf16 on this CPU, which has no bf16 instructions (none of "
             f"{', '.join(sorted(NATIVE_BF16_FLAGS))} in {cpuinfo}): emulated, often ~20x slower than fp32; "
             "precision: fp32 is the fast choice here")
+
+
+def check_resume(recipe, force: bool, world: int, log=print) -> None:
+    """Refuse a checkpoint written under other trajectory-changing fields (one-line diff), or one
+    that this engine cannot load on ``world`` processes."""
+    from launcher.run.checkpoint import CheckpointManager
+    # quiet: the worker reports an invalid newest checkpoint itself when it resumes
+    found = CheckpointManager(recipe.folder, log=lambda *a: None).find_latest_valid()
+    if found is None:
+        check_no_other_results(recipe)
+        return
+    if found.manifest["world_size"] != world:
+        from launcher import engines
+        why = engines.move_refusal(found.manifest["recipe"])
+        if why:
+            raise UserError(f"distributed.nproc_per_node: checkpoint {found.path} was written on "
+                            f"{found.manifest['world_size']} processes and cannot be loaded on {world}: {why}; "
+                            f"allowed: resume on {found.manifest['world_size']} processes")
+    if recipe_mod.is_branch_start(recipe, found.manifest):   # a branch's start: the parent's checkpoint, which differs by design
+        return
+    diff = recipe_mod.trajectory_diff(found.manifest["recipe"], recipe.to_dict())
+    if not diff:
+        return
+    if force:
+        log("qhm-launch: WARNING: --force-resume: resuming " + str(found.path) + " although the recipe differs: "
+            + "; ".join(diff))
+        return
+    raise UserError(f"recipe differs from checkpoint {found.path}: {'; '.join(diff)} "
+                    "(use another name, or --force-resume)")
+
+
+def check_no_other_results(recipe) -> None:
+    """A folder with no checkpoint to resume that holds another recipe's results (complete.json, the final
+    model, metrics or step rows: a finished run whose checkpoints were deleted, say) is never trained over:
+    refused in one line naming what is there. The same recipe starts again (it writes the same results)."""
+    folder = recipe.folder
+    results = [p.name for p in (folder.complete, folder.final_model, folder.metrics, folder.steps)
+               if p.is_file() and p.stat().st_size > 0]
+    if not results:
+        return
+    done = folder.read_json(folder.complete) or {}
+    theirs = done.get("recipe_hash")
+    if theirs is None and folder.recipe.is_file():
+        try:
+            theirs = recipe_mod.trajectory_hash(yaml.safe_load(folder.recipe.read_text()) or {})
+        except Exception:  # noqa: BLE001 - an unreadable recipe.yaml: the results are of an unknown recipe
+            theirs = "unknown (its recipe.yaml does not read)"
+    mine = recipe_mod.trajectory_hash(recipe.to_dict())
+    if theirs is not None and theirs != mine:
+        raise UserError(f"run folder {folder.path}: holds another recipe's results ({', '.join(results)}; its recipe "
+                        f"hash {theirs}, this recipe's {mine}) and no checkpoint to resume; allowed: another name "
+                        f"(--set name=...) or output, or move {folder.path} aside to keep what is there")

@@ -184,7 +184,7 @@ def test_submit_min_nodes_keeps_the_job_going_on_the_nodes_left(tmp_path, capsys
 def test_under_slurm_the_rendezvous_store_lives_on_the_first_node(monkeypatch):
     """torchrun guesses which agent hosts the c10d store from host names; where two nodes share a host the
     first to bind wins. In a generated job it is the first node's (the one --rdzv-endpoint names)."""
-    from launcher.cli.run import topology
+    from launcher.cluster.launch import topology
     from launcher import env
     args = argparse.Namespace(nnodes=(1, 2), rdzv_endpoint="n1:12345", rdzv_id="qhm-7", rdzv_conf=None, max_restarts=None)
     monkeypatch.setenv(env.BATCH_JOB, "1")

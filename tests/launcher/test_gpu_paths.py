@@ -233,7 +233,7 @@ def test_a_job_asks_for_the_cpus_its_ranks_and_data_workers_need(tmp_path, capsy
 
 
 def test_each_rank_gets_its_share_of_the_cpus_the_job_may_use(monkeypatch):
-    from launcher.cli.run import threads_per_rank
+    from launcher.cluster.launch import threads_per_rank
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})   # 6 of the machine's cores
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert threads_per_rank(2) == 3 and threads_per_rank(4) == 1 and threads_per_rank(8) == 1

@@ -113,7 +113,7 @@ def test_a_finished_runs_results_are_never_trained_over_by_another_recipe(tmp_pa
     """A run completed, its checkpoints deleted to free disk, then run again with another seed: refused in
     one line naming what is there; the same recipe may start again (it writes the same results)."""
     from launcher import config
-    from launcher.cli.run import check_resume
+    from launcher.train.preflight import check_resume
     from launcher.errors import UserError
     monkeypatch.chdir(tmp_path)
     finished = config.from_dict(base_recipe(name="done"))
