@@ -16,11 +16,58 @@ from launcher.errors import RecipeError, at_least, at_most, one_of
 from launcher.limits import MAX_NODES
 
 def validate(r: Recipe) -> Recipe:
-    if r.data.factory is not None and r.data.dataset is not None:
-        raise RecipeError(f"data.dataset: {r.data.dataset!r} is not valid with data.factory; allowed: one of the two")
-    if r.data.factory is None:
-        r.data.dataset = r.data.dataset or "digits"
-        one_of("data.dataset", r.data.dataset, DATASETS)
+    """Every rule, section by section (each a function below); defaults that depend on other keys filled in."""
+    check_data(r)
+    check_model(r)
+    check_optimizer(r)
+    check_distributed(r)
+    check_run(r)
+    check_duration(r)
+    check_evaluation(r)
+    check_schedule(r)
+    check_branch(r)
+    return r
+
+
+def check_data(r: Recipe) -> None:
+    """data: a built-in dataset or a factory (not both), its keys in range, token files (check_tokens_data)."""
+    d = r.data
+    if d.factory is not None and d.dataset is not None:
+        raise RecipeError(f"data.dataset: {d.dataset!r} is not valid with data.factory; allowed: one of the two")
+    if d.factory is None:
+        d.dataset = d.dataset or "digits"
+        one_of("data.dataset", d.dataset, DATASETS)
+    at_least("data.workers", d.workers, 0)
+    if d.workers > MAX_DATA_WORKERS:
+        raise RecipeError(f"data.workers: {d.workers!r} is not valid; allowed: an integer in [0, {MAX_DATA_WORKERS}] "
+                          "(DataLoader processes per rank, each with its own copy of the dataset object: more than a "
+                          "node's cores per rank only costs memory)")
+    if d.image_size is not None and not 8 <= d.image_size <= 4096:
+        raise RecipeError(f"data.image_size: {d.image_size!r} is not valid; allowed: an integer in [8, 4096]")
+    if d.size is not None:
+        if d.dataset != "synthetic":
+            raise RecipeError(f"data.size: {d.size!r} is not valid; allowed: null unless data.dataset is synthetic")
+        at_least("data.size", d.size, 4)
+        at_most("data.size", d.size, SYNTHETIC_MAX)
+    for key in ("shape", "classes"):
+        if getattr(d, key) is not None and d.dataset != "synthetic":
+            raise RecipeError(f"data.{key}: {getattr(d, key)!r} is not valid; allowed: null unless "
+                              "data.dataset is synthetic")
+    if d.shape is not None and not (len(d.shape) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in d.shape)):
+        raise RecipeError(f"data.shape: {d.shape!r} is not valid; allowed: [channels, height, width], "
+                          "integers in [1, 4096]")
+    if d.classes is not None and not 2 <= d.classes <= 100_000:
+        raise RecipeError(f"data.classes: {d.classes!r} is not valid; allowed: an integer in [2, 100000]")
+    if not 0.0 <= d.rotation <= 180.0:
+        raise RecipeError(f"data.rotation: {d.rotation!r} is not valid; allowed: degrees in [0, 180]")
+    check_tokens_data(r)
+    if not isinstance(d.validation, str) and not 0.0 <= d.validation < 1.0:
+        raise RecipeError(f"data.validation: {d.validation!r} is not valid; allowed: a fraction in [0, 1)")
+
+
+def check_model(r: Recipe) -> None:
+    """model: a built-in family's name or settings (the family checks them), or a factory."""
     if isinstance(r.model, str):
         one_of("model", r.model, MODELS)
         settings = models.settings_for(r.model)
@@ -31,94 +78,77 @@ def validate(r: Recipe) -> Recipe:
     elif not r.model.factory:
         raise RecipeError("model.factory: missing; allowed: 'package.module:callable' (or a built-in model name: "
                           + " | ".join(MODELS) + ")")
-    at_least("data.workers", r.data.workers, 0)
-    if r.data.workers > MAX_DATA_WORKERS:
-        raise RecipeError(f"data.workers: {r.data.workers!r} is not valid; allowed: an integer in [0, {MAX_DATA_WORKERS}] "
-                          "(DataLoader processes per rank, each with its own copy of the dataset object: more than a "
-                          "node's cores per rank only costs memory)")
-    if r.data.image_size is not None and not 8 <= r.data.image_size <= 4096:
-        raise RecipeError(f"data.image_size: {r.data.image_size!r} is not valid; allowed: an integer in [8, 4096]")
+
+
+def check_distributed(r: Recipe) -> None:
+    """distributed and performance: the engine (and its own checks), process counts, micro-batches, precision."""
+    dist = r.distributed
     one_of("precision", r.precision, PRECISIONS)
-    one_of("optimizer.name", r.optimizer.name, OPTIMIZERS)
-    one_of("optimizer.kernel", r.optimizer.kernel, KERNELS)
-    one_of("distributed.engine", r.distributed.engine, ENGINES)
-    if r.distributed.zero_stage not in (0, 1, 2, 3) or isinstance(r.distributed.zero_stage, bool):
-        raise RecipeError(f"distributed.zero_stage: {r.distributed.zero_stage!r} is not valid; allowed: 0 | 1 | 2 | 3")
-    one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
-    one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
-    one_of("distributed.batch_norm", r.distributed.batch_norm, BATCH_NORMS)
-    if isinstance(r.distributed.nproc_per_node, str):
-        one_of("distributed.nproc_per_node", r.distributed.nproc_per_node, ("auto",))
+    one_of("distributed.engine", dist.engine, ENGINES)
+    if dist.zero_stage not in (0, 1, 2, 3) or isinstance(dist.zero_stage, bool):
+        raise RecipeError(f"distributed.zero_stage: {dist.zero_stage!r} is not valid; allowed: 0 | 1 | 2 | 3")
+    one_of("distributed.batch_norm", dist.batch_norm, BATCH_NORMS)
+    if isinstance(dist.nproc_per_node, str):
+        one_of("distributed.nproc_per_node", dist.nproc_per_node, ("auto",))
     else:
-        at_least("distributed.nproc_per_node", r.distributed.nproc_per_node, 1)
-    if isinstance(r.distributed.max_micro_batch, str):
-        one_of("distributed.max_micro_batch", r.distributed.max_micro_batch, ("auto",))
+        at_least("distributed.nproc_per_node", dist.nproc_per_node, 1)
+    if isinstance(dist.max_micro_batch, str):
+        one_of("distributed.max_micro_batch", dist.max_micro_batch, ("auto",))
     else:
-        at_least("distributed.max_micro_batch", r.distributed.max_micro_batch, 1)
+        at_least("distributed.max_micro_batch", dist.max_micro_batch, 1)
+    at_least("distributed.cpu_micro_batch", dist.cpu_micro_batch, 1)
+    at_least("distributed.min_rank_batch", dist.min_rank_batch, 1)
     one_of("performance.compile", r.performance.compile, COMPILE_MODES)
     engines.check_recipe(r)                   # each engine's own checks (launcher/engines/<name>.py)
-    if r.distributed.batch_norm == "sync" and r.distributed.max_micro_batch == "auto":
+    if dist.batch_norm == "sync" and dist.max_micro_batch == "auto":
         raise RecipeError("distributed.batch_norm: 'sync' is not valid with distributed.max_micro_batch auto (the "
                           "memory probe and an out-of-memory redo run SyncBatchNorm's collectives: one rank out of "
                           "memory mid-forward would leave the others waiting in them); allowed: local, or an "
                           "integer max_micro_batch")
-    for i, sig in enumerate(r.signals.preempt):
-        one_of(f"signals.preempt[{i}]", sig, SIGNALS)
+
+
+def check_run(r: Recipe) -> None:
+    """What names and keeps the run: name, output, seed, signals, checkpoints, tracking, Slurm."""
     if not r.name.strip() or "/" in r.name or r.name in (".", "..") or not r.name.isprintable() or len(r.name) > MAX_NAME:
         raise RecipeError(f"name: {r.name!r} is not valid; allowed: a non-empty folder name of at most {MAX_NAME} "
                           "characters, without '/' or control characters")
-    for i, line in enumerate(r.slurm.setup):
-        if not isinstance(line, str) or not line.strip() or not line.isprintable():
-            raise RecipeError(f"slurm.setup[{i}]: {line!r} is not valid; allowed: one line of shell, e.g. "
-                              "'module load cuda/12.4'")
+    if not r.output or not r.output.isprintable():
+        raise RecipeError(f"output: {r.output!r} is not valid; allowed: a folder path without control characters")
+    at_least("seed", r.seed, 0)
+    for i, sig in enumerate(r.signals.preempt):
+        one_of(f"signals.preempt[{i}]", sig, SIGNALS)
+    at_least("checkpoint.every_steps", r.checkpoint.every_steps, 0)
+    at_least("checkpoint.keep", r.checkpoint.keep, 1)
+    one_of("tracking.wandb.mode", r.tracking.wandb.mode, WANDB_MODES)
+    at_least("tracking.log_every_steps", r.tracking.log_every_steps or 0, 0)
     for i, tag in enumerate(r.tracking.wandb.tags):
         if not isinstance(tag, str) or not tag or len(tag) > MAX_TAG or not tag.isprintable():
             raise RecipeError(f"tracking.wandb.tags[{i}]: {tag!r} is not valid; allowed: text of 1 to {MAX_TAG} "
                               "characters (W&B's limit)")
-    if not r.output or not r.output.isprintable():
-        raise RecipeError(f"output: {r.output!r} is not valid; allowed: a folder path without control characters")
-    check_duration(r)
-    epochs = 1 if r.epochs is None else r.epochs
-    at_most("epochs", epochs, MAX_EPOCHS)
+    at_least("slurm.nodes", r.slurm.nodes, 1)
     at_most("slurm.nodes", r.slurm.nodes, MAX_NODES)
-    for path, value, low in (("seed", r.seed, 0), ("epochs", epochs, 1),
-                             ("distributed.cpu_micro_batch", r.distributed.cpu_micro_batch, 1),
-                             ("distributed.min_rank_batch", r.distributed.min_rank_batch, 1),
-                             ("eval.every_epochs", r.eval.every_epochs, 1),
-                             ("eval.every_steps", r.eval.every_steps, 0),
-                             ("slurm.nodes", r.slurm.nodes, 1), ("slurm.gpus_per_node", r.slurm.gpus_per_node, 0),
-                             ("slurm.cpus_per_rank", r.slurm.cpus_per_rank or 1, 1),
-                             ("eval.batch_size", r.eval.batch_size, 1),
-                             ("checkpoint.every_steps", r.checkpoint.every_steps, 0),
-                             ("tracking.log_every_steps", r.tracking.log_every_steps or 0, 0),
-                             ("checkpoint.keep", r.checkpoint.keep, 1),
-                             ("optimizer.weight_decay", r.optimizer.weight_decay, 0.0),
-                             ("schedule.lr.max", r.schedule.lr.max, 0.0),
-                             ("schedule.lr.min", r.schedule.lr.min, 0.0)):
-        at_least(path, value, low)
-    if r.data.size is not None:
-        if r.data.dataset != "synthetic":
-            raise RecipeError(f"data.size: {r.data.size!r} is not valid; allowed: null unless "
-                              "data.dataset is synthetic")
-        at_least("data.size", r.data.size, 4)
-        at_most("data.size", r.data.size, SYNTHETIC_MAX)
-    for key in ("shape", "classes"):
-        if getattr(r.data, key) is not None and r.data.dataset != "synthetic":
-            raise RecipeError(f"data.{key}: {getattr(r.data, key)!r} is not valid; allowed: null unless "
-                              "data.dataset is synthetic")
-    if r.data.shape is not None and not (len(r.data.shape) == 3 and all(
-            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in r.data.shape)):
-        raise RecipeError(f"data.shape: {r.data.shape!r} is not valid; allowed: [channels, height, width], "
-                          "integers in [1, 4096]")
-    if r.data.classes is not None and not 2 <= r.data.classes <= 100_000:
-        raise RecipeError(f"data.classes: {r.data.classes!r} is not valid; allowed: an integer in [2, 100000]")
-    if not 0.0 <= r.data.rotation <= 180.0:
-        raise RecipeError(f"data.rotation: {r.data.rotation!r} is not valid; allowed: degrees in [0, 180]")
-    check_tokens_data(r)
-    if not isinstance(r.data.validation, str) and not 0.0 <= r.data.validation < 1.0:
-        raise RecipeError(f"data.validation: {r.data.validation!r} is not valid; allowed: a fraction in [0, 1)")
-    check_optimizer(r)
+    at_least("slurm.gpus_per_node", r.slurm.gpus_per_node, 0)
+    at_least("slurm.cpus_per_rank", r.slurm.cpus_per_rank or 1, 1)
+    for i, line in enumerate(r.slurm.setup):
+        if not isinstance(line, str) or not line.strip() or not line.isprintable():
+            raise RecipeError(f"slurm.setup[{i}]: {line!r} is not valid; allowed: one line of shell, e.g. "
+                              "'module load cuda/12.4'")
+
+
+def check_evaluation(r: Recipe) -> None:
+    """eval: how often, on what batch, how the gradient norm is measured."""
+    one_of("eval.grad_norm_mode", r.eval.grad_norm_mode, GRAD_NORM_MODES)
+    at_least("eval.every_epochs", r.eval.every_epochs, 1)
+    at_least("eval.every_steps", r.eval.every_steps, 0)
+    at_least("eval.batch_size", r.eval.batch_size, 1)
+
+
+def check_schedule(r: Recipe) -> None:
+    """schedule: the batch (its kind's keys and rules), the learning rate, the units every amount is counted
+    in; then qhm builds the schedule, which checks the values themselves."""
     b = r.schedule.batch
+    at_least("schedule.lr.max", r.schedule.lr.max, 0.0)
+    at_least("schedule.lr.min", r.schedule.lr.min, 0.0)
     one_of("schedule.batch.kind", b.kind, BATCH_KINDS)
     size_key = "size" if b.kind == "constant" else "initial"
     if b.kind == "warmup_from":
@@ -129,7 +159,6 @@ def validate(r: Recipe) -> Recipe:
         raise RecipeError(f"schedule.batch.{size_key}: missing; allowed: an integer >= 1 "
                           f"(required for kind {b.kind})")
     check_units(r)
-    check_branch(r)
     check_kind_keys(b)
     if r.schedule.lr.decay != 0 and r.schedule.lr.kind != "wsd":
         raise RecipeError(f"schedule.lr.decay: {r.schedule.lr.decay!r} is not valid with kind {r.schedule.lr.kind}; "
@@ -148,7 +177,6 @@ def validate(r: Recipe) -> Recipe:
         r.schedule_spec(length=placeholder_length(r))
     except qhm.ScheduleError as exc:                # qhm names its field; the recipe's path is ours
         raise schedule_error(exc, size_key) from None
-    return r
 
 
 def schedule_error(exc: qhm.ScheduleError, size_key: str = "initial") -> RecipeError:
@@ -208,8 +236,11 @@ def check_tokens_data(r: Recipe) -> None:
 
 
 def check_optimizer(r: Recipe) -> None:
-    """The Adam family's keys in range (and only there), clipping positive."""
+    """optimizer: its name and kernel, the Adam family's keys in range (and only there), clipping positive."""
     o = r.optimizer
+    one_of("optimizer.name", o.name, OPTIMIZERS)
+    one_of("optimizer.kernel", o.kernel, KERNELS)
+    at_least("optimizer.weight_decay", o.weight_decay, 0.0)
     if o.clip_grad_norm is not None and not o.clip_grad_norm > 0:
         raise RecipeError(f"optimizer.clip_grad_norm: {o.clip_grad_norm!r} is not valid; allowed: a number > 0, or "
                           "null (no clipping)")
@@ -247,6 +278,9 @@ def check_duration(r: Recipe) -> None:
                           "one of train.steps, train.samples, train.tokens)")
     if not given and r.epochs is None:
         r.epochs = 1
+    if r.epochs is not None:
+        at_least("epochs", r.epochs, 1)
+        at_most("epochs", r.epochs, MAX_EPOCHS)
 
 
 def resolve_warmup(r: Recipe) -> None:
