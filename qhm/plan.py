@@ -4,10 +4,10 @@ Epoch m runs T_m = ceil(n / b'_m) steps at (b'_m, alpha'_m, beta'_m, gamma'_m); 
 sequences b_k, alpha_k, beta_k, gamma_k repeat each epoch's value T_m times, K = sum_m T_m.
 
 In the units step, sample and token the batch may change inside an epoch: :func:`plan_steps` walks the
-run as *segments*, the steps of one epoch at one batch. Global batch k of an epoch covers positions
+run as *spans*, the steps of one epoch at one batch. Global batch k of an epoch covers positions
 [c_k, c_k + b_k) of the epoch's permutation, c_k the samples the epoch consumed before it (the last one
 may be partial), so a change at any step keeps the order a function of the samples consumed alone. A
-schedule that changes only at epoch boundaries is one segment per epoch at offset 0: the paper's plan.
+schedule that changes only at epoch boundaries is one span per epoch at offset 0: the paper's plan.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import numpy as np
 from .schedules import BATCH_SCALINGS, UNITS, BatchSchedule, BetaSchedule, GammaSchedule, LRSchedule, ScheduleError
 
 __all__ = ["Schedule", "EpochTable", "StepSequences", "epoch_table", "step_sequences",
-           "apply_hyperparams", "inverse_batch_sums", "Segment", "StepPlan", "plan_steps", "MAX_SEGMENTS",
+           "apply_hyperparams", "inverse_batch_sums", "Span", "StepPlan", "plan_steps", "MAX_SPANS",
            "BatchTooLarge"]
 
-MAX_SEGMENTS = 5_000_000      # a plan with more segments (a batch changing at nearly every step) is refused
+MAX_SPANS = 5_000_000         # a plan with more spans (a batch changing at nearly every step) is refused
 
 
 class BatchTooLarge(ScheduleError):
@@ -151,7 +151,7 @@ def apply_hyperparams(optimizer, lr: float, beta: float | None, gamma: float | N
 
 
 @dataclass(frozen=True)
-class Segment:
+class Span:
     """Steps [first, first + steps) of epoch ``epoch`` at batch ``batch``: the first covers positions
     [offset, offset + batch) of the epoch's permutation, each next one the following ``batch`` (the last
     of the epoch may be partial). ``global_step`` and ``samples``: steps and samples before its first step."""
@@ -185,9 +185,9 @@ class Segment:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """A run's steps as segments (see the module docstring), with ``n`` samples per epoch and
+    """A run's steps as spans (see the module docstring), with ``n`` samples per epoch and
     ``tokens_per_sample`` tokens per sample (None: tokens are not counted)."""
-    segments: tuple
+    spans: tuple
     n: int
     unit: str
     tokens_per_sample: int | None = None
@@ -195,16 +195,16 @@ class StepPlan:
     @property
     def epochs(self) -> int:
         """Epochs the run trains in (the last may be cut short by a duration in steps, samples or tokens)."""
-        return self.segments[-1].epoch + 1
+        return self.spans[-1].epoch + 1
 
     @property
     def total_steps(self) -> int:
-        last = self.segments[-1]
+        last = self.spans[-1]
         return last.global_step + last.steps
 
     @property
     def total_samples(self) -> int:
-        last = self.segments[-1]
+        last = self.spans[-1]
         return last.samples + last.consumed(self.n)
 
     @property
@@ -218,13 +218,13 @@ class StepPlan:
 
     def steps_in(self, epoch: int) -> int:
         """The steps of epoch ``epoch`` in this plan."""
-        return max((s.end for s in self.segments if s.epoch == epoch), default=0)
+        return max((s.end for s in self.spans if s.epoch == epoch), default=0)
 
     def positions(self) -> dict:
         """Per step k of the run (numpy arrays of length K): ``epoch``, ``step`` (= k), ``samples`` before
         it, ``batch`` (scheduled b_k) and ``size`` (the samples it trains on)."""
         parts: dict[str, list] = {key: [] for key in ("epoch", "step", "samples", "batch", "size")}
-        for s in self.segments:
+        for s in self.spans:
             i = np.arange(s.steps, dtype=np.int64)
             parts["epoch"].append(np.full(s.steps, s.epoch, dtype=np.int64))
             parts["step"].append(s.global_step + i)
@@ -236,7 +236,7 @@ class StepPlan:
     def position_at(self, step: int) -> dict:
         """Where global step ``step`` starts: {epoch, step (in the epoch), global_step, samples, tokens}
         (``step`` = total_steps: the run's end)."""
-        for s in self.segments:
+        for s in self.spans:
             if s.global_step <= step < s.global_step + s.steps:
                 k = step - s.global_step
                 samples = s.samples + k * s.batch
@@ -292,7 +292,7 @@ class _Walk:
 
 def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens_per_sample: int | None = None,
                start: tuple | None = None, branch: tuple | None = None) -> StepPlan:
-    """The run as segments, from its first step (or from ``start`` = (epoch, step in epoch, offset,
+    """The run as spans, from its first step (or from ``start`` = (epoch, step in epoch, offset,
     global step, samples)) to the end of ``duration`` = (unit, amount): M epochs, or steps, samples or
     tokens, the run ending after the first step that reaches the amount.
 
@@ -300,13 +300,13 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
     first position after u where it may change (None: never). In the unit ``epoch`` the batch is the
     epoch's. ``branch`` = (global step S, factor f): from step S on every batch is f times the schedule's
     (a branch of a run at S; the steps before S are the run's own), and a duration in samples or tokens
-    ends exactly at its amount: the last step takes only the samples left (a partial step, its segment's
+    ends exactly at its amount: the last step takes only the samples left (a partial step, its span's
     ``scheduled_batch`` the batch it was cut from), so branches of every factor end at one position. A
     batch above ``n`` raises BatchTooLarge naming where."""
     tps = tokens_per_sample or 1
     d_unit, amount = duration
     walk = _Walk(*start) if start is not None else _Walk()
-    segments: list[Segment] = []
+    spans: list[Span] = []
 
     def done() -> bool:
         return walk.at(d_unit, tps) >= amount
@@ -334,18 +334,18 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
             steps = min(steps, walk.steps_to(d_unit, amount, batch, tps))
         if branch is not None and walk.step < branch[0]:
             steps = min(steps, branch[0] - walk.step)
-        segment = Segment(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples, scheduled)
-        segments.append(segment)
-        if len(segments) > MAX_SEGMENTS:
-            raise ScheduleError("batch", batch, f"a schedule that changes the batch at most {MAX_SEGMENTS} times "
+        span = Span(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples, scheduled)
+        spans.append(span)
+        if len(spans) > MAX_SPANS:
+            raise ScheduleError("batch", batch, f"a schedule that changes the batch at most {MAX_SPANS} times "
                                 "over the run")
-        consumed = segment.consumed(n)
+        consumed = span.consumed(n)
         walk.in_epoch += steps
         walk.step += steps
         walk.offset += consumed
         walk.samples += consumed
         if walk.offset == n:
             walk.epoch, walk.in_epoch, walk.offset = walk.epoch + 1, 0, 0
-    if not segments:
+    if not spans:
         raise ScheduleError(d_unit, amount, "a duration of at least one step")
-    return StepPlan(tuple(segments), int(n), unit, tokens_per_sample)
+    return StepPlan(tuple(spans), int(n), unit, tokens_per_sample)

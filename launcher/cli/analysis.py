@@ -250,8 +250,8 @@ def bound_terms(run: dict, x: str) -> tuple[np.ndarray, dict]:
         table = qhm.epoch_table(recipe.schedule_spec(), n, [r.get("batch") or 1 for r in run["rows"]])
         seq = qhm.step_sequences(table)
     else:
-        from launcher.train import splits
-        planned = splits.plan(recipe, n, 1)
+        from launcher.train import planning
+        planned = planning.plan(recipe, n, 1)
         seq = planned.steps.sequences(planned.schedule)
     t2 = qhm.theorem2(seq)
     ends = np.array([min(max(r.get("step", 1), 1), len(seq.lr)) - 1 for r in run["rows"]])

@@ -30,7 +30,7 @@ from launcher import config as recipe_mod
 from launcher import data as data_mod
 from launcher.config import units
 from launcher.config.validate import MAX_LENGTH
-from launcher.train import splits
+from launcher.train import planning
 from launcher.errors import UserError
 from launcher.run.checkpoint import CheckpointManager, check_manifest, step_name
 from launcher.run import branches
@@ -128,7 +128,7 @@ def plan_branches(args) -> tuple[list[dict], list]:
     found = checkpoints(parent)
     tokens = recipe.data.tokens_per_sample is not None
     n = data_mod.sizes(recipe.data)[0]
-    parent_plan = splits.plan(recipe, n, 1)
+    parent_plan = planning.plan(recipe, n, 1)
     step_units = max(s.batch for s in parent_plan.stages) * {"step": 0, "sample": 1,
                                                              "token": recipe.data.tokens_per_sample or 1}[unit]
     end = parent_plan.steps.length(unit)
@@ -163,7 +163,7 @@ def plan_branches(args) -> tuple[list[dict], list]:
     return points, recipes
 
 
-def parent_batch(p: splits.Plan, step: int) -> int:
+def parent_batch(p: planning.Plan, step: int) -> int:
     """The parent's batch at global step ``step`` (its last stage's at its end)."""
     stage = p.stage_at(step)
     return stage.scheduled_batch or stage.batch

@@ -1,6 +1,6 @@
 """``qhm-launch plan`` (the stage table, an elastic chain's segments and GPU-hours) and ``qhm-launch
 bounds`` (Theorem 2 / 4 terms and the verdict): printing only; the arithmetic lives in
-:mod:`launcher.train.splits` and :mod:`qhm`."""
+:mod:`launcher.train.planning` and :mod:`qhm`."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,21 +18,21 @@ def _training_set_size(recipe, override) -> int:
 
 
 def cmd_plan(args) -> int:
-    from launcher.train import splits
+    from launcher.train import planning
     recipe = recipe_mod.load(args.recipe, args.set)
     from launcher.train import preflight
     nproc = args.nproc if args.nproc is not None else preflight.resolve_nproc(
         recipe, preflight.visible_gpus(), log=lambda line: print(line.replace("[qhm-launch] ", "note: ")))
     n = _training_set_size(recipe, args.n)
     preflight.check_adaptive(recipe, nproc * args.nnodes)     # what run would refuse, plan refuses too
-    planned = splits.plan(recipe, n, nproc * args.nnodes)
+    planned = planning.plan(recipe, n, nproc * args.nnodes)
     if args.elastic:
         print(elastic_report(recipe, n, nproc, args.nnodes, args.rate))
         return 0
     if recipe.schedule.batch.kind == "adaptive":
         print(adaptive_plan(recipe, planned, n, args.json))
     else:
-        print(json.dumps(splits.plan_json(planned), indent=1) if args.json else splits.format_table(planned))
+        print(json.dumps(planning.plan_json(planned), indent=1) if args.json else planning.format_table(planned))
     if recipe.distributed.max_micro_batch == "auto" and not args.json:
         print(f"note: max_micro_batch auto: each stage's micro x accum is chosen when it starts, by probing device "
               f"memory (the log and metrics rows say what); shown with the CPU cap, "
@@ -43,7 +43,7 @@ def cmd_plan(args) -> int:
 def adaptive_plan(recipe, planned, n: int, as_json: bool) -> str:
     """An adaptive batch: its first interval as planned, then what is decided at run time and the fewest
     and most steps the run can take."""
-    from launcher.train import adaptive, splits
+    from launcher.train import adaptive, planning
     b, E, unit = recipe.schedule.batch, recipe.interval(), recipe.schedule.unit
     position = lambda s: {"epoch": s.epoch, "step": s.global_step, "sample": s.samples,  # noqa: E731
                           "token": s.samples * (recipe.data.tokens_per_sample or 1)}[unit]
@@ -54,11 +54,11 @@ def adaptive_plan(recipe, planned, n: int, as_json: bool) -> str:
             f"over them is >= {b.factor:g} x the batch, up to {cap}; otherwise it stays")
     shown = dataclasses.replace(planned, stages=first)
     if as_json:
-        return json.dumps({**splits.plan_json(shown), "total_steps": None, "total_samples": planned.total_samples,
+        return json.dumps({**planning.plan_json(shown), "total_steps": None, "total_samples": planned.total_samples,
                            "decided_at_run_time": {"first_epoch": len(first) if unit == "epoch" else None,
                                                    "rule": rule, "fewest_steps": fewest, "most_steps": most,
                                                    "max_batch": cap}}, indent=1)
-    table = splits.format_table(shown).splitlines()
+    table = planning.format_table(shown).splitlines()
     table[0] = (f"n = {n} training samples, {planned.epochs} epochs, {fewest} to {most} optimizer steps (growing at "
                 f"every chance, or never), {planned.total_samples} samples (SFO)")
     if unit == "epoch" and len(first) < planned.epochs:
@@ -70,18 +70,18 @@ def adaptive_plan(recipe, planned, n: int, as_json: bool) -> str:
 
 def elastic_report(recipe, n: int, per_node: int, max_nodes: int, rate: float) -> str:
     """The segments of an elastic chain, each one's plan, and the GPU-hours next to a fixed allocation."""
-    from launcher.train import splits
-    segments = splits.elastic_segments(recipe, n, per_node, max_nodes)
+    from launcher.train import planning
+    segments = planning.elastic_segments(recipe, n, per_node, max_nodes)
     by = segments[0].by
     key = (lambda s: s.epoch) if by == "epoch" else (lambda s: s.global_step)
     stages = []
     for seg in segments:
-        stages += [s for s in splits.plan(recipe, n, seg.nodes * per_node).stages if seg.first <= key(s) <= seg.last]
+        stages += [s for s in planning.plan(recipe, n, seg.nodes * per_node).stages if seg.first <= key(s) <= seg.last]
     nodes_of = [next(seg.nodes for seg in segments if seg.first <= key(s) <= seg.last) for s in stages]
     floor = recipe.distributed.min_rank_batch
     worlds = {id(s): w * per_node for s, w in zip(stages, nodes_of)}
-    elastic = splits.gpu_hours(stages, lambda s: worlds[id(s)], rate, floor)
-    fixed = splits.gpu_hours(splits.split_epochs(recipe, n, max_nodes * per_node), lambda s: max_nodes * per_node,
+    elastic = planning.gpu_hours(stages, lambda s: worlds[id(s)], rate, floor)
+    fixed = planning.gpu_hours(planning.split_epochs(recipe, n, max_nodes * per_node), lambda s: max_nodes * per_node,
                              rate, floor)
     lines = [f"elastic chain of {len(segments)} jobs (distributed.min_rank_batch = {floor} samples per rank):"]
     what, flag = ("epochs", "--until-epoch") if by == "epoch" else ("global steps", "--until-step")
@@ -124,8 +124,8 @@ def cmd_bounds(args) -> int:
     if recipe.schedule.unit == "epoch" and recipe.duration()[0] == "epoch":
         out = qhm.summary(recipe.schedule_spec(), n, constants, batches=used)
     else:                            # schedules that move inside epochs: the theorems' sums over the steps
-        from launcher.train import splits
-        planned = splits.plan(recipe, n, 1, decisions=_decisions(folder, recipe) if used is not None else None)
+        from launcher.train import planning
+        planned = planning.plan(recipe, n, 1, decisions=_decisions(folder, recipe) if used is not None else None)
         out = qhm.summary(planned.schedule, n, constants, plan=planned.steps)
         out["unit"] = recipe.schedule.unit
     if used is not None:

@@ -42,9 +42,9 @@ def launch(args, recipe) -> int:
         raise UserError(f"--max-restarts: {args.max_restarts} restarts the workers when a node is lost, which needs "
                         f"elastic membership; allowed: with --nnodes MIN:MAX (MIN < MAX; given {nodes_text})")
     factories.importable_from_cwd()          # the user's packages, here and in the workers
-    from launcher.train import splits
+    from launcher.train import planning
     planned = preflight.check_membership(recipe, nproc, args.nnodes, f"--nnodes: {nodes_text}")
-    warnings = splits.zero_lr_warnings(planned, recipe.schedule.unit)
+    warnings = planning.zero_lr_warnings(planned, recipe.schedule.unit)
     preflight.check_devices(recipe, nproc * nnodes, gpus > 0, visible=gpus)
     slow = preflight.slow_precision_warning(recipe, gpus > 0)
     if slow:

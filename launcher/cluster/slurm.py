@@ -160,7 +160,7 @@ def _prepare(recipe, args, warnings: list | None = None):
     """The recipe as the job will run it: its shape (``slurm.nodes``/``gpus_per_node``, where --nodes and
     --gpus-per-node win), absolute output, processes from the GPUs per node; its setup lines unless
     --setup gave some. What the job should be warned of is added to ``warnings``."""
-    from launcher.train import preflight, splits
+    from launcher.train import preflight, planning
     if args.nodes is not None:
         recipe.slurm.nodes = args.nodes
     if args.gpus_per_node is not None:
@@ -185,7 +185,7 @@ def _prepare(recipe, args, warnings: list | None = None):
     epochs = preflight.check_membership(recipe, nproc, membership, f"--min-nodes: {args.min_nodes} (of {nodes} nodes)",
                                         check_data=not args.dry_run)
     if warnings is not None and not args.elastic:        # an elastic chain gives each stage its own nodes
-        warnings += [line.replace("warning: ", "qhm-launch: WARNING: ") for line in splits.idle_warnings(epochs)]
+        warnings += [line.replace("warning: ", "qhm-launch: WARNING: ") for line in planning.idle_warnings(epochs)]
     if warnings is not None and epochs:
         warnings += stop_latency_warning(recipe, epochs[0].batch, args.signal_seconds)
     if args.elastic:
@@ -253,10 +253,10 @@ def _segments(recipe, nproc: int, args) -> list:
     """The jobs to submit: one on the recipe's nodes, or (--elastic) one per segment of stages, on up to
     that many."""
     from launcher import data
-    from launcher.train import splits
+    from launcher.train import planning
     if not args.elastic:
-        return [splits.Segment(0, 0, recipe.slurm.nodes)]          # one job: it runs to the end
-    return splits.elastic_segments(recipe, data.sizes(recipe.data)[0], nproc, recipe.slurm.nodes)
+        return [planning.Segment(0, 0, recipe.slurm.nodes)]          # one job: it runs to the end
+    return planning.elastic_segments(recipe, data.sizes(recipe.data)[0], nproc, recipe.slurm.nodes)
 
 
 def _chain(args, stem: Path, name: str, log: Path, segments: list, dependency: str, recipes: list[Path],

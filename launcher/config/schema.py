@@ -318,7 +318,7 @@ class Recipe:
     def schedule_spec(self, epochs: int | None = None, length: int | None = None) -> qhm.Schedule:
         """The qhm schedule this recipe describes (validated when the recipe is loaded). ``epochs`` and
         ``length``: the epochs the run trains in and its length in schedule.unit, from its plan
-        (launcher.train.splits.plan); by default the recipe's epochs, whose length is all the epoch unit
+        (launcher.train.planning.plan); by default the recipe's epochs, whose length is all the epoch unit
         needs."""
         from launcher.config import units
         s, E, unit = self.schedule, self.interval(), self.schedule.unit

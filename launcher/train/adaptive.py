@@ -154,12 +154,12 @@ def largest_batch(recipe, n: int) -> int:
 
 def step_range(recipe, n: int, world: int = 1) -> tuple[int, int]:
     """(fewest, most) optimizer steps an adaptive run can take: growing at every interval's end, or never."""
-    from launcher.train import splits
+    from launcher.train import planning
     b, cap = recipe.schedule.batch, largest_batch(recipe, n)
     grown = qhm.BatchSchedule("exponential", b.initial, growth=b.growth, interval=1)
     always = [min(b.initial, cap)]
     while always[-1] < cap:
         always.append(min(int(grown(len(always))), cap))
-    fewest = splits.plan(recipe, n, world, decisions=always)
-    most = splits.plan(recipe, n, world, decisions=[b.initial])
+    fewest = planning.plan(recipe, n, world, decisions=always)
+    most = planning.plan(recipe, n, world, decisions=[b.initial])
     return fewest.total_steps, most.total_steps

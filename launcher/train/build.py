@@ -18,7 +18,7 @@ from launcher import models as launcher_models
 from launcher.data import order
 from launcher.run.checkpoint import CheckpointManager
 from launcher.run.folder import RunFolder
-from launcher.train import adaptive, losses, models, noise, preflight, splits
+from launcher.train import adaptive, losses, models, noise, preflight, planning
 from launcher.train.models import DTYPES
 from launcher.train.comm import Comm
 from launcher.train.state import EpochSums, RankRNG, TrainState
@@ -31,7 +31,7 @@ class Parts:
     comm: Comm
     folder: RunFolder
     dataset: data_mod.Dataset
-    plan: splits.Plan                     # every stage's split as planned (Stages may re-split or re-plan)
+    plan: planning.Plan                     # every stage's split as planned (Stages may re-split or re-plan)
     module: torch.nn.Module               # the bare model (saved, evaluated)
     engine: engines.Engine
     loss: losses.Loss
@@ -69,7 +69,7 @@ def param_groups(module: torch.nn.Module, o) -> list[dict]:
             if g["params"]]
 
 
-def build_optimizer(recipe, module, plan: splits.Plan) -> torch.optim.Optimizer:
+def build_optimizer(recipe, module, plan: planning.Plan) -> torch.optim.Optimizer:
     """The optimizer at its first step's hyper-parameters (the loop writes each stage's or step's)."""
     first, kernel, o = plan.stages[0], recipe.optimizer.kernel, recipe.optimizer
     if o.name == "adamw":                      # torch's: fused on CUDA, foreach elsewhere (or the loop)
@@ -158,7 +158,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     dtype, folder = DTYPES[recipe.precision], recipe.folder
     dataset = load_data(recipe, comm, dtype)
     n = len(dataset.train)
-    planned = splits.plan(recipe, n, comm.world)
+    planned = planning.plan(recipe, n, comm.world)
     module = build_module(recipe, dataset, comm, dtype)
     noise_kind, why_not = noise.source(recipe, comm.world, any(s.accum > 1 for s in planned.stages))
     flops = launcher_models.flops_per_token(recipe.model, module)   # counted on the whole model, before sharding
@@ -167,7 +167,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
                            reads_local_gradients=noise_kind == noise.RANKS)
     loss = losses.from_recipe(recipe.loss, losses.per_token(recipe))
     noise_probe = build_noise_probe(recipe, engine, module, comm, noise_kind, why_not, log, n)
-    sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device, reorder=splits.branch_reorder(recipe, planned))
+    sampler = order.GlobalBatchSampler(n, recipe.seed, comm.device, reorder=planning.branch_reorder(recipe, planned))
     state, rng = TrainState(), RankRNG(recipe.seed, comm.rank, comm.device)
     sums = EpochSums(comm.device, count_tokens=loss.per_token)
     checkpoints = CheckpointManager(folder, comm, recipe.checkpoint.keep, log)

@@ -12,7 +12,7 @@ from launcher import config as recipe_mod
 from launcher import engines
 from launcher.config import Recipe
 from launcher.errors import UserError, one_line
-from launcher.train.splits import Stage, micro_cap, split_batch, split_epochs
+from launcher.train.planning import Stage, micro_cap, split_batch, split_epochs
 
 
 def preflight(recipe: Recipe, world_size: int, check_data: bool = True) -> list[Stage]:
@@ -41,11 +41,11 @@ def preflight_worlds(recipe: Recipe, world_sizes: list[int], check_data: bool = 
             n = data.sizes(recipe.data)[0]
             losses.from_recipe(recipe.loss, losses.per_token(recipe))
     for world_size in world_sizes:
-        splits = [] if n is None else split_epochs(recipe, n, world_size)
-        check_graphs(recipe, splits)
+        stages = [] if n is None else split_epochs(recipe, n, world_size)
+        check_graphs(recipe, stages)
         check_adaptive(recipe, world_size)
     engines.preflight(recipe, check_data, lambda: cpu_model(recipe))
-    return splits
+    return stages
 
 
 def check_membership(recipe: Recipe, nproc: int, nodes: tuple[int, int], option: str,
@@ -260,7 +260,7 @@ def _sample(split, name: str, where: str):
 GRAPH_MODES = ("reduce-overhead", "max-autotune")     # torch.compile modes that capture CUDA graphs
 
 
-def check_graphs(recipe: Recipe, splits: list[Stage]) -> None:
+def check_graphs(recipe: Recipe, stages: list[Stage]) -> None:
     """CUDA graphs (performance.cuda_graphs, or compile modes that capture them) with gradient
     accumulation: a captured micro-step leaves its gradients in graph memory that the next micro-step
     overwrites, so a step over several micro-batches would be wrong. Refused in one line, naming the
@@ -274,7 +274,7 @@ def check_graphs(recipe: Recipe, splits: list[Stage]) -> None:
         raise UserError(f"{key}: {value!r} is not valid with distributed.max_micro_batch: auto (it may choose "
                         "gradient accumulation, whose micro-steps CUDA graphs would overwrite); allowed: an integer "
                         "max_micro_batch that gives accumulation 1 in every stage, or compile off/default")
-    accumulating = [s for s in splits if s.accum > 1]
+    accumulating = [s for s in stages if s.accum > 1]
     if accumulating:
         s = accumulating[0]
         raise UserError(f"{key}: {value!r} is not valid with gradient accumulation (epoch {s.epoch}: batch {s.batch} "

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from launcher.run.tracking import MetricsLog, Tracker, run_id
 from launcher.train import noise
-from launcher.train.splits import Stage
+from launcher.train.planning import Stage
 from launcher.train.state import TrainState
 
 
@@ -59,10 +59,10 @@ class Reporter:
         self._clock = self._log_clock = time.time()
         self._log_samples, self._log_steps = state.samples, state.global_step
 
-    def start_epoch(self, split: Stage, steps: int, state: TrainState) -> None:
+    def start_epoch(self, stage: Stage, steps: int, state: TrainState) -> None:
         self._epoch_clock, self._epoch_samples = time.time(), state.samples
         show = self.comm.is_main and sys.stderr.isatty()
-        self.bar = tqdm(total=steps, initial=state.step, desc=f"epoch {split.epoch} (batch {split.batch})",
+        self.bar = tqdm(total=steps, initial=state.step, desc=f"epoch {stage.epoch} (batch {stage.batch})",
                         leave=False, dynamic_ncols=True, file=sys.stderr) if show else None
 
     def end_training(self) -> None:
@@ -87,15 +87,15 @@ class Reporter:
         state.wall_time += now - self._clock
         self._clock = now
 
-    def row(self, split: Stage, hyper: tuple, state: TrainState, sums: list[float], has_accuracy: bool) -> dict:
+    def row(self, stage: Stage, hyper: tuple, state: TrainState, sums: list[float], has_accuracy: bool) -> dict:
         """The fields both logs share: position (and tokens, where counted), split, the hyper-parameters
         of the last step (``hyper``: lr, beta, gamma as written into the optimizer), the training loss and
         accuracy and the gradient noise estimates over ``sums`` (laid out as :data:`EpochSums.FIELDS`)."""
         loss, correct, count = sums[:3]
         lr, beta, gamma = hyper
-        row = {**noise.window_fields(sums[3:6], self.noise_windows.n), "epoch": split.epoch, "step": state.global_step,
-               "samples": state.samples, **self.tokens(state), "batch": split.batch, "micro_batch": split.micro_batch,
-               "accum": split.accum, "world_size": self.comm.world,
+        row = {**noise.window_fields(sums[3:6], self.noise_windows.n), "epoch": stage.epoch, "step": state.global_step,
+               "samples": state.samples, **self.tokens(state), "batch": stage.batch, "micro_batch": stage.micro_batch,
+               "accum": stage.accum, "world_size": self.comm.world,
                "lr": lr, "beta": beta, "gamma": gamma, "train_loss": loss / max(count, 1),
                "train_acc": correct / max(count, 1) if has_accuracy else None}
         if self.per_token:                   # the mean over the tokens that count, not over samples
@@ -114,13 +114,13 @@ class Reporter:
             out["tokens_per_s"] = round(samples * self.tokens_per_sample / max(seconds, 1e-9), 1)
         return out
 
-    def epoch_row(self, split: Stage, hyper: tuple, state: TrainState, totals: torch.Tensor, has_accuracy: bool,
+    def epoch_row(self, stage: Stage, hyper: tuple, state: TrainState, totals: torch.Tensor, has_accuracy: bool,
                   evaluated: dict, with_validation: bool) -> None:
         """The epoch's row: its training sums over all ranks and what evaluation measured."""
         train_seconds = self._epoch_seconds
         self.close_bar()
         sums = totals.tolist()                                                  # one read of the device
-        row = self.row(split, hyper, state, sums, has_accuracy)
+        row = self.row(stage, hyper, state, sums, has_accuracy)
         self.noise_windows.end_epoch(sums[3:6])
         row.update(test_loss=None, test_acc=None, grad_norm=None)
         if with_validation:
@@ -133,15 +133,15 @@ class Reporter:
         if self.comm.is_main:
             self.metrics.append(row)
             self.tracker.log_row(row, step=state.global_step)
-            self.log(f"[qhm-launch] epoch {split.epoch}: batch {split.batch} ({split.micro_batch}x{split.accum}"
+            self.log(f"[qhm-launch] epoch {stage.epoch}: batch {stage.batch} ({stage.micro_batch}x{stage.accum}"
                      f"x{self.comm.world}) " + console_fields(row))
 
-    def mid_epoch_row(self, split: Stage, state: TrainState, evaluated: dict) -> None:
-        """eval.every / every_steps: what evaluation measured at this global step, inside epoch ``split.epoch``."""
+    def mid_epoch_row(self, stage: Stage, state: TrainState, evaluated: dict) -> None:
+        """eval.every / every_steps: what evaluation measured at this global step, inside epoch ``stage.epoch``."""
         evaluated = with_perplexities(dict(evaluated), self.per_token)
-        row = {"epoch": split.epoch, "step": state.global_step, "samples": state.samples, **self.tokens(state),
+        row = {"epoch": stage.epoch, "step": state.global_step, "samples": state.samples, **self.tokens(state),
                "mid_epoch": True,
-               "batch": split.batch, "world_size": self.comm.world, **evaluated,
+               "batch": stage.batch, "world_size": self.comm.world, **evaluated,
                "wall_time": round(state.wall_time + time.time() - self._clock, 3)}
         if self.comm.is_main:
             self.metrics.append(row)
@@ -162,11 +162,11 @@ class Reporter:
         self._log_clock, self._log_samples, self._log_steps = now, state.samples, state.global_step
         return clocks
 
-    def step_row(self, split: Stage, hyper: tuple, state: TrainState, window: list[float], has_accuracy: bool,
+    def step_row(self, stage: Stage, hyper: tuple, state: TrainState, window: list[float], has_accuracy: bool,
                  grad_norm, clocks: dict) -> None:
         """A steps.jsonl row for the window since the last one (and W&B, under step/, at this global step);
         ``state``, ``hyper`` and ``clocks`` as they were at the log point."""
-        row = {**self.row(split, hyper, state, window, has_accuracy), **clocks}
+        row = {**self.row(stage, hyper, state, window, has_accuracy), **clocks}
         if window[5]:                 # measured steps: B_simple over enough recent windows, with its error
             for key in ("noise_scale_reason", "noise_scale_lower_bound"):
                 row.pop(key, None)
@@ -182,7 +182,7 @@ class Reporter:
                 self.folder.touch_heartbeat()
                 self._heartbeat = self._log_clock
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{split.lr:.3g}", refresh=False)
+                self.bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{stage.lr:.3g}", refresh=False)
             else:                      # not a terminal (torchrun, a Slurm log): a line per log point
                 self.log(step_line(row, self.comm.world))
 

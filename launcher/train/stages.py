@@ -1,4 +1,4 @@
-"""The batch stages as they are run: the plan's stages (:mod:`launcher.train.splits`), whose split may
+"""The batch stages as they are run: the plan's stages (:mod:`launcher.train.planning`), whose split may
 change while training (the memory probe of ``max_micro_batch: auto``, a CUDA out-of-memory error
 halving the micro-batch, an adaptive batch's decisions re-planning what follows), and what follows a
 split (the engine's stage, one compile per micro-batch shape). Callers ask for the stage of a step each
@@ -16,9 +16,9 @@ import torch
 from launcher import env
 from launcher.config.schema import ADAM_FAMILY
 from launcher.errors import RunFailed
-from launcher.train import microbatch, splits
+from launcher.train import microbatch, planning
 from launcher.train.build import Parts
-from launcher.train.splits import Stage, ceil_div
+from launcher.train.planning import Stage, ceil_div
 
 
 class StepValues:
@@ -27,7 +27,7 @@ class StepValues:
     so a resumed run evaluates the same arrays as an uninterrupted one, bit for bit)."""
     BLOCK = 1024
 
-    def __init__(self, plan: splits.Plan):
+    def __init__(self, plan: planning.Plan):
         self.plan, self._key, self._values = plan, None, None
         self.first_batch = plan.stages[0].batch if plan.stages else None
 
@@ -60,7 +60,7 @@ def unallocated_state(optimizer: torch.optim.Optimizer, per_parameter: int) -> i
 class Stages:
     def __init__(self, parts: Parts):
         p, perf = parts, parts.recipe.performance
-        self.plan: splits.Plan = p.plan
+        self.plan: planning.Plan = p.plan
         self.recipe, self.n = p.recipe, len(p.dataset.train)
         self.comm, self.engine, self.module, self.batches, self.loss = p.comm, p.engine, p.module, p.batches, p.loss
         self.autocast, self.log = p.autocast, p.log
@@ -114,7 +114,7 @@ class Stages:
     def replan(self) -> None:
         """The plan again with what was decided while running (the past stays as it was)."""
         epoch, first = (self.current.epoch, self.current.first) if self.current else (0, 0)
-        self.plan = splits.plan(self.recipe, self.n, self.comm.world, decisions=self.decisions, micro=self.micro)
+        self.plan = planning.plan(self.recipe, self.n, self.comm.world, decisions=self.decisions, micro=self.micro)
         self.values = StepValues(self.plan)
         if self.current is not None:
             self.current = None
@@ -169,11 +169,11 @@ class Stages:
         self.resplit(agreed, f"max_micro_batch auto: up to {found} samples fit here (of a share of {share}), "
                              f"{agreed} over all ranks {how}")
 
-    def compile_for(self, split: Stage) -> None:
+    def compile_for(self, stage: Stage) -> None:
         """performance.compile: the model is compiled in place (torch.compile, static shapes, inside DDP),
         and recompiles once for each stage's micro-batch shape; partial micro-batches run eagerly, so no
         other shape ever compiles."""
-        if self.compile_mode is None or self.compiled_micro == split.micro_batch:
+        if self.compile_mode is None or self.compiled_micro == stage.micro_batch:
             return
         import torch._dynamo.config as dynamo_config
         # raised at every new shape: an adaptive batch adds stages (and shapes) after the first compile
@@ -183,9 +183,9 @@ class Stages:
             mode = None if self.compile_mode == "default" or backend != "inductor" else self.compile_mode
             self.module.compile(backend=backend, mode=mode, dynamic=False)
             self.compiled = True
-        self.compiled_micro = split.micro_batch
-        self.log(f"[qhm-launch] compile ({self.compile_mode}): batch stage {split.batch}: the micro-step of "
-                 f"{split.micro_batch} samples compiles at its first step")
+        self.compiled_micro = stage.micro_batch
+        self.log(f"[qhm-launch] compile ({self.compile_mode}): batch stage {stage.batch}: the micro-step of "
+                 f"{stage.micro_batch} samples compiles at its first step")
 
     def eager(self, always: bool = True):
         """Run eagerly inside (evaluation shapes vary; a partial micro-batch is another shape)."""

@@ -9,7 +9,7 @@ from launcher import env
 from launcher.errors import RunFailed, one_line
 from launcher.train import microbatch
 from launcher.train.build import Parts
-from launcher.train.splits import ceil_div
+from launcher.train.planning import ceil_div
 from launcher.train.stages import Stages
 
 
@@ -51,10 +51,10 @@ class StepRunner:
         gradient over the whole global batch, whatever its size (a partial last batch included) and split.
         A per-token loss is scaled by world/tokens, the global batch's tokens that count.
         """
-        split = self.stages.at(epoch, step)            # as split now (an out-of-memory error halves it)
-        size, micro_batches = self.batches.step(epoch, step, split)
+        stage = self.stages.at(epoch, step)            # as split now (an out-of-memory error halves it)
+        size, micro_batches = self.batches.step(epoch, step, stage)
         if self.lockstep:             # every rank must join every forward's collectives: as many micro-steps
-            needed = ceil_div(ceil_div(size, self.comm.world), split.micro_batch)
+            needed = ceil_div(ceil_div(size, self.comm.world), stage.micro_batch)
             micro_batches += [(micro_batches[-1][0][:0], micro_batches[-1][1][:0])] * (needed - len(micro_batches))
         self.noise.start_step()
         model, scale, last_index = self.engine.model, self.comm.world / size, len(micro_batches) - 1
@@ -75,7 +75,7 @@ class StepRunner:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             # a partial micro-batch is another shape: it runs eagerly, never compiled
-            with self.engine.micro_step(last), self.autocast, self.stages.eager(samples != split.micro_batch):
+            with self.engine.micro_step(last), self.autocast, self.stages.eager(samples != stage.micro_batch):
                 out = model(x)
                 loss = self.loss(out, y)
                 self.engine.backward(loss * (scale.to(loss.dtype) if isinstance(scale, torch.Tensor) else scale))

@@ -22,19 +22,19 @@ import torch
 class StepRows:
     def __init__(self, comm, reporter, stop_if_unfinished: Callable[[], None]):
         self.comm, self.reporter, self.stop_if_unfinished = comm, reporter, stop_if_unfinished
-        self.queued: list[tuple] = []      # (split, hyper, state, clocks, has_accuracy, window, grad_norm), not sent
+        self.queued: list[tuple] = []      # (stage, hyper, state, clocks, has_accuracy, window, grad_norm), not sent
         self.sent = None                   # (those rows, a read of their reduced windows) in flight
         # the tensors of the last all-reduce, kept referenced from here: gloo's worker thread lets go of a
         # finished work a moment after the wait returns, and a tensor whose last reference goes on that
         # thread while the process exits needs the GIL there (an abort, seen once in 60 runs)
         self.last_sent = None
 
-    def take(self, split, hyper: tuple, state, sums, grad_norm: torch.Tensor | None) -> None:
+    def take(self, stage, hyper: tuple, state, sums, grad_norm: torch.Tensor | None) -> None:
         """A log point: the window of ``sums`` (this rank's since the last one, on the device, with the
         epoch's steps whose loss was finite as its last field) queued with the position, hyper-parameters
         and clocks as they are now."""
         window = torch.cat([sums.take_window(), sums.finite()])
-        self.queued.append((split, hyper, copy.copy(state), self.reporter.log_point(state), sums.has_accuracy,
+        self.queued.append((stage, hyper, copy.copy(state), self.reporter.log_point(state), sums.has_accuracy,
                             window, grad_norm))
 
     def send(self) -> None:
@@ -58,8 +58,8 @@ class StepRows:
         (rows, read), self.sent = self.sent, None
         windows, norms = read()
         windows = windows.tolist()
-        for i, (split, hyper, state, clocks, has_accuracy, _, _) in enumerate(rows):
+        for i, (stage, hyper, state, clocks, has_accuracy, _, _) in enumerate(rows):
             if windows[i][-1] < self.comm.world * state.step:    # some rank's loss was not finite:
                 self.stop_if_unfinished()                          # names the step and raises
-            self.reporter.step_row(split, hyper, state, windows[i][:-1], has_accuracy,
+            self.reporter.step_row(stage, hyper, state, windows[i][:-1], has_accuracy,
                                    None if norms is None else norms[i], clocks)

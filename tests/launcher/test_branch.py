@@ -19,7 +19,7 @@ from launcher.cli import branch, scaling
 from launcher.cli import cbs as cbs_cli
 from launcher.cli.main import main
 from launcher.run import branches
-from launcher.train import splits
+from launcher.train import planning
 
 
 def parent_recipe(**over) -> dict:
@@ -81,10 +81,10 @@ def test_a_branch_trains_on_the_parents_next_samples():
     """Factor 2 from step 20 (320 samples into a 400-sample epoch): its first step covers the parent's
     steps 20 and 21, [320, 352) of the same permutation; the epoch's end then comes at 400 as the parent's."""
     recipe = parent_recipe()
-    parent_plan = splits.plan(config.from_dict(recipe), 400, 2)
+    parent_plan = planning.plan(config.from_dict(recipe), 400, 2)
     branched = config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 20, "factor": 2,
                                                       "length": "4 steps"}})
-    plan = splits.plan(branched, 400, 2)
+    plan = planning.plan(branched, 400, 2)
     first = plan.stages[plan.index(0, 20)]
     own = parent_plan.stages[parent_plan.index(0, 20)]
     assert (first.batch, first.start(20), first.epoch) == (32, own.start(20), 0) == (32, 320, 0)
@@ -107,11 +107,11 @@ def test_a_seeded_branch_reorders_only_what_its_epoch_has_left_and_what_follows(
     assert not torch.equal(again.permutation(2), base.permutation(2))
     assert not torch.equal(other.permutation(1)[320:], mine[320:])
     recipe = parent_recipe()
-    plan = splits.plan(config.from_dict(recipe), 400, 2)
+    plan = planning.plan(config.from_dict(recipe), 400, 2)
     seeded = config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 45, "factor": 2,
                                                     "length": "4 steps", "seed": 3}})
-    assert splits.branch_reorder(seeded, splits.plan(seeded, 400, 2)) == order.Reorder(1, 20 * 16, 3)
-    assert splits.branch_reorder(config.from_dict(recipe), plan) is None
+    assert planning.branch_reorder(seeded, planning.plan(seeded, 400, 2)) == order.Reorder(1, 20 * 16, 3)
+    assert planning.branch_reorder(config.from_dict(recipe), plan) is None
 
 
 @pytest.mark.slow
@@ -133,7 +133,7 @@ def test_every_factor_of_a_branch_set_ends_at_the_same_samples():
     recipe = parent_recipe()
     ends = {}
     for factor in (1, 2, 4, 8):
-        plan = splits.plan(config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 20,
+        plan = planning.plan(config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 20,
                                                                   "factor": factor, "length": "100 samples"}}), 400, 2)
         ends[factor] = plan.total_samples
         last = plan.stages[-1]
@@ -142,14 +142,14 @@ def test_every_factor_of_a_branch_set_ends_at_the_same_samples():
     assert ends == {1: 420, 2: 420, 4: 420, 8: 420}
     tokens = config.from_dict({**parent_recipe(**{"data.tokens_per_sample": 10}), "branch": {
         "parent": "p", "parent_hash": "h", "at_step": 20, "factor": 8, "length": "1005 tokens"}})
-    assert splits.plan(tokens, 400, 2).total_samples == 320 + 101     # tokens: to the sample that holds the last
+    assert planning.plan(tokens, 400, 2).total_samples == 320 + 101     # tokens: to the sample that holds the last
 
 
 @pytest.mark.parametrize("rule,power", [("none", 0.0), ("linear", 1.0), ("sqrt", 0.5)])
 def test_each_lr_rule_scales_the_parents_lr_by_the_factor_to_its_power(rule, power):
     recipe = parent_recipe()
-    own = splits.plan(config.from_dict(recipe), 400, 2)
-    branched = splits.plan(config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 20,
+    own = planning.plan(config.from_dict(recipe), 400, 2)
+    branched = planning.plan(config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 20,
                                                                   "factor": 4, "lr_rule": rule,
                                                                   "length": "64 samples"}}), 400, 2)
     for stage in branched.stages:
@@ -166,7 +166,7 @@ def test_a_branch_with_a_partial_last_step_and_the_linear_rule_trains(parent, tm
     from launcher.run.files import read_jsonl
     done = train_branches(branch_args(parent, at="320", unit="samples", batch="4", length="100", lr_rule="linear",
                                       set=[f"output={tmp_path}", "tracking.log_every_steps=1"]), tmp_path)
-    schedule = splits.plan(config.from_dict(parent_recipe()), 400, 2).schedule
+    schedule = planning.plan(config.from_dict(parent_recipe()), 400, 2).schedule
     ends = {}
     for point, run in done:
         rows = read_jsonl(run / "steps.jsonl")           # a row per step; row k: the step that made k steps

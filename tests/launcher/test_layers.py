@@ -122,3 +122,19 @@ def test_no_model_name_is_compared_outside_the_model_families():
              for path in ROOT.rglob("*.py") if "models" not in path.relative_to(ROOT).parts[:1]
              for name, line in _compared_strings(ast.parse(path.read_text())) if name in NAMES]
     assert found == [], f"model names compared outside launcher/models: {found}"
+
+
+# a model family's module defines what the registry reads by fixed names (its Settings)
+PER_FAMILY = {"Settings"}
+
+
+def test_no_two_classes_share_a_name():
+    """One name, one thing: two ``Segment`` classes (qhm's steps at one batch, an elastic chain's job) were
+    once read as the same; qhm's is now ``Span``."""
+    where: dict[str, list[str]] = {}
+    for root in (ROOT, ROOT.parent / "qhm"):
+        for path in root.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and node.name not in PER_FAMILY:
+                    where.setdefault(node.name, []).append(str(path.relative_to(ROOT.parent)))
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}

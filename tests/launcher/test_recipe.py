@@ -49,11 +49,11 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, expec
 
 def test_a_length_of_more_epochs_than_allowed_is_refused_before_planning():
     """1e11 tokens of a 1,500-sample set: 6.7M epochs, 275 s to plan one by one; now one line at once."""
-    from launcher.train import splits
+    from launcher.train import planning
     r = R.from_dict(base_recipe(epochs=None, **{"train.tokens": "100B", "data.tokens_per_sample": 10,
                                                 "schedule.unit": "token"}))
     with pytest.raises(R.RecipeError, match="train.tokens: '100B' is not valid: about 6,666,666 epochs of the 1,500 "):
-        splits.plan(r, 1500, 2)
+        planning.plan(r, 1500, 2)
     # bounded, naming the key the user wrote (1e30 planned for 471 s, then a traceback naming another key)
     with pytest.raises(R.RecipeError, match=r"train.tokens: 1e\+30 is not valid; allowed: at most 1e\+15 tokens"):
         R.from_dict(base_recipe(epochs=None, **{"train.tokens": 1e30, "data.tokens_per_sample": 10,

@@ -16,7 +16,7 @@ from launcher import config, keys
 from launcher.cli.main import main
 from launcher.config import units
 from launcher.run.files import read_jsonl
-from launcher.train import splits
+from launcher.train import planning
 
 DIGITS = 1797                  # the size of scikit-learn's digits, the example
 
@@ -45,7 +45,7 @@ def test_amounts_as_people_write_them(text, unit, expect):
 
 def test_a_batch_change_inside_an_epoch_is_planned_by_the_samples_consumed():
     recipe = config.from_dict(doubling_at_1000("p", 2, 4))
-    p = splits.plan(recipe, DIGITS, 2)
+    p = planning.plan(recipe, DIGITS, 2)
     assert [(s.epoch, s.first, s.steps, s.offset, s.batch, s.micro_batch, s.accum) for s in p.stages] == \
         [(0, 0, 125, 0, 8, 4, 1), (0, 125, 50, 1000, 16, 4, 2)]
     assert p.total_steps == 175 and p.total_samples == DIGITS and p.epochs == 1
@@ -54,7 +54,7 @@ def test_a_batch_change_inside_an_epoch_is_planned_by_the_samples_consumed():
     assert covered[0] == (0, 8) and covered[125] == (1000, 1016) and covered[-1] == (1784, 1797)
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
     # two epochs: the second starts over at offset 0, at batch 16 throughout
-    two = splits.plan(config.from_dict(doubling_at_1000("p", 2, 4, epochs=2)), DIGITS, 2)
+    two = planning.plan(config.from_dict(doubling_at_1000("p", 2, 4, epochs=2)), DIGITS, 2)
     assert [(s.epoch, s.first, s.steps, s.offset, s.batch) for s in two.stages][2:] == [(1, 0, 113, 0, 16)]
 
 

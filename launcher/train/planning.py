@@ -1,4 +1,4 @@
-"""The stage table: the run's segments (steps of one epoch at one batch, :func:`qhm.plan_steps`), each
+"""The stage table: the run's spans (steps of one epoch at one batch, :func:`qhm.plan_steps`), each
 split into micro-batch x accumulation over the world.
 
 In the epoch unit (the paper's) a stage is an epoch. In the units step, sample and token the batch may
@@ -25,8 +25,8 @@ from launcher.config.validate import schedule_error
 
 
 @dataclass(frozen=True)
-class Stage(qhm.Segment):
-    """A segment of the run (steps [first, first + steps) of epoch ``epoch`` at global batch ``batch``,
+class Stage(qhm.Span):
+    """A span of the run (steps [first, first + steps) of epoch ``epoch`` at global batch ``batch``,
     its first covering positions [offset, offset + batch) of the epoch's permutation), split as
     micro_batch x accum over world_size ranks. lr, beta, gamma: at its first step (the epoch unit: the
     epoch's)."""
@@ -155,34 +155,34 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
     max_micro = max_micro or micro_cap(recipe)
     micro = micro or {}
     first_batch = int(batch_at(0))
-    segments = steps.segments
+    spans = steps.spans
     if unit == "epoch":        # each epoch's values, evaluated over all epochs at once as the paper's table is
         m = np.arange(steps.epochs)
         per_epoch = np.full(steps.epochs, first_batch, dtype=np.int64)
-        for seg in segments:
-            per_epoch[seg.epoch] = seg.scheduled_batch or seg.batch
+        for span in spans:
+            per_epoch[span.epoch] = span.scheduled_batch or span.batch
         values = schedule.hyperparams(m, per_epoch, first_batch)
-        at = [seg.epoch for seg in segments]
+        at = [span.epoch for span in spans]
     else:
-        u = np.array([_position(seg, unit, recipe.data.tokens_per_sample) for seg in segments], dtype=np.int64)
-        values = schedule.hyperparams(u, np.array([seg.scheduled_batch or seg.batch for seg in segments],
+        u = np.array([_position(span, unit, recipe.data.tokens_per_sample) for span in spans], dtype=np.int64)
+        values = schedule.hyperparams(u, np.array([span.scheduled_batch or span.batch for span in spans],
                                                   dtype=np.int64), first_batch)
-        at = list(range(len(segments)))
+        at = list(range(len(spans)))
     lr, beta, gamma = (np.broadcast_to(v, (len(at) if unit != "epoch" else steps.epochs,)) for v in values)
     splits: dict[int, tuple[int, int]] = {}
     stages = []
     branch = recipe.branch
     rule = qhm.schedules.BATCH_SCALINGS[branch.lr_rule] if branch.parent is not None else 0.0
-    for i, seg in zip(at, segments):
-        scale = float(branch.factor) ** rule if rule and seg.global_step >= branch.at_step else 1.0
-        batch = seg.batch
+    for i, span in zip(at, spans):
+        scale = float(branch.factor) ** rule if rule and span.global_step >= branch.at_step else 1.0
+        batch = span.batch
         if batch not in splits:
             splits[batch] = split_batch(batch, world_size, micro.get(batch, max_micro))
         mb, accum = splits[batch]
-        stages.append(Stage(epoch=seg.epoch, batch=batch, steps=seg.steps, micro_batch=mb, accum=accum,
+        stages.append(Stage(epoch=span.epoch, batch=batch, steps=span.steps, micro_batch=mb, accum=accum,
                             world_size=world_size, data_ranks=min(world_size, batch), lr=float(lr[i]) * scale,
-                            beta=float(beta[i]), gamma=float(gamma[i]), first=seg.first, offset=seg.offset,
-                            global_step=seg.global_step, samples=seg.samples, scheduled_batch=seg.scheduled_batch,
+                            beta=float(beta[i]), gamma=float(gamma[i]), first=span.first, offset=span.offset,
+                            global_step=span.global_step, samples=span.samples, scheduled_batch=span.scheduled_batch,
                             lr_scale=scale))
     return Plan(stages, steps, schedule, n, world_size, unit)
 
@@ -231,9 +231,9 @@ def branch_reorder(recipe: Recipe, p: Plan):
     return Reorder(stage.epoch, min(stage.start(step), p.n), b.seed)
 
 
-def _position(seg, unit: str, tokens_per_sample: int | None) -> int:
-    """A segment's first step's position in ``unit``."""
-    return {"step": seg.global_step, "sample": seg.samples, "token": seg.samples * (tokens_per_sample or 1)}[unit]
+def _position(span, unit: str, tokens_per_sample: int | None) -> int:
+    """A span's first step's position in ``unit``."""
+    return {"step": span.global_step, "sample": span.samples, "token": span.samples * (tokens_per_sample or 1)}[unit]
 
 
 def split_epochs(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None) -> list[Stage]:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from helpers import ROOT, base_recipe, write_recipe
-from launcher.train import splits
+from launcher.train import planning
 from launcher.cli.main import main
 
 
@@ -15,7 +15,7 @@ from launcher.cli.main import main
     (32, 2, 4, (4, 4)), (8, 8, 64, (1, 1)),
 ])
 def test_split_batch(batch, world, cap, expect):
-    micro, accum = splits.split_batch(batch, world, cap)
+    micro, accum = planning.split_batch(batch, world, cap)
     assert (micro, accum) == expect and micro * accum * world == batch and micro <= cap
 
 
@@ -50,7 +50,7 @@ def test_any_world_size_runs_any_schedule_and_idle_ranks_are_warned_about(tmp_pa
 
 @pytest.mark.parametrize("batch,world,expect", [(10, 4, (2, 2)), (2, 4, (1, 1)), (7, 3, (3, 1)), (7, 2, (4, 1))])
 def test_uneven_splits_cover_the_largest_share(batch, world, expect):
-    micro, accum = splits.split_batch(batch, world, 2 if batch == 10 else 64)
+    micro, accum = planning.split_batch(batch, world, 2 if batch == 10 else 64)
     assert (micro, accum) == expect and micro * accum >= -(-batch // world)
 
 
@@ -97,17 +97,17 @@ def test_elastic_segments_give_each_stage_the_nodes_its_batch_can_use():
     runs = [(0, 0, by_hand[0])]
     for m, nodes in enumerate(by_hand[1:], 1):
         runs[-1:] = [(runs[-1][0], m, nodes)] if nodes == runs[-1][2] else [runs[-1], (m, m, nodes)]
-    segments = splits.elastic_segments(recipe, 50_000, 8, 4)
+    segments = planning.elastic_segments(recipe, 50_000, 8, 4)
     assert [(s.first, s.last, s.nodes) for s in segments] == runs == [(0, 209, 1), (210, 239, 2), (240, 299, 4)]
 
 
 def test_gpu_hours_by_hand():
     from launcher import config as R
     recipe = R.from_dict(base_recipe(epochs=2, **{"schedule.interval": 1}))        # batch 16, then 32
-    epochs = splits.split_epochs(recipe, 320, 4)                                           # 20 and 10 steps
+    epochs = planning.split_epochs(recipe, 320, 4)                                           # 20 and 10 steps
     # 4 GPUs, 10 samples/s each, a rank with fewer than 8 samples no faster: epoch 0 ceil(16/4)=4 -> 8,
     # epoch 1 ceil(32/4)=8: 20*8/10 + 10*8/10 = 24 s of wall time, 96 GPU-seconds
-    gpu, wall = splits.gpu_hours(epochs, lambda m: 4, 10.0, 8)
+    gpu, wall = planning.gpu_hours(epochs, lambda m: 4, 10.0, 8)
     assert (gpu * 3600, wall * 3600) == pytest.approx((96.0, 24.0))
 
 
