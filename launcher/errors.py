@@ -64,6 +64,14 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def schedule_error(exc, size_key: str = "initial") -> RecipeError:
+    """qhm's ScheduleError about one of its fields (``field``, ``value``, ``allowed``) as the recipe's one line,
+    naming the recipe's key (schedule.<field>; ``size_key``: the batch kind's key for its first batch)."""
+    key = {"batch.size": f"batch.{size_key}", "unit": "unit", "lr.unit": "unit"}.get(exc.field, exc.field)
+    path = key if key == "epochs" else f"schedule.{key}"
+    return RecipeError(f"{path}: {exc.value!r} is not valid; allowed: {exc.allowed}")
+
+
 def one_of(path: str, value, allowed) -> None:
     """A recipe key's value must be one of ``allowed``: else the one line naming the key, the value, what is allowed."""
     if value not in allowed:

@@ -127,26 +127,9 @@ WORDS = {"schedule.lr.max": "peak learning rate {}", "schedule.lr.kind": "{} lea
 
 
 def describe_batch(identity: dict) -> str:
-    """The batch schedule in words: "constant batch 64", "increasing 8→64, ×2 every 3 epochs"."""
-    kind = identity.get("schedule.batch.kind", "constant")
-    if kind == "constant":
-        return f"constant batch {identity.get('schedule.batch.size')}"
-    unit = identity.get("schedule.unit") or "epoch"
-    if kind == "steps":                  # piecewise in the schedule's unit: "batch 8→16→64 at 60K, 150K tokens"
-        points = identity.get("schedule.batch.points") or []
-        sizes = "→".join(str(size) for _, size in points)
-        return f"batch {sizes} at {', '.join(str(at) for at, _ in points[1:])} {unit}s" if len(points) > 1 else \
-            f"constant batch {sizes}"
-    initial, growth = identity.get("schedule.batch.initial"), identity.get("schedule.batch.growth", 2)
-    interval, epochs = identity.get("schedule.interval", 1), identity.get("epochs", 1)
-    every = f"every {unit}" if interval == 1 else f"every {interval} {unit}s"
-    if unit != "epoch":                  # the final batch depends on the run's length in that unit
-        return f"{kind} from {initial}, ×{growth:g} {every}"
-    if kind == "adaptive":
-        return (f"adaptive from {initial}, ×{growth:g} when noise scale ≥ {identity.get('schedule.batch.factor', 1):g} × "
-                f"batch, {every}")
-    final = int(qhm.BatchSchedule("exponential", initial, growth=growth, interval=interval).values(epochs - 1))
-    return f"increasing {initial}→{final}, ×{growth:g} {every}"
+    """The batch schedule in words (each kind's own: launcher/config/batch_kinds.py)."""
+    from launcher.config import batch_kinds
+    return batch_kinds.describe(identity)
 
 
 def _factors(differing: list[str]) -> list[list[str]]:

@@ -29,7 +29,7 @@ def cmd_plan(args) -> int:
     if args.elastic:
         print(elastic_report(recipe, n, nproc, args.nnodes, args.rate))
         return 0
-    if recipe.schedule.batch.kind == "adaptive":
+    if recipe.schedule.batch.decided_during_run:
         print(adaptive_plan(recipe, planned, n, args.json))
     else:
         print(json.dumps(planning.plan_json(planned), indent=1) if args.json else planning.format_table(planned))
@@ -116,7 +116,7 @@ def cmd_bounds(args) -> int:
                             f"{sorted(by_epoch)[:6]}); allowed: a run folder whose metrics.jsonl the launcher wrote")
     else:
         recipe = recipe_mod.load(args.recipe, args.set)
-    if used is None and recipe.schedule.batch.kind == "adaptive":
+    if used is None and recipe.schedule.batch.decided_during_run:
         raise UserError("bounds: schedule.batch.kind adaptive decides its batches at run time; allowed: the run's "
                         "folder (qhm-launch bounds RUN_DIR), whose batches are known")
     n = _training_set_size(recipe, args.n)
@@ -133,7 +133,7 @@ def cmd_bounds(args) -> int:
     if recipe.optimizer.name in ADAM_FAMILY:
         out["optimizer_note"] = (f"the theorems are QHM's (Algorithm 1); this recipe trains with {recipe.optimizer.name}, "
                                  "which they do not cover: the terms are those of its schedules, as if QHM ran them")
-    if recipe.schedule.batch.kind == "adaptive":       # its growth is not known in advance: read as constant
+    if recipe.schedule.batch.decided_during_run:       # its growth is not known in advance: read as constant
         out["verdict"] += "; the verdict reads an adaptive batch as constant (the terms are the run's own)"
     if args.json:
         print(json.dumps(out, indent=1))
@@ -169,7 +169,7 @@ def cmd_bounds(args) -> int:
 
 def _decisions(folder, recipe) -> list[int] | None:
     """An adaptive run's decisions, from its newest checkpoint (None: none, or not adaptive)."""
-    if recipe.schedule.batch.kind != "adaptive":
+    if not recipe.schedule.batch.decided_during_run:
         return None
     from launcher.run.checkpoint import CheckpointManager, read_file
     found = CheckpointManager(folder, log=lambda *a: None).find_latest_valid()

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import qhm
 
 from launcher import engines, models
+from launcher.config import batch_kinds
 from launcher.models.gpt import Settings as GPTSpec
 from launcher.env import PREEMPTION_SIGNALS as SIGNALS  # noqa: F401  (signals.preempt allows these)
 from launcher.run.folder import RunFolder
@@ -26,7 +27,7 @@ KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name o
 ENGINES = engines.NAMES             # launcher/engines: one module per engine
 # adaptive: decided at run time (launcher.train.adaptive); warmup_from: a piecewise schedule along the CBS measured
 # by branches, resolved into kind steps when the recipe is loaded
-BATCH_KINDS = qhm.schedules.BATCH_KINDS + ("adaptive", "warmup_from")
+BATCH_KINDS = batch_kinds.NAMES            # each kind: launcher/config/batch_kinds.py
 UNITS = qhm.schedules.UNITS                # what schedule positions count: epoch (the paper) | step | sample | token
 BATCH_SCALINGS = tuple(qhm.schedules.BATCH_SCALINGS)
 Amount = Union[int, float, str]            # a count in a unit: 500, "2.5K", "10M tokens" (launcher.config.units)
@@ -105,6 +106,12 @@ class Batch:
     points: list = field(default_factory=list)   # steps: [[0, 256], ["2B", 512], ...], positions in schedule.unit
     branches: Optional[str] = None      # warmup_from: the branch folders (qhm-launch branch) whose CBS it follows
     tolerance: Union[float, str, None] = None   # warmup_from: the CBS criterion's tolerance (0.01, or "2%"); None: 2%
+
+    @property
+    def decided_during_run(self) -> bool:
+        """Whether the run decides its batches as it trains (adaptive): no plan knows them in advance."""
+        kind = batch_kinds.KINDS.get(self.kind)
+        return kind is not None and kind.decided_during_run
 
 
 @dataclass
@@ -297,18 +304,7 @@ class Recipe:
 
     def batch_spec(self) -> qhm.BatchSchedule:
         """The batch schedule in qhm's terms (adaptive: the initial batch, until decided otherwise)."""
-        from launcher.config import units
-        s = self.schedule
-        interval = self.interval()
-        if s.batch.kind == "steps":
-            points = tuple((units.in_unit(f"schedule.batch.points[{i}]", p[0], s.unit, minimum=0), p[1])
-                           for i, p in enumerate(s.batch.points))
-            return qhm.BatchSchedule("steps", points=points)
-        size = s.batch.size if s.batch.kind == "constant" else s.batch.initial
-        assert size is not None, "validated: every batch kind has its size or initial"
-        # adaptive: the plan before any decision is the initial batch throughout (launcher.train.adaptive)
-        kind = "constant" if s.batch.kind == "adaptive" else s.batch.kind
-        return qhm.BatchSchedule(kind, size, growth=s.batch.growth, interval=interval)
+        return batch_kinds.KINDS[self.schedule.batch.kind].spec(self)
 
     def interval(self) -> int:
         """schedule.interval as a count in schedule.unit."""

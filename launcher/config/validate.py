@@ -6,13 +6,13 @@ from __future__ import annotations
 import qhm
 
 from launcher import keys
-from launcher.config import units
-from launcher.config.schema import (BATCH_KINDS, BATCH_NORMS, BATCH_SCALINGS, COMPILE_MODES, DATASETS, ENGINES,
+from launcher.config import batch_kinds, units
+from launcher.config.schema import (BATCH_NORMS, BATCH_SCALINGS, COMPILE_MODES, DATASETS, ENGINES,
                                     GRAD_NORM_MODES, KERNELS, MAX_DATA_WORKERS, MAX_EPOCHS, MAX_NAME, MAX_TAG, MODELS, OPTIMIZERS,
                                     PRECISIONS, SIGNALS, SYNTHETIC_MAX, UNITS, WANDB_MODES, ADAM_FAMILY, ModelSpec,
                                     Optimizer, Recipe)
 from launcher import engines, models
-from launcher.errors import RecipeError, at_least, at_most, one_of
+from launcher.errors import RecipeError, at_least, at_most, one_of, schedule_error
 from launcher.limits import MAX_NODES
 
 def validate(r: Recipe) -> Recipe:
@@ -144,46 +144,19 @@ def check_evaluation(r: Recipe) -> None:
 
 
 def check_schedule(r: Recipe) -> None:
-    """schedule: the batch (its kind's keys and rules), the learning rate, the units every amount is counted
-    in; then qhm builds the schedule, which checks the values themselves."""
-    b = r.schedule.batch
+    """schedule: the batch (its kind's own keys and rules: launcher/config/batch_kinds.py), the learning rate,
+    the units every amount is counted in; then qhm builds the schedule, which checks the values themselves."""
     at_least("schedule.lr.max", r.schedule.lr.max, 0.0)
     at_least("schedule.lr.min", r.schedule.lr.min, 0.0)
-    one_of("schedule.batch.kind", b.kind, BATCH_KINDS)
-    size_key = "size" if b.kind == "constant" else "initial"
-    if b.kind == "warmup_from":
-        resolve_warmup(r)
-    if b.kind == "steps":
-        check_points(r)
-    elif getattr(b, size_key) is None:
-        raise RecipeError(f"schedule.batch.{size_key}: missing; allowed: an integer >= 1 "
-                          f"(required for kind {b.kind})")
+    batch_kinds.check(r)
     check_units(r)
-    check_kind_keys(b)
     if r.schedule.lr.decay != 0 and r.schedule.lr.kind != "wsd":
         raise RecipeError(f"schedule.lr.decay: {r.schedule.lr.decay!r} is not valid with kind {r.schedule.lr.kind}; "
                           "allowed: 0 (decay is the wsd kind's final decay; it would be ignored)")
-    if b.kind == "adaptive":
-        assert b.initial is not None, "required for kind adaptive (checked above)"
-        if b.growth * b.initial > qhm.schedules.MAX_BATCH:
-            raise RecipeError(f"schedule.batch.growth: {b.growth!r} is not valid; allowed: small enough that "
-                              f"{b.initial} x growth stays below 2^62")
-        if b.max is not None and (isinstance(b.max, bool) or not isinstance(b.max, int) or b.max < b.initial):
-            raise RecipeError(f"schedule.batch.max: {b.max!r} is not valid; allowed: an integer >= schedule.batch.initial "
-                              f"({b.initial}), or null for the training set's size")
-        if not b.factor > 0:
-            raise RecipeError(f"schedule.batch.factor: {b.factor!r} is not valid; allowed: > 0")
     try:
         r.schedule_spec(length=placeholder_length(r))
     except qhm.ScheduleError as exc:                # qhm names its field; the recipe's path is ours
-        raise schedule_error(exc, size_key) from None
-
-
-def schedule_error(exc: qhm.ScheduleError, size_key: str = "initial") -> RecipeError:
-    """qhm's error about one of its fields as the recipe's one line, naming the recipe's key."""
-    key = {"batch.size": f"batch.{size_key}", "unit": "unit", "lr.unit": "unit"}.get(exc.field, exc.field)
-    path = key if key == "epochs" else f"schedule.{key}"
-    return RecipeError(f"{path}: {exc.value!r} is not valid; allowed: {exc.allowed}")
+        raise schedule_error(exc, batch_kinds.KINDS[r.schedule.batch.kind].size_key or "initial") from None
 
 
 def placeholder_length(r: Recipe) -> int | None:
@@ -283,50 +256,6 @@ def check_duration(r: Recipe) -> None:
         at_most("epochs", r.epochs, MAX_EPOCHS)
 
 
-def resolve_warmup(r: Recipe) -> None:
-    """kind warmup_from: the CBS its branches measured becomes a piecewise schedule (kind steps), written
-    into the resolved recipe, so the run is exact and resumable whatever happens to the branches later."""
-    from launcher.run import branches
-    b = r.schedule.batch
-    if not b.branches:
-        raise RecipeError("schedule.batch.branches: missing; allowed: the folder of a pilot's branches "
-                          "(qhm-launch branch writes <output>/<parent>.branches; required for kind warmup_from)")
-    if not branches.folders([b.branches]):
-        raise RecipeError(f"schedule.batch.branches: {b.branches!r} holds no branch folders; allowed: the folder "
-                          "qhm-launch branch wrote (<output>/<parent>.branches)")
-    unit, points = branches.warmup_points([b.branches], b.tolerance)
-    if r.schedule.unit != unit:
-        raise RecipeError(f"schedule.unit: {r.schedule.unit!r} is not valid with schedule.batch.kind warmup_from: its "
-                          f"branches count {unit}s; allowed: schedule.unit {unit}")
-    b.kind, b.points = "steps", points
-
-
-def check_points(r: Recipe) -> None:
-    """A piecewise batch: [[position, batch], ...], the first at 0, positions in schedule.unit strictly
-    increasing, batches integers >= 1."""
-    points, unit = r.schedule.batch.points, r.schedule.unit
-    if not points:
-        raise RecipeError("schedule.batch.points: missing; allowed: [[0, b_0], [position, batch], ...] (required "
-                          "for kind steps)")
-    named = set()
-    for i, point in enumerate(points):
-        path = f"schedule.batch.points[{i}]"
-        if not (isinstance(point, list) and len(point) == 2):
-            raise RecipeError(f"{path}: {point!r} is not valid; allowed: a pair [position, batch]")
-        named.add(units.parse(path, point[0], None, minimum=0)[0])
-        if not (isinstance(point[1], int) and not isinstance(point[1], bool) and point[1] >= 1):
-            raise RecipeError(f"{path}: {point!r} is not valid; allowed: [position, batch] with an integer batch >= 1 "
-                              "(any integer splits over any world size)")
-    named.discard(None)
-    if len(named) > 1:
-        raise RecipeError(f"schedule.batch.points: {points!r} mixes units ({', '.join(sorted(str(n) for n in named))}); allowed: "
-                          f"positions in one unit, schedule.unit ({unit})")
-    try:
-        r.batch_spec()
-    except qhm.ScheduleError as exc:
-        raise schedule_error(exc) from None
-
-
 MAX_LENGTH = 10 ** 15          # a run's length in steps, samples or tokens (a quadrillion tokens: far past any run)
 
 
@@ -357,32 +286,6 @@ def check_units(r: Recipe) -> None:
     elif uses_tokens(r):
         raise RecipeError(f"{uses_tokens(r)}: counted in tokens, and data.tokens_per_sample is not set; allowed: "
                           "data.tokens_per_sample: T (the tokens of every sample), or another unit")
-    if s.batch.kind == "adaptive" and unit != "epoch" and s.lr.kind in ("cosine", "polynomial", "wsd") \
-            and r.duration()[0] != unit:
-        raise RecipeError(f"schedule.lr.kind: {s.lr.kind!r} is not valid with an adaptive batch in {unit}s and a "
-                          f"duration in {r.duration()[0]}s (the run's length in {unit}s follows decisions made while "
-                          f"it trains); allowed: train.{unit}s, or constant, sqrt_decay or decay")
-
-
-# The keys of schedule.batch each kind reads (a resolved warmup_from is kind steps, and keeps where it came from)
-BATCH_KIND_KEYS = {"constant": ("size",), "exponential": ("initial", "growth"),
-                   "steps": ("points", "branches", "tolerance"), "warmup_from": ("branches", "tolerance"),
-                   "adaptive": ("initial", "growth", "max", "factor")}
-
-
-def check_kind_keys(b) -> None:
-    """A schedule.batch key its kind does not read, set to anything but its default, is refused (it was
-    silently ignored: kind constant with points)."""
-    from launcher.config.schema import Batch
-    defaults = Batch()
-    for key in ("size", "initial", "growth", "max", "factor", "points", "branches", "tolerance"):
-        if key not in BATCH_KIND_KEYS.get(b.kind, ()) and getattr(b, key) != getattr(defaults, key):
-            owners = [k for k, keys in BATCH_KIND_KEYS.items() if key in keys and k != "steps" or
-                      (k == "steps" and key == "points")]
-            default = getattr(defaults, key)
-            allowed = "null" if default is None else repr(default)
-            raise RecipeError(f"schedule.batch.{key}: {getattr(b, key)!r} is not valid with kind {b.kind}; allowed: "
-                              f"{allowed} (it would be ignored; {key} is read by kind {' and '.join(owners)})")
 
 
 def check_branch(r: Recipe) -> None:
@@ -400,7 +303,7 @@ def check_branch(r: Recipe) -> None:
     at_most("branch.length", length, MAX_LENGTH)
     if unit == "epoch":
         raise RecipeError(f"branch.length: {b.length!r} is not valid; allowed: a count of steps, samples or tokens")
-    if r.schedule.batch.kind == "adaptive":
+    if r.schedule.batch.decided_during_run:
         raise RecipeError("branch.parent: a run whose batch is adaptive is not valid; allowed: a parent with a fixed "
                           "batch schedule (the branch multiplies it)")
 

@@ -175,7 +175,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
                               ("order", sampler, "replicated"), ("rng", rng, "per_rank"),
                               ("epoch_sums", sums, "per_rank")):
         checkpoints.register(name, part, scope)
-    growth = adaptive.BatchGrowth(recipe, n, comm, log) if recipe.schedule.batch.kind == "adaptive" else None
+    growth = adaptive.BatchGrowth(recipe, n, comm, log) if recipe.schedule.batch.decided_during_run else None
     if growth is not None:
         checkpoints.register("batch_growth", growth, "replicated")
     noise_windows = noise.NoiseWindows(n, comm.world)

@@ -19,9 +19,8 @@ import numpy as np
 
 import qhm
 
-from launcher.errors import RecipeError
+from launcher.errors import RecipeError, schedule_error
 from launcher.config import Recipe
-from launcher.config.validate import schedule_error
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def split_batch(batch: int, world: int, max_micro: int) -> tuple[int, int]:
 def batch_function(recipe: Recipe, decisions: list[int] | None = None):
     """(batch_at(u), next_change(u)) of the recipe's batch schedule in schedule.unit. An adaptive batch:
     ``decisions[k]`` for positions in [k E, (k+1) E), the last one beyond the decisions made so far."""
-    if recipe.schedule.batch.kind != "adaptive":
+    if not recipe.schedule.batch.decided_during_run:
         spec = recipe.batch_spec()
         return spec, spec.next_change
     E, chosen = recipe.interval(), list(decisions or [recipe.schedule.batch.initial])
@@ -263,7 +262,7 @@ def elastic_segments(recipe: Recipe, n: int, per_node: int, max_nodes: int) -> l
     samples, and at least one. In the epoch unit the cuts fall between epochs, in the others between
     global steps (the batch may change inside an epoch). An adaptive batch is refused: its stages are
     decided at run time."""
-    if recipe.schedule.batch.kind == "adaptive":
+    if recipe.schedule.batch.decided_during_run:
         raise RecipeError("--elastic: not valid with schedule.batch.kind adaptive (an elastic chain's segments follow "
                           "the batch, which is decided at run time); allowed: submit without --elastic, or a fixed "
                           "schedule (exponential)")

@@ -77,7 +77,7 @@ def check_adaptive(recipe: Recipe, world_size: int) -> None:
     """An adaptive batch grows by the measured noise scale: where it cannot be measured it never would."""
     from launcher.train import noise
     b = recipe.schedule.batch
-    if b.kind != "adaptive":
+    if not b.decided_during_run:
         return
     kind, why = noise.source(recipe, world_size, split_batch(b.initial, world_size, micro_cap(recipe))[1] > 1)
     if kind == noise.RANKS and b.initial < 2:

@@ -55,14 +55,20 @@ def test_the_relative_import_form_is_not_used():
 def test_no_modules_import_each_other_in_a_circle():
     """Inside a layer too: a circle of imports between modules (a function-level import counts: it only
     delays the circle) means two modules that are one, or a piece in the wrong one. A package's
-    ``__init__`` re-exporting its modules is how a package is made: not a node here."""
+    ``__init__`` re-exporting its modules is how a package is made: not a node here; an import only a type
+    checker runs (``if TYPE_CHECKING:``) is no edge."""
     graph = {}
     for path in ROOT.rglob("*.py"):
         if path.name == "__init__.py":
             continue
         name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
         graph[name] = set()
-        for node in ast.walk(ast.parse(path.read_text())):       # "from launcher.train import build": build
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):       # "from launcher.train import build": build
+            if id(node) in typing_only:
+                continue
             names = ([node.module] + [f"{node.module}.{a.name}" for a in node.names]
                      if isinstance(node, ast.ImportFrom) and node.module else
                      [a.name for a in node.names] if isinstance(node, ast.Import) else [])
@@ -138,3 +144,16 @@ def test_no_two_classes_share_a_name():
                 if isinstance(node, ast.ClassDef) and node.name not in PER_FAMILY:
                     where.setdefault(node.name, []).append(str(path.relative_to(ROOT.parent)))
     assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+
+
+def test_the_launchers_own_batch_kinds_are_not_compared_outside_their_module():
+    """A batch kind the launcher adds to qhm's (adaptive: decided while training; warmup_from: resolved from
+    branches) carries its behaviour in launcher/config/batch_kinds.py: `== "adaptive"` stood in 8 modules."""
+    import qhm
+    from launcher.config.batch_kinds import KINDS
+    own = set(KINDS) - set(qhm.schedules.BATCH_KINDS)
+    assert own == {"adaptive", "warmup_from"}
+    found = [f"{path.relative_to(ROOT.parent)}:{line} {name!r}"
+             for path in ROOT.rglob("*.py") if path.name != "batch_kinds.py"
+             for name, line in _compared_strings(ast.parse(path.read_text())) if name in own]
+    assert found == [], f"batch kinds compared outside launcher/config/batch_kinds.py: {found}"
