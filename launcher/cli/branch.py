@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -30,11 +31,14 @@ from launcher import config as recipe_mod
 from launcher import data as data_mod
 from launcher.config import units
 from launcher.config.validate import MAX_LENGTH
-from launcher.train import planning
 from launcher.errors import UserError
-from launcher.run.checkpoint import CheckpointManager, check_manifest, step_name
 from launcher.run import branches
+from launcher.run.checkpoint import CheckpointManager, check_manifest, step_name
 from launcher.run.folder import RunFolder
+from launcher.train import planning
+
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
 UNIT_WORDS = {"steps": "step", "samples": "sample", "tokens": "token", "step": "step", "sample": "sample",
               "token": "token"}
@@ -93,7 +97,7 @@ def choose(found: list[dict], at: int, unit: str, tokens: bool, slack: int = 0) 
 DEFAULT_LR_RULE = {"adam": "sqrt", "sgd": "linear"}
 
 
-def lr_rule_for(recipe) -> str:
+def lr_rule_for(recipe: Recipe) -> str:
     """The default LR rule of the recipe's optimizer family (see DEFAULT_LR_RULE)."""
     from launcher.config.schema import ADAM_FAMILY
     return DEFAULT_LR_RULE["adam" if recipe.optimizer.name in ADAM_FAMILY else "sgd"]
@@ -169,7 +173,7 @@ def parent_batch(p: planning.Plan, step: int) -> int:
     return stage.scheduled_batch or stage.batch
 
 
-def prepare(point: dict, recipe) -> None:
+def prepare(point: dict, recipe: Recipe) -> None:
     """The branch's folder: branch.json, and the parent's checkpoint linked in where the branch has none of
     its own yet (hard links: nothing of the parent is moved or written)."""
     folder = recipe.folder
@@ -199,7 +203,7 @@ def inside(path: Path, parent: Path) -> None:
                         "an output outside it (the parent is never written)")
 
 
-def check_own(folder: RunFolder, recipe) -> None:
+def check_own(folder: RunFolder, recipe: Recipe) -> None:
     """A branch's folder is one this command made for this very branch, or new: a run folder without a
     branch.json, or another branch's (another parent, point, factor or seed), is refused in one line."""
     if not folder.path.exists() or not any(folder.path.iterdir()):

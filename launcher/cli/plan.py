@@ -6,13 +6,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher import config as recipe_mod
 from launcher.config.schema import ADAM_FAMILY
 from launcher.errors import UserError
 
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
-def _training_set_size(recipe, override) -> int:
+
+def _training_set_size(recipe: Recipe, override) -> int:
     from launcher import data
     return override if override is not None else data.sizes(recipe.data)[0]
 
@@ -40,7 +44,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def adaptive_plan(recipe, planned, n: int, as_json: bool) -> str:
+def adaptive_plan(recipe: Recipe, planned, n: int, as_json: bool) -> str:
     """An adaptive batch: its first interval as planned, then what is decided at run time and the fewest
     and most steps the run can take."""
     from launcher.train import adaptive, planning
@@ -68,7 +72,7 @@ def adaptive_plan(recipe, planned, n: int, as_json: bool) -> str:
     return "\n".join(table)
 
 
-def elastic_report(recipe, n: int, per_node: int, max_nodes: int, rate: float) -> str:
+def elastic_report(recipe: Recipe, n: int, per_node: int, max_nodes: int, rate: float) -> str:
     """The segments of an elastic chain, each one's plan, and the GPU-hours next to a fixed allocation."""
     from launcher.train import planning
     segments = planning.elastic_segments(recipe, n, per_node, max_nodes)
@@ -167,7 +171,7 @@ def cmd_bounds(args) -> int:
     return 0
 
 
-def _decisions(folder, recipe) -> list[int] | None:
+def _decisions(folder, recipe: Recipe) -> list[int] | None:
     """An adaptive run's decisions, from its newest checkpoint (None: none, or not adaptive)."""
     if not recipe.schedule.batch.decided_during_run:
         return None

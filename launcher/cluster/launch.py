@@ -8,12 +8,16 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher import config as recipe_mod
 from launcher import env
 from launcher.errors import FAILED, PREEMPTED, RunFailed, UserError
 from launcher.train.preflight import check_resume
 from launcher.train.worker import preemption_signals
+
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
 
 def threads_per_rank(nproc: int) -> int:
@@ -23,12 +27,12 @@ def threads_per_rank(nproc: int) -> int:
     return max(1, usable // nproc)
 
 
-def launch(args, recipe) -> int:
+def launch(args, recipe: Recipe) -> int:
     """The launcher's side of ``run``: the checks, the folder's lock, torchrun under supervision, and the
     markers its workers left turned into one line and an exit status."""
+    from launcher.cluster.supervise import AGENT_SIGNALS, supervise
     from launcher.config import factories
     from launcher.train import preflight
-    from launcher.cluster.supervise import AGENT_SIGNALS, supervise
     folder = recipe.folder
     gpus = preflight.visible_gpus()
     nproc = preflight.resolve_nproc(recipe, gpus)

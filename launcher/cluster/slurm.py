@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher import config as recipe_mod
 from launcher import env
@@ -24,6 +25,9 @@ from launcher.cluster import sweep
 from launcher.errors import UserError
 from launcher.run.files import next_free
 from launcher.run.folder import RunFolder
+
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "job.sbatch"
 SIGNALS = ("USR1", "USR2", "TERM")
@@ -44,7 +48,7 @@ def single_line(text: str) -> str:
 CPUS_PER_GPU_RANK = 4      # a GPU rank's threads: the main one, autograd's device thread, NCCL's proxy, compile
 
 
-def cpus_needed(recipe, nproc: int) -> int:
+def cpus_needed(recipe: Recipe, nproc: int) -> int:
     """What one node's task needs: each rank its cores (slurm.cpus_per_rank; by default 4 for a GPU rank,
     whose threads would share one core on a site that binds CPUs, and 1 on CPU) and each of its
     DataLoader workers (streamed data) one more."""
@@ -156,11 +160,11 @@ def render(args, recipes: list[Path], run_dirs: list[Path], cpus: int, array: st
     return text
 
 
-def _prepare(recipe, args, warnings: list | None = None):
+def _prepare(recipe: Recipe, args, warnings: list | None = None):
     """The recipe as the job will run it: its shape (``slurm.nodes``/``gpus_per_node``, where --nodes and
     --gpus-per-node win), absolute output, processes from the GPUs per node; its setup lines unless
     --setup gave some. What the job should be warned of is added to ``warnings``."""
-    from launcher.train import preflight, planning
+    from launcher.train import planning, preflight
     if args.nodes is not None:
         recipe.slurm.nodes = args.nodes
     if args.gpus_per_node is not None:
@@ -196,7 +200,7 @@ def _prepare(recipe, args, warnings: list | None = None):
     return recipe, nproc
 
 
-def stop_latency_warning(recipe, batch: int, signal_seconds: int) -> list[str]:
+def stop_latency_warning(recipe: Recipe, batch: int, signal_seconds: int) -> list[str]:
     """A preemption is acted on within :func:`launcher.train.signals.stop_latency`, plus the checkpoint.
     Warned of when that could pass a quarter of the
     warning time Slurm gives; the step time is this run folder's own, measured at the first stage's batch
@@ -249,7 +253,7 @@ def _sbatch(cmd: list[str]) -> str:
     return out.stdout.strip().split(";")[0]
 
 
-def _segments(recipe, nproc: int, args) -> list:
+def _segments(recipe: Recipe, nproc: int, args) -> list:
     """The jobs to submit: one on the recipe's nodes, or (--elastic) one per segment of stages, on up to
     that many."""
     from launcher import data

@@ -70,7 +70,7 @@ def trajectory_diff(old: dict, new: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def is_branch_start(recipe, manifest: dict) -> bool:
+def is_branch_start(recipe: Recipe, manifest: dict) -> bool:
     """Whether checkpoint ``manifest`` is where the branch ``recipe`` starts: its parent's, at the branch
     step (a trajectory that differs from the branch's own by design)."""
     b = recipe.branch

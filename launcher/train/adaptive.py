@@ -19,11 +19,15 @@ next estimates come from the new split (another small batch per rank), so later 
 """
 from __future__ import annotations
 
-import qhm
+from typing import TYPE_CHECKING
 
+import qhm
 from launcher import env
 from launcher.train import noise
 from launcher.train.state import EpochSums
+
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
 GRAD_SQ, TRACE_COV = EpochSums.FIELDS.index("grad_sq"), EpochSums.FIELDS.index("trace_cov")
 
@@ -31,7 +35,7 @@ GRAD_SQ, TRACE_COV = EpochSums.FIELDS.index("grad_sq"), EpochSums.FIELDS.index("
 class BatchGrowth:
     """The batch of every interval entered so far, and the noise sums of the interval in progress."""
 
-    def __init__(self, recipe, n: int, comm, log):
+    def __init__(self, recipe: Recipe, n: int, comm, log):
         b = recipe.schedule.batch
         self.grown = qhm.BatchSchedule("exponential", b.initial, growth=b.growth, interval=1)   # b_0 growth^g
         self.factor, self.cap, self.n = b.factor, largest_batch(recipe, n), n
@@ -147,12 +151,12 @@ class BatchGrowth:
         return batch
 
 
-def largest_batch(recipe, n: int) -> int:
+def largest_batch(recipe: Recipe, n: int) -> int:
     """The batch an adaptive run never grows past: ``schedule.batch.max``, and the training set."""
     return min(recipe.schedule.batch.max or n, n)
 
 
-def step_range(recipe, n: int, world: int = 1) -> tuple[int, int]:
+def step_range(recipe: Recipe, n: int, world: int = 1) -> tuple[int, int]:
     """(fewest, most) optimizer steps an adaptive run can take: growing at every interval's end, or never."""
     from launcher.train import planning
     b, cap = recipe.schedule.batch, largest_batch(recipe, n)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -18,16 +18,19 @@ from launcher import models as launcher_models
 from launcher.data import order
 from launcher.run.checkpoint import CheckpointManager
 from launcher.run.folder import RunFolder
-from launcher.train import adaptive, losses, models, noise, preflight, planning
-from launcher.train.models import DTYPES
+from launcher.train import adaptive, losses, models, noise, planning, preflight
 from launcher.train.comm import Comm
+from launcher.train.models import DTYPES
 from launcher.train.state import EpochSums, RankRNG, TrainState
+
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
 
 
 @dataclass
 class Parts:
-    recipe: Any
+    recipe: Recipe
     comm: Comm
     folder: RunFolder
     dataset: data_mod.Dataset
@@ -69,7 +72,7 @@ def param_groups(module: torch.nn.Module, o) -> list[dict]:
             if g["params"]]
 
 
-def build_optimizer(recipe, module, plan: planning.Plan) -> torch.optim.Optimizer:
+def build_optimizer(recipe: Recipe, module, plan: planning.Plan) -> torch.optim.Optimizer:
     """The optimizer at its first step's hyper-parameters (the loop writes each stage's or step's)."""
     first, kernel, o = plan.stages[0], recipe.optimizer.kernel, recipe.optimizer
     if o.name == "adamw":                      # torch's: fused on CUDA, foreach elsewhere (or the loop)
@@ -85,7 +88,7 @@ def build_optimizer(recipe, module, plan: planning.Plan) -> torch.optim.Optimize
                    compiled=kernel in ("compiled", "fused") or None)
 
 
-def autocast_for(recipe, device: torch.device):
+def autocast_for(recipe: Recipe, device: torch.device):
     """bf16: torch.autocast around forward and loss; otherwise nothing."""
     return (torch.autocast(device.type, dtype=torch.bfloat16) if recipe.precision == "bf16"
             else contextlib.nullcontext())
@@ -114,7 +117,7 @@ def apply_determinism(on: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
 
 
-def load_data(recipe, comm: Comm, dtype: torch.dtype) -> data_mod.Dataset:
+def load_data(recipe: Recipe, comm: Comm, dtype: torch.dtype) -> data_mod.Dataset:
     """The recipe's data on this rank's device; with ``download``, rank 0 downloads first, the others wait."""
     if comm.is_main and recipe.data.download:
         data_mod.load(recipe.data, torch.device("cpu"), dtype, is_first=True)
@@ -124,7 +127,7 @@ def load_data(recipe, comm: Comm, dtype: torch.dtype) -> data_mod.Dataset:
     return data_mod.load(recipe.data, comm.device, dtype, is_first=False)
 
 
-def build_module(recipe, dataset: data_mod.Dataset, comm: Comm, dtype: torch.dtype) -> torch.nn.Module:
+def build_module(recipe: Recipe, dataset: data_mod.Dataset, comm: Comm, dtype: torch.dtype) -> torch.nn.Module:
     """The model with the same initial weights on every rank, in the recipe's dtype and memory format;
     batch norm synchronised over ranks when asked (CUDA only)."""
     module = models.build(recipe.model, dataset.shape, dataset.num_classes, recipe.seed, dtype).to(comm.device)
@@ -149,7 +152,7 @@ def upgrade_v1(replicated: dict, per_rank: list) -> tuple[dict, list]:
     return new, ranks
 
 
-def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
+def build(recipe: Recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
     """Every part of one rank's run of ``recipe`` (collective: every rank calls it)."""
     log = log if comm.is_main else (lambda *a, **k: None)
     preflight.check_devices(recipe, comm.world, comm.device.type == "cuda")
@@ -189,7 +192,7 @@ def build(recipe, comm: Comm, log: Callable[..., None] = print) -> Parts:
                  noise_windows=noise_windows, flops_per_token=flops)
 
 
-def build_noise_probe(recipe, engine, module, comm: Comm, kind, why, log, n: int | None = None) -> noise.NoiseProbe:
+def build_noise_probe(recipe: Recipe, engine, module, comm: Comm, kind, why, log, n: int | None = None) -> noise.NoiseProbe:
     """The gradient noise scale's probe (``kind``, ``why``: noise.source's answer), wired into the engine
     where several ranks measure it; where it cannot be measured (or is off), one log line says why."""
     probe = noise.NoiseProbe(kind, module, comm.world, comm.device, n)

@@ -8,7 +8,12 @@ within one batch of it), which is what comparing them to a target needs.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from launcher.config import units
+
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
 
 class Every:
@@ -34,7 +39,7 @@ class Every:
         return f"{self.count} {self.unit}s"
 
 
-def cadence(every, every_steps: int, recipe) -> Every:
+def cadence(every, every_steps: int, recipe: Recipe) -> Every:
     """The cadence of ``every`` (an amount with its unit, or a count in schedule.unit), or of
     ``every_steps``; validated with the recipe."""
     if every is None:

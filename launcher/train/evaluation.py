@@ -11,10 +11,14 @@ of it kept; the trainer saves where training stood and a resume evaluates again.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from launcher.data import order
+
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
 
 class Interrupted(Exception):
@@ -84,7 +88,7 @@ def _add_batch(sums, module, x, y, a, b, autocast, loss_fn) -> bool:
     return correct is not None
 
 
-def full_grad_norm(module, dataset, comm, recipe, epoch: int, autocast, loss_fn, stopped=_never) -> float:
+def full_grad_norm(module, dataset, comm, recipe: Recipe, epoch: int, autocast, loss_fn, stopped=_never) -> float:
     """||grad f(x)|| of the empirical training loss f = (1/n) sum_i l_i: the exact mean gradient.
 
     Model in eval mode; mode "exact" uses the un-augmented training set, mode "paper" augments it as

@@ -13,12 +13,15 @@ otherwise it is left out (None), never reported as 0.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from launcher import models
+
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
 
 IGNORE = -100         # a target position that is not trained on (torch's cross_entropy ignore_index)
@@ -72,8 +75,8 @@ def from_recipe(spec, per_token: bool = False) -> Loss:
     fn(output, target) -> per-sample losses."""
     if spec.factory is None:
         return Loss(per_token=per_token)
-    from launcher.errors import UserError
     from launcher.config.factories import call
+    from launcher.errors import UserError
     fn = call("loss.factory", spec.factory, spec.kwargs)
     if not callable(fn):
         raise UserError(f"loss.factory: {spec.factory!r} returned {type(fn).__name__}; allowed: a callable "
@@ -89,6 +92,6 @@ def from_recipe(spec, per_token: bool = False) -> Loss:
     return Loss(fn, spec.factory)
 
 
-def per_token(recipe) -> bool:
+def per_token(recipe: Recipe) -> bool:
     """Whether the recipe trains a language model: token data, or the built-in GPT."""
     return recipe.data.dataset == "tokens" or models.language_model(recipe.model)

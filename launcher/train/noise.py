@@ -49,14 +49,19 @@ Where the two squared norms come from:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from launcher import engines
 
+if TYPE_CHECKING:
+    from launcher.config import Recipe
+
 RANKS, FIRST_MICRO_BATCH = "ranks", "first micro-batch"
 
 
-def source(recipe, world: int, accumulates: bool) -> tuple[str | None, str]:
+def source(recipe: Recipe, world: int, accumulates: bool) -> tuple[str | None, str]:
     """(where the small batch comes from, or None; why not, for the log line). ``accumulates``: some
     stage of the plan runs more than one micro-batch per step."""
     if not recipe.tracking.noise_scale:

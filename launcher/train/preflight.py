@@ -374,7 +374,7 @@ def slow_precision_warning(recipe: Recipe, has_cuda: bool, cpuinfo: Path = Path(
             "precision: fp32 is the fast choice here")
 
 
-def check_resume(recipe, force: bool, world: int, log=print) -> None:
+def check_resume(recipe: Recipe, force: bool, world: int, log=print) -> None:
     """Refuse a checkpoint written under other trajectory-changing fields (one-line diff), or one
     that this engine cannot load on ``world`` processes."""
     from launcher.run.checkpoint import CheckpointManager
@@ -403,7 +403,7 @@ def check_resume(recipe, force: bool, world: int, log=print) -> None:
                     "(use another name, or --force-resume)")
 
 
-def check_no_other_results(recipe) -> None:
+def check_no_other_results(recipe: Recipe) -> None:
     """A folder with no checkpoint to resume that holds another recipe's results (complete.json, the final
     model, metrics or step rows: a finished run whose checkpoints were deleted, say) is never trained over:
     refused in one line naming what is there. The same recipe starts again (it writes the same results)."""

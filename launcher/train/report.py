@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -15,11 +16,14 @@ from launcher.train import noise
 from launcher.train.planning import Stage
 from launcher.train.state import TrainState
 
+if TYPE_CHECKING:
+    from launcher.config import Recipe
+
 
 HEARTBEAT_EVERY_S = 10.0      # the run folder's lock touched at most this often (status trusts 600 s)
 
 
-def log_interval(recipe, total_steps: int) -> int:
+def log_interval(recipe: Recipe, total_steps: int) -> int:
     """Optimizer steps between two steps.jsonl rows: the recipe's, or about 2,000 rows over the run
     (at least 25 steps apart: each row costs a few device operations, a JSON line and a W&B log)."""
     every = recipe.tracking.log_every_steps
@@ -27,7 +31,7 @@ def log_interval(recipe, total_steps: int) -> int:
 
 
 class Reporter:
-    def __init__(self, recipe, comm, folder, log, tokens_per_sample: int | None = None, per_token: bool = False,
+    def __init__(self, recipe: Recipe, comm, folder, log, tokens_per_sample: int | None = None, per_token: bool = False,
                  noise_windows: noise.NoiseWindows | None = None, flops_per_token: float | None = None):
         self.recipe, self.comm, self.folder, self.log = recipe, comm, folder, log
         self.noise_windows = noise_windows or noise.NoiseWindows()      # the step rows' B_simple (and its n)
@@ -281,7 +285,7 @@ def summary_values(state: TrainState, rows: list[dict]) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def print_summary(recipe, state: TrainState, rows: list[dict], tracker, log=print) -> None:
+def print_summary(recipe: Recipe, state: TrainState, rows: list[dict], tracker, log=print) -> None:
     last = rows[-1] if rows else {}
     fmt = lambda v: "-" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v))  # noqa: E731
     folder = recipe.folder

@@ -4,12 +4,16 @@ the run's plan."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from launcher import config, env
 from launcher.errors import UserError
 
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
-def manifest(recipe, state, tag: str, owed_evaluation: bool = False) -> dict:
+
+def manifest(recipe: Recipe, state, tag: str, owed_evaluation: bool = False) -> dict:
     """What a checkpoint's manifest says besides its files: the position, the recipe and its trajectory's hash,
     the W&B id, why it was saved, and whether a preemption left this position's evaluation to the resume."""
     written = recipe.to_dict()

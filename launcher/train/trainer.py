@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import enum
 import time
-
+from typing import TYPE_CHECKING
 
 import qhm
 from launcher import env
 from launcher.train.build import Parts
-from launcher.train.evaluation import evaluate_unless_stopped
 from launcher.train.cadence import cadence
+from launcher.train.evaluation import evaluate_unless_stopped
 from launcher.train.report import Reporter, log_interval
 from launcher.train.resume import manifest, owes_mid_epoch_evaluation, restore
 from launcher.train.signals import Activity, Agreement, PreemptionFlag
 from launcher.train.stages import Stages
-from launcher.train.steprows import StepRows
 from launcher.train.step import StepRunner
+from launcher.train.steprows import StepRows
+
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
 
 class Outcome(enum.Enum):
@@ -230,7 +233,7 @@ class Trainer:
         self.parts.close()
 
 
-def run(recipe, comm, preempt: PreemptionFlag | None = None, log=print, until_epoch: int | None = None,
+def run(recipe: Recipe, comm, preempt: PreemptionFlag | None = None, log=print, until_epoch: int | None = None,
         until_step: int | None = None) -> "Trainer":
     """Build the parts of this rank and train them, in this process (no markers, no final model: those
     are the CLI's). What benchmarks and in-process tests drive; the trainer is returned for what they

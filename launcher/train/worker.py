@@ -9,18 +9,23 @@ import json
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from launcher import config as recipe_mod
 from launcher import env
 from launcher.errors import PREEMPTED, DiskFull, RunFailed, UserError, disk_full, exit_status, one_line
 from launcher.train.preflight import check_resume
 
+if TYPE_CHECKING:
+    from launcher.config import Recipe
 
-def run_worker(recipe, force: bool, until_epoch: int | None = None, comm=None, until_step: int | None = None) -> int:
+
+def run_worker(recipe: Recipe, force: bool, until_epoch: int | None = None, comm=None, until_step: int | None = None) -> int:
     """One worker's whole life: join the group (unless ``comm`` is one already joined), hold the folder
     (unless the launcher does), train, say how it ended (markers, final model) or why it failed (one
     line), leave the group it joined."""
-    from launcher.train import build, comm as comm_mod
+    from launcher.train import build
+    from launcher.train import comm as comm_mod
     from launcher.train.signals import PreemptionFlag
     from launcher.train.trainer import Trainer
     flag = PreemptionFlag(preemption_signals(recipe))
@@ -136,7 +141,7 @@ def conclude(trainer, outcome) -> int:
     return 0
 
 
-def report_failure(recipe, comm, exc: BaseException, where: str | None = None) -> int:
+def report_failure(recipe: Recipe, comm, exc: BaseException, where: str | None = None) -> int:
     """A worker's one-line failure: into failed.json (the first rank to fail writes it), for the launcher
     to print and exit with; without a launcher, printed here. An unexpected exception (not a UserError or
     RunFailed, whose message is the line) is named by rank, global step and its last line, and its
@@ -178,7 +183,7 @@ def report_failure(recipe, comm, exc: BaseException, where: str | None = None) -
     return status
 
 
-def report_lost_peer(recipe, comm, exc: BaseException, where: str | None) -> int:
+def report_lost_peer(recipe: Recipe, comm, exc: BaseException, where: str | None) -> int:
     """Under elastic membership, a collective that failed because a process of the run is gone (a node
     lost): no failure marker, which would end the run, but exit 1, for torchrun's agent to restart this
     node's workers on the nodes left (they resume from the newest checkpoint). One line from this node,
@@ -192,7 +197,7 @@ def report_lost_peer(recipe, comm, exc: BaseException, where: str | None) -> int
     return 1
 
 
-def log_traceback(recipe, comm, exc: BaseException, where: str) -> str:
+def log_traceback(recipe: Recipe, comm, exc: BaseException, where: str) -> str:
     """``exc``'s traceback appended to the run folder's failure.log (as far as it can be written); the text."""
     import traceback
     text = "".join(traceback.format_exception(exc))
@@ -210,12 +215,12 @@ def _gist(exc: BaseException) -> str:
     return one_line(f"{type(exc).__name__}: {text.split('. ')[0]}")[:200]
 
 
-def preemption_signals(recipe) -> list[str]:
+def preemption_signals(recipe: Recipe) -> list[str]:
     """The recipe's preemption signals, and SIGINT (Ctrl-C saves and stops, like a preemption)."""
     return list(dict.fromkeys(list(recipe.signals.preempt) + ["SIGINT"]))
 
 
-def _take_lock(recipe, comm):
+def _take_lock(recipe: Recipe, comm):
     """Rank 0 takes the run folder's lock; every rank stops with its one-line error if it cannot."""
     lock, problem = None, None
     if comm.is_main:
