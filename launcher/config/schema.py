@@ -178,6 +178,11 @@ class Eval:
     full_grad_norm: bool = True
     grad_norm_mode: str = "exact"       # exact: un-augmented, eval mode | paper: as the paper's code
     batch_size: int = 500
+    # a fixed subset of the test and validation samples, spread evenly over each (the same at every evaluation,
+    # batch size and world size, so curves compare): at most max_batches x batch_size samples, or max_tokens
+    # tokens' worth of windows (a token dataset); null: all of them. The full-gradient norm reads all the training set.
+    max_batches: Optional[int] = None
+    max_tokens: Optional[Amount] = None
 
 
 @dataclass
@@ -305,6 +310,17 @@ class Recipe:
     def batch_spec(self) -> qhm.BatchSchedule:
         """The batch schedule in qhm's terms (adaptive: the initial batch, until decided otherwise)."""
         return batch_kinds.KINDS[self.schedule.batch.kind].spec(self)
+
+    def eval_samples(self) -> int | None:
+        """The samples an evaluation pass reads at most (eval.max_batches or eval.max_tokens); None: all."""
+        from launcher.config import units
+        e = self.eval
+        if e.max_batches is not None:
+            return e.max_batches * e.batch_size
+        if e.max_tokens is not None:
+            tokens = units.in_unit("eval.max_tokens", e.max_tokens, "token")
+            return -(-tokens // (self.data.tokens_per_sample or 1))
+        return None
 
     def interval(self) -> int:
         """schedule.interval as a count in schedule.unit."""

@@ -141,6 +141,16 @@ def check_evaluation(r: Recipe) -> None:
     at_least("eval.every_epochs", r.eval.every_epochs, 1)
     at_least("eval.every_steps", r.eval.every_steps, 0)
     at_least("eval.batch_size", r.eval.batch_size, 1)
+    e = r.eval
+    if e.max_batches is not None and e.max_tokens is not None:
+        raise RecipeError(f"eval.max_tokens: {e.max_tokens!r} is not valid with eval.max_batches; allowed: one of the two")
+    if e.max_batches is not None:
+        at_least("eval.max_batches", e.max_batches, 1)
+    if e.max_tokens is not None:
+        if r.data.tokens_per_sample is None:
+            raise RecipeError(f"eval.max_tokens: {e.max_tokens!r} is not valid: the samples' tokens are not known; "
+                              "allowed: eval.max_batches, or data.tokens_per_sample (data.dataset tokens sets it)")
+        at_most("eval.max_tokens", units.in_unit("eval.max_tokens", e.max_tokens, "token"), MAX_LENGTH)
 
 
 def check_schedule(r: Recipe) -> None:

@@ -117,6 +117,19 @@ class DataFingerprint:
                                 "the run trained on (put it back), or another run name to train on this data")
 
 
+def evaluation_subset(split, samples: int | None):
+    """At most ``samples`` of ``split``, spread evenly over it (sample floor(i len / samples) for i < samples):
+    the same samples at every evaluation, whatever the batch size and world size, so curves compare, and
+    drawn from the whole split (a validation file's tail is one document; its windows spread are many). The
+    split itself when it has no more than that."""
+    if split is None or samples is None or samples >= len(split):
+        return split
+    picked = torch.arange(samples, dtype=torch.int64) * len(split) // samples
+    if isinstance(split, TensorSplit):
+        return split.subset(picked.to(split.labels.device))
+    return StreamedSplit(torch.utils.data.Subset(split.base, picked.tolist()), split.device, split.dtype, split.workers)
+
+
 def sizes(cfg) -> tuple[int, int]:
     """(training samples, test samples) as the run will see them (validation held out)."""
     if cfg.factory:

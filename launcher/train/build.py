@@ -124,7 +124,11 @@ def load_data(recipe: Recipe, comm: Comm, dtype: torch.dtype) -> data_mod.Datase
     if comm.is_main:
         data_mod.prepare(recipe.data)
     comm.barrier()
-    return data_mod.load(recipe.data, comm.device, dtype, is_first=False)
+    dataset = data_mod.load(recipe.data, comm.device, dtype, is_first=False)
+    budget = recipe.eval_samples()            # eval.max_batches / max_tokens: a fixed subset, spread evenly
+    dataset.test = data_mod.evaluation_subset(dataset.test, budget)
+    dataset.validation = data_mod.evaluation_subset(dataset.validation, budget)
+    return dataset
 
 
 def build_module(recipe: Recipe, dataset: data_mod.Dataset, comm: Comm, dtype: torch.dtype) -> torch.nn.Module:

@@ -462,3 +462,48 @@ def test_without_metadata_the_vocabulary_is_the_largest_id_plus_one_said_once(tm
     (folder / "meta.json").write_text(json.dumps({"vocab": 256, "dtype": "uint16"}))
     cfg = config.from_dict(lm_recipe({"train": str(link), "validation": str(folder / "val.bin")})).data
     assert tokens.vocabulary(cfg) == 256
+
+
+@pytest.mark.parametrize("budget", [{"eval.max_batches": 2}, {"eval.max_tokens": "256 tokens"}])
+def test_an_evaluation_reads_at_most_its_budget_the_same_spread_windows(token_files, tmp_path, monkeypatch, budget):
+    """A validation file 50x the budget (2 batches of 8 windows, or 256 tokens: 16 windows): the pass reads
+    those 16 windows and no other, spread over the file (window floor(i * 800 / 16)), the same every time; its
+    loss is the mean over their tokens, computed here by hand."""
+    from types import SimpleNamespace
+
+    from launcher.train import build, evaluation, losses, models
+    rng = np.random.default_rng(1)
+    big = Path(token_files["train"]).parent / "val_big.bin"
+    rng.integers(0, VOCAB, 800 * T + 1).astype(np.uint16).tofile(big)
+    recipe = config.from_dict(lm_recipe(token_files, **{"data.validation": str(big), "eval.batch_size": 8}, **budget))
+    comm = SimpleNamespace(is_main=True, barrier=lambda: None, device=torch.device("cpu"), rank=0, world=1,
+                           all_reduce_sum=lambda t: t)
+    dataset = build.load_data(recipe, comm, torch.float32)
+    assert len(dataset.test) == 16
+    model = models.build(recipe.model, dataset.shape, dataset.num_classes, 0, torch.float32)
+    read: list[int] = []
+    original = tokens.TokenWindows.__getitem__
+    monkeypatch.setattr(tokens.TokenWindows, "__getitem__", lambda self, i: (read.append(int(i)), original(self, i))[1])
+    loss_fn = losses.from_recipe(recipe.loss, per_token=True)
+    passes = [evaluation.evaluate(model, dataset.test, comm, 8, torch.autocast("cpu", enabled=False), loss_fn)[0]
+              for _ in range(2)]
+    spread = [i * 800 // 16 for i in range(16)]
+    assert read == spread * 2 and passes[0] == passes[1]
+    ids = torch.from_numpy(np.fromfile(big, dtype=np.uint16).astype(np.int64))
+    x = torch.stack([ids[i * T:(i + 1) * T] for i in spread])
+    y = torch.stack([ids[i * T + 1:(i + 1) * T + 1] for i in spread])
+    with torch.no_grad():
+        by_hand = F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1)).item()
+    assert passes[0] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_eval_budget_keys_are_one_line(token_files, capsys):
+    for over, expect in [({"eval.max_batches": 0}, "eval.max_batches: 0"),
+                         ({"eval.max_batches": 1, "eval.max_tokens": "1K"}, "eval.max_tokens: '1K' is not valid with"),
+                         ({"eval.max_tokens": "1K samples"}, "eval.max_tokens: '1K samples'")]:
+        with pytest.raises(Exception) as info:
+            config.from_dict(lm_recipe(token_files, **over))
+        assert str(info.value).startswith(expect), str(info.value)
+    with pytest.raises(Exception) as info:
+        config.from_dict(base_recipe(**{"eval.max_tokens": "1K"}))
+    assert "eval.max_tokens: '1K' is not valid: the samples' tokens are not known" in str(info.value)
