@@ -233,6 +233,8 @@ class Performance:
     tf32: Optional[bool] = None         # null: torch's defaults (fp32 matmuls, TF32 cuDNN convolutions); true: TF32
                                         # for both (Ampere and later: faster, ~1e-3 relative); false: full fp32 for both
     deterministic: bool = False         # deterministic CUDA kernels (slower): what makes resume on CUDA bitwise
+    peak_tflops: Optional[float] = None  # one device's peak TFLOP/s at the run's precision, for MFU; null: known
+                                        # GPUs' dense bf16/fp16 peak (launcher/train/report.py), else no MFU
 
 
 @dataclass

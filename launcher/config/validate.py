@@ -99,6 +99,10 @@ def check_distributed(r: Recipe) -> None:
     at_least("distributed.cpu_micro_batch", dist.cpu_micro_batch, 1)
     at_least("distributed.min_rank_batch", dist.min_rank_batch, 1)
     one_of("performance.compile", r.performance.compile, COMPILE_MODES)
+    peak = r.performance.peak_tflops
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak <= 1e6):
+        raise RecipeError(f"performance.peak_tflops: {peak!r} is not valid; allowed: one device's peak TFLOP/s, a "
+                          "number in (0, 1e6] (e.g. 989 for an H100 SXM in bf16), or null")
     engines.check_recipe(r)                   # each engine's own checks (launcher/engines/<name>.py)
     if dist.batch_norm == "sync" and dist.max_micro_batch == "auto":
         raise RecipeError("distributed.batch_norm: 'sync' is not valid with distributed.max_micro_batch auto (the "

@@ -22,7 +22,8 @@ from pathlib import Path
 from launcher.errors import one_line
 from launcher.run.files import append_line, atomic_write, open_append, read_jsonl, write_line
 
-WALL_FIELDS = ("wall_time", "samples_per_s", "tokens_per_s", "steps_per_s", "ms_per_step", "tflops_per_s")
+WALL_FIELDS = ("wall_time", "samples_per_s", "tokens_per_s", "steps_per_s", "ms_per_step", "tflops_per_s", "mfu",
+               "peak_memory_gib")
 
 
 class MetricsLog:

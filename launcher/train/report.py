@@ -38,6 +38,7 @@ class Reporter:
         self.tokens_per_sample = tokens_per_sample      # rows count tokens where it is known
         self.per_token = per_token                      # a language model: losses per token, perplexities
         self.flops_per_token = flops_per_token          # where known: the step rows' TFLOP/s
+        self.peak_tflops = peak_tflops(recipe, comm.device)   # where known: their MFU
         self.metrics = MetricsLog(folder.metrics)
         self.steps = MetricsLog(folder.steps, durable=False)
         self.tracker, self.bar = None, None
@@ -163,6 +164,10 @@ class Reporter:
             clocks["ms_per_step"] = round(1000 * seconds / steps, 2)
         if self.flops_per_token and "tokens_per_s" in clocks:
             clocks["tflops_per_s"] = round(clocks["tokens_per_s"] * self.flops_per_token / 1e12, 4)
+            if self.peak_tflops:     # model FLOPs utilisation: one device's share against its peak
+                clocks["mfu"] = round(clocks["tflops_per_s"] / self.comm.world / self.peak_tflops, 4)
+        if self.comm.device.type == "cuda":
+            clocks["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.comm.device) / 2**30, 2)
         self._log_clock, self._log_samples, self._log_steps = now, state.samples, state.global_step
         return clocks
 
@@ -185,8 +190,9 @@ class Reporter:
             if self._log_clock - self._heartbeat >= HEARTBEAT_EVERY_S:
                 self.folder.touch_heartbeat()
                 self._heartbeat = self._log_clock
-            if self.bar is not None:
+            if self.bar is not None:   # a terminal: the line above the bar, which tqdm redraws under it
                 self.bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{stage.lr:.3g}", refresh=False)
+                tqdm.write(step_line(row, self.comm.world), file=sys.stdout)
             else:                      # not a terminal (torchrun, a Slurm log): a line per log point
                 self.log(step_line(row, self.comm.world))
 
@@ -249,7 +255,30 @@ def step_line(row: dict, world: int) -> str:
         parts.append(f"{row['ms_per_step']:.1f} ms/step")
     if row.get("tflops_per_s") is not None:
         parts.append(f"{row['tflops_per_s'] / world:.3g} TFLOP/s/device")
+    if row.get("mfu") is not None:
+        parts.append(f"MFU {100 * row['mfu']:.1f}%")
+    if row.get("peak_memory_gib") is not None:
+        parts.append(f"peak mem {row['peak_memory_gib']:.2f} GiB")
     return "[qhm-launch] " + " | ".join(parts)
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s per device, from the vendors' data sheets; the first
+# name contained in torch.cuda.get_device_name() wins (so "H100 PCIe" before "H100").
+PEAK_TFLOPS_16BIT = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+                     ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
+                     ("A6000", 154.8), ("A10G", 70.0), ("A10", 125.0), ("V100", 125.0), ("L4", 121.0),
+                     ("MI300X", 1307.4), ("MI250X", 383.0))
+
+
+def peak_tflops(recipe: Recipe, device: torch.device, name: str | None = None) -> float | None:
+    """One device's peak TFLOP/s for MFU: ``performance.peak_tflops``, else a known GPU's 16-bit dense peak
+    when the run computes in bf16 or fp16 (the peak of fp32 depends on TF32 and is not guessed), else None."""
+    if recipe.performance.peak_tflops:
+        return float(recipe.performance.peak_tflops)
+    if device.type != "cuda" or recipe.precision not in ("bf16", "fp16"):
+        return None
+    name = name or torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS_16BIT if key in name), None)
 
 
 def console_fields(row: dict) -> str:

@@ -93,7 +93,8 @@ def test_one_process_micro16_equals_two_processes_micro4_accum2(token_files, tmp
     one = train_ranks(lm_recipe(token_files, "one", **over, **{"distributed.nproc_per_node": 1,
                                                                "distributed.max_micro_batch": 16}), tmp_path)
     two = train_ranks(lm_recipe(token_files, "two", **over, **{"distributed.nproc_per_node": 2,
-                                                               "distributed.max_micro_batch": 4}), tmp_path)
+                                                               "distributed.max_micro_batch": 4,
+                                                               "performance.peak_tflops": 0.5}), tmp_path)
     pa, pb = final_params(one), final_params(two)
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
@@ -109,6 +110,9 @@ def test_one_process_micro16_equals_two_processes_micro4_accum2(token_files, tmp
         assert line.startswith(f"[qhm-launch] step {row['step']} | ") and f"loss {row['train_loss']:.4f}" in line
         assert "tokens/s (" in line and "/device)" in line and " ms/step" in line and "TFLOP/s/device" in line
     assert all(r["ms_per_step"] > 0 and r["tflops_per_s"] > 0 for r in steps[1:])
+    # MFU against the recipe's peak (0.5 TFLOP/s a device): one device's share of the FLOP/s over it
+    assert all(r["mfu"] == pytest.approx(r["tflops_per_s"] / 2 / 0.5, abs=2e-4) for r in steps[1:])
+    assert all(f"MFU {100 * row['mfu']:.1f}%" in line for line, row in zip(lines, steps))
     said = [x for x in two.output.splitlines() if x.startswith("[qhm-launch] evaluation at step ")]
     assert len(said) == len([r for r in rows if r.get("mid_epoch")]) > 0 and "test_loss" in said[0]
 
@@ -507,3 +511,18 @@ def test_eval_budget_keys_are_one_line(token_files, capsys):
     with pytest.raises(Exception) as info:
         config.from_dict(base_recipe(**{"eval.max_tokens": "1K"}))
     assert "eval.max_tokens: '1K' is not valid: the samples' tokens are not known" in str(info.value)
+
+
+def test_the_peak_for_mfu_is_the_recipes_or_a_known_gpus_16_bit_dense_peak():
+    from launcher.train.report import peak_tflops
+    bf16 = config.from_dict(base_recipe(precision="bf16"))
+    cuda = torch.device("cuda")
+    assert peak_tflops(bf16, cuda, "NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops(bf16, cuda, "NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops(bf16, cuda, "NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops(bf16, cuda, "Some Future GPU") is None
+    assert peak_tflops(config.from_dict(base_recipe(precision="fp32")), cuda, "NVIDIA H100 80GB HBM3") is None
+    assert peak_tflops(bf16, torch.device("cpu")) is None
+    assert peak_tflops(config.from_dict(base_recipe(**{"performance.peak_tflops": 3.5})), torch.device("cpu")) == 3.5
+    with pytest.raises(Exception, match=r"performance.peak_tflops: -1.0 is not valid"):
+        config.from_dict(base_recipe(**{"performance.peak_tflops": -1}))
