@@ -141,7 +141,8 @@ def _unresolved(r: Recipe) -> qhm.BatchSchedule:
 
 def _check_adaptive(r: Recipe) -> None:
     b, s = r.schedule.batch, r.schedule
-    assert b.initial is not None, "required for kind adaptive (checked before)"
+    if isinstance(b.initial, bool) or not isinstance(b.initial, int):
+        return                         # not a batch: qhm's check of the schedule says so, naming the key
     if b.growth * b.initial > qhm.schedules.MAX_BATCH:
         raise RecipeError(f"schedule.batch.growth: {b.growth!r} is not valid; allowed: small enough that "
                           f"{b.initial} x growth stays below 2^62")
@@ -159,7 +160,7 @@ def _check_adaptive(r: Recipe) -> None:
 
 def _before_any_decision(r: Recipe) -> qhm.BatchSchedule:
     b = r.schedule.batch
-    assert b.initial is not None, "validated"
+    assert isinstance(b.initial, int), "validated"
     return qhm.BatchSchedule("constant", b.initial, interval=r.interval())
 
 
@@ -183,10 +184,40 @@ KINDS = {kind.name: kind for kind in (
 NAMES = tuple(KINDS)
 
 
+def in_samples(path: str, value, tokens_per_sample: int | None):
+    """A batch as samples: an integer, or text naming samples or tokens ("512K tokens" is 512K / seq_len
+    samples, refused where it does not divide); anything else is left for the kind's checks to refuse."""
+    from launcher.config import units
+    if not isinstance(value, str):
+        return value
+    unit, count = units.parse(path, value, "sample")
+    if unit == "token":
+        if not tokens_per_sample:
+            raise RecipeError(f"{path}: {value!r} is not valid: the samples' tokens are not known; allowed: a batch in "
+                              "samples, or data.tokens_per_sample (data.dataset tokens sets it)")
+        if count % tokens_per_sample:
+            low = count // tokens_per_sample * tokens_per_sample
+            raise RecipeError(f"{path}: {value!r} is not valid: {count:,} tokens is no whole number of "
+                              f"{tokens_per_sample}-token samples; allowed: a multiple of {tokens_per_sample} "
+                              f"(e.g. {low or tokens_per_sample:,} or {low + tokens_per_sample:,} tokens)")
+        return count // tokens_per_sample
+    if unit != "sample":
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: a batch in samples or tokens (256, '2K samples', "
+                          "'512K tokens')")
+    return count
+
+
 def check(r: Recipe) -> None:
-    """schedule.batch: its kind, the keys that kind reads (no other), its first batch, its own rules."""
+    """schedule.batch: its kind, the keys that kind reads (no other), its first batch, its own rules. Batches
+    given in tokens become samples here (the resolved recipe holds samples)."""
     from launcher.errors import one_of
     b = r.schedule.batch
+    tokens = r.data.tokens_per_sample
+    for key in ("size", "initial", "max"):
+        setattr(b, key, in_samples(f"schedule.batch.{key}", getattr(b, key), tokens))
+    if isinstance(b.points, list):
+        b.points = [[p[0], in_samples(f"schedule.batch.points[{i}]", p[1], tokens)]
+                    if isinstance(p, list) and len(p) == 2 else p for i, p in enumerate(b.points)]
     one_of("schedule.batch.kind", b.kind, NAMES)
     kind = KINDS[b.kind]
     if kind.size_key is not None and getattr(b, kind.size_key) is None:

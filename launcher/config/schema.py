@@ -98,10 +98,11 @@ class Batch:
                                         # steps {points: [[position, batch], ...]}: piecewise, in schedule.unit |
                                         # adaptive {initial, growth, max, factor}: grows by growth at an interval's
                                         # end when the noise scale measured over it is >= factor x the batch
-    size: Optional[int] = None
-    initial: Optional[int] = None
+    # a batch is samples (256), or text naming samples or tokens ("512K tokens": data.seq_len-token samples)
+    size: Union[int, str, None] = None
+    initial: Union[int, str, None] = None
     growth: float = 2.0
-    max: Optional[int] = None           # adaptive: the largest batch (null: the training set)
+    max: Union[int, str, None] = None   # adaptive: the largest batch (null: the training set)
     factor: float = 1.0                 # adaptive: grow when noise scale >= factor x batch
     points: list = field(default_factory=list)   # steps: [[0, 256], ["2B", 512], ...], positions in schedule.unit
     branches: Optional[str] = None      # warmup_from: the branch folders (qhm-launch branch) whose CBS it follows

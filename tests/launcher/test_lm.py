@@ -526,3 +526,25 @@ def test_the_peak_for_mfu_is_the_recipes_or_a_known_gpus_16_bit_dense_peak():
     assert peak_tflops(config.from_dict(base_recipe(**{"performance.peak_tflops": 3.5})), torch.device("cpu")) == 3.5
     with pytest.raises(Exception, match=r"performance.peak_tflops: -1.0 is not valid"):
         config.from_dict(base_recipe(**{"performance.peak_tflops": -1}))
+
+
+def test_batches_given_in_tokens_are_that_many_seq_len_windows(token_files):
+    """"1024 tokens" at seq_len 16 is a batch of 64 windows: the recipe resolves to the same schedule as one that
+    says 64; a count that is no whole number of windows, or tokens without a seq_len, is one line."""
+    in_tokens = config.from_dict(lm_recipe(token_files, **{
+        "schedule.batch": {"kind": "steps", "points": [[0, "256 tokens"], ["6K", "512 tokens"]]}}))
+    assert in_tokens.schedule.batch.points == [[0, 16], ["6K", 32]]
+    assert config.from_dict(lm_recipe(token_files, **{"schedule.batch": {"kind": "constant", "size": "1024 tokens"}})
+                            ).schedule.batch.size == 64
+    grown = config.from_dict(lm_recipe(token_files, **{"schedule.batch": {"kind": "exponential", "initial": "256 tokens",
+                                                                          "growth": 2}}))
+    assert grown.schedule.batch.initial == 16 and grown.batch_spec()(0) == 16
+    for batch, expect in [({"kind": "constant", "size": "1000 tokens"},
+                           "schedule.batch.size: '1000 tokens' is not valid: 1,000 tokens is no whole number of 16-token"),
+                          ({"kind": "constant", "size": "3 steps"}, "schedule.batch.size: '3 steps' is not valid; allowed: "
+                                                                    "a batch in samples or tokens")]:
+        with pytest.raises(Exception) as info:
+            config.from_dict(lm_recipe(token_files, **{"schedule.batch": batch}))
+        assert str(info.value).startswith(expect), str(info.value)
+    with pytest.raises(Exception, match="the samples' tokens are not known"):
+        config.from_dict(base_recipe(**{"schedule.batch": {"kind": "constant", "size": "1K tokens"}}))
