@@ -406,7 +406,9 @@ LOSS_RANKS = ("best_test_loss", "final_test_loss", "final_train_loss")
 
 
 def loss_report(runs: list[dict], rank: str | None) -> str:
-    """:func:`report` for runs without an accuracy: losses and perplexity, lower is better."""
+    """:func:`report` for runs without an accuracy: losses and perplexity, lower is better (the final train
+    loss is the last log window's, as the run's summary says it)."""
+    from launcher.train.report import final_train_loss
     if rank is not None and rank not in LOSS_RANKS:
         raise UserError(f"--rank: {rank!r} is not valid for runs without an accuracy; allowed: {' | '.join(LOSS_RANKS)}")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -415,7 +417,8 @@ def loss_report(runs: list[dict], rank: str | None) -> str:
         rows, last = run["rows"], run["rows"][-1]
         evaluated = [r["test_loss"] for r in rows + run["mid_epoch_rows"] if r.get("test_loss") is not None]
         entries.append({"name": run["recipe"]["name"] + ("" if run["complete"] else " (incomplete)"),
-                        "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
+                        "final_train_loss": final_train_loss(rows, run["step_rows"]),
+                        "final_test_loss": last.get("test_loss"),
                         "best_test_loss": min(evaluated, default=None), "ppl": last.get("test_ppl"),
                         "step": last.get("step", "-"), "samples": last.get("samples", "-"),
                         "tokens": last.get("tokens"), "wall": last.get("wall_time"), "world": world_size(run) or "-",

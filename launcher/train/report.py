@@ -204,9 +204,9 @@ class Reporter:
         if not self.comm.is_main:
             return
         if finished:
-            rows = self.folder.metric_rows()
-            print_summary(self.recipe, state, rows, self.tracker, self.log)
-            self.tracker.summarise(summary_values(state, rows))
+            rows, step_rows = self.folder.metric_rows(), self.folder.step_rows()
+            print_summary(self.recipe, state, rows, self.tracker, self.log, step_rows)
+            self.tracker.summarise(summary_values(state, rows, step_rows))
         self.tracker.finish(preempted=not finished)
 
 
@@ -299,10 +299,19 @@ def has_accuracy(rows: list[dict]) -> bool:
     return any(r.get(k) is not None for r in rows for k in ("train_acc", "test_acc", "val_acc"))
 
 
-def summary_values(state: TrainState, rows: list[dict]) -> dict:
+def final_train_loss(rows: list[dict], step_rows: list[dict]) -> float | None:
+    """The training loss where the run ended: the last steps.jsonl row's (the window since the log point
+    before it), else the last epoch row's mean (no step rows: tracking.log_every_steps 0)."""
+    window = step_rows[-1].get("train_loss") if step_rows else None
+    return window if window is not None else (rows[-1].get("train_loss") if rows else None)
+
+
+def summary_values(state: TrainState, rows: list[dict], step_rows: list[dict] | None = None) -> dict:
     last = rows[-1] if rows else {}
     keys = ("train_loss", "train_acc", "test_loss", "test_acc", "test_ppl", "grad_norm")
     out = {f"final_{k}": last.get(k) for k in keys}
+    out["final_train_loss"] = final_train_loss(rows, step_rows or [])
+    out["last_epoch_train_loss"] = last.get("train_loss")      # the mean over the last epoch's steps
     if has_accuracy(rows):
         out.update(best_test_acc=state.best_test_acc, best_val_acc=state.best_val_acc or None)
     else:
@@ -314,13 +323,17 @@ def summary_values(state: TrainState, rows: list[dict]) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def print_summary(recipe: Recipe, state: TrainState, rows: list[dict], tracker, log=print) -> None:
+def print_summary(recipe: Recipe, state: TrainState, rows: list[dict], tracker, log=print,
+                  step_rows: list[dict] | None = None) -> None:
     last = rows[-1] if rows else {}
     fmt = lambda v: "-" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v))  # noqa: E731
     folder = recipe.folder
-    measured = ([("final train loss", last.get("train_loss")), ("final test acc", last.get("test_acc")),
-                 ("best test acc", state.best_test_acc)] if has_accuracy(rows) else
-                [("final train loss", last.get("train_loss")), ("final test loss", last.get("test_loss")),
+    # the loss where the run ended (the last log window), and beside it the mean over the last epoch, named
+    train = [("final train loss", final_train_loss(rows, step_rows or [])),
+             *([("mean train loss, last epoch", last.get("train_loss"))] if step_rows else [])]
+    measured = ([*train, ("final test acc", last.get("test_acc")), ("best test acc", state.best_test_acc)]
+                if has_accuracy(rows) else
+                [*train, ("final test loss", last.get("test_loss")),
                  *([("final test perplexity", last["test_ppl"])] if last.get("test_ppl") is not None else [])])
     items = [("epochs", state.epoch), ("optimizer steps", state.global_step), ("samples (SFO)", state.samples),
              *([("tokens", state.tokens)] if state.tokens else []), *measured,

@@ -301,6 +301,14 @@ def test_qhadam_trains_through_the_launcher_as_qhm_qhadam(token_files, tmp_path)
 def test_reports_of_a_language_model_lead_with_the_loss(token_files, tmp_path, capsys):
     run = train_ranks(lm_recipe(token_files, "rep"), tmp_path)
     assert "best test acc" not in run.output and "final test perplexity" in run.output
+    # the final train loss is where the run ended (the last log window), the epoch's mean beside it, named
+    window, mean = read_jsonl(run / "steps.jsonl")[-1]["train_loss"], metric_rows(run)[-1]["train_loss"]
+    assert window != mean
+    said = dict(line.strip().rsplit("  ", 1) for line in run.output.splitlines()
+                if line.strip().startswith(("final train loss", "mean train loss, last epoch")))
+    said = {k.strip(): v for k, v in said.items()}
+    assert float(said["final train loss"]) == pytest.approx(window, rel=1e-4)
+    assert float(said["mean train loss, last epoch"]) == pytest.approx(mean, rel=1e-4)
     assert "test_ppl" in run.output and "test_acc" not in run.output
     out = tmp_path / "p.png"
     assert main(["plot", str(run), "--out", str(out)]) == 0
@@ -313,6 +321,7 @@ def test_reports_of_a_language_model_lead_with_the_loss(token_files, tmp_path, c
     table = capsys.readouterr().out
     assert "| final train loss | final test loss | best test loss | final test ppl |" in table
     assert "acc" not in table and "total tokens" in table
+    assert f"| {window:.4f} |" in table.splitlines()[2]
     assert main(["report", str(run), "--target", "test_loss<=10", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["tokens_to_target"] is not None
 
