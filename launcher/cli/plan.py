@@ -36,7 +36,8 @@ def cmd_plan(args) -> int:
     if recipe.schedule.batch.decided_during_run:
         print(adaptive_plan(recipe, planned, n, args.json))
     else:
-        print(json.dumps(planning.plan_json(planned), indent=1) if args.json else planning.format_table(planned))
+        print(json.dumps(planning.plan_json(planned), indent=1) if args.json else
+              planning.format_table(planned, momentum=recipe.optimizer.name not in ADAM_FAMILY))
     if recipe.distributed.max_micro_batch == "auto" and not args.json:
         print(f"note: max_micro_batch auto: each stage's micro x accum is chosen when it starts, by probing device "
               f"memory (the log and metrics rows say what); shown with the CPU cap, "
@@ -62,7 +63,7 @@ def adaptive_plan(recipe: Recipe, planned, n: int, as_json: bool) -> str:
                            "decided_at_run_time": {"first_epoch": len(first) if unit == "epoch" else None,
                                                    "rule": rule, "fewest_steps": fewest, "most_steps": most,
                                                    "max_batch": cap}}, indent=1)
-    table = planning.format_table(shown).splitlines()
+    table = planning.format_table(shown, momentum=recipe.optimizer.name not in ADAM_FAMILY).splitlines()
     table[0] = (f"n = {n} training samples, {planned.epochs} epochs, {fewest} to {most} optimizer steps (growing at "
                 f"every chance, or never), {planned.total_samples} samples (SFO)")
     if unit == "epoch" and len(first) < planned.epochs:

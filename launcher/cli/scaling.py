@@ -112,7 +112,8 @@ def target_report(run_dirs: list, target_text: str, as_json: bool = False) -> st
     per_curve = [(c, [crossing(run, target) for run in c["runs"]]) for c in curves]
     found_all = [f for _, found in per_curve for f in found]
     _check_carried(target, found_all)
-    keys = [k for k in AT if k != "tokens_to_target" or any(f[k] is not None for f in found_all)]
+    counts_tokens = any(r.get("tokens") is not None for c in curves for run in c["runs"] for r in run["rows"][-1:])
+    keys = [k for k in AT if k != "tokens_to_target" or counts_tokens]     # a column whether reached or not
     if as_json:
         return json.dumps([{k: v for k, v in f.items() if k != "carried"} | {"group": c["label"]}
                            for c, found in per_curve for f in found], indent=1)
@@ -120,10 +121,13 @@ def target_report(run_dirs: list, target_text: str, as_json: bool = False) -> st
              "seconds_to_target": "seconds"}
     head = " | ".join(f"{names[k]} to target" for k in keys)
     lines = [f"target {target}", "", f"| run | {head} |", "|---|" + "---|" * len(keys)]
-    fmt = lambda v, f: "not reached" if v is None else ("~" if f["interpolated"] else "") + f"{v:,.6g}"  # noqa: E731
+    def fmt(v, f, key):             # steps, SFO and tokens are counts: whole numbers, even interpolated
+        if v is None:
+            return "not reached"
+        return ("~" if f["interpolated"] else "") + (f"{v:,.4g}" if key == "seconds_to_target" else f"{round(v):,}")
     for _, found in per_curve:
         for f in found:
-            lines.append(f"| {f['run']} | " + " | ".join(fmt(f[k], f) for k in keys) + " |")
+            lines.append(f"| {f['run']} | " + " | ".join(fmt(f[k], f, k) for k in keys) + " |")
     if any(f["interpolated"] for f in found_all):
         lines += ["", "~: interpolated between the last evaluation before the crossing and the first at or past it"]
     if any(len(found) > 1 for _, found in per_curve):

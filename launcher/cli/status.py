@@ -12,6 +12,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -44,15 +45,20 @@ def run_folders(paths: list) -> list[Path]:
         elif is_run_folder(path):
             out.append(path)
         elif path.is_dir() and any(is_run_folder(p) for p in path.iterdir()):     # a branch study's folder
-            out += sorted(p for p in path.iterdir() if is_run_folder(p))
+            out += sorted((p for p in path.iterdir() if is_run_folder(p)), key=natural_order)
         else:
-            local = sorted(p for p in path.parent.glob(glob.escape(path.name) + "_*") if is_run_folder(p))
+            local = sorted((p for p in path.parent.glob(glob.escape(path.name) + "_*") if is_run_folder(p)), key=natural_order)
             if not local:
                 raise UserError(f"runs: {str(path)!r} is not a run folder (no recipe.yaml), a sweep folder (no "
                                 f"points.json) or a local sweep's name (no {path.name}_* run folders beside it); "
                                 "allowed: <output>/<name> of a run or sweep")
             out += local
     return out
+
+
+def natural_order(path: Path) -> list:
+    """A folder name's sort key with its numbers as numbers: batch x2 before x16, point_9 before point_10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
 
 
 def _lock_holder(folder: RunFolder) -> str | None:

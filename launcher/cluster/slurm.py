@@ -189,7 +189,8 @@ def _prepare(recipe: Recipe, args, warnings: list | None = None):
     epochs = preflight.check_membership(recipe, nproc, membership, f"--min-nodes: {args.min_nodes} (of {nodes} nodes)",
                                         check_data=not args.dry_run)
     if warnings is not None and not args.elastic:        # an elastic chain gives each stage its own nodes
-        warnings += [line.replace("warning: ", "qhm-launch: WARNING: ") for line in planning.idle_warnings(epochs)]
+        warnings += [line.replace("warning: ", "qhm-launch: WARNING: ")
+                     for line in planning.idle_warnings(epochs, recipe.schedule.unit)]
     if warnings is not None and epochs:
         warnings += stop_latency_warning(recipe, epochs[0].batch, args.signal_seconds)
     if args.elastic:

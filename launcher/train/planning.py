@@ -328,12 +328,19 @@ def stage_rows(stages: list[Stage]) -> list[dict]:
     return rows
 
 
-def idle_warnings(stages: list[Stage]) -> list[str]:
-    """One line per stage that leaves most ranks without data."""
-    return [f"warning: epochs {s['first']}-{s['last']}: batch {s['batch']} gives data to {s['data_ranks']} of "
-            f"{s['world_size']} ranks; the others idle (a larger initial batch, or fewer ranks for this stage: "
-            "submit --elastic)"
-            for s in stage_rows(stages) if s["data_ranks"] * 2 < s["world_size"]]
+def idle_warnings(stages: list[Stage], unit: str = "epoch") -> list[str]:
+    """One line per stage that leaves most ranks without data, where it is in the run's unit (epochs, or
+    global steps where the batch changes inside epochs)."""
+    out = []
+    for s in stage_rows(stages):
+        if s["data_ranks"] * 2 >= s["world_size"]:
+            continue
+        first, last = s["first_stage"], s["last_stage"]
+        where = (f"epochs {s['first']}-{s['last']}" if unit == "epoch" else
+                 f"steps {first.global_step}-{last.global_step + last.steps - 1}")
+        out.append(f"warning: {where}: batch {s['batch']} gives data to {s['data_ranks']} of {s['world_size']} ranks; "
+                   "the others idle (a larger initial batch, or fewer ranks for this stage: submit --elastic)")
+    return out
 
 
 def zero_lr_warnings(stages: list[Stage], unit: str) -> list[str]:
@@ -349,9 +356,10 @@ def zero_lr_warnings(stages: list[Stage], unit: str) -> list[str]:
             "schedule.unit: step (the schedule then reaches its minimum at the run's last step)"]
 
 
-def format_table(p: Plan) -> str:
+def format_table(p: Plan, momentum: bool = True) -> str:
     """The plan for a person: per stage of equal split, in the epoch unit by epochs, otherwise by global
-    steps with where each starts in samples (and tokens)."""
+    steps with where each starts in samples (and tokens, with each batch's tokens). ``momentum`` False (the
+    Adam family): no beta and gamma columns, which that optimizer does not read."""
     stages, n = p.stages, p.n
     tokens = p.steps.tokens_per_sample
     head = (f"n = {n} training samples, {p.epochs} epochs, {p.total_steps} optimizer steps, {p.total_samples} "
@@ -360,20 +368,23 @@ def format_table(p: Plan) -> str:
         head += f"; lr x (batch / {stages[0].batch})^{'1' if p.schedule.batch_scaling == 'linear' else '1/2'}"
     if p.unit == "epoch":
         lines = [head, f"{'epochs':>11} {'batch':>7} {'steps/ep':>8} {'micro':>6} {'accum':>6} {'world':>6} "
-                       f"{'w/data':>6} {'lr (first..last)':>22} {'beta':>13} {'gamma':>13}"]
+                       f"{'w/data':>6} {'lr (first..last)':>22}" + (f" {'beta':>13} {'gamma':>13}" if momentum else "")]
         for s in stage_rows(stages):
             first, last = s["first_stage"], s["last_stage"]
             lines.append(f"{s['first']:>5}-{s['last']:<5} {s['batch']:>7} {s['steps']:>8} {s['micro_batch']:>6} "
-                         f"{s['accum']:>6} {s['world_size']:>6} {s['data_ranks']:>6} {first.lr:>10.4g}..{last.lr:<10.4g} "
-                         f"{first.beta:>6.4g}..{last.beta:<5.4g} {first.gamma:>6.4g}..{last.gamma:<5.4g}")
+                         f"{s['accum']:>6} {s['world_size']:>6} {s['data_ranks']:>6} {first.lr:>10.4g}..{last.lr:<10.4g}"
+                         + (f" {first.beta:>6.4g}..{last.beta:<5.4g} {first.gamma:>6.4g}..{last.gamma:<5.4g}"
+                            if momentum else ""))
         return "\n".join(lines + idle_warnings(stages) + zero_lr_warnings(stages, p.unit))
     where = "tokens from" if tokens else "samples from"
     lines = [head + f"; schedules in {p.unit}s, evaluated at each step",
-             f"{'steps':>15} {'epoch':>5} {where:>14} {'batch':>7} {'micro':>6} {'accum':>6} {'world':>6} "
-             f"{'w/data':>6} {'lr at start':>11} {'beta':>8} {'gamma':>8}"]
+             f"{'steps':>15} {'epoch':>5} {where:>14} {'batch':>7}" + (f" {'tokens':>9}" if tokens else "")
+             + f" {'micro':>6} {'accum':>6} {'world':>6} {'w/data':>6} {'lr at start':>11}"
+             + (f" {'beta':>8} {'gamma':>8}" if momentum else "")]
     for s in stages:
         start = s.samples * tokens if tokens else s.samples
-        lines.append(f"{s.global_step:>7}-{s.global_step + s.steps - 1:<7} {s.epoch:>5} {start:>14,} {s.batch:>7} "
-                     f"{s.micro_batch:>6} {s.accum:>6} {s.world_size:>6} {s.data_ranks:>6} {s.lr:>11.4g} "
-                     f"{s.beta:>8.4g} {s.gamma:>8.4g}")
-    return "\n".join(lines + idle_warnings(stages))
+        lines.append(f"{s.global_step:>7}-{s.global_step + s.steps - 1:<7} {s.epoch:>5} {start:>14,} {s.batch:>7}"
+                     + (f" {s.batch * tokens:>9,}" if tokens else "")
+                     + f" {s.micro_batch:>6} {s.accum:>6} {s.world_size:>6} {s.data_ranks:>6} {s.lr:>11.4g}"
+                     + (f" {s.beta:>8.4g} {s.gamma:>8.4g}" if momentum else ""))
+    return "\n".join(lines + idle_warnings(stages, p.unit))

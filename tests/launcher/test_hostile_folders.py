@@ -147,3 +147,17 @@ def test_a_folder_whose_recipe_does_not_read_is_left_out_of_many_with_one_warnin
         code, out = run(args, capsys)
         lines = [x for x in out.err.splitlines() if x.strip() and "figure" not in x]
         assert code == 0 and lines == [f"qhm-launch: left out 1 run(s) whose recipe.yaml does not read: {bad}"], out.err
+
+
+def test_run_folders_come_in_natural_order_numbers_as_numbers(tmp_path):
+    """A branch study's x1, x2, x4, x16 (and a sweep's point_9 before point_10) in that order, not as text."""
+    from launcher.cli.status import run_folders
+    study = tmp_path / "p.branches"
+    for name in ("p_x16", "p_x2", "p_x1", "p_x4"):
+        (study / name).mkdir(parents=True)
+        (study / name / "recipe.yaml").write_text("name: x\n")
+    for name in ("s_10", "s_9", "s_100"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.yaml").write_text("name: x\n")
+    assert [p.name for p in run_folders([study])] == ["p_x1", "p_x2", "p_x4", "p_x16"]
+    assert [p.name for p in run_folders([tmp_path / "s"])] == ["s_9", "s_10", "s_100"]

@@ -324,6 +324,14 @@ def test_reports_of_a_language_model_lead_with_the_loss(token_files, tmp_path, c
     assert f"| {window:.4f} |" in table.splitlines()[2]
     assert main(["report", str(run), "--target", "test_loss<=10", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["tokens_to_target"] is not None
+    # counts are whole numbers (an interpolated crossing too); the tokens column stays when none reached it
+    for target in ("test_loss<=10", "test_loss<=3.7", "test_loss<=0.001"):
+        assert main(["report", str(run), "--target", target]) == 0
+        table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+        assert table[0] == "| run | steps to target | SFO to target | tokens to target | seconds to target |"
+        steps, sfo, tokens = (cell.strip().lstrip("~").replace(",", "") for cell in table[-1].split("|")[2:5])
+        assert all(v == "not reached" for v in (steps, sfo, tokens)) if target.endswith("0.001") else \
+            all(v.isdigit() for v in (steps, sfo, tokens)), table[-1]
 
 
 def test_bounds_say_the_theory_is_qhms(token_files, tmp_path, capsys):
