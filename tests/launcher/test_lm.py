@@ -565,3 +565,19 @@ def test_batches_given_in_tokens_are_that_many_seq_len_windows(token_files):
         assert str(info.value).startswith(expect), str(info.value)
     with pytest.raises(Exception, match="the samples' tokens are not known"):
         config.from_dict(base_recipe(**{"schedule.batch": {"kind": "constant", "size": "1K tokens"}}))
+
+
+def test_plan_speaks_the_runs_unit_and_optimizer(token_files, tmp_path, capsys):
+    """AdamW reads no beta or gamma: the table has no such columns; each batch's tokens beside it; a batch that
+    leaves ranks idle is named by its steps (the batch changes inside an epoch), not by "epochs 0-0"."""
+    path = write_recipe(tmp_path, lm_recipe(token_files, **{"schedule.batch": {"kind": "steps",
+                                                                               "points": [[0, 2], ["6K", 32]]}}))
+    assert main(["plan", str(path), "--nproc", "8"]) == 0
+    out = capsys.readouterr().out
+    head = next(line for line in out.splitlines() if line.strip().startswith("steps"))
+    assert "beta" not in head and "gamma" not in head and "tokens" in head, head
+    assert " 512 " in out                      # batch 32 at seq_len 16
+    assert "warning: steps 0-" in out and "epochs 0-0" not in out, out
+    qhm_recipe = write_recipe(tmp_path, lm_recipe(token_files, **{"optimizer": {"name": "qhm"}}), "q.yaml")
+    assert main(["plan", str(qhm_recipe)]) == 0
+    assert "beta" in capsys.readouterr().out
