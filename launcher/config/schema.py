@@ -53,14 +53,17 @@ class Data:
     shape: Optional[list] = None        # synthetic only: one sample's shape, [C, H, W] (default [1, 8, 8])
     classes: Optional[int] = None       # synthetic only: classes (default 10)
     rotation: float = 0.0               # random rotation in [-r, r] degrees (the paper's CIFAR-100: 15)
-    validation: Union[float, str] = 0.0   # fraction of the training set held out for validation; tokens: a file
+    validation: Union[float, str, list, dict] = 0.0   # fraction of the training set held out for validation;
+                                        # tokens: files, as train
     factory: Optional[str] = None       # "package.module:callable" returning train and test datasets (streamed)
     kwargs: dict = field(default_factory=dict)
     workers: int = 4                    # DataLoader worker processes per rank (the streamed path)
     stream: bool = False                # read a built-in dataset through DataLoader workers too
     image_size: Optional[int] = None    # imagefolder: resize and centre-crop to this (default 224)
     tokens_per_sample: Optional[int] = None   # tokens in every sample (fixed length): tokens are counted
-    train: Optional[str] = None         # tokens: the training token file (.bin of uint16/uint32 ids, or .npy)
+    train: Union[str, list, dict, None] = None   # tokens: the training token file (.bin of ids, or .npy), a glob
+                                        # of shards, a list of them, or a mapping of them to mixture weights
+    dtype: Optional[str] = None         # tokens: the ids' dtype in raw files (.bin, headerless .npy); null: meta.json's
     seq_len: Optional[int] = None       # tokens: a sample is a window of seq_len + 1 tokens (inputs, next tokens)
     vocab: Optional[int] = None         # tokens: the vocabulary (default: the files' meta.json, else 65,536 / 2^32)
     text: Union[str, list, None] = None   # tokens: what to tokenize into train/validation when they are missing

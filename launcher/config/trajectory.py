@@ -12,6 +12,7 @@ from launcher.config.schema import Recipe
 # Fields that change the trajectory: a checkpoint written under other values is refused on resume.
 # W&B, process count, micro-batch cap, eval, checkpoint cadence and paths may change freely.
 TRAJECTORY_FIELDS = ("seed", "epochs", "train", "data.tokens_per_sample", "data.train", "data.seq_len", "data.vocab",
+                     "data.dtype",
                      "data.text", "data.dataset", "data.factory", "data.kwargs", "data.augment", "data.size",
                      "data.shape", "data.classes", "data.image_size", "data.rotation", "data.validation", "model",
                      "loss", "precision", "optimizer", "schedule", "distributed.engine",
@@ -39,7 +40,8 @@ ADDED_DEFAULTS = {"train": {"steps": None, "samples": None, "tokens": None}, "da
                   "schedule.unit": "epoch", "schedule.batch.points": [], "schedule.batch.branches": None,
                   "schedule.batch.tolerance": 0.01, "schedule.lr.decay": 0,
                   "schedule.lr.batch_scaling": "none", "data.train": None, "data.seq_len": None, "data.vocab": None,
-                  "data.text": None, "optimizer.betas": [0.9, 0.999], "optimizer.nus": [1.0, 1.0], "optimizer.eps": 1e-8,
+                  "data.dtype": None, "data.text": None, "optimizer.betas": [0.9, 0.999], "optimizer.nus": [1.0, 1.0],
+                  "optimizer.eps": 1e-8,
                   "optimizer.decouple_weight_decay": None, "optimizer.weight_decay_all": False,
                   "optimizer.clip_grad_norm": None, "branch.seed": 0,     # before "branch": its default lacks it
                   "branch": {"parent": None, "parent_hash": None, "at_step": 0,

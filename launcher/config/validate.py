@@ -3,6 +3,10 @@ a :class:`RecipeError` naming the key path, the value and what is allowed. Defau
 keys (the dataset) are filled in here too."""
 from __future__ import annotations
 
+import glob
+
+import numpy as np
+
 import qhm
 
 from launcher import keys
@@ -62,7 +66,7 @@ def check_data(r: Recipe) -> None:
     if not 0.0 <= d.rotation <= 180.0:
         raise RecipeError(f"data.rotation: {d.rotation!r} is not valid; allowed: degrees in [0, 180]")
     check_tokens_data(r)
-    if not isinstance(d.validation, str) and not 0.0 <= d.validation < 1.0:
+    if isinstance(d.validation, (int, float)) and not 0.0 <= d.validation < 1.0:
         raise RecipeError(f"data.validation: {d.validation!r} is not valid; allowed: a fraction in [0, 1)")
 
 
@@ -187,25 +191,30 @@ def check_tokens_data(r: Recipe) -> None:
     """data.dataset tokens: a training file (or text to make it from), a validation file, seq_len; the
     other datasets take none of these keys. Tokens are then counted: tokens_per_sample is seq_len."""
     d = r.data
-    token_keys = ("train", "seq_len", "vocab", "text")
+    token_keys = ("train", "seq_len", "vocab", "text", "dtype")
     if d.dataset != "tokens":
         for key in token_keys:
             if getattr(d, key) is not None:
                 raise RecipeError(f"data.{key}: {getattr(d, key)!r} is not valid; allowed: null unless data.dataset "
                                   "is tokens")
-        if isinstance(d.validation, str):
+        if not isinstance(d.validation, (int, float)) or isinstance(d.validation, bool):
             raise RecipeError(f"data.validation: {d.validation!r} is not valid; allowed: a fraction in [0, 1) (a "
                               "file with data.dataset tokens)")
         return
-    for key, allowed in (("train", "a token file (.bin or .npy), e.g. data/train.bin"),
-                         ("validation", "a token file for evaluation, e.g. data/val.bin")):
-        value = getattr(d, key)
-        if not isinstance(value, str) or not value.strip():
-            raise RecipeError(f"data.{key}: {value!r} is not valid; allowed: {allowed} (required for data.dataset "
-                              "tokens)")
-        if not value.endswith((".bin", ".npy")):
-            raise RecipeError(f"data.{key}: {value!r} is not valid; allowed: a .bin (flat uint16 or uint32 ids, as "
-                              "nanoGPT writes) or .npy token file")
+    for key, example in (("train", "data/train.bin"), ("validation", "data/val.bin")):
+        check_token_files(f"data.{key}", getattr(d, key), example)
+    if d.text is not None and any(not isinstance(getattr(d, key), str) or glob.has_magic(getattr(d, key))
+                                  for key in ("train", "validation")):
+        raise RecipeError(f"data.text: {d.text!r} is not valid with several token files; allowed: one file each for "
+                          "data.train and data.validation (what it makes), or no data.text")
+    if d.dtype is not None:
+        try:
+            kind = np.dtype(d.dtype).kind
+        except (TypeError, ValueError):
+            kind = None
+        if kind not in ("u", "i"):
+            raise RecipeError(f"data.dtype: {d.dtype!r} is not valid; allowed: an integer dtype of the raw ids "
+                              "(uint16, uint32, int32, int64, ...)")
     if d.seq_len is None:
         raise RecipeError("data.seq_len: missing; allowed: an integer >= 1 (the tokens of a sample; required for "
                           "data.dataset tokens)")
@@ -220,6 +229,24 @@ def check_tokens_data(r: Recipe) -> None:
     d.tokens_per_sample = d.seq_len
     if d.augment:
         d.augment = False                      # token windows have no augmentation
+
+
+def check_token_files(path: str, value, example: str) -> None:
+    """data.train / data.validation of token data: a file or glob of .bin/.npy files, a non-empty list of
+    them, or a mapping of them to mixture weights (numbers > 0)."""
+    allowed = (f"a token file (.bin of ids, or .npy), e.g. {example}, a glob of shards, a list of them, or a "
+               "mapping of them to mixture weights ({web/*.npy: 0.75, code/*.npy: 0.25})")
+    items = list(value) if isinstance(value, (list, dict)) else [value]
+    if not items or any(not isinstance(item, str) or not item.strip() for item in items):
+        raise RecipeError(f"{path}: {value!r} is not valid; allowed: {allowed} (required for data.dataset tokens)")
+    for item in items:
+        if not item.endswith((".bin", ".npy")):
+            raise RecipeError(f"{path}: {item!r} is not valid; allowed: a .bin (flat ids, as nanoGPT writes) or .npy "
+                              "token file, or a glob, list or mapping of them")
+    if isinstance(value, dict):
+        for item, weight in value.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+                raise RecipeError(f"{path}[{item!r}]: {weight!r} is not valid; allowed: a mixture weight, a number > 0")
 
 
 def check_optimizer(r: Recipe) -> None:

@@ -84,6 +84,12 @@ def prepare(cfg) -> None:
         tokens.prepare(cfg)
 
 
+def keep_tokenizer(cfg, into) -> None:
+    """A language model's tokenizer files into the run folder (token data; nothing otherwise)."""
+    if cfg.factory is None and cfg.dataset == "tokens":
+        tokens.keep_tokenizer(cfg, into)
+
+
 def check_available(cfg) -> None:
     """Fail before any worker starts if the data is not where the recipe says."""
     if cfg.factory:

@@ -62,6 +62,11 @@ class RunFolder:
         return self.path / "final_model.pt"
 
     @property
+    def tokenizer(self) -> Path:
+        """A language model's tokenizer files (tokenizer.json, meta.json), kept with the model it trained."""
+        return self.path / "tokenizer"
+
+    @property
     def complete(self) -> Path:
         return self.path / "complete.json"
 

@@ -123,6 +123,7 @@ def load_data(recipe: Recipe, comm: Comm, dtype: torch.dtype) -> data_mod.Datase
         data_mod.load(recipe.data, torch.device("cpu"), dtype, is_first=True)
     if comm.is_main:
         data_mod.prepare(recipe.data)
+        data_mod.keep_tokenizer(recipe.data, recipe.folder.tokenizer)
     comm.barrier()
     dataset = data_mod.load(recipe.data, comm.device, dtype, is_first=False)
     budget = recipe.eval_samples()            # eval.max_batches / max_tokens: a fixed subset, spread evenly

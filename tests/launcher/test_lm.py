@@ -67,22 +67,38 @@ def test_windows_are_the_files_tokens_shifted_by_one(token_files, tmp_path):
         windows[5][0].tolist()
 
 
+def _stream(folder: Path, dtype=np.uint16) -> np.ndarray:
+    """The token stream tokenize cut: its training and validation ids put back at their positions."""
+    train = np.fromfile(folder / "train.bin", dtype=dtype)
+    val = np.fromfile(folder / "val.bin", dtype=dtype)
+    kept, held = tokens.validation_chunks(len(train) + len(val), 0.1)
+    stream = np.empty(len(train) + len(val), dtype=dtype)
+    stream[kept], stream[held] = train, val
+    return stream, held
+
+
 def test_tokenize_writes_bytes_or_a_local_bpe(tmp_path, capsys):
-    text = tmp_path / "a.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
-    assert main(["tokenize", str(text), "--out", str(tmp_path / "b")]) == 0
-    train = np.fromfile(tmp_path / "b" / "train.bin", dtype=np.uint16)
-    val = np.fromfile(tmp_path / "b" / "val.bin", dtype=np.uint16)
-    assert bytes(np.concatenate([train, val]).astype(np.uint8)) == text.read_bytes()
-    assert len(val) == int(0.1 * len(text.read_bytes()))
-    assert json.loads((tmp_path / "b" / "meta.json").read_text())["vocab"] == 256
-    assert main(["tokenize", str(text), "--out", str(tmp_path / "bpe"), "--vocab", "300"]) == 0
+    """Each document ends in the end-of-document id (bytes: 256, vocabulary 257; BPE: <|endoftext|>); the
+    validation share is chunks spread over the whole stream (from its first tenth to its last), not its tail."""
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    second.write_text("pack my box with five dozen liquor jugs\n" * 150)
+    assert main(["tokenize", str(first), str(second), "--out", str(tmp_path / "b")]) == 0
+    stream, held = _stream(tmp_path / "b")
+    assert stream.tolist() == list(first.read_bytes()) + [256] + list(second.read_bytes()) + [256]
+    assert len(held) == pytest.approx(0.1 * len(stream), rel=0.05)
+    assert held.min() < len(stream) * 0.1 and held.max() > len(stream) * 0.9
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["vocab"] == 257 and meta["eod"] == 256
+    assert main(["tokenize", str(first), str(second), "--out", str(tmp_path / "bpe"), "--vocab", "300"]) == 0
     meta = json.loads((tmp_path / "bpe" / "meta.json").read_text())
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tmp_path / "bpe" / "tokenizer.json"))
-    ids = np.concatenate([np.fromfile(tmp_path / "bpe" / n, dtype=np.uint16) for n in ("train.bin", "val.bin")])
-    assert meta["vocab"] <= 300 and ids.max() < meta["vocab"] and len(ids) < len(text.read_bytes()) / 2
-    assert tok.decode(ids.tolist()) == text.read_text()
+    ids, _ = _stream(tmp_path / "bpe")
+    assert meta["vocab"] <= 300 and ids.max() < meta["vocab"] and len(ids) < len(stream) / 2
+    assert meta["eod"] == tok.token_to_id("<|endoftext|>") and ids[-1] == meta["eod"]
+    docs = np.split(ids, np.flatnonzero(ids == meta["eod"]) + 1)[:-1]
+    assert [tok.decode(d[:-1].tolist()) for d in docs] == [first.read_text(), second.read_text()]
     capsys.readouterr()
     assert main(["tokenize", str(tmp_path / "missing*.txt"), "--out", str(tmp_path / "x")]) == 2
     assert "TEXT: " in capsys.readouterr().err
@@ -301,6 +317,8 @@ def test_qhadam_trains_through_the_launcher_as_qhm_qhadam(token_files, tmp_path)
 def test_reports_of_a_language_model_lead_with_the_loss(token_files, tmp_path, capsys):
     run = train_ranks(lm_recipe(token_files, "rep"), tmp_path)
     assert "best test acc" not in run.output and "final test perplexity" in run.output
+    # what the ids mean leaves with the model: the data folder's meta.json, copied into the run folder
+    assert (run / "tokenizer" / "meta.json").read_bytes() == (Path(token_files["train"]).parent / "meta.json").read_bytes()
     # the final train loss is where the run ended (the last log window), the epoch's mean beside it, named
     window, mean = read_jsonl(run / "steps.jsonl")[-1]["train_loss"], metric_rows(run)[-1]["train_loss"]
     assert window != mean
@@ -493,6 +511,7 @@ def test_an_evaluation_reads_at_most_its_budget_the_same_spread_windows(token_fi
     from types import SimpleNamespace
 
     from launcher.train import build, evaluation, losses, models
+    monkeypatch.chdir(tmp_path)                    # the run folder (its tokenizer/ copy) goes here
     rng = np.random.default_rng(1)
     big = Path(token_files["train"]).parent / "val_big.bin"
     rng.integers(0, VOCAB, 800 * T + 1).astype(np.uint16).tofile(big)
@@ -581,3 +600,124 @@ def test_plan_speaks_the_runs_unit_and_optimizer(token_files, tmp_path, capsys):
     qhm_recipe = write_recipe(tmp_path, lm_recipe(token_files, **{"optimizer": {"name": "qhm"}}), "q.yaml")
     assert main(["plan", str(qhm_recipe)]) == 0
     assert "beta" in capsys.readouterr().out
+
+
+def _shards(folder: Path, parity: int, files: int, tokens: int) -> None:
+    """``files`` shards of ids of one parity (even: source A, odd: source B), so a window says its source."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(parity)
+    for k in range(files):
+        ids = (rng.integers(0, VOCAB // 2, tokens) * 2 + parity).astype(np.uint16)
+        ids.tofile(folder / f"part-{k:02d}.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab": VOCAB, "dtype": "uint16"}))
+
+
+def mixed_recipe(tmp_path, token_files, name="mix", **over) -> dict:
+    _shards(tmp_path / "a", 0, 3, 2_000)
+    _shards(tmp_path / "b", 1, 2, 1_500)
+    return lm_recipe(token_files, name, **{
+        "data.train": {str(tmp_path / "a" / "part-*.bin"): 0.75, str(tmp_path / "b" / "part-*.bin"): 0.25},
+        "train": {"tokens": "4K"}, "schedule.lr": {"kind": "constant", "max": 3e-3}, **over})
+
+
+def test_two_sources_weighted_three_to_one_give_that_mixture_of_the_windows_trained_on(token_files, tmp_path):
+    """Source A (3 shards, even ids, 372 windows) and B (2 shards, odd ids, 186 windows), weights 0.75/0.25: an
+    epoch of 558 windows holds round(0.75 x 558) = 418 of A (all of them, 46 twice) and 140 of B (a fixed subset,
+    none twice), counted by reading every window the epoch trains on."""
+    from launcher.data import order
+    cfg = config.from_dict(mixed_recipe(tmp_path, token_files)).data
+    train, _, vocab = tokens.load(cfg)
+    assert vocab == VOCAB and len(train) == 3 * (1_999 // T) + 2 * (1_499 // T)
+    n = len(train)
+    epoch = order.GlobalBatchSampler(n, 3, torch.device("cpu")).permutation(0).tolist()
+    assert sorted(epoch) == list(range(n))                     # the keyed order: each window of the epoch once
+    sources = [int(train[i][0][0]) % 2 for i in epoch]
+    assert sources.count(0) == round(0.75 * n) and sources.count(1) == n - round(0.75 * n)
+    a = [tuple(train[i][0].tolist()) for i in range(n) if int(train[i][0][0]) % 2 == 0]
+    b = [tuple(train[i][0].tolist()) for i in range(n) if int(train[i][0][0]) % 2 == 1]
+    assert len(set(a)) == 372 and len(a) == 418            # A grown: every window, some twice
+    assert len(set(b)) == len(b) == 140                    # B cut to a subset: no window twice
+    assert tokens.windows(cfg, "train").picks.tolist() == train.picks.tolist()     # the same every time
+
+
+def test_a_weighted_mixture_of_shards_trains_alike_on_one_and_two_processes(token_files, tmp_path):
+    over = {"precision": "fp64", "schedule.batch": {"kind": "constant", "size": 16}}
+    one = train_ranks(mixed_recipe(tmp_path, token_files, "one", **over, **{
+        "distributed.nproc_per_node": 1, "distributed.max_micro_batch": 16}), tmp_path)
+    two = train_ranks(mixed_recipe(tmp_path, token_files, "two", **over, **{
+        "distributed.nproc_per_node": 2, "distributed.max_micro_batch": 4}), tmp_path)
+    pa, pb = final_params(one), final_params(two)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_resume_of_a_mixture_of_shards_is_bitwise(token_files, tmp_path):
+    recipe = mixed_recipe(tmp_path, token_files, **{"checkpoint.every": "1K tokens", "checkpoint.keep": 100})
+    run = train_ranks(recipe, tmp_path)
+    reference = final_params(run), metric_rows(run)
+    for path in (run / "final_model.pt", run / "complete.json"):
+        path.unlink()
+    for step in checkpoint_steps(run)[1:]:
+        shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
+    resumed = train_ranks(recipe, tmp_path)
+    assert_bitwise(final_params(resumed), reference[0])
+    assert metric_rows(resumed) == reference[1]
+
+
+def test_a_nanogpt_char_folder_reads_its_vocabulary_from_meta_pkl_and_only_a_plain_one(tmp_path, capsys):
+    """nanoGPT's shakespeare_char: uint16 train.bin/val.bin and meta.pkl {vocab_size: 65, itos, stoi}, no
+    meta.json: the vocabulary is 65 (not 65,536, not the largest id + 1); a meta.pkl that names a class is
+    one line and is never run."""
+    folder = tmp_path / "shakespeare_char"
+    folder.mkdir()
+    chars = sorted(set("First Citizen:\nBefore we proceed any further, hear me speak.\nABCDEFGHIJKLMNOPQRSTUVWXYZ!?$&';-3"))
+    chars = (chars + [chr(c) for c in range(0x100, 0x100 + 65)])[:65]
+    ids = np.random.default_rng(0).integers(0, 60, 3_000).astype(np.uint16)     # the largest id 59: not 65
+    ids[:2_500].tofile(folder / "train.bin")
+    ids[2_500:].tofile(folder / "val.bin")
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 65, "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    recipe = lm_recipe({"train": str(folder / "train.bin"), "validation": str(folder / "val.bin")})
+    cfg = config.from_dict(recipe).data
+    assert tokens.vocabulary(cfg) == 65
+    path = write_recipe(tmp_path, recipe)
+    assert main(["plan", str(path)]) == 0
+    capsys.readouterr()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran",))
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": Evil()}, f)
+    assert main(["run", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = [x for x in captured.err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "meta.pkl' is not a pickle of plain values (it names builtins.print)" in lines[0], lines
+    assert "ran" not in captured.out
+
+
+def test_a_headerless_npy_reads_with_its_declared_dtype_and_without_one_is_one_line(token_files, tmp_path, capsys):
+    """OLMo's token files: raw ids named .npy, no numpy header: with data.dtype they are those ids; without
+    anything that says the dtype, one line."""
+    folder = tmp_path / "olmo"
+    folder.mkdir()
+    ids = np.fromfile(token_files["train"], dtype=np.uint16).astype(np.uint32)
+    ids.tofile(folder / "part-0.npy")
+    np.fromfile(token_files["validation"], dtype=np.uint16).astype(np.uint32).tofile(folder / "val.npy")
+    recipe = lm_recipe(token_files, **{"data.train": str(folder / "part-*.npy"), "data.validation": str(folder / "val.npy"),
+                                       "data.dtype": "uint32", "data.vocab": VOCAB})
+    train, _, _ = tokens.load(config.from_dict(recipe).data)
+    reference = tokens.TokenWindows(token_files["train"], T, np.uint16)
+    assert len(train) == len(reference) and all(torch.equal(train[i][0], reference[i][0]) for i in (0, 7, 400))
+    path = write_recipe(tmp_path, recipe)
+    assert main(["plan", str(path)]) == 0                  # a glob in plan: it reads the shards
+    capsys.readouterr()
+    recipe["data"]["dtype"] = None
+    assert main(["run", str(write_recipe(tmp_path, recipe, "r2.yaml"))]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "is a .npy without numpy's header" in err[0] and "allowed: data.dtype" in err[0], err
+    recipe["data"]["train"] = str(folder / "nothing-*.npy")
+    assert main(["plan", str(write_recipe(tmp_path, recipe, "r3.yaml"))]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "matches no file" in err[0], err
