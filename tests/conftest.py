@@ -41,3 +41,9 @@ def reference_runs(tmp_path_factory):
             made[key] = helpers.train_ranks(recipe, cwd)
         return made[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def token_files(tmp_path_factory) -> dict:
+    """The language-model tests' token files (helpers.write_token_files), written once per session."""
+    return helpers.write_token_files(tmp_path_factory.mktemp("tokens"))

@@ -55,6 +55,44 @@ def base_recipe(**over) -> dict:
     return r
 
 
+VOCAB, T = 48, 16          # the language-model tests' token files: vocabulary, seq_len
+
+
+def write_token_files(folder: Path) -> dict:
+    """A training and a validation file of ids with structure to learn (each id mostly follows from the
+    one before), nanoGPT's layout: flat uint16, and a meta.json with the vocabulary."""
+    import json
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    ids = [0]
+    for _ in range(24_000):
+        ids.append((ids[-1] * 7 + 3) % VOCAB if rng.random() < 0.8 else int(rng.integers(VOCAB)))
+    ids = np.asarray(ids, dtype=np.uint16)
+    ids[:20_000].tofile(folder / "train.bin")
+    ids[20_000:].tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab": VOCAB, "dtype": "uint16"}))
+    return {"train": str(folder / "train.bin"), "validation": str(folder / "val.bin"), "ids": ids}
+
+
+def lm_recipe(token_files, name="lm", **over) -> dict:
+    """A small language model on the token files: a 2-block GPT, AdamW with clipping, a batch that doubles at
+    6K tokens, 12K tokens."""
+    r = base_recipe(name=name, epochs=None, **{
+        "data": {"dataset": "tokens", "train": token_files["train"], "validation": token_files["validation"],
+                 "seq_len": T, "workers": 0},
+        "model": {"name": "gpt", "layers": 2, "heads": 2, "width": 32},
+        "optimizer": {"name": "adamw", "weight_decay": 0.1, "clip_grad_norm": 0.5},
+        "train": {"tokens": "12K"}, "schedule.unit": "token",
+        "schedule.batch": {"kind": "steps", "points": [[0, 16], ["6K", 32]]},
+        "schedule.lr": {"kind": "wsd", "max": 3e-3, "min": 3e-4, "warmup": "1K", "decay": "4K"},
+        "eval.every": "4K tokens", "eval.full_grad_norm": False, "eval.batch_size": 64,
+        "checkpoint.every_steps": 0, "tracking.log_every_steps": 1})
+    for key, value in over.items():
+        keys.set_(r, key, value)
+    return r
+
+
 def write_recipe(folder: Path, recipe: dict, name="recipe.yaml") -> Path:
     path = Path(folder) / name
     path.write_text(yaml.safe_dump(recipe))

@@ -15,6 +15,7 @@ import qhm
 from launcher import engines, models
 from launcher.config import batch_kinds
 from launcher.models.gpt import Settings as GPTSpec
+from launcher.models.llama import Settings as LlamaSpec
 from launcher.env import PREEMPTION_SIGNALS as SIGNALS  # noqa: F401  (signals.preempt allows these)
 from launcher.run.folder import RunFolder
 
@@ -237,6 +238,8 @@ class Performance:
     tf32: Optional[bool] = None         # null: torch's defaults (fp32 matmuls, TF32 cuDNN convolutions); true: TF32
                                         # for both (Ampere and later: faster, ~1e-3 relative); false: full fp32 for both
     deterministic: bool = False         # deterministic CUDA kernels (slower): what makes resume on CUDA bitwise
+    activation_checkpointing: bool = False   # built-in gpt/llama: each block's activations recomputed in the
+                                        # backward (less memory, about a third more compute; the same numbers)
     peak_tflops: Optional[float] = None  # one device's peak TFLOP/s at the run's precision, for MFU; null: known
                                         # GPUs' dense bf16/fp16 peak (launcher/train/report.py), else no MFU
 
@@ -279,7 +282,7 @@ class Recipe:
     epochs: Optional[int] = None        # M; default 1 unless train gives another length
     train: Train = field(default_factory=Train)
     data: Data = field(default_factory=Data)
-    model: Union[str, GPTSpec, ModelSpec] = "small_cnn"
+    model: Union[str, GPTSpec, LlamaSpec, ModelSpec] = "small_cnn"
     loss: LossSpec = field(default_factory=LossSpec)
     precision: str = "fp32"
     optimizer: Optimizer = field(default_factory=Optimizer)

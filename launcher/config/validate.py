@@ -77,11 +77,10 @@ def check_model(r: Recipe) -> None:
         settings = models.settings_for(r.model)
         if settings is not None:              # a family with settings, named alone: its defaults
             r.model = settings()
-    if not isinstance(r.model, ModelSpec):
-        models.check(r)                       # the family's own checks (launcher/models/<family>.py)
-    elif not r.model.factory:
+    if isinstance(r.model, ModelSpec) and not r.model.factory:
         raise RecipeError("model.factory: missing; allowed: 'package.module:callable' (or a built-in model name: "
                           + " | ".join(MODELS) + ")")
+    models.check(r)                           # the family's own checks (launcher/models/<family>.py)
 
 
 def check_distributed(r: Recipe) -> None:

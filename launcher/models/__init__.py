@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from launcher.models import gpt, vision
+from launcher.models import gpt, llama, vision
 
-FAMILIES = (vision, gpt)
+FAMILIES = (vision, gpt, llama)
 NAMES = tuple(name for family in FAMILIES for name in family.NAMES)
 
 
@@ -46,7 +46,23 @@ def flops_per_token(model, module) -> float | None:
     return None if count is None else float(count(module))
 
 
+def checkpoint_activations(model, module) -> None:
+    """performance.activation_checkpointing: each block of the built ``module`` recomputes its activations in
+    the backward pass (a family whose model has ``checkpointing``; the recipe was checked: :func:`check`)."""
+    module.checkpointing = True
+
+
 def check(recipe) -> None:
     family = family_of(recipe.model)
     if family is not None:
         family.check(recipe)
+    if recipe.performance.activation_checkpointing and not getattr(family, "ACTIVATION_CHECKPOINTING", False):
+        from launcher.errors import RecipeError
+        able = [name for f in FAMILIES if getattr(f, "ACTIVATION_CHECKPOINTING", False) for name in f.NAMES]
+        raise RecipeError(f"performance.activation_checkpointing: true is not valid with model {_named(recipe.model)}; "
+                          f"allowed: false, or a built-in model with blocks ({' | '.join(able)})")
+
+
+def _named(model) -> str:
+    name = model if isinstance(model, str) else getattr(model, "name", None)
+    return repr(name) if name else "from model.factory"

@@ -9,11 +9,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from launcher.errors import RecipeError, at_least, one_of
 
 NAMES = ("gpt",)
 LANGUAGE_MODEL = True                    # a loss per token, masked targets (-100) left out; no accuracy
+ACTIVATION_CHECKPOINTING = True          # performance.activation_checkpointing: per block
 SHARD_UNITS = ("Block",)                 # FSDP: each block a unit of its own, then the root
 
 
@@ -97,11 +99,12 @@ class GPT(nn.Module):
     norm, and the output projection tied to the token embedding. Inputs (B, T) token ids, outputs (B, T,
     vocab) logits. GPT-2's initialisation: normal(0, 0.02) weights, zero biases, and the projections into
     the residual stream scaled by 1/sqrt(2 layers) (each block adds two). ``blocks`` is what a sharded
-    engine wraps one by one."""
+    engine wraps one by one. ``checkpointing``: each block's activations are recomputed in the backward
+    pass (torch's non-reentrant checkpoint) rather than kept."""
 
     def __init__(self, vocab: int, seq_len: int, layers: int = 2, heads: int = 2, width: int = 64):
         super().__init__()
-        self.seq_len = seq_len
+        self.seq_len, self.checkpointing = seq_len, False
         self.tokens = nn.Embedding(vocab, width)
         self.positions = nn.Embedding(seq_len, width)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
@@ -121,5 +124,5 @@ class GPT(nn.Module):
             raise ValueError(f"a sequence of {T} tokens is longer than the model's seq_len {self.seq_len}")
         x = self.tokens(ids) + self.positions(torch.arange(T, device=ids.device))
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointing and torch.is_grad_enabled() else block(x)
         return self.head(self.norm(x))

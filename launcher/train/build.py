@@ -136,6 +136,8 @@ def build_module(recipe: Recipe, dataset: data_mod.Dataset, comm: Comm, dtype: t
     """The model with the same initial weights on every rank, in the recipe's dtype and memory format;
     batch norm synchronised over ranks when asked (CUDA only)."""
     module = models.build(recipe.model, dataset.shape, dataset.num_classes, recipe.seed, dtype).to(comm.device)
+    if recipe.performance.activation_checkpointing:
+        launcher_models.checkpoint_activations(recipe.model, module)
     if recipe.performance.deterministic:
         models.deterministic_pooling(module)
     if recipe.performance.channels_last:

@@ -11,47 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, metric_rows, train_ranks,
-                     write_recipe)
-from launcher import config, keys
+from helpers import (VOCAB, T, assert_bitwise, base_recipe, checkpoint_steps, cli, final_params, lm_recipe, metric_rows,
+                     train_ranks, write_recipe)
+from launcher import config
 from launcher.cli.main import main
 from launcher.data import tokens
 from launcher.run.files import read_jsonl
-
-VOCAB, T = 48, 16
-
-
-@pytest.fixture(scope="module")
-def token_files(tmp_path_factory) -> dict:
-    """A training and a validation file of ids with structure to learn (each id mostly follows from the
-    one before), nanoGPT's layout: flat uint16, and a meta.json with the vocabulary."""
-    folder = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    ids = [0]
-    for _ in range(24_000):
-        ids.append((ids[-1] * 7 + 3) % VOCAB if rng.random() < 0.8 else int(rng.integers(VOCAB)))
-    ids = np.asarray(ids, dtype=np.uint16)
-    ids[:20_000].tofile(folder / "train.bin")
-    ids[20_000:].tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps({"vocab": VOCAB, "dtype": "uint16"}))
-    return {"train": str(folder / "train.bin"), "validation": str(folder / "val.bin"), "ids": ids}
-
-
-def lm_recipe(token_files, name="lm", **over) -> dict:
-    r = base_recipe(name=name, epochs=None, **{
-        "data": {"dataset": "tokens", "train": token_files["train"], "validation": token_files["validation"],
-                 "seq_len": T, "workers": 0},
-        "model": {"name": "gpt", "layers": 2, "heads": 2, "width": 32},
-        "optimizer": {"name": "adamw", "weight_decay": 0.1, "clip_grad_norm": 0.5},
-        "train": {"tokens": "12K"}, "schedule.unit": "token",
-        "schedule.batch": {"kind": "steps", "points": [[0, 16], ["6K", 32]]},
-        "schedule.lr": {"kind": "wsd", "max": 3e-3, "min": 3e-4, "warmup": "1K", "decay": "4K"},
-        "eval.every": "4K tokens", "eval.full_grad_norm": False, "eval.batch_size": 64,
-        "checkpoint.every_steps": 0, "tracking.log_every_steps": 1})
-    for key, value in over.items():
-        keys.set_(r, key, value)
-    return r
-
 
 def test_windows_are_the_files_tokens_shifted_by_one(token_files, tmp_path):
     ids = token_files["ids"][:20_000]
