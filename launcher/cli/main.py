@@ -115,11 +115,18 @@ def _parser() -> argparse.ArgumentParser:
                     "library's own sources: text every machine has)")
     tk.add_argument("--out", required=True, type=text, help="the folder to write into")
     tk.add_argument("--vocab", type=positive_int, help="a byte-level BPE of this many ids, trained here with the "
-                    "tokenizers library (default: byte-level ids, vocabulary 256)")
+                    "tokenizers library (default: byte-level ids and an end-of-document id, vocabulary 257)")
     tk.add_argument("--validation", type=positive_float, default=0.1,
-                    help="the share of the tokens (the last) written as val.bin (default 0.1)")
+                    help="the share of the tokens written as val.bin, chunks spread over the text (default 0.1)")
     tk.add_argument("--max-bytes", type=positive_int, help="read at most this many bytes of text (default: all; "
                     "stdlib: 4,000,000)")
+    ex = command("export", "a run's model in another library's format: --format hf, a folder transformers loads")
+    ex.add_argument("run", metavar="RUN_DIR", help="the run folder")
+    ex.add_argument("--step", type=nonnegative_int, help="the checkpoint of this global step (default: final_model.pt, "
+                    "else the newest checkpoint)")
+    ex.add_argument("--format", required=True, choices=["hf"], help="hf: safetensors and config.json that "
+                    "transformers loads (GPT2LMHeadModel, LlamaForCausalLM), with the run's tokenizer files")
+    ex.add_argument("--out", required=True, type=text, help="a new folder to write into (never one with files)")
     st = command("status", "one row per run: done / running / preempted / failed / interrupted / not started")
     st.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or sweep folders (their points)")
     return p
@@ -222,6 +229,14 @@ def cmd_tokenize(args) -> int:
     return tokens.cmd_tokenize(args)
 
 
+def cmd_export(args) -> int:
+    from launcher.train import export
+    out = export.export(args.run, args.step, args.out)
+    print(f"qhm-launch: exported {out['source']} of {args.run} as {out['model']} to {args.out}"
+          + (f" (with {', '.join(out['tokenizer'])})" if out["tokenizer"] else ""))
+    return 0
+
+
 def cmd_scaling(args) -> int:
     from launcher.cli import scaling
     if args.cbs:
@@ -265,7 +280,7 @@ def main(argv=None) -> int:
     from launcher.cli.run import cmd_run
     commands = {"run": cmd_run, "plan": cmd_plan, "bounds": cmd_bounds, "submit": slurm.cmd_submit,
                 "sweep": cmd_sweep, "plot": cmd_plot, "report": cmd_report, "scaling": cmd_scaling,
-                "tokenize": cmd_tokenize, "branch": cmd_branch,
+                "tokenize": cmd_tokenize, "branch": cmd_branch, "export": cmd_export,
                 "status": cmd_status}
     try:
         return commands[args.command](args)

@@ -90,6 +90,12 @@ def move_refusal(recipe: dict) -> str | None:
     return module_of(distributed.get("engine", "ddp")).move_refusal(distributed, optimizer)
 
 
+def checkpoint_model(recipe: dict, folder: Path, replicated: dict) -> dict:
+    """The whole model (a state dict on the host) in checkpoint ``folder`` written under ``recipe`` (a mapping: the
+    manifest's), read offline, without a process group (``qhm-launch export``); ``replicated``: its state.pt."""
+    return module_of(recipe.get("distributed", {}).get("engine", "ddp")).checkpoint_model(Path(folder), replicated)
+
+
 def noise_refusal(recipe, world: int) -> str | None:
     """Why the noise scale cannot be read from this engine's gradients on ``world`` processes, or None."""
     return module_of(recipe.distributed.engine).noise_refusal(recipe, world)

@@ -3,6 +3,7 @@ rank's gradient and its checkpoints load on any world size."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.autograd import Variable
@@ -175,3 +176,8 @@ class DDPEngine:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def checkpoint_model(folder: Path, replicated: dict) -> dict:
+    """The whole model in one of this engine's checkpoints: the replicated engine part holds it."""
+    return replicated["engine"]["model"]

@@ -249,3 +249,14 @@ def dcp_failure(exc, where: Path, state: dict) -> Exception:
     first = failures[0] if failures else exc
     return RunFailed(f"FSDP checkpoint {where.parent.name}: {type(first).__name__}: {one_line(first)}")
 
+
+def checkpoint_model(folder: Path, replicated: dict) -> dict:
+    """The whole model in one of this engine's checkpoints: DCP's shards of every rank, consolidated on the
+    host by torch's own offline converter (dcp_to_torch_save), the model's part of it."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory(prefix="qhm-export-") as tmp:
+        whole = Path(tmp) / "whole.pt"
+        dcp_to_torch_save(str(Path(folder) / FOLDER), str(whole))
+        return torch.load(whole, map_location="cpu", weights_only=False)["model"]

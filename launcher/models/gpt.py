@@ -65,6 +65,30 @@ def build(settings: Settings, shape: tuple, vocab: int | None) -> "GPT":
                heads=settings.heads, width=settings.width)
 
 
+def to_hf(settings: Settings, state: dict, seq_len: int | None) -> tuple:
+    """(transformers' GPT2Config, GPT2LMHeadModel's state dict) of this model's ``state``: the same numbers,
+    GPT-2's names, and its Conv1D layout (weights stored (in, out): transposed); exact GELU, LayerNorm eps 1e-5,
+    the output projection tied to the token embedding, as here."""
+    from transformers import GPT2Config
+    vocab, width = state["tokens.weight"].shape
+    layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    config = GPT2Config(vocab_size=int(vocab), n_positions=int(state["positions.weight"].shape[0]), n_embd=int(width),
+                        n_layer=layers, n_head=settings.heads, n_inner=4 * int(width), activation_function="gelu",
+                        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
+    out = {"transformer.wte.weight": state["tokens.weight"], "transformer.wpe.weight": state["positions.weight"],
+           "transformer.ln_f.weight": state["norm.weight"], "transformer.ln_f.bias": state["norm.bias"]}
+    ours = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+            "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.2"}
+    for i in range(layers):
+        for theirs, mine in ours.items():
+            weight, bias = state[f"blocks.{i}.{mine}.weight"], state[f"blocks.{i}.{mine}.bias"]
+            conv1d = not theirs.startswith("ln_")
+            out[f"transformer.h.{i}.{theirs}.weight"] = weight.t().contiguous() if conv1d else weight
+            out[f"transformer.h.{i}.{theirs}.bias"] = bias
+    return config, out
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()

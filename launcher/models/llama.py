@@ -3,7 +3,7 @@ grouped-query causal attention through ``scaled_dot_product_attention``, a SwiGL
 model, so its loss is cross-entropy per token.
 
 Its parameters carry Hugging Face's ``LlamaForCausalLM`` layout (q/k/v/o and gate/up/down projections, rotary
-in the half-split convention), so an export is a renaming (:data:`HF_NAMES`), never a permutation.
+in the half-split convention), so an export is a renaming (:func:`to_hf`), never a permutation.
 """
 from __future__ import annotations
 
@@ -202,6 +202,24 @@ class Llama(nn.Module):
         return self.head(self.norm(x))
 
 
-# this model's parameter names -> LlamaForCausalLM's ("{i}": the block)
-HF_NAMES = {"tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-            "head.weight": "lm_head.weight", "blocks.{i}.": "model.layers.{i}."}
+def to_hf(settings: Settings, state: dict, seq_len: int | None) -> tuple:
+    """(transformers' LlamaConfig, LlamaForCausalLM's state dict) of this model's ``state``: the parameters
+    already have its layout (rotary in the half-split convention, q/k/v/o, gate/up/down), so only the names
+    change; its attention and MLP without biases, SiLU, RMSNorm eps and rope theta as here."""
+    import re
+
+    from transformers import LlamaConfig
+    vocab, width = state["tokens.weight"].shape
+    layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    s = settings
+    config = LlamaConfig(vocab_size=int(vocab), hidden_size=int(width), intermediate_size=ffn_width(s),
+                         num_hidden_layers=layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads or s.heads,
+                         max_position_embeddings=int(s.seq_len or seq_len or 2048), rope_theta=float(s.rope_theta),
+                         rms_norm_eps=float(s.norm_eps), tie_word_embeddings=bool(s.tie_embeddings),
+                         attention_bias=False, mlp_bias=False, hidden_act="silu", architectures=["LlamaForCausalLM"])
+    names = {"tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "head.weight": "lm_head.weight"}
+    out = {names.get(k) or re.sub(r"^blocks\.(\d+)\.", r"model.layers.\1.", k): v for k, v in state.items()}
+    if s.tie_embeddings:
+        out.pop("lm_head.weight", None)         # the same tensor as the embedding: transformers ties it
+    return config, out

@@ -323,30 +323,34 @@ class CheckpointManager:
         candidates = self.candidates()
         problems = []
         for path in candidates:
-            try:
-                if path.name in skip:
-                    raise CorruptCheckpoint(skip[path.name])
-                manifest = check_manifest(json.loads((path / "manifest.json").read_text()))
-                if manifest["step"] != step_of(path):      # a folder renamed (or copied) under another step
-                    raise CorruptCheckpoint(f"manifest: step {manifest['step']} in folder {path.name}")
-                for name, expect in manifest["files"].items():
-                    verify_file(path / name, expect)
-            except (OSError, ValueError, CorruptCheckpoint) as exc:
-                if isinstance(exc, CorruptCheckpoint):
-                    reason = exc
-                elif isinstance(exc, OSError) and exc.filename and Path(exc.filename).name != "manifest.json":
-                    reason = f"{Path(exc.filename).name} cannot be read ({exc.strerror or type(exc).__name__})"
-                else:
-                    reason = f"unreadable manifest ({type(exc).__name__})"
-                problems.append(f"{path.name}: {reason}")
-                if path.name not in skip:
-                    self.log(f"checkpoint {path.name} is not valid ({reason}); trying the previous one")
+            if path.name in skip:
+                problems.append(f"{path.name}: {skip[path.name]}")
                 continue
-            return Found(path, manifest, set(manifest["files"]))
+            try:
+                return self.verified(path)
+            except CorruptCheckpoint as exc:
+                problems.append(f"{path.name}: {exc}")
+                self.log(f"checkpoint {path.name} is not valid ({exc}); trying the previous one")
         if candidates:
             raise UserError(f"no valid checkpoint in {self.dir} ({'; '.join(problems)}); "
                             "nothing was deleted: move the folder aside to start afresh")
         return None
+
+    def verified(self, path: Path) -> Found:
+        """The checkpoint at ``path``, its manifest sound and every file's size and hash as it says; else
+        CorruptCheckpoint saying why."""
+        try:
+            manifest = check_manifest(json.loads((path / "manifest.json").read_text()))
+            if manifest["step"] != step_of(path):          # a folder renamed (or copied) under another step
+                raise CorruptCheckpoint(f"manifest: step {manifest['step']} in folder {path.name}")
+            for name, expect in manifest["files"].items():
+                verify_file(path / name, expect)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.filename and Path(exc.filename).name != "manifest.json":
+                raise CorruptCheckpoint(f"{Path(exc.filename).name} cannot be read "
+                                        f"({exc.strerror or type(exc).__name__})") from None
+            raise CorruptCheckpoint(f"unreadable manifest ({type(exc).__name__})") from None
+        return Found(path, manifest, set(manifest["files"]))
 
     def _older_sound(self, found: Found) -> list[Path]:
         """Checkpoints older than ``found`` whose manifest is sound and file sizes match: ours, from
