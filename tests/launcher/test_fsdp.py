@@ -11,7 +11,7 @@ import torch
 from helpers import (assert_bitwise, checkpoint_steps, cli, close_params, final_params, killed_at_checkpoint,
                      metric_rows, rewound, train_ranks, write_recipe)
 from launcher.run.files import read_jsonl
-from test_lm import lm_recipe, token_files  # noqa: F401  (the module's fixture)
+from helpers import lm_recipe
 
 GROWTH = {"distributed.max_micro_batch": 4, "schedule.batch": {"kind": "steps", "points": [[0, 8], ["4K", 16]]},
           "train.tokens": "8K"}
@@ -22,7 +22,7 @@ GROWTH = {"distributed.max_micro_batch": 4, "schedule.batch": {"kind": "steps", 
     pytest.param({"name": "qhadam", "clip_grad_norm": 0.5}, marks=pytest.mark.slow),   # adamw's path again
     pytest.param({"name": "qhm"}, marks=pytest.mark.slow),
 ])
-def test_fsdp_is_ddp_in_fp64(token_files, tmp_path, optimizer):  # noqa: F811
+def test_fsdp_is_ddp_in_fp64(token_files, tmp_path, optimizer):
     """Sharded parameters, a reduce-scatter per step instead of an all-reduce, the clip norm over every
     rank's shards: the same training as DDP, to fp64 rounding, through batch growth with accumulation."""
     over = {**GROWTH, "precision": "fp64", "optimizer": optimizer}
@@ -41,7 +41,7 @@ def test_fsdp_is_ddp_in_fp64(token_files, tmp_path, optimizer):  # noqa: F811
     assert not any(type(v).__name__ == "DTensor" for v in model.values()), "the final model is unsharded"
 
 
-def test_fsdp_is_ddp_in_fp32_to_rounding(token_files, tmp_path):  # noqa: F811
+def test_fsdp_is_ddp_in_fp32_to_rounding(token_files, tmp_path):
     ddp = train_ranks(lm_recipe(token_files, "ddp", **GROWTH), tmp_path)
     fsdp = train_ranks(lm_recipe(token_files, "fsdp", **GROWTH, **{"distributed.engine": "fsdp"}), tmp_path)
     # fp32: the reduce-scatter and the all-reduce add in other orders, and 30 AdamW steps carry that
@@ -51,7 +51,7 @@ def test_fsdp_is_ddp_in_fp32_to_rounding(token_files, tmp_path):  # noqa: F811
 
 
 @pytest.mark.e2e
-def test_a_sharded_checkpoint_resumes_bitwise_and_on_another_world_size(token_files, tmp_path):  # noqa: F811
+def test_a_sharded_checkpoint_resumes_bitwise_and_on_another_world_size(token_files, tmp_path):
     recipe = lm_recipe(token_files, **GROWTH, **{"distributed.engine": "fsdp", "precision": "fp64",
                                                  "checkpoint.every": "3K tokens", "checkpoint.keep": 100})
     run = train_ranks(recipe, tmp_path)
@@ -76,7 +76,7 @@ def test_a_sharded_checkpoint_resumes_bitwise_and_on_another_world_size(token_fi
 
 
 @pytest.mark.e2e
-def test_a_tampered_shard_is_not_loaded(token_files, tmp_path):  # noqa: F811
+def test_a_tampered_shard_is_not_loaded(token_files, tmp_path):
     recipe = lm_recipe(token_files, **GROWTH, **{"distributed.engine": "fsdp", "precision": "fp64",
                                                  "checkpoint.every": "3K tokens", "checkpoint.keep": 100})
     run = train_ranks(recipe, tmp_path)
@@ -112,14 +112,14 @@ def test_a_tampered_shard_is_not_loaded(token_files, tmp_path):  # noqa: F811
     ({"schedule.batch": {"kind": "adaptive", "initial": 8, "growth": 2, "max": 64}, "distributed.max_micro_batch": 4,
       "distributed.nproc_per_node": 1}, "measured (FSDP on one process: accumulation keeps"),
 ])
-def test_bad_fsdp_recipes_are_one_line(token_files, tmp_path, capsys, over, expect):  # noqa: F811
+def test_bad_fsdp_recipes_are_one_line(token_files, tmp_path, capsys, over, expect):
     from test_bad_input import one_clean_line, run_main
     path = write_recipe(tmp_path, lm_recipe(token_files, **{"distributed.engine": "fsdp", **over}))
     one_clean_line(*run_main(["run" if "names no module" in expect else "plan", str(path)], capsys), expect)
 
 
 @pytest.mark.e2e
-def test_kill_9_at_the_stage_change_resumes_bitwise(token_files, tmp_path, reference_runs):  # noqa: F811
+def test_kill_9_at_the_stage_change_resumes_bitwise(token_files, tmp_path, reference_runs):
     """A real torchrun job under FSDP killed (kill -9, the whole tree) once the checkpoint at the step where
     the batch doubles (8 → 16 sequences at 4K tokens: step 32) exists; the resumed run equals one that
     never stopped, bit for bit."""
@@ -139,7 +139,7 @@ def _noise_rows(run) -> list[dict]:
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_the_noise_scale_under_fsdp_is_ddps(token_files, tmp_path, world):  # noqa: F811
+def test_the_noise_scale_under_fsdp_is_ddps(token_files, tmp_path, world):
     """Each rank's gradient before the reduce, read in FSDP's reduce-scatter (per unit, zero-padded), and
     the reduced gradient's squares over every rank's shards: the same estimates as DDP reads per
     parameter, to fp64 rounding, every step (8 sequences, then 16 by accumulation; on 3 ranks split
@@ -168,7 +168,7 @@ def _decisions(run) -> list[tuple[int, float, int, int]]:
     return [(int(t.replace(",", "")), float(ns), int(b), int(stay or grown)) for t, ns, b, stay, grown in found]
 
 
-def test_an_adaptive_batch_under_fsdp_decides_as_under_ddp(token_files, tmp_path):  # noqa: F811
+def test_an_adaptive_batch_under_fsdp_decides_as_under_ddp(token_files, tmp_path):
     """schedule.batch.kind adaptive on 2 FSDP processes: every decision (every 2K tokens) is the rule applied
     to the noise scale FSDP measured (x2 when it is at least 1 x the batch), and the one DDP makes on the same
     recipe; the step rows' batches are DDP's. This data stays twice at 8, then grows to 16 and 32."""
@@ -187,7 +187,7 @@ def test_an_adaptive_batch_under_fsdp_decides_as_under_ddp(token_files, tmp_path
     assert batches[0] == batches[1]
 
 
-def test_a_torch_whose_fsdp_takes_no_custom_reduce_scatter_says_why_the_noise_scale_is_null(token_files, monkeypatch):  # noqa: F811
+def test_a_torch_whose_fsdp_takes_no_custom_reduce_scatter_says_why_the_noise_scale_is_null(token_files, monkeypatch):
     from launcher import config
     from launcher.engines import fsdp
     from launcher.train import noise
@@ -209,7 +209,7 @@ def memory_hook(base: int, per_sample: int, fit: list[int]) -> str:
 
 
 @pytest.mark.slow
-def test_max_micro_batch_auto_under_fsdp_is_extrapolated_in_lockstep_and_changes_nothing(token_files, tmp_path):  # noqa: F811
+def test_max_micro_batch_auto_under_fsdp_is_extrapolated_in_lockstep_and_changes_nothing(token_files, tmp_path):
     """Every rank runs the probe's two passes (1 and 2 samples: all-gathers and reduce-scatters, in
     lockstep), fits its peak, and the ranks agree on the smallest: rank 0 could take 6, rank 1 only 3, so 3,
     in both stages (shares 8 and 16). The passes leave nothing behind: the run equals, bit for bit, one with
@@ -226,7 +226,7 @@ def test_max_micro_batch_auto_under_fsdp_is_extrapolated_in_lockstep_and_changes
     assert splits[0] == splits[1] and set(splits[0]) == {(2, 4), (2, 8)}   # equal micro-batches under the cap 3
 
 
-def test_an_out_of_memory_error_under_fsdp_auto_fails_in_one_line(token_files, tmp_path):  # noqa: F811
+def test_an_out_of_memory_error_under_fsdp_auto_fails_in_one_line(token_files, tmp_path):
     """No back-off under FSDP (the others would wait in a collective): the run stops, naming the micro-batch."""
     from helpers import POOL, _train_rank
     recipe = lm_recipe(token_files, "oom", **{"distributed.engine": "fsdp", "distributed.max_micro_batch": "auto"})
