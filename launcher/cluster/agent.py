@@ -19,6 +19,7 @@ import socket
 import sys
 
 from launcher import env
+from launcher.cluster.supervise import GATE
 
 
 def main(argv: list[str]) -> int:
@@ -32,6 +33,15 @@ def main(argv: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.elastic.rendezvous.dynamic_rendezvous").setLevel(logging.CRITICAL)
     _end_workers_at_once_on_a_restart()
+    if argv[:1] == [GATE]:                    # started ahead of the launcher's checks: what to run, once they pass
+        told = sys.stdin.read()
+        if not told:
+            return 0
+        message = json.loads(told)
+        os.environ.clear()
+        os.environ.update(message["env"])
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")     # for the workers, as above
+        argv = message["argv"]
     try:
         torchrun.run(torchrun.parse_args(argv))
     except RendezvousError as exc:            # the rendezvous' store is gone (its node lost), or it timed out

@@ -29,7 +29,17 @@ def threads_per_rank(nproc: int) -> int:
 
 def launch(args, recipe: Recipe) -> int:
     """The launcher's side of ``run``: the checks, the folder's lock, torchrun under supervision, and the
-    markers its workers left turned into one line and an exit status."""
+    markers its workers left turned into one line and an exit status. torchrun's agent starts first and
+    imports torch while the checks run (two seconds off every start); it runs nothing until they pass."""
+    from launcher.cluster.supervise import PendingAgent
+    agent = PendingAgent()
+    try:
+        return _launch(args, recipe, agent)
+    finally:
+        agent.cancel()
+
+
+def _launch(args, recipe: Recipe, agent) -> int:
     from launcher.cluster.supervise import AGENT_SIGNALS, supervise
     from launcher.config import factories
     from launcher.train import preflight
@@ -113,7 +123,7 @@ def launch(args, recipe: Recipe) -> int:
             seen.extend(filter(None, [folder.read_json(Path(note))]))
         return bool(seen)
     try:
-        rc = supervise(cmd, worker_env, preemption_signals(recipe), failed=worker_failed)
+        rc = supervise(cmd, worker_env, preemption_signals(recipe), failed=worker_failed, agent=agent)
         worker_failed()
         died = folder.read_json(Path(agent_note))
     finally:

@@ -19,9 +19,11 @@ Stdlib only: :func:`arm_worker` runs before torch is imported.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -129,6 +131,39 @@ AGENT_SIGNALS = "--signals-to-handle=SIGHUP,SIGQUIT"
 # a worker that failed has written failed.json; the others get this long to end by themselves
 FAILURE_GRACE_S = 5.0
 
+AGENT = ["-m", "launcher.cluster.agent"]
+GATE = "--wait-for-go"      # the agent's one argument when started ahead: it reads what to run from its stdin
+
+
+class PendingAgent:
+    """torchrun's agent started before the launcher's checks (with :func:`_agent_preexec`, as any agent): it
+    imports torch (about two seconds) while they run, then waits on its stdin. :meth:`go` sends it the
+    arguments and environment of the run, :meth:`cancel` ends it if it never got them (refused input)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, *AGENT, GATE], stdin=subprocess.PIPE, env=dict(os.environ),
+                                     preexec_fn=_agent_preexec(os.getpid()))
+
+    def go(self, cmd: list[str], env: dict) -> subprocess.Popen:
+        assert cmd[1:3] == AGENT, cmd
+        try:
+            self.proc.stdin.write(json.dumps({"argv": cmd[3:], "env": env}).encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:               # it ended already (killed): its exit status says so
+            pass
+        return self.proc
+
+    def cancel(self) -> None:
+        """End it unless it was told to run (it has started nothing: its group can go at once)."""
+        if self.proc.stdin.closed:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.stdin.close()
+        self.proc.wait()
+
 
 def _agent_preexec(launcher: int):
     def preexec() -> None:
@@ -177,11 +212,13 @@ def adopt_orphans(on: bool) -> bool:
     return bool(before.value)
 
 
-def supervise(cmd: list[str], env: dict, forward: list[str], failed=None, log=print) -> int:
+def supervise(cmd: list[str], env: dict, forward: list[str], failed=None, log=print,
+              agent: PendingAgent | None = None) -> int:
     """Run torchrun and forward the ``forward`` signals (SIGINT among them) to its workers, including
     those that arrived while the launcher started. Returns torchrun's exit status; 130 after a second
     SIGINT, which kills the agent and the workers at once; 1 when ``failed()`` (a worker's failure
-    marker) turned true and the workers had not ended :data:`FAILURE_GRACE_S` later."""
+    marker) turned true and the workers had not ended :data:`FAILURE_GRACE_S` later. ``agent``: the agent
+    started ahead (:class:`PendingAgent`), told ``cmd`` now, rather than a new one."""
     handled = sorted({getattr(signal, n) for n in forward})
     pending: list[int] = []
     interrupts: list[float] = []
@@ -196,7 +233,8 @@ def supervise(cmd: list[str], env: dict, forward: list[str], failed=None, log=pr
         on_signal(signum, None)
     proc, subreaper = None, adopt_orphans(True)
     try:
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_agent_preexec(os.getpid()))
+        proc = agent.go(cmd, env) if agent is not None else \
+            subprocess.Popen(cmd, env=env, preexec_fn=_agent_preexec(os.getpid()))
         told, failed_at, polls = False, None, 0
         while not _exited(proc.pid):
             if len(interrupts) >= 2:
