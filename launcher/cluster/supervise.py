@@ -143,6 +143,7 @@ class PendingAgent:
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, *AGENT, GATE], stdin=subprocess.PIPE, env=dict(os.environ),
                                      preexec_fn=_agent_preexec(os.getpid()))
+        self.told = False
 
     def go(self, cmd: list[str], env: dict) -> subprocess.Popen:
         assert cmd[1:3] == AGENT, cmd
@@ -150,18 +151,21 @@ class PendingAgent:
             self.proc.stdin.write(json.dumps({"argv": cmd[3:], "env": env}).encode())
             self.proc.stdin.close()
         except BrokenPipeError:               # it ended already (killed): its exit status says so
-            pass
+            self.told = True
         return self.proc
 
     def cancel(self) -> None:
         """End it unless it was told to run (it has started nothing: its group can go at once)."""
-        if self.proc.stdin.closed:
+        if self.proc.stdin.closed or self.told:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
         self.proc.wait()
 
 
