@@ -1,13 +1,11 @@
 """The built-in Llama-style model: its FLOPs against a hand count, equivalence across process counts and
 engines (float64), activation checkpointing that changes no bit, and a resume that is bitwise; each against
 an independent reference (a hand computation, another world size, the same run without the feature)."""
-import shutil
-
 import pytest
 import torch
 
-from helpers import (VOCAB, T, assert_bitwise, checkpoint_steps, final_params, lm_recipe, metric_rows, train_ranks,
-                     write_recipe)
+from helpers import (VOCAB, T, assert_bitwise, checkpoint_steps, cli, final_params, killed_at_checkpoint, lm_recipe,
+                     metric_rows, train_ranks, write_recipe)
 from launcher import config
 from launcher.cli.main import main
 
@@ -63,20 +61,17 @@ def test_fsdp_equals_ddp_with_and_without_activation_checkpointing(token_files, 
     assert_bitwise(final_params(train_ranks(fsdp_recipe, tmp_path)), fsdp)
 
 
-@pytest.mark.slow
-def test_a_llama_resumes_bitwise_from_a_mid_run_checkpoint(token_files, tmp_path):
-    """What a kill -9 leaves (the newest checkpoints lost with the process): the rerun from the first one
-    is bitwise the run that never stopped."""
+@pytest.mark.e2e
+def test_kill_9_of_a_llama_run_resumes_bitwise(token_files, tmp_path):
+    """torchrun on 2 processes killed with SIGKILL (the whole tree) once its first checkpoint exists; the same
+    command resumes it, bitwise the run that never stopped (trained in-process: the reference)."""
     recipe = llama_recipe(token_files, **{"checkpoint.every": "3K tokens", "checkpoint.keep": 100})
-    run = train_ranks(recipe, tmp_path)
-    reference = final_params(run), metric_rows(run)
-    for path in (run / "final_model.pt", run / "complete.json"):
-        path.unlink()
-    for step in checkpoint_steps(run)[1:]:
-        shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
-    resumed = train_ranks(recipe, tmp_path)
-    assert_bitwise(final_params(resumed), reference[0])
-    assert metric_rows(resumed) == reference[1]
+    reference = train_ranks({**recipe, "name": "reference"}, tmp_path)
+    path, run = killed_at_checkpoint(tmp_path, recipe, checkpoint_steps(reference)[0], delay="0.1")
+    done = cli(["run", str(path)], cwd=tmp_path, check=0)
+    assert "resumed from" in done.stdout
+    assert_bitwise(final_params(run), final_params(reference))
+    assert metric_rows(run) == metric_rows(reference)
 
 
 @pytest.mark.parametrize("over, expect", [
@@ -111,7 +106,7 @@ def test_the_llama_demo_recipe_plans_on_two_processes(capsys):
 def test_the_llama_demo_runs_on_two_processes(tmp_path):
     """recipes/lm/llama.yaml through torchrun on 2 CPU processes (shortened): the standard library tokenized,
     the Llama-style model trained with activation checkpointing, complete with its tokenizer files."""
-    from helpers import ROOT, cli
+    from helpers import ROOT
     done = cli(["run", str(ROOT / "recipes" / "lm" / "llama.yaml"), "--set", "train.tokens=40K", "--set",
                 "schedule.batch.points=[[0, 8], [20K, 16]]", "--set", "schedule.lr.decay=10K", "--set",
                 "schedule.lr.warmup=2K", "--set", "eval.every=20K tokens"], cwd=tmp_path, check=0)
