@@ -165,12 +165,6 @@ def _safe_checkpoint_engine():
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        def __init__(self):
-            super().__init__()
-            # torch's zip format (DeepSpeed's default without a config is the legacy one, which its own
-            # zero_to_fp32 cannot memory-map: qhm-launch export reads the checkpoints through it)
-            self.zipfile_serialization = True
-
         def load(self, path: str, map_location=None):
             return load_deepspeed_file(path, map_location)
 
@@ -342,14 +336,21 @@ class DeepSpeedEngine:
 
 def checkpoint_model(folder: Path, replicated: dict) -> dict:
     """The whole model in one of this engine's checkpoints: under ZeRO 1-3 its fp32 weights gathered from the
-    partitions by DeepSpeed's own zero_to_fp32 (which unpickles them in full: the files are the run's own, their
-    hashes checked against the manifest first); without ZeRO (stage 0) the module's state in its model file."""
+    partitions by DeepSpeed's own zero_to_fp32; without ZeRO (stage 0) the module's state in its model file.
+    zero_to_fp32 unpickles in full and memory-maps, which needs torch's zip format (DeepSpeed writes the legacy
+    one, whose write on a full disk is the one-line error): it reads copies, each file loaded weights-only here
+    first and saved again in the zip format."""
     tag = Path(folder) / TAG
     if not any(tag.glob("*optim_states.pt")):
         return load_deepspeed_file(tag / "mp_rank_00_model_states.pt")["module"]
     import contextlib
     import io
+    import tempfile
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    with contextlib.redirect_stdout(io.StringIO()):           # its progress report is not ours to print
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG))
+    with tempfile.TemporaryDirectory(prefix="qhm-export-") as tmp:
+        (Path(tmp) / TAG).mkdir()
+        for path in tag.glob("*_states.pt"):
+            torch.save(load_deepspeed_file(path), Path(tmp) / TAG / path.name)
+        with contextlib.redirect_stdout(io.StringIO()):           # its progress report is not ours to print
+            return dict(get_fp32_state_dict_from_zero_checkpoint(tmp, tag=TAG))
