@@ -40,8 +40,13 @@ def shard_units(model) -> tuple[str, ...]:
 
 
 def flops_per_token(model, module) -> float | None:
-    """Training FLOPs per token of the built ``module`` of ``model``, where its family counts them (MFU)."""
+    """Training FLOPs per token of the built ``module`` of ``model``, where its family counts them (MFU); a
+    factory's module may say them itself, as an attribute or method ``flops_per_token`` (a number > 0)."""
     family = family_of(model)
+    if family is None:
+        given = getattr(module, "flops_per_token", None)
+        given = given() if callable(given) else given
+        return float(given) if isinstance(given, (int, float)) and not isinstance(given, bool) and given > 0 else None
     count = getattr(family, "flops_per_token", None)
     return None if count is None else float(count(module))
 

@@ -616,20 +616,6 @@ def test_a_weighted_mixture_of_shards_trains_alike_on_one_and_two_processes(toke
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.slow
-def test_a_resume_of_a_mixture_of_shards_is_bitwise(token_files, tmp_path):
-    recipe = mixed_recipe(tmp_path, token_files, **{"checkpoint.every": "1K tokens", "checkpoint.keep": 100})
-    run = train_ranks(recipe, tmp_path)
-    reference = final_params(run), metric_rows(run)
-    for path in (run / "final_model.pt", run / "complete.json"):
-        path.unlink()
-    for step in checkpoint_steps(run)[1:]:
-        shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
-    resumed = train_ranks(recipe, tmp_path)
-    assert_bitwise(final_params(resumed), reference[0])
-    assert metric_rows(resumed) == reference[1]
-
-
 def test_a_nanogpt_char_folder_reads_its_vocabulary_from_meta_pkl_and_only_a_plain_one(tmp_path, capsys):
     """nanoGPT's shakespeare_char: uint16 train.bin/val.bin and meta.pkl {vocab_size: 65, itos, stoi}, no
     meta.json: the vocabulary is 65 (not 65,536, not the largest id + 1); a meta.pkl that names a class is
@@ -689,3 +675,33 @@ def test_a_headerless_npy_reads_with_its_declared_dtype_and_without_one_is_one_l
     assert main(["plan", str(write_recipe(tmp_path, recipe, "r3.yaml"))]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and "matches no file" in err[0], err
+
+
+def test_a_factorys_model_may_say_its_own_flops_per_token():
+    from launcher import models
+    from launcher.config import ModelSpec
+
+    class Counted(torch.nn.Linear):
+        flops_per_token = 1.5e9
+
+    class Counting(torch.nn.Linear):
+        def flops_per_token(self):
+            return 6.0e6
+    spec = ModelSpec(factory="pkg:fn")
+    assert models.flops_per_token(spec, Counted(2, 2)) == 1.5e9
+    assert models.flops_per_token(spec, Counting(2, 2)) == 6.0e6
+    assert models.flops_per_token(spec, torch.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.e2e
+def test_kill_9_of_a_run_on_a_weighted_mixture_of_shards_resumes_bitwise(token_files, tmp_path):
+    """torchrun on 2 processes over two weighted sources of shards, killed with SIGKILL once its first
+    checkpoint exists: the same command resumes it bitwise the run that never stopped (in-process)."""
+    from helpers import killed_at_checkpoint
+    recipe = mixed_recipe(tmp_path, token_files, **{"checkpoint.every": "1K tokens", "checkpoint.keep": 100})
+    reference = train_ranks({**recipe, "name": "reference"}, tmp_path)
+    path, run = killed_at_checkpoint(tmp_path, recipe, checkpoint_steps(reference)[0], delay="0.1")
+    done = cli(["run", str(path)], cwd=tmp_path, check=0)
+    assert "resumed from" in done.stdout
+    assert_bitwise(final_params(run), final_params(reference))
+    assert metric_rows(run) == metric_rows(reference)
