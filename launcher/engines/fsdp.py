@@ -259,4 +259,4 @@ def checkpoint_model(folder: Path, replicated: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="qhm-export-") as tmp:
         whole = Path(tmp) / "whole.pt"
         dcp_to_torch_save(str(Path(folder) / FOLDER), str(whole))
-        return torch.load(whole, map_location="cpu", weights_only=False)["model"]
+        return torch.load(whole, map_location="cpu", weights_only=True)["model"]
