@@ -11,8 +11,9 @@ engine class, each module has ``check_recipe(recipe)`` (its recipe checks, when 
 ``preflight(recipe, check_data, build_model)`` (the heavier checks before any worker starts),
 ``move_refusal(distributed, optimizer)`` (why its checkpoint cannot load on another world size, or None),
 ``noise_refusal(recipe, world)`` (why the noise scale cannot be read from it, or None), ``prepare(recipe,
-module, comm)`` (the model before the optimizer is built on it) and ``build(...)``. Nothing outside this package compares an
-engine's name (tests/launcher/test_layers.py). Adding an engine: one module, one line below.
+module, comm)`` (the model before the optimizer is built on it), ``checkpoint_model(folder, replicated)`` (the
+whole model in one of its checkpoints, read without a process group) and ``build(...)``. Nothing outside this
+package compares an engine's name (tests/launcher/test_layers.py). Adding an engine: one module, one line below.
 """
 from __future__ import annotations
 
@@ -83,17 +84,21 @@ def preflight(recipe, check_data: bool, build_model) -> None:
     module_of(recipe.distributed.engine).preflight(recipe, check_data, build_model)
 
 
+def _module_written_by(recipe: dict) -> ModuleType:
+    """The module of the engine a recipe as a mapping names (a manifest's: "ddp" where it names none)."""
+    return module_of(recipe.get("distributed", {}).get("engine", "ddp"))
+
+
 def move_refusal(recipe: dict) -> str | None:
     """Why a checkpoint written under ``recipe`` (as a mapping: a manifest's, or ``Recipe.to_dict()``) cannot
     load on another number of processes, or None where it can."""
-    distributed, optimizer = recipe.get("distributed", {}), recipe.get("optimizer", {})
-    return module_of(distributed.get("engine", "ddp")).move_refusal(distributed, optimizer)
+    return _module_written_by(recipe).move_refusal(recipe.get("distributed", {}), recipe.get("optimizer", {}))
 
 
 def checkpoint_model(recipe: dict, folder: Path, replicated: dict) -> dict:
     """The whole model (a state dict on the host) in checkpoint ``folder`` written under ``recipe`` (a mapping: the
     manifest's), read offline, without a process group (``qhm-launch export``); ``replicated``: its state.pt."""
-    return module_of(recipe.get("distributed", {}).get("engine", "ddp")).checkpoint_model(Path(folder), replicated)
+    return _module_written_by(recipe).checkpoint_model(Path(folder), replicated)
 
 
 def noise_refusal(recipe, world: int) -> str | None:
