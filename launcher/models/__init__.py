@@ -63,11 +63,17 @@ def check(recipe) -> None:
         family.check(recipe)
     if recipe.performance.activation_checkpointing and not getattr(family, "ACTIVATION_CHECKPOINTING", False):
         from launcher.errors import RecipeError
-        able = [name for f in FAMILIES if getattr(f, "ACTIVATION_CHECKPOINTING", False) for name in f.NAMES]
-        raise RecipeError(f"performance.activation_checkpointing: true is not valid with model {_named(recipe.model)}; "
-                          f"allowed: false, or a built-in model with blocks ({' | '.join(able)})")
+        able = " | ".join(names_with("ACTIVATION_CHECKPOINTING"))
+        raise RecipeError(f"performance.activation_checkpointing: true is not valid with model {named(recipe.model)}; "
+                          f"allowed: false, or a built-in model with blocks ({able})")
 
 
-def _named(model) -> str:
+def names_with(part: str) -> list[str]:
+    """The model names whose family has ``part`` (a flag set true, or a function: ``to_hf``)."""
+    return [name for f in FAMILIES if getattr(f, part, False) for name in f.NAMES]
+
+
+def named(model) -> str:
+    """A recipe's model as a one-line error names it: 'gpt', or "from model.factory"."""
     name = model if isinstance(model, str) else getattr(model, "name", None)
     return repr(name) if name else "from model.factory"

@@ -55,10 +55,8 @@ def export(run: str, step: int | None, out: str) -> dict:
     family = models.family_of(recipe.model)
     to_hf = getattr(family, "to_hf", None)
     if to_hf is None:
-        mapped = [name for f in models.FAMILIES if hasattr(f, "to_hf") for name in f.NAMES]
-        name = recipe.model if isinstance(recipe.model, str) else getattr(recipe.model, "name", "from model.factory")
-        raise UserError(f"--format: hf cannot express model {name!r} (no Hugging Face class maps its parameters); "
-                        f"allowed: a run of {' | '.join(mapped)}")
+        raise UserError(f"--format: hf cannot express model {models.named(recipe.model)} (no Hugging Face class maps "
+                        f"its parameters); allowed: a run of {' | '.join(models.names_with('to_hf'))}")
     target = Path(out).expanduser()
     if target.is_symlink() or (target.exists() and (not target.is_dir() or any(target.iterdir()))):
         raise UserError(f"--out: {out!r} already holds something; allowed: a new or empty folder (nothing is ever "
