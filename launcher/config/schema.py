@@ -28,7 +28,6 @@ KERNELS = ("foreach", "compiled", "loop", "fused")   # fused: the earlier name o
 ENGINES = engines.NAMES             # launcher/engines: one module per engine
 # adaptive: decided at run time (launcher.train.adaptive); warmup_from: a piecewise schedule along the CBS measured
 # by branches, resolved into kind steps when the recipe is loaded
-BATCH_KINDS = batch_kinds.NAMES            # each kind: launcher/config/batch_kinds.py
 UNITS = qhm.schedules.UNITS                # what schedule positions count: epoch (the paper) | step | sample | token
 BATCH_SCALINGS = tuple(qhm.schedules.BATCH_SCALINGS)
 Amount = Union[int, float, str]            # a count in a unit: 500, "2.5K", "10M tokens" (launcher.config.units)

@@ -354,8 +354,7 @@ def prepare(cfg) -> None:
     if train.parent != val.parent:
         raise UserError(f"data.text: the files it makes share one folder; data.train {str(train)!r} and "
                         f"data.validation {str(val)!r} are in two; allowed: both in one folder")
-    sources_ = text_files(cfg.text, "data.text")
-    tokenize(sources_, train.parent, vocab=cfg.vocab if cfg.vocab and cfg.vocab > BYTE_EOD + 1 else None,
+    tokenize(text_files(cfg.text, "data.text"), train.parent, vocab=cfg.vocab if cfg.vocab and cfg.vocab > BYTE_EOD + 1 else None,
              names=(train.name, val.name), log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
