@@ -200,6 +200,18 @@ def killed_at_checkpoint(tmp_path: Path, recipe: dict, step: int, delay: str = "
     return path, run
 
 
+def assert_kill_9_resumes_bitwise(tmp_path: Path, recipe: dict) -> None:
+    """``recipe`` through torchrun, killed with SIGKILL (the whole tree) once its first checkpoint exists; the
+    same command resumes it, and it ends bitwise (parameters, metrics rows) the run that never stopped,
+    trained in-process on the pool as the reference."""
+    reference = train_ranks({**recipe, "name": "reference"}, tmp_path)
+    path, run = killed_at_checkpoint(tmp_path, recipe, checkpoint_steps(reference)[0], delay="0.1")
+    done = cli(["run", str(path)], cwd=tmp_path, check=0)
+    assert "resumed from" in done.stdout
+    assert_bitwise(final_params(run), final_params(reference))
+    assert metric_rows(run) == metric_rows(reference)
+
+
 def worst_gap_to_a_switched_run(run_dir: Path, recipe: dict, step: int, before: int, after: int, cwd: Path) -> float:
     """How far ``run_dir``'s final parameters are from a reference that trained ``recipe`` on ``before``
     processes up to global ``step`` and on ``after`` from there, each leg uninterrupted (the largest

@@ -4,7 +4,7 @@ an independent reference (a hand computation, another world size, the same run w
 import pytest
 import torch
 
-from helpers import (VOCAB, T, assert_bitwise, checkpoint_steps, cli, final_params, killed_at_checkpoint, lm_recipe,
+from helpers import (VOCAB, T, assert_bitwise, assert_kill_9_resumes_bitwise, cli, final_params, lm_recipe,
                      metric_rows, train_ranks, write_recipe)
 from launcher import config
 from launcher.cli.main import main
@@ -65,13 +65,8 @@ def test_fsdp_equals_ddp_with_and_without_activation_checkpointing(token_files, 
 def test_kill_9_of_a_llama_run_resumes_bitwise(token_files, tmp_path):
     """torchrun on 2 processes killed with SIGKILL (the whole tree) once its first checkpoint exists; the same
     command resumes it, bitwise the run that never stopped (trained in-process: the reference)."""
-    recipe = llama_recipe(token_files, **{"checkpoint.every": "3K tokens", "checkpoint.keep": 100})
-    reference = train_ranks({**recipe, "name": "reference"}, tmp_path)
-    path, run = killed_at_checkpoint(tmp_path, recipe, checkpoint_steps(reference)[0], delay="0.1")
-    done = cli(["run", str(path)], cwd=tmp_path, check=0)
-    assert "resumed from" in done.stdout
-    assert_bitwise(final_params(run), final_params(reference))
-    assert metric_rows(run) == metric_rows(reference)
+    assert_kill_9_resumes_bitwise(tmp_path, llama_recipe(token_files, **{"checkpoint.every": "3K tokens",
+                                                                         "checkpoint.keep": 100}))
 
 
 @pytest.mark.parametrize("over, expect", [

@@ -697,11 +697,6 @@ def test_a_factorys_model_may_say_its_own_flops_per_token():
 def test_kill_9_of_a_run_on_a_weighted_mixture_of_shards_resumes_bitwise(token_files, tmp_path):
     """torchrun on 2 processes over two weighted sources of shards, killed with SIGKILL once its first
     checkpoint exists: the same command resumes it bitwise the run that never stopped (in-process)."""
-    from helpers import killed_at_checkpoint
-    recipe = mixed_recipe(tmp_path, token_files, **{"checkpoint.every": "1K tokens", "checkpoint.keep": 100})
-    reference = train_ranks({**recipe, "name": "reference"}, tmp_path)
-    path, run = killed_at_checkpoint(tmp_path, recipe, checkpoint_steps(reference)[0], delay="0.1")
-    done = cli(["run", str(path)], cwd=tmp_path, check=0)
-    assert "resumed from" in done.stdout
-    assert_bitwise(final_params(run), final_params(reference))
-    assert metric_rows(run) == metric_rows(reference)
+    from helpers import assert_kill_9_resumes_bitwise
+    assert_kill_9_resumes_bitwise(tmp_path, mixed_recipe(tmp_path, token_files, **{"checkpoint.every": "1K tokens",
+                                                                                   "checkpoint.keep": 100}))
