@@ -315,7 +315,7 @@ def summary(schedule: Schedule, n: int, constants: Constants = Constants(), batc
         epochs = positions["epoch"]
         nominal = np.bincount(epochs, weights=1.0 / positions["batch"])
         actual = np.bincount(epochs, weights=1.0 / positions["size"])
-        batch_of = np.array([s.batch for s in plan.spans if s.first == 0])
+        batch_of = np.array([s.batch for s in plan.epoch_spans() if s.first == 0])
         total = plan.total_samples
     else:
         table = epoch_table(schedule, n, batches)

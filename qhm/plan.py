@@ -8,9 +8,14 @@ run as *spans*, the steps of one epoch at one batch. Global batch k of an epoch 
 [c_k, c_k + b_k) of the epoch's permutation, c_k the samples the epoch consumed before it (the last one
 may be partial), so a change at any step keeps the order a function of the samples consumed alone. A
 schedule that changes only at epoch boundaries is one span per epoch at offset 0: the paper's plan.
+
+Whole epochs in a row at one batch (units step, sample, token: a batch held over many epochs of a small
+corpus) are one span that ``repeat``\ s: the walk jumps over them in one step, so a plan costs its number of
+batch changes, not its number of epochs (10^15 tokens of a 1,000-window corpus plans at once).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,14 +170,36 @@ class Span:
     # the schedule's batch where ``batch`` is cut short to end a branch exactly at its length (its last
     # step, a partial one); None: ``batch`` is the schedule's
     scheduled_batch: int | None = None
+    # whole epochs ``epoch`` .. ``epoch + repeat - 1``, each these ``steps`` from its start (offset 0)
+    repeat: int = 1
 
     @property
     def end(self) -> int:
+        """The step of its epoch (of each, where it repeats) after its last."""
         return self.first + self.steps
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps * self.repeat
+
+    def holds(self, epoch: int) -> bool:
+        return self.epoch <= epoch < self.epoch + self.repeat
+
     def consumed(self, n: int) -> int:
-        """The samples its steps train on, of an epoch of ``n`` (the last step of an epoch may be partial)."""
-        return min(self.steps * self.batch, n - self.offset)
+        """The samples its steps train on, of an epoch of ``n`` (the last step of an epoch may be partial;
+        a span that repeats: over all its epochs)."""
+        return min(self.steps * self.batch, n - self.offset) + (self.repeat - 1) * n
+
+    def in_epoch(self, epoch: int, n: int):
+        """The span as it is in epoch ``epoch`` alone (itself where it does not repeat); the same type, so
+        a subclass's fields carry over."""
+        if self.repeat == 1:
+            return self
+        if not self.holds(epoch):
+            raise ValueError(f"epoch {epoch} is not in the span's epochs {self.epoch}-{self.epoch + self.repeat - 1}")
+        k = epoch - self.epoch
+        return dataclasses.replace(self, epoch=epoch, global_step=self.global_step + k * self.steps,
+                                   samples=self.samples + k * n, repeat=1)
 
     def start(self, step: int) -> int:
         """Where step ``step`` of the epoch starts in the epoch's permutation."""
@@ -195,12 +222,13 @@ class StepPlan:
     @property
     def epochs(self) -> int:
         """Epochs the run trains in (the last may be cut short by a duration in steps, samples or tokens)."""
-        return self.spans[-1].epoch + 1
+        last = self.spans[-1]
+        return last.epoch + last.repeat
 
     @property
     def total_steps(self) -> int:
         last = self.spans[-1]
-        return last.global_step + last.steps
+        return last.global_step + last.total_steps
 
     @property
     def total_samples(self) -> int:
@@ -218,7 +246,12 @@ class StepPlan:
 
     def steps_in(self, epoch: int) -> int:
         """The steps of epoch ``epoch`` in this plan."""
-        return max((s.end for s in self.spans if s.epoch == epoch), default=0)
+        return max((s.end for s in self.spans if s.holds(epoch)), default=0)
+
+    def epoch_spans(self) -> list:
+        """The spans with each repeating one written out per epoch (a per-epoch view: as long as the run's
+        epochs)."""
+        return [s.in_epoch(e, self.n) for s in self.spans for e in range(s.epoch, s.epoch + s.repeat)]
 
     def positions(self) -> dict:
         """Per step k of the run (numpy arrays of length K): ``epoch``, ``step`` (= k), ``samples`` before
@@ -226,21 +259,22 @@ class StepPlan:
         parts: dict[str, list] = {key: [] for key in ("epoch", "step", "samples", "batch", "size")}
         for s in self.spans:
             i = np.arange(s.steps, dtype=np.int64)
-            parts["epoch"].append(np.full(s.steps, s.epoch, dtype=np.int64))
-            parts["step"].append(s.global_step + i)
-            parts["samples"].append(s.samples + i * s.batch)
-            parts["batch"].append(np.full(s.steps, s.batch, dtype=np.int64))
-            parts["size"].append(np.minimum(s.batch, self.n - (s.offset + i * s.batch)))
+            r = np.arange(s.repeat, dtype=np.int64)[:, None]          # the epochs it repeats over, by row
+            parts["epoch"].append(np.broadcast_to(s.epoch + r, (s.repeat, s.steps)).ravel())
+            parts["step"].append((s.global_step + r * s.steps + i).ravel())
+            parts["samples"].append((s.samples + r * self.n + i * s.batch).ravel())
+            parts["batch"].append(np.full(s.total_steps, s.batch, dtype=np.int64))
+            parts["size"].append(np.tile(np.minimum(s.batch, self.n - (s.offset + i * s.batch)), s.repeat))
         return {key: np.concatenate(v) for key, v in parts.items()}
 
     def position_at(self, step: int) -> dict:
         """Where global step ``step`` starts: {epoch, step (in the epoch), global_step, samples, tokens}
         (``step`` = total_steps: the run's end)."""
         for s in self.spans:
-            if s.global_step <= step < s.global_step + s.steps:
-                k = step - s.global_step
-                samples = s.samples + k * s.batch
-                return {"epoch": s.epoch, "step": s.first + k, "global_step": step, "samples": samples,
+            if s.global_step <= step < s.global_step + s.total_steps:
+                e, k = divmod(step - s.global_step, s.steps)
+                samples = s.samples + e * self.n + k * s.batch
+                return {"epoch": s.epoch + e, "step": s.first + k, "global_step": step, "samples": samples,
                         "tokens": samples * (self.tokens_per_sample or 0)}
         if step == self.total_steps:
             return {"epoch": self.epochs, "step": 0, "global_step": step, "samples": self.total_samples,
@@ -290,8 +324,36 @@ class _Walk:
         return max(1, _ceil_div(target - self.at(unit, tokens_per_sample), per_step))
 
 
+def _whole_epochs(walk: _Walk, unit: str, n: int, batch: int, u: int, change: int | None, duration: tuple,
+                  tps: int, branch: tuple | None, left: int | None) -> int:
+    """How many whole epochs from the walk's (at an epoch's start) the walk of :func:`plan_steps` would
+    make one span each at ``batch``, all alike: the epochs k >= 0 whose every step comes before the batch's
+    next ``change`` (its last step may reach past it, as a span's does), that end within the duration,
+    and, on a branch, before its branch step or within the samples ``left``."""
+    steps = _ceil_div(n, batch)
+
+    def fitting(at: int, limit: int, per_epoch: int, per_step: int) -> int:
+        # epochs k with at + k per_epoch < limit - (steps - 1) per_step: k's last step starts before limit
+        return _ceil_div(limit - (steps - 1) * per_step - at, per_epoch)
+
+    def along(unit_: str) -> tuple[int, int]:          # (per epoch, per step) in ``unit_``
+        return {"step": (steps, 1), "sample": (n, batch), "token": (n * tps, batch * tps)}[unit_]
+
+    counts = [] if change is None else [fitting(u, change, *along(unit))]
+    d_unit, amount = duration
+    if left is not None:                 # a branch ending in samples or tokens: whole steps of the samples left
+        counts.append((left - steps * batch) // n + 1)
+    elif d_unit == "epoch":
+        counts.append(amount - walk.epoch)
+    else:
+        counts.append(fitting(walk.at(d_unit, tps), amount, *along(d_unit)))
+    if branch is not None and walk.step < branch[0]:
+        counts.append((branch[0] - walk.step) // steps)
+    return max(1, min(counts))
+
+
 def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens_per_sample: int | None = None,
-               start: tuple | None = None, branch: tuple | None = None) -> StepPlan:
+               start: tuple | None = None, branch: tuple | None = None, repeat_epochs: bool = True) -> StepPlan:
     """The run as spans, from its first step (or from ``start`` = (epoch, step in epoch, offset,
     global step, samples)) to the end of ``duration`` = (unit, amount): M epochs, or steps, samples or
     tokens, the run ending after the first step that reaches the amount.
@@ -302,7 +364,8 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
     (a branch of a run at S; the steps before S are the run's own), and a duration in samples or tokens
     ends exactly at its amount: the last step takes only the samples left (a partial step, its span's
     ``scheduled_batch`` the batch it was cut from), so branches of every factor end at one position. A
-    batch above ``n`` raises BatchTooLarge naming where."""
+    batch above ``n`` raises BatchTooLarge naming where. ``repeat_epochs`` False: one span per epoch even
+    where whole epochs repeat (the walk epoch by epoch, which the tests compare the jumps with)."""
     tps = tokens_per_sample or 1
     d_unit, amount = duration
     walk = _Walk(*start) if start is not None else _Walk()
@@ -334,15 +397,19 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
             steps = min(steps, walk.steps_to(d_unit, amount, batch, tps))
         if branch is not None and walk.step < branch[0]:
             steps = min(steps, branch[0] - walk.step)
-        span = Span(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples, scheduled)
+        repeat = 1
+        if repeat_epochs and unit != "epoch" and walk.offset == 0 and scheduled is None and steps * batch >= n:
+            repeat = _whole_epochs(walk, unit, n, batch, u, next_change(u), duration, tps, branch, left)
+        span = Span(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples, scheduled, repeat)
         spans.append(span)
         if len(spans) > MAX_SPANS:
             raise ScheduleError("batch", batch, f"a schedule that changes the batch at most {MAX_SPANS} times "
                                 "over the run")
         consumed = span.consumed(n)
         walk.in_epoch += steps
-        walk.step += steps
-        walk.offset += consumed
+        walk.step += span.total_steps
+        walk.epoch += repeat - 1
+        walk.offset += consumed - (repeat - 1) * n
         walk.samples += consumed
         if walk.offset == n:
             walk.epoch, walk.in_epoch, walk.offset = walk.epoch + 1, 0, 0

@@ -101,6 +101,9 @@ def elastic_report(recipe: Recipe, n: int, per_node: int, max_nodes: int, rate: 
     return "\n".join(lines)
 
 
+MAX_BOUND_STEPS = 10 ** 7      # bounds over steps holds a few float64 arrays of the run's length (~1 GB here)
+
+
 def cmd_bounds(args) -> int:
     """For a recipe: the terms of its schedule. For a run folder: of the batches the run actually used, over
     the epochs it trained (an adaptive batch's decisions included)."""
@@ -131,6 +134,10 @@ def cmd_bounds(args) -> int:
     else:                            # schedules that move inside epochs: the theorems' sums over the steps
         from launcher.train import planning
         planned = planning.plan(recipe, n, 1, decisions=_decisions(folder, recipe) if used is not None else None)
+        if planned.total_steps > MAX_BOUND_STEPS:
+            raise UserError(f"bounds: the run has {planned.total_steps:,} steps, whose sums the theorems take one by one; "
+                            f"allowed: at most {MAX_BOUND_STEPS:,} (bound a shorter run: --set "
+                            f"train.{recipe.duration()[0]}s=...)")
         out = qhm.summary(planned.schedule, n, constants, plan=planned.steps)
         out["unit"] = recipe.schedule.unit
     if used is not None:

@@ -13,6 +13,7 @@ The micro-batch grows with the global batch up to ``max_micro_batch``; past it a
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -48,6 +49,7 @@ class Plan:
     n: int
     world: int
     unit: str
+    first_batch: int = 1          # b_0 of the learning rate's batch scaling
     _starts: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -72,24 +74,33 @@ class Plan:
     def steps_in(self, epoch: int) -> int:
         """The steps of epoch ``epoch`` (the last epoch may stop early: train.steps/samples/tokens)."""
         index = bisect.bisect_left(self._starts, (epoch + 1, 0)) - 1
-        return self.stages[index].end if index >= 0 and self.stages[index].epoch == epoch else 0
+        return self.stages[index].end if index >= 0 and self.stages[index].holds(epoch) else 0
 
-    def index(self, epoch: int, step: int) -> int:
-        """The index of the stage holding step ``step`` of epoch ``epoch``."""
-        return bisect.bisect_right(self._starts, (epoch, step)) - 1
+    def at(self, epoch: int, step: int) -> Stage:
+        """The stage holding step ``step`` of epoch ``epoch``, as it is in that epoch (a stage that repeats
+        over whole epochs: its epoch ``epoch``)."""
+        return self._in_epoch(self.stages[bisect.bisect_right(self._starts, (epoch, step)) - 1], epoch)
 
     def end_of(self, epoch: int) -> tuple[int, int]:
         """(global step, samples) once epoch ``epoch``'s steps are done."""
-        last = self.stages[self.index(epoch, self.steps_in(epoch) - 1)]
+        last = self.at(epoch, self.steps_in(epoch) - 1)
         return last.global_step + last.steps, last.samples + last.consumed(self.n)
 
     def stage_at(self, global_step: int) -> Stage:
-        """The stage holding global step ``global_step`` (the last stage at or past the plan's end)."""
-        return self.stages[max(bisect.bisect_right([s.global_step for s in self.stages], global_step) - 1, 0)]
+        """The stage holding global step ``global_step``, in its epoch (the last stage's last epoch at or past
+        the plan's end)."""
+        s = self.stages[max(bisect.bisect_right([s.global_step for s in self.stages], global_step) - 1, 0)]
+        return self._in_epoch(s, s.epoch + min(max(global_step - s.global_step, 0) // s.steps, s.repeat - 1))
 
-    def epoch_rows(self) -> list[Stage]:
-        """One stage per epoch (its first), for per-epoch views."""
-        return [s for s in self.stages if s.first == 0]
+    def _in_epoch(self, stage: Stage, epoch: int) -> Stage:
+        """``stage`` in epoch ``epoch``, with lr, beta, gamma at that epoch's first step of it."""
+        s = stage.in_epoch(epoch, self.n)
+        if s is stage:
+            return s
+        u = np.array([_position(s, self.unit, self.steps.tokens_per_sample)])
+        lr, beta, gamma = (float(np.broadcast_to(v, (1,))[0]) for v in
+                           self.schedule.hyperparams(u, np.array([s.batch]), self.first_batch))
+        return dataclasses.replace(s, lr=lr * s.lr_scale, beta=beta, gamma=gamma)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -136,7 +147,8 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
     the micro-batch cap a run chose for it (max_micro_batch auto, an out-of-memory halving)."""
     unit, tokens = recipe.schedule.unit, recipe.data.tokens_per_sample
     batch_at, next_change = batch_function(recipe, decisions)
-    check_epochs(recipe, n, int(batch_at(0)))
+    if unit == "epoch":
+        check_epochs(recipe, n, int(batch_at(0)))
     try:
         steps = whole = qhm.plan_steps(batch_at, next_change, unit, n, recipe.duration(), tokens)
         b = recipe.branch
@@ -182,14 +194,14 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
                             world_size=world_size, data_ranks=min(world_size, batch), lr=float(lr[i]) * scale,
                             beta=float(beta[i]), gamma=float(gamma[i]), first=span.first, offset=span.offset,
                             global_step=span.global_step, samples=span.samples, scheduled_batch=span.scheduled_batch,
-                            lr_scale=scale))
-    return Plan(stages, steps, schedule, n, world_size, unit)
+                            repeat=span.repeat, lr_scale=scale))
+    return Plan(stages, steps, schedule, n, world_size, unit, first_batch)
 
 
 def check_epochs(recipe: Recipe, n: int, first_batch: int) -> None:
-    """A length in steps, samples or tokens that means more epochs than MAX_EPOCHS of the ``n`` training
-    samples is refused naming the key, before a plan walks them one by one (1e11 tokens on a small corpus:
-    1.85M epochs, 275 s of planning)."""
+    """Schedules in epochs (the paper's table, one row per epoch): a length in steps, samples or tokens that
+    means more epochs than MAX_EPOCHS of the ``n`` training samples is refused naming the key, before the
+    plan evaluates them one by one. (In the other units whole epochs at one batch are one stage.)"""
     from launcher.config.schema import MAX_EPOCHS
     given = recipe.train.duration()
     if given is None:
@@ -272,7 +284,7 @@ def elastic_segments(recipe: Recipe, n: int, per_node: int, max_nodes: int) -> l
     for stage in plan(recipe, n, per_node).stages:
         nodes = max(1, min(max_nodes, stage.batch // (floor * per_node)))
         first, last = ((stage.epoch, stage.epoch) if by == "epoch" else
-                       (stage.global_step, stage.global_step + stage.steps - 1))
+                       (stage.global_step, stage.global_step + stage.total_steps - 1))
         if segments and segments[-1].nodes == nodes:
             segments[-1] = Segment(segments[-1].first, last, nodes, by)
         else:
@@ -287,7 +299,7 @@ def gpu_hours(stages: list[Stage], world_of, rate: float, floor: int) -> tuple[f
     gpu = wall = 0.0
     for e in stages:
         world = world_of(e)
-        seconds = e.steps * max(ceil_div(e.batch, world), floor) / rate
+        seconds = e.total_steps * max(ceil_div(e.batch, world), floor) / rate
         wall += seconds
         gpu += world * seconds
     return gpu / 3600, wall / 3600
@@ -299,6 +311,8 @@ def plan_json(p: Plan) -> dict:
     for row in rows:                          # only a branch's partial last step has one
         if row["scheduled_batch"] is None:
             row.pop("scheduled_batch")
+        if row["repeat"] == 1:                # only whole epochs at one batch in a row (units other than epoch)
+            row.pop("repeat")
     if p.unit == "epoch":
         for row in rows:                      # an epoch is a stage: where it starts says nothing
             for key in ("first", "offset"):
@@ -318,12 +332,12 @@ def stage_rows(stages: list[Stage]) -> list[dict]:
     rows: list[dict] = []
     for e in stages:
         if rows and rows[-1]["batch"] == e.batch and rows[-1]["micro_batch"] == e.micro_batch:
-            rows[-1]["last"] = e.epoch
+            rows[-1]["last"] = e.epoch + e.repeat - 1
             rows[-1]["last_stage"] = e
-            rows[-1]["steps_total"] += e.steps
+            rows[-1]["steps_total"] += e.total_steps
             continue
-        rows.append({"first": e.epoch, "last": e.epoch, "batch": e.batch, "steps": e.steps,
-                     "steps_total": e.steps, "micro_batch": e.micro_batch, "accum": e.accum,
+        rows.append({"first": e.epoch, "last": e.epoch + e.repeat - 1, "batch": e.batch, "steps": e.steps,
+                     "steps_total": e.total_steps, "micro_batch": e.micro_batch, "accum": e.accum,
                      "world_size": e.world_size, "data_ranks": e.data_ranks, "first_stage": e, "last_stage": e})
     return rows
 
@@ -337,7 +351,7 @@ def idle_warnings(stages: list[Stage], unit: str = "epoch") -> list[str]:
             continue
         first, last = s["first_stage"], s["last_stage"]
         where = (f"epochs {s['first']}-{s['last']}" if unit == "epoch" else
-                 f"steps {first.global_step}-{last.global_step + last.steps - 1}")
+                 f"steps {first.global_step}-{last.global_step + last.total_steps - 1}")
         out.append(f"warning: {where}: batch {s['batch']} gives data to {s['data_ranks']} of {s['world_size']} ranks; "
                    "the others idle (a larger initial batch, or fewer ranks for this stage: submit --elastic)")
     return out
@@ -377,13 +391,17 @@ def format_table(p: Plan, momentum: bool = True) -> str:
                             if momentum else ""))
         return "\n".join(lines + idle_warnings(stages) + zero_lr_warnings(stages, p.unit))
     where = "tokens from" if tokens else "samples from"
+    # a stage that repeats over whole epochs at one batch is one line naming its epochs
+    epochs = {s: str(s.epoch) if s.repeat == 1 else f"{s.epoch}-{s.epoch + s.repeat - 1}" for s in stages}
+    width = max([5, *map(len, epochs.values())])
     lines = [head + f"; schedules in {p.unit}s, evaluated at each step",
-             f"{'steps':>15} {'epoch':>5} {where:>14} {'batch':>7}" + (f" {'tokens':>9}" if tokens else "")
+             f"{'steps':>15} {'epoch':>{width}} {where:>14} {'batch':>7}" + (f" {'tokens':>9}" if tokens else "")
              + f" {'micro':>6} {'accum':>6} {'world':>6} {'w/data':>6} {'lr at start':>11}"
              + (f" {'beta':>8} {'gamma':>8}" if momentum else "")]
     for s in stages:
         start = s.samples * tokens if tokens else s.samples
-        lines.append(f"{s.global_step:>7}-{s.global_step + s.steps - 1:<7} {s.epoch:>5} {start:>14,} {s.batch:>7}"
+        lines.append(f"{s.global_step:>7}-{s.global_step + s.total_steps - 1:<7} {epochs[s]:>{width}} {start:>14,} "
+                     f"{s.batch:>7}"
                      + (f" {s.batch * tokens:>9,}" if tokens else "")
                      + f" {s.micro_batch:>6} {s.accum:>6} {s.world_size:>6} {s.data_ranks:>6} {s.lr:>11.4g}"
                      + (f" {s.beta:>8.4g} {s.gamma:>8.4g}" if momentum else ""))

@@ -84,7 +84,7 @@ def check_position(s, plan, manifest: dict, recipe_dict: dict) -> None:
     if s.step == steps > 0:                    # the epoch trained: where the next one starts
         global_step, samples = plan.end_of(s.epoch)
     elif s.epoch < plan.epochs:
-        stage = plan.stages[plan.index(s.epoch, s.step)]
+        stage = plan.at(s.epoch, s.step)
         global_step, samples = stage.global_step + s.step - stage.first, stage.samples + stage.start(s.step) - stage.offset
     else:
         global_step, samples = plan.total_steps, plan.total_samples

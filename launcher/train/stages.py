@@ -87,7 +87,7 @@ class Stages:
         current = self.current
         if current is not None and current.epoch == epoch and current.first <= step < current.end:
             return current
-        return self.plan.stages[self.plan.index(epoch, step)]
+        return self.plan.at(epoch, step)
 
     def starts_stage(self, epoch: int, step: int) -> bool:
         """Whether step ``step`` of epoch ``epoch`` lies outside the stage entered last."""

@@ -85,8 +85,8 @@ def test_a_branch_trains_on_the_parents_next_samples():
     branched = config.from_dict({**recipe, "branch": {"parent": "p", "parent_hash": "h", "at_step": 20, "factor": 2,
                                                       "length": "4 steps"}})
     plan = planning.plan(branched, 400, 2)
-    first = plan.stages[plan.index(0, 20)]
-    own = parent_plan.stages[parent_plan.index(0, 20)]
+    first = plan.at(0, 20)
+    own = parent_plan.at(0, 20)
     assert (first.batch, first.start(20), first.epoch) == (32, own.start(20), 0) == (32, 320, 0)
     assert own.start(21) == first.start(20) + 16 and first.start(21) == own.start(22)
     assert [(s.epoch, s.batch) for s in plan.stages if s.global_step >= 20] == [(0, 32), (1, 32)]

@@ -1,4 +1,5 @@
 """The stage table: micro x accum x world == global batch, micro grows to the cap, then accum grows."""
+import dataclasses
 import json
 import os
 import sys
@@ -135,3 +136,53 @@ def test_elastic_submit_and_sweep_chain_one_job_per_segment(tmp_path, capsys):
     adamw = write_recipe(tmp_path, base_recipe(name="za", **{"distributed.engine": "deepspeed", "distributed.zero_stage": 2,
                                                              "optimizer.name": "adamw"}), "za.yaml")
     assert main(["submit", str(adamw), "--nodes", "2", "--elastic", "--dry-run"]) == 0, "adamw is converted"
+
+
+@pytest.mark.parametrize("branch", [None, {"parent": "p", "at_step": 130, "factor": 2, "length": "300K"}])
+def test_a_stage_that_repeats_over_epochs_is_in_each_epoch_the_stage_of_the_walk_epoch_by_epoch(monkeypatch, branch):
+    """What the trainer and the resume checks ask of a plan (the stage of a step, an epoch's steps and end, the
+    stage of a global step) is the same whether whole epochs at one batch are one stage or one each."""
+    import functools
+
+    import qhm
+    from launcher import config
+    recipe = config.from_dict(base_recipe(epochs=None, **{
+        "train.tokens": "1M", "data.tokens_per_sample": 10, "schedule.unit": "token",
+        "schedule.batch": {"kind": "steps", "points": [[0, 100], ["200K", 300]]},
+        "schedule.lr": {"kind": "cosine", "max": 0.1, "min": 0.001}, "distributed.max_micro_batch": 16,
+        **({"branch": branch} if branch else {})}))
+    fast = planning.plan(recipe, 1500, 2)
+    monkeypatch.setattr(qhm, "plan_steps", functools.partial(qhm.plan_steps, repeat_epochs=False))
+    slow = planning.plan(recipe, 1500, 2)
+    assert len(fast.stages) * 3 < len(slow.stages)
+    assert (fast.epochs, fast.total_steps, fast.total_samples) == (slow.epochs, slow.total_steps, slow.total_samples)
+    for epoch in range(slow.epochs + 1):
+        assert fast.steps_in(epoch) == slow.steps_in(epoch)
+        for step in range(slow.steps_in(epoch)):
+            a, b = fast.at(epoch, step), slow.at(epoch, step)
+            assert (a.lr, a.beta, a.gamma) == pytest.approx((b.lr, b.beta, b.gamma), rel=1e-12)
+            assert dataclasses.replace(a, lr=0, beta=0, gamma=0) == dataclasses.replace(b, lr=0, beta=0, gamma=0)
+        if slow.steps_in(epoch):
+            assert fast.end_of(epoch) == slow.end_of(epoch)
+    for global_step in range(0, slow.total_steps + 2, 7):
+        assert fast.stage_at(global_step).global_step == slow.stage_at(global_step).global_step
+    assert planning.gpu_hours(fast.stages, lambda s: 2, 10.0, 1) == pytest.approx(
+        planning.gpu_hours(slow.stages, lambda s: 2, 10.0, 1))
+
+
+def test_ten_to_the_fifteen_tokens_plan_at_once_and_bounds_over_steps_is_refused_in_one_line(tmp_path, capsys):
+    """200 samples of 10 tokens: 10^15 tokens are 5 x 10^11 epochs. The plan is two stages (batch 100 to
+    200K tokens, then 200), so it prints; the theorems' per-step sums would need terabytes: one line."""
+    path = write_recipe(tmp_path, base_recipe(epochs=None, **{
+        "train.tokens": "1e15", "data.tokens_per_sample": 10, "schedule.unit": "token",
+        "schedule.batch": {"kind": "steps", "points": [[0, 100], ["200K", 200]]}}))
+    assert main(["plan", str(path), "--nproc", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_tokens"] == 10 ** 15 and out["epochs_trained"] == 5 * 10 ** 11
+    assert [(s["global_step"], s["steps"], s.get("repeat", 1)) for s in out["stages"]] == [
+        (0, 2, 100), (200, 1, 5 * 10 ** 11 - 100)]
+    assert out["total_steps"] == 200 + 5 * 10 ** 11 - 100
+    assert main(["bounds", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("qhm-launch: error: bounds: the run has 500,000,000,100 steps, whose sums the theorems take one by "
+                   "one; allowed: at most 10,000,000 (bound a shorter run: --set train.tokens=...)")

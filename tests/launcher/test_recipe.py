@@ -47,14 +47,22 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, expec
     assert "\n" not in str(info.value)
 
 
-def test_a_length_of_more_epochs_than_allowed_is_refused_before_planning():
-    """1e11 tokens of a 1,500-sample set: 6.7M epochs, 275 s to plan one by one; now one line at once."""
+def test_a_length_of_many_epochs_plans_in_stages_and_is_bounded():
+    """1e11 tokens of a 1,500-sample set are 6.7M epochs (275 s to plan one by one, before): schedules in
+    tokens plan them as one stage that repeats; schedules in epochs (a row per epoch) refuse them in one line;
+    past 1e15 is refused naming the key the user wrote (1e30 planned for 471 s, then a traceback naming
+    another key)."""
     from launcher.train import planning
-    r = R.from_dict(base_recipe(epochs=None, **{"train.tokens": "100B", "data.tokens_per_sample": 10,
-                                                "schedule.unit": "token"}))
+    r = R.from_dict(base_recipe(epochs=None, **{"train.tokens": "1e15", "data.tokens_per_sample": 10,
+                                                "schedule.unit": "token", "schedule.batch.kind": "constant",
+                                                "schedule.batch.size": 100, "schedule.batch.initial": None}))
+    p = planning.plan(r, 1500, 2)
+    assert [(s.epoch, s.steps, s.repeat) for s in p.stages] == [(0, 15, 66_666_666_666), (66_666_666_666, 10, 1)]
+    assert p.total_tokens == 10 ** 15 and p.at(1_000_000, 3).global_step == 15_000_000
+    assert "0-66666666665" in planning.format_table(p)
+    in_epochs = R.from_dict(base_recipe(epochs=None, **{"train.tokens": "100B", "data.tokens_per_sample": 10}))
     with pytest.raises(R.RecipeError, match="train.tokens: '100B' is not valid: about 6,666,666 epochs of the 1,500 "):
-        planning.plan(r, 1500, 2)
-    # bounded, naming the key the user wrote (1e30 planned for 471 s, then a traceback naming another key)
+        planning.plan(in_epochs, 1500, 2)
     with pytest.raises(R.RecipeError, match=r"train.tokens: 1e\+30 is not valid; allowed: at most 1e\+15 tokens"):
         R.from_dict(base_recipe(epochs=None, **{"train.tokens": 1e30, "data.tokens_per_sample": 10,
                                                 "schedule.unit": "token"}))
