@@ -15,6 +15,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: heavy (torch.compile, per-sample gradient references, 3-rank "
                                        "runs, ZeRO-3, a W&B service killed, a second variant of a path make "
                                        "test-fast already trains); left out of make test-fast")
+    config.addinivalue_line("markers", "serial: asserts how soon something happens (a stop within seconds), or "
+                                       "two launchers on this host that find their processes by marker); make "
+                                       "test runs these after the rest, one at a time")
 
 
 def pytest_sessionfinish(session, exitstatus):

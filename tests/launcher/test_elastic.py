@@ -34,6 +34,7 @@ def recipe(name):
 
 
 @pytest.mark.e2e
+@pytest.mark.serial
 def test_a_lost_node_leaves_the_run_going_on_the_node_left_as_a_run_that_switched_world_size(tmp_path):
     path = write_recipe(tmp_path, recipe("elastic"))
     run = tmp_path / "runs" / "elastic"
@@ -105,6 +106,7 @@ class Node:
 
 
 @pytest.mark.e2e
+@pytest.mark.serial
 def test_two_nodes_survive_a_lost_rank_stop_together_and_end_in_one_line_when_the_store_goes(tmp_path):
     """`run --nnodes 1:2` as two launchers on this host, one run through four events. (1) A rank killed on the
     second node: both agents restart their workers at once (not after torchrun's 30 s SIGTERM wait, which

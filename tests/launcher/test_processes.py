@@ -78,6 +78,7 @@ def test_sigterm_while_the_console_script_imports_is_a_preemption(tmp_path):
             proc.wait()
 
 
+@pytest.mark.serial
 def test_a_preemption_is_saved_within_seconds_of_the_signal_when_steps_are_slow(tmp_path):
     """Half a second a step (the smallest stage would check only every 16 steps by batch size: 16 s):
     the check interval follows the measured pace, so the checkpoint comes within 3 s, at the step the

@@ -198,6 +198,7 @@ def _row_of(run, step):
                                  for line in path.read_text().splitlines() if line.endswith("}"))
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("phase", ["epoch-end evaluation", "mid-epoch evaluation", "checkpoint write"])
 def test_sigterm_during_an_evaluation_or_a_checkpoint_write_stops_in_seconds_and_resumes_bitwise(
         tmp_path, reference_runs, phase):

@@ -373,6 +373,7 @@ def test_a_data_worker_stuck_in_getitem_dies_with_a_killed_run(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.serial
 def test_a_preemption_that_meets_a_stuck_data_worker_ends_as_a_preemption_from_the_newest_checkpoint(tmp_path):
     """A data worker hangs in __getitem__: first a warning that a step takes far longer than the others;
     then SIGTERM: the stop it asks for can never come (no step ends), so the run ends as preempted (exit
