@@ -447,7 +447,6 @@ def test_a_branch_study_killed_midway_runs_only_what_is_missing(parent, tmp_path
 
 
 @pytest.mark.e2e
-@pytest.mark.serial
 def test_sigterm_to_a_local_branch_set_at_a_point_boundary_stops_it_with_exit_75_and_the_rerun_completes(parent, tmp_path):
     """A signal between two points (right after a point's final checkpoint, and right as the next point is
     announced) used to be swallowed (the rest trained to exit 0) or to kill the process (exit -15, no line):
