@@ -324,7 +324,7 @@ class _Walk:
         return max(1, _ceil_div(target - self.at(unit, tokens_per_sample), per_step))
 
 
-def _whole_epochs(walk: _Walk, unit: str, n: int, batch: int, u: int, change: int | None, duration: tuple,
+def _whole_epochs(walk: _Walk, unit: str, n: int, batch: int, change: int | None, duration: tuple,
                   tps: int, branch: tuple | None, left: int | None) -> int:
     """How many whole epochs from the walk's (at an epoch's start) the walk of :func:`plan_steps` would
     make one span each at ``batch``, all alike: the epochs k >= 0 whose every step comes before the batch's
@@ -339,7 +339,7 @@ def _whole_epochs(walk: _Walk, unit: str, n: int, batch: int, u: int, change: in
     def along(unit_: str) -> tuple[int, int]:          # (per epoch, per step) in ``unit_``
         return {"step": (steps, 1), "sample": (n, batch), "token": (n * tps, batch * tps)}[unit_]
 
-    counts = [] if change is None else [fitting(u, change, *along(unit))]
+    counts = [] if change is None else [fitting(walk.at(unit, tps), change, *along(unit))]
     d_unit, amount = duration
     if left is not None:                 # a branch ending in samples or tokens: whole steps of the samples left
         counts.append((left - steps * batch) // n + 1)
@@ -387,6 +387,7 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
             if batch > left:
                 scheduled, batch = batch, left
         steps = _ceil_div(n - walk.offset, batch)            # to the epoch's end
+        change = None
         if unit != "epoch":
             change = next_change(u)
             if change is not None:
@@ -399,7 +400,7 @@ def plan_steps(batch_at, next_change, unit: str, n: int, duration: tuple, tokens
             steps = min(steps, branch[0] - walk.step)
         repeat = 1
         if repeat_epochs and unit != "epoch" and walk.offset == 0 and scheduled is None and steps * batch >= n:
-            repeat = _whole_epochs(walk, unit, n, batch, u, next_change(u), duration, tps, branch, left)
+            repeat = _whole_epochs(walk, unit, n, batch, change, duration, tps, branch, left)
         span = Span(walk.epoch, walk.in_epoch, steps, walk.offset, batch, walk.step, walk.samples, scheduled, repeat)
         spans.append(span)
         if len(spans) > MAX_SPANS:

@@ -97,9 +97,8 @@ class Plan:
         s = stage.in_epoch(epoch, self.n)
         if s is stage:
             return s
-        u = np.array([_position(s, self.unit, self.steps.tokens_per_sample)])
         lr, beta, gamma = (float(np.broadcast_to(v, (1,))[0]) for v in
-                           self.schedule.hyperparams(u, np.array([s.batch]), self.first_batch))
+                           _values_at(self.schedule, [s], self.unit, self.steps.tokens_per_sample, self.first_batch))
         return dataclasses.replace(s, lr=lr * s.lr_scale, beta=beta, gamma=gamma)
 
 
@@ -175,9 +174,7 @@ def plan(recipe: Recipe, n: int, world_size: int, max_micro: int | None = None, 
         values = schedule.hyperparams(m, per_epoch, first_batch)
         at = [span.epoch for span in spans]
     else:
-        u = np.array([_position(span, unit, recipe.data.tokens_per_sample) for span in spans], dtype=np.int64)
-        values = schedule.hyperparams(u, np.array([span.scheduled_batch or span.batch for span in spans],
-                                                  dtype=np.int64), first_batch)
+        values = _values_at(schedule, spans, unit, recipe.data.tokens_per_sample, first_batch)
         at = list(range(len(spans)))
     lr, beta, gamma = (np.broadcast_to(v, (len(at) if unit != "epoch" else steps.epochs,)) for v in values)
     splits: dict[int, tuple[int, int]] = {}
@@ -240,6 +237,13 @@ def branch_reorder(recipe: Recipe, p: Plan):
     stage = p.stage_at(b.at_step)
     step = stage.first + (b.at_step - stage.global_step)
     return Reorder(stage.epoch, min(stage.start(step), p.n), b.seed)
+
+
+def _values_at(schedule: qhm.Schedule, spans, unit: str, tokens_per_sample: int | None, first_batch: int) -> tuple:
+    """(lr, beta, gamma) at each span's first step, at its scheduled batch (units step, sample, token)."""
+    u = np.array([_position(s, unit, tokens_per_sample) for s in spans], dtype=np.int64)
+    return schedule.hyperparams(u, np.array([s.scheduled_batch or s.batch for s in spans], dtype=np.int64),
+                                first_batch)
 
 
 def _position(span, unit: str, tokens_per_sample: int | None) -> int:

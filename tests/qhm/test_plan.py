@@ -39,10 +39,6 @@ def capped(batch_at, most: int, u: int) -> int:
     return min(batch_at(u), most)
 
 
-def expanded(plan) -> list:
-    return plan.epoch_spans()
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_repeating_spans_written_out_are_the_walk_epoch_by_epoch(seed):
     rng = random.Random(seed)
@@ -52,7 +48,7 @@ def test_repeating_spans_written_out_are_the_walk_epoch_by_epoch(seed):
         fast = plan_steps(batch_at, next_change, unit, n, duration, tps)
         slow = plan_steps(batch_at, next_change, unit, n, duration, tps, repeat_epochs=False)
         assert all(s.repeat == 1 for s in slow.spans)
-        assert expanded(fast) == list(slow.spans), (n, unit, tps, duration)
+        assert fast.epoch_spans() == list(slow.spans), (n, unit, tps, duration)
         assert (fast.epochs, fast.total_steps, fast.total_samples) == (slow.epochs, slow.total_steps, slow.total_samples)
         for key, values in fast.positions().items():
             np.testing.assert_array_equal(values, slow.positions()[key], err_msg=key)
@@ -81,7 +77,7 @@ def test_a_branch_repeats_the_same_way(seed):
         branch = (at, factor)
         fast = plan_steps(cap, next_change, unit, n, (d_unit, amount), tps, branch=branch)
         slow = plan_steps(cap, next_change, unit, n, (d_unit, amount), tps, branch=branch, repeat_epochs=False)
-        assert expanded(fast) == list(slow.spans), (n, unit, tps, d_unit, amount, branch)
+        assert fast.epoch_spans() == list(slow.spans), (n, unit, tps, d_unit, amount, branch)
 
 
 def test_ten_to_the_fifteen_tokens_of_a_small_corpus_plan_as_two_spans():
